@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Analytics counter: the example app for live migration.
+
+Keeps its state only in memory -- an event count and a revenue total -- and prints both every
+tick. If a migration lost its memory, the numbers would start again from zero; if it worked,
+they carry on. SIGTERM is left at its default action, so a stopped counter exits 143 through
+the launcher.
+
+Environment: COUNTER_INTERVAL (seconds between ticks, default 1).
+"""
+
+import os
+import sys
+import time
+
+PRICES_CENTS = (199, 1250, 75, 499, 2999)  # a fixed cycle, so every run is reproducible
+
+
+def main() -> None:
+    interval = float(os.environ.get("COUNTER_INTERVAL", "1"))
+    events = 0
+    revenue_cents = 0
+    started = time.time()
+    while True:
+        events += 1
+        revenue_cents += PRICES_CENTS[events % len(PRICES_CENTS)]
+        print(
+            f"events={events} revenue={revenue_cents // 100}.{revenue_cents % 100:02d} "
+            f"pid={os.getpid()} uptime={time.time() - started:.1f}s",
+            flush=True,
+        )
+        time.sleep(interval)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:
+        sys.exit(1)

@@ -1,0 +1,208 @@
+//! Starting the app: raise the PID namespace's counter above the PID floor, then run the
+//! command in its own session with stdin on /dev/null and stdout/stderr on pipes the
+//! launcher owns.
+//!
+//! Why a PID floor: CRIU restores every process with its original PID (clone3 `set_tid`),
+//! and the restore fails with `Can't fork for N: File exists` if the target container
+//! already uses one of them (measured here; see ENVIRONMENT.md). The low PIDs of a fresh
+//! container are taken by the launcher, `kubectl exec` sessions and criu itself, so the app
+//! and all its descendants must live above a floor. `clone3` with `set_tid` would place the
+//! app's own PID but not move the namespace's PID counter, so the app's children would come
+//! out low again; and writing `/proc/sys/kernel/ns_last_pid` is impossible in a pod (read-only
+//! /proc/sys). So the counter is advanced the portable way: fork throw-away children that exit
+//! at once until the next PID handed out is above the floor.
+//!
+//! Why pipes: the app's stdio must be files the launcher owns inside the container, so CRIU
+//! can dump them (an fd inherited from outside the mount namespace makes `criu dump` fail) and
+//! the restoring launcher can re-attach its own pipes with `--inherit-fd`.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid, fork, setsid};
+
+use crate::exit_status;
+
+/// Where `ns_last_pid` can be read (writable only with CAP_CHECKPOINT_RESTORE, readable by all).
+const NS_LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+
+/// What advancing the PID counter did, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloorReport {
+    /// Throw-away children forked.
+    pub forks: u32,
+    /// The last PID handed out before the app is started.
+    pub last_pid: i32,
+}
+
+/// The started app: its PID (also its session and process-group id) and the read ends of
+/// its output pipes.
+#[derive(Debug)]
+pub struct App {
+    pub pid: Pid,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Errors starting the app. All of them happen before the app runs, so they end the launcher
+/// with the exit code of [`SpawnError::exit_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot fork to advance the PID counter to the PID floor {floor}")]
+    Burn {
+        floor: i32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("`{}`: command not found{searched}; check the image's CMD or the pod's `command`/`args`", program.to_string_lossy())]
+    NotFound { program: OsString, searched: String },
+    #[error("cannot execute `{}`; check that it exists and is executable in the image", program.to_string_lossy())]
+    CannotExecute {
+        program: OsString,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no command given to run")]
+    Empty,
+}
+
+impl SpawnError {
+    /// Launcher exit code for this failure: 127 not found, 126 not executable, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SpawnError::NotFound { .. } => exit_status::NOT_FOUND,
+            SpawnError::CannotExecute { .. } => exit_status::CANNOT_EXECUTE,
+            SpawnError::Burn { .. } | SpawnError::Empty => 1,
+        }
+    }
+}
+
+/// Reads the namespace's last handed-out PID, if the kernel exposes it.
+fn read_last_pid() -> Option<i32> {
+    std::fs::read_to_string(NS_LAST_PID)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Forks throw-away children until the next PID handed out is at least `floor`.
+///
+/// Stops early, with what it reached, if the counter wraps (a `pid_max` below the floor).
+///
+/// # Errors
+/// [`SpawnError::Burn`] when `fork` fails (for example a pids cgroup limit below the floor).
+pub fn advance_pid_counter(floor: i32) -> Result<FloorReport, SpawnError> {
+    let mut report = FloorReport {
+        forks: 0,
+        last_pid: read_last_pid().unwrap_or(0),
+    };
+    while report.last_pid < floor - 1 {
+        let child = burn_one().map_err(|source| SpawnError::Burn { floor, source })?;
+        report.forks += 1;
+        if child.as_raw() < report.last_pid {
+            tracing::warn!(
+                floor,
+                reached = report.last_pid,
+                "the PID counter wrapped before reaching the PID floor (kernel.pid_max is lower); \
+                 restored PIDs may collide, lower --pid-floor"
+            );
+            report.last_pid = child.as_raw();
+            break;
+        }
+        report.last_pid = child.as_raw();
+    }
+    Ok(report)
+}
+
+/// Forks a child that exits at once, reaps it, and returns its PID.
+fn burn_one() -> nix::Result<Pid> {
+    #[allow(unsafe_code)]
+    // SAFETY: the launcher is single-threaded here (no thread is ever started before the app
+    // is spawned), and the child only calls the async-signal-safe `_exit`.
+    let forked = unsafe { fork() }?;
+    match forked {
+        ForkResult::Child => {
+            #[allow(unsafe_code)]
+            // SAFETY: `_exit` skips atexit handlers and stdio flushing, which belong to the parent.
+            unsafe {
+                libc::_exit(0)
+            }
+        }
+        ForkResult::Parent { child } => {
+            loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
+            Ok(child)
+        }
+    }
+}
+
+/// Starts `command` in a new session with the original signal mask, stdin on /dev/null and
+/// stdout/stderr on fresh pipes whose read ends are returned.
+///
+/// # Errors
+/// [`SpawnError::NotFound`] / [`SpawnError::CannotExecute`] when exec fails; the child never
+/// ran any app code then.
+pub fn spawn(command: &[OsString], original_mask: &SigSet) -> Result<App, SpawnError> {
+    let (program, args) = command.split_first().ok_or(SpawnError::Empty)?;
+    let mask = *original_mask;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    #[allow(unsafe_code)]
+    // SAFETY: runs in the forked child before exec; setsid and sigprocmask are async-signal-safe
+    // system calls and no memory is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session and process group: the app's group is what signals are forwarded to,
+            // and CRIU refuses to dump a tree whose session leader lies outside it.
+            setsid()?;
+            // The launcher blocks nearly every signal; exec keeps the mask, so give it back.
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| match exit_status::from_spawn_error(&source) {
+            exit_status::NOT_FOUND => SpawnError::NotFound {
+                program: program.clone(),
+                // A bare name was looked up in PATH: say where, since that is what to fix.
+                searched: if program.as_encoded_bytes().contains(&b'/') {
+                    String::new()
+                } else {
+                    format!(" in PATH={}", std::env::var("PATH").unwrap_or_default())
+                },
+            },
+            _ => SpawnError::CannotExecute {
+                program: program.clone(),
+                source,
+            },
+        })?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // Both were requested as piped just above, so std always creates them.
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        unreachable!("stdout and stderr were configured as pipes");
+    };
+    // The child is reaped by the supervisor's waitpid(-1) loop, not through `Child`.
+    drop(child);
+    Ok(App {
+        pid,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+    })
+}

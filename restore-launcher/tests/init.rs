@@ -1,0 +1,428 @@
+//! The launcher's init duties, tested on the real binary: exit statuses, signal forwarding,
+//! reaping, the PID floor, output relaying, option errors and static linking. Each behaviour
+//! runs both as PID 1 of a fresh PID namespace and as a plain child (subreaper).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use util::{Mode, Running, launcher, launcher_command, modes, python, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn run(mode: Mode, args: &[&str]) -> (i32, String, String) {
+    let running = Running::start(mode, args);
+    running.finish(LIMIT)
+}
+
+#[test]
+fn exit_codes_and_deaths_by_signal_pass_through() {
+    for mode in modes("exit_codes_and_deaths_by_signal_pass_through") {
+        for code in [0, 1, 42, 255] {
+            let script = format!("exit {code}");
+            let (got, _, stderr) = run(mode, &["--", "sh", "-c", &script]);
+            assert_eq!(got, code, "{mode:?}: `exit {code}` (stderr: {stderr})");
+        }
+        let (got, _, _) = run(mode, &["--", "sh", "-c", "kill -TERM $$"]);
+        assert_eq!(got, 143, "{mode:?}: app killed by SIGTERM");
+        let (got, _, _) = run(mode, &["--", "sh", "-c", "kill -KILL $$"]);
+        assert_eq!(got, 137, "{mode:?}: app killed by SIGKILL");
+    }
+}
+
+#[test]
+fn commands_that_cannot_run_give_127_and_126_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("not-executable.sh");
+    fs::write(&not_executable, "#!/bin/sh\necho should not run\n").unwrap();
+    fs::set_permissions(&not_executable, fs::Permissions::from_mode(0o644)).unwrap();
+    let not_executable = not_executable.to_str().unwrap();
+
+    for mode in modes("commands_that_cannot_run_give_127_and_126_with_a_message") {
+        let (got, stdout, stderr) = run(mode, &["--", "no-such-command-anywhere", "arg"]);
+        assert_eq!(got, 127, "{mode:?}: missing command");
+        assert!(stdout.is_empty());
+        assert!(
+            stderr.contains("no-such-command-anywhere") && stderr.contains("command not found"),
+            "{mode:?}: message names the command: {stderr}"
+        );
+        let (got, _, stderr) = run(mode, &["--", "/no/such/dir/app"]);
+        assert_eq!(got, 127, "{mode:?}: missing path: {stderr}");
+
+        let (got, stdout, stderr) = run(mode, &["--", not_executable]);
+        assert_eq!(got, 126, "{mode:?}: not executable");
+        assert!(!stdout.contains("should not run"));
+        assert!(
+            stderr.contains("cannot execute") && stderr.contains("Permission denied"),
+            "{mode:?}: message says why: {stderr}"
+        );
+    }
+}
+
+/// A Python app of three processes in one group (leader + two forked children); each records
+/// every signal it gets, and on SIGTERM the children exit 0 and the leader exits 7.
+const SIGNAL_APP: &str = r#"
+import os, signal, sys, time
+log, ready = sys.argv[1], sys.argv[2]
+role, children = "leader", []
+def record(signum, frame):
+    with open(log, "a") as f:
+        f.write(f"{signal.Signals(signum).name} {role} {os.getpid()} {os.getpgrp()}\n")
+    if signum == signal.SIGTERM:
+        if role == "leader":
+            for c in children:
+                os.waitpid(c, 0)
+            sys.exit(7)
+        os._exit(0)
+for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+    signal.signal(s, record)
+for i in range(2):
+    pid = os.fork()
+    if pid == 0:
+        role, children = f"child{i}", []
+        break
+    children.append(pid)
+open(os.path.join(ready, role), "w").close()
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn signals_reach_every_process_of_the_app_group() {
+    for mode in modes("signals_reach_every_process_of_the_app_group") {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("app.py");
+        fs::write(&script, SIGNAL_APP).unwrap();
+        let log = dir.path().join("signals.log");
+        let ready = dir.path().join("ready");
+        fs::create_dir(&ready).unwrap();
+        let python = python();
+        let running = Running::start(
+            mode,
+            &[
+                "--",
+                python.to_str().unwrap(),
+                script.to_str().unwrap(),
+                log.to_str().unwrap(),
+                ready.to_str().unwrap(),
+            ],
+        );
+        wait_for("three app processes ready", LIMIT, || {
+            (fs::read_dir(&ready).ok()?.count() == 3).then_some(())
+        });
+
+        let received = |name: &str| -> Vec<String> {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.split(' ').next() == Some(name))
+                .map(String::from)
+                .collect()
+        };
+        for signal in [
+            Signal::SIGHUP,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+            Signal::SIGTERM,
+        ] {
+            running.signal(signal);
+            let lines = wait_for(
+                &format!("{signal} recorded by all three processes ({mode:?})"),
+                LIMIT,
+                || {
+                    let lines = received(signal.as_str());
+                    (lines.len() >= 3).then_some(lines)
+                },
+            );
+            let mut roles: Vec<&str> = lines.iter().map(|l| l.split(' ').nth(1).unwrap()).collect();
+            roles.sort();
+            assert_eq!(
+                roles,
+                ["child0", "child1", "leader"],
+                "{mode:?}: {signal} reached each process once"
+            );
+            // All three share one process group: the app's own, led by the leader.
+            let groups: Vec<&str> = lines.iter().map(|l| l.split(' ').nth(3).unwrap()).collect();
+            let leader_pid = lines
+                .iter()
+                .find(|l| l.contains(" leader "))
+                .unwrap()
+                .split(' ')
+                .nth(2)
+                .unwrap();
+            assert!(
+                groups.iter().all(|g| *g == leader_pid),
+                "{mode:?}: one group led by the app: {lines:?}"
+            );
+        }
+        let (code, _, stderr) = running.finish(LIMIT);
+        assert_eq!(
+            code, 7,
+            "{mode:?}: the app's trapped-SIGTERM exit code is the launcher's (stderr: {stderr})"
+        );
+    }
+}
+
+#[test]
+fn orphaned_grandchildren_are_reaped() {
+    for mode in modes("orphaned_grandchildren_are_reaped") {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        // Five subshells each start a `sleep 1` and exit at once, orphaning it: the sleeps are
+        // re-parented to the launcher (PID 1, or subreaper) and exit a second later.
+        let script = format!(
+            "for i in 1 2 3 4 5; do (sleep 1 &); done; touch {}; exec sleep 60",
+            ready.display()
+        );
+        let running = Running::start(mode, &["--", "sh", "-c", &script]);
+        let launcher_pid = running.launcher_pid();
+        wait_for("the app to start its grandchildren", LIMIT, || {
+            ready.exists().then_some(())
+        });
+        // Proves the orphans really were handed to the launcher (otherwise this test could not fail).
+        let adopted = wait_for("five orphans adopted by the launcher", LIMIT, || {
+            let sleeps: Vec<i32> = util::children_of(launcher_pid)
+                .into_iter()
+                .filter(|&c| util::state_of(c).is_some_and(|(_, name)| name == "sleep"))
+                .collect();
+            (sleeps.len() >= 6).then_some(sleeps) // five orphans + the app itself (exec'd sleep)
+        });
+        assert_eq!(adopted.len(), 6, "{mode:?}");
+        std::thread::sleep(Duration::from_millis(1500));
+        let zombies = util::zombies_of(launcher_pid);
+        assert!(
+            zombies.is_empty(),
+            "{mode:?}: zombies left behind: {zombies:?}"
+        );
+        let children = util::children_of(launcher_pid);
+        assert_eq!(
+            children.len(),
+            1,
+            "{mode:?}: only the app is left: {children:?}"
+        );
+        running.signal(Signal::SIGTERM);
+        let (code, _, _) = running.finish(LIMIT);
+        assert_eq!(code, 143, "{mode:?}");
+    }
+}
+
+#[test]
+fn the_app_and_its_children_get_pids_above_the_floor() {
+    if !util::root_or_skip("the_app_and_its_children_get_pids_above_the_floor") {
+        return;
+    }
+    let script = "echo app=$$ parent=$PPID; sleep 0 & echo child=$!; wait";
+    let parse = |stdout: &str| -> Vec<(String, i32)> {
+        stdout
+            .split_whitespace()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    };
+    let (code, stdout, _) = run(Mode::Pid1, &["--", "sh", "-c", script]);
+    assert_eq!(code, 0);
+    let pids = parse(&stdout);
+    assert_eq!(
+        pids[1],
+        ("parent".into(), 1),
+        "the launcher is PID 1: {stdout}"
+    );
+    assert!(
+        pids[0].1 >= 1000 && pids[2].1 > pids[0].1,
+        "default floor 1000: {stdout}"
+    );
+
+    let (code, stdout, _) = run(
+        Mode::Pid1,
+        &["--pid-floor", "5000", "--", "sh", "-c", script],
+    );
+    assert_eq!(code, 0);
+    let pids = parse(&stdout);
+    assert!(
+        pids[0].1 >= 5000 && pids[2].1 >= 5000,
+        "--pid-floor 5000: {stdout}"
+    );
+
+    let output = launcher_command(Mode::Pid1, ["--", "sh", "-c", script])
+        .env("RESTORE_LAUNCHER_PID_FLOOR", "3000")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let pids = parse(&stdout);
+    assert!(
+        (3000..5000).contains(&pids[0].1),
+        "RESTORE_LAUNCHER_PID_FLOOR=3000: {stdout}"
+    );
+}
+
+/// Writes `size` bytes to stdout and to stderr, alternating 64 KiB chunks as fast as it can,
+/// then exits at once (with data possibly still in the pipes).
+const FLOOD_APP: &str = r#"
+import sys
+size = int(sys.argv[1])
+def stream(tag):
+    out, n, i = bytearray(), 0, 0
+    while len(out) < size:
+        out += b"%s %09d abcdefghijklmnopqrstuvwxyz\n" % (tag, i)
+        i += 1
+    return bytes(out[:size])
+o, e = stream(b"out"), stream(b"err")
+for pos in range(0, size, 65536):
+    sys.stdout.buffer.write(o[pos:pos + 65536]); sys.stdout.buffer.flush()
+    sys.stderr.buffer.write(e[pos:pos + 65536]); sys.stderr.buffer.flush()
+"#;
+
+fn expected_stream(tag: &str, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 64);
+    let mut i = 0;
+    while out.len() < size {
+        writeln!(out, "{tag} {i:09} abcdefghijklmnopqrstuvwxyz").unwrap();
+        i += 1;
+    }
+    out.truncate(size);
+    out
+}
+
+#[test]
+fn twenty_megabytes_on_each_stream_arrive_complete_and_in_order() {
+    const SIZE: usize = 20 * 1000 * 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("flood.py");
+    fs::write(&script, FLOOD_APP).unwrap();
+    let python = python();
+    for mode in modes("twenty_megabytes_on_each_stream_arrive_complete_and_in_order") {
+        let output = launcher_command(
+            mode,
+            [
+                python.to_str().unwrap(),
+                script.to_str().unwrap(),
+                &SIZE.to_string(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{mode:?}");
+        assert_eq!(output.stdout.len(), SIZE, "{mode:?}: stdout length");
+        assert_eq!(output.stderr.len(), SIZE, "{mode:?}: stderr length");
+        assert!(
+            output.stdout == expected_stream("out", SIZE),
+            "{mode:?}: stdout differs from what the app wrote"
+        );
+        assert!(
+            output.stderr == expected_stream("err", SIZE),
+            "{mode:?}: stderr differs from what the app wrote"
+        );
+    }
+}
+
+#[test]
+fn a_closed_log_stream_does_not_end_the_launcher() {
+    // The launcher's stdout is a pipe nobody reads any more: its writes fail with EPIPE. It
+    // must keep supervising and still report the app's exit code.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let output = launcher_command(
+        Mode::Child,
+        ["--", "sh", "-c", "seq 1 100000; sleep 0.2; exit 5"],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::from(writer))
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "stderr: {stderr}");
+    assert!(
+        stderr.contains("cannot write the app's output"),
+        "says what happened: {stderr}"
+    );
+}
+
+#[test]
+fn a_bad_option_is_a_clear_error_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let touch = format!("touch {}", marker.display());
+    for args in [
+        vec!["--no-such-option", "--", "sh", "-c", &touch],
+        vec!["--pid-floor", "lots", "--", "sh", "-c", &touch],
+    ] {
+        let output = launcher_command(Mode::Child, &args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(args[0]),
+            "{args:?}: names the option: {stderr}"
+        );
+        assert!(!marker.exists(), "{args:?}: the app must not have started");
+    }
+    let output = launcher_command(Mode::Child, ["--pid-floor", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("<CMD>"));
+}
+
+#[test]
+fn help_and_version() {
+    let output = launcher_command(Mode::Child, ["--version"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("restore-launcher {}", env!("CARGO_PKG_VERSION"))
+    );
+    let output = launcher_command(Mode::Child, ["--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("RESTORE_LAUNCHER_PID_FLOOR"),
+        "env twins are documented: {help}"
+    );
+}
+
+#[test]
+fn the_release_launcher_is_statically_linked() {
+    let Some(path) = std::env::var_os("RESTORE_LAUNCHER_STATIC") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the static build (run `cargo xtask test`)"
+        );
+        eprintln!(
+            "SKIPPED the_release_launcher_is_statically_linked: run through `cargo xtask test`, which builds it"
+        );
+        return;
+    };
+    assert_eq!(launcher().as_os_str(), path.as_os_str());
+    let output = std::process::Command::new("file")
+        .arg("--dereference")
+        .arg(&path)
+        .output()
+        .expect("run `file`");
+    let description = String::from_utf8_lossy(&output.stdout);
+    assert!(description.contains("statically linked"), "{description}");
+    // And it really runs with no loader or libraries to find, in an empty environment
+    // (musl's execvp then searches its default PATH).
+    let output = launcher_command(Mode::Child, ["--", "sh", "-c", "exit 3"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

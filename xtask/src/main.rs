@@ -1,0 +1,147 @@
+//! Project tasks, run as `cargo xtask TASK` (the alias is in `.cargo/config.toml`).
+//!
+//! - `test`: build the static launcher, then run every test of the workspace against it.
+//! - `demo`: the main job shown in README.md.
+//! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
+//!
+//! Tasks only orchestrate cargo and the built binaries; they install nothing system-wide
+//! (that is `.ci/run`'s job on a fresh machine).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The target the launcher ships as: musl links statically with no extra flags.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
+        Some("help" | "-h" | "--help") | None => {
+            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|static-launcher>");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!(
+            "unknown task `{other}`; see `cargo xtask help`"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits directly in the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the release launcher for [`STATIC_TARGET`] and returns its path.
+fn static_launcher() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "restore-launcher",
+        "--target",
+        STATIC_TARGET,
+    ]))
+    .with_context(|| {
+        format!("building the static launcher (needs `rustup target add {STATIC_TARGET}`)")
+    })?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target_dir
+        .join(STATIC_TARGET)
+        .join("release")
+        .join("restore-launcher"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let launcher = static_launcher()?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("RESTORE_LAUNCHER_STATIC", &launcher))
+}
+
+/// Runs the counter app under the static launcher as PID 1 of a fresh PID namespace (as a
+/// container runtime would) for a few seconds, then stops it with SIGTERM through the launcher.
+fn demo() -> Result<()> {
+    let launcher = static_launcher()?;
+    let app = workspace_root().join("images/examples/counter/counter.py");
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let mut cmd = if as_root {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+            .arg(&launcher);
+        cmd
+    } else {
+        eprintln!(
+            "demo: not root, so the launcher runs as a plain child (subreaper) instead of PID 1"
+        );
+        Command::new(&launcher)
+    };
+    cmd.args(["--", "python3"])
+        .arg(&app)
+        .env("COUNTER_INTERVAL", "0.5");
+    println!(
+        "demo: starting {} -- python3 {}",
+        launcher.display(),
+        app.display()
+    );
+    let mut child = cmd.spawn().context("starting the launcher")?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // In a PID namespace the launcher is unshare's child; signal it, as kubelet would.
+    let target = if as_root {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))?;
+        children
+            .split_whitespace()
+            .next()
+            .context("the launcher is not running")?
+            .to_string()
+    } else {
+        child.id().to_string()
+    };
+    println!("demo: sending SIGTERM to the launcher (pid {target} on the host)");
+    run(Command::new("kill").args(["-TERM", &target]))?;
+    let status = child.wait()?;
+    println!(
+        "demo: the launcher exited with {} (143 = the app was stopped by SIGTERM)",
+        status
+            .code()
+            .map_or_else(|| format!("{status}"), |c| c.to_string())
+    );
+    Ok(())
+}
