@@ -7,8 +7,9 @@
 //! Tasks only orchestrate cargo and the built binaries; they install nothing system-wide
 //! (that is `.ci/run`'s job on a fresh machine).
 
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -84,12 +85,77 @@ fn static_launcher() -> Result<PathBuf> {
         .join("restore-launcher"))
 }
 
+/// Runs `cargo test --workspace` against the static launcher, echoing its output, and ends
+/// with one total line over all test binaries (`N passed, N failed, N skipped`), where
+/// skipped counts ignored tests and tests that printed a loud `SKIPPED` line.
 fn test(extra: &[String]) -> Result<()> {
     let launcher = static_launcher()?;
-    run(cargo()
+    let mut child = cargo()
         .args(["test", "--workspace"])
         .args(extra)
-        .env("RESTORE_LAUNCHER_STATIC", &launcher))
+        .env("RESTORE_LAUNCHER_STATIC", &launcher)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let stderr = child.stderr.take().context("cargo test stderr")?;
+    let skipped_loudly = std::thread::spawn(move || {
+        let mut skipped = 0;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            skipped += usize::from(line.starts_with("SKIPPED "));
+        }
+        skipped
+    });
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        totals.add_result_line(&line);
+    }
+    let status = child.wait()?;
+    let skipped_loudly = skipped_loudly.join().unwrap_or(0);
+    println!(
+        "\ntotal: {} passed, {} failed, {} skipped",
+        totals.passed.saturating_sub(skipped_loudly),
+        totals.failed,
+        totals.ignored + skipped_loudly
+    );
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
+/// Sums libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+#[derive(Debug, Default)]
+struct Totals {
+    passed: usize,
+    failed: usize,
+    ignored: usize,
+}
+
+impl Totals {
+    fn add_result_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<usize>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Runs the counter app under the static launcher as PID 1 of a fresh PID namespace (as a
