@@ -1,27 +1,57 @@
-//! Command line of `restore-launcher`: options, their `RESTORE_LAUNCHER_*` environment twins,
-//! and the command to supervise. Parsing only; nothing here has side effects.
+//! Command line of `restore-launcher`: the PID 1 options with their `RESTORE_LAUNCHER_*`
+//! environment twins, the command to supervise, and the sub-commands run next to PID 1.
+//! Parsing only; nothing here has side effects.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Default lowest PID the app may get; see [`Options::pid_floor`].
+/// Default lowest PID the app may get; see [`RunOptions::pid_floor`].
 pub const DEFAULT_PID_FLOOR: i32 = 1000;
+/// Default state directory (control socket, logs of the last dump/restore).
+pub const DEFAULT_STATE_DIR: &str = "/run/restore-launcher";
 
 /// PID 1 for migratable containers.
 ///
 /// Runs CMD in its own session and process group, forwards signals to it, reaps zombies,
 /// relays its stdout/stderr and exits with its status (128+N when killed by signal N,
-/// 127 when CMD is not found, 126 when it cannot be executed).
+/// 127 when CMD is not found, 126 when it cannot be executed). Checkpoints and restores the
+/// app with CRIU from inside the container when asked through its sub-commands.
 #[derive(Debug, Parser)]
 #[command(
     name = "restore-launcher",
     version,
     about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     after_help = "Every option can also be set through the environment variable shown with it, \
                   so a pod spec can configure the launcher without changing the image's ENTRYPOINT."
 )]
-pub struct Options {
+pub struct Cli {
+    /// Directory of the control socket shared by PID 1 and its sub-commands.
+    #[arg(long, global = true, env = "RESTORE_LAUNCHER_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What happens when restoring the app fails at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnRestoreFailure {
+    /// Exit non-zero (from `--restore-from`) or report the failure and keep waiting.
+    Fail,
+    /// Start CMD fresh instead, saying so loudly on stderr.
+    Fresh,
+}
+
+/// Options of PID 1 itself.
+#[derive(Debug, Args)]
+pub struct RunOptions {
     /// Lowest PID the app (and therefore its children) may get inside the container's PID
     /// namespace. PIDs below it stay free for the launcher, `kubectl exec` sessions and criu
     /// when the app is restored elsewhere, so restored PIDs cannot collide with them.
@@ -34,7 +64,73 @@ pub struct Options {
     )]
     pub pid_floor: i32,
 
+    /// Restore the app from this archive file (or unpacked archive directory) instead of
+    /// starting CMD. The archive is only read.
+    #[arg(
+        long,
+        env = "RESTORE_LAUNCHER_RESTORE_FROM",
+        value_name = "PATH",
+        conflicts_with = "wait_for_checkpoint"
+    )]
+    pub restore_from: Option<PathBuf>,
+
+    /// Start no app; wait for an archive sent with `restore-launcher receive`, then restore it.
+    #[arg(long, env = "RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub wait_for_checkpoint: bool,
+
+    /// A local path (emptyDir, writable directory) whose contents travel with the checkpoint
+    /// and are put back before the app is restored. Repeatable; the environment twin takes a
+    /// colon-separated list.
+    #[arg(
+        long = "include",
+        env = "RESTORE_LAUNCHER_INCLUDE",
+        value_delimiter = ':',
+        value_name = "PATH"
+    )]
+    pub include: Vec<PathBuf>,
+
+    /// What to do when restoring at start fails.
+    #[arg(long, env = "RESTORE_LAUNCHER_ON_RESTORE_FAILURE", value_enum, default_value_t = OnRestoreFailure::Fail)]
+    pub on_restore_failure: OnRestoreFailure,
+
+    /// Where CRIU images are staged during a checkpoint or restore (default: STATE_DIR/work).
+    /// They are as large as the app's memory: point it at an emptyDir for big apps.
+    #[arg(long, env = "RESTORE_LAUNCHER_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// The criu binary (default: `criu` from PATH).
+    #[arg(long, env = "RESTORE_LAUNCHER_CRIU", value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+
     /// The command to supervise, after `--`.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    #[arg(trailing_var_arg = true, value_name = "CMD", required = true)]
     pub command: Vec<OsString>,
+}
+
+/// Sub-commands, run next to PID 1 (for example through `kubectl exec`).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dump the app's process tree into one archive. Without --leave-running the app stays
+    /// frozen afterwards (PID 1 keeps running) until `rollback` or the pod is deleted.
+    Checkpoint {
+        /// Where to write the archive: a file (written to a temporary name, mode 0600, renamed
+        /// when complete) or `-` for stdout. The JSON summary goes to stdout, or to stderr
+        /// when the archive does.
+        #[arg(long, short, default_value = "-", value_name = "FILE|-")]
+        output: String,
+        /// Resume the app right after the dump instead of leaving it frozen.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Hand an archive to a PID 1 started with --wait-for-checkpoint; prints the restore
+    /// result as JSON and exits non-zero if the restore failed.
+    Receive {
+        /// The archive file, or `-` for stdin.
+        #[arg(long, short, default_value = "-", value_name = "FILE|-")]
+        input: String,
+    },
+    /// Resume the app frozen by the last checkpoint (used when the target failed).
+    Rollback,
+    /// Print PID 1's state as JSON.
+    Status,
 }

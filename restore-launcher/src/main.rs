@@ -1,21 +1,36 @@
 //! `restore-launcher`: PID 1 for migratable containers.
 //!
-//! Thin on purpose: parse the command line, set up PID 1 duties in order, hand over to the
-//! supervisor, and map the outcome to an exit code. Where each duty lives:
-//! - [`cli`]: options and their `RESTORE_LAUNCHER_*` environment twins;
+//! Thin on purpose: parse the command line, then either run a sub-command against PID 1
+//! ([`client`]) or become PID 1: set up init duties in order, hand over to the supervisor,
+//! and map the outcome to an exit code. Where each responsibility lives:
+//! - [`cli`]: options, their `RESTORE_LAUNCHER_*` environment twins, sub-commands;
 //! - [`signals`]: blocked mask, signalfd, which signal means what;
 //! - [`spawn`]: PID floor and starting the app with pipes the launcher owns;
 //! - [`relay`]: copying the app's output to the container's streams;
-//! - [`supervisor`]: the init loop (forward, reap, relay, exit with the app's status);
-//! - [`exit_status`]: how the app's end maps to the launcher's exit code.
+//! - [`supervisor`]: PID 1's loop and state machine (forward, reap, relay, control, jobs);
+//! - [`control`] / [`client`]: the Unix socket between PID 1 and its sub-commands;
+//! - [`job`]: forked workers for checkpoint and restore;
+//! - [`checkpoint`] / [`restore`]: those two jobs; [`criu`]: the CRIU command lines;
+//! - [`archive`]: the `.tar.zst` format, written and verified; [`include`]: `--include` paths;
+//! - [`exit_status`]: how the app's end maps to the launcher's exit code;
+//! - [`sysinfo`]: kernel, architecture, CPU flags, time and ids.
 
+mod archive;
+mod checkpoint;
 mod cli;
+mod client;
+mod control;
+mod criu;
 mod exit_status;
+mod include;
+mod job;
 mod log;
 mod relay;
+mod restore;
 mod signals;
 mod spawn;
 mod supervisor;
+mod sysinfo;
 
 use std::process::ExitCode;
 
@@ -30,24 +45,35 @@ enum StartError {
     Subreaper(#[source] nix::Error),
     #[error(transparent)]
     Spawn(#[from] spawn::SpawnError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 impl StartError {
     fn exit_code(&self) -> u8 {
         match self {
             StartError::Spawn(error) => error.exit_code(),
-            StartError::Signals(_) | StartError::Subreaper(_) => 1,
+            StartError::Signals(_) | StartError::Subreaper(_) | StartError::Control(_) => 1,
         }
     }
 }
 
 fn main() -> ExitCode {
     // A bad option is reported by clap (exit 2) before anything is started.
-    let options = cli::Options::parse();
+    let cli = cli::Cli::parse();
     if let Some(warning) = log::init() {
         tracing::warn!("{warning}");
     }
-    match start(&options) {
+    if let Some(command) = &cli.command {
+        return match client::run(&cli.state_dir, command) {
+            Ok(code) => ExitCode::from(code),
+            Err(error) => {
+                log::print_error(&ErrorChain(&error));
+                ExitCode::from(1)
+            }
+        };
+    }
+    match start(&cli) {
         Ok(supervisor) => ExitCode::from(supervisor.run()),
         Err(error) => {
             log::print_error(&ErrorChain(&error));
@@ -56,22 +82,46 @@ fn main() -> ExitCode {
     }
 }
 
-/// Everything before the app runs: any failure here ends the launcher with a clear message.
-fn start(options: &cli::Options) -> Result<supervisor::Supervisor, StartError> {
+/// Everything before the app runs (or a restore starts): any failure here ends the launcher
+/// with a clear message.
+fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
+    let options = &cli.run;
+    spawn::keep_inherited_fds_from_app();
     let signals = signals::block()?;
     if std::process::id() != 1 {
         // Orphans of the app must come back to us to be reaped, not to the host's init.
         nix::sys::prctl::set_child_subreaper(true).map_err(StartError::Subreaper)?;
     }
-    let floor = spawn::advance_pid_counter(options.pid_floor)?;
-    tracing::debug!(
-        forks = floor.forks,
-        last_pid = floor.last_pid,
-        "advanced the PID counter"
-    );
-    let app = spawn::spawn(&options.command, &signals.original_mask)?;
-    tracing::info!(pid = app.pid.as_raw(), "started the app");
-    Ok(supervisor::Supervisor::new(signals, app))
+    let config = supervisor::Config {
+        pid_floor: options.pid_floor,
+        state_dir: cli.state_dir.clone(),
+        work_dir: options
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| cli.state_dir.join("work")),
+        include: options.include.clone(),
+        criu: options.criu.clone(),
+        on_restore_failure: options.on_restore_failure,
+        command: options.command.clone(),
+    };
+    let start = if let Some(path) = &options.restore_from {
+        // No PID burning before a restore: criu and its helpers must get PIDs below the
+        // restored ones, which the source placed above the floor.
+        supervisor::Start::RestoreFrom(path.clone())
+    } else if options.wait_for_checkpoint {
+        supervisor::Start::Wait
+    } else {
+        let floor = spawn::advance_pid_counter(options.pid_floor)?;
+        tracing::debug!(
+            forks = floor.forks,
+            last_pid = floor.last_pid,
+            "advanced the PID counter"
+        );
+        let app = spawn::spawn(&options.command, &signals.original_mask)?;
+        tracing::info!(pid = app.pid.as_raw(), "started the app");
+        supervisor::Start::Fresh(app)
+    };
+    Ok(supervisor::Supervisor::new(config, signals, start)?)
 }
 
 /// Displays an error followed by its sources: "what failed: because: because".

@@ -84,6 +84,12 @@ impl Relay {
         self.source.as_ref().map(AsFd::as_fd)
     }
 
+    /// Inode of the pipe (CRIU names it `pipe:[INODE]` in the app's images), while open.
+    pub fn inode(&self) -> Option<u64> {
+        let fd = self.source.as_ref()?;
+        nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
+    }
+
     /// Whether the pipe reached end of file (or failed) and was closed.
     pub fn is_closed(&self) -> bool {
         self.source.is_none()

@@ -46,6 +46,13 @@ pub fn action(signo: i32) -> Action {
     }
 }
 
+/// Signals that ask the app to stop (what kubelet and `docker stop` send, and Ctrl-C/Ctrl-\\).
+/// Their handling depends on the launcher's state: while the app is frozen by a checkpoint,
+/// forwarding is not enough (see the supervisor).
+pub fn is_terminating(signo: i32) -> bool {
+    matches!(signo, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)
+}
+
 /// Signals blocked in the launcher and read from its signalfd.
 fn launcher_mask() -> SigSet {
     let mut mask = SigSet::all();

@@ -82,6 +82,35 @@ impl SpawnError {
     }
 }
 
+/// Marks every file descriptor above stderr that the launcher inherited close-on-exec, so the
+/// app never gets them. Such fds were opened outside the container (by the runtime or whoever
+/// started us), and CRIU cannot dump a process holding one: `criu dump` fails with
+/// `Can't lookup mount=… for fd=…` (seen here with a leaked /dev/null). catatonit closes them
+/// for the same reason; marking them keeps them usable by the launcher itself.
+pub fn keep_inherited_fds_from_app() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        tracing::warn!(
+            "cannot list /proc/self/fd; inherited file descriptors may leak into the app"
+        );
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        #[allow(unsafe_code)]
+        // SAFETY: only the fd's close-on-exec flag changes; a stale number (the listing's own
+        // directory fd, already closed) makes fcntl fail with EBADF, which is ignored.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
 /// Reads the namespace's last handed-out PID, if the kernel exposes it.
 fn read_last_pid() -> Option<i32> {
     std::fs::read_to_string(NS_LAST_PID)

@@ -1,69 +1,193 @@
-//! The init loop: once the app runs, the launcher waits on its signalfd and the app's output
-//! pipes, forwards signals, reaps every child, relays output, and when the app has exited
-//! returns the code to exit with.
+//! PID 1's event loop and state machine. It waits on its signalfd, the app's output pipes and
+//! the control socket; forwards signals, reaps every child, relays output, answers control
+//! requests, starts jobs (checkpoint, restore) and acts on their outcome; and when the app
+//! has exited it returns the code to exit with.
 //!
-//! From here on the launcher never gives up because of an error of its own (catatonit:
-//! `bail()` only before the child starts, `warn()` after): an error is logged and the loop
-//! goes on, since PID 1 exiting would kill the whole container.
+//! States (see [`LauncherState`]):
+//! ```text
+//! fresh start:      running ──checkpoint──▶ checkpointing ──▶ running (--leave-running or failure)
+//!                                                        └──▶ checkpointed ──rollback──▶ running
+//! --restore-from:   restoring ──▶ restored | exit 1 | running (--on-restore-failure=fresh)
+//! --wait-for-...:   waiting ──receive──▶ restoring ──▶ restored | failed (receive again) | running (fresh)
+//! ```
+//! From the moment the app runs, the launcher never gives up because of an error of its own
+//! (catatonit: `bail()` only before the child starts, `warn()` after): errors are logged or
+//! answered to the client, and the loop goes on, since PID 1 exiting would kill the container.
 
-use std::os::fd::AsFd as _;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use migrate_format::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::checkpoint::{self, chain};
+use crate::cli::OnRestoreFailure;
+use crate::control::{self, Incoming, Request, Server};
+use crate::criu::Criu;
 use crate::exit_status;
+use crate::job::{Job, Outcome};
 use crate::relay::{Output, Relay};
+use crate::restore;
 use crate::signals::{self, Action, Signals};
-use crate::spawn::App;
+use crate::spawn;
+use crate::sysinfo;
 
 /// After the app exits, how long output still held open by its leftover descendants is
 /// relayed before the launcher exits anyway. Output the app itself wrote is not bounded by
 /// this: its pipe reaches end of file as soon as every writer is gone.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// Exit code when a restore requested at start fails (and no fresh start was asked for).
+pub const RESTORE_FAILED: u8 = 1;
 
-/// Supervises one running app.
+/// PID 1's configuration, fixed at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pid_floor: i32,
+    pub state_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub include: Vec<PathBuf>,
+    pub criu: Option<PathBuf>,
+    pub on_restore_failure: OnRestoreFailure,
+    pub command: Vec<OsString>,
+}
+
+/// How the app comes to life.
+#[derive(Debug)]
+pub enum Start {
+    /// An app already spawned fresh.
+    Fresh(spawn::App),
+    /// Restore from this archive file or directory.
+    RestoreFrom(PathBuf),
+    /// Wait for `receive`.
+    Wait,
+}
+
+/// A job in progress and what PID 1 must do with its outcome.
+#[derive(Debug)]
+struct Running {
+    job: Job,
+    /// The client waiting for the answer (none for a restore requested at start).
+    client: Option<UnixStream>,
+    kind: JobKind,
+}
+
+#[derive(Debug)]
+enum JobKind {
+    Checkpoint {
+        leave_running: bool,
+        previous: LauncherState,
+    },
+    /// The read ends of the pipes the restored app will write to.
+    Restore {
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        at_start: bool,
+    },
+}
+
+/// Supervises the app through its whole life in this container.
 #[derive(Debug)]
 pub struct Supervisor {
+    config: Config,
     signals: Signals,
-    app: Pid,
-    relays: [Relay; 2],
+    control: Option<Server>,
+    criu: Option<Criu>,
+    state: LauncherState,
+    app: Option<Pid>,
+    relays: Vec<Relay>,
+    running: Option<Running>,
+    /// The state to return to on rollback of a frozen app.
+    before_checkpoint: LauncherState,
     exit_code: Option<u8>,
     exited_at: Option<Instant>,
+    /// A terminating signal received while a job ran, acted upon when it ends.
+    deferred_terminate: Option<i32>,
+    /// Exit statuses of children reaped before PID 1 knew them as the app (a restored app
+    /// that exits before its restore job's outcome is read).
+    unclaimed: BTreeMap<i32, WaitStatus>,
+    last_checkpoint: Option<CheckpointReport>,
+    last_restore: Option<RestoreReport>,
+    error: Option<String>,
 }
 
 impl Supervisor {
-    pub fn new(signals: Signals, app: App) -> Self {
-        Supervisor {
+    /// Sets up PID 1 for `start`. The control socket is optional for a fresh app (the app runs
+    /// even where no state directory can be made) and required otherwise.
+    ///
+    /// # Errors
+    /// When waiting for or restoring a checkpoint is asked but the control socket cannot be
+    /// created, or the restore job cannot be started.
+    pub fn new(
+        config: Config,
+        signals: Signals,
+        start: Start,
+    ) -> Result<Self, control::ControlError> {
+        let control = match Server::bind(&config.state_dir) {
+            Ok(server) => Some(server),
+            Err(error) if matches!(start, Start::Fresh(_)) => {
+                tracing::warn!(error = %chain(&error), "checkpoints are not possible in this container");
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        let criu = match Criu::find(config.criu.as_deref()) {
+            Ok(criu) => Some(criu),
+            Err(error) => {
+                tracing::info!(error = %chain(&error), "criu is not available; checkpoint and restore will fail until it is");
+                None
+            }
+        };
+        let mut supervisor = Supervisor {
+            config,
             signals,
-            app: app.pid,
-            relays: [
-                Relay::new(app.stdout, Output::Stdout),
-                Relay::new(app.stderr, Output::Stderr),
-            ],
+            control,
+            criu,
+            state: LauncherState::Running,
+            app: None,
+            relays: Vec::new(),
+            running: None,
+            before_checkpoint: LauncherState::Running,
             exit_code: None,
             exited_at: None,
+            deferred_terminate: None,
+            unclaimed: BTreeMap::new(),
+            last_checkpoint: None,
+            last_restore: None,
+            error: None,
+        };
+        match start {
+            Start::Fresh(app) => {
+                supervisor.adopt(app.pid, app.stdout, app.stderr, LauncherState::Running)
+            }
+            Start::Wait => supervisor.state = LauncherState::Waiting,
+            Start::RestoreFrom(path) => {
+                supervisor.start_restore(restore::Source::Path(path), None, true)
+            }
         }
+        Ok(supervisor)
     }
 
     /// Runs until the app has exited and its output is relayed; returns the launcher's exit code.
     pub fn run(mut self) -> u8 {
         loop {
             if let Some(code) = self.finished() {
-                // Children that exited during the drain are collected before we go.
                 self.reap();
                 return code;
             }
             let timeout = match self.exited_at {
-                Some(at) => {
-                    let left = DRAIN_AFTER_EXIT.saturating_sub(at.elapsed());
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO)
-                }
+                Some(at) => PollTimeout::try_from(DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()))
+                    .unwrap_or(PollTimeout::ZERO),
                 None => PollTimeout::NONE,
             };
-            let (signal_ready, ready) = match self.wait(timeout) {
+            let ready = match self.wait(timeout) {
                 Ok(ready) => ready,
                 Err(error) => {
                     tracing::warn!(%error, "poll failed; retrying");
@@ -73,20 +197,27 @@ impl Supervisor {
             };
             // Output first: if the app wrote and then exited, its last words are copied before
             // its exit is acted upon.
-            for (relay, ready) in self.relays.iter_mut().zip(ready) {
+            for (relay, ready) in self.relays.iter_mut().zip(ready.relays) {
                 if ready {
                     relay.pump();
                 }
             }
-            if signal_ready {
+            if ready.signals {
                 self.handle_signals();
+            }
+            if ready.control {
+                self.handle_control();
             }
         }
     }
 
-    /// The exit code once the app has exited and its output is done (or the drain timed out).
+    /// The exit code once the app has exited (or no app will come), no job runs, and the
+    /// output is done (or the drain timed out).
     fn finished(&self) -> Option<u8> {
         let code = self.exit_code?;
+        if self.running.is_some() {
+            return None;
+        }
         let drained = self.relays.iter().all(Relay::is_closed);
         let timed_out = self
             .exited_at
@@ -99,16 +230,19 @@ impl Supervisor {
         (drained || timed_out).then_some(code)
     }
 
-    /// Polls the signalfd and open pipes; says which are readable.
-    fn wait(&self, timeout: PollTimeout) -> nix::Result<(bool, [bool; 2])> {
+    fn wait(&self, timeout: PollTimeout) -> nix::Result<Ready> {
         let interesting = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
         let mut fds = vec![PollFd::new(self.signals.fd.as_fd(), PollFlags::POLLIN)];
-        let mut slots = [None, None];
-        for (index, relay) in self.relays.iter().enumerate() {
-            if let Some(fd) = relay.source() {
-                slots[index] = Some(fds.len());
+        let control_slot = self.control.as_ref().map(|server| {
+            fds.push(PollFd::new(server.listener().as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let mut relay_slots = Vec::new();
+        for relay in &self.relays {
+            relay_slots.push(relay.source().map(|fd| {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
-            }
+                fds.len() - 1
+            }));
         }
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -119,8 +253,70 @@ impl Supervisor {
                 .revents()
                 .is_some_and(|r| r.intersects(interesting))
         };
-        Ok((ready(0), slots.map(|slot| slot.is_some_and(ready))))
+        Ok(Ready {
+            signals: ready(0),
+            control: control_slot.is_some_and(ready),
+            relays: relay_slots
+                .into_iter()
+                .map(|slot| slot.is_some_and(ready))
+                .collect(),
+        })
     }
+
+    // ----- the app -------------------------------------------------------------------------
+
+    /// Makes `pid` the supervised app with output on the given pipes.
+    fn adopt(&mut self, pid: Pid, stdout: OwnedFd, stderr: OwnedFd, state: LauncherState) {
+        self.app = Some(pid);
+        self.relays = vec![
+            Relay::new(stdout, Output::Stdout),
+            Relay::new(stderr, Output::Stderr),
+        ];
+        self.state = state;
+        self.error = None;
+        // A restored app that already exited before we knew its PID.
+        if let Some(status) = self.unclaimed.remove(&pid.as_raw()) {
+            self.app_exited(status);
+        }
+    }
+
+    fn app_exited(&mut self, status: WaitStatus) {
+        if let Some(code) = exit_status::from_wait_status(status) {
+            // A frozen app killed because the pod is going away reports the signal that asked.
+            let code = match (self.state, self.deferred_terminate) {
+                (LauncherState::Checkpointed, Some(signo)) => 128 + signo as u8,
+                _ => code,
+            };
+            tracing::info!(?status, code, "the app exited");
+            self.exit_code = Some(code);
+            self.exited_at = Some(Instant::now());
+        }
+    }
+
+    /// Starts CMD fresh (fallback after a failed restore), or gives up with 127/126/1.
+    fn start_fresh(&mut self) {
+        if let Err(error) = spawn::advance_pid_counter(self.config.pid_floor) {
+            tracing::warn!(error = %chain(&error), "cannot advance the PID counter");
+        }
+        match spawn::spawn(&self.config.command, &self.signals.original_mask) {
+            Ok(app) => {
+                tracing::info!(pid = app.pid.as_raw(), "started the app fresh");
+                self.adopt(app.pid, app.stdout, app.stderr, LauncherState::Running);
+            }
+            Err(error) => {
+                tracing::error!(error = %chain(&error), "cannot start the app");
+                self.exit(error.exit_code());
+            }
+        }
+    }
+
+    /// Exits as soon as possible with `code` (no app to wait for).
+    fn exit(&mut self, code: u8) {
+        self.exit_code = Some(code);
+        self.exited_at = Some(Instant::now());
+    }
+
+    // ----- signals and reaping -------------------------------------------------------------
 
     fn handle_signals(&mut self) {
         loop {
@@ -142,40 +338,60 @@ impl Supervisor {
             Action::Ignore => {
                 tracing::debug!(signo, "ignoring a terminal's request to stop the launcher")
             }
-            Action::Forward => match signals::send_to_group(self.app, signo) {
-                Ok(()) => tracing::debug!(
-                    signo,
-                    pgid = self.app.as_raw(),
-                    "forwarded signal to the app's process group"
-                ),
-                Err(Errno::ESRCH) => {
-                    tracing::debug!(signo, "no process left in the app's group to forward to")
-                }
-                Err(error) => {
-                    tracing::warn!(%error, signo, "cannot forward signal to the app's process group")
-                }
-            },
+            Action::Forward if signals::is_terminating(signo) => self.on_terminate(signo),
+            Action::Forward => self.forward(signo),
         }
     }
 
-    /// Collects every child that has exited: the app, its orphaned descendants (re-parented to
-    /// PID 1 or to us as subreaper) and anything else. Signals merge, so one SIGCHLD can stand
-    /// for many exits: loop until none is left.
+    /// SIGTERM/SIGINT/SIGQUIT: what "stop" means depends on the state.
+    fn on_terminate(&mut self, signo: i32) {
+        match self.state {
+            LauncherState::Running | LauncherState::Restored => self.forward(signo),
+            // Acted upon when the job ends: the app is frozen by CRIU or not there yet.
+            LauncherState::Checkpointing | LauncherState::Restoring => {
+                tracing::info!(
+                    signo,
+                    "termination requested during a checkpoint or restore; acting on it when that ends"
+                );
+                self.deferred_terminate = Some(signo);
+            }
+            // The frozen app's state lives in the archive now; the pod is being deleted after
+            // the migration. Resuming it to deliver the signal would let it act twice.
+            LauncherState::Checkpointed => {
+                tracing::info!(signo, "stopping the checkpointed (frozen) app");
+                self.deferred_terminate = Some(signo);
+                if let Some(app) = self.app {
+                    let _ = nix::sys::signal::killpg(app, Signal::SIGKILL);
+                }
+            }
+            LauncherState::Waiting | LauncherState::Failed => self.exit(128 + signo as u8),
+        }
+    }
+
+    fn forward(&self, signo: i32) {
+        let Some(app) = self.app else { return };
+        match signals::send_to_group(app, signo) {
+            Ok(()) => tracing::debug!(
+                signo,
+                pgid = app.as_raw(),
+                "forwarded signal to the app's process group"
+            ),
+            Err(Errno::ESRCH) => {
+                tracing::debug!(signo, "no process left in the app's group to forward to")
+            }
+            Err(error) => {
+                tracing::warn!(%error, signo, "cannot forward signal to the app's process group")
+            }
+        }
+    }
+
+    /// Collects every child that has exited: the app, jobs, orphaned descendants (re-parented
+    /// to PID 1 or to us as subreaper). Signals merge, so loop until none is left.
     fn reap(&mut self) {
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Ok(status) => {
-                    if status.pid() == Some(self.app) {
-                        if let Some(code) = exit_status::from_wait_status(status) {
-                            tracing::info!(?status, code, "the app exited");
-                            self.exit_code = Some(code);
-                            self.exited_at = Some(Instant::now());
-                        }
-                    } else {
-                        tracing::debug!(?status, "reaped a child");
-                    }
-                }
+                Ok(status) => self.on_child_exit(status),
                 Err(Errno::EINTR) => continue,
                 Err(error) => {
                     tracing::warn!(%error, "waitpid failed");
@@ -183,5 +399,400 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    fn on_child_exit(&mut self, status: WaitStatus) {
+        let Some(pid) = status.pid() else { return };
+        if exit_status::from_wait_status(status).is_none() {
+            return; // stopped/continued, not an exit
+        }
+        if Some(pid) == self.app {
+            self.app_exited(status);
+        } else if self.running.as_ref().is_some_and(|r| r.job.pid == pid) {
+            if let Some(running) = self.running.take() {
+                self.job_done(running, status);
+            }
+        } else {
+            tracing::debug!(?status, "reaped a child");
+            if self.unclaimed.len() >= 64 {
+                self.unclaimed.pop_first();
+            }
+            self.unclaimed.insert(pid.as_raw(), status);
+        }
+    }
+
+    // ----- control requests ----------------------------------------------------------------
+
+    fn handle_control(&mut self) {
+        loop {
+            let Some(server) = &self.control else { return };
+            let incoming = match server.accept() {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(error = %chain(&error), "a control connection failed");
+                    return;
+                }
+            };
+            self.on_request(incoming);
+        }
+    }
+
+    fn on_request(&mut self, incoming: Incoming) {
+        let Incoming {
+            stream,
+            request,
+            fd,
+        } = incoming;
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => return refuse(&stream, format!("the request is not valid: {error}")),
+        };
+        tracing::info!(?request, state = ?self.state, "control request");
+        if request.needs_fd() && fd.is_none() {
+            return refuse(
+                &stream,
+                "the request carried no stream to read or write".into(),
+            );
+        }
+        match request {
+            Request::Status => {
+                let _ = control::answer(&stream, &self.status());
+            }
+            Request::Rollback => self.rollback(&stream),
+            Request::Checkpoint { leave_running } => match fd {
+                Some(fd) => self.start_checkpoint(stream, fd, leave_running),
+                None => refuse(&stream, "no stream".into()),
+            },
+            Request::Receive => match fd {
+                Some(fd) => {
+                    if !matches!(self.state, LauncherState::Waiting | LauncherState::Failed)
+                        || self.running.is_some()
+                    {
+                        let message = format!(
+                            "this launcher is {} and not waiting for a checkpoint; start the target container with --wait-for-checkpoint",
+                            state_name(self.state)
+                        );
+                        return refuse(&stream, message);
+                    }
+                    self.start_restore(restore::Source::Stream(fd), Some(stream), false);
+                }
+                None => refuse(&stream, "no stream".into()),
+            },
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        StatusReport {
+            state: self.state,
+            app_pid: self.app.map(Pid::as_raw),
+            launcher_version: env!("CARGO_PKG_VERSION").into(),
+            criu_version: self.criu.as_ref().map(|c| c.version.clone()),
+            kernel: sysinfo::kernel(),
+            arch: sysinfo::arch().into(),
+            last_checkpoint: self.last_checkpoint.clone(),
+            last_restore: self.last_restore.clone(),
+            error: self.error.clone(),
+        }
+    }
+
+    fn rollback(&mut self, stream: &UnixStream) {
+        match (self.state, self.app) {
+            (LauncherState::Checkpointed, Some(app)) => {
+                checkpoint::resume(app);
+                self.state = self.before_checkpoint;
+                tracing::info!(pid = app.as_raw(), "rolled back: the frozen app resumed");
+                let _ = control::answer(
+                    stream,
+                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
+                );
+            }
+            _ => refuse(
+                stream,
+                format!(
+                    "nothing to roll back: the launcher is {}; rollback resumes an app frozen by `checkpoint` without --leave-running",
+                    state_name(self.state)
+                ),
+            ),
+        }
+    }
+
+    // ----- jobs ----------------------------------------------------------------------------
+
+    fn start_checkpoint(&mut self, stream: UnixStream, output: OwnedFd, leave_running: bool) {
+        let Some(app) = self
+            .app
+            .filter(|_| matches!(self.state, LauncherState::Running | LauncherState::Restored))
+        else {
+            return refuse(
+                &stream,
+                format!(
+                    "cannot checkpoint: the launcher is {} (only a running app can be checkpointed)",
+                    state_name(self.state)
+                ),
+            );
+        };
+        if self.running.is_some() {
+            return refuse(
+                &stream,
+                "cannot checkpoint: another checkpoint or restore is in progress".into(),
+            );
+        }
+        if self.criu.is_none() {
+            match Criu::find(self.config.criu.as_deref()) {
+                Ok(criu) => self.criu = Some(criu),
+                Err(error) => {
+                    return refuse(&stream, format!("cannot checkpoint: {}", chain(&error)));
+                }
+            }
+        }
+        let Some(criu) = self.criu.clone() else {
+            return;
+        };
+        let plan = checkpoint::Plan {
+            app,
+            leave_running,
+            included: self.config.include.clone(),
+            work_dir: self.config.work_dir.clone(),
+            state_dir: self.config.state_dir.clone(),
+            criu,
+            stdout_pipe: self.relays.first().and_then(Relay::inode),
+            stderr_pipe: self.relays.get(1).and_then(Relay::inode),
+            command: self
+                .config
+                .command
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            original_mask: self.signals.original_mask,
+        };
+        match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output))) {
+            Ok(job) => {
+                self.before_checkpoint = self.state;
+                self.running = Some(Running {
+                    job,
+                    client: Some(stream),
+                    kind: JobKind::Checkpoint {
+                        leave_running,
+                        previous: self.state,
+                    },
+                });
+                self.state = LauncherState::Checkpointing;
+            }
+            Err(error) => refuse(&stream, format!("cannot start the checkpoint: {error}")),
+        }
+    }
+
+    /// Starts a restore job; if it cannot even start, that is a failed restore (answered to
+    /// the client, if any).
+    fn start_restore(
+        &mut self,
+        source: restore::Source,
+        client: Option<UnixStream>,
+        at_start: bool,
+    ) {
+        if let Err(error) = self.try_start_restore(source, &client, at_start) {
+            let error = format!("cannot start the restore: {error}");
+            if let Some(client) = &client {
+                refuse(client, error.clone());
+            }
+            self.restore_failed(error, at_start);
+        }
+    }
+
+    fn try_start_restore(
+        &mut self,
+        source: restore::Source,
+        client: &Option<UnixStream>,
+        at_start: bool,
+    ) -> nix::Result<()> {
+        let client = client
+            .as_ref()
+            .map(UnixStream::try_clone)
+            .transpose()
+            .map_err(|_| Errno::EBADF)?;
+        let (stdout_read, stdout_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (stderr_read, stderr_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let plan = restore::Plan {
+            included: self.config.include.clone(),
+            work_dir: self.config.work_dir.clone(),
+            state_dir: self.config.state_dir.clone(),
+            criu: self.config.criu.clone(),
+            pid_floor: self.config.pid_floor,
+            original_mask: self.signals.original_mask,
+        };
+        let job = Job::start(move || {
+            let pipes = restore::Pipes {
+                stdout: &stdout_write,
+                stderr: &stderr_write,
+            };
+            Outcome::Restore(restore::run(&plan, source, &pipes))
+        })?;
+        self.running = Some(Running {
+            job,
+            client,
+            kind: JobKind::Restore {
+                stdout: stdout_read,
+                stderr: stderr_read,
+                at_start,
+            },
+        });
+        self.state = LauncherState::Restoring;
+        Ok(())
+    }
+
+    fn job_done(&mut self, running: Running, status: WaitStatus) {
+        let Running { job, client, kind } = running;
+        let outcome = job.outcome();
+        match kind {
+            JobKind::Checkpoint {
+                leave_running,
+                previous,
+            } => {
+                let report = match outcome {
+                    Some(Outcome::Checkpoint(report)) => report,
+                    _ => {
+                        // The job died without a word: never leave the app frozen without a
+                        // confirmed archive.
+                        if let Some(app) = self.app {
+                            checkpoint::resume(app);
+                        }
+                        failed_checkpoint(format!(
+                            "the checkpoint job ended unexpectedly ({status:?}); the app was resumed"
+                        ))
+                    }
+                };
+                self.state = if report.ok && !leave_running {
+                    LauncherState::Checkpointed
+                } else {
+                    previous
+                };
+                if report.ok {
+                    tracing::info!(id = %report.id, bytes = report.archive_bytes, state = ?self.state, "checkpoint written");
+                } else {
+                    tracing::warn!(
+                        error = report.error.as_deref().unwrap_or(""),
+                        "checkpoint failed"
+                    );
+                }
+                if let Some(client) = &client {
+                    let _ = control::answer(client, &report);
+                }
+                self.last_checkpoint = Some(report);
+                if let Some(signo) = self.deferred_terminate.take() {
+                    self.on_terminate(signo);
+                }
+            }
+            JobKind::Restore {
+                stdout,
+                stderr,
+                at_start,
+            } => {
+                let report = match outcome {
+                    Some(Outcome::Restore(report)) => report,
+                    _ => failed_restore(format!("the restore job ended unexpectedly ({status:?})")),
+                };
+                if let Some(client) = &client {
+                    let _ = control::answer(client, &report);
+                }
+                match report.app_pid.filter(|_| report.ok) {
+                    Some(pid) => {
+                        tracing::info!(
+                            pid,
+                            id = report.id.as_deref().unwrap_or(""),
+                            "restored the app"
+                        );
+                        self.last_restore = Some(report);
+                        self.adopt(Pid::from_raw(pid), stdout, stderr, LauncherState::Restored);
+                        if let Some(signo) = self.deferred_terminate.take() {
+                            self.forward(signo);
+                        }
+                    }
+                    None => {
+                        let error = report
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| "unknown error".into());
+                        self.last_restore = Some(report);
+                        self.restore_failed(error, at_start);
+                    }
+                }
+            }
+        }
+    }
+
+    fn restore_failed(&mut self, error: String, at_start: bool) {
+        if let Some(signo) = self.deferred_terminate.take() {
+            tracing::error!(%error, "restore failed");
+            return self.exit(128 + signo as u8);
+        }
+        match self.config.on_restore_failure {
+            OnRestoreFailure::Fresh => {
+                tracing::error!(
+                    %error,
+                    "RESTORE FAILED — starting the app FRESH because --on-restore-failure=fresh: its checkpointed state is NOT restored"
+                );
+                self.error = Some(error);
+                self.start_fresh();
+            }
+            OnRestoreFailure::Fail if at_start => {
+                tracing::error!(%error, "restore failed; exiting (use --on-restore-failure=fresh to start the app fresh instead)");
+                self.error = Some(error);
+                self.state = LauncherState::Failed;
+                self.exit(RESTORE_FAILED);
+            }
+            OnRestoreFailure::Fail => {
+                tracing::error!(%error, "restore failed; still waiting for a checkpoint");
+                self.error = Some(error);
+                self.state = LauncherState::Failed;
+            }
+        }
+    }
+}
+
+/// Which of the polled fds are ready.
+#[derive(Debug)]
+struct Ready {
+    signals: bool,
+    control: bool,
+    relays: Vec<bool>,
+}
+
+fn refuse(stream: &UnixStream, error: String) {
+    tracing::warn!(%error, "refused a control request");
+    let _ = control::answer(stream, &serde_json::json!({"ok": false, "error": error}));
+}
+
+fn state_name(state: LauncherState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn failed_checkpoint(error: String) -> CheckpointReport {
+    CheckpointReport {
+        id: String::new(),
+        ok: false,
+        error: Some(error),
+        left_running: false,
+        app_pids: Vec::new(),
+        images_bytes: 0,
+        included_bytes: 0,
+        archive_bytes: 0,
+        timings_ms: BTreeMap::new(),
+        frozen_ms: None,
+    }
+}
+
+fn failed_restore(error: String) -> RestoreReport {
+    RestoreReport {
+        id: None,
+        ok: false,
+        error: Some(error),
+        app_pid: None,
+        archive_bytes: 0,
+        timings_ms: BTreeMap::new(),
+        downtime_ms: None,
     }
 }

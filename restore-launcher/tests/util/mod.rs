@@ -67,8 +67,17 @@ where
         Mode::Child => Command::new(launcher()),
     };
     cmd.args(args);
+    // Each launcher gets its own control socket directory, as each container has its own.
+    let state_dir = std::env::temp_dir().join(format!(
+        "rl-state-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    cmd.env("RESTORE_LAUNCHER_STATE_DIR", state_dir);
     cmd
 }
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A running launcher and how to reach it.
 #[derive(Debug)]

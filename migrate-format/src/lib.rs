@@ -1,0 +1,32 @@
+//! The contract between `restore-launcher` and `kubectl-migrate` that is data, not behaviour:
+//! the checkpoint archive's manifest and the rules an archive must obey before anything in it
+//! is used, the JSON the launcher's sub-commands print, and the annotation keys. Portable (no
+//! `nix`), since the plugin runs on users' laptops.
+//!
+//! # The archive
+//! One zstd-compressed tar stream. Its first entry is `manifest.json` ([`Manifest`]); then the
+//! CRIU images under `criu/`; then the included paths' contents under `include/N/`, where `N`
+//! is the index of the path in [`Manifest::included_paths`]. Every later entry is listed in
+//! [`Manifest::entries`] with its size and SHA-256, and a reader refuses an archive whose
+//! entries differ from that list in any way.
+
+pub mod manifest;
+pub mod report;
+
+pub use manifest::{
+    ARCHIVE_FORMAT_VERSION, Entry, EntryKind, MANIFEST_NAME, MANIFEST_SIZE_LIMIT, Manifest,
+    ManifestError, PathError, validate_entry_path,
+};
+pub use report::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
+
+/// Annotation keys the plugin writes on source and target pods.
+pub mod annotations {
+    /// The migration's id (the archive id).
+    pub const MIGRATION_ID: &str = "migrate.kubectl.io/id";
+    /// The phase reached: checking, checkpointing, transferring, restoring, verified, done, failed.
+    pub const PHASE: &str = "migrate.kubectl.io/phase";
+    /// Per-phase timings as JSON.
+    pub const TIMINGS: &str = "migrate.kubectl.io/timings";
+    /// On the target: the source pod; on the source: the target pod.
+    pub const PEER: &str = "migrate.kubectl.io/peer";
+}

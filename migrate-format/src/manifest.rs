@@ -1,0 +1,376 @@
+//! The archive manifest and the checks every reader applies before trusting an archive.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the archive's first entry.
+pub const MANIFEST_NAME: &str = "manifest.json";
+/// Format version this build writes and reads.
+pub const ARCHIVE_FORMAT_VERSION: u32 = 1;
+/// A manifest larger than this is refused before parsing (it lists entries, not data).
+pub const MANIFEST_SIZE_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// What a checkpoint archive contains and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Unique id of this checkpoint (also the migration id).
+    pub id: String,
+    /// When the checkpoint was taken (RFC 3339, UTC).
+    pub created: String,
+    /// Source pod, namespace, node and container, when the launcher knows them (from the
+    /// downward API environment: POD_NAME, POD_NAMESPACE, NODE_NAME, CONTAINER_NAME).
+    #[serde(default)]
+    pub source: BTreeMap<String, String>,
+    pub criu_version: String,
+    pub kernel: String,
+    /// `std::env::consts::ARCH` of the source (x86_64, aarch64, ...).
+    pub arch: String,
+    /// SHA-256 over the sorted CPU flags of the source, to warn about CPU feature mismatch.
+    pub cpu_flags_digest: String,
+    /// The app's root PID (its session and process group id) and every PID of its tree.
+    pub app_root_pid: i32,
+    pub app_pids: Vec<i32>,
+    /// The command the app was started with.
+    pub command: Vec<String>,
+    /// Pipe inodes of the app's stdout and stderr at the source, which CRIU names
+    /// `pipe:[INODE]`; the restoring launcher re-attaches its own pipes in their place.
+    pub stdout_pipe: Option<u64>,
+    pub stderr_pipe: Option<u64>,
+    /// Absolute paths whose contents travel with the checkpoint.
+    pub included_paths: Vec<String>,
+    /// Every entry after the manifest, in archive order.
+    pub entries: Vec<Entry>,
+    /// Milliseconds since the Unix epoch when the app was frozen (for downtime).
+    pub frozen_at_ms: u64,
+    /// Per-phase durations in milliseconds (dump, snapshot, hash, ...).
+    pub timings_ms: BTreeMap<String, u64>,
+}
+
+/// One archive entry after the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative path inside the archive (see [`validate_entry_path`]).
+    pub path: String,
+    pub kind: EntryKind,
+    /// Size in bytes (regular files; 0 otherwise).
+    pub size: u64,
+    /// Hex SHA-256 of the contents (regular files); of the link target (symlinks).
+    #[serde(default)]
+    pub sha256: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Link target (symlinks only); must stay inside its included path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Why an entry path is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("entry path `{0}` is absolute")]
+    Absolute(String),
+    #[error("entry path `{0}` contains `..`")]
+    ParentDir(String),
+    #[error("entry path `{0}` is empty or has an empty, `.` or NUL component")]
+    Malformed(String),
+    #[error("entry path `{0}` is outside criu/ and include/N/")]
+    OutsideLayout(String),
+    #[error("symlink `{path}` points outside its included path (to `{target}`)")]
+    SymlinkEscape { path: String, target: String },
+}
+
+/// Why a manifest is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "the archive does not start with {MANIFEST_NAME} (found `{0}`); it is not a checkpoint archive or it is damaged"
+    )]
+    NotFirst(String),
+    #[error("{MANIFEST_NAME} is {0} bytes, over the {MANIFEST_SIZE_LIMIT}-byte limit")]
+    TooLarge(u64),
+    #[error("{MANIFEST_NAME} is not valid")]
+    Parse(#[source] serde_json::Error),
+    #[error(
+        "archive format version {found} is not supported by this launcher (it reads version {ARCHIVE_FORMAT_VERSION}); use the same restore-launcher version on both sides"
+    )]
+    Version { found: u32 },
+    #[error(
+        "the checkpoint was taken on {found} but this machine is {expected}; migrate to a node of the same architecture"
+    )]
+    Arch { found: String, expected: String },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("entry `{0}` is listed twice in the manifest")]
+    Duplicate(String),
+    #[error("included path `{0}` is not absolute")]
+    IncludedNotAbsolute(String),
+}
+
+/// Checks that `path` is a safe relative archive path in the archive's layout: `criu/NAME` or
+/// `include/N[/...]` with N an index into `included`, no absolute path, no `..`, no empty or
+/// `.` component.
+///
+/// # Errors
+/// The [`PathError`] naming what is wrong.
+pub fn validate_entry_path(path: &str, included: usize) -> Result<(), PathError> {
+    if path.starts_with('/') {
+        return Err(PathError::Absolute(path.into()));
+    }
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    for part in &parts {
+        match *part {
+            ".." => return Err(PathError::ParentDir(path.into())),
+            "" | "." => return Err(PathError::Malformed(path.into())),
+            p if p.contains('\0') => return Err(PathError::Malformed(path.into())),
+            _ => {}
+        }
+    }
+    let in_layout = match parts.as_slice() {
+        ["criu", _name] => true,
+        ["include", index, ..] => index.parse::<usize>().is_ok_and(|i| i < included),
+        _ => false,
+    };
+    if in_layout {
+        Ok(())
+    } else {
+        Err(PathError::OutsideLayout(path.into()))
+    }
+}
+
+/// Checks that symlink `path` (under `include/N/`) with target `target` resolves inside
+/// `include/N/`: relative, and never climbing above its included root.
+fn validate_symlink(path: &str, target: &str) -> Result<(), PathError> {
+    let escape = || PathError::SymlinkEscape {
+        path: path.into(),
+        target: target.into(),
+    };
+    if target.starts_with('/') {
+        return Err(escape());
+    }
+    // Depth of the link's directory below include/N/.
+    let mut depth = path.split('/').count().saturating_sub(3) as i64;
+    for part in target.split('/') {
+        match part {
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(escape());
+                }
+            }
+            "" | "." => {}
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates a manifest read from an archive.
+    ///
+    /// # Errors
+    /// Any [`ManifestError`]: unparseable, wrong version or architecture, unsafe entry paths,
+    /// duplicate entries, symlinks that escape.
+    pub fn from_json(bytes: &[u8], this_arch: &str) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Parse)?;
+        manifest.validate(this_arch)?;
+        Ok(manifest)
+    }
+
+    /// The checks of [`Manifest::from_json`] on an already parsed manifest.
+    ///
+    /// # Errors
+    /// See [`Manifest::from_json`].
+    pub fn validate(&self, this_arch: &str) -> Result<(), ManifestError> {
+        if self.format_version != ARCHIVE_FORMAT_VERSION {
+            return Err(ManifestError::Version {
+                found: self.format_version,
+            });
+        }
+        if self.arch != this_arch {
+            return Err(ManifestError::Arch {
+                found: self.arch.clone(),
+                expected: this_arch.into(),
+            });
+        }
+        for path in &self.included_paths {
+            if !path.starts_with('/') {
+                return Err(ManifestError::IncludedNotAbsolute(path.clone()));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in &self.entries {
+            validate_entry_path(&entry.path, self.included_paths.len())?;
+            if !seen.insert(entry.path.trim_end_matches('/')) {
+                return Err(ManifestError::Duplicate(entry.path.clone()));
+            }
+            if entry.kind == EntryKind::Symlink {
+                let target = entry.link.as_deref().unwrap_or("");
+                if !entry.path.starts_with("include/") {
+                    return Err(PathError::SymlinkEscape {
+                        path: entry.path.clone(),
+                        target: target.into(),
+                    }
+                    .into());
+                }
+                validate_symlink(&entry.path, target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry listed for `path`, if any.
+    pub fn entry(&self, path: &str) -> Option<&Entry> {
+        let path = path.trim_end_matches('/');
+        self.entries
+            .iter()
+            .find(|e| e.path.trim_end_matches('/') == path)
+    }
+
+    /// Total bytes of regular-file entries.
+    pub fn payload_bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format_version: ARCHIVE_FORMAT_VERSION,
+            id: "ck-1".into(),
+            created: "2026-11-22T00:00:00Z".into(),
+            source: BTreeMap::new(),
+            criu_version: "4.1.1".into(),
+            kernel: "6.18".into(),
+            arch: "x86_64".into(),
+            cpu_flags_digest: String::new(),
+            app_root_pid: 1000,
+            app_pids: vec![1000],
+            command: vec!["app".into()],
+            stdout_pipe: Some(1),
+            stderr_pipe: Some(2),
+            included_paths: vec!["/data".into()],
+            entries: vec![Entry {
+                path: "criu/core-1000.img".into(),
+                kind: EntryKind::File,
+                size: 3,
+                sha256: "00".into(),
+                mode: 0o600,
+                link: None,
+            }],
+            frozen_at_ms: 0,
+            timings_ms: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn layout_paths_are_accepted() {
+        for ok in [
+            "criu/pages-1.img",
+            "include/0",
+            "include/0/",
+            "include/0/a/b.txt",
+        ] {
+            assert_eq!(validate_entry_path(ok, 1), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused_with_the_reason() {
+        assert!(matches!(
+            validate_entry_path("/etc/passwd", 1),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("include/0/../../etc", 1),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("criu/../x", 1),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("include//x", 1),
+            Err(PathError::Malformed(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("criu/./x", 1),
+            Err(PathError::Malformed(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("other/x", 1),
+            Err(PathError::OutsideLayout(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("include/1/x", 1),
+            Err(PathError::OutsideLayout(_))
+        ));
+        assert!(matches!(
+            validate_entry_path("criu/a/b", 1),
+            Err(PathError::OutsideLayout(_))
+        ));
+    }
+
+    #[test]
+    fn symlinks_must_stay_inside_their_included_path() {
+        assert_eq!(validate_symlink("include/0/a/link", "../b"), Ok(()));
+        assert_eq!(validate_symlink("include/0/link", "sub/file"), Ok(()));
+        assert!(validate_symlink("include/0/link", "../x").is_err());
+        assert!(validate_symlink("include/0/a/link", "../../x").is_err());
+        assert!(validate_symlink("include/0/link", "/etc/shadow").is_err());
+        assert!(validate_symlink("include/0/a/link", "b/../../../x").is_err());
+    }
+
+    #[test]
+    fn manifests_for_other_architectures_or_versions_are_refused() {
+        let json = serde_json::to_vec(&manifest()).unwrap();
+        assert!(Manifest::from_json(&json, "x86_64").is_ok());
+        let error = Manifest::from_json(&json, "aarch64").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("taken on x86_64 but this machine is aarch64"),
+            "{error}"
+        );
+        let mut future = manifest();
+        future.format_version = 99;
+        let error =
+            Manifest::from_json(&serde_json::to_vec(&future).unwrap(), "x86_64").unwrap_err();
+        assert!(matches!(error, ManifestError::Version { found: 99 }));
+    }
+
+    #[test]
+    fn duplicate_and_escaping_entries_are_refused() {
+        let mut dup = manifest();
+        dup.entries.push(dup.entries[0].clone());
+        assert!(matches!(
+            dup.validate("x86_64"),
+            Err(ManifestError::Duplicate(_))
+        ));
+        let mut link = manifest();
+        link.entries.push(Entry {
+            path: "include/0/evil".into(),
+            kind: EntryKind::Symlink,
+            size: 0,
+            sha256: String::new(),
+            mode: 0o777,
+            link: Some("../../../../etc".into()),
+        });
+        assert!(matches!(
+            link.validate("x86_64"),
+            Err(ManifestError::Path(PathError::SymlinkEscape { .. }))
+        ));
+    }
+}

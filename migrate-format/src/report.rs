@@ -1,0 +1,74 @@
+//! The JSON the launcher's sub-commands print: `status`, and the results of `checkpoint`,
+//! `receive` and `rollback`. The plugin parses the same types.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The launcher's state, as `status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherState {
+    /// The app runs, started fresh.
+    Running,
+    /// A checkpoint is being taken.
+    Checkpointing,
+    /// The app is frozen after a checkpoint; its state is in the archive. `rollback` resumes it.
+    Checkpointed,
+    /// Started with `--wait-for-checkpoint`; no app yet.
+    Waiting,
+    /// An archive is being verified and restored.
+    Restoring,
+    /// The app runs, restored from an archive.
+    Restored,
+    /// The last restore failed; `receive` may be tried again.
+    Failed,
+}
+
+/// What `status` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub state: LauncherState,
+    pub app_pid: Option<i32>,
+    pub launcher_version: String,
+    pub criu_version: Option<String>,
+    pub kernel: String,
+    pub arch: String,
+    pub last_checkpoint: Option<CheckpointReport>,
+    pub last_restore: Option<RestoreReport>,
+    /// The last error, while in the `failed` state.
+    pub error: Option<String>,
+}
+
+/// What `checkpoint` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    pub id: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// Whether the app kept running after the dump.
+    pub left_running: bool,
+    pub app_pids: Vec<i32>,
+    pub images_bytes: u64,
+    pub included_bytes: u64,
+    /// Compressed archive bytes written.
+    pub archive_bytes: u64,
+    /// Per-phase durations in milliseconds: dump, snapshot, hash, write, total.
+    pub timings_ms: BTreeMap<String, u64>,
+    /// How long the app was frozen before it resumed (leave-running), in milliseconds.
+    pub frozen_ms: Option<u64>,
+}
+
+/// What `receive` (and a `--restore-from` start) reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    pub id: Option<String>,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub app_pid: Option<i32>,
+    pub archive_bytes: u64,
+    /// Per-phase durations in milliseconds: verify, put_back, restore, total.
+    pub timings_ms: BTreeMap<String, u64>,
+    /// From the source's freeze to the app running here, in milliseconds (clocks must agree).
+    pub downtime_ms: Option<u64>,
+}

@@ -1,0 +1,273 @@
+//! The checkpoint job: freeze and dump the app with CRIU, snapshot included paths, and write
+//! the archive to the stream the client passed. Runs in a forked job (see [`crate::job`]).
+//!
+//! The app's state is never lost here: CRIU leaves the tree frozen (`--leave-stopped`), and
+//! on any failure before the archive is completely written the tree is resumed. Only a
+//! complete archive leaves the app frozen (without `--leave-running`), waiting for the plugin
+//! to verify the target and delete this pod, or to `rollback`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use migrate_format::{ARCHIVE_FORMAT_VERSION, CheckpointReport, Manifest};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::archive;
+use crate::criu::Criu;
+use crate::include;
+use crate::sysinfo;
+
+/// Everything the job needs, copied from PID 1 before the fork.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub app: Pid,
+    pub leave_running: bool,
+    pub included: Vec<PathBuf>,
+    pub work_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub criu: Criu,
+    pub stdout_pipe: Option<u64>,
+    pub stderr_pipe: Option<u64>,
+    pub command: Vec<String>,
+    pub original_mask: SigSet,
+}
+
+/// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
+/// failure is in the report.
+pub fn run(plan: &Plan, output: OwnedFd) -> CheckpointReport {
+    let id = sysinfo::new_id("ck");
+    let mut report = CheckpointReport {
+        id: id.clone(),
+        ok: false,
+        error: None,
+        left_running: plan.leave_running,
+        app_pids: Vec::new(),
+        images_bytes: 0,
+        included_bytes: 0,
+        archive_bytes: 0,
+        timings_ms: BTreeMap::new(),
+        frozen_ms: None,
+    };
+    let dir = plan.work_dir.join(&id);
+    let result = checkpoint(plan, &id, &dir, output, &mut report);
+    if let Err(error) = &result {
+        report.error = Some(error.clone());
+    }
+    report.ok = result.is_ok();
+    let _ = fs::remove_dir_all(&dir); // the images are the app's memory: never leave them behind
+    report
+}
+
+fn checkpoint(
+    plan: &Plan,
+    id: &str,
+    dir: &Path,
+    output: OwnedFd,
+    report: &mut CheckpointReport,
+) -> Result<(), String> {
+    let start = Instant::now();
+    let mut phase = Instant::now();
+    let mut lap = |name: &str, report: &mut CheckpointReport| {
+        report
+            .timings_ms
+            .insert(name.into(), phase.elapsed().as_millis() as u64);
+        phase = Instant::now();
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.join("criu"))
+        .map_err(|e| {
+            format!(
+                "cannot create the work directory {}: {e}; set --work-dir to a writable path",
+                dir.display()
+            )
+        })?;
+    let log = dir.join("dump.log");
+    let frozen_at_ms = sysinfo::now_ms();
+    if let Err(error) = plan.criu.dump(
+        plan.app.as_raw(),
+        &dir.join("criu"),
+        &log,
+        &plan.original_mask,
+    ) {
+        keep_log(&log, &plan.state_dir, "last-dump.log");
+        // CRIU resumes the tree itself when a dump fails.
+        return Err(format!("{}; the app keeps running", chain(&error)));
+    }
+    lap("dump", report);
+    // From here the tree is frozen: on any failure, resume it before returning.
+    let frozen = Frozen {
+        app: plan.app,
+        resume_on_drop: true,
+    };
+    report.app_pids = tree_pids(plan.app);
+    let included_bytes = include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
+    report.included_bytes = included_bytes;
+    lap("snapshot", report);
+    let frozen = if plan.leave_running {
+        frozen.resume();
+        report.frozen_ms = Some(sysinfo::now_ms().saturating_sub(frozen_at_ms));
+        None
+    } else {
+        Some(frozen)
+    };
+    let entries = archive::list_entries(dir, plan.included.len()).map_err(|e| failed(&e))?;
+    report.images_bytes = entries
+        .iter()
+        .filter(|e| e.path.starts_with("criu/"))
+        .map(|e| e.size)
+        .sum();
+    lap("hash", report);
+    let manifest = Manifest {
+        format_version: ARCHIVE_FORMAT_VERSION,
+        id: id.to_string(),
+        created: sysinfo::now_rfc3339(),
+        source: source_info(),
+        criu_version: plan.criu.version.clone(),
+        kernel: sysinfo::kernel(),
+        arch: sysinfo::arch().into(),
+        cpu_flags_digest: sysinfo::cpu_flags_digest(),
+        app_root_pid: plan.app.as_raw(),
+        app_pids: report.app_pids.clone(),
+        command: plan.command.clone(),
+        stdout_pipe: plan.stdout_pipe,
+        stderr_pipe: plan.stderr_pipe,
+        included_paths: plan
+            .included
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+        entries,
+        frozen_at_ms,
+        timings_ms: report.timings_ms.clone(),
+    };
+    let file = File::from(output);
+    report.archive_bytes = archive::write(&file, &manifest, dir).map_err(|e| failed(&e))?;
+    // Durable when the output is a file; a pipe or socket answers EINVAL, which is fine.
+    if let Err(error) = file.sync_all()
+        && error.raw_os_error() != Some(libc::EINVAL)
+    {
+        return Err(format!(
+            "cannot sync the archive: {error}; the app keeps running"
+        ));
+    }
+    lap("write", report);
+    report
+        .timings_ms
+        .insert("total".into(), start.elapsed().as_millis() as u64);
+    if let Some(frozen) = frozen {
+        frozen.keep_frozen();
+    }
+    Ok(())
+}
+
+/// The app tree while CRIU left it frozen; resumed when dropped unless kept frozen.
+struct Frozen {
+    app: Pid,
+    resume_on_drop: bool,
+}
+
+impl Frozen {
+    fn resume(mut self) {
+        self.resume_on_drop = false;
+        resume(self.app);
+    }
+    fn keep_frozen(mut self) {
+        self.resume_on_drop = false;
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.resume_on_drop {
+            tracing::warn!("checkpoint failed after the dump; resuming the app");
+            resume(self.app);
+        }
+    }
+}
+
+/// Resumes the frozen app tree (SIGCONT to its process group).
+pub fn resume(app: Pid) {
+    if let Err(error) = nix::sys::signal::killpg(app, Signal::SIGCONT) {
+        tracing::warn!(%error, "cannot resume the app's process group");
+    }
+}
+
+fn failed(error: &dyn std::error::Error) -> String {
+    format!("{}; the app keeps running", chain(error))
+}
+
+/// "error: cause: cause".
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Copies CRIU's log next to the socket for post-mortems (0600 like everything there).
+pub fn keep_log(log: &Path, state_dir: &Path, name: &str) {
+    let _ = fs::copy(log, state_dir.join(name));
+}
+
+/// Source pod/namespace/node/container from the downward API, when the pod spec sets them.
+fn source_info() -> BTreeMap<String, String> {
+    [
+        ("pod", "POD_NAME"),
+        ("namespace", "POD_NAMESPACE"),
+        ("node", "NODE_NAME"),
+        ("container", "CONTAINER_NAME"),
+    ]
+    .into_iter()
+    .filter_map(|(key, var)| std::env::var(var).ok().map(|v| (key.to_string(), v)))
+    .collect()
+}
+
+/// `root` and all its descendants, from /proc.
+pub fn tree_pids(root: Pid) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root.as_raw()];
+    let mut index = 0;
+    while index < tree.len() {
+        let parent = tree[index];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        index += 1;
+    }
+    tree.sort_unstable();
+    tree
+}

@@ -1,0 +1,155 @@
+//! The sub-commands' side of the control socket: open the stream to pass (file or
+//! stdin/stdout), ask PID 1, print its JSON answer, and turn it into an exit code.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, IsTerminal as _, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use migrate_format::{CheckpointReport, RestoreReport};
+
+use crate::cli::Command;
+use crate::control::{self, ControlError, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot open `{}`", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "refusing to write a checkpoint archive to a terminal; use --output FILE or redirect stdout"
+    )]
+    Terminal,
+    #[error("cannot move the finished archive to `{}`", path.display())]
+    Rename {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the launcher's answer is not valid JSON: {0}")]
+    Answer(String),
+}
+
+/// Runs a sub-command; returns the process exit code (0 success, 1 failure reported by PID 1).
+///
+/// # Errors
+/// When PID 1 cannot be reached or the stream cannot be opened.
+pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
+    match command {
+        Command::Status => simple(state_dir, &Request::Status),
+        Command::Rollback => simple(state_dir, &Request::Rollback),
+        Command::Checkpoint {
+            output,
+            leave_running,
+        } => checkpoint(state_dir, output, *leave_running),
+        Command::Receive { input } => receive(state_dir, input),
+    }
+}
+
+fn simple(state_dir: &Path, request: &Request) -> Result<u8, ClientError> {
+    let answer = control::call(state_dir, request, None)?;
+    print!("{answer}");
+    let value: serde_json::Value =
+        serde_json::from_str(&answer).map_err(|e| ClientError::Answer(e.to_string()))?;
+    Ok(
+        if value.get("ok").and_then(serde_json::Value::as_bool) == Some(false) {
+            1
+        } else {
+            0
+        },
+    )
+}
+
+fn checkpoint(state_dir: &Path, output: &str, leave_running: bool) -> Result<u8, ClientError> {
+    let request = Request::Checkpoint { leave_running };
+    if output == "-" {
+        if io::stdout().is_terminal() {
+            return Err(ClientError::Terminal);
+        }
+        let answer = control::call(state_dir, &request, Some(io::stdout().as_raw_fd()))?;
+        // stdout carries the archive: the summary goes to stderr.
+        eprint!("{answer}");
+        return report_ok::<CheckpointReport>(&answer, |r| r.ok);
+    }
+    let path = PathBuf::from(output);
+    let temporary = temporary_name(&path);
+    let file: OwnedFd = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|source| ClientError::Open {
+            path: temporary.clone(),
+            source,
+        })?
+        .into();
+    let result = control::call(state_dir, &request, Some(file.as_raw_fd()));
+    drop(file);
+    let answer = match result {
+        Ok(answer) => answer,
+        Err(error) => {
+            let _ = fs::remove_file(&temporary);
+            return Err(error.into());
+        }
+    };
+    print!("{answer}");
+    let code = report_ok::<CheckpointReport>(&answer, |r| r.ok)?;
+    if code == 0 {
+        fs::rename(&temporary, &path).map_err(|source| ClientError::Rename {
+            path: path.clone(),
+            source,
+        })?;
+    } else {
+        let _ = fs::remove_file(&temporary);
+    }
+    Ok(code)
+}
+
+fn receive(state_dir: &Path, input: &str) -> Result<u8, ClientError> {
+    let answer = if input == "-" {
+        control::call(state_dir, &Request::Receive, Some(io::stdin().as_raw_fd()))?
+    } else {
+        let path = PathBuf::from(input);
+        let file = fs::File::open(&path).map_err(|source| ClientError::Open { path, source })?;
+        control::call(state_dir, &Request::Receive, Some(file.as_raw_fd()))?
+    };
+    print!("{answer}");
+    let _ = io::stdout().flush();
+    report_ok::<RestoreReport>(&answer, |r| r.ok)
+}
+
+fn report_ok<T: serde::de::DeserializeOwned>(
+    answer: &str,
+    ok: impl Fn(&T) -> bool,
+) -> Result<u8, ClientError> {
+    match serde_json::from_str::<T>(answer) {
+        Ok(report) => Ok(if ok(&report) { 0 } else { 1 }),
+        // PID 1 refused the request itself ({"ok":false,"error":...}).
+        Err(_) => {
+            let value: serde_json::Value =
+                serde_json::from_str(answer).map_err(|e| ClientError::Answer(e.to_string()))?;
+            Ok(
+                if value.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+                    0
+                } else {
+                    1
+                },
+            )
+        }
+    }
+}
+
+/// `DIR/.NAME.partial-PID` next to the final name, so the rename is atomic.
+fn temporary_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}

@@ -1,0 +1,253 @@
+//! Running CRIU: finding the binary, its version, and the exact `criu dump` / `criu restore`
+//! command lines the launcher relies on, with failures reported from CRIU's own log.
+//!
+//! Options, and why:
+//! - `--manage-cgroups=ignore` on both sides: the target container has other cgroup paths and
+//!   no right to create cgroups; runc documents `ignore` on both dump and restore for
+//!   restoring into a different cgroup.
+//! - `--tcp-close`: established TCP connections are neither frozen nor restored (that would
+//!   need the same IP and an iptables/nftables lock in the image); they come back closed, as
+//!   a peer would see after a network blip. Listening sockets are restored.
+//! - `--ext-unix-sk`: Unix sockets connected outside the app (syslog, the launcher) are allowed.
+//! - `--file-locks`: flock/fcntl locks are dumped and restored.
+//! - `--leave-stopped` at dump: the tree stays frozen so nothing changes until the launcher
+//!   decides (resume for `--leave-running` or on failure, keep frozen for a migration).
+//! - `--restore-detached --restore-sibling` at restore: the tree becomes a child of criu's
+//!   parent (the launcher's restore job); when that job exits it is re-parented to the
+//!   launcher (PID 1 or subreaper), which then supervises it.
+//! - `--inherit-fd fd[N]:pipe:[INODE]`: the app's stdout/stderr pipes, whose other end was
+//!   the source launcher, are replaced by the restoring launcher's new pipes.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+
+/// Environment variable naming the criu binary (default: `criu` from PATH).
+pub const CRIU_ENV: &str = "RESTORE_LAUNCHER_CRIU";
+
+/// A usable criu binary.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    pub path: PathBuf,
+    pub version: String,
+}
+
+/// CRIU problems, each saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error(
+        "criu was not found ({searched}); build the app image FROM the restore-launcher base image, which ships CRIU 4.x, or set {CRIU_ENV} to its path"
+    )]
+    NotFound { searched: String },
+    #[error("cannot run `{} --version`", path.display())]
+    Version {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{} --version` printed no version (`{output}`); is it really CRIU?", path.display())]
+    NoVersion { path: PathBuf, output: String },
+    #[error("cannot start criu {action}")]
+    Spawn {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("criu {action} failed ({status}): {excerpt} (full log: {})", log.display())]
+    Failed {
+        action: &'static str,
+        status: String,
+        excerpt: String,
+        log: PathBuf,
+    },
+}
+
+impl Criu {
+    /// Finds criu: `explicit` if given, else `$RESTORE_LAUNCHER_CRIU`, else `criu` in PATH,
+    /// and reads its version.
+    ///
+    /// # Errors
+    /// [`CriuError::NotFound`] or a version problem.
+    pub fn find(explicit: Option<&Path>) -> Result<Criu, CriuError> {
+        let path = match explicit {
+            Some(path) if path.is_file() => path.to_path_buf(),
+            Some(path) => {
+                return Err(CriuError::NotFound {
+                    searched: format!("{} does not exist", path.display()),
+                });
+            }
+            None => which::which("criu").map_err(|_| CriuError::NotFound {
+                searched: format!("not in PATH={}", std::env::var("PATH").unwrap_or_default()),
+            })?,
+        };
+        let output = Command::new(&path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CriuError::Version {
+                path: path.clone(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:"))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| CriuError::NoVersion {
+                path: path.clone(),
+                output: text.trim().to_string(),
+            })?;
+        Ok(Criu { path, version })
+    }
+
+    /// `criu dump` of the tree rooted at `pid`, images into `images`, leaving it frozen.
+    ///
+    /// # Errors
+    /// [`CriuError::Failed`] with the error lines of the log (written to `log`).
+    pub fn dump(
+        &self,
+        pid: i32,
+        images: &Path,
+        log: &Path,
+        original_mask: &SigSet,
+    ) -> Result<(), CriuError> {
+        let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
+        args.extend(common_args(images, log));
+        args.push("--leave-stopped".into());
+        self.run("dump", &args, log, original_mask, &[])
+    }
+
+    /// `criu restore` from `images`, re-attaching `stdout`/`stderr` in place of the source's
+    /// pipes `stdout_pipe`/`stderr_pipe` (inodes). Returns the restored root PID.
+    ///
+    /// # Errors
+    /// [`CriuError::Failed`] with the error lines of the log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        &self,
+        images: &Path,
+        log: &Path,
+        pidfile: &Path,
+        pipes: &[(Option<u64>, BorrowedFd<'_>)],
+        original_mask: &SigSet,
+    ) -> Result<i32, CriuError> {
+        let mut args: Vec<OsString> = vec!["restore".into()];
+        args.extend(common_args(images, log));
+        args.extend(["--restore-detached".into(), "--restore-sibling".into()]);
+        args.extend(["--pidfile".into(), pidfile.as_os_str().to_owned()]);
+        let mut inherited = Vec::new();
+        for (inode, fd) in pipes {
+            if let Some(inode) = inode {
+                args.push("--inherit-fd".into());
+                args.push(format!("fd[{}]:pipe:[{inode}]", fd.as_raw_fd()).into());
+                inherited.push(fd.as_raw_fd());
+            }
+        }
+        self.run("restore", &args, log, original_mask, &inherited)?;
+        let text = std::fs::read_to_string(pidfile).unwrap_or_default();
+        text.trim().parse().map_err(|_| CriuError::Failed {
+            action: "restore",
+            status: "no pidfile".into(),
+            excerpt: format!(
+                "criu reported success but wrote no PID to {}",
+                pidfile.display()
+            ),
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn run(
+        &self,
+        action: &'static str,
+        args: &[OsString],
+        log: &Path,
+        original_mask: &SigSet,
+        inherit: &[i32],
+    ) -> Result<(), CriuError> {
+        let mask = *original_mask;
+        let inherit = inherit.to_vec();
+        let mut cmd = Command::new(&self.path);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        #[allow(unsafe_code)]
+        // SAFETY: between fork and exec only async-signal-safe system calls are made
+        // (sigprocmask, umask, prctl, fcntl) and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                // criu inherits the launcher's nearly-full blocked mask; it must not run deaf.
+                sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
+                // Images hold the app's memory (secrets): created 0600, not criu's 0644.
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+                // If the job driving criu dies, criu must not carry on alone.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                for fd in &inherit {
+                    // SAFETY: these fds stay open in the parent for the duration of the call.
+                    let fd = BorrowedFd::borrow_raw(*fd);
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                }
+                Ok(())
+            });
+        }
+        let status = cmd
+            .status()
+            .map_err(|source| CriuError::Spawn { action, source })?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(CriuError::Failed {
+            action,
+            status: status.to_string(),
+            excerpt: log_excerpt(log),
+            log: log.to_path_buf(),
+        })
+    }
+}
+
+fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--images-dir".into(), images.as_os_str().to_owned()];
+    args.extend([
+        "--log-file".into(),
+        log.as_os_str().to_owned(),
+        "-v4".into(),
+    ]);
+    if let Some(dir) = log.parent() {
+        args.extend(["--work-dir".into(), dir.as_os_str().to_owned()]);
+    }
+    args.extend(
+        [
+            "--manage-cgroups=ignore",
+            "--tcp-close",
+            "--ext-unix-sk",
+            "--file-locks",
+        ]
+        .into_iter()
+        .map(OsString::from),
+    );
+    args
+}
+
+/// CRIU's `Error` lines from its log, minus the probes it always logs on a container without
+/// them (tun), last five; or a hint to read the log.
+pub fn log_excerpt(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains("Error (") && !l.contains("criu/tun.c") && !l.contains("RLIMIT_NOFILE")
+        })
+        .map(|l| l.split_once(") ").map_or(l, |(_, rest)| rest).trim())
+        .collect();
+    if errors.is_empty() {
+        return "criu logged no error line".into();
+    }
+    errors[errors.len().saturating_sub(5)..].join("; ")
+}

@@ -1,0 +1,178 @@
+//! The restore job: verify an archive completely, put included paths back, and have CRIU
+//! restore the app tree with its stdout/stderr re-attached to the launcher's new pipes. Runs
+//! in a forked job (see [`crate::job`]); the restored tree is re-parented to PID 1 when the
+//! job exits.
+//!
+//! Order matters for "refused cleanly": nothing outside the job's own work directory is
+//! touched until the whole archive has been read and every size and checksum matched; the
+//! source archive (file or directory) is only ever read.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use migrate_format::RestoreReport;
+use nix::sys::signal::SigSet;
+
+use crate::archive::{self, CountingReader};
+use crate::checkpoint::{chain, keep_log};
+use crate::criu::Criu;
+use crate::include;
+use crate::spawn;
+use crate::sysinfo;
+
+/// Where the archive comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// A stream passed by `receive` (stdin or a file it opened).
+    Stream(OwnedFd),
+    /// `--restore-from PATH`: an archive file or an unpacked archive directory.
+    Path(PathBuf),
+}
+
+/// Everything the job needs, copied from PID 1 before the fork.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub included: Vec<PathBuf>,
+    pub work_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub criu: Option<PathBuf>,
+    pub pid_floor: i32,
+    pub original_mask: SigSet,
+}
+
+/// The write ends of the launcher's new stdout/stderr pipes, handed to CRIU.
+#[derive(Debug)]
+pub struct Pipes<'a> {
+    pub stdout: &'a OwnedFd,
+    pub stderr: &'a OwnedFd,
+}
+
+/// Verifies and restores. Every failure is in the report.
+pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
+    let mut report = RestoreReport {
+        id: None,
+        ok: false,
+        error: None,
+        app_pid: None,
+        archive_bytes: 0,
+        timings_ms: BTreeMap::new(),
+        downtime_ms: None,
+    };
+    let dir = plan.work_dir.join(sysinfo::new_id("rs"));
+    match restore(plan, source, pipes, &dir, &mut report) {
+        Ok(pid) => {
+            report.ok = true;
+            report.app_pid = Some(pid);
+        }
+        Err(error) => report.error = Some(error),
+    }
+    let _ = fs::remove_dir_all(&dir); // staged images are the app's memory
+    report
+}
+
+fn restore(
+    plan: &Plan,
+    source: Source,
+    pipes: &Pipes<'_>,
+    dir: &Path,
+    report: &mut RestoreReport,
+) -> Result<i32, String> {
+    let start = Instant::now();
+    // Before reading anything: without criu nothing can be restored.
+    let criu = Criu::find(plan.criu.as_deref()).map_err(|e| chain(&e))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            format!(
+                "cannot create the work directory {}: {e}; set --work-dir to a writable path",
+                dir.display()
+            )
+        })?;
+    let (manifest, images_root) = match source {
+        Source::Path(path) if path.is_dir() => {
+            let manifest = archive::verify_dir(&path, sysinfo::arch()).map_err(|e| refused(&e))?;
+            report.archive_bytes = manifest.payload_bytes();
+            (manifest, path)
+        }
+        Source::Path(path) => {
+            let file = File::open(&path)
+                .map_err(|e| format!("cannot open the archive {}: {e}", path.display()))?;
+            let mut input = CountingReader::new(std::io::BufReader::new(file));
+            let staging = dir.join("archive");
+            let manifest = archive::read_verified(&mut input, &staging, sysinfo::arch())
+                .map_err(|e| refused(&e))?;
+            report.archive_bytes = input.count;
+            (manifest, staging)
+        }
+        Source::Stream(fd) => {
+            let mut input =
+                CountingReader::new(std::io::BufReader::with_capacity(1 << 20, File::from(fd)));
+            let staging = dir.join("archive");
+            let manifest = archive::read_verified(&mut input, &staging, sysinfo::arch())
+                .map_err(|e| refused(&e))?;
+            report.archive_bytes = input.count;
+            (manifest, staging)
+        }
+    };
+    report.id = Some(manifest.id.clone());
+    report
+        .timings_ms
+        .insert("verify".into(), start.elapsed().as_millis() as u64);
+    include::check_allowed(&manifest, &plan.included).map_err(|e| refused(&e))?;
+    if manifest.cpu_flags_digest != sysinfo::cpu_flags_digest() {
+        tracing::warn!(
+            "this CPU's feature flags differ from the source's; CRIU checks whether the app can run here"
+        );
+    }
+
+    let phase = Instant::now();
+    include::put_back(&manifest, &images_root).map_err(|e| chain(&e))?;
+    report
+        .timings_ms
+        .insert("put_back".into(), phase.elapsed().as_millis() as u64);
+
+    let phase = Instant::now();
+    let log = dir.join("restore.log");
+    let pid = criu
+        .restore(
+            &images_root.join("criu"),
+            &log,
+            &dir.join("restored.pid"),
+            &[
+                (manifest.stdout_pipe, pipes.stdout.as_fd()),
+                (manifest.stderr_pipe, pipes.stderr.as_fd()),
+            ],
+            &plan.original_mask,
+        )
+        .map_err(|e| {
+            keep_log(&log, &plan.state_dir, "last-restore.log");
+            chain(&e)
+        })?;
+    let resumed_at = sysinfo::now_ms();
+    report
+        .timings_ms
+        .insert("restore".into(), phase.elapsed().as_millis() as u64);
+    report.downtime_ms = Some(resumed_at.saturating_sub(manifest.frozen_at_ms));
+    // CRIU placed the restored PIDs without moving the namespace's PID counter; move it past
+    // the floor so the app's future children get high PIDs too (see spawn.rs).
+    if let Err(error) = spawn::advance_pid_counter(plan.pid_floor) {
+        tracing::warn!(error = %chain(&error), "cannot advance the PID counter after the restore");
+    }
+    report
+        .timings_ms
+        .insert("total".into(), start.elapsed().as_millis() as u64);
+    Ok(pid)
+}
+
+fn refused(error: &dyn std::error::Error) -> String {
+    format!(
+        "archive refused: {}; nothing was restored and the archive was left untouched",
+        chain(error)
+    )
+}
