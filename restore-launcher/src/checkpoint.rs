@@ -88,7 +88,9 @@ fn checkpoint(
                 dir.display()
             )
         })?;
-    let log = dir.join("dump.log");
+    // The log lives next to the socket, outside the work directory that is removed, so the
+    // path in an error message can still be read.
+    let log = plan.state_dir.join("last-dump.log");
     let frozen_at_ms = sysinfo::now_ms();
     if let Err(error) = plan.criu.dump(
         plan.app.as_raw(),
@@ -96,7 +98,6 @@ fn checkpoint(
         &log,
         &plan.original_mask,
     ) {
-        keep_log(&log, &plan.state_dir, "last-dump.log");
         // CRIU resumes the tree itself when a dump fails.
         return Err(format!("{}; the app keeps running", chain(&error)));
     }
@@ -213,11 +214,6 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Copies CRIU's log next to the socket for post-mortems (0600 like everything there).
-pub fn keep_log(log: &Path, state_dir: &Path, name: &str) {
-    let _ = fs::copy(log, state_dir.join(name));
 }
 
 /// Source pod/namespace/node/container from the downward API, when the pod spec sets them.

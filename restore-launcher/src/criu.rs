@@ -17,6 +17,9 @@
 //!   launcher (PID 1 or subreaper), which then supervises it.
 //! - `--inherit-fd fd[N]:pipe:[INODE]`: the app's stdout/stderr pipes, whose other end was
 //!   the source launcher, are replaced by the restoring launcher's new pipes.
+//! - `--unprivileged` when the launcher lacks CAP_SYS_ADMIN (a least-privilege pod): without
+//!   it criu's kernel probes try to create namespaces and fail with EPERM before dumping
+//!   anything (measured here: `kerndat_has_nftables_concat ... Operation not permitted`).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd as _, BorrowedFd};
@@ -51,6 +54,13 @@ pub enum CriuError {
     },
     #[error("`{} --version` printed no version (`{output}`); is it really CRIU?", path.display())]
     NoVersion { path: PathBuf, output: String },
+    #[error(
+        "criu {action} needs {missing}, which this container lacks; add it to the pod's securityContext.capabilities.add (see the README's least-privilege section)"
+    )]
+    Capabilities {
+        action: &'static str,
+        missing: String,
+    },
     #[error("cannot start criu {action}")]
     Spawn {
         action: &'static str,
@@ -168,13 +178,15 @@ impl Criu {
         original_mask: &SigSet,
         inherit: &[i32],
     ) -> Result<(), CriuError> {
+        check_capabilities(action)?;
         let mask = *original_mask;
         let inherit = inherit.to_vec();
         let mut cmd = Command::new(&self.path);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            // kept: criu reports some failures (a missing capability) only on stderr
+            .stderr(Stdio::piped());
         #[allow(unsafe_code)]
         // SAFETY: between fork and exec only async-signal-safe system calls are made
         // (sigprocmask, umask, prctl, fcntl) and nothing is allocated.
@@ -197,16 +209,17 @@ impl Criu {
                 Ok(())
             });
         }
-        let status = cmd
-            .status()
+        let output = cmd
+            .output()
             .map_err(|source| CriuError::Spawn { action, source })?;
-        if status.success() {
+        if output.status.success() {
             return Ok(());
         }
+        let stderr = String::from_utf8_lossy(&output.stderr);
         Err(CriuError::Failed {
             action,
-            status: status.to_string(),
-            excerpt: log_excerpt(log),
+            status: output.status.to_string(),
+            excerpt: log_excerpt(log, &stderr),
             log: log.to_path_buf(),
         })
     }
@@ -219,6 +232,8 @@ fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
         log.as_os_str().to_owned(),
         "-v4".into(),
     ]);
+    // criu's work directory (its cwd, stats files): the state directory, never the images'
+    // directory, which may be the user's unpacked archive that must stay untouched.
     if let Some(dir) = log.parent() {
         args.extend(["--work-dir".into(), dir.as_os_str().to_owned()]);
     }
@@ -232,12 +247,59 @@ fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
         .into_iter()
         .map(OsString::from),
     );
+    if !has_effective_capability(CAP_SYS_ADMIN) {
+        args.push("--unprivileged".into());
+    }
     args
 }
 
+/// Capability numbers (linux/capability.h).
+const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// Checks, before running criu, that this container has the capabilities `action` needs
+/// (found by experiment, see README "Least privilege"): CAP_CHECKPOINT_RESTORE for both (criu
+/// only logs "Effective capability 40 missing"), and CAP_SETPCAP to restore (criu re-applies
+/// the app's capability bounding set; without it the restored task dies in rt_sigreturn with
+/// a segfault). CAP_SYS_ADMIN covers all of them.
+///
+/// # Errors
+/// [`CriuError::Capabilities`] naming what to add to the pod's securityContext.
+pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
+    if has_effective_capability(CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    if !has_effective_capability(CAP_CHECKPOINT_RESTORE) {
+        missing.push("CAP_CHECKPOINT_RESTORE");
+    }
+    if action == "restore" && !has_effective_capability(CAP_SETPCAP) {
+        missing.push("CAP_SETPCAP");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CriuError::Capabilities {
+            action,
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Whether capability `cap` is in this process's effective set (from /proc/self/status).
+pub fn has_effective_capability(cap: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << cap) != 0)
+}
+
 /// CRIU's `Error` lines from its log, minus the probes it always logs on a container without
-/// them (tun), last five; or a hint to read the log.
-pub fn log_excerpt(log: &Path) -> String {
+/// them (tun, raising RLIMIT_NOFILE), last five; else what it printed on stderr.
+pub fn log_excerpt(log: &Path, stderr: &str) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let errors: Vec<&str> = text
         .lines()
@@ -247,7 +309,15 @@ pub fn log_excerpt(log: &Path) -> String {
         .map(|l| l.split_once(") ").map_or(l, |(_, rest)| rest).trim())
         .collect();
     if errors.is_empty() {
-        return "criu logged no error line".into();
+        let printed: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if printed.is_empty() {
+            return "criu logged no error line".into();
+        }
+        return printed[printed.len().saturating_sub(3)..].join("; ");
     }
     errors[errors.len().saturating_sub(5)..].join("; ")
 }

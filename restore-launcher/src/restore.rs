@@ -18,7 +18,7 @@ use migrate_format::RestoreReport;
 use nix::sys::signal::SigSet;
 
 use crate::archive::{self, CountingReader};
-use crate::checkpoint::{chain, keep_log};
+use crate::checkpoint::chain;
 use crate::criu::Criu;
 use crate::include;
 use crate::spawn;
@@ -138,7 +138,7 @@ fn restore(
         .insert("put_back".into(), phase.elapsed().as_millis() as u64);
 
     let phase = Instant::now();
-    let log = dir.join("restore.log");
+    let log = plan.state_dir.join("last-restore.log");
     let pid = criu
         .restore(
             &images_root.join("criu"),
@@ -150,10 +150,7 @@ fn restore(
             ],
             &plan.original_mask,
         )
-        .map_err(|e| {
-            keep_log(&log, &plan.state_dir, "last-restore.log");
-            chain(&e)
-        })?;
+        .map_err(|e| chain(&e))?;
     let resumed_at = sysinfo::now_ms();
     report
         .timings_ms

@@ -1,2 +1,408 @@
-//! Harness for cross-binary tests: builds and caches the Debian trixie root filesystem with
-//! CRIU and the test apps, and starts "nodes" (root copies run by `node-sandbox`).
+//! Harness for cross-binary tests with real parts: the cached Debian trixie root filesystem
+//! with CRIU 4.x and python3 (built by `cargo xtask rootfs`), and [`Node`]s — a copy of that
+//! root run by `node-sandbox` in fresh mount, PID, UTS, IPC, network and cgroup namespaces
+//! with the static `restore-launcher` as PID 1, the way a container runtime runs a pod's
+//! container on a node. Sub-commands reach PID 1 through `nsenter` into all its namespaces,
+//! the way `kubectl exec` does.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Version of the cached root filesystem's recipe; bump when the package list changes.
+pub const ROOTFS_RECIPE: &str = "trixie-minbase-criu-python3-v1";
+/// Debian packages in the root filesystem besides minbase.
+pub const ROOTFS_PACKAGES: &str = "criu,python3-minimal";
+/// The least capabilities CRIU needs in the container (found by experiment; see README).
+pub const LEAST_CAPS: &str = "CAP_CHECKPOINT_RESTORE,CAP_SYS_PTRACE,CAP_SETPCAP";
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where the cached root filesystem lives.
+pub fn rootfs_path() -> PathBuf {
+    workspace()
+        .join(".cache")
+        .join("rootfs")
+        .join(ROOTFS_RECIPE)
+}
+
+/// Whether the CRIU tests can run here; outside CI they skip loudly when not, in CI (`CI`
+/// set) a missing part is a failure.
+pub fn criu_tests_can_run(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    if !rootfs_path().join("usr/sbin/criu").exists() {
+        missing.push(format!(
+            "the trixie root filesystem at {} (run `cargo xtask rootfs` as root)",
+            rootfs_path().display()
+        ));
+    }
+    if static_launcher().is_none() {
+        missing.push("the static launcher (run the tests through `cargo xtask test`)".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI must provide {}",
+        missing.join(", ")
+    );
+    eprintln!("SKIPPED {test}: needs {}", missing.join(", "));
+    false
+}
+
+/// The static launcher built by `cargo xtask test`.
+pub fn static_launcher() -> Option<PathBuf> {
+    std::env::var_os("RESTORE_LAUNCHER_STATIC")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+}
+
+/// `node-sandbox`, built by cargo next to the test binary (`target/debug/deps/..` → `target/debug`).
+fn sandbox_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join("node-sandbox")
+}
+
+/// How to start a node's PID 1.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    pub name: String,
+    /// Arguments to `restore-launcher` (options, `--`, the app).
+    pub launcher_args: Vec<String>,
+    /// Environment for PID 1 (`K=V`).
+    pub env: Vec<String>,
+    /// Keep only these capabilities (comma-separated names), as a pod's securityContext would.
+    pub keep_caps: Option<String>,
+}
+
+/// One "node": its own root filesystem copy, and its container's PID 1.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    started: Option<Instant>,
+}
+
+impl Node {
+    /// Lays out a node's root (a full copy of the cached rootfs plus the launcher and the test
+    /// apps) without starting anything. Use [`Node::start`] next.
+    ///
+    /// # Errors
+    /// When copying fails.
+    pub fn prepare(name: &str) -> Result<Node> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("node-{name}-"))
+            .tempdir()?;
+        let root = dir.path().join("root");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(rootfs_path())
+            .arg(&root)
+            .status()?;
+        if !status.success() {
+            bail!("copying the root filesystem failed: {status}");
+        }
+        let launcher = static_launcher().context("no static launcher")?;
+        std::fs::copy(&launcher, root.join("usr/local/bin/restore-launcher"))?;
+        let apps = root.join("opt/apps");
+        std::fs::create_dir_all(&apps)?;
+        std::fs::copy(
+            workspace().join("images/examples/counter/counter.py"),
+            apps.join("counter.py"),
+        )?;
+        for entry in std::fs::read_dir(workspace().join("tests/apps"))? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), apps.join(entry.file_name()))?;
+        }
+        Ok(Node {
+            name: name.into(),
+            dir,
+            child: None,
+            stdout: Arc::default(),
+            stderr: Arc::default(),
+            readers: Vec::new(),
+            started: None,
+        })
+    }
+
+    /// Starts the node's PID 1.
+    ///
+    /// # Errors
+    /// When `node-sandbox` cannot be started.
+    pub fn start(mut self, options: &NodeOptions) -> Result<Node> {
+        let mut cmd = Command::new(sandbox_binary());
+        cmd.arg("--root")
+            .arg(self.root())
+            .arg("--hostname")
+            .arg(&options.name);
+        if let Some(caps) = &options.keep_caps {
+            cmd.arg("--keep-caps").arg(caps);
+        }
+        for kv in &options.env {
+            cmd.arg("--env").arg(kv);
+        }
+        cmd.arg("--")
+            .arg("/usr/local/bin/restore-launcher")
+            .args(&options.launcher_args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("start node-sandbox")?;
+        for (pipe, buffer) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+                self.stdout.clone(),
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+                self.stderr.clone(),
+            ),
+        ] {
+            let Some(mut pipe) = pipe else { continue };
+            self.readers.push(std::thread::spawn(move || {
+                let mut chunk = [0u8; 65536];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut buffer) = buffer.lock() {
+                        buffer.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }));
+        }
+        self.child = Some(child);
+        self.started = Some(Instant::now());
+        // Ready when PID 1 answers `status` (its socket is on the node's own /run tmpfs, which
+        // the host cannot see), or when it already exited (a refused restore).
+        self.wait_for(
+            "PID 1 to answer `status`",
+            Duration::from_secs(20),
+            |node| {
+                let exited =
+                    node.child.as_ref().is_some_and(|c| {
+                        std::fs::metadata(format!("/proc/{}/task", c.id())).is_err()
+                    }) || node.launcher_pid().is_none() && node.started_for(Duration::from_secs(2));
+                let answers = || {
+                    node.launcher(&["status"])
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                };
+                (exited || answers()).then_some(())
+            },
+        )?;
+        Ok(self)
+    }
+
+    fn started_for(&self, at_least: Duration) -> bool {
+        self.started.is_some_and(|t| t.elapsed() >= at_least)
+    }
+
+    /// The node's root filesystem as seen from the host.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// A path inside the node, as seen from the host.
+    pub fn path(&self, inside: &str) -> PathBuf {
+        self.root().join(inside.trim_start_matches('/'))
+    }
+
+    /// PID 1's PID on the host (the sandbox's child).
+    pub fn launcher_pid(&self) -> Option<i32> {
+        let sandbox = self.child.as_ref()?.id();
+        let text =
+            std::fs::read_to_string(format!("/proc/{sandbox}/task/{sandbox}/children")).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+
+    /// A command run inside the node's container, like `kubectl exec`.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("--target")
+            .arg(self.launcher_pid().unwrap_or(0).to_string());
+        cmd.args([
+            "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup", "--root", "--wd", "--",
+        ]);
+        cmd.args(args);
+        cmd.env_clear().env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+        cmd
+    }
+
+    /// `restore-launcher SUBCOMMAND ARGS` inside the node.
+    pub fn launcher(&self, args: &[&str]) -> Command {
+        let mut full = vec!["/usr/local/bin/restore-launcher"];
+        full.extend_from_slice(args);
+        self.exec(&full)
+    }
+
+    /// `status` as JSON.
+    ///
+    /// # Errors
+    /// When status cannot be read.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let output = self.launcher(&["status"]).output()?;
+        serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "status of {}: {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Polls `probe` until it returns something, or fails after `limit` naming `what`, with
+    /// the node's output for diagnosis.
+    ///
+    /// # Errors
+    /// On timeout.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut(&Node) -> Option<T>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        loop {
+            if let Some(value) = probe(self) {
+                return Ok(value);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{}: timed out after {limit:?} waiting for {what}\n--- stdout:\n{}\n--- stderr:\n{}",
+                    self.name,
+                    tail(&self.stdout(), 20),
+                    tail(&self.stderr(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for PID 1 to exit; returns its exit code.
+    ///
+    /// # Errors
+    /// On timeout (the node is killed) or when it died by a signal.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<i32> {
+        let child = self.child.as_mut().context("not started")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return status
+                    .code()
+                    .with_context(|| format!("{} died by {status}", self.name));
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                bail!(
+                    "{}: PID 1 did not exit within {limit:?}\n--- stderr:\n{}",
+                    self.name,
+                    tail(&self.stderr(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to PID 1.
+    ///
+    /// # Errors
+    /// When PID 1 is gone.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.launcher_pid().context("PID 1 is not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)?;
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // node-sandbox's child dies with it (PDEATHSIG), taking the PID namespace along.
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Counter lines (`events=N revenue=R ...`) as (events, revenue in cents).
+pub fn counter_values(stdout: &str) -> Vec<(u64, u64)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut events = None;
+            let mut revenue = None;
+            for word in line.split_whitespace() {
+                if let Some(v) = word.strip_prefix("events=") {
+                    events = v.parse().ok();
+                }
+                if let Some(v) = word.strip_prefix("revenue=") {
+                    let (units, cents) = v.split_once('.')?;
+                    revenue = Some(units.parse::<u64>().ok()? * 100 + cents.parse::<u64>().ok()?);
+                }
+            }
+            Some((events?, revenue?))
+        })
+        .collect()
+}
+
+/// Revenue in cents after `events` events, as the counter app computes it.
+pub fn expected_revenue(events: u64) -> u64 {
+    const PRICES_CENTS: [u64; 5] = [199, 1250, 75, 499, 2999];
+    (1..=events).map(|e| PRICES_CENTS[(e % 5) as usize]).sum()
+}

@@ -3,6 +3,8 @@
 //! - `test`: build the static launcher, then run every test of the workspace against it.
 //! - `demo`: the main job shown in README.md.
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
+//! - `rootfs`: build (once, cached) the Debian trixie root filesystem with CRIU 4.x that the
+//!   CRIU tests and the demo run the launcher in (needs root and debootstrap).
 //!
 //! Tasks only orchestrate cargo and the built binaries; they install nothing system-wide
 //! (that is `.ci/run`'s job on a fresh machine).
@@ -22,8 +24,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
+        Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
         Some("help" | "-h" | "--help") | None => {
-            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|static-launcher>");
+            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|static-launcher|rootfs>");
             Ok(())
         }
         Some(other) => Err(anyhow::anyhow!(
@@ -85,11 +88,52 @@ fn static_launcher() -> Result<PathBuf> {
         .join("restore-launcher"))
 }
 
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// Builds the cached trixie root filesystem if it is not there yet. Debian bookworm's CRIU
+/// 3.17 does not work on current kernels (`vdso: Unexpected rt vDSO area bounds`); trixie's
+/// 4.1 does. Built into a temporary directory and renamed, so an interrupted build is redone.
+fn rootfs() -> Result<PathBuf> {
+    let path = migrate_tests::rootfs_path();
+    if path.join("usr/sbin/criu").exists() {
+        return Ok(path);
+    }
+    let parent = path.parent().context("rootfs path has no parent")?;
+    std::fs::create_dir_all(parent)?;
+    let partial = parent.join(format!(".partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    eprintln!(
+        "xtask: building the trixie root filesystem with CRIU at {} (about 30 s)",
+        path.display()
+    );
+    run(Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={}", migrate_tests::ROOTFS_PACKAGES),
+            "trixie",
+        ])
+        .arg(&partial))
+    .context("debootstrap (apt-get install debootstrap; needs root)")?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}
+
 /// Runs `cargo test --workspace` against the static launcher, echoing its output, and ends
 /// with one total line over all test binaries (`N passed, N failed, N skipped`), where
 /// skipped counts ignored tests and tests that printed a loud `SKIPPED` line.
 fn test(extra: &[String]) -> Result<()> {
     let launcher = static_launcher()?;
+    if is_root() {
+        rootfs()?;
+    } else {
+        eprintln!("xtask: not root: the CRIU and namespace tests will be SKIPPED");
+    }
     let mut child = cargo()
         .args(["test", "--workspace"])
         .args(extra)
