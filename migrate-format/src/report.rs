@@ -57,6 +57,9 @@ pub struct CheckpointReport {
     pub timings_ms: BTreeMap<String, u64>,
     /// How long the app was frozen before it resumed (leave-running), in milliseconds.
     pub frozen_ms: Option<u64>,
+    /// Peak resident memory in KiB of the launcher's checkpoint job and of criu.
+    #[serde(default)]
+    pub peak_rss_kib: BTreeMap<String, u64>,
 }
 
 /// What `receive` (and a `--restore-from` start) reports.
@@ -71,4 +74,7 @@ pub struct RestoreReport {
     pub timings_ms: BTreeMap<String, u64>,
     /// From the source's freeze to the app running here, in milliseconds (clocks must agree).
     pub downtime_ms: Option<u64>,
+    /// Peak resident memory in KiB of the launcher's restore job and of criu.
+    #[serde(default)]
+    pub peak_rss_kib: BTreeMap<String, u64>,
 }

@@ -52,6 +52,7 @@ pub fn run(plan: &Plan, output: OwnedFd) -> CheckpointReport {
         archive_bytes: 0,
         timings_ms: BTreeMap::new(),
         frozen_ms: None,
+        peak_rss_kib: BTreeMap::new(),
     };
     let dir = plan.work_dir.join(&id);
     let result = checkpoint(plan, &id, &dir, output, &mut report);
@@ -60,6 +61,7 @@ pub fn run(plan: &Plan, output: OwnedFd) -> CheckpointReport {
     }
     report.ok = result.is_ok();
     let _ = fs::remove_dir_all(&dir); // the images are the app's memory: never leave them behind
+    report.peak_rss_kib = sysinfo::peak_rss_kib();
     report
 }
 

@@ -61,6 +61,7 @@ pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
         archive_bytes: 0,
         timings_ms: BTreeMap::new(),
         downtime_ms: None,
+        peak_rss_kib: BTreeMap::new(),
     };
     let dir = plan.work_dir.join(sysinfo::new_id("rs"));
     match restore(plan, source, pipes, &dir, &mut report) {
@@ -71,6 +72,7 @@ pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
         Err(error) => report.error = Some(error),
     }
     let _ = fs::remove_dir_all(&dir); // staged images are the app's memory
+    report.peak_rss_kib = sysinfo::peak_rss_kib();
     report
 }
 

@@ -782,6 +782,7 @@ fn failed_checkpoint(error: String) -> CheckpointReport {
         archive_bytes: 0,
         timings_ms: BTreeMap::new(),
         frozen_ms: None,
+        peak_rss_kib: BTreeMap::new(),
     }
 }
 
@@ -794,5 +795,6 @@ fn failed_restore(error: String) -> RestoreReport {
         archive_bytes: 0,
         timings_ms: BTreeMap::new(),
         downtime_ms: None,
+        peak_rss_kib: BTreeMap::new(),
     }
 }

@@ -38,6 +38,19 @@ pub fn cpu_flags_digest() -> String {
     hex::encode(Sha256::digest(flags.join(" ").as_bytes()))
 }
 
+/// Peak resident memory in KiB of this process (`job`) and of its largest waited-for child
+/// (`criu`), as the kernel accounts them (`getrusage`; Linux reports `ru_maxrss` in KiB).
+pub fn peak_rss_kib() -> std::collections::BTreeMap<String, u64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let mut peaks = std::collections::BTreeMap::new();
+    for (name, who) in [("job", UsageWho::RUSAGE_SELF), ("criu", UsageWho::RUSAGE_CHILDREN)] {
+        if let Ok(usage) = getrusage(who) {
+            peaks.insert(name.to_string(), usage.max_rss().max(0) as u64);
+        }
+    }
+    peaks
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -64,22 +64,35 @@ pub fn criu_tests_can_run(test: &str) -> bool {
     false
 }
 
-/// The static launcher built by `cargo xtask test`.
+pub use nix::sys::signal::Signal;
+
+static LAUNCHER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Uses `path` as the launcher to install in nodes (for programs; tests use the environment).
+pub fn use_launcher(path: &Path) {
+    let _ = LAUNCHER.set(path.to_path_buf());
+}
+
+/// The static launcher: set by [`use_launcher`], or built by `cargo xtask test` and named in
+/// `RESTORE_LAUNCHER_STATIC`.
 pub fn static_launcher() -> Option<PathBuf> {
-    std::env::var_os("RESTORE_LAUNCHER_STATIC")
-        .map(PathBuf::from)
+    LAUNCHER
+        .get()
+        .cloned()
+        .or_else(|| std::env::var_os("RESTORE_LAUNCHER_STATIC").map(PathBuf::from))
         .filter(|p| p.exists())
 }
 
 /// `node-sandbox`, built by cargo next to the test binary (`target/debug/deps/..` → `target/debug`).
 fn sandbox_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    profile_dir.join("node-sandbox")
+    // Next to the program (xtask in target/debug), or one up (tests in target/debug/deps).
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("node-sandbox"))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from("node-sandbox"))
 }
 
 /// How to start a node's PID 1.

@@ -1,7 +1,8 @@
 //! Project tasks, run as `cargo xtask TASK` (the alias is in `.cargo/config.toml`).
 //!
 //! - `test`: build the static launcher, then run every test of the workspace against it.
-//! - `demo`: the main job shown in README.md.
+//! - `demo`: the main job shown in README.md: a real local migration between two nodes.
+//! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test).
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
 //! - `rootfs`: build (once, cached) the Debian trixie root filesystem with CRIU 4.x that the
 //!   CRIU tests and the demo run the launcher in (needs root and debootstrap).
@@ -15,6 +16,9 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
+mod bench;
+mod demo;
+
 /// The target the launcher ships as: musl links statically with no extra flags.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -22,11 +26,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
-        Some("demo") => demo(),
+        Some("demo") => demo::run(),
+        Some("bench") => bench::run(&args[1..]),
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
         Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
         Some("help" | "-h" | "--help") | None => {
-            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|static-launcher|rootfs>");
+            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs>");
             Ok(())
         }
         Some(other) => Err(anyhow::anyhow!(
@@ -56,7 +61,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -67,7 +72,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Builds the release launcher for [`STATIC_TARGET`] and returns its path.
-fn static_launcher() -> Result<PathBuf> {
+pub(crate) fn static_launcher() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -88,7 +93,12 @@ fn static_launcher() -> Result<PathBuf> {
         .join("restore-launcher"))
 }
 
-fn is_root() -> bool {
+/// Builds `node-sandbox`, the harness binary that runs a node (for the demo and benchmark).
+pub(crate) fn build_sandbox() -> Result<()> {
+    run(cargo().args(["build", "--quiet", "--package", "migrate-tests", "--bin", "node-sandbox"]))
+}
+
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -99,7 +109,7 @@ fn is_root() -> bool {
 /// Builds the cached trixie root filesystem if it is not there yet. Debian bookworm's CRIU
 /// 3.17 does not work on current kernels (`vdso: Unexpected rt vDSO area bounds`); trixie's
 /// 4.1 does. Built into a temporary directory and renamed, so an interrupted build is redone.
-fn rootfs() -> Result<PathBuf> {
+pub(crate) fn rootfs() -> Result<PathBuf> {
     let path = migrate_tests::rootfs_path();
     if path.join("usr/sbin/criu").exists() {
         return Ok(path);
@@ -200,58 +210,4 @@ impl Totals {
             }
         }
     }
-}
-
-/// Runs the counter app under the static launcher as PID 1 of a fresh PID namespace (as a
-/// container runtime would) for a few seconds, then stops it with SIGTERM through the launcher.
-fn demo() -> Result<()> {
-    let launcher = static_launcher()?;
-    let app = workspace_root().join("images/examples/counter/counter.py");
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let mut cmd = if as_root {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-            .arg(&launcher);
-        cmd
-    } else {
-        eprintln!(
-            "demo: not root, so the launcher runs as a plain child (subreaper) instead of PID 1"
-        );
-        Command::new(&launcher)
-    };
-    cmd.args(["--", "python3"])
-        .arg(&app)
-        .env("COUNTER_INTERVAL", "0.5");
-    println!(
-        "demo: starting {} -- python3 {}",
-        launcher.display(),
-        app.display()
-    );
-    let mut child = cmd.spawn().context("starting the launcher")?;
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    // In a PID namespace the launcher is unshare's child; signal it, as kubelet would.
-    let target = if as_root {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))?;
-        children
-            .split_whitespace()
-            .next()
-            .context("the launcher is not running")?
-            .to_string()
-    } else {
-        child.id().to_string()
-    };
-    println!("demo: sending SIGTERM to the launcher (pid {target} on the host)");
-    run(Command::new("kill").args(["-TERM", &target]))?;
-    let status = child.wait()?;
-    println!(
-        "demo: the launcher exited with {} (143 = the app was stopped by SIGTERM)",
-        status
-            .code()
-            .map_or_else(|| format!("{status}"), |c| c.to_string())
-    );
-    Ok(())
 }
