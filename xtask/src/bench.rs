@@ -26,6 +26,8 @@ struct Row {
     /// Peak RSS in MiB of criu and of the launcher's jobs (None for raw).
     criu_rss_mib: Option<f64>,
     job_rss_mib: Option<f64>,
+    /// Where the time went (per-phase milliseconds from the launcher's reports).
+    phases: String,
 }
 
 const CRIU_OPTIONS: [&str; 4] = ["--manage-cgroups=ignore", "--tcp-close", "--ext-unix-sk", "--file-locks"];
@@ -60,6 +62,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 row.job_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}Mi")),
                 ratio
             );
+            if !row.phases.is_empty() {
+                println!("{:>8}{}", "", row.phases);
+            }
         }
     }
     Ok(())
@@ -122,6 +127,12 @@ fn raw_criu(size: u64) -> Result<Row> {
         archive_bytes: bytes,
         criu_rss_mib: dump_rss.into_iter().chain(restore_rss).reduce(f64::max),
         job_rss_mib: None,
+        phases: format!(
+            "dump {} ms, copy {} ms, restore {} ms",
+            dump_time.as_millis(),
+            copy_time.as_millis(),
+            restore_time.as_millis()
+        ),
     })
 }
 
@@ -158,6 +169,7 @@ fn row(method: &'static str, checkpoint: &[u8], restore: &[u8]) -> Result<Row> {
         archive_bytes: checkpoint["archive_bytes"].as_u64().unwrap_or(0),
         criu_rss_mib: peak("criu"),
         job_rss_mib: peak("job"),
+        phases: format!("checkpoint {} / restore {}", checkpoint["timings_ms"], restore["timings_ms"]),
     })
 }
 
