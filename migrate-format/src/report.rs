@@ -78,3 +78,60 @@ pub struct RestoreReport {
     #[serde(default)]
     pub peak_rss_kib: BTreeMap<String, u64>,
 }
+
+impl CheckpointReport {
+    /// A report for checkpoint `id`, not yet successful, to be filled in.
+    pub fn new(id: String, left_running: bool) -> Self {
+        CheckpointReport {
+            id,
+            ok: false,
+            error: None,
+            left_running,
+            app_pids: Vec::new(),
+            images_bytes: 0,
+            included_bytes: 0,
+            archive_bytes: 0,
+            timings_ms: BTreeMap::new(),
+            frozen_ms: None,
+            peak_rss_kib: BTreeMap::new(),
+        }
+    }
+
+    /// A failed checkpoint that produced nothing.
+    pub fn failed(error: String) -> Self {
+        CheckpointReport {
+            error: Some(error),
+            ..CheckpointReport::new(String::new(), false)
+        }
+    }
+}
+
+impl RestoreReport {
+    /// A report for a restore, not yet successful, to be filled in.
+    pub fn new() -> Self {
+        RestoreReport {
+            id: None,
+            ok: false,
+            error: None,
+            app_pid: None,
+            archive_bytes: 0,
+            timings_ms: BTreeMap::new(),
+            downtime_ms: None,
+            peak_rss_kib: BTreeMap::new(),
+        }
+    }
+
+    /// A failed restore.
+    pub fn failed(error: String) -> Self {
+        RestoreReport {
+            error: Some(error),
+            ..RestoreReport::new()
+        }
+    }
+}
+
+impl Default for RestoreReport {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -302,7 +302,11 @@ pub fn read_verified<R: Read>(
     staging: &Path,
     arch: &str,
 ) -> Result<Manifest, ArchiveError> {
-    let decoder = zstd::Decoder::new(input).map_err(ArchiveError::Stream)?;
+    // One frame is the whole archive: reading stops at its end, so a receiver never needs the
+    // sender to close the stream (`kubectl exec` delivers stdin EOF only on newer protocols).
+    let decoder = zstd::Decoder::new(input)
+        .map_err(ArchiveError::Stream)?
+        .single_frame();
     let mut archive = tar::Archive::new(decoder);
     let mut entries = archive.entries().map_err(ArchiveError::Stream)?;
 
@@ -424,7 +428,7 @@ pub fn read_verified<R: Read>(
             first: first.path.clone(),
         });
     }
-    // Drain to the end of the zstd frame so its checksum is verified too.
+    // Read to the end of the zstd frame (not of the stream) so its checksum is verified too.
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(ArchiveError::Stream)?;
     Ok(manifest)

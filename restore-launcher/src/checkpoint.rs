@@ -41,19 +41,7 @@ pub struct Plan {
 /// failure is in the report.
 pub fn run(plan: &Plan, output: OwnedFd) -> CheckpointReport {
     let id = sysinfo::new_id("ck");
-    let mut report = CheckpointReport {
-        id: id.clone(),
-        ok: false,
-        error: None,
-        left_running: plan.leave_running,
-        app_pids: Vec::new(),
-        images_bytes: 0,
-        included_bytes: 0,
-        archive_bytes: 0,
-        timings_ms: BTreeMap::new(),
-        frozen_ms: None,
-        peak_rss_kib: BTreeMap::new(),
-    };
+    let mut report = CheckpointReport::new(id.clone(), plan.leave_running);
     let dir = plan.work_dir.join(&id);
     let result = checkpoint(plan, &id, &dir, output, &mut report);
     if let Err(error) = &result {

@@ -7,7 +7,6 @@
 //! touched until the whole archive has been read and every size and checksum matched; the
 //! source archive (file or directory) is only ever read.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::DirBuilderExt as _;
@@ -53,16 +52,7 @@ pub struct Pipes<'a> {
 
 /// Verifies and restores. Every failure is in the report.
 pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
-    let mut report = RestoreReport {
-        id: None,
-        ok: false,
-        error: None,
-        app_pid: None,
-        archive_bytes: 0,
-        timings_ms: BTreeMap::new(),
-        downtime_ms: None,
-        peak_rss_kib: BTreeMap::new(),
-    };
+    let mut report = RestoreReport::new();
     let dir = plan.work_dir.join(sysinfo::new_id("rs"));
     match restore(plan, source, pipes, &dir, &mut report) {
         Ok(pid) => {

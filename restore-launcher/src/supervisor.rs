@@ -657,7 +657,7 @@ impl Supervisor {
                         if let Some(app) = self.app {
                             checkpoint::resume(app);
                         }
-                        failed_checkpoint(format!(
+                        CheckpointReport::failed(format!(
                             "the checkpoint job ended unexpectedly ({status:?}); the app was resumed"
                         ))
                     }
@@ -690,7 +690,9 @@ impl Supervisor {
             } => {
                 let report = match outcome {
                     Some(Outcome::Restore(report)) => report,
-                    _ => failed_restore(format!("the restore job ended unexpectedly ({status:?})")),
+                    _ => RestoreReport::failed(format!(
+                        "the restore job ended unexpectedly ({status:?})"
+                    )),
                 };
                 if let Some(client) = &client {
                     let _ = control::answer(client, &report);
@@ -768,33 +770,4 @@ fn state_name(state: LauncherState) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
-}
-
-fn failed_checkpoint(error: String) -> CheckpointReport {
-    CheckpointReport {
-        id: String::new(),
-        ok: false,
-        error: Some(error),
-        left_running: false,
-        app_pids: Vec::new(),
-        images_bytes: 0,
-        included_bytes: 0,
-        archive_bytes: 0,
-        timings_ms: BTreeMap::new(),
-        frozen_ms: None,
-        peak_rss_kib: BTreeMap::new(),
-    }
-}
-
-fn failed_restore(error: String) -> RestoreReport {
-    RestoreReport {
-        id: None,
-        ok: false,
-        error: Some(error),
-        app_pid: None,
-        archive_bytes: 0,
-        timings_ms: BTreeMap::new(),
-        downtime_ms: None,
-        peak_rss_kib: BTreeMap::new(),
-    }
 }

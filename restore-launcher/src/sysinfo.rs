@@ -43,7 +43,10 @@ pub fn cpu_flags_digest() -> String {
 pub fn peak_rss_kib() -> std::collections::BTreeMap<String, u64> {
     use nix::sys::resource::{UsageWho, getrusage};
     let mut peaks = std::collections::BTreeMap::new();
-    for (name, who) in [("job", UsageWho::RUSAGE_SELF), ("criu", UsageWho::RUSAGE_CHILDREN)] {
+    for (name, who) in [
+        ("job", UsageWho::RUSAGE_SELF),
+        ("criu", UsageWho::RUSAGE_CHILDREN),
+    ] {
         if let Ok(usage) = getrusage(who) {
             peaks.insert(name.to_string(), usage.max_rss().max(0) as u64);
         }

@@ -415,6 +415,32 @@ fn entry(path: &str, kind: &str, size: usize, sha: &str, link: Option<&str>) -> 
     value
 }
 
+/// Starts node B on `archive` with `--restore-from`, after `prepare` has altered its root;
+/// expects PID 1 to refuse and exit non-zero; returns B (exited) for further checks.
+fn refused_restore(
+    archive: &[u8],
+    launcher_args: &[&str],
+    prepare: impl FnOnce(&Node) -> Result<()>,
+) -> Result<Node> {
+    let b = Node::prepare("node-b")?;
+    std::fs::write(b.path("/tmp/archive.tar.zst"), archive)?;
+    std::fs::create_dir_all(b.path("/data"))?;
+    std::fs::write(b.path("/data/marker"), "untouched")?;
+    prepare(&b)?;
+    let mut b = b.start(&options(
+        "node-b",
+        &args(&["--restore-from", "/tmp/archive.tar.zst"], launcher_args),
+    ))?;
+    let code = b.wait_exit(LIMIT)?;
+    ensure!(
+        code != 0,
+        "the launcher exited 0 on an archive it should refuse\n{}",
+        b.stderr()
+    );
+    ensure!(b.stdout().is_empty(), "an app ran: {}", b.stdout());
+    Ok(b)
+}
+
 #[test]
 fn damaged_or_hostile_archives_are_refused_and_nothing_is_touched() -> Result<()> {
     if !criu_tests_can_run("damaged_or_hostile_archives_are_refused_and_nothing_is_touched") {
@@ -509,24 +535,16 @@ fn damaged_or_hostile_archives_are_refused_and_nothing_is_touched() -> Result<()
         ),
     ];
     for (what, bytes, expected) in cases {
-        let b = Node::prepare("node-b")?;
-        std::fs::write(b.path("/tmp/bad.tar.zst"), &bytes)?;
-        std::fs::create_dir_all(b.path("/data"))?;
-        std::fs::write(b.path("/data/marker"), "untouched")?;
-        let mut b = b.start(&options(
-            "node-b",
-            &args(&["--restore-from", "/tmp/bad.tar.zst"], &launcher_args),
-        ))?;
-        let code = b.wait_exit(LIMIT)?;
+        let b = refused_restore(&bytes, &launcher_args, |_| Ok(()))
+            .with_context(|| what.to_string())?;
         let stderr = b.stderr();
-        ensure!(code != 0, "{what}: the launcher exited 0\n{stderr}");
         ensure!(
             stderr.contains(expected),
             "{what}: message does not name the cause (`{expected}`):\n{stderr}"
         );
         ensure!(stderr.contains("archive refused"), "{what}: {stderr}");
         ensure!(
-            std::fs::read(b.path("/tmp/bad.tar.zst"))? == bytes,
+            std::fs::read(b.path("/tmp/archive.tar.zst"))? == bytes,
             "{what}: the archive was modified"
         );
         let data: Vec<_> = std::fs::read_dir(b.path("/data"))?
@@ -538,33 +556,23 @@ fn damaged_or_hostile_archives_are_refused_and_nothing_is_touched() -> Result<()
             "{what}: /data was touched: {data:?}"
         );
         ensure!(!b.path("/etc/evil").exists(), "{what}: wrote outside");
-        ensure!(b.stdout().is_empty(), "{what}: an app ran: {}", b.stdout());
     }
 
     // No criu in the image: refused before anything is read, naming the fix.
-    let b = Node::prepare("node-b")?;
-    std::fs::write(b.path("/tmp/good.tar.zst"), &good)?;
-    std::fs::remove_file(b.path("/usr/sbin/criu"))?;
-    let mut b = b.start(&options(
-        "node-b",
-        &args(&["--restore-from", "/tmp/good.tar.zst"], &launcher_args),
-    ))?;
-    ensure!(b.wait_exit(LIMIT)? != 0);
+    let b = refused_restore(&good, &launcher_args, |b| {
+        Ok(std::fs::remove_file(b.path("/usr/sbin/criu"))?)
+    })?;
     let stderr = b.stderr();
     ensure!(
         stderr.contains("criu was not found") && stderr.contains("base image"),
         "{stderr}"
     );
 
-    // criu itself failing: the node's python is another binary than the one dumped.
-    let b = Node::prepare("node-b")?;
-    std::fs::write(b.path("/tmp/good.tar.zst"), &good)?;
-    std::fs::copy(b.path("/usr/bin/sleep"), b.path("/usr/bin/dash"))?;
-    let mut b = b.start(&options(
-        "node-b",
-        &args(&["--restore-from", "/tmp/good.tar.zst"], &launcher_args),
-    ))?;
-    ensure!(b.wait_exit(LIMIT)? != 0);
+    // criu itself failing: the node's shell is another binary than the one dumped.
+    let b = refused_restore(&good, &launcher_args, |b| {
+        std::fs::copy(b.path("/usr/bin/sleep"), b.path("/usr/bin/dash"))?;
+        Ok(())
+    })?;
     let stderr = b.stderr();
     ensure!(
         stderr.contains("criu restore failed") && stderr.contains("last-restore.log"),

@@ -30,21 +30,34 @@ struct Row {
     phases: String,
 }
 
-const CRIU_OPTIONS: [&str; 4] = ["--manage-cgroups=ignore", "--tcp-close", "--ext-unix-sk", "--file-locks"];
+const CRIU_OPTIONS: [&str; 4] = [
+    "--manage-cgroups=ignore",
+    "--tcp-close",
+    "--ext-unix-sk",
+    "--file-locks",
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the benchmark runs CRIU in namespaces: run it as root");
     }
     let sizes: Vec<u64> = match args.first() {
-        Some(list) => list.split(',').map(|s| s.trim().parse().context("sizes are MiB, comma separated")).collect::<Result<_>>()?,
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().parse().context("sizes are MiB, comma separated"))
+            .collect::<Result<_>>()?,
         None => vec![64, 256, 1024],
     };
     migrate_tests::use_launcher(&static_launcher()?);
     rootfs()?;
     build_sandbox()?;
-    println!("benchmark: app memory is random data (incompressible); images and archives on the host disk (node /tmp)");
-    println!("{:>6}  {:<20} {:>10} {:>10} {:>12} {:>10} {:>10} {:>8}", "MiB", "method", "downtime", "MiB/s", "archive", "criu RSS", "job RSS", "vs raw");
+    println!(
+        "benchmark: app memory is random data (incompressible); images and archives on the host disk (node /tmp)"
+    );
+    println!(
+        "{:>6}  {:<20} {:>10} {:>10} {:>12} {:>10} {:>10} {:>8}",
+        "MiB", "method", "downtime", "MiB/s", "archive", "criu RSS", "job RSS", "vs raw"
+    );
     for size in sizes {
         let raw = raw_criu(size)?;
         let file = launcher_file(size)?;
@@ -58,8 +71,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 row.downtime.as_secs_f64(),
                 size as f64 / row.downtime.as_secs_f64(),
                 row.archive_bytes as f64 / 1048576.0,
-                row.criu_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}Mi")),
-                row.job_rss_mib.map_or("n/a".into(), |m| format!("{m:.0}Mi")),
+                row.criu_rss_mib
+                    .map_or("n/a".into(), |m| format!("{m:.0}Mi")),
+                row.job_rss_mib
+                    .map_or("n/a".into(), |m| format!("{m:.0}Mi")),
                 ratio
             );
             if !row.phases.is_empty() {
@@ -75,10 +90,24 @@ fn memhog(name: &str, size: u64, wait: bool) -> Result<Node> {
     if wait {
         launcher_args.push("--wait-for-checkpoint".into());
     }
-    launcher_args.extend(["--".into(), "python3".into(), "/opt/apps/memhog.py".into(), size.to_string()]);
-    let node = Node::prepare(name)?.start(&NodeOptions { name: name.into(), launcher_args, env: vec![], keep_caps: None })?;
+    launcher_args.extend([
+        "--".into(),
+        "python3".into(),
+        "/opt/apps/memhog.py".into(),
+        size.to_string(),
+    ]);
+    let node = Node::prepare(name)?.start(&NodeOptions {
+        name: name.into(),
+        launcher_args,
+        env: vec![],
+        keep_caps: None,
+    })?;
     if !wait {
-        node.wait_for("the app to fill its memory", Duration::from_secs(120), |n| n.stdout().contains("ready").then_some(()))?;
+        node.wait_for(
+            "the app to fill its memory",
+            Duration::from_secs(120),
+            |n| n.stdout().contains("ready").then_some(()),
+        )?;
     }
     Ok(node)
 }
@@ -89,18 +118,28 @@ fn timed(cmd: &mut Command) -> Result<(Duration, Option<f64>, std::process::Outp
     let has_time = Path::new("/usr/bin/time").exists();
     let mut wrapped = if has_time {
         let mut w = Command::new("/usr/bin/time");
-        w.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg(cmd.get_program()).args(cmd.get_args());
+        w.arg("-f")
+            .arg("%M")
+            .arg("-o")
+            .arg(&rss_file)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
         w
     } else {
         let mut w = Command::new(cmd.get_program());
         w.args(cmd.get_args());
         w
     };
-    wrapped.env_clear().envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    wrapped
+        .env_clear()
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
     let start = Instant::now();
     let output = wrapped.output()?;
     let elapsed = start.elapsed();
-    let rss = std::fs::read_to_string(&rss_file).ok().and_then(|t| t.trim().lines().last()?.parse::<f64>().ok()).map(|kib| kib / 1024.0);
+    let rss = std::fs::read_to_string(&rss_file)
+        .ok()
+        .and_then(|t| t.trim().lines().last()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0);
     let _ = std::fs::remove_file(&rss_file);
     Ok((elapsed, rss, output))
 }
@@ -108,18 +147,51 @@ fn timed(cmd: &mut Command) -> Result<(Duration, Option<f64>, std::process::Outp
 fn raw_criu(size: u64) -> Result<Row> {
     let a = memhog("raw-a", size, false)?;
     let b = memhog("raw-b", size, true)?;
-    let mut dump = a.exec(&["criu", "dump", "-t", "1000", "-D", "/tmp/raw", "-o", "/tmp/dump.log", "--leave-stopped"]);
+    let mut dump = a.exec(&[
+        "criu",
+        "dump",
+        "-t",
+        "1000",
+        "-D",
+        "/tmp/raw",
+        "-o",
+        "/tmp/dump.log",
+        "--leave-stopped",
+    ]);
     dump.args(CRIU_OPTIONS);
     std::fs::create_dir_all(a.path("/tmp/raw"))?;
     let (dump_time, dump_rss, out) = timed(&mut dump)?;
-    ensure!(out.status.success(), "raw criu dump failed: {}", std::fs::read_to_string(a.path("/tmp/dump.log")).unwrap_or_default());
+    ensure!(
+        out.status.success(),
+        "raw criu dump failed: {}",
+        std::fs::read_to_string(a.path("/tmp/dump.log")).unwrap_or_default()
+    );
     let copy_start = Instant::now();
-    ensure!(Command::new("cp").arg("-r").arg(a.path("/tmp/raw")).arg(b.path("/tmp/raw")).status()?.success());
+    ensure!(
+        Command::new("cp")
+            .arg("-r")
+            .arg(a.path("/tmp/raw"))
+            .arg(b.path("/tmp/raw"))
+            .status()?
+            .success()
+    );
     let copy_time = copy_start.elapsed();
-    let mut restore = b.exec(&["criu", "restore", "-D", "/tmp/raw", "-o", "/tmp/restore.log", "--restore-detached"]);
+    let mut restore = b.exec(&[
+        "criu",
+        "restore",
+        "-D",
+        "/tmp/raw",
+        "-o",
+        "/tmp/restore.log",
+        "--restore-detached",
+    ]);
     restore.args(CRIU_OPTIONS);
     let (restore_time, restore_rss, out) = timed(&mut restore)?;
-    ensure!(out.status.success(), "raw criu restore failed: {}", std::fs::read_to_string(b.path("/tmp/restore.log")).unwrap_or_default());
+    ensure!(
+        out.status.success(),
+        "raw criu restore failed: {}",
+        std::fs::read_to_string(b.path("/tmp/restore.log")).unwrap_or_default()
+    );
     let bytes = dir_size(&a.path("/tmp/raw"))?;
     Ok(Row {
         method: "raw criu (floor)",
@@ -139,21 +211,50 @@ fn raw_criu(size: u64) -> Result<Row> {
 fn launcher_file(size: u64) -> Result<Row> {
     let a = memhog("file-a", size, false)?;
     let b = memhog("file-b", size, true)?;
-    let checkpoint = a.launcher(&["checkpoint", "--output", "/tmp/ck.tar.zst"]).output()?;
-    ensure!(checkpoint.status.success(), "checkpoint failed: {}", String::from_utf8_lossy(&checkpoint.stdout));
-    ensure!(Command::new("cp").arg(a.path("/tmp/ck.tar.zst")).arg(b.path("/tmp/ck.tar.zst")).status()?.success());
-    let receive = b.launcher(&["receive", "--input", "/tmp/ck.tar.zst"]).output()?;
-    ensure!(receive.status.success(), "receive failed: {}", String::from_utf8_lossy(&receive.stdout));
+    let checkpoint = a
+        .launcher(&["checkpoint", "--output", "/tmp/ck.tar.zst"])
+        .output()?;
+    ensure!(
+        checkpoint.status.success(),
+        "checkpoint failed: {}",
+        String::from_utf8_lossy(&checkpoint.stdout)
+    );
+    ensure!(
+        Command::new("cp")
+            .arg(a.path("/tmp/ck.tar.zst"))
+            .arg(b.path("/tmp/ck.tar.zst"))
+            .status()?
+            .success()
+    );
+    let receive = b
+        .launcher(&["receive", "--input", "/tmp/ck.tar.zst"])
+        .output()?;
+    ensure!(
+        receive.status.success(),
+        "receive failed: {}",
+        String::from_utf8_lossy(&receive.stdout)
+    );
     row("launcher, file", &checkpoint.stdout, &receive.stdout)
 }
 
 fn launcher_stream(size: u64) -> Result<Row> {
     let a = memhog("stream-a", size, false)?;
     let b = memhog("stream-b", size, true)?;
-    let mut dump = a.launcher(&["checkpoint", "--output", "-"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let receive = b.launcher(&["receive", "--input", "-"]).stdin(dump.stdout.take().context("stdout")?).output()?;
+    let mut dump = a
+        .launcher(&["checkpoint", "--output", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let receive = b
+        .launcher(&["receive", "--input", "-"])
+        .stdin(dump.stdout.take().context("stdout")?)
+        .output()?;
     let dump = dump.wait_with_output()?;
-    ensure!(dump.status.success() && receive.status.success(), "streamed migration failed: {}", String::from_utf8_lossy(&receive.stdout));
+    ensure!(
+        dump.status.success() && receive.status.success(),
+        "streamed migration failed: {}",
+        String::from_utf8_lossy(&receive.stdout)
+    );
     row("launcher, streamed", &dump.stderr, &receive.stdout)
 }
 
@@ -161,15 +262,26 @@ fn row(method: &'static str, checkpoint: &[u8], restore: &[u8]) -> Result<Row> {
     let checkpoint: serde_json::Value = serde_json::from_slice(checkpoint)?;
     let restore: serde_json::Value = serde_json::from_slice(restore)?;
     let peak = |key: &str| -> Option<f64> {
-        [&checkpoint, &restore].iter().filter_map(|r| r["peak_rss_kib"][key].as_u64()).max().map(|kib| kib as f64 / 1024.0)
+        [&checkpoint, &restore]
+            .iter()
+            .filter_map(|r| r["peak_rss_kib"][key].as_u64())
+            .max()
+            .map(|kib| kib as f64 / 1024.0)
     };
     Ok(Row {
         method,
-        downtime: Duration::from_millis(restore["downtime_ms"].as_u64().context("no downtime in the restore report")?),
+        downtime: Duration::from_millis(
+            restore["downtime_ms"]
+                .as_u64()
+                .context("no downtime in the restore report")?,
+        ),
         archive_bytes: checkpoint["archive_bytes"].as_u64().unwrap_or(0),
         criu_rss_mib: peak("criu"),
         job_rss_mib: peak("job"),
-        phases: format!("checkpoint {} / restore {}", checkpoint["timings_ms"], restore["timings_ms"]),
+        phases: format!(
+            "checkpoint {} / restore {}",
+            checkpoint["timings_ms"], restore["timings_ms"]
+        ),
     })
 }
 

@@ -31,7 +31,9 @@ fn main() -> ExitCode {
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
         Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
         Some("help" | "-h" | "--help") | None => {
-            println!("usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs>");
+            println!(
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs>"
+            );
             Ok(())
         }
         Some(other) => Err(anyhow::anyhow!(
@@ -95,7 +97,14 @@ pub(crate) fn static_launcher() -> Result<PathBuf> {
 
 /// Builds `node-sandbox`, the harness binary that runs a node (for the demo and benchmark).
 pub(crate) fn build_sandbox() -> Result<()> {
-    run(cargo().args(["build", "--quiet", "--package", "migrate-tests", "--bin", "node-sandbox"]))
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "migrate-tests",
+        "--bin",
+        "node-sandbox",
+    ]))
 }
 
 pub(crate) fn is_root() -> bool {
