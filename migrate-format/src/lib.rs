@@ -29,4 +29,6 @@ pub mod annotations {
     pub const TIMINGS: &str = "migrate.kubectl.io/timings";
     /// On the target: the source pod; on the source: the target pod.
     pub const PEER: &str = "migrate.kubectl.io/peer";
+    /// How many migrations this pod's lineage has been through (names the next target).
+    pub const GENERATION: &str = "migrate.kubectl.io/generation";
 }

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod apiserver;
+pub use apiserver::{
+    ApiServer, KUBERNETES_VERSION, apiserver_tests_can_run, k8s_bin_dir, workspace_binary,
+};
+
 /// Version of the cached root filesystem's recipe; bump when the package list changes.
 pub const ROOTFS_RECIPE: &str = "trixie-minbase-criu-python3-v1";
 /// Debian packages in the root filesystem besides minbase.

@@ -30,9 +30,10 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
         Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
+        Some("k8s") => k8s().map(|path| println!("{}", path.display())),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs|k8s>"
             );
             Ok(())
         }
@@ -143,16 +144,58 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Builds kube-apiserver, kubectl and etcd from the Go module recipe in `tests/k8s/go.mod` (upstream
+/// packages only, through the Go module proxy) into `.cache/k8s/bin`, once. A cold build takes
+/// about six minutes on two cores.
+pub(crate) fn k8s() -> Result<PathBuf> {
+    let bin = migrate_tests::k8s_bin_dir();
+    let version = migrate_tests::KUBERNETES_VERSION;
+    let parts = [
+        ("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"),
+        ("k8s.io/kubernetes/cmd/kubectl", "kubectl"),
+        ("go.etcd.io/etcd/server/v3", "etcd"),
+    ];
+    if parts.iter().all(|(_, name)| bin.join(name).exists()) {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&bin)?;
+    eprintln!(
+        "xtask: building kube-apiserver and kubectl {version} and etcd from Go modules into {} (minutes)",
+        bin.display()
+    );
+    let ldflags = format!(
+        "-s -w -X k8s.io/component-base/version.gitVersion={version} -X k8s.io/component-base/version.gitMajor=1 \
+         -X k8s.io/component-base/version.gitMinor={minor} -X k8s.io/component-base/version.gitTreeState=clean",
+        minor = version.split('.').nth(1).unwrap_or("0")
+    );
+    let recipe = workspace_root().join("tests/k8s");
+    for (package, name) in parts.iter().filter(|(_, name)| !bin.join(name).exists()) {
+        let partial = bin.join(format!(".{name}.partial"));
+        run(Command::new("go")
+            .current_dir(&recipe)
+            .env("GOFLAGS", "-mod=mod")
+            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .arg(&partial)
+            .arg(package))
+        .with_context(|| format!("building {name} with Go (is Go installed?)"))?;
+        std::fs::rename(&partial, bin.join(name))?;
+    }
+    Ok(bin)
+}
+
 /// Runs `cargo test --workspace` against the static launcher, echoing its output, and ends
 /// with one total line over all test binaries (`N passed, N failed, N skipped`), where
 /// skipped counts ignored tests and tests that printed a loud `SKIPPED` line.
 fn test(extra: &[String]) -> Result<()> {
     let launcher = static_launcher()?;
+    k8s()?;
     if is_root() {
         rootfs()?;
     } else {
         eprintln!("xtask: not root: the CRIU and namespace tests will be SKIPPED");
     }
+    // The cross-binary tests run the workspace's binaries (kubectl-migrate, node-sandbox).
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut child = cargo()
         .args(["test", "--workspace"])
         .args(extra)

@@ -1,0 +1,172 @@
+//! Command line of `kubectl migrate`, with kubectl's conventions (`-n`, `--context`,
+//! `--kubeconfig`/`KUBECONFIG`, `--dry-run`, `-o yaml|json`, `--timeout`, `-v`). Parsing only.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Live-migrate a running pod to another node: its memory, open files and counters continue
+/// there as if nothing happened. The pod's containers must run restore-launcher (images built
+/// FROM the restore-launcher base image).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-migrate",
+    bin_name = "kubectl migrate",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub migrate: MigrateArgs,
+}
+
+/// Options every sub-command takes, as kubectl spells them.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Namespace of the pod (default: the context's namespace, else "default").
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// Kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Path to the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// More logging: -v info, -vv debug, -vvv trace.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// `kubectl migrate POD --to NODE`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The pod to move.
+    #[arg(required = true)]
+    pub pod: Option<String>,
+    /// The node to move it to.
+    #[arg(long = "to", value_name = "NODE", required = true)]
+    pub to: Option<String>,
+    /// Print the target pod that would be created, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format for --dry-run and the final report.
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+    /// Give up (and roll back) if the migration has not finished in this time.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Keep the source pod (frozen) after a successful migration instead of deleting it.
+    #[arg(long)]
+    pub keep_source: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explain every reason the move would fail, changing nothing.
+    Check {
+        /// The pod to move.
+        pod: String,
+        /// The node to move it to.
+        #[arg(long = "to", value_name = "NODE")]
+        to: String,
+    },
+}
+
+/// Parses kubectl-style durations: `90s`, `5m`, `1h`, `1m30s`, or plain seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration; use forms like 90s, 5m, 1h or 1m30s");
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let value: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total += match c {
+            'h' => value * 3600,
+            'm' => value * 60,
+            's' => value,
+            _ => return Err(bad()),
+        };
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubectl() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_command_line_follows_kubectl() {
+        let cli = Cli::try_parse_from([
+            "kubectl-migrate",
+            "counter",
+            "--to",
+            "node-b",
+            "-n",
+            "apps",
+            "--dry-run",
+            "-o",
+            "yaml",
+        ])
+        .unwrap();
+        assert_eq!(cli.migrate.pod.as_deref(), Some("counter"));
+        assert_eq!(cli.migrate.to.as_deref(), Some("node-b"));
+        assert_eq!(cli.global.namespace.as_deref(), Some("apps"));
+        assert!(cli.migrate.dry_run);
+        let check = Cli::try_parse_from([
+            "kubectl-migrate",
+            "check",
+            "counter",
+            "--to",
+            "node-b",
+            "--context",
+            "kind",
+        ])
+        .unwrap();
+        assert!(matches!(check.command, Some(Command::Check { .. })));
+        assert_eq!(check.global.context.as_deref(), Some("kind"));
+        assert!(
+            Cli::try_parse_from(["kubectl-migrate", "counter"]).is_err(),
+            "--to is required"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The target pod, as one pure function of the source pod: [`target_pod`]. Golden-tested with
+//! YAML fixtures (`tests/fixtures/rewrite/`), and each golden target is accepted by a real
+//! API server (server-side dry-run create).
+//!
+//! Policy, and why:
+//! - identity and history go: uid, resourceVersion, creationTimestamp, generation,
+//!   managedFields, deletion fields, status, generateName (the name is set);
+//! - ownerReferences and finalizers go: they belong to the source's controllers (the
+//!   preflight refuses controller-owned pods, since the controller would fight the copy);
+//! - labels stay, so Services and NetworkPolicies select the new pod as they did the old;
+//! - the name is predictable: `NAME-mN`, N counting migrations (`counter` → `counter-m1` →
+//!   `counter-m2`), at most 63 characters (the pod's hostname);
+//! - `spec.nodeName` pins the target node (no scheduler round);
+//! - every container's launcher waits for its checkpoint (`RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT
+//!   =true`, the env twin of `--wait-for-checkpoint`), so the image's ENTRYPOINT and CMD stay;
+//! - init containers that already ran on the source are dropped (their effects on volumes
+//!   travel with the checkpoint's `--include` paths; running them again could repeat side
+//!   effects), native sidecars (`restartPolicy: Always`) are kept and migrated like containers;
+//! - ephemeral (debug) containers are dropped: the API does not accept them at creation;
+//! - the service-account token volume injected by admission (`kube-api-access-*`) is dropped
+//!   with its mounts, so admission injects a fresh one bound to the new pod;
+//! - nodeSelector, affinity, tolerations and all other volumes stay as written (the preflight
+//!   says when they exclude the target or cannot move).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use migrate_format::annotations;
+
+/// The launcher's environment twin of `--wait-for-checkpoint`.
+pub const WAIT_ENV: &str = "RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT";
+/// Longest pod name kept usable as a hostname.
+const MAX_NAME: usize = 63;
+
+/// The target pod for moving `source` to `node` in migration `migration_id`.
+pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
+    let mut pod = source.clone();
+    let source_name = source.metadata.name.clone().unwrap_or_default();
+    let generation = migration_generation(source) + 1;
+
+    let meta = &mut pod.metadata;
+    meta.name = Some(target_name(&source_name, generation));
+    meta.generate_name = None;
+    meta.uid = None;
+    meta.resource_version = None;
+    meta.creation_timestamp = None;
+    meta.deletion_timestamp = None;
+    meta.deletion_grace_period_seconds = None;
+    meta.generation = None;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    let notes = meta.annotations.get_or_insert_with(BTreeMap::new);
+    notes.insert(annotations::MIGRATION_ID.into(), migration_id.into());
+    notes.insert(annotations::PEER.into(), source_name);
+    notes.insert(annotations::GENERATION.into(), generation.to_string());
+    notes.insert(annotations::PHASE.into(), "restoring".into());
+    pod.status = None;
+
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_name = Some(node.into());
+        spec.ephemeral_containers = None;
+        if let Some(init) = spec.init_containers.take() {
+            let sidecars: Vec<Container> = init
+                .into_iter()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                .collect();
+            spec.init_containers = (!sidecars.is_empty()).then_some(sidecars);
+        }
+        let dropped: Vec<String> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| is_injected_token_volume(v))
+            .map(|v| v.name.clone())
+            .collect();
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.retain(|v| !dropped.contains(&v.name));
+        }
+        if spec.volumes.as_ref().is_some_and(Vec::is_empty) {
+            spec.volumes = None;
+        }
+        for container in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            wait_for_checkpoint(container);
+            if let Some(mounts) = container.volume_mounts.as_mut() {
+                mounts.retain(|m| !dropped.contains(&m.name));
+            }
+            if container.volume_mounts.as_ref().is_some_and(Vec::is_empty) {
+                container.volume_mounts = None;
+            }
+        }
+    }
+    pod
+}
+
+/// How many times this pod's lineage has been migrated (0 for an original pod).
+pub fn migration_generation(pod: &Pod) -> u32 {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::GENERATION))
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `NAME-mN` from the source's name without its own `-mK` suffix, cut to 63 characters.
+pub fn target_name(source: &str, generation: u32) -> String {
+    let base = match source.rsplit_once("-m") {
+        Some((base, digits))
+            if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            base
+        }
+        _ => source,
+    };
+    let suffix = format!("-m{generation}");
+    let keep = MAX_NAME.saturating_sub(suffix.len()).min(base.len());
+    let base = base[..keep].trim_end_matches(['-', '.']);
+    format!("{base}{suffix}")
+}
+
+fn wait_for_checkpoint(container: &mut Container) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != WAIT_ENV);
+    env.push(EnvVar {
+        name: WAIT_ENV.into(),
+        value: Some("true".into()),
+        value_from: None,
+    });
+}
+
+/// The projected volume the ServiceAccount admission plugin adds (`kube-api-access-XXXXX`).
+fn is_injected_token_volume(volume: &k8s_openapi::api::core::v1::Volume) -> bool {
+    volume.name.starts_with("kube-api-access-")
+        && volume.projected.as_ref().is_some_and(|p| {
+            p.sources
+                .iter()
+                .flatten()
+                .any(|s| s.service_account_token.is_some())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_count_migrations_and_fit_a_hostname() {
+        assert_eq!(target_name("counter", 1), "counter-m1");
+        assert_eq!(target_name("counter-m1", 2), "counter-m2");
+        assert_eq!(target_name("web-7d9f5-abcde", 1), "web-7d9f5-abcde-m1");
+        assert_eq!(
+            target_name("my-mux", 1),
+            "my-mux-m1",
+            "-m followed by letters is part of the name"
+        );
+        let long = "a".repeat(80);
+        let name = target_name(&long, 12);
+        assert_eq!(name.len(), 63);
+        assert!(name.ends_with("-m12"));
+    }
+}

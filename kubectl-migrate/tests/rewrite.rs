@@ -1,0 +1,92 @@
+//! Golden tests of the pod-spec rewrite: every `tests/fixtures/rewrite/NAME.source.yaml` is
+//! rewritten for node `node-b` and must equal `NAME.target.yaml` byte for byte. Set
+//! `UPDATE_GOLDEN=1` to rewrite the golden files (then review the diff). That the real API
+//! server accepts every golden target is tested in `tests/tests/apiserver.rs`.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::Pod;
+use kubectl_migrate::rewrite::{WAIT_ENV, target_pod};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rewrite")
+}
+
+#[test]
+fn every_fixture_rewrites_to_its_golden_target() {
+    let mut cases = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for source_path in entries
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".source.yaml"))
+    {
+        let name = source_path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".source.yaml", "");
+        let source: Pod = serde_yaml::from_str(&std::fs::read_to_string(source_path).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: fixture is not a Pod: {e}"));
+        let target = target_pod(&source, "node-b", "mig-0001");
+        let rendered = serde_yaml::to_string(&target).unwrap();
+        let golden_path = fixtures().join(format!("{name}.target.yaml"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden_path, &rendered).unwrap();
+        }
+        let golden = std::fs::read_to_string(&golden_path).unwrap_or_else(|_| {
+            panic!(
+                "{name}: no golden file {} (run with UPDATE_GOLDEN=1 and review it)",
+                golden_path.display()
+            )
+        });
+        assert_eq!(
+            rendered, golden,
+            "{name}: the rewrite differs from its golden file"
+        );
+
+        // Invariants that hold for every case, whatever the golden says.
+        let spec = target.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("node-b"), "{name}");
+        assert!(
+            target.status.is_none()
+                && target.metadata.uid.is_none()
+                && target.metadata.resource_version.is_none(),
+            "{name}"
+        );
+        assert_eq!(
+            target.metadata.labels, source.metadata.labels,
+            "{name}: labels must stay for Services"
+        );
+        for container in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            let waits = container
+                .env
+                .iter()
+                .flatten()
+                .filter(|e| e.name == WAIT_ENV)
+                .collect::<Vec<_>>();
+            assert_eq!(
+                waits.len(),
+                1,
+                "{name}/{}: exactly one wait setting",
+                container.name
+            );
+            assert_eq!(
+                waits[0].value.as_deref(),
+                Some("true"),
+                "{name}/{}",
+                container.name
+            );
+        }
+        cases += 1;
+    }
+    assert!(cases >= 7, "expected the 7 fixture cases, found {cases}");
+}
