@@ -1,11 +1,15 @@
 //! `kubectl migrate`: the plugin's library, so tests reach each step. Where things live:
 //! - [`cli`]: the command line, kubectl's conventions;
 //! - [`client`]: the one Kubernetes client builder;
+//! - [`check`]: the preflight, every reason the move would fail, with its fix;
+//! - [`exec`]: `restore-launcher` sub-commands run in containers through the exec API;
 //! - [`rewrite`]: the target pod as a pure function of the source pod.
 //!
 //! The migration pipeline (check → checkpoint → transfer → restore → verify → cleanup) is
 //! being built step by step; see README.md.
 
+pub mod check;
 pub mod cli;
 pub mod client;
+pub mod exec;
 pub mod rewrite;

@@ -6,7 +6,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
+use kubectl_migrate::check::{self, Problem};
 use kubectl_migrate::cli::{Cli, Command, OutputFormat};
+use kubectl_migrate::exec::ExecLaunchers;
 use kubectl_migrate::{client, rewrite};
 
 fn main() -> ExitCode {
@@ -46,28 +48,72 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Prints the preflight's problems; says whether there were none.
+fn report(problems: &[Problem], pod: &str, node: &str) -> bool {
+    if problems.is_empty() {
+        eprintln!("pod {pod} can be migrated to {node}");
+        return true;
+    }
+    eprintln!("pod {pod} cannot be migrated to {node}:");
+    for problem in problems {
+        eprintln!("  ✗ {}\n      fix: {}", problem.what, problem.fix);
+    }
+    false
+}
+
+async fn preflight(connection: &client::Connection, pod: &str, node: &str) -> Result<Vec<Problem>> {
+    let launchers = ExecLaunchers {
+        client: connection.client.clone(),
+    };
+    let facts = check::gather(
+        &connection.client,
+        &connection.namespace,
+        pod,
+        node,
+        &launchers,
+        false,
+    )
+    .await
+    .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
+    Ok(match facts {
+        Ok(facts) => check::problems(&facts),
+        Err(problem) => vec![problem],
+    })
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
-    if let Some(Command::Check { .. }) = &cli.command {
-        bail!("`kubectl migrate check` is not built yet in this version");
+    let connection = client::connect(&cli.global).await?;
+    if let Some(Command::Check { pod, to }) = &cli.command {
+        let problems = preflight(&connection, pod, to).await?;
+        return Ok(if report(&problems, pod, to) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let (Some(pod), Some(node)) = (cli.migrate.pod.as_deref(), cli.migrate.to.as_deref()) else {
         bail!("usage: kubectl migrate POD --to NODE");
     };
-    let connection = client::connect(&cli.global).await?;
-    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let source = pods.get(pod).await.with_context(|| {
-        format!(
-            "cannot read pod {}/{pod} from {}",
-            connection.namespace, connection.server
-        )
-    })?;
-    if !cli.migrate.dry_run {
-        bail!("only --dry-run is built yet in this version: the migration pipeline is not");
+    if cli.migrate.dry_run {
+        let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+        let source = pods.get(pod).await.with_context(|| {
+            format!(
+                "cannot read pod {}/{pod} from {}",
+                connection.namespace, connection.server
+            )
+        })?;
+        let target = rewrite::target_pod(&source, node, "dry-run");
+        match cli.migrate.output.unwrap_or(OutputFormat::Yaml) {
+            OutputFormat::Yaml => print!("{}", serde_yaml::to_string(&target)?),
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&target)?),
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    let target = rewrite::target_pod(&source, node, "dry-run");
-    match cli.migrate.output.unwrap_or(OutputFormat::Yaml) {
-        OutputFormat::Yaml => print!("{}", serde_yaml::to_string(&target)?),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&target)?),
+    let problems = preflight(&connection, pod, node).await?;
+    if !report(&problems, pod, node) {
+        return Ok(ExitCode::FAILURE);
     }
-    Ok(ExitCode::SUCCESS)
+    bail!(
+        "the preflight passed, but this build of kubectl-migrate cannot migrate yet: the checkpoint/transfer/restore pipeline is not built; nothing was changed"
+    )
 }
