@@ -13,8 +13,9 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use migrate_format::StatusReport;
 
-/// Runs `restore-launcher status` in a container of a pod. In a cluster this is `kubectl
-/// exec`; it is a seam so the API-server tests, which have no kubelet, can stand in for it.
+/// What the plugin does inside containers, through `restore-launcher` sub-commands. In a
+/// cluster this is the exec API (`kubectl exec`, [`crate::exec::ExecLaunchers`]); it is a seam
+/// so the API-server tests, which have no kubelet, can stand in for it and say so.
 pub trait Launchers {
     /// The launcher's status in `container`, or why it could not be read.
     fn status(
@@ -22,6 +23,31 @@ pub trait Launchers {
         pod: &Pod,
         container: &str,
     ) -> impl std::future::Future<Output = Result<StatusReport, String>> + Send;
+
+    /// Streams `checkpoint --output -` of `container` in `source` into `receive --input -` of
+    /// the same container in `target`, adding the bytes moved to `moved`. Returns both reports.
+    fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> impl std::future::Future<
+        Output = Result<
+            (
+                migrate_format::CheckpointReport,
+                migrate_format::RestoreReport,
+            ),
+            String,
+        >,
+    > + Send;
+
+    /// `rollback` in `container`: resume the app frozen by a checkpoint.
+    fn rollback(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// Taints the node controller sets from node conditions (reported as NotReady / cordoned).

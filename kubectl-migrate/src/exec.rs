@@ -1,13 +1,24 @@
 //! Running `restore-launcher` sub-commands in a pod's containers through the API server's
-//! exec endpoint (what `kubectl exec` does). The real implementation of [`check::Launchers`].
+//! exec endpoint (what `kubectl exec` does): the real implementation of [`Launchers`].
+//!
+//! The transfer streams the source's `checkpoint --output -` stdout into the target's
+//! `receive --input -` stdin through a 64 KiB buffer, so the plugin's memory stays flat
+//! whatever the archive's size. The archive is one zstd frame, so the receiver knows where it
+//! ends without needing stdin's end (which older exec protocols do not deliver).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 use kube::{Api, Client};
-use migrate_format::StatusReport;
-use tokio::io::AsyncReadExt as _;
+use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::check::Launchers;
+
+/// Bytes copied per read in a transfer.
+const CHUNK: usize = 64 * 1024;
 
 /// Execs in containers with the user's client.
 #[derive(Clone)]
@@ -21,30 +32,35 @@ impl std::fmt::Debug for ExecLaunchers {
     }
 }
 
-impl Launchers for ExecLaunchers {
-    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
+impl ExecLaunchers {
+    fn pods(&self, pod: &Pod) -> (Api<Pod>, String) {
         let namespace = pod
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+        (
+            Api::namespaced(self.client.clone(), &namespace),
+            pod.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    /// Runs `restore-launcher ARGS` in `container`; returns its stdout.
+    async fn run(&self, pod: &Pod, container: &str, args: &[&str]) -> Result<String, String> {
+        let (pods, name) = self.pods(pod);
+        let mut command = vec!["restore-launcher"];
+        command.extend_from_slice(args);
         let params = AttachParams::default()
             .container(container)
             .stdout(true)
             .stderr(true)
             .stdin(false);
         let mut process = pods
-            .exec(&name, ["restore-launcher", "status"], &params)
+            .exec(&name, command, &params)
             .await
             .map_err(|e| e.to_string())?;
-        let mut stdout = String::new();
-        if let Some(mut out) = process.stdout() {
-            out.read_to_string(&mut stdout)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        let stdout = read_all(process.stdout()).await?;
+        let stderr = read_all(process.stderr()).await?;
         let status = match process.take_status() {
             Some(status) => status.await,
             None => None,
@@ -52,11 +68,140 @@ impl Launchers for ExecLaunchers {
         if let Some(status) = status
             && status.status.as_deref() == Some("Failure")
         {
-            return Err(status
-                .message
-                .unwrap_or_else(|| "restore-launcher status failed".into()));
+            let why = if stdout.trim().is_empty() {
+                stderr.trim().to_string()
+            } else {
+                stdout.trim().to_string()
+            };
+            return Err(if why.is_empty() {
+                status.message.unwrap_or_default()
+            } else {
+                why
+            });
         }
+        Ok(stdout)
+    }
+}
+
+async fn read_all(stream: Option<impl AsyncRead + Unpin>) -> Result<String, String> {
+    let mut text = String::new();
+    if let Some(mut stream) = stream {
+        stream
+            .read_to_string(&mut text)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(text)
+}
+
+/// Copies `from` to `to` in bounded chunks, counting bytes into `moved`.
+async fn copy_counting(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    moved: &AtomicU64,
+) -> std::io::Result<u64> {
+    let mut buffer = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = from.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buffer[..n]).await?;
+        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    to.shutdown().await?;
+    Ok(total)
+}
+
+/// The last line of `text` that parses as `T` (reports are one JSON line among log lines).
+fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
+    text.lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line.trim()).ok())
+}
+
+impl Launchers for ExecLaunchers {
+    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
+        let stdout = self.run(pod, container, &["status"]).await?;
         serde_json::from_str(stdout.trim())
             .map_err(|e| format!("restore-launcher status printed no status ({e})"))
+    }
+
+    async fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: Arc<AtomicU64>,
+    ) -> Result<(CheckpointReport, RestoreReport), String> {
+        let (source_pods, source_name) = self.pods(source);
+        let (target_pods, target_name) = self.pods(target);
+        let dump_params = AttachParams::default()
+            .container(container)
+            .stdout(true)
+            .stderr(true)
+            .stdin(false);
+        let receive_params = AttachParams::default()
+            .container(container)
+            .stdin(true)
+            .stdout(true)
+            .stderr(true);
+        let mut receive = target_pods
+            .exec(
+                &target_name,
+                ["restore-launcher", "receive", "--input", "-"],
+                &receive_params,
+            )
+            .await
+            .map_err(|e| format!("cannot start `restore-launcher receive` in the target: {e}"))?;
+        let mut dump = source_pods
+            .exec(
+                &source_name,
+                ["restore-launcher", "checkpoint", "--output", "-"],
+                &dump_params,
+            )
+            .await
+            .map_err(|e| {
+                format!("cannot start `restore-launcher checkpoint` in the source: {e}")
+            })?;
+        let (Some(archive), Some(input)) = (dump.stdout(), receive.stdin()) else {
+            return Err("the exec streams did not open".into());
+        };
+        let copy = copy_counting(archive, input, &moved);
+        let summary = read_all(dump.stderr());
+        let answer = read_all(receive.stdout());
+        let (copied, summary, answer) = tokio::join!(copy, summary, answer);
+        let summary = summary?;
+        let answer = answer?;
+        let checkpoint: Option<CheckpointReport> = last_json(&summary);
+        let restore: Option<RestoreReport> = last_json(&answer);
+        match (checkpoint, restore) {
+            (Some(checkpoint), Some(restore)) if checkpoint.ok && restore.ok => {
+                Ok((checkpoint, restore))
+            }
+            (Some(checkpoint), _) if !checkpoint.ok => Err(format!(
+                "checkpoint failed: {}",
+                checkpoint.error.unwrap_or_default()
+            )),
+            (_, Some(restore)) if !restore.ok => Err(format!(
+                "restore failed: {}",
+                restore.error.unwrap_or_default()
+            )),
+            _ => Err(format!(
+                "the transfer broke off after {} bytes ({}); checkpoint said: {}; receive said: {}",
+                moved.load(Ordering::Relaxed),
+                copied
+                    .err()
+                    .map_or_else(|| "stream ended".to_string(), |e| e.to_string()),
+                summary.trim(),
+                answer.trim()
+            )),
+        }
+    }
+
+    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.run(pod, container, &["rollback"]).await.map(drop)
     }
 }

@@ -3,7 +3,8 @@
 //! - [`client`]: the one Kubernetes client builder;
 //! - [`check`]: the preflight, every reason the move would fail, with its fix;
 //! - [`exec`]: `restore-launcher` sub-commands run in containers through the exec API;
-//! - [`rewrite`]: the target pod as a pure function of the source pod.
+//! - [`rewrite`]: the target pod as a pure function of the source pod;
+//! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → cleanup, undo).
 //!
 //! The migration pipeline (check → checkpoint → transfer → restore → verify → cleanup) is
 //! being built step by step; see README.md.
@@ -12,4 +13,5 @@ pub mod check;
 pub mod cli;
 pub mod client;
 pub mod exec;
+pub mod migrate;
 pub mod rewrite;

@@ -9,7 +9,7 @@ use kube::Api;
 use kubectl_migrate::check::{self, Problem};
 use kubectl_migrate::cli::{Cli, Command, OutputFormat};
 use kubectl_migrate::exec::ExecLaunchers;
-use kubectl_migrate::{client, rewrite};
+use kubectl_migrate::{client, migrate, rewrite};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -109,11 +109,61 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let problems = preflight(&connection, pod, node).await?;
-    if !report(&problems, pod, node) {
-        return Ok(ExitCode::FAILURE);
+    let options = migrate::Options {
+        pod: pod.into(),
+        target_node: node.into(),
+        timeout: cli.migrate.timeout,
+        keep_source: cli.migrate.keep_source,
+    };
+    let launchers = ExecLaunchers {
+        client: connection.client.clone(),
+    };
+    let interrupted = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("interrupted: undoing the migration (target deleted, source resumed)…");
+    };
+    match migrate::migrate(&connection, &launchers, &options, interrupted).await {
+        Ok(done) => {
+            print_report(&done, cli.migrate.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failed) => {
+            if let migrate::MigrateError::Preflight(problems) = &failed.error {
+                report(problems, pod, node);
+            }
+            eprintln!("error: migration of {pod} to {node} failed: {failed}");
+            Ok(ExitCode::FAILURE)
+        }
     }
-    bail!(
-        "the preflight passed, but this build of kubectl-migrate cannot migrate yet: the checkpoint/transfer/restore pipeline is not built; nothing was changed"
-    )
+}
+
+/// The per-phase timing table on stderr, or the whole report as JSON/YAML on stdout.
+fn print_report(done: &migrate::Report, format: Option<OutputFormat>) -> Result<()> {
+    match format {
+        Some(OutputFormat::Json) => println!("{}", serde_json::to_string_pretty(done)?),
+        Some(OutputFormat::Yaml) => print!("{}", serde_yaml::to_string(done)?),
+        None => {
+            println!(
+                "pod {} moved to node {} as {} (migration {})",
+                done.source, done.node, done.target, done.id
+            );
+            println!("{:<30} {:>10}", "PHASE", "MS");
+            for (phase, ms) in &done.phases {
+                println!("{phase:<30} {ms:>10}");
+            }
+            println!(
+                "{:<30} {:>10}",
+                "downtime",
+                done.downtime_ms.map_or("?".into(), |d| d.to_string())
+            );
+            println!("{:<30} {:>10}", "bytes moved", done.bytes_moved);
+            if !done.source_deleted {
+                println!(
+                    "the source pod {} was kept (frozen) as asked: delete it when done",
+                    done.source
+                );
+            }
+        }
+    }
+    Ok(())
 }

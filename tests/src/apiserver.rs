@@ -250,6 +250,71 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Patches the `status` subresource of `kind/name` (what a kubelet or controller would
+    /// write; there is none here).
+    ///
+    /// # Errors
+    /// When kubectl fails.
+    pub fn patch_status(
+        &self,
+        kind: &str,
+        name: &str,
+        namespace: Option<&str>,
+        body: &serde_json::Value,
+    ) -> Result<()> {
+        let body = body.to_string();
+        let mut args = vec![
+            "patch",
+            kind,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &body,
+        ];
+        if let Some(ns) = namespace {
+            args.extend(["-n", ns]);
+        }
+        let output = self.kubectl(&args).output()?;
+        if !output.status.success() {
+            bail!(
+                "patch {kind}/{name} status: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a node's status as a kubelet would: Ready or not, 2 CPUs / 4 GiB, `kernel`.
+    ///
+    /// # Errors
+    /// When kubectl fails.
+    pub fn node_status(&self, name: &str, ready: bool, kernel: &str) -> Result<()> {
+        let status = serde_json::json!({"status": {
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "reason": "Test",
+                            "lastHeartbeatTime": "2026-11-22T00:00:00Z", "lastTransitionTime": "2026-11-22T00:00:00Z"}],
+            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
+            "nodeInfo": {"kernelVersion": kernel, "architecture": "amd64", "operatingSystem": "linux", "bootID": "b",
+                         "containerRuntimeVersion": "containerd://2", "kubeProxyVersion": "", "kubeletVersion": KUBERNETES_VERSION,
+                         "machineID": "m", "osImage": "Debian", "systemUUID": "s"}}});
+        self.patch_status("node", name, None, &status)
+    }
+
+    /// An async client for the admin kubeconfig.
+    ///
+    /// # Errors
+    /// When the kubeconfig cannot be used.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// A working directory that lives as long as the server.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -26,53 +26,32 @@ impl Launchers for StandIn {
         )
         .map_err(|e| e.to_string())
     }
+
+    async fn transfer(
+        &self,
+        _source: &Pod,
+        _target: &Pod,
+        _container: &str,
+        _moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<
+        (
+            migrate_format::CheckpointReport,
+            migrate_format::RestoreReport,
+        ),
+        String,
+    > {
+        Err("the preflight never transfers".into())
+    }
+
+    async fn rollback(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+        Err("the preflight never rolls back".into())
+    }
 }
 
 fn node(name: &str, labels: &str, spec: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/os: linux, {labels}}}\nspec: {spec}\n---\n"
     )
-}
-
-fn node_status(server: &ApiServer, name: &str, ready: bool, kernel: &str) -> Result<()> {
-    let status = serde_json::json!({"status": {
-        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "reason": "Test",
-                        "lastHeartbeatTime": "2026-11-22T00:00:00Z", "lastTransitionTime": "2026-11-22T00:00:00Z"}],
-        "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-        "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-        "nodeInfo": {"kernelVersion": kernel, "architecture": "amd64", "operatingSystem": "linux", "bootID": "b",
-                     "containerRuntimeVersion": "containerd://2", "kubeProxyVersion": "", "kubeletVersion": "v1.34.4",
-                     "machineID": "m", "osImage": "Debian", "systemUUID": "s"}}});
-    patch_status(server, "node", name, None, &status)
-}
-
-fn patch_status(
-    server: &ApiServer,
-    kind: &str,
-    name: &str,
-    namespace: Option<&str>,
-    body: &serde_json::Value,
-) -> Result<()> {
-    let mut args = vec![
-        "patch",
-        kind,
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-    ];
-    let body = body.to_string();
-    args.push(&body);
-    if let Some(ns) = namespace {
-        args.extend(["-n", ns]);
-    }
-    let output = server.kubectl(&args).output()?;
-    ensure!(
-        output.status.success(),
-        "patch {kind}/{name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }
 
 fn pod(name: &str, extra_spec: &str, owner: &str) -> String {
@@ -160,7 +139,7 @@ async fn check_names_every_problem_with_its_fix_and_changes_nothing() -> Result<
         ("node-old", true, "5.15.0"),
         ("node-full", true, "6.18.4"),
     ] {
-        node_status(&server, name, ready, kernel)?;
+        server.node_status(name, ready, kernel)?;
     }
     for name in [
         "counter",
@@ -175,8 +154,7 @@ async fn check_names_every_problem_with_its_fix_and_changes_nothing() -> Result<
         "filler-2",
         "filler-3",
     ] {
-        patch_status(
-            &server,
+        server.patch_status(
             "pod",
             name,
             Some("apps"),
@@ -184,12 +162,7 @@ async fn check_names_every_problem_with_its_fix_and_changes_nothing() -> Result<
         )?;
     }
 
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(&server.kubeconfig)?,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await?;
-    let client = kube::Client::try_from(config)?;
+    let client = server.client().await?;
     let before = versions(&server)?;
 
     let cases: Vec<(&str, &str, Vec<&str>)> = vec![

@@ -1,0 +1,569 @@
+//! The migration pipeline: check → (target) → checkpoint + transfer → restore → verify →
+//! cleanup, as one function, [`migrate`], with everything that touches containers behind the
+//! [`Launchers`] seam.
+//!
+//! Order, and why:
+//! 1. **check**: the preflight; any problem stops here, nothing changed.
+//! 2. **target**: the target pod is created first and waited for (image pulled, launcher
+//!    waiting), *before* the source is frozen, so none of that counts as downtime. The wait
+//!    fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
+//! 3. **transfer**: per container, the source launcher's `checkpoint --output -` is streamed
+//!    through the plugin into the target launcher's `receive --input -` (bounded buffer, never
+//!    the whole archive in memory); all containers at once.
+//! 4. **verify**: every container reported `restored`.
+//! 5. **cleanup**: only now is the source deleted (unless `--keep-source`).
+//!
+//! On any failure, deadline or interruption before step 5 the target is deleted and every
+//! source container is rolled back (the frozen app resumes), so the app is never lost. Each
+//! phase is recorded as annotations and Events on both pods.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Resource as _};
+use migrate_format::{CheckpointReport, RestoreReport, annotations};
+use serde::Serialize;
+
+use crate::check::{self, Launchers, Problem};
+use crate::client::Connection;
+use crate::rewrite;
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub pod: String,
+    pub target_node: String,
+    pub timeout: Duration,
+    pub keep_source: bool,
+}
+
+/// What a successful migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub node: String,
+    /// Phase name and duration in milliseconds, in order.
+    pub phases: Vec<(String, u64)>,
+    pub containers: BTreeMap<String, (CheckpointReport, RestoreReport)>,
+    /// Longest container downtime (frozen at the source → running at the target).
+    pub downtime_ms: Option<u64>,
+    pub bytes_moved: u64,
+    pub source_deleted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("the preflight found {} problem(s); nothing was changed", .0.len())]
+    Preflight(Vec<Problem>),
+    #[error("{step} failed")]
+    Api {
+        step: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the target pod {target} failed: {reason}")]
+    TargetFailed { target: String, reason: String },
+    #[error("container {container}: {error}")]
+    Transfer { container: String, error: String },
+    #[error("the deadline ({timeout:?}, --timeout) passed during {phase}")]
+    Deadline { phase: String, timeout: Duration },
+    #[error("interrupted during {phase}")]
+    Interrupted { phase: String },
+}
+
+/// A failed migration: why, and what was done about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}; {aftermath}")]
+pub struct Failed {
+    #[source]
+    pub error: MigrateError,
+    /// What happened to the source and target, and how to resume or abort.
+    pub aftermath: String,
+}
+
+/// State the undo needs.
+#[derive(Debug, Default)]
+struct Progress {
+    phase: String,
+    id: String,
+    target: Option<Pod>,
+    transfer_started: bool,
+}
+
+/// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
+/// then undoes itself like on any failure.
+///
+/// # Errors
+/// [`Failed`] with the cause and what was done (target deleted, source rolled back).
+pub async fn migrate<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    interrupted: impl Future<Output = ()>,
+) -> Result<Report, Failed> {
+    let mut progress = Progress {
+        id: new_id(),
+        ..Progress::default()
+    };
+    let started = Instant::now();
+    let outcome = {
+        let work = run(connection, launchers, options, &mut progress);
+        tokio::pin!(work);
+        tokio::select! {
+            outcome = tokio::time::timeout(options.timeout, &mut work) => match outcome {
+                Ok(outcome) => outcome,
+                Err(_) => Err(MigrateError::Deadline { phase: String::new(), timeout: options.timeout }),
+            },
+            () = interrupted => Err(MigrateError::Interrupted { phase: String::new() }),
+        }
+    };
+    match outcome {
+        Ok(mut report) => {
+            report
+                .phases
+                .push(("total".into(), started.elapsed().as_millis() as u64));
+            Ok(report)
+        }
+        Err(mut error) => {
+            match &mut error {
+                MigrateError::Deadline { phase, .. } | MigrateError::Interrupted { phase } => {
+                    phase.clone_from(&progress.phase)
+                }
+                _ => {}
+            }
+            let aftermath = undo(connection, launchers, options, &progress, &error).await;
+            Err(Failed { error, aftermath })
+        }
+    }
+}
+
+async fn run<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<Report, MigrateError> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let mut phases = Vec::new();
+    let mut lap = Instant::now();
+    let mut phase_done = |name: &str, phases: &mut Vec<(String, u64)>| {
+        phases.push((name.to_string(), lap.elapsed().as_millis() as u64));
+        lap = Instant::now();
+    };
+
+    progress.phase = "check".into();
+    let facts = check::gather(
+        &connection.client,
+        &connection.namespace,
+        &options.pod,
+        &options.target_node,
+        launchers,
+        false,
+    )
+    .await
+    .map_err(|source| MigrateError::Api {
+        step: "reading the cluster",
+        source,
+    })?;
+    let facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
+    let problems = check::problems(&facts);
+    if !problems.is_empty() {
+        return Err(MigrateError::Preflight(problems));
+    }
+    let source = facts.pod;
+    phase_done("check", &mut phases);
+
+    progress.phase = "creating the target".into();
+    let target = rewrite::target_pod(&source, &options.target_node, &progress.id);
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    annotate(
+        &pods,
+        &options.pod,
+        &progress.id,
+        "creating-target",
+        Some(&target_name),
+    )
+    .await;
+    let created = pods
+        .create(&PostParams::default(), &target)
+        .await
+        .map_err(|source| MigrateError::Api {
+            step: "creating the target pod",
+            source,
+        })?;
+    progress.target = Some(created.clone());
+    record(
+        connection,
+        &source,
+        "MigrationStarted",
+        format!(
+            "moving to node {} as pod {target_name}",
+            options.target_node
+        ),
+    )
+    .await;
+    record(
+        connection,
+        &created,
+        "MigrationTarget",
+        format!(
+            "restoring pod {} from node {}",
+            options.pod,
+            node_of(&source)
+        ),
+    )
+    .await;
+    let target = wait_until_running(&pods, &target_name).await?;
+    progress.target = Some(target.clone());
+    phase_done("target", &mut phases);
+
+    progress.phase = "checkpoint and transfer".into();
+    progress.transfer_started = true;
+    annotate(
+        &pods,
+        &options.pod,
+        &progress.id,
+        "checkpointing",
+        Some(&target_name),
+    )
+    .await;
+    let moved = Arc::new(AtomicU64::new(0));
+    let containers: Vec<String> = source
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect();
+    let transfers = containers.iter().map(|c| {
+        let moved = moved.clone();
+        let (source, target) = (&source, &target);
+        async move {
+            (
+                c.clone(),
+                launchers.transfer(source, target, c, moved).await,
+            )
+        }
+    });
+    let results = futures::future::join_all(transfers).await;
+    let mut reports = BTreeMap::new();
+    for (container, result) in results {
+        let (checkpoint, restore) = result.map_err(|error| MigrateError::Transfer {
+            container: container.clone(),
+            error,
+        })?;
+        reports.insert(container, (checkpoint, restore));
+    }
+    phase_done("checkpoint+transfer+restore", &mut phases);
+
+    progress.phase = "verify".into();
+    for container in &containers {
+        let status = launchers
+            .status(&target, container)
+            .await
+            .map_err(|error| MigrateError::Transfer {
+                container: container.clone(),
+                error,
+            })?;
+        if status.state != migrate_format::LauncherState::Restored {
+            return Err(MigrateError::Transfer {
+                container: container.clone(),
+                error: format!("the target's launcher is {:?}, not restored", status.state),
+            });
+        }
+    }
+    phase_done("verify", &mut phases);
+
+    progress.phase = "cleanup".into();
+    let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();
+    let timings = serde_json::to_string(&phases).unwrap_or_default();
+    annotate(
+        &pods,
+        &target_name,
+        &progress.id,
+        "done",
+        Some(&options.pod),
+    )
+    .await;
+    annotate_timings(&pods, &target_name, &timings).await;
+    record(
+        connection,
+        &target,
+        "MigrationDone",
+        format!(
+            "restored from {} in {} ms of downtime",
+            options.pod,
+            downtime_ms.unwrap_or(0)
+        ),
+    )
+    .await;
+    let source_deleted = if options.keep_source {
+        annotate(
+            &pods,
+            &options.pod,
+            &progress.id,
+            "done-kept",
+            Some(&target_name),
+        )
+        .await;
+        false
+    } else {
+        record(
+            connection,
+            &source,
+            "MigrationDone",
+            format!(
+                "moved to {target_name} on {}; deleting this pod",
+                options.target_node
+            ),
+        )
+        .await;
+        pods.delete(&options.pod, &DeleteParams::default())
+            .await
+            .map_err(|source| MigrateError::Api {
+                step: "deleting the source pod",
+                source,
+            })?;
+        true
+    };
+    phase_done("cleanup", &mut phases);
+    Ok(Report {
+        id: progress.id.clone(),
+        source: options.pod.clone(),
+        target: target_name,
+        node: options.target_node.clone(),
+        phases,
+        containers: reports,
+        downtime_ms,
+        bytes_moved: moved.load(Ordering::Relaxed),
+        source_deleted,
+    })
+}
+
+/// Waits for the target pod to run all its containers, failing fast on terminal states.
+async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateError> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = std::pin::pin!(watcher::watcher(pods.clone(), config));
+    let mut last_note = Instant::now();
+    while let Some(event) = stream.next().await {
+        let pod = match event {
+            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+            Ok(watcher::Event::Delete(_)) => {
+                return Err(MigrateError::TargetFailed {
+                    target: name.into(),
+                    reason: "it was deleted".into(),
+                });
+            }
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::debug!(%error, "watch error; the watcher retries");
+                continue;
+            }
+        };
+        if let Some(reason) = terminal(&pod) {
+            return Err(MigrateError::TargetFailed {
+                target: name.into(),
+                reason,
+            });
+        }
+        if running(&pod) {
+            return Ok(pod);
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            tracing::info!(pod = name, "still waiting for the target pod to run");
+            last_note = Instant::now();
+        }
+    }
+    Err(MigrateError::TargetFailed {
+        target: name.into(),
+        reason: "the watch ended".into(),
+    })
+}
+
+fn running(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    let want = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    status.phase.as_deref() == Some("Running")
+        && status
+            .container_statuses
+            .iter()
+            .flatten()
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .count()
+            == want
+}
+
+/// Why a pod can no longer come up, if it cannot.
+fn terminal(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(phase @ ("Failed" | "Succeeded")) = status.phase.as_deref() {
+        return Some(format!(
+            "it is {phase}{}",
+            status
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
+    }
+    for container in status.container_statuses.iter().flatten() {
+        let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
+        if let Some(reason) = waiting.and_then(|w| w.reason.as_deref())
+            && matches!(
+                reason,
+                "ErrImagePull"
+                    | "ImagePullBackOff"
+                    | "CrashLoopBackOff"
+                    | "CreateContainerConfigError"
+                    | "InvalidImageName"
+                    | "CreateContainerError"
+            )
+        {
+            return Some(format!("container {} is {reason}", container.name));
+        }
+    }
+    None
+}
+
+/// Undoes a failed migration: delete the target, roll every source container back. Returns
+/// what was done and how to finish by hand if something could not be.
+async fn undo<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+    error: &MigrateError,
+) -> String {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let mut done = Vec::new();
+    let mut manual = Vec::new();
+    if matches!(error, MigrateError::Preflight(_)) {
+        return "nothing was changed".into();
+    }
+    if let Some(target) = &progress.target {
+        let name = target.metadata.name.clone().unwrap_or_default();
+        match pods.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => done.push(format!("deleted the target pod {name}")),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                done.push(format!("the target pod {name} is gone"))
+            }
+            Err(error) => manual.push(format!(
+                "kubectl delete pod -n {} {name}   ({error})",
+                connection.namespace
+            )),
+        }
+    }
+    if progress.transfer_started
+        && let Ok(source) = pods.get(&options.pod).await
+    {
+        for container in source.spec.iter().flat_map(|s| s.containers.iter()) {
+            match launchers.rollback(&source, &container.name).await {
+                Ok(()) => done.push(format!(
+                    "resumed the source app in container {}",
+                    container.name
+                )),
+                Err(error) if error.contains("nothing to roll back") => {}
+                Err(error) => manual.push(format!(
+                    "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
+                    connection.namespace, options.pod, container.name
+                )),
+            }
+        }
+        record(
+            connection,
+            &source,
+            "MigrationFailed",
+            format!("{error}; rolled back"),
+        )
+        .await;
+    }
+    annotate(&pods, &options.pod, &progress.id, "failed", None).await;
+    let mut text = if done.is_empty() {
+        "the source pod was not touched".to_string()
+    } else {
+        done.join(", ")
+    };
+    if manual.is_empty() {
+        text.push_str(&format!(
+            "; pod {} keeps running with its state; run the migration again to retry",
+            options.pod
+        ));
+    } else {
+        text.push_str(&format!(
+            "; to finish aborting, run: {}",
+            manual.join(" ; ")
+        ));
+    }
+    text
+}
+
+/// Merge-patches the migration annotations onto a pod; a failure is logged, not fatal.
+async fn annotate(pods: &Api<Pod>, name: &str, id: &str, phase: &str, peer: Option<&str>) {
+    let mut values = serde_json::Map::new();
+    values.insert(annotations::MIGRATION_ID.into(), id.into());
+    values.insert(annotations::PHASE.into(), phase.into());
+    if let Some(peer) = peer {
+        values.insert(annotations::PEER.into(), peer.into());
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": values}});
+    if let Err(error) = pods
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%error, pod = name, "cannot annotate the pod with the migration's phase");
+    }
+}
+
+async fn annotate_timings(pods: &Api<Pod>, name: &str, timings: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {annotations::TIMINGS: timings}}});
+    if let Err(error) = pods
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%error, pod = name, "cannot annotate the pod with the migration's timings");
+    }
+}
+
+/// Publishes an Event on `pod`; a failure is logged, not fatal.
+async fn record(connection: &Connection, pod: &Pod, reason: &str, note: String) {
+    let reporter = Reporter {
+        controller: "kubectl-migrate".into(),
+        instance: None,
+    };
+    let recorder = Recorder::new(connection.client.clone(), reporter);
+    let event = Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &pod.object_ref(&())).await {
+        tracing::warn!(%error, "cannot record the migration as an Event");
+    }
+}
+
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// `mig-YYYYMMDD-HHMMSS-xxxx`: unique enough per namespace, sortable.
+fn new_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("mig-{}-{:04x}", now.as_secs(), now.subsec_nanos() & 0xffff)
+}

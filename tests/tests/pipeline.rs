@@ -1,0 +1,480 @@
+//! The migration pipeline against a real kube-apiserver, with pod status driven by the test
+//! (no kubelet here; the end-to-end tests run a real one). What happens inside containers —
+//! `restore-launcher checkpoint | receive`, `status`, `rollback` through `kubectl exec` — is
+//! played by [`StandIn`], the one seam the issue allows, recording every call so the tests can
+//! assert the order: the source is deleted only after every container reported `restored`, and
+//! on every failure the target is deleted and the source rolled back.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kubectl_migrate::check::Launchers;
+use kubectl_migrate::client::Connection;
+use kubectl_migrate::migrate::{self, MigrateError, Options};
+use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
+use migrate_tests::{ApiServer, apiserver_tests_can_run};
+
+/// What the stand-in's transfer does.
+#[derive(Debug, Clone, PartialEq)]
+enum Transfer {
+    Works,
+    RestoreFails,
+    Hangs,
+}
+
+/// Plays the launchers in the pods' containers (see the module comment).
+struct StandIn {
+    client: kube::Client,
+    transfer: Transfer,
+    calls: Mutex<Vec<String>>,
+    restored: Mutex<BTreeSet<String>>,
+    source_gone_too_early: AtomicBool,
+}
+
+impl StandIn {
+    fn new(client: kube::Client, transfer: Transfer) -> Self {
+        StandIn {
+            client,
+            transfer,
+            calls: Mutex::default(),
+            restored: Mutex::default(),
+            source_gone_too_early: AtomicBool::new(false),
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn call(&self, text: String) {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(text);
+        }
+    }
+}
+
+fn status(state: &str) -> StatusReport {
+    serde_json::from_value(
+        serde_json::json!({"state": state, "app_pid": 1000, "launcher_version": "0.1.0",
+        "criu_version": "4.1.1", "kernel": "6.18.4", "arch": "x86_64", "last_checkpoint": null,
+        "last_restore": null, "error": null}),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+impl Launchers for StandIn {
+    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
+        self.call(format!("status {}/{container}", name(pod)));
+        let key = format!("{}/{container}", name(pod));
+        if self
+            .restored
+            .lock()
+            .map(|r| r.contains(&key))
+            .unwrap_or(false)
+        {
+            // Verification of the target: the source must still be there, undeleted.
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), "apps");
+            let source = pods.get_opt("counter").await.map_err(|e| e.to_string())?;
+            if source.is_none_or(|p| p.metadata.deletion_timestamp.is_some()) {
+                self.source_gone_too_early.store(true, Ordering::SeqCst);
+            }
+            return Ok(status("restored"));
+        }
+        Ok(status(if name(pod).ends_with("-m1") {
+            "waiting"
+        } else {
+            "running"
+        }))
+    }
+
+    async fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: Arc<AtomicU64>,
+    ) -> Result<(CheckpointReport, RestoreReport), String> {
+        self.call(format!(
+            "transfer {}/{container} -> {}",
+            name(source),
+            name(target)
+        ));
+        match self.transfer {
+            Transfer::Hangs => std::future::pending::<()>().await,
+            Transfer::RestoreFails => return Err("restore failed: criu restore failed (exit status: 1): Can't fork for 1000: File exists".into()),
+            Transfer::Works => {}
+        }
+        moved.fetch_add(611_447, Ordering::Relaxed);
+        if let Ok(mut restored) = self.restored.lock() {
+            restored.insert(format!("{}/{container}", name(target)));
+        }
+        let mut checkpoint = CheckpointReport::new("ck-test".into(), false);
+        checkpoint.ok = true;
+        checkpoint.archive_bytes = 611_447;
+        let mut restore = RestoreReport::new();
+        restore.ok = true;
+        restore.app_pid = Some(1000);
+        restore.downtime_ms = Some(84);
+        Ok((checkpoint, restore))
+    }
+
+    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.call(format!("rollback {}/{container}", name(pod)));
+        Ok(())
+    }
+}
+
+/// What the stand-in kubelet does with the target pod once it appears.
+#[derive(Debug, Clone, Copy)]
+enum Kubelet {
+    Runs,
+    Fails,
+    PullFails,
+    Never,
+}
+
+/// A control plane with two Ready nodes and pod `apps/counter` running on node-a.
+async fn cluster() -> Result<(ApiServer, Connection)> {
+    let server = ApiServer::start()?;
+    server.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: default\n  namespace: apps\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {kubernetes.io/os: linux, kubernetes.io/arch: amd64}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n  labels: {kubernetes.io/os: linux, kubernetes.io/arch: amd64}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: counter\n  namespace: apps\n  labels: {app: counter}\nspec:\n  nodeName: node-a\n  containers:\n  - name: counter\n    image: localhost/migrate/counter:v1\n",
+    )?;
+    server.node_status("node-a", true, "6.18.4")?;
+    server.node_status("node-b", true, "6.18.4")?;
+    server.patch_status(
+        "pod",
+        "counter",
+        Some("apps"),
+        &serde_json::json!({"status": {"phase": "Running"}}),
+    )?;
+    let client = server.client().await?;
+    let connection = Connection {
+        client,
+        namespace: "apps".into(),
+        server: server.url.clone(),
+    };
+    Ok((server, connection))
+}
+
+/// Plays the kubelet for the target pod `counter-m1`.
+fn kubelet(server: &ApiServer, behaviour: Kubelet) -> std::thread::JoinHandle<()> {
+    let kubectl = migrate_tests::apiserver::kubectl();
+    let kubeconfig = server.kubeconfig.clone();
+    std::thread::spawn(move || {
+        let status = match behaviour {
+            Kubelet::Never => return,
+            Kubelet::Runs => {
+                serde_json::json!({"status": {"phase": "Running", "containerStatuses": [{"name": "counter", "ready": true,
+                "restartCount": 0, "image": "localhost/migrate/counter:v1", "imageID": "", "state": {"running": {"startedAt": "2026-11-22T00:00:00Z"}}}]}})
+            }
+            Kubelet::Fails => {
+                serde_json::json!({"status": {"phase": "Failed", "message": "the launcher exited 1"}})
+            }
+            Kubelet::PullFails => {
+                serde_json::json!({"status": {"phase": "Pending", "containerStatuses": [{"name": "counter", "ready": false,
+                "restartCount": 0, "image": "localhost/migrate/counter:v1", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}})
+            }
+        };
+        for _ in 0..200 {
+            let output = std::process::Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args([
+                    "patch",
+                    "pod",
+                    "counter-m1",
+                    "-n",
+                    "apps",
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &status.to_string(),
+                ])
+                .output();
+            if output.is_ok_and(|o| o.status.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+fn options(timeout: Duration) -> Options {
+    Options {
+        pod: "counter".into(),
+        target_node: "node-b".into(),
+        timeout,
+        keep_source: false,
+    }
+}
+
+async fn pod(connection: &Connection, name: &str) -> Result<Option<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+    Ok(pods.get_opt(name).await?)
+}
+
+/// Deleted, or being deleted (without a kubelet a pod bound to a node keeps its
+/// deletionTimestamp until the kubelet confirms).
+async fn deleted(connection: &Connection, name: &str) -> Result<bool> {
+    Ok(pod(connection, name)
+        .await?
+        .is_none_or(|p| p.metadata.deletion_timestamp.is_some()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_after_restored()
+-> Result<()> {
+    if !apiserver_tests_can_run(
+        "success_creates_the_target_on_the_node_and_deletes_the_source_only_after_restored",
+    ) {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let driver = kubelet(&server, Kubelet::Runs);
+    let report = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(60)),
+        std::future::pending(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = driver.join();
+
+    ensure!(
+        report.target == "counter-m1" && report.node == "node-b" && report.source_deleted,
+        "{report:?}"
+    );
+    let target = pod(&connection, "counter-m1")
+        .await?
+        .context("the target pod is missing")?;
+    ensure!(target.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-b"));
+    let notes = target.metadata.annotations.clone().unwrap_or_default();
+    ensure!(
+        notes.get("migrate.kubectl.io/phase").map(String::as_str) == Some("done"),
+        "{notes:?}"
+    );
+    ensure!(
+        notes.get("migrate.kubectl.io/id") == Some(&report.id),
+        "{notes:?}"
+    );
+    ensure!(
+        notes.contains_key("migrate.kubectl.io/timings"),
+        "{notes:?}"
+    );
+    ensure!(
+        deleted(&connection, "counter").await?,
+        "the source pod was not deleted"
+    );
+    ensure!(
+        !launchers.source_gone_too_early.load(Ordering::SeqCst),
+        "the source was deleted before the target reported restored"
+    );
+    let calls = launchers.calls();
+    let transfer = calls
+        .iter()
+        .position(|c| c.starts_with("transfer"))
+        .context("no transfer")?;
+    let verify = calls
+        .iter()
+        .position(|c| c == "status counter-m1/counter")
+        .context("no verification")?;
+    ensure!(
+        transfer < verify && !calls.iter().any(|c| c.starts_with("rollback")),
+        "{calls:?}"
+    );
+    let phases: Vec<&str> = report.phases.iter().map(|(p, _)| p.as_str()).collect();
+    ensure!(
+        phases
+            == [
+                "check",
+                "target",
+                "checkpoint+transfer+restore",
+                "verify",
+                "cleanup",
+                "total"
+            ],
+        "{phases:?}"
+    );
+    ensure!(
+        report.downtime_ms == Some(84) && report.bytes_moved == 611_447,
+        "{report:?}"
+    );
+
+    let events = server
+        .kubectl(&["get", "events", "-n", "apps", "-o", "json"])
+        .output()?;
+    let events: serde_json::Value = serde_json::from_slice(&events.stdout)?;
+    let reasons: BTreeSet<String> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["reason"].as_str().map(String::from))
+        .collect();
+    for reason in ["MigrationStarted", "MigrationTarget", "MigrationDone"] {
+        ensure!(reasons.contains(reason), "no {reason} event: {reasons:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_is_deleted_and_the_source_rolled_back() -> Result<()> {
+    if !apiserver_tests_can_run("a_failing_target_is_deleted_and_the_source_rolled_back") {
+        return Ok(());
+    }
+    // The target pod itself fails, or cannot pull its image, before anything was frozen.
+    for behaviour in [Kubelet::Fails, Kubelet::PullFails] {
+        let (server, connection) = cluster().await?;
+        let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+        let driver = kubelet(&server, behaviour);
+        let failed = migrate::migrate(
+            &connection,
+            &launchers,
+            &options(Duration::from_secs(60)),
+            std::future::pending(),
+        )
+        .await
+        .err()
+        .context("the migration should fail")?;
+        let _ = driver.join();
+        let text = failed.to_string();
+        ensure!(
+            matches!(failed.error, MigrateError::TargetFailed { .. }),
+            "{behaviour:?}: {text}"
+        );
+        ensure!(
+            text.contains("deleted the target pod counter-m1") && text.contains("keeps running"),
+            "{behaviour:?}: {text}"
+        );
+        ensure!(
+            deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?,
+            "{behaviour:?}"
+        );
+        ensure!(
+            !launchers.calls().iter().any(|c| c.starts_with("transfer")),
+            "{behaviour:?}: nothing should have been frozen"
+        );
+    }
+    // The restore fails in the target: target deleted, source rolled back.
+    let (server, connection) = cluster().await?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::RestoreFails);
+    let driver = kubelet(&server, Kubelet::Runs);
+    let failed = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(60)),
+        std::future::pending(),
+    )
+    .await
+    .err()
+    .context("the migration should fail")?;
+    let _ = driver.join();
+    let text = failed.to_string();
+    ensure!(
+        text.contains("container counter: restore failed") && text.contains("File exists"),
+        "{text}"
+    );
+    ensure!(
+        text.contains("resumed the source app in container counter"),
+        "{text}"
+    );
+    ensure!(
+        launchers
+            .calls()
+            .contains(&"rollback counter/counter".to_string()),
+        "{:?}",
+        launchers.calls()
+    );
+    ensure!(deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?);
+    let source = pod(&connection, "counter").await?.context("source")?;
+    let phase = source
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get("migrate.kubectl.io/phase")
+        .cloned();
+    ensure!(phase.as_deref() == Some("failed"), "{phase:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<()> {
+    if !apiserver_tests_can_run("a_passed_deadline_or_an_interruption_undoes_the_migration") {
+        return Ok(());
+    }
+    // Deadline while waiting for a target that never runs.
+    let (_server, connection) = cluster().await?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let start = std::time::Instant::now();
+    let failed = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(3)),
+        std::future::pending(),
+    )
+    .await
+    .err()
+    .context("the migration should time out")?;
+    ensure!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
+    let text = failed.to_string();
+    ensure!(
+        text.contains("deadline (3s, --timeout) passed during creating the target"),
+        "{text}"
+    );
+    ensure!(deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?);
+
+    // Interrupted (Ctrl-C) in the middle of the transfer: the source may be frozen, so it is
+    // rolled back; the message says it keeps running and how to retry.
+    let (server, connection) = cluster().await?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Hangs);
+    let driver = kubelet(&server, Kubelet::Runs);
+    let transferring = async {
+        while !launchers.calls().iter().any(|c| c.starts_with("transfer")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let failed = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(60)),
+        transferring,
+    )
+    .await
+    .err()
+    .context("the migration should be interrupted")?;
+    let _ = driver.join();
+    let text = failed.to_string();
+    ensure!(
+        text.contains("interrupted during checkpoint and transfer"),
+        "{text}"
+    );
+    ensure!(
+        text.contains("resumed the source app")
+            && text.contains("run the migration again to retry"),
+        "{text}"
+    );
+    ensure!(
+        launchers
+            .calls()
+            .contains(&"rollback counter/counter".to_string())
+    );
+    ensure!(deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?);
+    Ok(())
+}
