@@ -416,8 +416,9 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
         return Ok(());
     }
     // Deadline while waiting for a target that never runs.
-    let (_server, connection) = cluster().await?;
+    let (server, connection) = cluster().await?;
     let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let never = kubelet(&server, Kubelet::Never);
     let start = std::time::Instant::now();
     let failed = migrate::migrate(
         &connection,
@@ -428,6 +429,7 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
     .await
     .err()
     .context("the migration should time out")?;
+    let _ = never.join();
     ensure!(
         start.elapsed() < Duration::from_secs(20),
         "took {:?}",
