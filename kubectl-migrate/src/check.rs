@@ -72,6 +72,119 @@ pub struct Facts {
     pub launchers: BTreeMap<String, Result<StatusReport, String>>,
     /// `--force`: accept hostPath volumes and placement that excludes the target.
     pub force: bool,
+    /// The permissions the migration needs that the API server says the user lacks.
+    pub denied: Vec<Permission>,
+}
+
+/// One permission the migration needs (see config/rbac.yaml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permission {
+    pub verb: &'static str,
+    pub resource: &'static str,
+    pub subresource: Option<&'static str>,
+    /// None: cluster-wide.
+    pub namespaced: bool,
+}
+
+/// Everything `kubectl migrate` does through the API, as RBAC sees it.
+pub const NEEDED: [Permission; 10] = [
+    Permission {
+        verb: "get",
+        resource: "pods",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "watch",
+        resource: "pods",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "create",
+        resource: "pods",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "delete",
+        resource: "pods",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "patch",
+        resource: "pods",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "create",
+        resource: "pods",
+        subresource: Some("exec"),
+        namespaced: true,
+    },
+    Permission {
+        verb: "get",
+        resource: "persistentvolumeclaims",
+        subresource: None,
+        namespaced: true,
+    },
+    Permission {
+        verb: "get",
+        resource: "nodes",
+        subresource: None,
+        namespaced: false,
+    },
+    Permission {
+        verb: "list",
+        resource: "nodes",
+        subresource: None,
+        namespaced: false,
+    },
+    Permission {
+        verb: "list",
+        resource: "pods",
+        subresource: None,
+        namespaced: false,
+    },
+];
+
+/// Asks the API server (SelfSubjectAccessReview) which of [`NEEDED`] the caller lacks.
+///
+/// # Errors
+/// API errors.
+pub async fn denied_permissions(
+    client: &Client,
+    namespace: &str,
+) -> Result<Vec<Permission>, kube::Error> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut denied = Vec::new();
+    for permission in NEEDED {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(permission.verb.into()),
+                    resource: Some(permission.resource.into()),
+                    subresource: permission.subresource.map(Into::into),
+                    namespace: permission.namespaced.then(|| namespace.to_string()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let answer = reviews
+            .create(&kube::api::PostParams::default(), &review)
+            .await?;
+        if !answer.status.is_some_and(|s| s.allowed) {
+            denied.push(permission);
+        }
+    }
+    Ok(denied)
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -107,6 +220,13 @@ pub async fn gather(
     force: bool,
 ) -> Result<Result<Facts, Problem>, kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let denied = denied_permissions(client, namespace).await?;
+    if denied
+        .iter()
+        .any(|p| p.verb == "get" && p.resource == "pods" && p.subresource.is_none())
+    {
+        return Ok(Err(permission_problem(&denied, namespace)));
+    }
     let Some(pod) = pods.get_opt(name).await? else {
         return Ok(Err(problem(
             format!("pod {namespace}/{name} does not exist"),
@@ -161,12 +281,19 @@ pub async fn gather(
         claims,
         launchers: statuses,
         force,
+        denied,
     }))
 }
 
 /// Every problem with the move, in order of the pipeline; empty when it can go ahead.
 pub fn problems(facts: &Facts) -> Vec<Problem> {
     let mut found = Vec::new();
+    if !facts.denied.is_empty() {
+        found.push(permission_problem(
+            &facts.denied,
+            facts.pod.metadata.namespace.as_deref().unwrap_or("default"),
+        ));
+    }
     let pod = &facts.pod;
     let name = pod.metadata.name.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
@@ -374,6 +501,29 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found
 }
 
+/// One problem listing every missing permission as `verb resource` and where.
+fn permission_problem(denied: &[Permission], namespace: &str) -> Problem {
+    let list: Vec<String> = denied
+        .iter()
+        .map(|p| {
+            let resource = p.subresource.map_or_else(
+                || p.resource.to_string(),
+                |sub| format!("{}/{sub}", p.resource),
+            );
+            let scope = if p.namespaced {
+                format!("in namespace {namespace}")
+            } else {
+                "cluster-wide".into()
+            };
+            format!("{} {resource} {scope}", p.verb)
+        })
+        .collect();
+    problem(
+        format!("you are not allowed to: {}", list.join(", ")),
+        "apply config/rbac.yaml in the namespace and bind its Role and ClusterRole to you (see the README)",
+    )
+}
+
 /// Whether the pod's requests fit into what the target has left.
 fn resource_problems(facts: &Facts, node: &Node) -> Vec<Problem> {
     let allocatable = node
@@ -557,6 +707,7 @@ mod tests {
             claims: BTreeMap::new(),
             launchers: BTreeMap::from([("counter".to_string(), Ok(status()))]),
             force: false,
+            denied: Vec::new(),
         }
     }
 

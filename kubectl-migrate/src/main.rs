@@ -128,9 +128,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(failed) => {
-            if let migrate::MigrateError::Preflight(problems) = &failed.error {
-                report(problems, pod, node);
-            }
             eprintln!("error: migration of {pod} to {node} failed: {failed}");
             Ok(ExitCode::FAILURE)
         }

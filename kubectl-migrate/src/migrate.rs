@@ -81,15 +81,33 @@ pub enum MigrateError {
     Interrupted { phase: String },
 }
 
-/// A failed migration: why, and what was done about it.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}; {aftermath}")]
+/// A failed migration: why (with the causes, such as the API server's refusal naming the
+/// verb and resource), and what was done about it.
+#[derive(Debug)]
 pub struct Failed {
-    #[source]
     pub error: MigrateError,
     /// What happened to the source and target, and how to resume or abort.
     pub aftermath: String,
 }
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        let mut cause = std::error::Error::source(&self.error);
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        if let MigrateError::Preflight(problems) = &self.error {
+            for problem in problems {
+                write!(f, "\n  ✗ {problem}")?;
+            }
+        }
+        write!(f, "\n{}", self.aftermath)
+    }
+}
+
+impl std::error::Error for Failed {}
 
 /// State the undo needs.
 #[derive(Debug, Default)]

@@ -480,3 +480,137 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
     ensure!(deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?);
     Ok(())
 }
+
+/// A kubeconfig whose user is the ServiceAccount `apps/kubectl-migrate`, bound to exactly the
+/// shipped `config/rbac.yaml`.
+async fn service_account_connection(
+    server: &ApiServer,
+    role_verbs: Option<&str>,
+) -> Result<Connection> {
+    let rbac = migrate_tests::workspace().join("config/rbac.yaml");
+    let output = server
+        .kubectl(&["apply", "-n", "apps", "-f"])
+        .arg(&rbac)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "apply rbac: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if let Some(verbs) = role_verbs {
+        let patch =
+            format!("[{{\"op\":\"replace\",\"path\":\"/rules/0/verbs\",\"value\":{verbs}}}]");
+        let output = server
+            .kubectl(&[
+                "patch",
+                "role",
+                "kubectl-migrate",
+                "-n",
+                "apps",
+                "--type=json",
+                "-p",
+                &patch,
+            ])
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "patch role: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = server
+        .kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "kubectl-migrate-nodes",
+            "--clusterrole=kubectl-migrate-nodes",
+            "--serviceaccount=apps:kubectl-migrate",
+        ])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "bind: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = server
+        .kubectl(&["create", "token", "kubectl-migrate", "-n", "apps"])
+        .output()?;
+    ensure!(
+        token.status.success(),
+        "token: {}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout)?.trim().to_string();
+    let path = server.dir().join("sa-kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context:\n    cluster: c\n    user: sa\n    namespace: apps\ncurrent-context: sa\n",
+            server.url
+        ),
+    )?;
+    let global = kubectl_migrate::cli::Global {
+        namespace: None,
+        context: None,
+        kubeconfig: Some(path),
+        verbose: 0,
+    };
+    Ok(kubectl_migrate::client::connect(&global).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_rbac_is_enough_and_a_missing_verb_is_named() -> Result<()> {
+    if !apiserver_tests_can_run("the_shipped_rbac_is_enough_and_a_missing_verb_is_named") {
+        return Ok(());
+    }
+    let (server, admin) = cluster().await?;
+    let connection = service_account_connection(&server, None).await?;
+    ensure!(connection.namespace == "apps");
+    let launchers = StandIn::new(admin.client.clone(), Transfer::Works);
+    let driver = kubelet(&server, Kubelet::Runs);
+    let report = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(60)),
+        std::future::pending(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("with exactly config/rbac.yaml: {e}"))?;
+    let _ = driver.join();
+    ensure!(report.source_deleted && deleted(&admin, "counter").await?);
+
+    // The same Role without `delete` on pods: refused up front, naming the verb and resource.
+    let (server, admin) = cluster().await?;
+    let connection = service_account_connection(
+        &server,
+        Some("[\"get\",\"list\",\"watch\",\"create\",\"patch\"]"),
+    )
+    .await?;
+    let launchers = StandIn::new(admin.client.clone(), Transfer::Works);
+    let failed = migrate::migrate(
+        &connection,
+        &launchers,
+        &options(Duration::from_secs(60)),
+        std::future::pending(),
+    )
+    .await
+    .err()
+    .context("the migration should be refused")?;
+    let text = failed.to_string();
+    ensure!(
+        text.contains("you are not allowed to: delete pods in namespace apps")
+            && text.contains("config/rbac.yaml"),
+        "{text}"
+    );
+    ensure!(
+        pod(&admin, "counter-m1").await?.is_none() && !deleted(&admin, "counter").await?,
+        "something was changed"
+    );
+    ensure!(
+        launchers.calls().iter().all(|c| c.starts_with("status")),
+        "{:?}",
+        launchers.calls()
+    );
+    Ok(())
+}
