@@ -114,7 +114,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         target_node: node.into(),
         timeout: cli.migrate.timeout,
         keep_source: cli.migrate.keep_source,
+        moved: Default::default(),
     };
+    let progress = show_progress(options.moved.clone());
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
     };
@@ -122,7 +124,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("interrupted: undoing the migration (target deleted, source resumed)…");
     };
-    match migrate::migrate(&connection, &launchers, &options, interrupted).await {
+    let outcome = migrate::migrate(&connection, &launchers, &options, interrupted).await;
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    match outcome {
         Ok(done) => {
             print_report(&done, cli.migrate.output)?;
             Ok(ExitCode::SUCCESS)
@@ -132,6 +138,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// A progress bar of the archive bytes moved and their rate, on stderr when it is a terminal.
+fn show_progress(
+    moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {msg} {bytes} moved ({bytes_per_sec}, {elapsed})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message("migrating:");
+    Some(tokio::spawn(async move {
+        loop {
+            bar.set_position(moved.load(std::sync::atomic::Ordering::Relaxed));
+            bar.tick();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }))
 }
 
 /// The per-phase timing table on stderr, or the whole report as JSON/YAML on stdout.

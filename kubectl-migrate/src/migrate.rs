@@ -43,6 +43,8 @@ pub struct Options {
     pub target_node: String,
     pub timeout: Duration,
     pub keep_source: bool,
+    /// Archive bytes moved so far, for a progress display (shared with the caller).
+    pub moved: Arc<AtomicU64>,
 }
 
 /// What a successful migration did.
@@ -255,7 +257,7 @@ async fn run<L: Launchers + Sync>(
         Some(&target_name),
     )
     .await;
-    let moved = Arc::new(AtomicU64::new(0));
+    let moved = options.moved.clone();
     let containers: Vec<String> = source
         .spec
         .iter()

@@ -123,6 +123,26 @@ fn dry_run_prints_the_target_pod_and_creates_nothing() -> Result<()> {
         String::from_utf8_lossy(&pods.stdout)
     );
 
+    // A pod or node that does not exist: `check` says so, exits 1.
+    for (pod, node, expected) in [
+        ("missing", "node-b", "pod apps/missing does not exist"),
+        (
+            "counter",
+            "node-nowhere",
+            "node node-nowhere does not exist",
+        ),
+    ] {
+        let output = std::process::Command::new(&plugin)
+            .args(["check", pod, "--to", node, "-n", "apps", "--kubeconfig"])
+            .arg(&server.kubeconfig)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            output.status.code() == Some(1) && stderr.contains(expected),
+            "check {pod} --to {node}: {stderr}"
+        );
+    }
+
     // kubectl finds the plugin on PATH, as users run it.
     let dir = plugin.parent().context("plugin dir")?;
     let path = format!(

@@ -217,6 +217,7 @@ fn options(timeout: Duration) -> Options {
         target_node: "node-b".into(),
         timeout,
         keep_source: false,
+        moved: Default::default(),
     }
 }
 
