@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::workspace;
+use crate::{ready_or_skip, workspace};
 
 /// The Kubernetes release the tests build and run.
 pub const KUBERNETES_VERSION: &str = "v1.34.4";
@@ -42,16 +42,7 @@ pub fn apiserver_tests_can_run(test: &str) -> bool {
             missing.push(tool.to_string());
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: CI must provide {}",
-        missing.join(", ")
-    );
-    eprintln!("SKIPPED {test}: needs {}", missing.join(", "));
-    false
+    ready_or_skip(test, &missing)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

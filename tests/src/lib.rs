@@ -57,6 +57,12 @@ pub fn criu_tests_can_run(test: &str) -> bool {
     if static_launcher().is_none() {
         missing.push("the static launcher (run the tests through `cargo xtask test`)".into());
     }
+    ready_or_skip(test, &missing)
+}
+
+/// True when nothing is `missing`. Otherwise a test skips with a loud `SKIPPED` line, or,
+/// under CI (`CI` set, where everything is installed), fails: a CI run never silently skips.
+pub fn ready_or_skip(test: &str, missing: &[String]) -> bool {
     if missing.is_empty() {
         return true;
     }
@@ -284,6 +290,40 @@ impl Node {
         let mut full = vec!["/usr/local/bin/restore-launcher"];
         full.extend_from_slice(args);
         self.exec(&full)
+    }
+
+    /// `checkpoint --output -` in this node piped into `receive --input -` in `target`, as
+    /// the plugin does through exec; returns the checkpoint summary and the restore report.
+    ///
+    /// # Errors
+    /// When either side fails, with both reports and the target's log.
+    pub fn stream_to(&self, target: &Node) -> Result<(serde_json::Value, serde_json::Value)> {
+        let mut dump = self
+            .launcher(&["checkpoint", "--output", "-"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let receive = target
+            .launcher(&["receive", "--input", "-"])
+            .stdin(dump.stdout.take().context("checkpoint stdout")?)
+            .output()?;
+        let dump = dump.wait_with_output()?;
+        let lossy = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        if !dump.status.success() || !receive.status.success() {
+            bail!(
+                "the streamed migration failed\ncheckpoint: {}\nreceive: {} {}\n{}: {}",
+                lossy(&dump.stderr),
+                lossy(&receive.stdout),
+                lossy(&receive.stderr),
+                target.name,
+                tail(&target.stderr(), 20)
+            );
+        }
+        let checkpoint = serde_json::from_slice(&dump.stderr)
+            .with_context(|| format!("checkpoint summary: {}", lossy(&dump.stderr)))?;
+        let restore = serde_json::from_slice(&receive.stdout)
+            .with_context(|| format!("receive answer: {}", lossy(&receive.stdout)))?;
+        Ok((checkpoint, restore))
     }
 
     /// `status` as JSON.

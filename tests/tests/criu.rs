@@ -186,34 +186,8 @@ fn streamed_checkpoint_restores_into_a_node_whose_low_pids_are_taken() -> Result
         (low >= 20).then_some(low)
     })?;
 
-    let mut dump = a
-        .launcher(&["checkpoint", "--output", "-"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let receive = b
-        .launcher(&["receive", "--input", "-"])
-        .stdin(dump.stdout.take().context("dump stdout")?)
-        .output()?;
-    let dump = dump.wait_with_output()?;
-    ensure!(
-        dump.status.success(),
-        "checkpoint --output - failed: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&dump.stderr).context("checkpoint summary on stderr")?;
-    let result: serde_json::Value = serde_json::from_slice(&receive.stdout).with_context(|| {
-        format!(
-            "receive answer: {}",
-            String::from_utf8_lossy(&receive.stderr)
-        )
-    })?;
-    ensure!(
-        receive.status.success() && result["ok"] == true,
-        "receive failed: {result}\n{}",
-        b.stderr()
-    );
+    let (summary, result) = a.stream_to(&b)?;
+    ensure!(result["ok"] == true, "receive failed: {result}");
     ensure!(
         result["id"] == summary["id"],
         "restored {} but sent {}",

@@ -221,6 +221,24 @@ fn options(timeout: Duration) -> Options {
     }
 }
 
+/// Runs a migration (deadline `seconds`) that must fail; returns how it failed.
+async fn must_fail(
+    connection: &Connection,
+    launchers: &StandIn,
+    seconds: u64,
+    interrupted: impl std::future::Future<Output = ()>,
+) -> Result<migrate::Failed> {
+    migrate::migrate(
+        connection,
+        launchers,
+        &options(Duration::from_secs(seconds)),
+        interrupted,
+    )
+    .await
+    .err()
+    .context("the migration should have failed")
+}
+
 async fn pod(connection: &Connection, name: &str) -> Result<Option<Pod>> {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
     Ok(pods.get_opt(name).await?)
@@ -341,15 +359,7 @@ async fn a_failing_target_is_deleted_and_the_source_rolled_back() -> Result<()> 
         let (server, connection) = cluster().await?;
         let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
         let driver = kubelet(&server, behaviour);
-        let failed = migrate::migrate(
-            &connection,
-            &launchers,
-            &options(Duration::from_secs(60)),
-            std::future::pending(),
-        )
-        .await
-        .err()
-        .context("the migration should fail")?;
+        let failed = must_fail(&connection, &launchers, 60, std::future::pending()).await?;
         let _ = driver.join();
         let text = failed.to_string();
         ensure!(
@@ -373,15 +383,7 @@ async fn a_failing_target_is_deleted_and_the_source_rolled_back() -> Result<()> 
     let (server, connection) = cluster().await?;
     let launchers = StandIn::new(connection.client.clone(), Transfer::RestoreFails);
     let driver = kubelet(&server, Kubelet::Runs);
-    let failed = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(60)),
-        std::future::pending(),
-    )
-    .await
-    .err()
-    .context("the migration should fail")?;
+    let failed = must_fail(&connection, &launchers, 60, std::future::pending()).await?;
     let _ = driver.join();
     let text = failed.to_string();
     ensure!(
@@ -421,15 +423,7 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
     let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
     let never = kubelet(&server, Kubelet::Never);
     let start = std::time::Instant::now();
-    let failed = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(3)),
-        std::future::pending(),
-    )
-    .await
-    .err()
-    .context("the migration should time out")?;
+    let failed = must_fail(&connection, &launchers, 3, std::future::pending()).await?;
     let _ = never.join();
     ensure!(
         start.elapsed() < Duration::from_secs(20),
@@ -453,15 +447,7 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let failed = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(60)),
-        transferring,
-    )
-    .await
-    .err()
-    .context("the migration should be interrupted")?;
+    let failed = must_fail(&connection, &launchers, 60, transferring).await?;
     let _ = driver.join();
     let text = failed.to_string();
     ensure!(
@@ -589,15 +575,7 @@ async fn the_shipped_rbac_is_enough_and_a_missing_verb_is_named() -> Result<()> 
     )
     .await?;
     let launchers = StandIn::new(admin.client.clone(), Transfer::Works);
-    let failed = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(60)),
-        std::future::pending(),
-    )
-    .await
-    .err()
-    .context("the migration should be refused")?;
+    let failed = must_fail(&connection, &launchers, 60, std::future::pending()).await?;
     let text = failed.to_string();
     ensure!(
         text.contains("you are not allowed to: delete pods in namespace apps")

@@ -10,7 +10,7 @@
 //! peak RSS of the tooling (criu and the launcher's job) and the ratio launcher/raw.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -234,35 +234,27 @@ fn launcher_file(size: u64) -> Result<Row> {
         "receive failed: {}",
         String::from_utf8_lossy(&receive.stdout)
     );
-    row("launcher, file", &checkpoint.stdout, &receive.stdout)
+    row(
+        "launcher, file",
+        &serde_json::from_slice(&checkpoint.stdout)?,
+        &serde_json::from_slice(&receive.stdout)?,
+    )
 }
 
 fn launcher_stream(size: u64) -> Result<Row> {
     let a = memhog("stream-a", size, false)?;
     let b = memhog("stream-b", size, true)?;
-    let mut dump = a
-        .launcher(&["checkpoint", "--output", "-"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let receive = b
-        .launcher(&["receive", "--input", "-"])
-        .stdin(dump.stdout.take().context("stdout")?)
-        .output()?;
-    let dump = dump.wait_with_output()?;
-    ensure!(
-        dump.status.success() && receive.status.success(),
-        "streamed migration failed: {}",
-        String::from_utf8_lossy(&receive.stdout)
-    );
-    row("launcher, streamed", &dump.stderr, &receive.stdout)
+    let (checkpoint, restore) = a.stream_to(&b)?;
+    row("launcher, streamed", &checkpoint, &restore)
 }
 
-fn row(method: &'static str, checkpoint: &[u8], restore: &[u8]) -> Result<Row> {
-    let checkpoint: serde_json::Value = serde_json::from_slice(checkpoint)?;
-    let restore: serde_json::Value = serde_json::from_slice(restore)?;
+fn row(
+    method: &'static str,
+    checkpoint: &serde_json::Value,
+    restore: &serde_json::Value,
+) -> Result<Row> {
     let peak = |key: &str| -> Option<f64> {
-        [&checkpoint, &restore]
+        [checkpoint, restore]
             .iter()
             .filter_map(|r| r["peak_rss_kib"][key].as_u64())
             .max()

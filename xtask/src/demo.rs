@@ -3,7 +3,6 @@
 //! real CRIU and streamed into the launcher of "node B", which restores it. The counter before
 //! and after, the downtime and the per-phase timings are printed. Needs root (namespaces).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -47,27 +46,8 @@ pub fn run() -> Result<()> {
         "demo: migrating: (A) restore-launcher checkpoint --output - | (B) restore-launcher receive --input -"
     );
     let started = Instant::now();
-    let mut dump = a
-        .launcher(&["checkpoint", "--output", "-"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let receive = b
-        .launcher(&["receive", "--input", "-"])
-        .stdin(dump.stdout.take().context("checkpoint stdout")?)
-        .output()?;
-    let dump = dump.wait_with_output()?;
+    let (checkpoint, restore) = a.stream_to(&b)?;
     let elapsed = started.elapsed();
-    if !dump.status.success() || !receive.status.success() {
-        bail!(
-            "the migration failed\ncheckpoint: {}\nreceive: {}\nnode B: {}",
-            String::from_utf8_lossy(&dump.stderr),
-            String::from_utf8_lossy(&receive.stdout),
-            b.stderr()
-        );
-    }
-    let checkpoint: serde_json::Value = serde_json::from_slice(&dump.stderr).unwrap_or_default();
-    let restore: serde_json::Value = serde_json::from_slice(&receive.stdout).unwrap_or_default();
     let before = *counter_values(&a.stdout())
         .last()
         .context("node A printed nothing")?;
