@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum LauncherState {
     /// The app runs, started fresh.
     Running,
+    /// The app is stopped by `freeze` (SIGSTOP to its group), so that several containers can be
+    /// checkpointed at one consistent moment; `thaw` or `rollback` resumes it.
+    Frozen,
     /// A checkpoint is being taken.
     Checkpointing,
     /// The app is frozen after a checkpoint; its state is in the archive. `rollback` resumes it.
@@ -38,6 +41,10 @@ pub struct StatusReport {
     pub last_restore: Option<RestoreReport>,
     /// The last error, while in the `failed` state.
     pub error: Option<String>,
+    /// Whether the app's root process is stopped (frozen, checkpointed, or restored from a
+    /// frozen checkpoint and not yet thawed).
+    #[serde(default)]
+    pub app_stopped: bool,
 }
 
 /// What `checkpoint` prints.

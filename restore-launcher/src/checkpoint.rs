@@ -35,6 +35,9 @@ pub struct Plan {
     pub stderr_pipe: Option<u64>,
     pub command: Vec<String>,
     pub original_mask: SigSet,
+    /// The app was stopped by `freeze` before this checkpoint: it stays stopped whatever
+    /// happens (the plugin thaws or rolls back all containers together).
+    pub was_frozen: bool,
 }
 
 /// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
@@ -92,16 +95,17 @@ fn checkpoint(
         return Err(format!("{}; the app keeps running", chain(&error)));
     }
     lap("dump", report);
-    // From here the tree is frozen: on any failure, resume it before returning.
+    // From here the tree is frozen: on any failure, resume it before returning (unless it was
+    // frozen by `freeze`, which only `thaw` or `rollback` undoes).
     let frozen = Frozen {
         app: plan.app,
-        resume_on_drop: true,
+        resume_on_drop: !plan.was_frozen,
     };
     report.app_pids = tree_pids(plan.app);
     let included_bytes = include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
     report.included_bytes = included_bytes;
     lap("snapshot", report);
-    let frozen = if plan.leave_running {
+    let frozen = if plan.leave_running && !plan.was_frozen {
         frozen.resume();
         report.frozen_ms = Some(sysinfo::now_ms().saturating_sub(frozen_at_ms));
         None

@@ -129,8 +129,14 @@ pub enum Command {
         #[arg(long, short, default_value = "-", value_name = "FILE|-")]
         input: String,
     },
-    /// Resume the app frozen by the last checkpoint (used when the target failed).
+    /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
     Rollback,
+    /// Stop the app (SIGSTOP to its group) so that all containers of a pod can be frozen before
+    /// any is checkpointed: a consistent cut. A checkpoint of a frozen app restores frozen.
+    Freeze,
+    /// Resume the app (SIGCONT to its group): after `freeze`, or on the target once every
+    /// container of the pod has been restored from a frozen checkpoint.
+    Thaw,
     /// Print PID 1's state as JSON.
     Status,
 }

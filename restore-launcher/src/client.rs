@@ -44,6 +44,8 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => simple(state_dir, &Request::Status),
         Command::Rollback => simple(state_dir, &Request::Rollback),
+        Command::Freeze => simple(state_dir, &Request::Freeze),
+        Command::Thaw => simple(state_dir, &Request::Thaw),
         Command::Checkpoint {
             output,
             leave_running,

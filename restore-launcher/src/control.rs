@@ -32,8 +32,13 @@ pub enum Request {
     Checkpoint { leave_running: bool },
     /// Restore from an archive read from the passed fd.
     Receive,
-    /// Resume the app frozen by the last checkpoint.
+    /// Resume the app frozen by the last checkpoint (or by `freeze`).
     Rollback,
+    /// Stop the app's process group (SIGSTOP) for a consistent multi-container checkpoint.
+    Freeze,
+    /// Resume the app's process group (SIGCONT): after `freeze`, or after restoring a
+    /// checkpoint that was taken frozen.
+    Thaw,
     /// Report state.
     Status,
 }

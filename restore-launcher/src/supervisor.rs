@@ -284,7 +284,9 @@ impl Supervisor {
         if let Some(code) = exit_status::from_wait_status(status) {
             // A frozen app killed because the pod is going away reports the signal that asked.
             let code = match (self.state, self.deferred_terminate) {
-                (LauncherState::Checkpointed, Some(signo)) => 128 + signo as u8,
+                (LauncherState::Checkpointed | LauncherState::Frozen, Some(signo)) => {
+                    128 + signo as u8
+                }
                 _ => code,
             };
             tracing::info!(?status, code, "the app exited");
@@ -357,7 +359,7 @@ impl Supervisor {
             }
             // The frozen app's state lives in the archive now; the pod is being deleted after
             // the migration. Resuming it to deliver the signal would let it act twice.
-            LauncherState::Checkpointed => {
+            LauncherState::Checkpointed | LauncherState::Frozen => {
                 tracing::info!(signo, "stopping the checkpointed (frozen) app");
                 self.deferred_terminate = Some(signo);
                 if let Some(app) = self.app {
@@ -460,6 +462,8 @@ impl Supervisor {
                 let _ = control::answer(&stream, &self.status());
             }
             Request::Rollback => self.rollback(&stream),
+            Request::Freeze => self.freeze(&stream),
+            Request::Thaw => self.thaw(&stream),
             Request::Checkpoint { leave_running } => match fd {
                 Some(fd) => self.start_checkpoint(stream, fd, leave_running),
                 None => refuse(&stream, "no stream".into()),
@@ -493,12 +497,13 @@ impl Supervisor {
             last_checkpoint: self.last_checkpoint.clone(),
             last_restore: self.last_restore.clone(),
             error: self.error.clone(),
+            app_stopped: self.app.is_some_and(is_stopped),
         }
     }
 
     fn rollback(&mut self, stream: &UnixStream) {
         match (self.state, self.app) {
-            (LauncherState::Checkpointed, Some(app)) => {
+            (LauncherState::Checkpointed | LauncherState::Frozen, Some(app)) => {
                 checkpoint::resume(app);
                 self.state = self.before_checkpoint;
                 tracing::info!(pid = app.as_raw(), "rolled back: the frozen app resumed");
@@ -510,9 +515,64 @@ impl Supervisor {
             _ => refuse(
                 stream,
                 format!(
-                    "nothing to roll back: the launcher is {}; rollback resumes an app frozen by `checkpoint` without --leave-running",
+                    "nothing to roll back: the launcher is {}; rollback resumes an app frozen by `checkpoint` without --leave-running or by `freeze`",
                     state_name(self.state)
                 ),
+            ),
+        }
+    }
+
+    /// SIGSTOP to the app's group: the first half of a consistent multi-container cut.
+    fn freeze(&mut self, stream: &UnixStream) {
+        match (self.state, self.app) {
+            (LauncherState::Running | LauncherState::Restored, Some(app))
+                if self.running.is_none() =>
+            {
+                if let Err(error) = nix::sys::signal::killpg(app, Signal::SIGSTOP) {
+                    return refuse(
+                        stream,
+                        format!("cannot stop the app's process group: {error}"),
+                    );
+                }
+                self.before_checkpoint = self.state;
+                self.state = LauncherState::Frozen;
+                tracing::info!(pid = app.as_raw(), "froze the app");
+                let _ = control::answer(
+                    stream,
+                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
+                );
+            }
+            _ => refuse(
+                stream,
+                format!(
+                    "cannot freeze: the launcher is {} (only a running app can be frozen)",
+                    state_name(self.state)
+                ),
+            ),
+        }
+    }
+
+    /// SIGCONT to the app's group: after `freeze`, or once every container of a pod restored
+    /// from a frozen checkpoint.
+    fn thaw(&mut self, stream: &UnixStream) {
+        match (self.state, self.app) {
+            (
+                LauncherState::Frozen | LauncherState::Running | LauncherState::Restored,
+                Some(app),
+            ) if self.running.is_none() => {
+                checkpoint::resume(app);
+                if self.state == LauncherState::Frozen {
+                    self.state = self.before_checkpoint;
+                }
+                tracing::info!(pid = app.as_raw(), "thawed the app");
+                let _ = control::answer(
+                    stream,
+                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
+                );
+            }
+            _ => refuse(
+                stream,
+                format!("cannot thaw: the launcher is {}", state_name(self.state)),
             ),
         }
     }
@@ -520,10 +580,12 @@ impl Supervisor {
     // ----- jobs ----------------------------------------------------------------------------
 
     fn start_checkpoint(&mut self, stream: UnixStream, output: OwnedFd, leave_running: bool) {
-        let Some(app) = self
-            .app
-            .filter(|_| matches!(self.state, LauncherState::Running | LauncherState::Restored))
-        else {
+        let Some(app) = self.app.filter(|_| {
+            matches!(
+                self.state,
+                LauncherState::Running | LauncherState::Restored | LauncherState::Frozen
+            )
+        }) else {
             return refuse(
                 &stream,
                 format!(
@@ -565,10 +627,14 @@ impl Supervisor {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect(),
             original_mask: self.signals.original_mask,
+            was_frozen: self.state == LauncherState::Frozen,
         };
         match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output))) {
             Ok(job) => {
-                self.before_checkpoint = self.state;
+                // After `freeze`, the state to resume to is the one before the freeze.
+                if self.state != LauncherState::Frozen {
+                    self.before_checkpoint = self.state;
+                }
                 self.running = Some(Running {
                     job,
                     client: Some(stream),
@@ -758,6 +824,14 @@ struct Ready {
     signals: bool,
     control: bool,
     relays: Vec<bool>,
+}
+
+/// Whether `pid` is in the stopped state (`T` in /proc/PID/stat).
+fn is_stopped(pid: Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        == Some("T")
 }
 
 fn refuse(stream: &UnixStream, error: String) {

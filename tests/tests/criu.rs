@@ -661,3 +661,67 @@ fn least_privilege_dump_and_restore_work_with_only_the_needed_capabilities() -> 
     );
     Ok(())
 }
+
+#[test]
+fn a_frozen_checkpoint_restores_frozen_until_thawed() -> Result<()> {
+    if !criu_tests_can_run("a_frozen_checkpoint_restores_frozen_until_thawed") {
+        return Ok(());
+    }
+    // `freeze` stops the app (the first half of a consistent cut across containers).
+    let a = counter_node("node-a", None, 3)?;
+    let freeze = a.launcher(&["freeze"]).output()?;
+    ensure!(
+        freeze.status.success(),
+        "freeze: {}",
+        String::from_utf8_lossy(&freeze.stdout)
+    );
+    let frozen = counter_values(&a.stdout());
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(
+        counter_values(&a.stdout()).len() == frozen.len(),
+        "A kept printing while frozen"
+    );
+    let status = a.status()?;
+    ensure!(
+        status["state"] == "frozen" && status["app_stopped"] == true,
+        "{status}"
+    );
+    checkpoint(&a, &["--output", "/tmp/frozen.tar.zst"])?;
+    ensure!(a.status()?["state"] == "checkpointed");
+
+    // Restored on B, the app stays stopped until `thaw`, then continues the count.
+    let b = Node::prepare("node-b")?;
+    std::fs::copy(a.path("/tmp/frozen.tar.zst"), b.path("/tmp/frozen.tar.zst"))?;
+    let b = b.start(&options(
+        "node-b",
+        &args(&["--restore-from", "/tmp/frozen.tar.zst"], &COUNTER),
+    ))?;
+    let status = b.wait_for("B restored", LIMIT, |n| {
+        n.status().ok().filter(|s| s["state"] == "restored")
+    })?;
+    ensure!(status["app_stopped"] == true, "{status}");
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(b.stdout().is_empty(), "B ran before thaw: {}", b.stdout());
+    let thaw = b.launcher(&["thaw"]).output()?;
+    ensure!(
+        thaw.status.success(),
+        "thaw: {}",
+        String::from_utf8_lossy(&thaw.stdout)
+    );
+    let a_last = *frozen.last().context("A printed nothing")?;
+    assert_counter_continues(a_last, &b)?;
+    ensure!(b.status()?["app_stopped"] == false);
+
+    // The source, checkpointed from frozen, rolls back to running.
+    let rollback = a.launcher(&["rollback"]).output()?;
+    ensure!(
+        rollback.status.success(),
+        "rollback: {}",
+        String::from_utf8_lossy(&rollback.stdout)
+    );
+    a.wait_for("A running again", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() > frozen.len()).then_some(())
+    })?;
+    ensure!(a.status()?["state"] == "running");
+    Ok(())
+}
