@@ -48,6 +48,20 @@ pub trait Launchers {
         pod: &Pod,
         container: &str,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
+    /// `freeze` in `container`: stop the app, so all containers are frozen before any is dumped.
+    fn freeze(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
+    /// `thaw` in `container`: resume the app (on the target, once every container is restored).
+    fn thaw(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// Taints the node controller sets from node conditions (reported as NotReady / cordoned).

@@ -209,4 +209,12 @@ impl Launchers for ExecLaunchers {
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
         self.run(pod, container, &["rollback"]).await.map(drop)
     }
+
+    async fn freeze(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.run(pod, container, &["freeze"]).await.map(drop)
+    }
+
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.run(pod, container, &["thaw"]).await.map(drop)
+    }
 }

@@ -7,10 +7,12 @@
 //! 2. **target**: the target pod is created first and waited for (image pulled, launcher
 //!    waiting), *before* the source is frozen, so none of that counts as downtime. The wait
 //!    fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
-//! 3. **transfer**: per container, the source launcher's `checkpoint --output -` is streamed
-//!    through the plugin into the target launcher's `receive --input -` (bounded buffer, never
-//!    the whole archive in memory); all containers at once.
-//! 4. **verify**: every container reported `restored`.
+//! 3. **transfer**: every source container's app is frozen first (`freeze`), so the cut is
+//!    consistent across containers; then per container, the source launcher's `checkpoint
+//!    --output -` is streamed through the plugin into the target launcher's `receive --input
+//!    -` (bounded buffer, never the whole archive in memory); all containers at once.
+//! 4. **verify**: every container reported `restored`; then every target app is thawed
+//!    together.
 //! 5. **cleanup**: only now is the source deleted (unless `--keep-source`).
 //!
 //! On any failure, deadline or interruption before step 5 the target is deleted and every
@@ -263,6 +265,17 @@ async fn run<L: Launchers + Sync>(
         .iter()
         .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
         .collect();
+    // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
+    // a frozen app restores frozen; all targets are thawed together after verification).
+    for container in &containers {
+        launchers
+            .freeze(&source, container)
+            .await
+            .map_err(|error| MigrateError::Transfer {
+                container: container.clone(),
+                error: format!("cannot freeze: {error}"),
+            })?;
+    }
     let transfers = containers.iter().map(|c| {
         let moved = moved.clone();
         let (source, target) = (&source, &target);
@@ -300,7 +313,16 @@ async fn run<L: Launchers + Sync>(
             });
         }
     }
-    phase_done("verify", &mut phases);
+    for container in &containers {
+        launchers
+            .thaw(&target, container)
+            .await
+            .map_err(|error| MigrateError::Transfer {
+                container: container.clone(),
+                error: format!("cannot thaw the restored app: {error}"),
+            })?;
+    }
+    phase_done("verify+thaw", &mut phases);
 
     progress.phase = "cleanup".into();
     let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();

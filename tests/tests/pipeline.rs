@@ -131,6 +131,16 @@ impl Launchers for StandIn {
         self.call(format!("rollback {}/{container}", name(pod)));
         Ok(())
     }
+
+    async fn freeze(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.call(format!("freeze {}/{container}", name(pod)));
+        Ok(())
+    }
+
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.call(format!("thaw {}/{container}", name(pod)));
+        Ok(())
+    }
 }
 
 /// What the stand-in kubelet does with the target pod once it appears.
@@ -315,6 +325,16 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
         transfer < verify && !calls.iter().any(|c| c.starts_with("rollback")),
         "{calls:?}"
     );
+    // The consistent cut: frozen before any transfer, thawed together after verification.
+    let freeze = calls
+        .iter()
+        .position(|c| c == "freeze counter/counter")
+        .context("no freeze")?;
+    let thaw = calls
+        .iter()
+        .position(|c| c == "thaw counter-m1/counter")
+        .context("no thaw")?;
+    ensure!(freeze < transfer && verify < thaw, "{calls:?}");
     let phases: Vec<&str> = report.phases.iter().map(|(p, _)| p.as_str()).collect();
     ensure!(
         phases
@@ -322,7 +342,7 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
                 "check",
                 "target",
                 "checkpoint+transfer+restore",
-                "verify",
+                "verify+thaw",
                 "cleanup",
                 "total"
             ],

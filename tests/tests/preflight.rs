@@ -46,6 +46,14 @@ impl Launchers for StandIn {
     async fn rollback(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
         Err("the preflight never rolls back".into())
     }
+
+    async fn freeze(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+        Err("the preflight never freezes".into())
+    }
+
+    async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+        Err("the preflight never thaws".into())
+    }
 }
 
 fn node(name: &str, labels: &str, spec: &str) -> String {
