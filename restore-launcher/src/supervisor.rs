@@ -501,16 +501,21 @@ impl Supervisor {
         }
     }
 
+    /// Answers a successful rollback/freeze/thaw with the new state.
+    fn acknowledge(&self, stream: &UnixStream, app: Pid) {
+        let _ = control::answer(
+            stream,
+            &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
+        );
+    }
+
     fn rollback(&mut self, stream: &UnixStream) {
         match (self.state, self.app) {
             (LauncherState::Checkpointed | LauncherState::Frozen, Some(app)) => {
                 checkpoint::resume(app);
                 self.state = self.before_checkpoint;
                 tracing::info!(pid = app.as_raw(), "rolled back: the frozen app resumed");
-                let _ = control::answer(
-                    stream,
-                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
-                );
+                self.acknowledge(stream, app);
             }
             _ => refuse(
                 stream,
@@ -537,10 +542,7 @@ impl Supervisor {
                 self.before_checkpoint = self.state;
                 self.state = LauncherState::Frozen;
                 tracing::info!(pid = app.as_raw(), "froze the app");
-                let _ = control::answer(
-                    stream,
-                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
-                );
+                self.acknowledge(stream, app);
             }
             _ => refuse(
                 stream,
@@ -565,10 +567,7 @@ impl Supervisor {
                     self.state = self.before_checkpoint;
                 }
                 tracing::info!(pid = app.as_raw(), "thawed the app");
-                let _ = control::answer(
-                    stream,
-                    &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
-                );
+                self.acknowledge(stream, app);
             }
             _ => refuse(
                 stream,
