@@ -231,6 +231,24 @@ fn options(timeout: Duration) -> Options {
     }
 }
 
+/// Runs a migration whose target the stand-in kubelet brings up; it must succeed.
+async fn must_succeed(
+    server: &ApiServer,
+    connection: &Connection,
+    launchers: &StandIn,
+) -> Result<migrate::Report> {
+    let driver = kubelet(server, Kubelet::Runs);
+    let outcome = migrate::migrate(
+        connection,
+        launchers,
+        &options(Duration::from_secs(60)),
+        std::future::pending(),
+    )
+    .await;
+    let _ = driver.join();
+    outcome.map_err(|e| anyhow::anyhow!("the migration should have succeeded: {e}"))
+}
+
 /// Runs a migration (deadline `seconds`) that must fail; returns how it failed.
 async fn must_fail(
     connection: &Connection,
@@ -272,16 +290,7 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
     }
     let (server, connection) = cluster().await?;
     let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
-    let driver = kubelet(&server, Kubelet::Runs);
-    let report = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(60)),
-        std::future::pending(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _ = driver.join();
+    let report = must_succeed(&server, &connection, &launchers).await?;
 
     ensure!(
         report.target == "counter-m1" && report.node == "node-b" && report.source_deleted,
@@ -575,16 +584,7 @@ async fn the_shipped_rbac_is_enough_and_a_missing_verb_is_named() -> Result<()> 
     let connection = service_account_connection(&server, None).await?;
     ensure!(connection.namespace == "apps");
     let launchers = StandIn::new(admin.client.clone(), Transfer::Works);
-    let driver = kubelet(&server, Kubelet::Runs);
-    let report = migrate::migrate(
-        &connection,
-        &launchers,
-        &options(Duration::from_secs(60)),
-        std::future::pending(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("with exactly config/rbac.yaml: {e}"))?;
-    let _ = driver.join();
+    let report = must_succeed(&server, &connection, &launchers).await?;
     ensure!(report.source_deleted && deleted(&admin, "counter").await?);
 
     // The same Role without `delete` on pods: refused up front, naming the verb and resource.
