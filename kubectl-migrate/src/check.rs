@@ -360,12 +360,9 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
         ));
         return found;
     };
-    if spec.node_name.as_deref() == Some(target.as_str()) {
-        found.push(problem(
-            format!("pod {name} already runs on {target}"),
-            "pick another node with --to",
-        ));
-    }
+    // Moving within a node is allowed (a new pod spec, a restart without losing state); the
+    // volume checks below then have nothing to object to, since the files stay reachable.
+    let same_node = spec.node_name.as_deref() == Some(target.as_str());
     let ready = node
         .status
         .as_ref()
@@ -478,6 +475,9 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     }
     found.extend(resource_problems(facts, node));
     for volume in spec.volumes.iter().flatten() {
+        if same_node {
+            continue;
+        }
         if volume.host_path.is_some() && !facts.force {
             found.push(problem(
                 format!("volume {} is a hostPath: its files stay on the source node", volume.name),
