@@ -45,7 +45,7 @@ pub fn apiserver_tests_can_run(test: &str) -> bool {
     ready_or_skip(test, &missing)
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -65,7 +65,7 @@ pub struct ApiServer {
     pub admin_token: String,
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

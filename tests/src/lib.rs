@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 pub mod apiserver;
+pub mod cluster;
 pub use apiserver::{
     ApiServer, KUBERNETES_VERSION, apiserver_tests_can_run, k8s_bin_dir, workspace_binary,
 };

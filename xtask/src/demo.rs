@@ -1,4 +1,4 @@
-//! `cargo xtask demo`, the main job: a real local migration. The counter app runs under the
+//! `cargo xtask demo --sandbox`: a local migration without Kubernetes. The counter app runs under the
 //! static launcher as PID 1 of sandboxed "node A" (least capabilities); it is checkpointed with
 //! real CRIU and streamed into the launcher of "node B", which restores it. The counter before
 //! and after, the downtime and the per-phase timings are printed. Needs root (namespaces).
@@ -10,7 +10,8 @@ use migrate_tests::{LEAST_CAPS, Node, NodeOptions, Signal, counter_values};
 
 use crate::{build_sandbox, is_root, rootfs, static_launcher};
 
-pub fn run() -> Result<()> {
+/// `cargo xtask demo --sandbox`: the launcher alone, between two sandboxed nodes (no Kubernetes).
+pub fn sandbox() -> Result<()> {
     if !is_root() {
         bail!(
             "the demo creates namespaces and runs CRIU: run it as root (sudo -E cargo xtask demo)"

@@ -1,7 +1,11 @@
 //! Project tasks, run as `cargo xtask TASK` (the alias is in `.cargo/config.toml`).
 //!
 //! - `test`: build the static launcher, then run every test of the workspace against it.
-//! - `demo`: the main job shown in README.md: a real local migration between two nodes.
+//! - `demo`: the main job shown in README.md: a local cluster (etcd, kube-apiserver, two
+//!   kubelets with containerd) and the counter pod moved by `kubectl migrate`; `demo --sandbox`
+//!   is the launcher alone between two sandboxed nodes.
+//! - `cluster up|down`: that local cluster, left running for a person.
+//! - `images`: the images of `images/`, built without Docker (debootstrap + umoci).
 //! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test).
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
 //! - `rootfs`: build (once, cached) the Debian trixie root filesystem with CRIU 4.x that the
@@ -17,7 +21,9 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod cluster;
 mod demo;
+mod images;
 
 /// The target the launcher ships as: musl links statically with no extra flags.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -26,14 +32,17 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
-        Some("demo") => demo::run(),
+        Some("demo") if args.get(1).map(String::as_str) == Some("--sandbox") => demo::sandbox(),
+        Some("demo") => cluster::demo(),
         Some("bench") => bench::run(&args[1..]),
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
         Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
         Some("k8s") => k8s().map(|path| println!("{}", path.display())),
+        Some("images") => images::build().map(|path| println!("{}", path.display())),
+        Some("cluster") => cluster::run_task(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo|bench [SIZES_MIB]|static-launcher|rootfs|k8s>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|static-launcher|rootfs|k8s|images>"
             );
             Ok(())
         }
@@ -87,13 +96,17 @@ pub(crate) fn static_launcher() -> Result<PathBuf> {
     .with_context(|| {
         format!("building the static launcher (needs `rustup target add {STATIC_TARGET}`)")
     })?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target_dir
+    Ok(target_dir()
         .join(STATIC_TARGET)
         .join("release")
         .join("restore-launcher"))
+}
+
+/// Cargo's target directory.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Builds `node-sandbox`, the harness binary that runs a node (for the demo and benchmark).
@@ -153,6 +166,7 @@ pub(crate) fn k8s() -> Result<PathBuf> {
     let parts = [
         ("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"),
         ("k8s.io/kubernetes/cmd/kubectl", "kubectl"),
+        ("k8s.io/kubernetes/cmd/kubelet", "kubelet"),
         ("go.etcd.io/etcd/server/v3", "etcd"),
     ];
     if parts.iter().all(|(_, name)| bin.join(name).exists()) {
@@ -160,7 +174,7 @@ pub(crate) fn k8s() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&bin)?;
     eprintln!(
-        "xtask: building kube-apiserver and kubectl {version} and etcd from Go modules into {} (minutes)",
+        "xtask: building kube-apiserver, kubelet and kubectl {version} and etcd from Go modules into {} (minutes)",
         bin.display()
     );
     let ldflags = format!(
@@ -191,6 +205,7 @@ fn test(extra: &[String]) -> Result<()> {
     k8s()?;
     if is_root() {
         rootfs()?;
+        images::build()?;
     } else {
         eprintln!("xtask: not root: the CRIU and namespace tests will be SKIPPED");
     }

@@ -6,9 +6,12 @@ tick. If a migration lost its memory, the numbers would start again from zero; i
 they carry on. SIGTERM is left at its default action, so a stopped counter exits 143 through
 the launcher.
 
-Environment: COUNTER_INTERVAL (seconds between ticks, default 1).
+Environment: COUNTER_INTERVAL (seconds between ticks, default 1); COUNTER_BALLAST_MB (default
+0): that many MiB of random bytes held in memory, for big checkpoints. With ballast, each tick
+also prints a checksum sampled across it, which must not change across a migration.
 """
 
+import binascii
 import os
 import sys
 import time
@@ -18,6 +21,7 @@ PRICES_CENTS = (199, 1250, 75, 499, 2999)  # a fixed cycle, so every run is repr
 
 def main() -> None:
     interval = float(os.environ.get("COUNTER_INTERVAL", "1"))
+    ballast = os.urandom(int(os.environ.get("COUNTER_BALLAST_MB", "0")) * 1024 * 1024)
     events = 0
     revenue_cents = 0
     started = time.time()
@@ -26,7 +30,8 @@ def main() -> None:
         revenue_cents += PRICES_CENTS[events % len(PRICES_CENTS)]
         print(
             f"events={events} revenue={revenue_cents // 100}.{revenue_cents % 100:02d} "
-            f"pid={os.getpid()} uptime={time.time() - started:.1f}s",
+            f"pid={os.getpid()} uptime={time.time() - started:.1f}s"
+            + (f" ballast={binascii.crc32(ballast[::4096]):08x}" if ballast else ""),
             flush=True,
         )
         time.sleep(interval)

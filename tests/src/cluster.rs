@@ -1,0 +1,768 @@
+//! A real local Kubernetes cluster on this machine, for the end-to-end tests, the demo and
+//! `cargo xtask cluster up`: etcd, kube-apiserver and one kubelet per node (all built from the
+//! `k8s.io/kubernetes` Go module), each node with its own containerd (Debian's, with runc and
+//! the CNI bridge plugin). No scheduler or controller-manager: pods name their node, and the
+//! two objects the controller-manager would create (the `default` ServiceAccount and the
+//! `kube-root-ca.crt` ConfigMap) are created here.
+//!
+//! Several nodes share the machine the way kind's do, kept apart by: a node IP each on `lo`
+//! (`10.77.0.N`, where the kubelet listens on 10250), a containerd each (own root, state and
+//! socket, so one kubelet never sees, or garbage-collects, the other's containers), a CNI
+//! bridge and pod subnet each (`migbrN`, `10.88.N.0/24`), a cgroup root each
+//! (`/migrate-NODE`), and a pod log directory each.
+//!
+//! Security as a real cluster has it: TLS with a CA made here, token authentication for the
+//! admin and for each node (`system:node:NAME`), the Node and RBAC authorizers with
+//! NodeRestriction, and kubelets that authenticate the API server's client certificate and
+//! ask the API server to authorize every request (no anonymous access).
+//!
+//! Everything a cluster starts is recorded in its directory, so [`Cluster::stop_at`] can tear
+//! it down from another process (`cargo xtask cluster down`): daemons, containers (by their
+//! cgroups), shims, mounts, network namespaces, bridges and addresses. One cluster runs on a
+//! machine at a time (a lock serialises test binaries and the demo).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::apiserver::{free_port, k8s_bin_dir, kubectl, which};
+use crate::{ready_or_skip, tail, workspace};
+
+/// The version tag of the images `cargo xtask images` builds (the workspace's version).
+pub const IMAGE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The pod sandbox image (catatonit in pause mode; see `cargo xtask images`).
+pub const PAUSE_IMAGE: &str = "localhost/pause:3.10";
+/// The kubelet's port on each node's IP.
+pub const KUBELET_PORT: u16 = 10250;
+const LOCK: &str = "/run/kubectl-migrate-cluster.lock";
+const CNI_BIN: &str = "/usr/lib/cni";
+
+/// Where `cargo xtask images` works and leaves its archive.
+pub fn images_dir() -> PathBuf {
+    workspace().join(".cache").join("images")
+}
+
+/// The OCI image-layout archive with every image the cluster imports.
+pub fn images_archive() -> PathBuf {
+    images_dir().join("images.oci.tar")
+}
+
+/// The counter example's image name.
+pub fn counter_image() -> String {
+    format!("localhost/migrate-counter:{IMAGE_VERSION}")
+}
+
+/// The web example's image name.
+pub fn web_image() -> String {
+    format!("localhost/migrate-web:{IMAGE_VERSION}")
+}
+
+/// Whether a cluster can start here; skips loudly outside CI, fails in CI.
+pub fn cluster_tests_can_run(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for binary in ["kube-apiserver", "kubectl", "etcd", "kubelet"] {
+        if !k8s_bin_dir().join(binary).exists() {
+            missing.push(format!("{binary} (run `cargo xtask k8s`)"));
+        }
+    }
+    for tool in ["containerd", "ctr", "runc", "openssl", "ip"] {
+        if which(tool).is_none() {
+            missing.push(format!("{tool} (apt-get install containerd runc openssl iproute2)"));
+        }
+    }
+    for plugin in ["bridge", "host-local", "loopback"] {
+        if !Path::new(CNI_BIN).join(plugin).exists() {
+            missing.push(format!("CNI plugin {plugin} (apt-get install containernetworking-plugins)"));
+        }
+    }
+    if !images_archive().exists() {
+        missing.push("the images (run `cargo xtask images` as root)".into());
+    }
+    ready_or_skip(test, &missing)
+}
+
+/// One node of a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub name: String,
+    /// The node's InternalIP, where its kubelet listens.
+    pub ip: String,
+    index: usize,
+}
+
+impl ClusterNode {
+    fn new(index: usize) -> ClusterNode {
+        let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
+        ClusterNode {
+            name: format!("node-{letter}"),
+            ip: format!("10.77.0.{}", index + 1),
+            index,
+        }
+    }
+    fn bridge(&self) -> String {
+        format!("migbr{}", self.index)
+    }
+    fn subnet(&self) -> String {
+        format!("10.88.{}.0/24", self.index + 1)
+    }
+    fn cgroup_root(&self) -> String {
+        format!("migrate-{}", self.name)
+    }
+}
+
+/// A running cluster; dropping it tears it down unless [`Cluster::keep_running`] was called.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    /// The admin's kubeconfig (context `admin`, namespace `default`).
+    pub kubeconfig: PathBuf,
+    pub nodes: Vec<ClusterNode>,
+    keep: bool,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+impl Cluster {
+    /// Starts a cluster of `nodes` nodes with its state in `dir` (created; emptied first) and
+    /// waits until every node is Ready with the images imported.
+    ///
+    /// # Errors
+    /// When a part does not start, with the last lines of its log.
+    pub fn start(dir: &Path, nodes: usize) -> Result<Cluster> {
+        let lock = std::fs::File::create(LOCK).context("create the cluster lock (needs root)")?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .context("lock the cluster")?;
+        // A cluster that a killed run left in the same directory.
+        Cluster::stop_at(dir)?;
+        std::fs::create_dir_all(dir.join("pids"))?;
+        let dir = dir.canonicalize()?;
+        let nodes: Vec<ClusterNode> = (0..nodes).map(ClusterNode::new).collect();
+        std::fs::write(
+            dir.join("nodes"),
+            nodes.iter().map(|n| format!("{}\n", n.index)).collect::<String>(),
+        )?;
+        let cluster = Cluster {
+            kubeconfig: dir.join("admin.kubeconfig"),
+            dir,
+            nodes,
+            keep: false,
+            _lock: Some(lock),
+        };
+        cluster.start_control_plane()?;
+        for node in cluster.nodes.clone() {
+            cluster.start_node(&node)?;
+        }
+        for node in &cluster.nodes {
+            cluster.wait_ready(node, Duration::from_secs(90))?;
+        }
+        Ok(cluster)
+    }
+
+    /// Leaves the cluster running when this value is dropped (stop it with [`Cluster::stop_at`]).
+    pub fn keep_running(mut self) {
+        self.keep = true;
+    }
+
+    /// The cluster's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `kubectl` (the one built with the cluster) as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(kubectl());
+        cmd.env("KUBECONFIG", &self.kubeconfig).args(args);
+        cmd
+    }
+
+    /// `kubectl ARGS`, its stdout on success.
+    ///
+    /// # Errors
+    /// When kubectl fails, with its stderr.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.kubectl(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    ///
+    /// # Errors
+    /// When kubectl refuses it.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let mut child = self
+            .kubectl(&["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
+
+    /// Waits until pod `name` is Running with every container ready.
+    ///
+    /// # Errors
+    /// On timeout, with the pod's description.
+    pub fn wait_running(&self, name: &str, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let ready = self
+                .kubectl_ok(&[
+                    "get",
+                    "pod",
+                    name,
+                    "-o",
+                    "jsonpath={.status.phase} {.status.containerStatuses[*].ready}",
+                ])
+                .unwrap_or_default();
+            let mut words = ready.split_whitespace();
+            if words.next() == Some("Running") && words.clone().count() > 0 && words.all(|w| w == "true") {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "pod {name} did not run within {limit:?}:\n{}",
+                    self.kubectl_ok(&["describe", "pod", name]).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The last lines of every part's log and the pods and events, for failure messages.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.join("logs"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let interesting: String = text
+                .lines()
+                .filter(|l| !l.contains("level=info") && !l.starts_with('I'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.push_str(&format!("--- {}:\n{}\n", log.display(), tail(&interesting, 15)));
+        }
+        for args in [&["get", "pods", "-o", "wide"][..], &["get", "events"][..]] {
+            out.push_str(&format!(
+                "--- kubectl {}:\n{}\n",
+                args.join(" "),
+                self.kubectl_ok(args).unwrap_or_else(|e| e.to_string())
+            ));
+        }
+        out
+    }
+
+    fn log(&self, name: &str) -> Result<Stdio> {
+        std::fs::create_dir_all(self.dir.join("logs"))?;
+        Ok(std::fs::File::create(self.dir.join("logs").join(format!("{name}.log")))?.into())
+    }
+
+    /// Starts a daemon in its own process group and records its PID for [`Cluster::stop_at`].
+    fn daemon(&self, name: &str, cmd: &mut Command) -> Result<()> {
+        use std::os::unix::process::CommandExt as _;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(self.log(&format!("{name}-out"))?)
+            .stderr(self.log(name)?)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        std::fs::write(self.dir.join("pids").join(format!("{name}.pid")), child.id().to_string())?;
+        Ok(())
+    }
+
+    fn start_control_plane(&self) -> Result<()> {
+        let d = &self.dir;
+        let pki = d.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        openssl(&pki, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3", "-subj", "/CN=kubectl-migrate-test-ca"])?;
+        sign(&pki, "apiserver", "/CN=kube-apiserver", Some("IP:127.0.0.1,DNS:localhost"))?;
+        // The API server's client certificate towards kubelets (exec, logs): the kubelets'
+        // webhook authorizer asks the API server, where system:masters may do anything.
+        sign(&pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", None)?;
+        openssl(&pki, &["genrsa", "-out", "sa.key", "2048"])?;
+        openssl(&pki, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+
+        let (client, peer, secure) = (free_port()?, free_port()?, free_port()?);
+        let token = |who: &str| format!("{who}-{:016x}", rand_u64());
+        let admin = token("admin");
+        let mut tokens = format!("{admin},admin,admin-uid,\"system:masters\"\n");
+        for node in &self.nodes {
+            let t = token(&node.name);
+            tokens.push_str(&format!("{t},system:node:{0},{0}-uid,\"system:nodes\"\n", node.name));
+            self.write_kubeconfig(&d.join(format!("{}.kubeconfig", node.name)), &node.name, &t, secure)?;
+        }
+        write_private(&pki.join("tokens.csv"), &tokens)?;
+
+        let bin = k8s_bin_dir();
+        self.daemon(
+            "etcd",
+            Command::new(bin.join("etcd"))
+                .args(["--name", "e2e", "--data-dir"])
+                .arg(d.join("etcd"))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!("--initial-cluster=e2e=http://127.0.0.1:{peer}"))
+                .args(["--log-level", "warn", "--unsafe-no-fsync"]),
+        )?;
+        let issuer = "https://kubernetes.default.svc.cluster.local";
+        let p = |name: &str| pki.join(name).display().to_string();
+        self.daemon(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver"))
+                .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
+                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg(format!("--secure-port={secure}"))
+                .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
+                .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
+                .arg(format!("--client-ca-file={}", p("ca.crt")))
+                .arg(format!("--token-auth-file={}", p("tokens.csv")))
+                .arg(format!("--kubelet-client-certificate={}", p("kubelet-client.crt")))
+                .arg(format!("--kubelet-client-key={}", p("kubelet-client.key")))
+                .arg("--kubelet-preferred-address-types=InternalIP")
+                .args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"])
+                .arg(format!("--service-account-issuer={issuer}"))
+                .arg(format!("--api-audiences={issuer}"))
+                .arg(format!("--service-account-key-file={}", p("sa.pub")))
+                .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
+                .args(["--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=false", "-v=1"]),
+        )?;
+        self.write_kubeconfig(&self.kubeconfig, "admin", &admin, secure)?;
+
+        let start = Instant::now();
+        while self.kubectl_ok(&["get", "--raw", "/readyz"]).is_err() {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("kube-apiserver was not ready within 120 s\n{}", self.diagnose());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // What kube-controller-manager would create: the namespace's default ServiceAccount
+        // (admission needs it) and the root CA ConfigMap that service-account token volumes project.
+        self.kubectl_ok(&["create", "serviceaccount", "default"])?;
+        self.kubectl_ok(&[
+            "create",
+            "configmap",
+            "kube-root-ca.crt",
+            &format!("--from-file=ca.crt={}", p("ca.crt")),
+        ])?;
+        Ok(())
+    }
+
+    fn write_kubeconfig(&self, path: &Path, user: &str, token: &str, port: u16) -> Result<()> {
+        let ca = self.dir.join("pki/ca.crt");
+        write_private(
+            path,
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\n\
+                 users:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: {user}\n  context:\n    cluster: local\n    user: {user}\n    namespace: default\n\
+                 current-context: {user}\n",
+                ca = ca.display()
+            ),
+        )
+    }
+
+    fn start_node(&self, node: &ClusterNode) -> Result<()> {
+        let nd = self.dir.join(&node.name);
+        for sub in ["cni", "kubelet", "pod-logs"] {
+            std::fs::create_dir_all(nd.join(sub))?;
+        }
+        // The node's IP, where its kubelet listens and the API server reaches it.
+        let _ = Command::new("ip")
+            .args(["addr", "add", &format!("{}/32", node.ip), "dev", "lo"])
+            .stderr(Stdio::null())
+            .status();
+        for hierarchy in cgroup_hierarchies() {
+            std::fs::create_dir_all(hierarchy.join(node.cgroup_root()))?;
+        }
+        let socket = nd.join("containerd.sock");
+        std::fs::write(
+            nd.join("containerd.toml"),
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # The machine's root lacks CAP_SYS_RESOURCE: oom_score_adj may only be raised.
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN}"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+"#,
+                root = nd.join("containerd-root").display(),
+                state = nd.join("containerd-state").display(),
+                socket = socket.display(),
+                cni = nd.join("cni").display(),
+            ),
+        )?;
+        std::fs::write(
+            nd.join("cni/10-bridge.conflist"),
+            serde_json::json!({
+                "cniVersion": "1.0.0", "name": format!("migrate-{}", node.name),
+                "plugins": [
+                    {"type": "bridge", "bridge": node.bridge(), "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": node.subnet()}]],
+                              "dataDir": nd.join("cni-ipam").display().to_string()}},
+                    {"type": "loopback"}
+                ]
+            })
+            .to_string(),
+        )?;
+        self.daemon(
+            &format!("containerd-{}", node.name),
+            Command::new("containerd").arg("--config").arg(nd.join("containerd.toml")),
+        )?;
+        let start = Instant::now();
+        while !ctr(&socket, &["version"]).is_ok_and(|o| o.status.success()) {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("containerd of {} did not start\n{}", node.name, self.diagnose());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let import = ctr(&socket, &["images", "import", &images_archive().display().to_string()])?;
+        if !import.status.success() {
+            bail!(
+                "importing the images into {}'s containerd: {}",
+                node.name,
+                String::from_utf8_lossy(&import.stderr)
+            );
+        }
+
+        let pki = self.dir.join("pki");
+        std::fs::write(
+            nd.join("kubelet.yaml"),
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+                 # This machine has cgroup v1 (hybrid); recent kubelets refuse it unless told.\n\
+                 failCgroupV1: false\ncgroupDriver: cgroupfs\ncgroupRoot: /{cgroup_root}\n\
+                 containerRuntimeEndpoint: unix://{socket}\naddress: {ip}\nport: {KUBELET_PORT}\nreadOnlyPort: 0\nhealthzPort: 0\n\
+                 authentication:\n  anonymous: {{enabled: false}}\n  webhook: {{enabled: true}}\n  x509: {{clientCAFile: {ca}}}\n\
+                 authorization: {{mode: Webhook}}\n\
+                 podLogsDir: {logs}\nfailSwapOn: false\nresolvConf: /etc/resolv.conf\n\
+                 # The images are imported, not pulled: never garbage-collect them.\n\
+                 imageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
+                 evictionHard: {{memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%}}\n",
+                cgroup_root = node.cgroup_root(),
+                socket = socket.display(),
+                ip = node.ip,
+                ca = pki.join("ca.crt").display(),
+                logs = nd.join("pod-logs").display(),
+            ),
+        )?;
+        self.daemon(
+            &format!("kubelet-{}", node.name),
+            Command::new(k8s_bin_dir().join("kubelet"))
+                .arg("--config")
+                .arg(nd.join("kubelet.yaml"))
+                .arg("--kubeconfig")
+                .arg(self.dir.join(format!("{}.kubeconfig", node.name)))
+                .arg("--root-dir")
+                .arg(nd.join("kubelet"))
+                .arg("--cert-dir")
+                .arg(nd.join("kubelet/pki"))
+                .args(["--hostname-override", &node.name, "--node-ip", &node.ip, "-v=1"]),
+        )?;
+        Ok(())
+    }
+
+    fn wait_ready(&self, node: &ClusterNode, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let ready = self
+                .kubectl_ok(&[
+                    "get",
+                    "node",
+                    &node.name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
+                .unwrap_or_default();
+            if ready == "True" {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("node {} was not Ready within {limit:?}\n{}", node.name, self.diagnose());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Tears down whatever a cluster with state in `dir` left running, and removes `dir`.
+    /// Safe to call when nothing runs.
+    ///
+    /// # Errors
+    /// When a mount or directory cannot be removed.
+    pub fn stop_at(dir: &Path) -> Result<()> {
+        // Only a directory a cluster was started in (it records the PIDs) is torn down.
+        if !dir.join("pids").exists() {
+            return Ok(());
+        }
+        let dir = dir.canonicalize()?;
+        let pid_of = |name: &str| -> Option<i32> {
+            std::fs::read_to_string(dir.join("pids").join(format!("{name}.pid")))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let nodes: Vec<ClusterNode> = std::fs::read_to_string(dir.join("nodes"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .map(ClusterNode::new)
+            .collect();
+        // Kubelets first, so none restarts what is killed next; then every container (all
+        // processes in the node's cgroups), the shims, containerd and the control plane.
+        for node in &nodes {
+            stop_pid(pid_of(&format!("kubelet-{}", node.name)));
+        }
+        for node in &nodes {
+            kill_cgroup_tree(&node.cgroup_root());
+            let socket = dir.join(&node.name).join("containerd.sock");
+            for pid in pids_with_arg(&socket.display().to_string()) {
+                stop_pid(Some(pid));
+            }
+            stop_pid(pid_of(&format!("containerd-{}", node.name)));
+        }
+        stop_pid(pid_of("kube-apiserver"));
+        stop_pid(pid_of("etcd"));
+        unmount_under(&dir)?;
+        for node in &nodes {
+            remove_cgroup_tree(&node.cgroup_root());
+            let _ = Command::new("ip")
+                .args(["link", "del", &node.bridge()])
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("ip")
+                .args(["addr", "del", &format!("{}/32", node.ip), "dev", "lo"])
+                .stderr(Stdio::null())
+                .status();
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if std::env::var_os("KEEP_CLUSTER").is_some() {
+            eprintln!("KEEP_CLUSTER set: the cluster keeps running in {}", self.dir.display());
+            return;
+        }
+        if let Err(error) = Cluster::stop_at(&self.dir) {
+            eprintln!("cluster teardown: {error:#}");
+        }
+    }
+}
+
+fn ctr(socket: &Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", "k8s.io"])
+        .args(args)
+        .output()?)
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new("openssl").current_dir(dir).args(args).output()?;
+    if !output.status.success() {
+        bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+/// A key and a certificate for `subject` signed by the CA in `dir`, with `san` if given.
+fn sign(dir: &Path, name: &str, subject: &str, san: Option<&str>) -> Result<()> {
+    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject])?;
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        match san {
+            Some(san) => format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+            None => "extendedKeyUsage=clientAuth\n".to_string(),
+        },
+    )?;
+    openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days", "3", "-extfile", &ext])
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read as _;
+        let _ = random.read_exact(&mut bytes);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// Every mounted cgroup hierarchy (v1 controllers, the named systemd one, the v2 one).
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// SIGKILLs every process in cgroup `root` and below, in every hierarchy, until none is left.
+fn kill_cgroup_tree(root: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut any = false;
+        for hierarchy in cgroup_hierarchies() {
+            for dir in dirs_below(&hierarchy.join(root)) {
+                for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse::<i32>().ok())
+                {
+                    any = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if !any || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn remove_cgroup_tree(root: &str) {
+    for hierarchy in cgroup_hierarchies() {
+        let mut dirs = dirs_below(&hierarchy.join(root));
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `dir` and every directory below it.
+fn dirs_below(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+            found.push(d);
+        }
+    }
+    found
+}
+
+/// PIDs of processes with `arg` among their arguments (containerd's shims name its socket).
+fn pids_with_arg(arg: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGTERM, then SIGKILL after 5 s; returns when the process is gone (or a zombie).
+fn stop_pid(pid: Option<i32>) {
+    use nix::sys::signal::{Signal, kill};
+    let Some(pid) = pid else { return };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive() {
+        let _ = kill(pid, Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Lazily unmounts everything mounted at or below `dir`, deepest first.
+fn unmount_under(dir: &Path) -> Result<()> {
+    let prefix = dir.display().to_string();
+    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    Ok(())
+}
