@@ -509,12 +509,15 @@ async fn undo<L: Launchers + Sync>(
         && let Ok(source) = pods.get(&options.pod).await
     {
         for container in source.spec.iter().flat_map(|s| s.containers.iter()) {
-            match launchers.rollback(&source, &container.name).await {
+            match rollback_when_idle(launchers, &source, &container.name).await {
                 Ok(()) => done.push(format!(
                     "resumed the source app in container {}",
                     container.name
                 )),
-                Err(error) if error.contains("nothing to roll back") => {}
+                // Never frozen (the failure came before the freeze): nothing to undo. A
+                // checkpoint still in flight is not that: it is reported below.
+                Err(error)
+                    if error.contains("nothing to roll back") && !error.contains("is checkpointing") => {}
                 Err(error) => manual.push(format!(
                     "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
                     connection.namespace, options.pod, container.name
@@ -547,6 +550,26 @@ async fn undo<L: Launchers + Sync>(
         ));
     }
     text
+}
+
+/// Rolls a source container back, waiting out a checkpoint still in flight: when the
+/// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
+/// its stream is gone, and until then it refuses a rollback ("the launcher is checkpointing").
+/// Leaving it there would leave the app frozen.
+async fn rollback_when_idle<L: Launchers + Sync>(
+    launchers: &L,
+    source: &Pod,
+    container: &str,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match launchers.rollback(source, container).await {
+            Err(error) if error.contains("is checkpointing") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Merge-patches the migration annotations onto a pod; a failure is logged, not fatal.

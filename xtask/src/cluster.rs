@@ -53,11 +53,13 @@ pub fn run_task(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("down") => {
+            // `down DIR` stops a cluster kept by a test run with KEEP_CLUSTER=1.
+            let dir = args.get(1).map_or(dir, PathBuf::from);
             Cluster::stop_at(&dir)?;
             println!("cluster: down");
             Ok(())
         }
-        _ => bail!("usage: cargo xtask cluster up|down"),
+        _ => bail!("usage: cargo xtask cluster up|down [DIR]"),
     }
 }
 
@@ -92,6 +94,15 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    // Follow the source's log to its end, to show the last count it printed before the move.
+    let mut follow = cluster
+        .kubectl(&["logs", "--follow", "counter"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let source_log = follow.stdout.take().context("kubectl logs stdout")?;
+    let source_lines = std::thread::spawn(move || {
+        std::io::read_to_string(source_log).unwrap_or_default()
+    });
     println!("demo: kubectl migrate counter --to node-b");
     let status = Command::new(migrate_tests::apiserver::kubectl())
         .args(["migrate", "counter", "--to", "node-b"])
@@ -103,6 +114,14 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
         bail!("kubectl migrate failed ({status})");
     }
     cluster.wait_running("counter-m1", Duration::from_secs(30))?;
+    let _ = follow.wait();
+    let source_log = source_lines.join().unwrap_or_default();
+    let before = *migrate_tests::counter_values(&source_log)
+        .last()
+        .context("the source printed nothing")?;
+    for line in source_log.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev() {
+        println!("  counter (node-a)    | {line}");
+    }
     std::thread::sleep(Duration::from_secs(3));
     print!("{}", cluster.kubectl_ok(&["get", "pods", "-o", "wide"])?);
     let after_logs = logs("counter-m1");
@@ -113,14 +132,14 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
     let after = *migrate_tests::counter_values(&after_logs)
         .first()
         .context("the new pod printed nothing")?;
+    let money = |cents: u64| format!("{}.{:02}", cents / 100, cents % 100);
+    let continued = after.0 == before.0 + 1 && after.1 == before.1 + migrate_tests::expected_revenue(after.0) - migrate_tests::expected_revenue(before.0);
     println!();
-    println!("  counter after (first line of counter-m1 on node-b):  events={}", after.0);
-    println!(
-        "  continued without reset:                             {}",
-        if after.0 > 5 { "yes" } else { "NO" }
-    );
+    println!("  counter before (last line of counter on node-a):     events={} revenue={}", before.0, money(before.1));
+    println!("  counter after (first line of counter-m1 on node-b):  events={} revenue={}", after.0, money(after.1));
+    println!("  continued without reset:                             {}", if continued { "yes" } else { "NO" });
     println!("  source pod counter deleted:                          {}", if gone { "yes" } else { "NO" });
-    if after.0 <= 5 || !gone {
+    if !continued || !gone {
         bail!("the counter did not continue on node-b");
     }
     Ok(())

@@ -1,0 +1,534 @@
+//! End to end, as a user runs it: a real local cluster (etcd, kube-apiserver, two kubelets
+//! with containerd and runc; `migrate_tests::cluster`), the example images built by `cargo
+//! xtask images`, and `kubectl migrate` -- the built plugin found by kubectl on PATH -- moving
+//! running pods while the tests watch what a user would: `kubectl logs`, `kubectl get`, the
+//! pod's IP answering, the exit code and the message.
+//!
+//! One cluster serves every test (starting one takes ~20 s), so this file has its own harness
+//! (libtest-mimic) that starts it, runs the tests one at a time and tears it down. Each test
+//! uses pods of its own names.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+use migrate_tests::cluster::{Cluster, cluster_tests_can_run};
+use migrate_tests::{counter_values, expected_revenue, workspace, workspace_binary};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: &[(&str, fn(&Cluster) -> Result<()>)] = &[
+        ("counter_moves_to_another_node_and_keeps_counting", counter_moves_to_another_node),
+        ("counter_moves_within_its_node", counter_moves_within_its_node),
+        ("web_pod_moves_with_a_consistent_cut_and_nginx_answers", web_pod_moves),
+        ("damaged_archive_in_transit_rolls_back_and_the_source_keeps_counting", damaged_archive_rolls_back),
+        ("pods_carry_only_the_launchers_capabilities", least_capabilities),
+        ("plugin_memory_stays_flat_across_real_exec_streams", plugin_memory_flat),
+    ];
+    let cluster: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
+    let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
+    if tests.iter().any(|(name, _)| wanted(name)) && !args.list && cluster_tests_can_run("e2e") {
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-cluster-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        match Cluster::start(&dir, 2) {
+            Ok(started) => *cluster.lock().expect("lock") = Some(started),
+            Err(error) => eprintln!("the cluster did not start: {error:#}"),
+        }
+    }
+    let ready = cluster.lock().expect("lock").is_some();
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            let cluster = Arc::clone(&cluster);
+            Trial::test(name, move || {
+                let guard = cluster.lock().expect("lock");
+                let Some(cluster) = guard.as_ref() else {
+                    return Err(Failed::from("no cluster (see above)"));
+                };
+                test(cluster).map_err(|e| Failed::from(format!("{e:#}\n{}", cluster.diagnose())))
+            })
+            .with_ignored_flag(!ready)
+        })
+        .collect();
+    let mut args = args;
+    args.test_threads = Some(1);
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(cluster.lock().expect("lock").take());
+    conclusion.exit();
+}
+
+/// A pod YAML from `images/examples` pinned to `node`, renamed, with extra container env.
+fn example_pod(file: &str, name: &str, node: &str, env: &[(&str, &str)]) -> Result<String> {
+    let yaml = std::fs::read_to_string(workspace().join("images/examples").join(file))?;
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    pod["metadata"]["name"] = name.into();
+    pod["metadata"]["labels"]["app"] = name.into();
+    pod["spec"]["nodeName"] = node.into();
+    for container in pod["spec"]["containers"].as_sequence_mut().context("containers")? {
+        let list = container
+            .as_mapping_mut()
+            .context("container")?
+            .entry("env".into())
+            .or_insert_with(|| serde_yaml::Value::Sequence(Vec::new()));
+        for (key, value) in env {
+            let mut var = serde_yaml::Mapping::new();
+            var.insert("name".into(), (*key).into());
+            var.insert("value".into(), (*value).into());
+            list.as_sequence_mut().context("env")?.push(var.into());
+        }
+    }
+    Ok(serde_yaml::to_string(&pod)?)
+}
+
+fn run_counter(cluster: &Cluster, name: &str, node: &str, env: &[(&str, &str)]) -> Result<()> {
+    let mut all = vec![("COUNTER_INTERVAL", "0.5")];
+    all.extend_from_slice(env);
+    cluster.apply(&example_pod("counter/pod.yaml", name, node, &all)?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until(&format!("{name} counts"), WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 4).then_some(()))
+    })
+}
+
+fn logs(cluster: &Cluster, pod: &str, container: Option<&str>) -> String {
+    let mut args = vec!["logs", pod];
+    if let Some(c) = container {
+        args.extend(["-c", c]);
+    }
+    cluster.kubectl_ok(&args).unwrap_or_default()
+}
+
+/// `kubectl logs --follow POD`, collected until the container ends (its last lines survive
+/// the pod's deletion this way).
+struct Follow {
+    child: Child,
+    lines: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follow {
+    fn start(cluster: &Cluster, pod: &str) -> Result<Follow> {
+        let mut child = cluster
+            .kubectl(&["logs", "--follow", pod])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let lines = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Ok(Follow { child, lines, reader: Some(reader) })
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    /// Waits for the stream to end (the container stopped), then returns everything.
+    fn finish(mut self, limit: Duration) -> String {
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.text()
+    }
+}
+
+/// The plugin's directory first on PATH, so `kubectl migrate` runs the built `kubectl-migrate`.
+fn plugin_path() -> std::ffi::OsString {
+    let plugin = workspace_binary("kubectl-migrate");
+    let mut paths = vec![plugin.parent().map(PathBuf::from).unwrap_or_default()];
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+/// `kubectl migrate ARGS` through kubectl's plugin mechanism.
+fn kubectl_migrate(cluster: &Cluster, args: &[&str]) -> Command {
+    let mut cmd = cluster.kubectl(&["migrate"]);
+    cmd.args(args).env("PATH", plugin_path());
+    cmd
+}
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn migrate(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Outcome> {
+    let output = kubectl_migrate(cluster, args).envs(env.iter().copied()).output()?;
+    Ok(Outcome {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+fn wait_until<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe()? {
+            return Ok(value);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn pod_field(cluster: &Cluster, pod: &str, jsonpath: &str) -> Result<String> {
+    cluster.kubectl_ok(&["get", "pod", pod, "-o", &format!("jsonpath={jsonpath}")])
+}
+
+fn wait_gone(cluster: &Cluster, pod: &str) -> Result<()> {
+    wait_until(&format!("pod {pod} to be deleted"), WAIT, || {
+        let output = cluster.kubectl(&["get", "pod", pod]).output()?;
+        Ok((!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("NotFound")).then_some(()))
+    })
+}
+
+/// The count continued: the first value after is the last value before plus one, revenue
+/// included (the app's whole state), and every later value follows on.
+fn assert_continued(before: &str, after: &str) -> Result<(u64, u64)> {
+    let before = counter_values(before);
+    let after = counter_values(after);
+    let last = *before.last().context("the source printed no count")?;
+    let first = *after.first().context("the target printed no count")?;
+    ensure!(
+        first.0 == last.0 + 1,
+        "the count did not continue: last on the source {last:?}, first on the target {first:?}"
+    );
+    for (events, revenue) in &after {
+        ensure!(*revenue == expected_revenue(*events), "revenue {revenue} wrong at event {events}");
+    }
+    for pair in after.windows(2) {
+        ensure!(pair[1].0 == pair[0].0 + 1, "the target's count jumped: {pair:?}");
+    }
+    Ok((last.0, first.0))
+}
+
+fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "hop", "node-a", &[])?;
+    let follow = Follow::start(cluster, "hop")?;
+    let out = migrate(cluster, &["hop", "--to", "node-b"], &[])?;
+    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
+    ensure!(
+        out.stdout.contains("moved to node node-b as hop-m1"),
+        "no summary line: {}",
+        out.stdout
+    );
+    let downtime = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("downtime"))
+        .context("no downtime in the timing table")?;
+    ensure!(pod_field(cluster, "hop-m1", "{.spec.nodeName}")? == "node-b", "hop-m1 is not on node-b");
+    cluster.wait_running("hop-m1", WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_gone(cluster, "hop")?;
+    wait_until("3 counts on hop-m1", WAIT, || {
+        Ok((counter_values(&logs(cluster, "hop-m1", None)).len() >= 3).then_some(()))
+    })?;
+    let (last, first) = assert_continued(&before, &logs(cluster, "hop-m1", None))?;
+
+    let events = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=hop-m1",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ])?;
+    ensure!(events.contains("MigrationDone"), "no MigrationDone event on hop-m1: {events}");
+    let annotations = pod_field(cluster, "hop-m1", "{.metadata.annotations}")?;
+    ensure!(
+        annotations.contains("migrate.kubectl.io/id") && annotations.contains("migrate.kubectl.io/timings"),
+        "hop-m1 lacks the migration annotations: {annotations}"
+    );
+    let restarts = pod_field(cluster, "hop-m1", "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "0", "hop-m1 restarted {restarts} times");
+    eprintln!("node-a → node-b: last count on the source {last}, first on the target {first}; {downtime}");
+    Ok(())
+}
+
+fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "stay", "node-b", &[])?;
+    let follow = Follow::start(cluster, "stay")?;
+    let out = migrate(cluster, &["stay", "--to", "node-b"], &[])?;
+    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
+    ensure!(pod_field(cluster, "stay-m1", "{.spec.nodeName}")? == "node-b", "stay-m1 left node-b");
+    cluster.wait_running("stay-m1", WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_gone(cluster, "stay")?;
+    wait_until("3 counts on stay-m1", WAIT, || {
+        Ok((counter_values(&logs(cluster, "stay-m1", None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, "stay-m1", None))?;
+    Ok(())
+}
+
+/// GET http://IP:8080/PATH with a plain HTTP/1.0 request; the status code and body.
+fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&format!("{ip}:8080").parse()?, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The writer's line numbers, checked to be exactly 1, 2, 3, …: no line lost, none repeated,
+/// no restart from 1.
+fn stamp_numbers(body: &str) -> Result<Vec<u64>> {
+    let numbers: Vec<u64> = body
+        .lines()
+        .map(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()).context("a line without its number"))
+        .collect::<Result<_>>()?;
+    for (i, n) in numbers.iter().enumerate() {
+        ensure!(*n == i as u64 + 1, "line {} is numbered {n}: the writer's file is not one unbroken run:\n{body}", i + 1);
+    }
+    Ok(numbers)
+}
+
+fn web_pod_moves(cluster: &Cluster) -> Result<()> {
+    cluster.apply(&example_pod("web/pod.yaml", "web", "node-a", &[])?)?;
+    cluster.wait_running("web", WAIT)?;
+    let ip = pod_field(cluster, "web", "{.status.podIP}")?;
+    let before = wait_until("3 stamps served by nginx", WAIT, || {
+        Ok(http_get(&ip, "/stamps.log")
+            .ok()
+            .filter(|(code, body)| *code == 200 && body.lines().count() >= 3))
+    })?;
+    let before_numbers = stamp_numbers(&before.1)?;
+
+    let out = migrate(cluster, &["web", "--to", "node-b"], &[])?;
+    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
+    cluster.wait_running("web-m1", WAIT)?;
+    wait_gone(cluster, "web")?;
+    let new_ip = pod_field(cluster, "web-m1", "{.status.podIP}")?;
+    ensure!(new_ip != ip, "the new pod kept the old IP {ip}");
+    let restarts = pod_field(cluster, "web-m1", "{.status.containerStatuses[*].restartCount}")?;
+    ensure!(restarts.split_whitespace().all(|r| r == "0"), "containers restarted: {restarts}");
+    // Two more stamps after the move, served by the restored nginx on the new pod's IP.
+    let after = wait_until("nginx on the new pod serving new stamps", WAIT, || {
+        Ok(http_get(&new_ip, "/stamps.log").ok().filter(|(code, body)| {
+            *code == 200 && body.lines().count() >= before_numbers.len() + 4
+        }))
+    })?;
+    let after_numbers = stamp_numbers(&after.1)?;
+    ensure!(
+        after.1.starts_with(&before.1),
+        "the file on the new pod does not start with the lines served before the move"
+    );
+    let nginx_log = logs(cluster, "web-m1", Some("nginx"));
+    ensure!(
+        nginx_log.contains("GET /stamps.log"),
+        "the restored nginx's log does not show the requests: {nginx_log}"
+    );
+    eprintln!(
+        "web: {} stamps served on node-a at {ip}, {} on node-b at {new_ip}, one unbroken run 1..{}",
+        before_numbers.len(),
+        after_numbers.len(),
+        after_numbers.len()
+    );
+    Ok(())
+}
+
+fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "fragile", "node-a", &[])?;
+    let follow = Follow::start(cluster, "fragile")?;
+    let out = migrate(
+        cluster,
+        &["fragile", "--to", "node-b"],
+        &[("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
+    )?;
+    ensure!(out.code.is_some_and(|c| c != 0), "a damaged archive must fail the migration: {:?}", out.code);
+    ensure!(
+        out.stderr.contains("restore failed") && out.stderr.contains("deleted the target pod fragile-m1"),
+        "the message does not say what failed and what was undone:\n{}",
+        out.stderr
+    );
+    ensure!(
+        out.stderr.contains("resumed the source app") && out.stderr.contains("keeps running with its state"),
+        "the message does not say the source keeps running:\n{}",
+        out.stderr
+    );
+    wait_gone(cluster, "fragile-m1")?;
+    ensure!(pod_field(cluster, "fragile", "{.status.phase}")? == "Running", "the source is not running");
+    let count = counter_values(&follow.text()).len();
+    wait_until("the source counting again", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= count + 3).then_some(()))
+    })?;
+    let values = counter_values(&follow.text());
+    for pair in values.windows(2) {
+        ensure!(pair[1].0 == pair[0].0 + 1, "the source's count broke: {pair:?}");
+    }
+    let restarts = pod_field(cluster, "fragile", "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "0", "the source restarted");
+    drop(follow);
+    cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
+    Ok(())
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CAP_CHECKPOINT_RESTORE (40) and CAP_SETPCAP (8): what the launcher needs, nothing else.
+const LAUNCHER_CAPS: u64 = (1 << 40) | (1 << 8);
+
+fn least_capabilities(cluster: &Cluster) -> Result<()> {
+    for file in ["counter/pod.yaml", "web/pod.yaml"] {
+        let yaml = std::fs::read_to_string(workspace().join("images/examples").join(file))?;
+        let pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+        for container in pod["spec"]["containers"].as_sequence().context("containers")? {
+            let security = &container["securityContext"];
+            ensure!(security["privileged"].as_bool() != Some(true), "{file}: privileged");
+            ensure!(security["allowPrivilegeEscalation"].as_bool() == Some(false), "{file}: privilege escalation allowed");
+            let caps = &security["capabilities"];
+            ensure!(caps["drop"] == serde_yaml::Value::from(vec!["ALL"]), "{file}: does not drop ALL");
+            ensure!(
+                caps["add"] == serde_yaml::Value::from(vec!["CHECKPOINT_RESTORE", "SETPCAP"]),
+                "{file}: adds {:?}",
+                caps["add"]
+            );
+        }
+    }
+    // What the running containers really hold, as the kernel reports it.
+    run_counter(cluster, "caps", "node-a", &[])?;
+    for field in ["CapEff", "CapPrm", "CapBnd"] {
+        let line = cluster.kubectl_ok(&["exec", "caps", "--", "grep", &format!("^{field}:"), "/proc/1/status"])?;
+        let value = u64::from_str_radix(line.split_whitespace().nth(1).context("no value")?, 16)?;
+        ensure!(value == LAUNCHER_CAPS, "{field} of the launcher is {value:#x}, expected {LAUNCHER_CAPS:#x}");
+    }
+    let nnp = cluster.kubectl_ok(&["exec", "caps", "--", "grep", "^NoNewPrivs:", "/proc/1/status"])?;
+    ensure!(nnp.contains('1'), "no_new_privs is not set: {nnp}");
+    // And they suffice: the pod migrates.
+    let out = migrate(cluster, &["caps", "--to", "node-b"], &[])?;
+    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}", out.code, out.stderr);
+    cluster.kubectl_ok(&["delete", "pod", "caps-m1", "--wait=false"])?;
+    Ok(())
+}
+
+/// Peak RSS (VmHWM) of the plugin while it runs, sampled until it exits.
+fn migrate_measuring(cluster: &Cluster, args: &[&str]) -> Result<(Outcome, u64)> {
+    // The plugin itself (not kubectl in front of it), so /proc/PID is the plugin's.
+    let mut child = Command::new(workspace_binary("kubectl-migrate"))
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut peak = 0;
+    while child.try_wait()?.is_none() {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = child.wait()?.code();
+    Ok((
+        Outcome {
+            code,
+            stdout: out_thread.join().unwrap_or_default(),
+            stderr: err_thread.join().unwrap_or_default(),
+        },
+        peak,
+    ))
+}
+
+fn bytes_moved(stdout: &str) -> u64 {
+    stdout
+        .lines()
+        .find(|l| l.starts_with("bytes moved"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "small", "node-a", &[])?;
+    let (small, small_peak) = migrate_measuring(cluster, &["small", "--to", "node-b"])?;
+    ensure!(small.code == Some(0), "small migration failed:\n{}", small.stderr);
+    run_counter(cluster, "ballast", "node-a", &[("COUNTER_BALLAST_MB", "384")])?;
+    let checksum = |text: &str| text.lines().last().and_then(|l| l.split("ballast=").nth(1)).map(str::to_string);
+    let before = checksum(&logs(cluster, "ballast", None)).context("no ballast checksum")?;
+    let (big, big_peak) = migrate_measuring(cluster, &["ballast", "--to", "node-b"])?;
+    ensure!(big.code == Some(0), "ballast migration failed:\n{}", big.stderr);
+    cluster.wait_running("ballast-m1", WAIT)?;
+    wait_until("a count on ballast-m1", WAIT, || Ok(checksum(&logs(cluster, "ballast-m1", None))))
+        .and_then(|after| {
+            ensure!(after == before, "the ballast changed across the move: {before} → {after}");
+            Ok(())
+        })?;
+    let (small_bytes, big_bytes) = (bytes_moved(&small.stdout), bytes_moved(&big.stdout));
+    eprintln!(
+        "plugin peak RSS over real exec streams: {small_peak} KiB moving {} KiB; {big_peak} KiB moving {} KiB \
+         (growth {} KiB for {} MiB more, ratio {:.2})",
+        small_bytes / 1024,
+        big_bytes / 1024,
+        big_peak.saturating_sub(small_peak),
+        (big_bytes - small_bytes.min(big_bytes)) >> 20,
+        big_peak as f64 / small_peak.max(1) as f64
+    );
+    ensure!(big_bytes > 300 << 20, "the ballast archive is only {big_bytes} bytes");
+    // Buffering the archive would add hundreds of MiB; a few chunks and TLS buffers do not.
+    ensure!(
+        big_peak < small_peak + 32 * 1024,
+        "the plugin grew from {small_peak} KiB to {big_peak} KiB while moving {big_bytes} bytes"
+    );
+    for pod in ["small-m1", "ballast-m1"] {
+        cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
+    }
+    Ok(())
+}
