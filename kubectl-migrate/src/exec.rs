@@ -114,7 +114,10 @@ pub async fn copy_counting(
             break;
         }
         if let Some(at) = corrupt_at.and_then(|at| at.checked_sub(total)) {
-            if let Some(byte) = usize::try_from(at).ok().and_then(|at| buffer[..n].get_mut(at)) {
+            if let Some(byte) = usize::try_from(at)
+                .ok()
+                .and_then(|at| buffer[..n].get_mut(at))
+            {
                 *byte ^= 0xff;
             }
         }

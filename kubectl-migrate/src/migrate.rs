@@ -517,7 +517,8 @@ async fn undo<L: Launchers + Sync>(
                 // Never frozen (the failure came before the freeze): nothing to undo. A
                 // checkpoint still in flight is not that: it is reported below.
                 Err(error)
-                    if error.contains("nothing to roll back") && !error.contains("is checkpointing") => {}
+                    if error.contains("nothing to roll back")
+                        && !error.contains("is checkpointing") => {}
                 Err(error) => manual.push(format!(
                     "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
                     connection.namespace, options.pod, container.name
@@ -564,7 +565,9 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match launchers.rollback(source, container).await {
-            Err(error) if error.contains("is checkpointing") && tokio::time::Instant::now() < deadline => {
+            Err(error)
+                if error.contains("is checkpointing") && tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             other => return other,

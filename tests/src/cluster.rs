@@ -73,12 +73,16 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
     }
     for tool in ["containerd", "ctr", "runc", "openssl", "ip"] {
         if which(tool).is_none() {
-            missing.push(format!("{tool} (apt-get install containerd runc openssl iproute2)"));
+            missing.push(format!(
+                "{tool} (apt-get install containerd runc openssl iproute2)"
+            ));
         }
     }
     for plugin in ["bridge", "host-local", "loopback"] {
         if !Path::new(CNI_BIN).join(plugin).exists() {
-            missing.push(format!("CNI plugin {plugin} (apt-get install containernetworking-plugins)"));
+            missing.push(format!(
+                "CNI plugin {plugin} (apt-get install containernetworking-plugins)"
+            ));
         }
     }
     if !images_archive().exists() {
@@ -145,7 +149,10 @@ impl Cluster {
         let nodes: Vec<ClusterNode> = (0..nodes).map(ClusterNode::new).collect();
         std::fs::write(
             dir.join("nodes"),
-            nodes.iter().map(|n| format!("{}\n", n.index)).collect::<String>(),
+            nodes
+                .iter()
+                .map(|n| format!("{}\n", n.index))
+                .collect::<String>(),
         )?;
         let cluster = Cluster {
             kubeconfig: dir.join("admin.kubeconfig"),
@@ -237,13 +244,17 @@ impl Cluster {
                 ])
                 .unwrap_or_default();
             let mut words = ready.split_whitespace();
-            if words.next() == Some("Running") && words.clone().count() > 0 && words.all(|w| w == "true") {
+            if words.next() == Some("Running")
+                && words.clone().count() > 0
+                && words.all(|w| w == "true")
+            {
                 return Ok(());
             }
             if start.elapsed() > limit {
                 bail!(
                     "pod {name} did not run within {limit:?}:\n{}",
-                    self.kubectl_ok(&["describe", "pod", name]).unwrap_or_default()
+                    self.kubectl_ok(&["describe", "pod", name])
+                        .unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -264,7 +275,11 @@ impl Cluster {
                 .filter(|l| !l.contains("level=info") && !l.starts_with('I'))
                 .collect::<Vec<_>>()
                 .join("\n");
-            out.push_str(&format!("--- {}:\n{}\n", log.display(), tail(&interesting, 15)));
+            out.push_str(&format!(
+                "--- {}:\n{}\n",
+                log.display(),
+                tail(&interesting, 15)
+            ));
         }
         for args in [&["get", "pods", "-o", "wide"][..], &["get", "events"][..]] {
             out.push_str(&format!(
@@ -291,7 +306,10 @@ impl Cluster {
             .process_group(0)
             .spawn()
             .with_context(|| format!("start {name}"))?;
-        std::fs::write(self.dir.join("pids").join(format!("{name}.pid")), child.id().to_string())?;
+        std::fs::write(
+            self.dir.join("pids").join(format!("{name}.pid")),
+            child.id().to_string(),
+        )?;
         Ok(())
     }
 
@@ -299,11 +317,38 @@ impl Cluster {
         let d = &self.dir;
         let pki = d.join("pki");
         std::fs::create_dir_all(&pki)?;
-        openssl(&pki, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3", "-subj", "/CN=kubectl-migrate-test-ca"])?;
-        sign(&pki, "apiserver", "/CN=kube-apiserver", Some("IP:127.0.0.1,DNS:localhost"))?;
+        openssl(
+            &pki,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "3",
+                "-subj",
+                "/CN=kubectl-migrate-test-ca",
+            ],
+        )?;
+        sign(
+            &pki,
+            "apiserver",
+            "/CN=kube-apiserver",
+            Some("IP:127.0.0.1,DNS:localhost"),
+        )?;
         // The API server's client certificate towards kubelets (exec, logs): the kubelets'
         // webhook authorizer asks the API server, where system:masters may do anything.
-        sign(&pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", None)?;
+        sign(
+            &pki,
+            "kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            None,
+        )?;
         openssl(&pki, &["genrsa", "-out", "sa.key", "2048"])?;
         openssl(&pki, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
 
@@ -313,8 +358,16 @@ impl Cluster {
         let mut tokens = format!("{admin},admin,admin-uid,\"system:masters\"\n");
         for node in &self.nodes {
             let t = token(&node.name);
-            tokens.push_str(&format!("{t},system:node:{0},{0}-uid,\"system:nodes\"\n", node.name));
-            self.write_kubeconfig(&d.join(format!("{}.kubeconfig", node.name)), &node.name, &t, secure)?;
+            tokens.push_str(&format!(
+                "{t},system:node:{0},{0}-uid,\"system:nodes\"\n",
+                node.name
+            ));
+            self.write_kubeconfig(
+                &d.join(format!("{}.kubeconfig", node.name)),
+                &node.name,
+                &t,
+                secure,
+            )?;
         }
         write_private(&pki.join("tokens.csv"), &tokens)?;
 
@@ -327,7 +380,9 @@ impl Cluster {
                 .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
                 .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
                 .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
                 .arg(format!("--initial-cluster=e2e=http://127.0.0.1:{peer}"))
                 .args(["--log-level", "warn", "--unsafe-no-fsync"]),
         )?;
@@ -343,22 +398,38 @@ impl Cluster {
                 .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
                 .arg(format!("--client-ca-file={}", p("ca.crt")))
                 .arg(format!("--token-auth-file={}", p("tokens.csv")))
-                .arg(format!("--kubelet-client-certificate={}", p("kubelet-client.crt")))
+                .arg(format!(
+                    "--kubelet-client-certificate={}",
+                    p("kubelet-client.crt")
+                ))
                 .arg(format!("--kubelet-client-key={}", p("kubelet-client.key")))
                 .arg("--kubelet-preferred-address-types=InternalIP")
-                .args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"])
+                .args([
+                    "--authorization-mode=Node,RBAC",
+                    "--enable-admission-plugins=NodeRestriction",
+                ])
                 .arg(format!("--service-account-issuer={issuer}"))
                 .arg(format!("--api-audiences={issuer}"))
                 .arg(format!("--service-account-key-file={}", p("sa.pub")))
-                .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
-                .args(["--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=false", "-v=1"]),
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    p("sa.key")
+                ))
+                .args([
+                    "--service-cluster-ip-range=10.96.0.0/16",
+                    "--allow-privileged=false",
+                    "-v=1",
+                ]),
         )?;
         self.write_kubeconfig(&self.kubeconfig, "admin", &admin, secure)?;
 
         let start = Instant::now();
         while self.kubectl_ok(&["get", "--raw", "/readyz"]).is_err() {
             if start.elapsed() > Duration::from_secs(120) {
-                bail!("kube-apiserver was not ready within 120 s\n{}", self.diagnose());
+                bail!(
+                    "kube-apiserver was not ready within 120 s\n{}",
+                    self.diagnose()
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -447,16 +518,25 @@ state = "{state}"
         )?;
         self.daemon(
             &format!("containerd-{}", node.name),
-            Command::new("containerd").arg("--config").arg(nd.join("containerd.toml")),
+            Command::new("containerd")
+                .arg("--config")
+                .arg(nd.join("containerd.toml")),
         )?;
         let start = Instant::now();
         while !ctr(&socket, &["version"]).is_ok_and(|o| o.status.success()) {
             if start.elapsed() > Duration::from_secs(30) {
-                bail!("containerd of {} did not start\n{}", node.name, self.diagnose());
+                bail!(
+                    "containerd of {} did not start\n{}",
+                    node.name,
+                    self.diagnose()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let import = ctr(&socket, &["images", "import", &images_archive().display().to_string()])?;
+        let import = ctr(
+            &socket,
+            &["images", "import", &images_archive().display().to_string()],
+        )?;
         if !import.status.success() {
             bail!(
                 "importing the images into {}'s containerd: {}",
@@ -497,7 +577,13 @@ state = "{state}"
                 .arg(nd.join("kubelet"))
                 .arg("--cert-dir")
                 .arg(nd.join("kubelet/pki"))
-                .args(["--hostname-override", &node.name, "--node-ip", &node.ip, "-v=1"]),
+                .args([
+                    "--hostname-override",
+                    &node.name,
+                    "--node-ip",
+                    &node.ip,
+                    "-v=1",
+                ]),
         )?;
         Ok(())
     }
@@ -518,7 +604,11 @@ state = "{state}"
                 return Ok(());
             }
             if start.elapsed() > limit {
-                bail!("node {} was not Ready within {limit:?}\n{}", node.name, self.diagnose());
+                bail!(
+                    "node {} was not Ready within {limit:?}\n{}",
+                    node.name,
+                    self.diagnose()
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -585,7 +675,10 @@ impl Drop for Cluster {
             return;
         }
         if std::env::var_os("KEEP_CLUSTER").is_some() {
-            eprintln!("KEEP_CLUSTER set: the cluster keeps running in {}", self.dir.display());
+            eprintln!(
+                "KEEP_CLUSTER set: the cluster keeps running in {}",
+                self.dir.display()
+            );
             return;
         }
         if let Err(error) = Cluster::stop_at(&self.dir) {
@@ -604,17 +697,33 @@ fn ctr(socket: &Path, args: &[&str]) -> Result<std::process::Output> {
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let output = Command::new("openssl").current_dir(dir).args(args).output()?;
+    let output = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()?;
     if !output.status.success() {
-        bail!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(())
 }
 
 /// A key and a certificate for `subject` signed by the CA in `dir`, with `san` if given.
 fn sign(dir: &Path, name: &str, subject: &str, san: Option<&str>) -> Result<()> {
-    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject])?;
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ],
+    )?;
     let ext = format!("{name}.ext");
     std::fs::write(
         dir.join(&ext),
@@ -623,7 +732,26 @@ fn sign(dir: &Path, name: &str, subject: &str, san: Option<&str>) -> Result<()> 
             None => "extendedKeyUsage=clientAuth\n".to_string(),
         },
     )?;
-    openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days", "3", "-extfile", &ext])
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "3",
+            "-extfile",
+            &ext,
+        ],
+    )
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
@@ -736,8 +864,11 @@ fn stop_pid(pid: Option<i32>) {
     let Some(pid) = pid else { return };
     let pid = nix::unistd::Pid::from_raw(pid);
     let alive = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
     };
     if kill(pid, Signal::SIGTERM).is_err() {
         return;

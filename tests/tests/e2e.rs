@@ -21,15 +21,36 @@ use migrate_tests::{counter_values, expected_revenue, workspace, workspace_binar
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// One end-to-end test, run against the shared cluster.
+type Scenario = fn(&Cluster) -> Result<()>;
+
 fn main() {
     let args = Arguments::from_args();
-    let tests: &[(&str, fn(&Cluster) -> Result<()>)] = &[
-        ("counter_moves_to_another_node_and_keeps_counting", counter_moves_to_another_node),
-        ("counter_moves_within_its_node", counter_moves_within_its_node),
-        ("web_pod_moves_with_a_consistent_cut_and_nginx_answers", web_pod_moves),
-        ("damaged_archive_in_transit_rolls_back_and_the_source_keeps_counting", damaged_archive_rolls_back),
-        ("pods_carry_only_the_launchers_capabilities", least_capabilities),
-        ("plugin_memory_stays_flat_across_real_exec_streams", plugin_memory_flat),
+    let tests: &[(&str, Scenario)] = &[
+        (
+            "counter_moves_to_another_node_and_keeps_counting",
+            counter_moves_to_another_node,
+        ),
+        (
+            "counter_moves_within_its_node",
+            counter_moves_within_its_node,
+        ),
+        (
+            "web_pod_moves_with_a_consistent_cut_and_nginx_answers",
+            web_pod_moves,
+        ),
+        (
+            "damaged_archive_in_transit_rolls_back_and_the_source_keeps_counting",
+            damaged_archive_rolls_back,
+        ),
+        (
+            "pods_carry_only_the_launchers_capabilities",
+            least_capabilities,
+        ),
+        (
+            "plugin_memory_stays_flat_across_real_exec_streams",
+            plugin_memory_flat,
+        ),
     ];
     let cluster: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));
@@ -73,7 +94,10 @@ fn example_pod(file: &str, name: &str, node: &str, env: &[(&str, &str)]) -> Resu
     pod["metadata"]["name"] = name.into();
     pod["metadata"]["labels"]["app"] = name.into();
     pod["spec"]["nodeName"] = node.into();
-    for container in pod["spec"]["containers"].as_sequence_mut().context("containers")? {
+    for container in pod["spec"]["containers"]
+        .as_sequence_mut()
+        .context("containers")?
+    {
         let list = container
             .as_mapping_mut()
             .context("container")?
@@ -132,7 +156,11 @@ impl Follow {
                 text.push('\n');
             }
         });
-        Ok(Follow { child, lines, reader: Some(reader) })
+        Ok(Follow {
+            child,
+            lines,
+            reader: Some(reader),
+        })
     }
 
     fn text(&self) -> String {
@@ -158,7 +186,9 @@ impl Follow {
 fn plugin_path() -> std::ffi::OsString {
     let plugin = workspace_binary("kubectl-migrate");
     let mut paths = vec![plugin.parent().map(PathBuf::from).unwrap_or_default()];
-    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     std::env::join_paths(paths).unwrap_or_default()
 }
 
@@ -176,7 +206,9 @@ struct Outcome {
 }
 
 fn migrate(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Outcome> {
-    let output = kubectl_migrate(cluster, args).envs(env.iter().copied()).output()?;
+    let output = kubectl_migrate(cluster, args)
+        .envs(env.iter().copied())
+        .output()?;
     Ok(Outcome {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -184,7 +216,11 @@ fn migrate(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Out
     })
 }
 
-fn wait_until<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(value) = probe()? {
@@ -204,7 +240,9 @@ fn pod_field(cluster: &Cluster, pod: &str, jsonpath: &str) -> Result<String> {
 fn wait_gone(cluster: &Cluster, pod: &str) -> Result<()> {
     wait_until(&format!("pod {pod} to be deleted"), WAIT, || {
         let output = cluster.kubectl(&["get", "pod", pod]).output()?;
-        Ok((!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("NotFound")).then_some(()))
+        Ok((!output.status.success()
+            && String::from_utf8_lossy(&output.stderr).contains("NotFound"))
+        .then_some(()))
     })
 }
 
@@ -220,10 +258,16 @@ fn assert_continued(before: &str, after: &str) -> Result<(u64, u64)> {
         "the count did not continue: last on the source {last:?}, first on the target {first:?}"
     );
     for (events, revenue) in &after {
-        ensure!(*revenue == expected_revenue(*events), "revenue {revenue} wrong at event {events}");
+        ensure!(
+            *revenue == expected_revenue(*events),
+            "revenue {revenue} wrong at event {events}"
+        );
     }
     for pair in after.windows(2) {
-        ensure!(pair[1].0 == pair[0].0 + 1, "the target's count jumped: {pair:?}");
+        ensure!(
+            pair[1].0 == pair[0].0 + 1,
+            "the target's count jumped: {pair:?}"
+        );
     }
     Ok((last.0, first.0))
 }
@@ -232,7 +276,13 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
     run_counter(cluster, "hop", "node-a", &[])?;
     let follow = Follow::start(cluster, "hop")?;
     let out = migrate(cluster, &["hop", "--to", "node-b"], &[])?;
-    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
     ensure!(
         out.stdout.contains("moved to node node-b as hop-m1"),
         "no summary line: {}",
@@ -243,7 +293,10 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
         .lines()
         .find(|l| l.starts_with("downtime"))
         .context("no downtime in the timing table")?;
-    ensure!(pod_field(cluster, "hop-m1", "{.spec.nodeName}")? == "node-b", "hop-m1 is not on node-b");
+    ensure!(
+        pod_field(cluster, "hop-m1", "{.spec.nodeName}")? == "node-b",
+        "hop-m1 is not on node-b"
+    );
     cluster.wait_running("hop-m1", WAIT)?;
     let before = follow.finish(WAIT);
     wait_gone(cluster, "hop")?;
@@ -260,15 +313,25 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
         "-o",
         "jsonpath={.items[*].reason}",
     ])?;
-    ensure!(events.contains("MigrationDone"), "no MigrationDone event on hop-m1: {events}");
+    ensure!(
+        events.contains("MigrationDone"),
+        "no MigrationDone event on hop-m1: {events}"
+    );
     let annotations = pod_field(cluster, "hop-m1", "{.metadata.annotations}")?;
     ensure!(
-        annotations.contains("migrate.kubectl.io/id") && annotations.contains("migrate.kubectl.io/timings"),
+        annotations.contains("migrate.kubectl.io/id")
+            && annotations.contains("migrate.kubectl.io/timings"),
         "hop-m1 lacks the migration annotations: {annotations}"
     );
-    let restarts = pod_field(cluster, "hop-m1", "{.status.containerStatuses[0].restartCount}")?;
+    let restarts = pod_field(
+        cluster,
+        "hop-m1",
+        "{.status.containerStatuses[0].restartCount}",
+    )?;
     ensure!(restarts == "0", "hop-m1 restarted {restarts} times");
-    eprintln!("node-a → node-b: last count on the source {last}, first on the target {first}; {downtime}");
+    eprintln!(
+        "node-a → node-b: last count on the source {last}, first on the target {first}; {downtime}"
+    );
     Ok(())
 }
 
@@ -276,8 +339,17 @@ fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
     run_counter(cluster, "stay", "node-b", &[])?;
     let follow = Follow::start(cluster, "stay")?;
     let out = migrate(cluster, &["stay", "--to", "node-b"], &[])?;
-    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
-    ensure!(pod_field(cluster, "stay-m1", "{.spec.nodeName}")? == "node-b", "stay-m1 left node-b");
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        pod_field(cluster, "stay-m1", "{.spec.nodeName}")? == "node-b",
+        "stay-m1 left node-b"
+    );
     cluster.wait_running("stay-m1", WAIT)?;
     let before = follow.finish(WAIT);
     wait_gone(cluster, "stay")?;
@@ -290,7 +362,10 @@ fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
 
 /// GET http://IP:8080/PATH with a plain HTTP/1.0 request; the status code and body.
 fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect_timeout(&format!("{ip}:8080").parse()?, Duration::from_secs(5))?;
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:8080").parse()?,
+        Duration::from_secs(5),
+    )?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
     let mut response = String::new();
@@ -300,7 +375,10 @@ fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status")?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -309,10 +387,19 @@ fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
 fn stamp_numbers(body: &str) -> Result<Vec<u64>> {
     let numbers: Vec<u64> = body
         .lines()
-        .map(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()).context("a line without its number"))
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .context("a line without its number")
+        })
         .collect::<Result<_>>()?;
     for (i, n) in numbers.iter().enumerate() {
-        ensure!(*n == i as u64 + 1, "line {} is numbered {n}: the writer's file is not one unbroken run:\n{body}", i + 1);
+        ensure!(
+            *n == i as u64 + 1,
+            "line {} is numbered {n}: the writer's file is not one unbroken run:\n{body}",
+            i + 1
+        );
     }
     Ok(numbers)
 }
@@ -329,18 +416,33 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
     let before_numbers = stamp_numbers(&before.1)?;
 
     let out = migrate(cluster, &["web", "--to", "node-b"], &[])?;
-    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}{}", out.code, out.stdout, out.stderr);
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
     cluster.wait_running("web-m1", WAIT)?;
     wait_gone(cluster, "web")?;
     let new_ip = pod_field(cluster, "web-m1", "{.status.podIP}")?;
     ensure!(new_ip != ip, "the new pod kept the old IP {ip}");
-    let restarts = pod_field(cluster, "web-m1", "{.status.containerStatuses[*].restartCount}")?;
-    ensure!(restarts.split_whitespace().all(|r| r == "0"), "containers restarted: {restarts}");
+    let restarts = pod_field(
+        cluster,
+        "web-m1",
+        "{.status.containerStatuses[*].restartCount}",
+    )?;
+    ensure!(
+        restarts.split_whitespace().all(|r| r == "0"),
+        "containers restarted: {restarts}"
+    );
     // Two more stamps after the move, served by the restored nginx on the new pod's IP.
     let after = wait_until("nginx on the new pod serving new stamps", WAIT, || {
-        Ok(http_get(&new_ip, "/stamps.log").ok().filter(|(code, body)| {
-            *code == 200 && body.lines().count() >= before_numbers.len() + 4
-        }))
+        Ok(http_get(&new_ip, "/stamps.log")
+            .ok()
+            .filter(|(code, body)| {
+                *code == 200 && body.lines().count() >= before_numbers.len() + 4
+            }))
     })?;
     let after_numbers = stamp_numbers(&after.1)?;
     ensure!(
@@ -369,28 +471,44 @@ fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
         &["fragile", "--to", "node-b"],
         &[("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
     )?;
-    ensure!(out.code.is_some_and(|c| c != 0), "a damaged archive must fail the migration: {:?}", out.code);
     ensure!(
-        out.stderr.contains("restore failed") && out.stderr.contains("deleted the target pod fragile-m1"),
+        out.code.is_some_and(|c| c != 0),
+        "a damaged archive must fail the migration: {:?}",
+        out.code
+    );
+    ensure!(
+        out.stderr.contains("restore failed")
+            && out.stderr.contains("deleted the target pod fragile-m1"),
         "the message does not say what failed and what was undone:\n{}",
         out.stderr
     );
     ensure!(
-        out.stderr.contains("resumed the source app") && out.stderr.contains("keeps running with its state"),
+        out.stderr.contains("resumed the source app")
+            && out.stderr.contains("keeps running with its state"),
         "the message does not say the source keeps running:\n{}",
         out.stderr
     );
     wait_gone(cluster, "fragile-m1")?;
-    ensure!(pod_field(cluster, "fragile", "{.status.phase}")? == "Running", "the source is not running");
+    ensure!(
+        pod_field(cluster, "fragile", "{.status.phase}")? == "Running",
+        "the source is not running"
+    );
     let count = counter_values(&follow.text()).len();
     wait_until("the source counting again", WAIT, || {
         Ok((counter_values(&follow.text()).len() >= count + 3).then_some(()))
     })?;
     let values = counter_values(&follow.text());
     for pair in values.windows(2) {
-        ensure!(pair[1].0 == pair[0].0 + 1, "the source's count broke: {pair:?}");
+        ensure!(
+            pair[1].0 == pair[0].0 + 1,
+            "the source's count broke: {pair:?}"
+        );
     }
-    let restarts = pod_field(cluster, "fragile", "{.status.containerStatuses[0].restartCount}")?;
+    let restarts = pod_field(
+        cluster,
+        "fragile",
+        "{.status.containerStatuses[0].restartCount}",
+    )?;
     ensure!(restarts == "0", "the source restarted");
     drop(follow);
     cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
@@ -411,12 +529,24 @@ fn least_capabilities(cluster: &Cluster) -> Result<()> {
     for file in ["counter/pod.yaml", "web/pod.yaml"] {
         let yaml = std::fs::read_to_string(workspace().join("images/examples").join(file))?;
         let pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
-        for container in pod["spec"]["containers"].as_sequence().context("containers")? {
+        for container in pod["spec"]["containers"]
+            .as_sequence()
+            .context("containers")?
+        {
             let security = &container["securityContext"];
-            ensure!(security["privileged"].as_bool() != Some(true), "{file}: privileged");
-            ensure!(security["allowPrivilegeEscalation"].as_bool() == Some(false), "{file}: privilege escalation allowed");
+            ensure!(
+                security["privileged"].as_bool() != Some(true),
+                "{file}: privileged"
+            );
+            ensure!(
+                security["allowPrivilegeEscalation"].as_bool() == Some(false),
+                "{file}: privilege escalation allowed"
+            );
             let caps = &security["capabilities"];
-            ensure!(caps["drop"] == serde_yaml::Value::from(vec!["ALL"]), "{file}: does not drop ALL");
+            ensure!(
+                caps["drop"] == serde_yaml::Value::from(vec!["ALL"]),
+                "{file}: does not drop ALL"
+            );
             ensure!(
                 caps["add"] == serde_yaml::Value::from(vec!["CHECKPOINT_RESTORE", "SETPCAP"]),
                 "{file}: adds {:?}",
@@ -427,15 +557,37 @@ fn least_capabilities(cluster: &Cluster) -> Result<()> {
     // What the running containers really hold, as the kernel reports it.
     run_counter(cluster, "caps", "node-a", &[])?;
     for field in ["CapEff", "CapPrm", "CapBnd"] {
-        let line = cluster.kubectl_ok(&["exec", "caps", "--", "grep", &format!("^{field}:"), "/proc/1/status"])?;
+        let line = cluster.kubectl_ok(&[
+            "exec",
+            "caps",
+            "--",
+            "grep",
+            &format!("^{field}:"),
+            "/proc/1/status",
+        ])?;
         let value = u64::from_str_radix(line.split_whitespace().nth(1).context("no value")?, 16)?;
-        ensure!(value == LAUNCHER_CAPS, "{field} of the launcher is {value:#x}, expected {LAUNCHER_CAPS:#x}");
+        ensure!(
+            value == LAUNCHER_CAPS,
+            "{field} of the launcher is {value:#x}, expected {LAUNCHER_CAPS:#x}"
+        );
     }
-    let nnp = cluster.kubectl_ok(&["exec", "caps", "--", "grep", "^NoNewPrivs:", "/proc/1/status"])?;
+    let nnp = cluster.kubectl_ok(&[
+        "exec",
+        "caps",
+        "--",
+        "grep",
+        "^NoNewPrivs:",
+        "/proc/1/status",
+    ])?;
     ensure!(nnp.contains('1'), "no_new_privs is not set: {nnp}");
     // And they suffice: the pod migrates.
     let out = migrate(cluster, &["caps", "--to", "node-b"], &[])?;
-    ensure!(out.code == Some(0), "kubectl migrate exited {:?}:\n{}", out.code, out.stderr);
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}",
+        out.code,
+        out.stderr
+    );
     cluster.kubectl_ok(&["delete", "pod", "caps-m1", "--wait=false"])?;
     Ok(())
 }
@@ -464,15 +616,14 @@ fn migrate_measuring(cluster: &Cluster, args: &[&str]) -> Result<(Outcome, u64)>
     });
     let mut peak = 0;
     while child.try_wait()?.is_none() {
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(kib) = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                peak = peak.max(kib);
-            }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(kib) = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -499,18 +650,41 @@ fn bytes_moved(stdout: &str) -> u64 {
 fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
     run_counter(cluster, "small", "node-a", &[])?;
     let (small, small_peak) = migrate_measuring(cluster, &["small", "--to", "node-b"])?;
-    ensure!(small.code == Some(0), "small migration failed:\n{}", small.stderr);
-    run_counter(cluster, "ballast", "node-a", &[("COUNTER_BALLAST_MB", "384")])?;
-    let checksum = |text: &str| text.lines().last().and_then(|l| l.split("ballast=").nth(1)).map(str::to_string);
+    ensure!(
+        small.code == Some(0),
+        "small migration failed:\n{}",
+        small.stderr
+    );
+    run_counter(
+        cluster,
+        "ballast",
+        "node-a",
+        &[("COUNTER_BALLAST_MB", "384")],
+    )?;
+    let checksum = |text: &str| {
+        text.lines()
+            .last()
+            .and_then(|l| l.split("ballast=").nth(1))
+            .map(str::to_string)
+    };
     let before = checksum(&logs(cluster, "ballast", None)).context("no ballast checksum")?;
     let (big, big_peak) = migrate_measuring(cluster, &["ballast", "--to", "node-b"])?;
-    ensure!(big.code == Some(0), "ballast migration failed:\n{}", big.stderr);
+    ensure!(
+        big.code == Some(0),
+        "ballast migration failed:\n{}",
+        big.stderr
+    );
     cluster.wait_running("ballast-m1", WAIT)?;
-    wait_until("a count on ballast-m1", WAIT, || Ok(checksum(&logs(cluster, "ballast-m1", None))))
-        .and_then(|after| {
-            ensure!(after == before, "the ballast changed across the move: {before} → {after}");
-            Ok(())
-        })?;
+    wait_until("a count on ballast-m1", WAIT, || {
+        Ok(checksum(&logs(cluster, "ballast-m1", None)))
+    })
+    .and_then(|after| {
+        ensure!(
+            after == before,
+            "the ballast changed across the move: {before} → {after}"
+        );
+        Ok(())
+    })?;
     let (small_bytes, big_bytes) = (bytes_moved(&small.stdout), bytes_moved(&big.stdout));
     eprintln!(
         "plugin peak RSS over real exec streams: {small_peak} KiB moving {} KiB; {big_peak} KiB moving {} KiB \
@@ -521,7 +695,10 @@ fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
         (big_bytes - small_bytes.min(big_bytes)) >> 20,
         big_peak as f64 / small_peak.max(1) as f64
     );
-    ensure!(big_bytes > 300 << 20, "the ballast archive is only {big_bytes} bytes");
+    ensure!(
+        big_bytes > 300 << 20,
+        "the ballast archive is only {big_bytes} bytes"
+    );
     // Buffering the archive would add hundreds of MiB; a few chunks and TLS buffers do not.
     ensure!(
         big_peak < small_peak + 32 * 1024,

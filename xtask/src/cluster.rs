@@ -27,7 +27,9 @@ fn prepare() -> Result<PathBuf> {
 /// `PATH` with the plugin's directory first, so `kubectl migrate` finds `kubectl-migrate`.
 fn path_with(plugin_dir: &std::path::Path) -> std::ffi::OsString {
     let mut paths = vec![plugin_dir.to_path_buf()];
-    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     std::env::join_paths(paths).unwrap_or_default()
 }
 
@@ -39,14 +41,19 @@ pub fn run_task(args: &[String]) -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             let cluster = Cluster::start(&dir, 2)?;
             let kubectl = migrate_tests::apiserver::kubectl();
-            println!("cluster: up, nodes node-a and node-b, state in {}", dir.display());
+            println!(
+                "cluster: up, nodes node-a and node-b, state in {}",
+                dir.display()
+            );
             println!("  export KUBECONFIG={}", cluster.kubeconfig.display());
             println!(
                 "  export PATH={}:{}:$PATH",
                 plugin_dir.display(),
                 kubectl.parent().unwrap_or(&dir).display()
             );
-            println!("  kubectl apply -f images/examples/counter/pod.yaml   # add spec.nodeName: node-a");
+            println!(
+                "  kubectl apply -f images/examples/counter/pod.yaml   # add spec.nodeName: node-a"
+            );
             println!("  kubectl migrate counter --to node-b");
             println!("  cargo xtask cluster down");
             cluster.keep_running();
@@ -69,7 +76,9 @@ pub fn demo() -> Result<()> {
     let plugin_dir = prepare()?;
     let dir = workspace_root().join(".cache/demo-cluster");
     std::fs::create_dir_all(&dir)?;
-    println!("demo: starting a local cluster: etcd, kube-apiserver, kubelets node-a and node-b (containerd + runc)");
+    println!(
+        "demo: starting a local cluster: etcd, kube-apiserver, kubelets node-a and node-b (containerd + runc)"
+    );
     let cluster = Cluster::start(&dir, 2)?;
     let result = demo_on(&cluster, &plugin_dir);
     if result.is_err() {
@@ -83,7 +92,10 @@ pub fn demo() -> Result<()> {
 fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
     let pod = std::fs::read_to_string(workspace_root().join("images/examples/counter/pod.yaml"))?
         .replace("spec:\n", "spec:\n  nodeName: node-a\n");
-    println!("demo: kubectl apply -f images/examples/counter/pod.yaml (image {}, on node-a)", counter_image());
+    println!(
+        "demo: kubectl apply -f images/examples/counter/pod.yaml (image {}, on node-a)",
+        counter_image()
+    );
     cluster.apply(&pod)?;
     cluster.wait_running("counter", Duration::from_secs(60))?;
     let logs = |pod: &str| cluster.kubectl_ok(&["logs", pod]).unwrap_or_default();
@@ -100,9 +112,8 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let source_log = follow.stdout.take().context("kubectl logs stdout")?;
-    let source_lines = std::thread::spawn(move || {
-        std::io::read_to_string(source_log).unwrap_or_default()
-    });
+    let source_lines =
+        std::thread::spawn(move || std::io::read_to_string(source_log).unwrap_or_default());
     println!("demo: kubectl migrate counter --to node-b");
     let status = Command::new(migrate_tests::apiserver::kubectl())
         .args(["migrate", "counter", "--to", "node-b"])
@@ -119,7 +130,14 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
     let before = *migrate_tests::counter_values(&source_log)
         .last()
         .context("the source printed nothing")?;
-    for line in source_log.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev() {
+    for line in source_log
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
         println!("  counter (node-a)    | {line}");
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -133,12 +151,29 @@ fn demo_on(cluster: &Cluster, plugin_dir: &std::path::Path) -> Result<()> {
         .first()
         .context("the new pod printed nothing")?;
     let money = |cents: u64| format!("{}.{:02}", cents / 100, cents % 100);
-    let continued = after.0 == before.0 + 1 && after.1 == before.1 + migrate_tests::expected_revenue(after.0) - migrate_tests::expected_revenue(before.0);
+    let continued = after.0 == before.0 + 1
+        && after.1
+            == before.1 + migrate_tests::expected_revenue(after.0)
+                - migrate_tests::expected_revenue(before.0);
     println!();
-    println!("  counter before (last line of counter on node-a):     events={} revenue={}", before.0, money(before.1));
-    println!("  counter after (first line of counter-m1 on node-b):  events={} revenue={}", after.0, money(after.1));
-    println!("  continued without reset:                             {}", if continued { "yes" } else { "NO" });
-    println!("  source pod counter deleted:                          {}", if gone { "yes" } else { "NO" });
+    println!(
+        "  counter before (last line of counter on node-a):     events={} revenue={}",
+        before.0,
+        money(before.1)
+    );
+    println!(
+        "  counter after (first line of counter-m1 on node-b):  events={} revenue={}",
+        after.0,
+        money(after.1)
+    );
+    println!(
+        "  continued without reset:                             {}",
+        if continued { "yes" } else { "NO" }
+    );
+    println!(
+        "  source pod counter deleted:                          {}",
+        if gone { "yes" } else { "NO" }
+    );
     if !continued || !gone {
         bail!("the counter did not continue on node-b");
     }

@@ -36,7 +36,9 @@ pub(crate) fn build() -> Result<PathBuf> {
         return Ok(archive);
     }
     if !is_root() {
-        bail!("building the images needs root (debootstrap, chroot, file ownership): sudo -E cargo xtask images");
+        bail!(
+            "building the images needs root (debootstrap, chroot, file ownership): sudo -E cargo xtask images"
+        );
     }
     for tool in ["debootstrap", "umoci", "catatonit"] {
         if which(tool).is_none() {
@@ -55,40 +57,81 @@ pub(crate) fn build() -> Result<PathBuf> {
 
     eprintln!("xtask: images: pause (catatonit -P)");
     new_image(&image("pause"), &bundle, |root| {
-        copy(Path::new("/usr/bin/catatonit"), &root.join("catatonit"), 0o755)
+        copy(
+            Path::new("/usr/bin/catatonit"),
+            &root.join("catatonit"),
+            0o755,
+        )
     })?;
-    umoci_config(&image("pause"), &["--config.entrypoint=/catatonit", "--config.entrypoint=-P"])?;
+    umoci_config(
+        &image("pause"),
+        &["--config.entrypoint=/catatonit", "--config.entrypoint=-P"],
+    )?;
 
     eprintln!("xtask: images: base (trixie, CRIU, restore-launcher)");
     new_image(&image("base"), &bundle, |root| {
         run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(root))?;
-        copy(&launcher, &root.join("usr/local/bin/restore-launcher"), 0o755)
+        copy(
+            &launcher,
+            &root.join("usr/local/bin/restore-launcher"),
+            0o755,
+        )
     })?;
     umoci_config(
         &image("base"),
-        &["--config.entrypoint=/usr/local/bin/restore-launcher", "--config.entrypoint=--"],
+        &[
+            "--config.entrypoint=/usr/local/bin/restore-launcher",
+            "--config.entrypoint=--",
+        ],
     )?;
 
     eprintln!("xtask: images: counter (python3, counter.py)");
-    derived_image(&image("base"), &image("counter"), &bundle, &["python3-minimal"], |root| {
-        copy(&examples.join("counter/counter.py"), &root.join("app/counter.py"), 0o644)
-    })?;
+    derived_image(
+        &image("base"),
+        &image("counter"),
+        &bundle,
+        &["python3-minimal"],
+        |root| {
+            copy(
+                &examples.join("counter/counter.py"),
+                &root.join("app/counter.py"),
+                0o644,
+            )
+        },
+    )?;
     umoci_config(
         &image("counter"),
-        &["--config.cmd=python3", "--config.cmd=-u", "--config.cmd=/app/counter.py"],
+        &[
+            "--config.cmd=python3",
+            "--config.cmd=-u",
+            "--config.cmd=/app/counter.py",
+        ],
     )?;
 
     eprintln!("xtask: images: web (nginx, writer.sh)");
     derived_image(&image("base"), &image("web"), &bundle, &["nginx"], |root| {
-        copy(&examples.join("web/nginx.conf"), &root.join("etc/nginx/nginx.conf"), 0o644)?;
-        copy(&examples.join("web/writer.sh"), &root.join("app/writer.sh"), 0o755)
+        copy(
+            &examples.join("web/nginx.conf"),
+            &root.join("etc/nginx/nginx.conf"),
+            0o644,
+        )?;
+        copy(
+            &examples.join("web/writer.sh"),
+            &root.join("app/writer.sh"),
+            0o755,
+        )
     })?;
     umoci_config(&image("web"), &["--config.cmd=nginx"])?;
     let _ = std::fs::remove_dir_all(&bundle);
 
     name_images(&layout)?;
     let partial = archive.with_extension("partial");
-    run(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&partial).arg("."))?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&partial)
+        .arg("."))?;
     std::fs::rename(&partial, &archive)?;
     std::fs::write(&stamp_path, &stamp)?;
     eprintln!("xtask: images: {}", archive.display());
@@ -130,9 +173,14 @@ fn base_rootfs(dir: &Path) -> Result<PathBuf> {
     }
     let partial = dir.join(format!(".partial-{BASE_ROOTFS}"));
     let _ = std::fs::remove_dir_all(&partial);
-    eprintln!("xtask: images: debootstrap trixie minbase into {} (about 30 s)", path.display());
-    run(Command::new("debootstrap").args(["--variant=minbase", "trixie"]).arg(&partial))
-        .context("debootstrap trixie")?;
+    eprintln!(
+        "xtask: images: debootstrap trixie minbase into {} (about 30 s)",
+        path.display()
+    );
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "trixie"])
+        .arg(&partial))
+    .context("debootstrap trixie")?;
     // The forky source is derived from the trixie one debootstrap wrote, as the Dockerfile
     // derives it from the image's; pinned low so only what `-t forky` asks for comes from it.
     let sources = std::fs::read_to_string(partial.join("etc/apt/sources.list"))?;
@@ -161,16 +209,20 @@ fn apt_install(root: &Path, args: &[&str]) -> Result<()> {
     // The archive this machine reaches is a fixed snapshot: its testing suite's Release file
     // may be past its Valid-Until date, which is harmless for a build.
     let apt = ["-q", "-o", "Acquire::Check-Valid-Until=false"];
-    let result = run(Command::new("chroot").arg(root).arg("apt-get").args(apt).arg("update"))
-        .and_then(|()| {
-            run(Command::new("chroot")
-                .arg(root)
-                .arg("apt-get")
-                .args(apt)
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        });
+    let result = run(Command::new("chroot")
+        .arg(root)
+        .arg("apt-get")
+        .args(apt)
+        .arg("update"))
+    .and_then(|()| {
+        run(Command::new("chroot")
+            .arg(root)
+            .arg("apt-get")
+            .args(apt)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    });
     std::fs::remove_file(&policy)?;
     result.with_context(|| format!("apt-get install {} in {}", args.join(" "), root.display()))
 }
@@ -219,7 +271,13 @@ fn derived_image(
 }
 
 fn umoci_config(image: &str, args: &[&str]) -> Result<()> {
-    let mut all = vec!["config", "--image", image, "--os=linux", "--architecture=amd64"];
+    let mut all = vec![
+        "config",
+        "--image",
+        image,
+        "--os=linux",
+        "--architecture=amd64",
+    ];
     all.extend_from_slice(args);
     umoci(&all, &[])
 }
@@ -233,7 +291,10 @@ fn umoci(args: &[&str], paths: &[&Path]) -> Result<()> {
 fn name_images(layout: &Path) -> Result<()> {
     let index_path = layout.join("index.json");
     let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
-    for manifest in index["manifests"].as_array_mut().context("index.json has no manifests")? {
+    for manifest in index["manifests"]
+        .as_array_mut()
+        .context("index.json has no manifests")?
+    {
         let tag = manifest["annotations"]["org.opencontainers.image.ref.name"]
             .as_str()
             .context("a manifest without a tag")?
@@ -253,7 +314,8 @@ fn copy(from: &Path, to: &Path, mode: u32) -> Result<()> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::copy(from, to).with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+    std::fs::copy(from, to)
+        .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
     set_mode(to, mode)
 }
 
