@@ -123,7 +123,20 @@ fn receive(state_dir: &Path, input: &str) -> Result<u8, ClientError> {
     };
     print!("{answer}");
     let _ = io::stdout().flush();
-    report_ok::<RestoreReport>(&answer, |r| r.ok)
+    let code = report_ok::<RestoreReport>(&answer, |r| r.ok)?;
+    if code != 0 && input == "-" {
+        drain_stdin();
+    }
+    Ok(code)
+}
+
+/// Reads stdin to its end, discarding it. After a refusal PID 1 stops reading the archive,
+/// but whoever feeds it may still be sending: over an exec session a sender blocked on a
+/// full stdin cannot take in our answer and exit status either (kube's exec task serves
+/// one thing at a time), so the refusal would never arrive. The sender ends stdin once it
+/// has sent the whole archive, or drops the session.
+fn drain_stdin() {
+    let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
 }
 
 fn report_ok<T: serde::de::DeserializeOwned>(
