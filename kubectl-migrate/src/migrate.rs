@@ -553,6 +553,11 @@ async fn undo<L: Launchers + Sync>(
     text
 }
 
+/// How long an undo waits for a source's checkpoint job to end. The launcher's job gives up
+/// on an output that takes nothing for `--output-stall-timeout` (20 s by default), plus the
+/// time the stream's buffers take to fill (~20 s measured over a dropped exec session).
+const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
+
 /// Rolls a source container back, waiting out a checkpoint still in flight: when the
 /// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
 /// its stream is gone, and until then it refuses a rollback ("the launcher is checkpointing").
@@ -562,7 +567,7 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     source: &Pod,
     container: &str,
 ) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + ROLLBACK_PATIENCE;
     loop {
         match launchers.rollback(source, container).await {
             Err(error)

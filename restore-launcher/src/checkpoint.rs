@@ -11,7 +11,7 @@ use std::fs::{self, File};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migrate_format::{ARCHIVE_FORMAT_VERSION, CheckpointReport, Manifest};
 use nix::sys::signal::{SigSet, Signal};
@@ -38,6 +38,8 @@ pub struct Plan {
     /// The app was stopped by `freeze` before this checkpoint: it stays stopped whatever
     /// happens (the plugin thaws or rolls back all containers together).
     pub was_frozen: bool,
+    /// How long the output may accept nothing before the checkpoint gives up.
+    pub output_stall_timeout: Duration,
 }
 
 /// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
@@ -143,7 +145,8 @@ fn checkpoint(
         timings_ms: report.timings_ms.clone(),
     };
     let file = File::from(output);
-    report.archive_bytes = archive::write(&file, &manifest, dir).map_err(|e| failed(&e))?;
+    let guarded = StallGuard::new(&file, plan.output_stall_timeout);
+    report.archive_bytes = archive::write(guarded, &manifest, dir).map_err(|e| failed(&e))?;
     // Durable when the output is a file; a pipe or socket answers EINVAL, which is fine.
     if let Err(error) = file.sync_all()
         && error.raw_os_error() != Some(libc::EINVAL)
@@ -160,6 +163,68 @@ fn checkpoint(
         frozen.keep_frozen();
     }
     Ok(())
+}
+
+/// The archive's output, failing a write that can make no progress for `stall`.
+///
+/// A pipe whose reader went away without closing it (an exec session dropped by an
+/// interrupted plugin, whose runtime keeps the pipe open but stops draining it) would
+/// otherwise block the checkpoint job forever, and the launcher would refuse `rollback`
+/// while it "is checkpointing": the app would stay frozen. Files never stall.
+struct StallGuard<'a> {
+    out: &'a File,
+    stall: Duration,
+}
+
+impl<'a> StallGuard<'a> {
+    /// Makes `out` non-blocking (it is the job's own copy of the stream; the `checkpoint`
+    /// client that passed it only prints to stderr) so a write returns what fit.
+    fn new(out: &'a File, stall: Duration) -> Self {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        if let Ok(flags) = fcntl(out, FcntlArg::F_GETFL) {
+            let _ = fcntl(
+                out,
+                FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+            );
+        }
+        StallGuard { out, stall }
+    }
+}
+
+impl std::io::Write for StallGuard<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd as _;
+        let deadline = Instant::now() + self.stall;
+        loop {
+            match (&mut self.out).write(buf) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the archive's reader took nothing for {} s (gone without closing \
+                         the stream?)",
+                        self.stall.as_secs()
+                    ),
+                ));
+            }
+            let mut fds = [PollFd::new(self.out.as_fd(), PollFlags::POLLOUT)];
+            let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(millis)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&mut self.out).flush()
+    }
 }
 
 /// The app tree while CRIU left it frozen; resumed when dropped unless kept frozen.
@@ -260,4 +325,54 @@ pub fn tree_pids(root: Pid) -> Vec<i32> {
     }
     tree.sort_unstable();
     tree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+
+    fn pipe() -> (File, File) {
+        let (read, write) = nix::unistd::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+        (File::from(read), File::from(write))
+    }
+
+    #[test]
+    fn a_reader_that_stops_reading_fails_the_write_instead_of_hanging() {
+        let (_reader, writer) = pipe(); // held open, never read: the dropped exec session
+        let mut guarded = StallGuard::new(&writer, Duration::from_millis(300));
+        let error = guarded
+            .write_all(&vec![7u8; 4 << 20])
+            .err()
+            .unwrap_or_else(|| panic!("4 MiB fit in an undrained pipe"));
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("took nothing"), "{error}");
+    }
+
+    #[test]
+    fn a_slow_but_steady_reader_gets_everything() {
+        let (mut reader, writer) = pipe();
+        let slow = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                std::thread::sleep(Duration::from_millis(5));
+                match reader.read(&mut chunk) {
+                    Ok(0) | Err(_) => break got,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| i as u8).collect();
+        {
+            let mut guarded = StallGuard::new(&writer, Duration::from_millis(300));
+            guarded
+                .write_all(&data)
+                .unwrap_or_else(|e| panic!("steady reader: {e}"));
+        }
+        drop(writer);
+        let got = slow.join().unwrap_or_default();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the bytes changed on the way");
+    }
 }

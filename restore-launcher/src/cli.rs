@@ -98,6 +98,19 @@ pub struct RunOptions {
     #[arg(long, env = "RESTORE_LAUNCHER_WORK_DIR", value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
 
+    /// Give up a checkpoint whose archive nobody reads for this many seconds: the app is then
+    /// resumed (or stays frozen for `rollback`, when `freeze` stopped it) instead of waiting
+    /// forever on a reader that went away, e.g. an interrupted `kubectl migrate`. Keep it
+    /// well below the plugin's rollback patience (120 s).
+    #[arg(
+        long,
+        env = "RESTORE_LAUNCHER_OUTPUT_STALL_TIMEOUT",
+        default_value_t = 20,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub output_stall_timeout: u64,
+
     /// The criu binary (default: `criu` from PATH).
     #[arg(long, env = "RESTORE_LAUNCHER_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,

@@ -55,6 +55,8 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub include: Vec<PathBuf>,
     pub criu: Option<PathBuf>,
+    /// How long a checkpoint's output may take nothing before the checkpoint gives up.
+    pub output_stall_timeout: Duration,
     pub on_restore_failure: OnRestoreFailure,
     pub command: Vec<OsString>,
 }
@@ -627,6 +629,7 @@ impl Supervisor {
                 .collect(),
             original_mask: self.signals.original_mask,
             was_frozen: self.state == LauncherState::Frozen,
+            output_stall_timeout: self.config.output_stall_timeout,
         };
         match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output))) {
             Ok(job) => {

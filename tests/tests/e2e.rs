@@ -44,6 +44,10 @@ fn main() {
             damaged_archive_rolls_back,
         ),
         (
+            "interrupted_plugin_leaves_the_source_running",
+            interrupted_plugin_leaves_the_source_running,
+        ),
+        (
             "pods_carry_only_the_launchers_capabilities",
             least_capabilities,
         ),
@@ -489,12 +493,20 @@ fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
         out.stderr
     );
     wait_gone(cluster, "fragile-m1")?;
+    source_kept_counting(cluster, "fragile", follow)?;
+    cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
+    Ok(())
+}
+
+/// After an undone migration: the source pod is Running without a restart and its count,
+/// followed since before the migration, goes on with no gap and no repeat.
+fn source_kept_counting(cluster: &Cluster, pod: &str, follow: Follow) -> Result<()> {
     ensure!(
-        pod_field(cluster, "fragile", "{.status.phase}")? == "Running",
-        "the source is not running"
+        pod_field(cluster, pod, "{.status.phase}")? == "Running",
+        "the source {pod} is not running"
     );
     let count = counter_values(&follow.text()).len();
-    wait_until("the source counting again", WAIT, || {
+    wait_until(&format!("{pod} counting again"), WAIT, || {
         Ok((counter_values(&follow.text()).len() >= count + 3).then_some(()))
     })?;
     let values = counter_values(&follow.text());
@@ -504,14 +516,75 @@ fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
             "the source's count broke: {pair:?}"
         );
     }
-    let restarts = pod_field(
+    let restarts = pod_field(cluster, pod, "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "0", "the source {pod} restarted");
+    Ok(())
+}
+
+/// Ctrl-C while the archive streams: the plugin deletes the target and resumes the source,
+/// whose checkpoint job was left writing into an exec stream nobody reads any more.
+fn interrupted_plugin_leaves_the_source_running(cluster: &Cluster) -> Result<()> {
+    // A big app, so the transfer lasts long enough to be interrupted in the middle.
+    run_counter(
         cluster,
-        "fragile",
-        "{.status.containerStatuses[0].restartCount}",
+        "halted",
+        "node-a",
+        &[("COUNTER_BALLAST_MB", "384")],
     )?;
-    ensure!(restarts == "0", "the source restarted");
-    drop(follow);
-    cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
+    let follow = Follow::start(cluster, "halted")?;
+    let mut plugin = Command::new(workspace_binary("kubectl-migrate"))
+        .args(["halted", "--to", "node-b"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = plugin.stderr.take().context("stderr")?;
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    wait_until("the source's checkpoint streaming", WAIT, || {
+        let status = cluster
+            .kubectl_ok(&["exec", "halted", "--", "restore-launcher", "status"])
+            .unwrap_or_default();
+        Ok(status.contains(r#""state":"checkpointing""#).then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(plugin.id())?),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let interrupted = Instant::now();
+    let code = wait_until(
+        "the interrupted plugin to exit",
+        Duration::from_secs(150),
+        || Ok(plugin.try_wait()?.map(|status| status.code())),
+    )?;
+    let stderr = stderr.join().unwrap_or_default();
+    eprintln!(
+        "interrupted mid-stream: the plugin undid the migration in {:.1} s, exit {code:?}: {}",
+        interrupted.elapsed().as_secs_f64(),
+        stderr.lines().last().unwrap_or_default()
+    );
+    ensure!(
+        code.is_some_and(|c| c != 0),
+        "an interrupted migration must exit non-zero: {code:?}\n{stderr}"
+    );
+    for needle in [
+        "interrupted",
+        "deleted the target pod halted-m1",
+        "resumed the source app",
+        "run the migration again",
+    ] {
+        ensure!(
+            stderr.contains(needle),
+            "the message does not say {needle:?}:\n{stderr}"
+        );
+    }
+    wait_gone(cluster, "halted-m1")?;
+    source_kept_counting(cluster, "halted", follow)?;
+    cluster.kubectl_ok(&["delete", "pod", "halted", "--wait=false"])?;
     Ok(())
 }
 
