@@ -12,7 +12,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "kubectl-migrate",
-    bin_name = "kubectl migrate",
     version,
     about,
     args_conflicts_with_subcommands = true,
@@ -85,6 +84,52 @@ pub enum Command {
         #[arg(long = "to", value_name = "NODE")]
         to: String,
     },
+    /// Print a shell completion script: `source <(kubectl migrate completion bash)`.
+    ///
+    /// The script completes the `kubectl-migrate` command (how krew puts it on PATH).
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// Shells `completion` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Parses the process's arguments, naming the command "kubectl migrate" in help and errors.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().bin_name("kubectl migrate").get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
+/// Writes the completion script for `shell` to `out`.
+pub fn write_completion(shell: Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory as _;
+    // For the binary's own name: shells complete a command word, and "kubectl migrate" is two.
+    const NAME: &str = "kubectl-migrate";
+    let mut command = Cli::command();
+    match shell {
+        Shell::Bash => {
+            let mut script = Vec::new();
+            clap_complete::generate(clap_complete::Shell::Bash, &mut command, NAME, &mut script);
+            // clap_complete spells a hyphenated name's sub-command states two ways
+            // (clap-rs/clap#6421), so `check --<TAB>` completed nothing: use the loop's spelling.
+            let script = String::from_utf8_lossy(&script).replace(
+                "kubectl__subcmd__migrate__subcmd__",
+                "kubectl__migrate__subcmd__",
+            );
+            let _ = out.write_all(script.as_bytes());
+        }
+        Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut command, NAME, out),
+        Shell::Fish => clap_complete::generate(clap_complete::Shell::Fish, &mut command, NAME, out),
+    }
 }
 
 /// Parses kubectl-style durations: `90s`, `5m`, `1h`, `1m30s`, or plain seconds.

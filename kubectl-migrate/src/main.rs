@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
-use clap::Parser as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kubectl_migrate::check::{self, Problem};
@@ -12,7 +11,11 @@ use kubectl_migrate::exec::ExecLaunchers;
 use kubectl_migrate::{client, migrate, rewrite};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = kubectl_migrate::cli::parse();
+    if let Some(Command::Completion { shell }) = cli.command {
+        kubectl_migrate::cli::write_completion(shell, &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,6 +93,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         });
+    }
+    if matches!(cli.command, Some(Command::Completion { .. })) {
+        return Ok(ExitCode::SUCCESS); // answered in main, before connecting
     }
     let (Some(pod), Some(node)) = (cli.migrate.pod.as_deref(), cli.migrate.to.as_deref()) else {
         bail!("usage: kubectl migrate POD --to NODE");
