@@ -45,7 +45,7 @@ pub fn apiserver_tests_can_run(test: &str) -> bool {
     ready_or_skip(test, &missing)
 }
 
-pub(crate) fn which(tool: &str) -> Option<PathBuf> {
+pub fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')

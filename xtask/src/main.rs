@@ -7,6 +7,7 @@
 //! - `cluster up|down`: that local cluster, left running for a person.
 //! - `images`: the images of `images/`, built without Docker (debootstrap + umoci).
 //! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test).
+//! - `release`: the krew archives of `kubectl-migrate` and the manifest with their sha256.
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
 //! - `rootfs`: build (once, cached) the Debian trixie root filesystem with CRIU 4.x that the
 //!   CRIU tests and the demo run the launcher in (needs root and debootstrap).
@@ -24,6 +25,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod images;
+mod release;
 
 /// The target the launcher ships as: musl links statically with no extra flags.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -40,9 +42,10 @@ fn main() -> ExitCode {
         Some("k8s") => k8s().map(|path| println!("{}", path.display())),
         Some("images") => images::build().map(|path| println!("{}", path.display())),
         Some("cluster") => cluster::run_task(&args[1..]),
+        Some("release") => release::run_task(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|static-launcher|rootfs|k8s|images>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|release [--out DIR] [--allow-missing]|static-launcher|rootfs|k8s|images>"
             );
             Ok(())
         }
