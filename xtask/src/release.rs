@@ -9,7 +9,9 @@
 //! gcc-aarch64-linux-gnu). macOS archives link against Apple's SDK (the Security framework,
 //! for the system's trust store), so they are built on macOS by the same command and copied
 //! into DIR before the manifest is written; `--allow-missing` writes a manifest of the
-//! platforms present instead, and says which are left out.
+//! platforms present instead, and says which are left out. Here, they are still compiled
+//! (`cargo check`, with zig from PyPI's `ziglang` as the C compiler for ring, which has the
+//! macOS headers), so a Linux-only dependency cannot creep into the plugin unnoticed.
 
 use std::fs;
 use std::io::Read as _;
@@ -120,12 +122,10 @@ impl Platform {
         ]);
         if let Some(cc) = self.cross_compiler() {
             let env_target = self.target.replace('-', "_");
-            build
-                .env(format!("CC_{env_target}"), cc)
-                .env(
-                    format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
-                    cc,
-                );
+            build.env(format!("CC_{env_target}"), cc).env(
+                format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
+                cc,
+            );
         }
         run(&mut build).with_context(|| format!("building kubectl-migrate for {}", self.target))?;
         Ok(target_dir()
@@ -133,6 +133,76 @@ impl Platform {
             .join("release")
             .join("kubectl-migrate"))
     }
+}
+
+/// `python3 -m ziglang` (PyPI's `ziglang`) when installed.
+fn zig_available() -> bool {
+    Command::new("python3")
+        .args(["-m", "ziglang", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A C compiler for `platform` made of zig: cc-rs passes clang's `--target=` spelling, which
+/// zig replaces with its own `-target`.
+fn zig_cc(platform: &Platform) -> Result<PathBuf> {
+    let zig_target = match (platform.os, platform.arch) {
+        ("darwin", "arm64") => "aarch64-macos",
+        ("darwin", "amd64") => "x86_64-macos",
+        (os, arch) => bail!("no zig target for {os}/{arch}"),
+    };
+    let dir = target_dir().join("zig-cc");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(platform.target);
+    fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n# cargo xtask release: zig as the C compiler for {target}\n\
+             for a in \"$@\"; do shift; case \"$a\" in --target=*|-mmacosx-version-min=*) ;; \
+             *) set -- \"$@\" \"$a\";; esac; done\n\
+             exec python3 -m ziglang cc -target {zig_target} \"$@\"\n",
+            target = platform.target
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+/// Compiles the plugin for a platform whose archive cannot be linked here.
+fn check_compiles(platform: &Platform) -> Result<String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == platform.target) {
+        return Ok(format!(
+            "not compiled: `rustup target add {}` first",
+            platform.target
+        ));
+    }
+    if !zig_available() {
+        return Ok("not compiled: needs zig (`python3 -m pip install ziglang`)".into());
+    }
+    let cc = zig_cc(platform)?;
+    run(cargo()
+        .args([
+            "check",
+            "--locked",
+            "--package",
+            "kubectl-migrate",
+            "--target",
+        ])
+        .arg(platform.target)
+        .env(format!("CC_{}", platform.target.replace('-', "_")), &cc))
+    .with_context(|| {
+        format!(
+            "kubectl-migrate does not compile for {}: a dependency that only builds on Linux?",
+            platform.target
+        )
+    })?;
+    Ok("compiles (cargo check)".into())
 }
 
 /// Packs `binary` and LICENSE into `archive`, reproducibly (sorted, owner 0, mtime 0).
@@ -162,7 +232,8 @@ fn pack(binary: &Path, archive: &Path) -> Result<()> {
 }
 
 pub fn sha256_of(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
     loop {
@@ -243,7 +314,16 @@ pub fn run_task(args: &[String]) -> Result<()> {
             Some(why) if archive.is_file() => {
                 println!("release: using {} ({why})", archive.display());
             }
-            Some(why) => println!("release: not building {}/{}: {why}", platform.os, platform.arch),
+            Some(why) if platform.os == "darwin" => println!(
+                "release: {}/{} {}; not building its archive: {why}",
+                platform.os,
+                platform.arch,
+                check_compiles(&platform)?
+            ),
+            Some(why) => println!(
+                "release: not building {}/{}: {why}",
+                platform.os, platform.arch
+            ),
         }
     }
     let (manifest, missing) = render_manifest(&out, allow_missing)?;
