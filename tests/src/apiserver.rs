@@ -29,6 +29,30 @@ pub fn kubectl() -> PathBuf {
     k8s_bin_dir().join("kubectl")
 }
 
+/// Runs `apply` (a `kubectl apply -f -` command) with `yaml` on its stdin, failing with
+/// kubectl's message.
+pub(crate) fn kubectl_apply(mut apply: Command, yaml: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = apply
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(yaml.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Whether the API-server tests can run; skips loudly outside CI, fails in CI.
 pub fn apiserver_tests_can_run(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -219,26 +243,7 @@ impl ApiServer {
     /// # Errors
     /// When kubectl fails.
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        let mut child = self
-            .kubectl(&["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(yaml.as_bytes())?;
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
-            bail!(
-                "kubectl apply failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
+        kubectl_apply(self.kubectl(&["apply", "-f", "-"]), yaml)
     }
 
     /// Patches the `status` subresource of `kind/name` (what a kubelet or controller would

@@ -209,22 +209,7 @@ impl Cluster {
     /// # Errors
     /// When kubectl refuses it.
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        let mut child = self
-            .kubectl(&["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(yaml.as_bytes())?;
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
-            bail!("kubectl apply: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(())
+        crate::apiserver::kubectl_apply(self.kubectl(&["apply", "-f", "-"]), yaml)
     }
 
     /// Waits until pod `name` is Running with every container ready.

@@ -276,10 +276,20 @@ fn assert_continued(before: &str, after: &str) -> Result<(u64, u64)> {
     Ok((last.0, first.0))
 }
 
-fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
-    run_counter(cluster, "hop", "node-a", &[])?;
-    let follow = Follow::start(cluster, "hop")?;
-    let out = migrate(cluster, &["hop", "--to", "node-b"], &[])?;
+/// Runs counter pod `name` on `from`, moves it to `to` with `kubectl migrate`, and checks what
+/// every successful move shows: exit 0, NAME-m1 Running on `to`, the source gone, and the
+/// target's count continuing from the source's last. Returns the plugin's output and the
+/// source's last and the target's first count.
+fn move_counter(
+    cluster: &Cluster,
+    name: &str,
+    from: &str,
+    to: &str,
+) -> Result<(Outcome, u64, u64)> {
+    let target = format!("{name}-m1");
+    run_counter(cluster, name, from, &[])?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate(cluster, &[name, "--to", to], &[])?;
     ensure!(
         out.code == Some(0),
         "kubectl migrate exited {:?}:\n{}{}",
@@ -287,6 +297,22 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
         out.stdout,
         out.stderr
     );
+    ensure!(
+        pod_field(cluster, &target, "{.spec.nodeName}")? == to,
+        "{target} is not on {to}"
+    );
+    cluster.wait_running(&target, WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_gone(cluster, name)?;
+    wait_until(&format!("3 counts on {target}"), WAIT, || {
+        Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+    })?;
+    let (last, first) = assert_continued(&before, &logs(cluster, &target, None))?;
+    Ok((out, last, first))
+}
+
+fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
+    let (out, last, first) = move_counter(cluster, "hop", "node-a", "node-b")?;
     ensure!(
         out.stdout.contains("moved to node node-b as hop-m1"),
         "no summary line: {}",
@@ -297,18 +323,6 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
         .lines()
         .find(|l| l.starts_with("downtime"))
         .context("no downtime in the timing table")?;
-    ensure!(
-        pod_field(cluster, "hop-m1", "{.spec.nodeName}")? == "node-b",
-        "hop-m1 is not on node-b"
-    );
-    cluster.wait_running("hop-m1", WAIT)?;
-    let before = follow.finish(WAIT);
-    wait_gone(cluster, "hop")?;
-    wait_until("3 counts on hop-m1", WAIT, || {
-        Ok((counter_values(&logs(cluster, "hop-m1", None)).len() >= 3).then_some(()))
-    })?;
-    let (last, first) = assert_continued(&before, &logs(cluster, "hop-m1", None))?;
-
     let events = cluster.kubectl_ok(&[
         "get",
         "events",
@@ -340,28 +354,7 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
 }
 
 fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
-    run_counter(cluster, "stay", "node-b", &[])?;
-    let follow = Follow::start(cluster, "stay")?;
-    let out = migrate(cluster, &["stay", "--to", "node-b"], &[])?;
-    ensure!(
-        out.code == Some(0),
-        "kubectl migrate exited {:?}:\n{}{}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
-    ensure!(
-        pod_field(cluster, "stay-m1", "{.spec.nodeName}")? == "node-b",
-        "stay-m1 left node-b"
-    );
-    cluster.wait_running("stay-m1", WAIT)?;
-    let before = follow.finish(WAIT);
-    wait_gone(cluster, "stay")?;
-    wait_until("3 counts on stay-m1", WAIT, || {
-        Ok((counter_values(&logs(cluster, "stay-m1", None)).len() >= 3).then_some(()))
-    })?;
-    assert_continued(&before, &logs(cluster, "stay-m1", None))?;
-    Ok(())
+    move_counter(cluster, "stay", "node-b", "node-b").map(drop)
 }
 
 /// GET http://IP:8080/PATH with a plain HTTP/1.0 request; the status code and body.

@@ -14,7 +14,6 @@
 //! macOS headers), so a Linux-only dependency cannot creep into the plugin unnoticed.
 
 use std::fs;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -84,12 +83,7 @@ impl Platform {
                 self.archive_name()
             ));
         }
-        let installed = Command::new("rustup")
-            .args(["target", "list", "--installed"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        if !installed.lines().any(|l| l.trim() == self.target) {
+        if !rustup_has(self.target) {
             return Some(format!("`rustup target add {}` first", self.target));
         }
         if let Some(cc) = self.cross_compiler()
@@ -135,6 +129,18 @@ impl Platform {
     }
 }
 
+/// Whether rustup has the standard library for `target`.
+fn rustup_has(target: &str) -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == target)
+        })
+}
+
 /// `python3 -m ziglang` (PyPI's `ziglang`) when installed.
 fn zig_available() -> bool {
     Command::new("python3")
@@ -171,12 +177,7 @@ fn zig_cc(platform: &Platform) -> Result<PathBuf> {
 
 /// Compiles the plugin for a platform whose archive cannot be linked here.
 fn check_compiles(platform: &Platform) -> Result<String> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if !installed.lines().any(|l| l.trim() == platform.target) {
+    if !rustup_has(platform.target) {
         return Ok(format!(
             "not compiled: `rustup target add {}` first",
             platform.target
@@ -235,19 +236,12 @@ pub fn sha256_of(path: &Path) -> Result<String> {
     let mut file =
         fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// The manifest template with each platform's placeholder filled from the archives in `dir`;
