@@ -17,32 +17,38 @@ struct Release {
     log: String,
 }
 
-/// Runs `cargo xtask release --allow-missing` once for this file's tests.
+/// Runs `cargo xtask release --allow-missing` once for this file's tests, whether it succeeds
+/// or not: the outcome is kept, so a failing release is reported by every test that needs it
+/// without being built again (a `OnceLock` whose initialiser panics runs it again for the
+/// next caller: three tests, three release builds on two cores).
 fn release() -> &'static Release {
-    static RELEASE: OnceLock<Release> = OnceLock::new();
-    RELEASE.get_or_init(|| {
+    static RELEASE: OnceLock<Result<Release, String>> = OnceLock::new();
+    let outcome = RELEASE.get_or_init(|| {
         let dir = tempfile::Builder::new()
             .prefix("krew-release-")
             .tempdir()
-            .unwrap_or_else(|e| panic!("temp dir: {e}"))
+            .map_err(|e| format!("temp dir: {e}"))?
             .keep();
         let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(workspace())
             .args(["xtask", "release", "--allow-missing", "--out"])
             .arg(&dir)
             .output()
-            .unwrap_or_else(|e| panic!("cargo xtask release: {e}"));
+            .map_err(|e| format!("cargo xtask release: {e}"))?;
         let log = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(
-            output.status.success(),
-            "cargo xtask release failed:\n{log}"
-        );
-        Release { dir, log }
-    })
+        if !output.status.success() {
+            return Err(format!("cargo xtask release failed:\n{log}"));
+        }
+        Ok(Release { dir, log })
+    });
+    match outcome {
+        Ok(release) => release,
+        Err(message) => panic!("{message}"),
+    }
 }
 
 fn yaml(path: &Path) -> serde_yaml::Value {
