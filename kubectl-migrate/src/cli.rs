@@ -66,6 +66,10 @@ pub struct MigrateArgs {
     /// Keep the source pod (frozen) after a successful migration instead of deleting it.
     #[arg(long)]
     pub keep_source: bool,
+    /// Migrate although hostPath volumes' files stay on the source node (the target mounts
+    /// the same path on its own node).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,6 +87,9 @@ pub enum Command {
         /// The node to move it to.
         #[arg(long = "to", value_name = "NODE")]
         to: String,
+        /// Accept hostPath volumes, as `kubectl migrate --force` would.
+        #[arg(long)]
+        force: bool,
     },
     /// Print a shell completion script: `source <(kubectl migrate completion bash)`.
     ///

@@ -136,12 +136,21 @@ const TARGET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Fault injection for the end-to-end rollback test (tests/tests/e2e.rs): with
 /// `KUBECTL_MIGRATE_FAULT_FLIP_BYTE=N` set, the byte at offset N of every archive is flipped on
 /// its way through the plugin -- "a damaged archive in transit", which no real part on one
-/// machine produces on demand. Not a user option; unset, it costs one environment lookup.
+/// machine produces on demand. Only in builds with the `fault-injection` feature, which the
+/// test builds enable and release builds never do (a test runs the release binary with the
+/// variable set and sees the bytes arrive unchanged).
+#[cfg(feature = "fault-injection")]
 fn fault_flip_byte() -> Option<u64> {
     std::env::var("KUBECTL_MIGRATE_FAULT_FLIP_BYTE")
         .ok()?
         .parse()
         .ok()
+}
+
+/// Without the `fault-injection` feature no archive is ever altered.
+#[cfg(not(feature = "fault-injection"))]
+fn fault_flip_byte() -> Option<u64> {
+    None
 }
 
 /// The last line of `text` that parses as `T` (reports are one JSON line among log lines).

@@ -64,7 +64,12 @@ fn report(problems: &[Problem], pod: &str, node: &str) -> bool {
     false
 }
 
-async fn preflight(connection: &client::Connection, pod: &str, node: &str) -> Result<Vec<Problem>> {
+async fn preflight(
+    connection: &client::Connection,
+    pod: &str,
+    node: &str,
+    force: bool,
+) -> Result<Vec<Problem>> {
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
     };
@@ -74,7 +79,7 @@ async fn preflight(connection: &client::Connection, pod: &str, node: &str) -> Re
         pod,
         node,
         &launchers,
-        false,
+        force,
     )
     .await
     .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
@@ -86,8 +91,8 @@ async fn preflight(connection: &client::Connection, pod: &str, node: &str) -> Re
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let connection = client::connect(&cli.global).await?;
-    if let Some(Command::Check { pod, to }) = &cli.command {
-        let problems = preflight(&connection, pod, to).await?;
+    if let Some(Command::Check { pod, to, force }) = &cli.command {
+        let problems = preflight(&connection, pod, to, *force).await?;
         return Ok(if report(&problems, pod, to) {
             ExitCode::SUCCESS
         } else {
@@ -120,6 +125,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         target_node: node.into(),
         timeout: cli.migrate.timeout,
         keep_source: cli.migrate.keep_source,
+        force: cli.migrate.force,
         moved: Default::default(),
     };
     let progress = show_progress(options.moved.clone());

@@ -45,6 +45,8 @@ pub struct Options {
     pub target_node: String,
     pub timeout: Duration,
     pub keep_source: bool,
+    /// `--force`: migrate although hostPath volumes' files stay on the source node.
+    pub force: bool,
     /// Archive bytes moved so far, for a progress display (shared with the caller).
     pub moved: Arc<AtomicU64>,
 }
@@ -190,7 +192,7 @@ async fn run<L: Launchers + Sync>(
         &options.pod,
         &options.target_node,
         launchers,
-        false,
+        options.force,
     )
     .await
     .map_err(|source| MigrateError::Api {

@@ -4,7 +4,7 @@
 //!
 //! Why a PID floor: CRIU restores every process with its original PID (clone3 `set_tid`),
 //! and the restore fails with `Can't fork for N: File exists` if the target container
-//! already uses one of them (measured here; see ENVIRONMENT.md). The low PIDs of a fresh
+//! already uses one of them (measured with CRIU 4.x; `docs/architecture.md`). The low PIDs of a fresh
 //! container are taken by the launcher, `kubectl exec` sessions and criu itself, so the app
 //! and all its descendants must live above a floor. `clone3` with `set_tid` would place the
 //! app's own PID but not move the namespace's PID counter, so the app's children would come

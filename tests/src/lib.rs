@@ -34,6 +34,36 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Builds the plugin the way a release ships it -- the command `cargo xtask release` runs for
+/// linux/amd64, so the two share one build, without the test-only `fault-injection` feature --
+/// and returns the binary.
+///
+/// # Errors
+/// When cargo cannot build it (the musl target missing: `rustup target add
+/// x86_64-unknown-linux-musl`).
+pub fn release_plugin() -> Result<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace())
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--package",
+            "kubectl-migrate",
+        ])
+        .args(["--target", TARGET])
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo build --release of the plugin failed"
+    );
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    Ok(target_dir.join(TARGET).join("release/kubectl-migrate"))
+}
+
 /// Where the cached root filesystem lives.
 pub fn rootfs_path() -> PathBuf {
     workspace()

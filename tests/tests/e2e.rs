@@ -44,6 +44,10 @@ fn main() {
             damaged_archive_rolls_back,
         ),
         (
+            "the_release_plugin_ignores_the_fault_variable",
+            release_plugin_ignores_the_fault_variable,
+        ),
+        (
             "interrupted_plugin_leaves_the_source_running",
             interrupted_plugin_leaves_the_source_running,
         ),
@@ -188,7 +192,11 @@ impl Follow {
 
 /// The plugin's directory first on PATH, so `kubectl migrate` runs the built `kubectl-migrate`.
 fn plugin_path() -> std::ffi::OsString {
-    let plugin = workspace_binary("kubectl-migrate");
+    plugin_path_with(&workspace_binary("kubectl-migrate"))
+}
+
+/// PATH with the directory of the `plugin` binary first.
+fn plugin_path_with(plugin: &std::path::Path) -> std::ffi::OsString {
     let mut paths = vec![plugin.parent().map(PathBuf::from).unwrap_or_default()];
     paths.extend(std::env::split_paths(
         &std::env::var_os("PATH").unwrap_or_default(),
@@ -280,16 +288,18 @@ fn assert_continued(before: &str, after: &str) -> Result<(u64, u64)> {
 /// every successful move shows: exit 0, NAME-m1 Running on `to`, the source gone, and the
 /// target's count continuing from the source's last. Returns the plugin's output and the
 /// source's last and the target's first count.
+/// `env` is the plugin's environment.
 fn move_counter(
     cluster: &Cluster,
     name: &str,
     from: &str,
     to: &str,
+    env: &[(&str, &str)],
 ) -> Result<(Outcome, u64, u64)> {
     let target = format!("{name}-m1");
     run_counter(cluster, name, from, &[])?;
     let follow = Follow::start(cluster, name)?;
-    let out = migrate(cluster, &[name, "--to", to], &[])?;
+    let out = migrate(cluster, &[name, "--to", to], env)?;
     ensure!(
         out.code == Some(0),
         "kubectl migrate exited {:?}:\n{}{}",
@@ -312,7 +322,7 @@ fn move_counter(
 }
 
 fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
-    let (out, last, first) = move_counter(cluster, "hop", "node-a", "node-b")?;
+    let (out, last, first) = move_counter(cluster, "hop", "node-a", "node-b", &[])?;
     ensure!(
         out.stdout.contains("moved to node node-b as hop-m1"),
         "no summary line: {}",
@@ -354,7 +364,7 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
 }
 
 fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
-    move_counter(cluster, "stay", "node-b", "node-b").map(drop)
+    move_counter(cluster, "stay", "node-b", "node-b", &[]).map(drop)
 }
 
 /// GET http://IP:8080/PATH with a plain HTTP/1.0 request; the status code and body.
@@ -488,6 +498,33 @@ fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
     wait_gone(cluster, "fragile-m1")?;
     source_kept_counting(cluster, "fragile", follow)?;
     cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
+    Ok(())
+}
+
+/// The fault hook is not in the release binary: the plugin as `cargo xtask release` builds it,
+/// run with `KUBECTL_MIGRATE_FAULT_FLIP_BYTE` set (which makes the test build damage every
+/// archive, as the test above shows), moves the counter: the target checked every entry's
+/// SHA-256 and restored it, and the count continues.
+fn release_plugin_ignores_the_fault_variable(cluster: &Cluster) -> Result<()> {
+    let plugin = migrate_tests::release_plugin()?;
+    let path = plugin_path_with(&plugin);
+    let path = path.to_str().context("PATH is not UTF-8")?;
+    let (out, last, first) = move_counter(
+        cluster,
+        "sealed",
+        "node-a",
+        "node-b",
+        &[("PATH", path), ("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
+    )?;
+    ensure!(
+        out.stdout.contains("moved to node node-b as sealed-m1"),
+        "no summary line: {}",
+        out.stdout
+    );
+    eprintln!(
+        "release plugin {} with the fault variable set: moved intact ({last} -> {first})",
+        plugin.display()
+    );
     Ok(())
 }
 

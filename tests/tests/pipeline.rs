@@ -1,7 +1,7 @@
 //! The migration pipeline against a real kube-apiserver, with pod status driven by the test
 //! (no kubelet here; the end-to-end tests run a real one). What happens inside containers —
 //! `restore-launcher checkpoint | receive`, `status`, `rollback` through `kubectl exec` — is
-//! played by [`StandIn`], the one seam the issue allows, recording every call so the tests can
+//! played by [`StandIn`], the one seam these tests use (exec needs a kubelet), recording every call so the tests can
 //! assert the order: the source is deleted only after every container reported `restored`, and
 //! on every failure the target is deleted and the source rolled back.
 
@@ -227,6 +227,7 @@ fn options(timeout: Duration) -> Options {
         target_node: "node-b".into(),
         timeout,
         keep_source: false,
+        force: false,
         moved: Default::default(),
     }
 }

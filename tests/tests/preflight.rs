@@ -2,7 +2,7 @@
 //! with its fix, and nothing on the server changes. Nodes and pod statuses are written through
 //! the API, as envtest-style tests do (there is no kubelet here). The launcher's `status`,
 //! which a cluster answers through `kubectl exec`, is answered by [`StandIn`] — the one seam
-//! the issue allows, since exec needs a kubelet (the end-to-end tests run the real one).
+//! these tests use, since exec needs a kubelet (the end-to-end tests run the real one).
 
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;

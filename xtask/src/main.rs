@@ -27,6 +27,9 @@ mod demo;
 mod images;
 mod release;
 
+/// Features the test builds enable: the plugin's fault hook, which release builds leave out.
+const TEST_FEATURES: &str = "kubectl-migrate/fault-injection";
+
 /// The target the launcher ships as: musl links statically with no extra flags.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -212,10 +215,17 @@ fn test(extra: &[String]) -> Result<()> {
     } else {
         eprintln!("xtask: not root: the CRIU and namespace tests will be SKIPPED");
     }
-    // The cross-binary tests run the workspace's binaries (kubectl-migrate, node-sandbox).
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The cross-binary tests run the workspace's binaries (kubectl-migrate, node-sandbox), the
+    // plugin with its test-only fault hook (as `cargo test` builds it for the test crate).
+    run(cargo().args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--features",
+        TEST_FEATURES,
+    ]))?;
     let mut child = cargo()
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--features", TEST_FEATURES])
         .args(extra)
         .env("RESTORE_LAUNCHER_STATIC", &launcher)
         .stdout(Stdio::piped())

@@ -2,7 +2,7 @@
 //! namespaces with a root filesystem directory as `/`, the way a container runtime starts a
 //! container. Tests use one root copy per "node".
 //!
-//! The mount tree is what CRIU needs (measured here, see ENVIRONMENT.md): a plain chroot makes
+//! The mount tree is what CRIU needs (measured; `docs/testing.md`): a plain chroot makes
 //! `criu` fail with `mnt: No parent found for mountpoint`, so the root is bind-mounted onto
 //! itself and made the real root with `pivot_root`, with proc, sysfs, a tmpfs /dev holding
 //! bind-mounted device nodes and a private devpts, and tmpfs /dev/shm and /run.

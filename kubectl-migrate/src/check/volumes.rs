@@ -1,0 +1,127 @@
+//! Rules about volumes: whether each volume's contents can follow the pod to the target node.
+//! Within one node every volume stays reachable, so these rules object to nothing there.
+
+use super::{Facts, Problem, same_node};
+
+/// A hostPath's files stay on the source node. `--force` migrates anyway: the target mounts
+/// the same path on its own node, without the source's files.
+pub fn host_paths(facts: &Facts) -> Vec<Problem> {
+    if same_node(facts) || facts.force {
+        return Vec::new();
+    }
+    facts
+        .pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| v.host_path.is_some())
+        .map(|volume| {
+            Problem::new(
+                format!("volume {} is a hostPath: its files stay on the source node", volume.name),
+                "use a PVC or emptyDir (with --include), or pass --force to migrate without its contents",
+            )
+        })
+        .collect()
+}
+
+/// A claim must exist, and be attachable on the target while the source still runs
+/// (ReadWriteMany or ReadOnlyMany).
+pub fn claims(facts: &Facts) -> Vec<Problem> {
+    if same_node(facts) {
+        return Vec::new();
+    }
+    facts
+        .pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|volume| {
+            let claim = volume.persistent_volume_claim.as_ref()?;
+            let Some(Some(pvc)) = facts.claims.get(&claim.claim_name) else {
+                return Some(Problem::new(
+                    format!(
+                        "claim {} of volume {} does not exist",
+                        claim.claim_name, volume.name
+                    ),
+                    "create the claim or fix the pod's volume",
+                ));
+            };
+            let modes = pvc
+                .spec
+                .as_ref()
+                .and_then(|s| s.access_modes.clone())
+                .unwrap_or_default();
+            let shared = modes
+                .iter()
+                .any(|m| m == "ReadWriteMany" || m == "ReadOnlyMany");
+            (!shared).then(|| {
+                Problem::new(
+                    format!("volume {} uses claim {} with access modes {modes:?}", volume.name, claim.claim_name),
+                    "a ReadWriteOnce volume can only attach to the target after the source detaches it; use a ReadWriteMany claim",
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixture::facts;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_host_path_is_refused_unless_forced_or_on_the_same_node() {
+        let mut f = facts();
+        assert!(host_paths(&f).is_empty());
+        f.pod.spec.as_mut().unwrap().volumes = Some(
+            serde_json::from_value(json!([{"name": "logs", "hostPath": {"path": "/var/log"}}]))
+                .unwrap(),
+        );
+        let found = host_paths(&f);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].what.contains("volume logs is a hostPath"));
+        assert!(found[0].fix.contains("--force"));
+        f.force = true;
+        assert!(host_paths(&f).is_empty(), "--force accepts a hostPath");
+        f.force = false;
+        f.target_name = "node-a".into();
+        assert!(host_paths(&f).is_empty(), "within its node the files stay");
+    }
+
+    #[test]
+    fn claims_must_exist_and_attach_on_two_nodes_at_once() {
+        let mut f = facts();
+        f.pod.spec.as_mut().unwrap().volumes = Some(
+            serde_json::from_value(
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]),
+            )
+            .unwrap(),
+        );
+        f.claims.insert("data".into(), None);
+        assert!(
+            claims(&f)[0]
+                .what
+                .contains("claim data of volume data does not exist")
+        );
+        let with_modes = |modes: serde_json::Value| {
+            Some(serde_json::from_value(json!({"spec": {"accessModes": modes}})).unwrap())
+        };
+        f.claims
+            .insert("data".into(), with_modes(json!(["ReadWriteOnce"])));
+        let found = claims(&f);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].fix.contains("source detaches it"));
+        for shared in ["ReadWriteMany", "ReadOnlyMany"] {
+            f.claims.insert("data".into(), with_modes(json!([shared])));
+            assert!(claims(&f).is_empty(), "{shared} is fine");
+        }
+        f.claims
+            .insert("data".into(), with_modes(json!(["ReadWriteOnce"])));
+        f.target_name = "node-a".into();
+        assert!(
+            claims(&f).is_empty(),
+            "within its node the claim stays attached"
+        );
+    }
+}
