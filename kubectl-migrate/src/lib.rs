@@ -6,8 +6,8 @@
 //! - [`rewrite`]: the target pod as a pure function of the source pod;
 //! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → cleanup, undo).
 //!
-//! The migration pipeline (check → checkpoint → transfer → restore → verify → cleanup) is
-//! being built step by step; see README.md.
+//! `docs/architecture.md` describes the pipeline and its undo rule; CONTRIBUTING.md maps the
+//! modules of both binaries.
 
 pub mod check;
 pub mod cli;

@@ -55,7 +55,7 @@ pub enum CriuError {
     #[error("`{} --version` printed no version (`{output}`); is it really CRIU?", path.display())]
     NoVersion { path: PathBuf, output: String },
     #[error(
-        "criu {action} needs {missing}, which this container lacks; add it to the pod's securityContext.capabilities.add (see the README's least-privilege section)"
+        "criu {action} needs {missing}, which this container lacks; add it to the pod's securityContext.capabilities.add (docs/security.md, section Capabilities)"
     )]
     Capabilities {
         action: &'static str,
@@ -259,7 +259,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Checks, before running criu, that this container has the capabilities `action` needs
-/// (found by experiment, see README "Least privilege"): CAP_CHECKPOINT_RESTORE for both (criu
+/// (found by experiment, `docs/security.md`): CAP_CHECKPOINT_RESTORE for both (criu
 /// only logs "Effective capability 40 missing"), and CAP_SETPCAP to restore (criu re-applies
 /// the app's capability bounding set; without it the restored task dies in rt_sigreturn with
 /// a segfault). CAP_SYS_ADMIN covers all of them.

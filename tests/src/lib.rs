@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub mod apiserver;
 pub mod cluster;
+pub mod reference;
 pub use apiserver::{
     ApiServer, KUBERNETES_VERSION, apiserver_tests_can_run, k8s_bin_dir, workspace_binary,
 };
@@ -23,7 +24,7 @@ pub use apiserver::{
 pub const ROOTFS_RECIPE: &str = "trixie-minbase-criu-python3-v1";
 /// Debian packages in the root filesystem besides minbase.
 pub const ROOTFS_PACKAGES: &str = "criu,python3-minimal";
-/// The least capabilities CRIU needs in the container (found by experiment; see README).
+/// The least capabilities CRIU needs in the container (found by experiment; `docs/security.md`).
 pub const LEAST_CAPS: &str = "CAP_CHECKPOINT_RESTORE,CAP_SYS_PTRACE,CAP_SETPCAP";
 
 /// The workspace root.

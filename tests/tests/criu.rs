@@ -628,7 +628,7 @@ fn least_privilege_dump_and_restore_work_with_only_the_needed_capabilities() -> 
     let b = b.start(&opts)?;
     assert_counter_continues(a_last, &b)?;
 
-    // Each capability of the set is needed: without it, the error seen (recorded in README).
+    // Each capability of the set is needed: without it, the error seen (recorded in docs/security.md).
     let without_checkpoint_restore = counter_node("node-c", Some("CAP_SETPCAP"), 2)?;
     let output = without_checkpoint_restore
         .launcher(&["checkpoint", "--output", "/tmp/x"])

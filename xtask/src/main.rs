@@ -8,6 +8,7 @@
 //! - `images`: the images of `images/`, built without Docker (debootstrap + umoci).
 //! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test).
 //! - `release`: the krew archives of `kubectl-migrate` and the manifest with their sha256.
+//! - `docs`: rewrite the `--help` blocks of `docs/reference.md` from the built binaries.
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
 //! - `rootfs`: build (once, cached) the Debian trixie root filesystem with CRIU 4.x that the
 //!   CRIU tests and the demo run the launcher in (needs root and debootstrap).
@@ -46,9 +47,10 @@ fn main() -> ExitCode {
         Some("images") => images::build().map(|path| println!("{}", path.display())),
         Some("cluster") => cluster::run_task(&args[1..]),
         Some("release") => release::run_task(&args[1..]),
+        Some("docs") => docs(),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|release [--out DIR] [--allow-missing]|static-launcher|rootfs|k8s|images>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|release [--out DIR] [--allow-missing]|docs|static-launcher|rootfs|k8s|images>"
             );
             Ok(())
         }
@@ -86,6 +88,23 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
+    Ok(())
+}
+
+/// Rewrites the generated `--help` blocks of `docs/reference.md` (`migrate_tests::reference`).
+fn docs() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "kubectl-migrate",
+        "--package",
+        "restore-launcher",
+    ]))?;
+    let path = migrate_tests::reference::path();
+    let doc = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    std::fs::write(&path, migrate_tests::reference::refresh(&doc)?)?;
+    println!("{}", path.display());
     Ok(())
 }
 

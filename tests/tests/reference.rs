@@ -1,0 +1,77 @@
+//! `docs/reference.md` against the code: every help block is what the binary prints now, and
+//! every JSON table lists exactly the keys the report types serialize.
+
+use std::collections::BTreeSet;
+
+use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
+use migrate_tests::reference;
+
+fn doc() -> String {
+    std::fs::read_to_string(reference::path()).unwrap_or_else(|e| panic!("docs/reference.md: {e}"))
+}
+
+#[test]
+fn the_reference_shows_what_help_prints() {
+    let doc = doc();
+    let fresh = reference::refresh(&doc).unwrap_or_else(|e| panic!("{e:#}"));
+    if fresh != doc {
+        let (old, new) = doc
+            .lines()
+            .zip(fresh.lines())
+            .find(|(a, b)| a != b)
+            .unwrap_or(("(end of file)", "(more lines)"));
+        panic!(
+            "docs/reference.md is out of date with --help; run `cargo xtask docs`.\nfirst difference:\n  doc:  {old}\n  help: {new}"
+        );
+    }
+    for command in [
+        "kubectl-migrate",
+        "kubectl-migrate check",
+        "kubectl-migrate completion",
+        "restore-launcher",
+        "restore-launcher checkpoint",
+        "restore-launcher receive",
+        "restore-launcher rollback",
+        "restore-launcher freeze",
+        "restore-launcher thaw",
+        "restore-launcher status",
+    ] {
+        assert!(
+            doc.contains(&format!("<!-- help: {command} -->")),
+            "the reference has no help block for `{command}`"
+        );
+    }
+}
+
+/// The keys a report serializes to.
+fn keys(value: impl serde::Serialize) -> BTreeSet<String> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        other => panic!("not a JSON object: {other:?}"),
+    }
+}
+
+#[test]
+fn the_json_tables_list_every_key_of_the_reports() {
+    let doc = doc();
+    let status: StatusReport = serde_json::from_value(serde_json::json!({
+        "state": "running", "app_pid": 1000, "launcher_version": "0.1.0", "criu_version": null,
+        "kernel": "6.18", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
+        "error": null
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (name, serialized) in [
+        ("status", keys(status)),
+        (
+            "checkpoint",
+            keys(CheckpointReport::new("id".into(), false)),
+        ),
+        ("receive", keys(RestoreReport::new())),
+    ] {
+        let documented = reference::documented_keys(&doc, name).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            documented, serialized,
+            "the `{name}` JSON table of docs/reference.md does not list the report's keys"
+        );
+    }
+}
