@@ -178,6 +178,9 @@ fn show_progress(
 
 /// The per-phase timing table on stderr, or the whole report as JSON/YAML on stdout.
 fn print_report(done: &migrate::Report, format: Option<OutputFormat>) -> Result<()> {
+    for warning in &done.warnings {
+        eprintln!("warning: {warning}");
+    }
     match format {
         Some(OutputFormat::Json) => println!("{}", serde_json::to_string_pretty(done)?),
         Some(OutputFormat::Yaml) => print!("{}", serde_yaml::to_string(done)?),

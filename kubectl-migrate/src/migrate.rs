@@ -65,6 +65,8 @@ pub struct Report {
     pub downtime_ms: Option<u64>,
     pub bytes_moved: u64,
     pub source_deleted: bool,
+    /// What went wrong after the app ran on the target, with the command that fixes it.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +326,8 @@ async fn run<L: Launchers + Sync>(
                 error: format!("cannot thaw the restored app: {error}"),
             })?;
     }
+    let mut warnings = Vec::new();
+    warnings.extend(end_wait(&pods, &target_name).await);
     phase_done("verify+thaw", &mut phases);
 
     progress.phase = "cleanup".into();
@@ -389,7 +393,34 @@ async fn run<L: Launchers + Sync>(
         downtime_ms,
         bytes_moved: moved.load(Ordering::Relaxed),
         source_deleted,
+        warnings,
     })
+}
+
+/// Ends the target's wait for a checkpoint (`annotations::WAIT_FOR_CHECKPOINT`, read by its
+/// launchers through the downward API at every container start): from now on a restarted
+/// container starts its app fresh. Tried three times; if the API server keeps refusing, the
+/// migration goes on (the app runs) and the returned warning gives the command to run.
+async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
+    let patch = serde_json::json!({"metadata": {"annotations": {annotations::WAIT_FOR_CHECKPOINT: "false"}}});
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        match pods
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return None,
+            Err(error) => last = Some(error),
+        }
+    }
+    Some(format!(
+        "cannot mark pod {name} as restored ({}): until this runs, a restart of one of its containers would wait for a checkpoint instead of starting the app: kubectl annotate pod {name} {}=false --overwrite",
+        last.map(|e| e.to_string()).unwrap_or_default(),
+        annotations::WAIT_FOR_CHECKPOINT
+    ))
 }
 
 /// Waits for the target pod to run all its containers, failing fast on terminal states.

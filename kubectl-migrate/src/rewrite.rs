@@ -11,8 +11,13 @@
 //! - the name is predictable: `NAME-mN`, N counting migrations (`counter` → `counter-m1` →
 //!   `counter-m2`), at most 63 characters (the pod's hostname);
 //! - `spec.nodeName` pins the target node (no scheduler round);
-//! - every container's launcher waits for its checkpoint (`RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT
-//!   =true`, the env twin of `--wait-for-checkpoint`), so the image's ENTRYPOINT and CMD stay;
+//! - every container's launcher waits for its checkpoint (`RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT`,
+//!   the env twin of `--wait-for-checkpoint`), so the image's ENTRYPOINT and CMD stay. The
+//!   variable comes from the pod's `migrate.kubectl.io/wait-for-checkpoint` annotation through
+//!   the downward API: `true` at creation, set to `false` by the plugin once the restore is
+//!   done. The kubelet resolves it at every container start, so a container restarted later
+//!   (crash, OOM kill, liveness failure, node reboot) starts its app fresh, as any container
+//!   would, instead of waiting for an archive that never comes;
 //! - init containers that already ran on the source are dropped (their effects on volumes
 //!   travel with the checkpoint's `--include` paths; running them again could repeat side
 //!   effects), native sidecars (`restartPolicy: Always`) are kept and migrated like containers;
@@ -24,7 +29,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod};
 use migrate_format::annotations;
 
 /// The launcher's environment twin of `--wait-for-checkpoint`.
@@ -55,6 +60,7 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     notes.insert(annotations::PEER.into(), source_name);
     notes.insert(annotations::GENERATION.into(), generation.to_string());
     notes.insert(annotations::PHASE.into(), "restoring".into());
+    notes.insert(annotations::WAIT_FOR_CHECKPOINT.into(), "true".into());
     pod.status = None;
 
     if let Some(spec) = pod.spec.as_mut() {
@@ -123,13 +129,27 @@ pub fn target_name(source: &str, generation: u32) -> String {
     format!("{base}{suffix}")
 }
 
+/// Where the launchers' wait setting comes from: the target's own annotation.
+pub fn wait_field_path() -> String {
+    format!(
+        "metadata.annotations['{}']",
+        annotations::WAIT_FOR_CHECKPOINT
+    )
+}
+
 fn wait_for_checkpoint(container: &mut Container) {
     let env = container.env.get_or_insert_with(Vec::new);
     env.retain(|e| e.name != WAIT_ENV);
     env.push(EnvVar {
         name: WAIT_ENV.into(),
-        value: Some("true".into()),
-        value_from: None,
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: wait_field_path(),
+            }),
+            ..EnvVarSource::default()
+        }),
     });
 }
 

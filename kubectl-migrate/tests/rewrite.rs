@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Pod;
-use kubectl_migrate::rewrite::{WAIT_ENV, target_pod};
+use kubectl_migrate::rewrite::{WAIT_ENV, target_pod, wait_field_path};
+use migrate_format::annotations;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rewrite")
@@ -62,6 +63,16 @@ fn every_fixture_rewrites_to_its_golden_target() {
             target.metadata.labels, source.metadata.labels,
             "{name}: labels must stay for Services"
         );
+        assert_eq!(
+            target
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(annotations::WAIT_FOR_CHECKPOINT))
+                .map(String::as_str),
+            Some("true"),
+            "{name}: the target is created waiting for its checkpoint"
+        );
         for container in spec
             .containers
             .iter()
@@ -79,10 +90,15 @@ fn every_fixture_rewrites_to_its_golden_target() {
                 "{name}/{}: exactly one wait setting",
                 container.name
             );
+            let field = waits[0]
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.clone());
             assert_eq!(
-                waits[0].value.as_deref(),
-                Some("true"),
-                "{name}/{}",
+                (waits[0].value.as_deref(), field),
+                (None, Some(wait_field_path())),
+                "{name}/{}: the wait comes from the pod's annotation",
                 container.name
             );
         }

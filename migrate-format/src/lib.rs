@@ -31,4 +31,10 @@ pub mod annotations {
     pub const PEER: &str = "migrate.kubectl.io/peer";
     /// How many migrations this pod's lineage has been through (names the next target).
     pub const GENERATION: &str = "migrate.kubectl.io/generation";
+    /// On the target: `true` while its launchers are to wait for a checkpoint, `false` once
+    /// the restore is done. The launchers read it through the downward API
+    /// (`RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT` from `metadata.annotations[…]`), which the
+    /// kubelet resolves each time it starts a container: a container restarted after the
+    /// migration starts its app fresh instead of waiting for an archive that never comes.
+    pub const WAIT_FOR_CHECKPOINT: &str = "migrate.kubectl.io/wait-for-checkpoint";
 }

@@ -36,6 +36,10 @@ fn main() {
             counter_moves_within_its_node,
         ),
         (
+            "a_restart_after_a_migration_starts_the_app_fresh",
+            restart_after_migration_starts_fresh,
+        ),
+        (
             "web_pod_moves_with_a_consistent_cut_and_nginx_answers",
             web_pod_moves,
         ),
@@ -498,6 +502,73 @@ fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
     wait_gone(cluster, "fragile-m1")?;
     source_kept_counting(cluster, "fragile", follow)?;
     cluster.kubectl_ok(&["delete", "pod", "fragile", "--wait=false"])?;
+    Ok(())
+}
+
+/// Once a pod's restore is done, its container restarts like any container's: the restored
+/// app killed with SIGKILL makes the kubelet restart the container (restart count 1), and the
+/// new launcher starts the app fresh from the image's command -- it does not wait for a
+/// checkpoint that never comes (the wait setting comes from the pod's annotation, which the
+/// plugin turned off after the restore).
+fn restart_after_migration_starts_fresh(cluster: &Cluster) -> Result<()> {
+    move_counter(cluster, "phoenix", "node-a", "node-b", &[])?;
+    let target = "phoenix-m1";
+    let note = pod_field(
+        cluster,
+        target,
+        "{.metadata.annotations.migrate\\.kubectl\\.io/wait-for-checkpoint}",
+    )?;
+    ensure!(
+        note == "false",
+        "the target still waits for a checkpoint: {note:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
+        "exec",
+        target,
+        "--",
+        "restore-launcher",
+        "status",
+    ])?)?;
+    let app = status["app_pid"].as_i64().context("no app_pid")?;
+    cluster.kubectl_ok(&[
+        "exec",
+        target,
+        "--",
+        "sh",
+        "-c",
+        &format!("kill -KILL {app}"),
+    ])?;
+    wait_until("the container to restart", WAIT, || {
+        let restarts = pod_field(
+            cluster,
+            target,
+            "{.status.containerStatuses[0].restartCount}",
+        )?;
+        let ready = pod_field(cluster, target, "{.status.containerStatuses[0].ready}")?;
+        Ok((restarts == "1" && ready == "true").then_some(()))
+    })?;
+    let fresh = wait_until("the restarted app to count", WAIT, || {
+        let values = counter_values(&logs(cluster, target, None));
+        Ok((values.len() >= 2).then_some(values))
+    })?;
+    ensure!(
+        fresh[0].0 == 1,
+        "the restarted app did not start fresh: its first count is {:?}",
+        fresh[0]
+    );
+    let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
+        "exec",
+        target,
+        "--",
+        "restore-launcher",
+        "status",
+    ])?)?;
+    ensure!(
+        status["state"] == "running",
+        "the restarted launcher is {}, not running",
+        status["state"]
+    );
+    cluster.kubectl_ok(&["delete", "pod", target, "--wait=false"])?;
     Ok(())
 }
 
