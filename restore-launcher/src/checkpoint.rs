@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use migrate_format::{ARCHIVE_FORMAT_VERSION, CheckpointReport, Manifest};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::SigSet;
 use nix::unistd::Pid;
 
 use crate::archive;
@@ -103,7 +103,7 @@ fn checkpoint(
         app: plan.app,
         resume_on_drop: !plan.was_frozen,
     };
-    report.app_pids = tree_pids(plan.app);
+    report.app_pids = crate::tree::pids(plan.app);
     let included_bytes = include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
     report.included_bytes = included_bytes;
     lap("snapshot", report);
@@ -252,11 +252,9 @@ impl Drop for Frozen {
     }
 }
 
-/// Resumes the frozen app tree (SIGCONT to its process group).
+/// Resumes the frozen app tree: every process of it, whatever its session or group.
 pub fn resume(app: Pid) {
-    if let Err(error) = nix::sys::signal::killpg(app, Signal::SIGCONT) {
-        tracing::warn!(%error, "cannot resume the app's process group");
-    }
+    crate::tree::resume(app);
 }
 
 fn failed(error: &dyn std::error::Error) -> String {
@@ -286,45 +284,6 @@ fn source_info() -> BTreeMap<String, String> {
     .into_iter()
     .filter_map(|(key, var)| std::env::var(var).ok().map(|v| (key.to_string(), v)))
     .collect()
-}
-
-/// `root` and all its descendants, from /proc.
-pub fn tree_pids(root: Pid) -> Vec<i32> {
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                continue;
-            };
-            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-                parents.push((pid, ppid));
-            }
-        }
-    }
-    let mut tree = vec![root.as_raw()];
-    let mut index = 0;
-    while index < tree.len() {
-        let parent = tree[index];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, ppid)| *ppid == parent)
-                .map(|(pid, _)| *pid),
-        );
-        index += 1;
-    }
-    tree.sort_unstable();
-    tree
 }
 
 #[cfg(test)]

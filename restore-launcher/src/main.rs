@@ -13,7 +13,8 @@
 //! - [`checkpoint`] / [`restore`]: those two jobs; [`criu`]: the CRIU command lines;
 //! - [`archive`]: the `.tar.zst` format, written and verified; [`include`]: `--include` paths;
 //! - [`exit_status`]: how the app's end maps to the launcher's exit code;
-//! - [`sysinfo`]: kernel, architecture, CPU flags, time and ids.
+//! - [`sysinfo`]: kernel, architecture, CPU flags, time and ids;
+//! - [`tree`]: the app's process tree, stopped, resumed and killed process by process.
 
 mod archive;
 mod checkpoint;
@@ -31,6 +32,7 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod sysinfo;
+mod tree;
 
 use std::process::ExitCode;
 

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use migrate_format::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -39,6 +38,7 @@ use crate::restore;
 use crate::signals::{self, Action, Signals};
 use crate::spawn;
 use crate::sysinfo;
+use crate::tree;
 
 /// After the app exits, how long output still held open by its leftover descendants is
 /// relayed before the launcher exits anyway. Output the app itself wrote is not bounded by
@@ -365,7 +365,7 @@ impl Supervisor {
                 tracing::info!(signo, "stopping the checkpointed (frozen) app");
                 self.deferred_terminate = Some(signo);
                 if let Some(app) = self.app {
-                    let _ = nix::sys::signal::killpg(app, Signal::SIGKILL);
+                    tree::kill_all(app);
                 }
             }
             LauncherState::Waiting | LauncherState::Failed => self.exit(128 + signo as u8),
@@ -499,7 +499,7 @@ impl Supervisor {
             last_checkpoint: self.last_checkpoint.clone(),
             last_restore: self.last_restore.clone(),
             error: self.error.clone(),
-            app_stopped: self.app.is_some_and(is_stopped),
+            app_stopped: self.app.is_some_and(tree::all_stopped),
         }
     }
 
@@ -535,11 +535,10 @@ impl Supervisor {
             (LauncherState::Running | LauncherState::Restored, Some(app))
                 if self.running.is_none() =>
             {
-                if let Err(error) = nix::sys::signal::killpg(app, Signal::SIGSTOP) {
-                    return refuse(
-                        stream,
-                        format!("cannot stop the app's process group: {error}"),
-                    );
+                if let Err(error) = tree::stop(app) {
+                    // Never leave half a tree frozen.
+                    tree::resume(app);
+                    return refuse(stream, format!("cannot freeze: {}", chain(&error)));
                 }
                 self.before_checkpoint = self.state;
                 self.state = LauncherState::Frozen;
@@ -829,13 +828,6 @@ struct Ready {
 }
 
 /// Whether `pid` is in the stopped state (`T` in /proc/PID/stat).
-fn is_stopped(pid: Pid) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        == Some("T")
-}
-
 fn refuse(stream: &UnixStream, error: String) {
     tracing::warn!(%error, "refused a control request");
     let _ = control::answer(stream, &serde_json::json!({"ok": false, "error": error}));

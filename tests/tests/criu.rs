@@ -725,3 +725,84 @@ fn a_frozen_checkpoint_restores_frozen_until_thawed() -> Result<()> {
     ensure!(a.status()?["state"] == "running");
     Ok(())
 }
+
+/// A child that starts its own session (`setsid`) is outside the app's process group, so a
+/// freeze by group would leave it running (an inconsistent cut) and a resume by group would
+/// leave it stopped forever after a rollback. The launcher freezes and resumes the whole tree.
+#[test]
+fn freeze_stops_a_child_in_its_own_session_and_rollback_resumes_it() -> Result<()> {
+    if !criu_tests_can_run("freeze_stops_a_child_in_its_own_session_and_rollback_resumes_it") {
+        return Ok(());
+    }
+    let app = "setsid sh -c 'echo $$ > /run/child.pid; exec python3 /opt/apps/counter.py > /run/child.out' & exec python3 /opt/apps/counter.py";
+    let a = Node::prepare("node-a")?.start(&options("node-a", &["--", "sh", "-c", app]))?;
+    let shell = |script: &str| -> Result<String> {
+        let output = a.exec(&["sh", "-c", script]).output()?;
+        ensure!(output.status.success(), "`{script}` failed");
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let child_ticks =
+        || -> Result<usize> { Ok(counter_values(&shell("cat /run/child.out")?).len()) };
+    a.wait_for("both counters ticking", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= 3 && child_ticks().unwrap_or(0) >= 3).then_some(())
+    })?;
+    let child = shell("cat /run/child.pid")?;
+    let state = |pid: &str| -> Result<String> {
+        let stat = shell(&format!("cat /proc/{pid}/stat"))?;
+        let after = stat.rfind(')').context("stat")?;
+        Ok(stat[after + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    };
+    let sessions = shell(&format!(
+        "echo $(cut -d' ' -f6 /proc/{child}/stat) $(cut -d' ' -f6 /proc/$(cat /proc/{child}/stat | cut -d' ' -f4)/stat)"
+    ))?;
+    let ids: Vec<&str> = sessions.split_whitespace().collect();
+    ensure!(
+        ids.len() == 2 && ids[0] != ids[1],
+        "the child is not in a session of its own: {sessions}"
+    );
+
+    let freeze = a.launcher(&["freeze"]).output()?;
+    ensure!(
+        freeze.status.success(),
+        "freeze failed: {}",
+        String::from_utf8_lossy(&freeze.stdout)
+    );
+    ensure!(
+        state(&child)? == "T",
+        "the setsid child is {} during the freeze",
+        state(&child)?
+    );
+    let status = a.status()?;
+    ensure!(
+        status["state"] == "frozen" && status["app_stopped"] == true,
+        "{status}"
+    );
+    let (parent_before, child_before) = (counter_values(&a.stdout()).len(), child_ticks()?);
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(
+        counter_values(&a.stdout()).len() == parent_before && child_ticks()? == child_before,
+        "a process of the app ran on while frozen"
+    );
+
+    let rollback = a.launcher(&["rollback"]).output()?;
+    ensure!(
+        rollback.status.success(),
+        "rollback failed: {}",
+        String::from_utf8_lossy(&rollback.stdout)
+    );
+    a.wait_for("both counters ticking again", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() > parent_before + 2
+            && child_ticks().unwrap_or(0) > child_before + 2)
+            .then_some(())
+    })?;
+    ensure!(
+        state(&child)? != "T",
+        "the setsid child stayed stopped after the rollback"
+    );
+    ensure!(a.status()?["app_stopped"] == false);
+    Ok(())
+}

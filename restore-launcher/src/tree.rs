@@ -1,0 +1,178 @@
+//! The app's process tree: its root and every descendant, whatever their session or process
+//! group. Signals to the app's process group miss a descendant that called `setsid` or
+//! `setpgid` (a daemonising worker, a shell's job), so freezing, resuming and killing a frozen
+//! app go to each process of the tree, found through /proc. This is also the tree CRIU dumps
+//! (`criu dump --tree ROOT`); a process reparented to PID 1 after its parent exited is no
+//! longer part of it.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// `root` and all its descendants, from /proc.
+pub fn pids(root: Pid) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root.as_raw()];
+    let mut index = 0;
+    while index < tree.len() {
+        let parent = tree[index];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        index += 1;
+    }
+    tree.sort_unstable();
+    tree
+}
+
+/// How long [`stop`] waits for the kernel to stop every process it signalled.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Stops every process of the tree (SIGSTOP to each) and waits until each is stopped. Repeats
+/// until a pass finds no process it has not stopped yet, so a child forked while the tree was
+/// being frozen is frozen too. Returns the stopped PIDs.
+///
+/// # Errors
+/// The root cannot be signalled (it is gone), or some process is still running after
+/// [`STOP_WAIT`]; the processes already stopped stay stopped, for the caller to resume.
+pub fn stop(root: Pid) -> Result<Vec<i32>, StopError> {
+    kill(root, Signal::SIGSTOP).map_err(StopError::Signal)?;
+    let deadline = Instant::now() + STOP_WAIT;
+    let mut signalled = vec![root.as_raw()];
+    loop {
+        let tree = pids(root);
+        let new: Vec<i32> = tree
+            .iter()
+            .copied()
+            .filter(|pid| !signalled.contains(pid))
+            .collect();
+        for pid in &new {
+            // A process that exited meanwhile is simply no longer part of the tree.
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGSTOP);
+        }
+        signalled.extend(&new);
+        let running: Vec<i32> = tree
+            .iter()
+            .copied()
+            .filter(|pid| !is_stopped(*pid))
+            .collect();
+        if new.is_empty() && running.is_empty() {
+            return Ok(tree);
+        }
+        if Instant::now() > deadline {
+            return Err(StopError::StillRunning(running));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Why [`stop`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error("cannot stop the app")]
+    Signal(#[source] nix::Error),
+    #[error("processes {0:?} of the app's tree did not stop within 2 s")]
+    StillRunning(Vec<i32>),
+}
+
+/// Resumes every process of the tree (SIGCONT to each).
+pub fn resume(root: Pid) {
+    for pid in pids(root) {
+        if let Err(error) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
+            tracing::warn!(%error, pid, "cannot resume a process of the app");
+        }
+    }
+}
+
+/// Kills every process of the tree (SIGKILL to each), the root first so nothing of it reacts.
+pub fn kill_all(root: Pid) {
+    let tree = pids(root);
+    let _ = kill(root, Signal::SIGKILL);
+    for pid in tree {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Whether every process of the tree is stopped (state T), as `status` reports it.
+pub fn all_stopped(root: Pid) -> bool {
+    let tree = pids(root);
+    !tree.is_empty() && tree.into_iter().all(is_stopped)
+}
+
+/// Whether `pid` is stopped (state T in /proc/PID/stat; t, traced, counts too). A process
+/// that is gone counts as stopped: it runs nothing.
+fn is_stopped(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    matches!(
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next()),
+        Some("T" | "t" | "Z" | "X")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A shell whose child starts its own session: `setsid` puts it beyond the group.
+    #[test]
+    fn a_descendant_in_its_own_session_is_stopped_and_resumed_with_the_tree() {
+        let Ok(mut shell) = Command::new("sh")
+            .args([
+                "-c",
+                "setsid sh -c 'while :; do sleep 0.05; done' & while :; do sleep 0.05; done",
+            ])
+            .spawn()
+        else {
+            return;
+        };
+        let root = Pid::from_raw(shell.id() as i32);
+        let start = Instant::now();
+        while pids(root).len() < 3 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tree = pids(root);
+        assert!(tree.len() >= 3, "the tree did not form: {tree:?}");
+        let stopped = stop(root).unwrap();
+        assert!(all_stopped(root), "not every process stopped: {stopped:?}");
+        for pid in &stopped {
+            assert!(is_stopped(*pid), "{pid} runs");
+        }
+        resume(root);
+        let start = Instant::now();
+        while all_stopped(root) && start.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!all_stopped(root), "nothing resumed");
+        kill_all(root);
+        let _ = shell.wait();
+    }
+}
