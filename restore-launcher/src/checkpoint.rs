@@ -83,6 +83,11 @@ fn checkpoint(
                 dir.display()
             )
         })?;
+    if let Some(objects) = sysv_ipc_objects() {
+        return Err(format!(
+            "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (CRIU dumps the app's processes, not the namespace): the app would be restored without them; the app keeps running"
+        ));
+    }
     // The log lives next to the socket, outside the work directory that is removed, so the
     // path in an error message can still be read.
     let log = plan.state_dir.join("last-dump.log");
@@ -273,6 +278,45 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The SysV IPC objects of this IPC namespace (the container's, shared with the app), as
+/// "2 semaphore sets (keys 0x…, …)", or None when there are none. CRIU inside the container
+/// does not dump the IPC namespace: semaphores and message queues would silently be missing
+/// after a restore, and an attached shared-memory segment fails the dump late.
+pub fn sysv_ipc_objects() -> Option<String> {
+    let found: Vec<String> = [
+        ("sem", "semaphore set"),
+        ("msg", "message queue"),
+        ("shm", "shared-memory segment"),
+    ]
+    .into_iter()
+    .filter_map(|(table, what)| {
+        let text = fs::read_to_string(format!("/proc/sysvipc/{table}")).ok()?;
+        describe_sysv(&text, what)
+    })
+    .collect();
+    (!found.is_empty()).then(|| found.join(" and "))
+}
+
+/// "N WHATs (keys K, …)" from one `/proc/sysvipc/*` table (a header line, then one line per
+/// object whose first column is its key), or None when it lists none.
+fn describe_sysv(table: &str, what: &str) -> Option<String> {
+    let keys: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|key| format!("{:#x}", key.parse::<i64>().unwrap_or(0) as u32))
+        .collect();
+    (!keys.is_empty()).then(|| {
+        format!(
+            "{} SysV {what}{} (key{} {})",
+            keys.len(),
+            if keys.len() == 1 { "" } else { "s" },
+            if keys.len() == 1 { "" } else { "s" },
+            keys.join(", ")
+        )
+    })
+}
+
 /// Source pod/namespace/node/container from the downward API, when the pod spec sets them.
 fn source_info() -> BTreeMap<String, String> {
     [
@@ -289,6 +333,19 @@ fn source_info() -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysv_tables_name_each_object_by_key() {
+        let header = "       key      semid perms      nsems   uid   gid  cuid  cgid      otime      ctime\n";
+        assert_eq!(describe_sysv(header, "semaphore set"), None);
+        let two = format!(
+            "{header}  1234567        0   600         1     0     0     0     0          0 1700000000\n         0        1   600         1     0     0     0     0          0 1700000000\n"
+        );
+        assert_eq!(
+            describe_sysv(&two, "semaphore set").as_deref(),
+            Some("2 SysV semaphore sets (keys 0x12d687, 0x0)")
+        );
+    }
     use std::io::{Read as _, Write as _};
 
     fn pipe() -> (File, File) {

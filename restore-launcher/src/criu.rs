@@ -216,10 +216,14 @@ impl Criu {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
+        let mut excerpt = log_excerpt(log, &stderr);
+        if let Some(cause) = known_cause(&excerpt) {
+            excerpt = format!("{excerpt} -- {cause}");
+        }
         Err(CriuError::Failed {
             action,
             status: output.status.to_string(),
-            excerpt: log_excerpt(log, &stderr),
+            excerpt,
             log: log.to_path_buf(),
         })
     }
@@ -297,6 +301,25 @@ pub fn has_effective_capability(cap: u32) -> bool {
         .is_some_and(|mask| mask & (1u64 << cap) != 0)
 }
 
+/// What a CRIU error with a known cause means, and what to change in the pod spec.
+pub fn known_cause(excerpt: &str) -> Option<&'static str> {
+    if excerpt.contains("Can't get rlimit") && excerpt.contains("Operation not permitted") {
+        // criu/cr-dump.c: prlimit() of a task of another user needs CAP_SYS_RESOURCE.
+        return Some(
+            "the app runs as another user than the launcher, and CRIU needs CAP_SYS_RESOURCE to read that user's limits: add SYS_RESOURCE to the container's securityContext.capabilities.add",
+        );
+    }
+    if excerpt.contains("SysVIPC shmem map") || excerpt.contains("doesn't live in IPC ns") {
+        return Some(
+            "the app has a SysV shared-memory segment attached; it lives in the container's IPC namespace, which a checkpoint taken inside the container cannot carry",
+        );
+    }
+    if excerpt.contains("Effective capability 40 missing") {
+        return Some("add CHECKPOINT_RESTORE to the container's securityContext.capabilities.add");
+    }
+    None
+}
+
 /// CRIU's `Error` lines from its log, minus the probes it always logs on a container without
 /// them (tun, raising RLIMIT_NOFILE), last five; else what it printed on stderr.
 pub fn log_excerpt(log: &Path, stderr: &str) -> String {
@@ -320,4 +343,22 @@ pub fn log_excerpt(log: &Path, stderr: &str) -> String {
         return printed[printed.len().saturating_sub(3)..].join("; ");
     }
     errors[errors.len().saturating_sub(5)..].join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_errors_with_a_known_cause_say_what_to_add() {
+        let rlimit = "Can't get rlimit 0: Operation not permitted";
+        assert!(known_cause(rlimit).is_some_and(|c| c.contains("SYS_RESOURCE")));
+        let shm = "Task 1000 with SysVIPC shmem map @7f0000000000 doesn't live in IPC ns";
+        assert!(known_cause(shm).is_some_and(|c| c.contains("SysV shared-memory")));
+        assert!(
+            known_cause("Effective capability 40 missing")
+                .is_some_and(|c| c.contains("CHECKPOINT_RESTORE"))
+        );
+        assert_eq!(known_cause("Can't dump inet socket"), None);
+    }
 }

@@ -806,3 +806,38 @@ fn freeze_stops_a_child_in_its_own_session_and_rollback_resumes_it() -> Result<(
     ensure!(a.status()?["app_stopped"] == false);
     Ok(())
 }
+
+/// CRIU inside the container does not dump its IPC namespace: an app holding a SysV semaphore
+/// set would be restored without it. The checkpoint is refused up front, naming the object,
+/// and the app keeps running.
+#[test]
+fn an_app_holding_a_sysv_semaphore_set_is_refused_at_checkpoint() -> Result<()> {
+    if !criu_tests_can_run("an_app_holding_a_sysv_semaphore_set_is_refused_at_checkpoint") {
+        return Ok(());
+    }
+    let app = "ipcmk -S 1 >&2 && exec python3 /opt/apps/counter.py";
+    let a = Node::prepare("node-a")?.start(&options("node-a", &["--", "sh", "-c", app]))?;
+    a.wait_for("3 counter lines", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= 3).then_some(())
+    })?;
+    let output = a
+        .launcher(&["checkpoint", "--output", "/tmp/sem.tar.zst"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success() && answer.contains("1 SysV semaphore set (key 0x"),
+        "the checkpoint was not refused with the reason: {answer}"
+    );
+    ensure!(
+        !a.exec(&["test", "-e", "/tmp/sem.tar.zst"])
+            .status()?
+            .success(),
+        "an archive was written"
+    );
+    let seen = counter_values(&a.stdout()).len();
+    a.wait_for("the app counting on", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 3).then_some(())
+    })?;
+    ensure!(a.status()?["state"] == "running");
+    Ok(())
+}
