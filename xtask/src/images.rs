@@ -25,6 +25,12 @@ use crate::{is_root, run, static_launcher, workspace_root};
 /// Bump when the base root filesystem's recipe changes.
 const BASE_ROOTFS: &str = "rootfs-trixie-criu42-v1";
 
+/// The base image's PATH, as `debian:trixie-slim` sets it. A container's processes -- and
+/// `kubectl exec POD -- restore-launcher …`, which runc resolves with the container's own
+/// environment -- find their commands through it; without it the exec fails with
+/// `executable file not found in $PATH`.
+const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Builds the images archive if the launcher or `images/` changed since the last build, and
 /// returns its path.
 pub(crate) fn build() -> Result<PathBuf> {
@@ -82,6 +88,7 @@ pub(crate) fn build() -> Result<PathBuf> {
         &[
             "--config.entrypoint=/usr/local/bin/restore-launcher",
             "--config.entrypoint=--",
+            &format!("--config.env={IMAGE_PATH}"),
         ],
     )?;
 
@@ -142,6 +149,7 @@ pub(crate) fn build() -> Result<PathBuf> {
 fn fingerprint(launcher: &Path) -> Result<String> {
     let mut hash = Sha256::new();
     hash.update(BASE_ROOTFS);
+    hash.update(IMAGE_PATH);
     hash.update(std::fs::read(launcher)?);
     let root = workspace_root().join("images");
     let mut files = Vec::new();
