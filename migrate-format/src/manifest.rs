@@ -72,6 +72,9 @@ pub enum EntryKind {
     File,
     Dir,
     Symlink,
+    /// A named pipe in an included path, recreated empty: a FIFO holds no data at rest (what
+    /// was in flight in it belongs to the processes holding it open, which CRIU carries).
+    Fifo,
 }
 
 /// Why an entry path is refused.
@@ -114,6 +117,8 @@ pub enum ManifestError {
     Duplicate(String),
     #[error("included path `{0}` is not absolute")]
     IncludedNotAbsolute(String),
+    #[error("entry `{0}` is a FIFO outside the included paths, or has contents")]
+    FifoOutsideInclude(String),
 }
 
 /// Checks that `path` is a safe relative archive path in the archive's layout: `criu/NAME` or
@@ -212,6 +217,11 @@ impl Manifest {
             validate_entry_path(&entry.path, self.included_paths.len())?;
             if !seen.insert(entry.path.trim_end_matches('/')) {
                 return Err(ManifestError::Duplicate(entry.path.clone()));
+            }
+            if entry.kind == EntryKind::Fifo
+                && (!entry.path.starts_with("include/") || entry.size != 0)
+            {
+                return Err(ManifestError::FifoOutsideInclude(entry.path.clone()));
             }
             if entry.kind == EntryKind::Symlink {
                 let target = entry.link.as_deref().unwrap_or("");

@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use migrate_format::{EntryKind, Manifest};
@@ -48,9 +48,36 @@ pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<u64, IncludeError> {
     Ok(bytes)
 }
 
-/// Copies `src` to `dst` recursively (files, directories with their modes, symlinks as links).
+/// Copies `src` to `dst` recursively (files, directories with their modes, symlinks as links,
+/// FIFOs recreated as FIFOs). A socket file or a device node cannot be carried: it is refused
+/// by name rather than silently left behind.
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<u64> {
     let meta = src.symlink_metadata()?;
+    let kind = meta.file_type();
+    if kind.is_fifo() {
+        nix::unistd::mkfifo(
+            dst,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )?;
+        fs::set_permissions(
+            dst,
+            fs::Permissions::from_mode(meta.permissions().mode() & 0o7777),
+        )?;
+        return Ok(0);
+    }
+    let unsupported = if kind.is_socket() {
+        Some("a socket file")
+    } else if kind.is_char_device() || kind.is_block_device() {
+        Some("a device node")
+    } else {
+        None
+    };
+    if let Some(what) = unsupported {
+        return Err(io::Error::other(format!(
+            "`{}` is {what}, which a checkpoint cannot carry; keep it out of the included path",
+            src.display()
+        )));
+    }
     if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
         return Ok(0);
@@ -132,6 +159,10 @@ pub fn put_back(manifest: &Manifest, staging: &Path) -> Result<(), IncludeError>
                 }
                 fs::copy(staging.join(&prefix), &path).map_err(fail)?;
             }
+            EntryKind::Fifo => {
+                let _ = fs::remove_file(&path);
+                copy_tree(&staging.join(&prefix), &path).map_err(fail)?;
+            }
             EntryKind::Symlink => {}
         }
         // Modes from the manifest (staging files were created 0600), then symlinks.
@@ -152,7 +183,7 @@ pub fn put_back(manifest: &Manifest, staging: &Path) -> Result<(), IncludeError>
                     std::os::unix::fs::symlink(entry.link.as_deref().unwrap_or(""), &target)
                         .map_err(fail)?;
                 }
-                EntryKind::File | EntryKind::Dir => {
+                EntryKind::File | EntryKind::Dir | EntryKind::Fifo => {
                     fs::set_permissions(&target, fs::Permissions::from_mode(entry.mode))
                         .map_err(fail)?;
                 }

@@ -841,3 +841,78 @@ fn an_app_holding_a_sysv_semaphore_set_is_refused_at_checkpoint() -> Result<()> 
     ensure!(a.status()?["state"] == "running");
     Ok(())
 }
+
+/// Every kind of file in an included path is carried or refused by name, never silently left
+/// behind: a FIFO arrives as a FIFO beside a regular file; a socket file makes the checkpoint
+/// fail naming it, and the app keeps running.
+#[test]
+fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> Result<()> {
+    if !criu_tests_can_run(
+        "an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name",
+    ) {
+        return Ok(());
+    }
+    let launcher_args = ["--include", "/data", "--", "/opt/apps/appender.sh"];
+    let a = Node::prepare("node-a")?.start(&options("node-a", &launcher_args))?;
+    a.wait_for("appended lines", LIMIT, |n| {
+        (n.stdout().lines().count() >= 3).then_some(())
+    })?;
+    let run = |node: &Node, script: &str| -> Result<bool> {
+        Ok(node.exec(&["sh", "-c", script]).status()?.success())
+    };
+    ensure!(run(
+        &a,
+        "mkfifo -m 0640 /data/pipe && echo kept > /data/note"
+    )?);
+    checkpoint(&a, &["--output", "/tmp/fifo.tar.zst"])?;
+
+    let b = Node::prepare("node-b")?;
+    std::fs::copy(a.path("/tmp/fifo.tar.zst"), b.path("/tmp/fifo.tar.zst"))?;
+    let b = b.start(&options(
+        "node-b",
+        &args(&["--restore-from", "/tmp/fifo.tar.zst"], &launcher_args),
+    ))?;
+    b.wait_for("B restored", LIMIT, |n| {
+        n.status()
+            .ok()
+            .filter(|s| s["state"] == "restored")
+            .map(drop)
+    })?;
+    ensure!(
+        run(&b, "test -p /data/pipe")?,
+        "/data/pipe is not a FIFO on B"
+    );
+    ensure!(
+        run(&b, "test \"$(stat -c %a /data/pipe)\" = 640")?,
+        "the FIFO's mode was not carried"
+    );
+    ensure!(
+        run(&b, "test \"$(cat /data/note)\" = kept")?,
+        "/data/note is not on B"
+    );
+
+    // A socket file cannot be carried: refused by name, the app resumed.
+    let c = Node::prepare("node-c")?.start(&options("node-c", &launcher_args))?;
+    c.wait_for("appended lines", LIMIT, |n| {
+        (n.stdout().lines().count() >= 3).then_some(())
+    })?;
+    ensure!(run(
+        &c,
+        "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('/data/sock')\""
+    )?);
+    let refused = c
+        .launcher(&["checkpoint", "--output", "/tmp/sock.tar.zst"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&refused.stdout);
+    ensure!(
+        !refused.status.success()
+            && answer.contains("/data/sock")
+            && answer.contains("socket file"),
+        "the socket file was not refused by name: {answer}"
+    );
+    let seen = c.stdout().lines().count();
+    c.wait_for("C appending on", LIMIT, |n| {
+        (n.stdout().lines().count() >= seen + 3).then_some(())
+    })?;
+    Ok(())
+}
