@@ -1,6 +1,6 @@
-//! The migration pipeline: check → (target) → checkpoint + transfer → restore → verify →
-//! cleanup, as one function, [`migrate`], with everything that touches containers behind the
-//! [`Launchers`] seam.
+//! The migration pipeline: check → target → freeze → checkpoint + transfer + restore →
+//! verify → **commit** → thaw + cleanup, as one function, [`migrate`], with everything that
+//! touches containers behind the [`Launchers`] seam.
 //!
 //! Order, and why:
 //! 1. **check**: the preflight; any problem stops here, nothing changed.
@@ -11,13 +11,18 @@
 //!    consistent across containers; then per container, the source launcher's `checkpoint
 //!    --output -` is streamed through the plugin into the target launcher's `receive --input
 //!    -` (bounded buffer, never the whole archive in memory); all containers at once.
-//! 4. **verify**: every container reported `restored`; then every target app is thawed
-//!    together.
-//! 5. **cleanup**: only now is the source deleted (unless `--keep-source`).
+//! 4. **verify**: every target container reports `restored` (its app restored, still frozen).
+//! 5. **commit**: one durable write, `migrate.kubectl.io/phase: committed` with the id on the
+//!    source pod. Before it, any failure, deadline or interruption *undoes*: the target is
+//!    deleted and every source container rolled back (the frozen app resumes). After it,
+//!    nothing undoes: the target holds the app's state and the source's is stale, so
+//!    failures are retried, then reported with the commands that finish; an interruption
+//!    finishes instead of undoing. Never two running copies; never none without a command.
+//! 6. **thaw + cleanup** ([`finish`], idempotent): every target app is thawed, the target's
+//!    wait for a checkpoint is turned off (restarts start fresh), and only then is the source
+//!    deleted (unless `--keep-source`).
 //!
-//! On any failure, deadline or interruption before step 5 the target is deleted and every
-//! source container is rolled back (the frozen app resumes), so the app is never lost. Each
-//! phase is recorded as annotations and Events on both pods.
+//! Each phase is recorded as annotations and Events on both pods.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -87,6 +92,20 @@ pub enum MigrateError {
     Deadline { phase: String, timeout: Duration },
     #[error("interrupted during {phase}")]
     Interrupted { phase: String },
+    #[error("recording the commit on pod {pod} failed")]
+    Commit {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the outcome of recording the commit on pod {pod} is unknown")]
+    CommitUnknown {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}")]
+    AfterCommit { what: String },
 }
 
 /// A failed migration: why (with the causes, such as the API server's refusal naming the
@@ -124,6 +143,10 @@ struct Progress {
     id: String,
     target: Option<Pod>,
     transfer_started: bool,
+    /// Past the point of no return: the commit is recorded on the source pod.
+    committed: bool,
+    /// The app containers moved (set by the commit, for finishing).
+    containers: Vec<String>,
 }
 
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
@@ -167,7 +190,13 @@ pub async fn migrate<L: Launchers + Sync>(
                 }
                 _ => {}
             }
-            let aftermath = undo(connection, launchers, options, &progress, &error).await;
+            let aftermath = if progress.committed {
+                after_commit(connection, launchers, options, &progress).await
+            } else if matches!(error, MigrateError::CommitUnknown { .. }) {
+                commit_unknown(connection, options, &progress)
+            } else {
+                undo(connection, launchers, options, &progress, &error).await
+            };
             Err(Failed { error, aftermath })
         }
     }
@@ -317,30 +346,21 @@ async fn run<L: Launchers + Sync>(
             });
         }
     }
-    for container in &containers {
-        launchers
-            .thaw(&target, container)
-            .await
-            .map_err(|error| MigrateError::Transfer {
-                container: container.clone(),
-                error: format!("cannot thaw the restored app: {error}"),
-            })?;
-    }
-    let mut warnings = Vec::new();
-    warnings.extend(end_wait(&pods, &target_name).await);
-    phase_done("verify+thaw", &mut phases);
 
-    progress.phase = "cleanup".into();
+    phase_done("verify", &mut phases);
+
+    // The point of no return: from here the target holds the app's state, and nothing undoes
+    // the migration any more; failures are retried or reported with the commands that finish.
+    progress.phase = "commit".into();
+    commit(&pods, &options.pod, &progress.id).await?;
+    progress.committed = true;
+    progress.containers.clone_from(&containers);
+    phase_done("commit", &mut phases);
+    progress.phase = "thaw and cleanup".into();
+    let finished = finish(connection, launchers, options, progress).await?;
+    phase_done("thaw+cleanup", &mut phases);
     let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();
     let timings = serde_json::to_string(&phases).unwrap_or_default();
-    annotate(
-        &pods,
-        &target_name,
-        &progress.id,
-        "done",
-        Some(&options.pod),
-    )
-    .await;
     annotate_timings(&pods, &target_name, &timings).await;
     record(
         connection,
@@ -353,7 +373,112 @@ async fn run<L: Launchers + Sync>(
         ),
     )
     .await;
-    let source_deleted = if options.keep_source {
+    Ok(Report {
+        id: progress.id.clone(),
+        source: options.pod.clone(),
+        target: target_name,
+        node: options.target_node.clone(),
+        phases,
+        containers: reports,
+        downtime_ms,
+        bytes_moved: moved.load(Ordering::Relaxed),
+        source_deleted: finished.source_deleted,
+        warnings: finished.warnings,
+    })
+}
+
+/// Records the commit durably on the source pod (`migrate.kubectl.io/phase: committed` with
+/// the migration's id), the one write that decides between undo and finish.
+///
+/// # Errors
+/// [`MigrateError::Commit`] when the API server refused it (nothing is committed: the caller
+/// undoes); [`MigrateError::CommitUnknown`] when its outcome cannot be known (the reply was
+/// lost and the pod cannot be read back): then neither undo nor finish is safe to decide here.
+async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateError> {
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        annotations::PHASE: "committed",
+        annotations::MIGRATION_ID: id,
+    }}});
+    let Err(error) = pods
+        .patch(source, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    else {
+        return Ok(());
+    };
+    // A refusal is an answer; anything else may have been applied with its reply lost.
+    if let kube::Error::Api(status) = &error
+        && (400..500).contains(&status.code)
+    {
+        return Err(MigrateError::Commit {
+            pod: source.into(),
+            source: error,
+        });
+    }
+    match pods.get(source).await {
+        Ok(pod) if is_committed(&pod, id) => Ok(()),
+        Ok(_) => Err(MigrateError::Commit {
+            pod: source.into(),
+            source: error,
+        }),
+        Err(_) => Err(MigrateError::CommitUnknown {
+            pod: source.into(),
+            source: error,
+        }),
+    }
+}
+
+/// Whether `pod` records migration `id` as committed.
+pub fn is_committed(pod: &Pod, id: &str) -> bool {
+    let notes = pod.metadata.annotations.as_ref();
+    let note = |key: &str| notes.and_then(|a| a.get(key)).map(String::as_str);
+    note(annotations::PHASE) == Some("committed") && note(annotations::MIGRATION_ID) == Some(id)
+}
+
+/// What finishing a committed migration left to say.
+#[derive(Debug, Default)]
+struct Finished {
+    source_deleted: bool,
+    warnings: Vec<String>,
+}
+
+/// How often each step of [`finish`] is tried before it is reported.
+const FINISH_TRIES: u32 = 3;
+
+/// Finishes a committed migration, idempotently (it runs again after a failure or an
+/// interruption past the commit): thaw every target container, end the target's wait for a
+/// checkpoint, mark it done, and delete the source (unless `--keep-source`).
+///
+/// # Errors
+/// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone.
+async fn finish<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+) -> Result<Finished, MigrateError> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let target = progress.target.clone().unwrap_or_default();
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    for container in &progress.containers {
+        retry(|| launchers.thaw(&target, container))
+            .await
+            .map_err(|error| MigrateError::AfterCommit {
+                what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
+            })?;
+    }
+    let mut finished = Finished::default();
+    finished
+        .warnings
+        .extend(end_wait(&pods, &target_name).await);
+    annotate(
+        &pods,
+        &target_name,
+        &progress.id,
+        "done",
+        Some(&options.pod),
+    )
+    .await;
+    if options.keep_source {
         annotate(
             &pods,
             &options.pod,
@@ -362,8 +487,9 @@ async fn run<L: Launchers + Sync>(
             Some(&target_name),
         )
         .await;
-        false
-    } else {
+        return Ok(finished);
+    }
+    if let Ok(source) = pods.get(&options.pod).await {
         record(
             connection,
             &source,
@@ -374,53 +500,149 @@ async fn run<L: Launchers + Sync>(
             ),
         )
         .await;
-        pods.delete(&options.pod, &DeleteParams::default())
-            .await
-            .map_err(|source| MigrateError::Api {
-                step: "deleting the source pod",
-                source,
-            })?;
-        true
-    };
-    phase_done("cleanup", &mut phases);
-    Ok(Report {
-        id: progress.id.clone(),
-        source: options.pod.clone(),
-        target: target_name,
-        node: options.target_node.clone(),
-        phases,
-        containers: reports,
-        downtime_ms,
-        bytes_moved: moved.load(Ordering::Relaxed),
-        source_deleted,
-        warnings,
+    }
+    retry(|| async {
+        match pods.delete(&options.pod, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(error) => Err(error.to_string()),
+        }
     })
+    .await
+    .map_err(|error| MigrateError::AfterCommit {
+        what: format!("cannot delete the source pod {}: {error}", options.pod),
+    })?;
+    finished.source_deleted = true;
+    Ok(finished)
 }
 
 /// Ends the target's wait for a checkpoint (`annotations::WAIT_FOR_CHECKPOINT`, read by its
 /// launchers through the downward API at every container start): from now on a restarted
-/// container starts its app fresh. Tried three times; if the API server keeps refusing, the
-/// migration goes on (the app runs) and the returned warning gives the command to run.
+/// container starts its app fresh. If the API server keeps refusing, the migration goes on
+/// (the app runs) and the returned warning gives the command to run.
 async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
     let patch = serde_json::json!({"metadata": {"annotations": {annotations::WAIT_FOR_CHECKPOINT: "false"}}});
-    let mut last = None;
-    for attempt in 0..3 {
+    retry(|| async {
+        pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .err()
+    .map(|error| {
+        format!(
+            "cannot mark pod {name} as restored ({error}): until this runs, a restart of one of its containers would wait for a checkpoint instead of starting the app: kubectl annotate pod {name} {}=false --overwrite",
+            annotations::WAIT_FOR_CHECKPOINT
+        )
+    })
+}
+
+/// Runs `step` up to [`FINISH_TRIES`] times, half a second apart; the last error if none worked.
+async fn retry<F, Fut>(mut step: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut last = String::new();
+    for attempt in 0..FINISH_TRIES {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        match pods
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return None,
-            Err(error) => last = Some(error),
+        match step().await {
+            Ok(()) => return Ok(()),
+            Err(error) => last = error,
         }
     }
-    Some(format!(
-        "cannot mark pod {name} as restored ({}): until this runs, a restart of one of its containers would wait for a checkpoint instead of starting the app: kubectl annotate pod {name} {}=false --overwrite",
-        last.map(|e| e.to_string()).unwrap_or_default(),
-        annotations::WAIT_FOR_CHECKPOINT
-    ))
+    Err(last)
+}
+
+/// After a failure past the commit point: nothing is undone. Finishes the migration if it
+/// can (within a minute), else says what holds the app and the commands that finish it.
+async fn after_commit<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+) -> String {
+    let target = progress
+        .target
+        .as_ref()
+        .and_then(|t| t.metadata.name.clone())
+        .unwrap_or_default();
+    let ns = &connection.namespace;
+    let head = format!(
+        "the migration was committed before this (the target pod {target} holds the app's state), so nothing was undone"
+    );
+    let finishing = tokio::time::timeout(
+        Duration::from_secs(60),
+        finish(connection, launchers, options, progress),
+    )
+    .await;
+    match finishing {
+        Ok(Ok(finished)) => {
+            let mut text = format!(
+                "{head}; it was finished instead: pod {target} runs the app on node {}",
+                options.target_node
+            );
+            if finished.source_deleted {
+                text.push_str(&format!("; the source pod {} was deleted", options.pod));
+            }
+            for warning in finished.warnings {
+                text.push_str(&format!("; warning: {warning}"));
+            }
+            text
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Err(error)) => error.to_string(),
+                _ => "finishing took over a minute".into(),
+            };
+            let mut commands: Vec<String> = progress
+                .containers
+                .iter()
+                .map(|c| format!("kubectl exec -n {ns} {target} -c {c} -- restore-launcher thaw"))
+                .collect();
+            commands.push(format!(
+                "kubectl annotate pod -n {ns} {target} {}=false --overwrite",
+                annotations::WAIT_FOR_CHECKPOINT
+            ));
+            if !options.keep_source {
+                commands.push(format!("kubectl delete pod -n {ns} {}", options.pod));
+            }
+            format!(
+                "{head}; finishing failed too ({why}); the source pod {} is frozen and holds a stale copy: never resume it. To finish, run: {}",
+                options.pod,
+                commands.join(" ; ")
+            )
+        }
+    }
+}
+
+/// The commit's outcome is unknown: say how to tell, and what to run in either case.
+fn commit_unknown(connection: &Connection, options: &Options, progress: &Progress) -> String {
+    let ns = &connection.namespace;
+    let target = progress
+        .target
+        .as_ref()
+        .and_then(|t| t.metadata.name.clone())
+        .unwrap_or_default();
+    let containers = |verb: &str, pod: &str| -> String {
+        progress
+            .containers
+            .iter()
+            .map(|c| format!("kubectl exec -n {ns} {pod} -c {c} -- restore-launcher {verb}"))
+            .collect::<Vec<_>>()
+            .join(" ; ")
+    };
+    format!(
+        "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish: {thaw} ; kubectl delete pod -n {ns} {source}; otherwise abort: kubectl delete pod -n {ns} {target} ; {rollback}",
+        source = options.pod,
+        phase = annotations::PHASE,
+        id = progress.id,
+        thaw = containers("thaw", &target),
+        rollback = containers("rollback", &options.pod),
+    )
 }
 
 /// Waits for the target pod to run all its containers, failing fast on terminal states.

@@ -352,8 +352,9 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
                 "check",
                 "target",
                 "checkpoint+transfer+restore",
-                "verify+thaw",
-                "cleanup",
+                "verify",
+                "commit",
+                "thaw+cleanup",
                 "total"
             ],
         "{phases:?}"
@@ -611,6 +612,92 @@ async fn the_shipped_rbac_is_enough_and_a_missing_verb_is_named() -> Result<()> 
         launchers.calls().iter().all(|c| c.starts_with("status")),
         "{:?}",
         launchers.calls()
+    );
+    Ok(())
+}
+
+/// A real admission fault: a ValidatingAdmissionPolicy (no webhook server: CEL in the API
+/// server itself) refusing to delete pods labelled `protect=yes`.
+const NO_DELETES: &str = "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata:\n  name: no-pod-deletes\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules:\n    - apiGroups: [\"\"]\n      apiVersions: [v1]\n      operations: [DELETE]\n      resources: [pods]\n  validations:\n  - expression: 'false'\n    message: pods labelled protect=yes cannot be deleted (test fault)\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata:\n  name: no-pod-deletes\nspec:\n  policyName: no-pod-deletes\n  validationActions: [Deny]\n  matchResources:\n    objectSelector:\n      matchLabels: {protect: \"yes\"}\n";
+
+/// Past the commit point nothing undoes. The source's delete refused by the API server leaves
+/// the target thawed and running, the source frozen with the commit recorded on it, no
+/// rollback, and a message that says so and gives the command that finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_commit_undoes_nothing_and_names_the_command_that_finishes()
+-> Result<()> {
+    if !apiserver_tests_can_run(
+        "a_failure_after_the_commit_undoes_nothing_and_names_the_command_that_finishes",
+    ) {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    server.apply(NO_DELETES)?;
+    server.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: probe\n  namespace: apps\n  labels: {protect: \"yes\"}\nspec:\n  nodeName: node-a\n  containers:\n  - name: probe\n    image: probe\n",
+    )?;
+    // The policy takes effect once the API server's informer has it: wait for a refusal of a
+    // server-side dry-run delete (admission runs, nothing is deleted).
+    let start = std::time::Instant::now();
+    loop {
+        let output = server
+            .kubectl(&["delete", "pod", "probe", "-n", "apps", "--dry-run=server"])
+            .output()?;
+        if String::from_utf8_lossy(&output.stderr).contains("cannot be deleted") {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the admission policy never refused a delete"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let output = server
+        .kubectl(&["label", "pod", "counter", "-n", "apps", "protect=yes"])
+        .output()?;
+    ensure!(output.status.success());
+
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let driver = kubelet(&server, Kubelet::Runs);
+    let failed = must_fail(&connection, &launchers, 60, std::future::pending()).await?;
+    let _ = driver.join();
+    let text = failed.to_string();
+    for needle in [
+        "cannot delete the source pod counter",
+        "cannot be deleted (test fault)",
+        "committed",
+        "nothing was undone",
+        "never resume it",
+        "kubectl delete pod -n apps counter",
+    ] {
+        ensure!(text.contains(needle), "`{needle}` not in: {text}");
+    }
+    let target = pod(&connection, "counter-m1")
+        .await?
+        .context("the committed target was deleted")?;
+    ensure!(
+        target.metadata.deletion_timestamp.is_none(),
+        "the target is being deleted"
+    );
+    let source = pod(&connection, "counter")
+        .await?
+        .context("the source is gone")?;
+    ensure!(
+        migrate::is_committed(
+            &source,
+            &target.metadata.annotations.clone().unwrap_or_default()["migrate.kubectl.io/id"]
+        ),
+        "the commit is not recorded on the source: {:?}",
+        source.metadata.annotations
+    );
+    let calls = launchers.calls();
+    ensure!(
+        calls.iter().any(|c| c == "thaw counter-m1/counter"),
+        "the target was not thawed: {calls:?}"
+    );
+    ensure!(
+        !calls.iter().any(|c| c.starts_with("rollback")),
+        "the stale source was resumed: {calls:?}"
     );
     Ok(())
 }
