@@ -91,6 +91,24 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List migrations that started and did not finish (phase, age, committed or not), with
+    /// the command that clears each.
+    Status {
+        /// Only this pod's (as source or target).
+        pod: Option<String>,
+    },
+    /// Undo an unfinished migration that is not committed: delete its target, resume the
+    /// source's app. Safe to run twice.
+    Abort {
+        /// The pod being migrated (the source).
+        pod: String,
+    },
+    /// Finish an unfinished migration that is committed: thaw the target, delete the source.
+    /// Safe to run twice.
+    Resume {
+        /// The pod being migrated (the source).
+        pod: String,
+    },
     /// Print a shell completion script: `source <(kubectl migrate completion bash)`.
     ///
     /// The script completes the `kubectl-migrate` command (how krew puts it on PATH).

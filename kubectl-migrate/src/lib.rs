@@ -4,7 +4,9 @@
 //! - [`check`]: the preflight, every reason the move would fail, with its fix;
 //! - [`exec`]: `restore-launcher` sub-commands run in containers through the exec API;
 //! - [`rewrite`]: the target pod as a pure function of the source pod;
-//! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → cleanup, undo).
+//! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → commit →
+//!   thaw+cleanup; undo before the commit, finish after it);
+//! - [`recover`]: `status`, `abort` and `resume` of migrations that did not finish.
 //!
 //! `docs/architecture.md` describes the pipeline and its undo rule; CONTRIBUTING.md maps the
 //! modules of both binaries.
@@ -14,4 +16,5 @@ pub mod cli;
 pub mod client;
 pub mod exec;
 pub mod migrate;
+pub mod recover;
 pub mod rewrite;

@@ -8,7 +8,7 @@ use kube::Api;
 use kubectl_migrate::check::{self, Problem};
 use kubectl_migrate::cli::{Cli, Command, OutputFormat};
 use kubectl_migrate::exec::ExecLaunchers;
-use kubectl_migrate::{client, migrate, rewrite};
+use kubectl_migrate::{client, migrate, recover, rewrite};
 
 fn main() -> ExitCode {
     let cli = kubectl_migrate::cli::parse();
@@ -99,6 +99,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
+    let launchers = ExecLaunchers {
+        client: connection.client.clone(),
+    };
+    match &cli.command {
+        Some(Command::Status { pod }) => {
+            let found = recover::list(&connection.client, &connection.namespace, pod.as_deref())
+                .await
+                .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
+            print_unfinished(&found);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Abort { pod }) => {
+            return Ok(outcome(recover::abort(&connection, &launchers, pod).await));
+        }
+        Some(Command::Resume { pod }) => {
+            return Ok(outcome(recover::resume(&connection, &launchers, pod).await));
+        }
+        _ => {}
+    }
     if matches!(cli.command, Some(Command::Completion { .. })) {
         return Ok(ExitCode::SUCCESS); // answered in main, before connecting
     }
@@ -129,12 +148,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         moved: Default::default(),
     };
     let progress = show_progress(options.moved.clone());
-    let launchers = ExecLaunchers {
-        client: connection.client.clone(),
-    };
     let interrupted = async {
         let _ = tokio::signal::ctrl_c().await;
-        eprintln!("interrupted: undoing the migration (target deleted, source resumed)…");
+        eprintln!("interrupted: undoing the migration (or, past its commit point, finishing it)…");
     };
     let outcome = migrate::migrate(&connection, &launchers, &options, interrupted).await;
     if let Some(progress) = progress {
@@ -149,6 +165,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("error: migration of {pod} to {node} failed: {failed}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// Prints the outcome of `abort` or `resume`; exit 0 when it did (or had nothing to do).
+fn outcome(result: Result<String, recover::RecoverError>) -> ExitCode {
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `status` table: one line per unfinished migration, or a line saying there is none.
+fn print_unfinished(found: &[recover::InFlight]) {
+    if found.is_empty() {
+        println!("no unfinished migrations");
+        return;
+    }
+    println!(
+        "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  NEXT",
+        "SOURCE", "TARGET", "MIGRATION", "PHASE", "COMMITTED", "AGE"
+    );
+    for m in found {
+        println!(
+            "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  {}",
+            m.source,
+            m.target.as_deref().unwrap_or("(gone)"),
+            m.id,
+            m.phase,
+            if m.committed { "yes" } else { "no" },
+            m.age_seconds.map_or("?".into(), |s| format!("{s}s")),
+            m.next_step()
+        );
     }
 }
 

@@ -106,6 +106,8 @@ pub enum MigrateError {
     },
     #[error("{what}")]
     AfterCommit { what: String },
+    #[error("aborted with `kubectl migrate abort`")]
+    Aborted,
 }
 
 /// A failed migration: why (with the causes, such as the API server's refusal naming the
@@ -136,17 +138,25 @@ impl std::fmt::Display for Failed {
 
 impl std::error::Error for Failed {}
 
-/// State the undo needs.
+/// How far a migration got: what the undo, or past the commit the finish, needs.
 #[derive(Debug, Default)]
-struct Progress {
-    phase: String,
-    id: String,
-    target: Option<Pod>,
-    transfer_started: bool,
+pub struct Progress {
+    pub phase: String,
+    pub id: String,
+    pub target: Option<Pod>,
+    pub transfer_started: bool,
     /// Past the point of no return: the commit is recorded on the source pod.
-    committed: bool,
+    pub committed: bool,
     /// The app containers moved (set by the commit, for finishing).
-    containers: Vec<String>,
+    pub containers: Vec<String>,
+}
+
+/// The containers a migration moves, in `pod` (source or target).
+pub fn moved_containers(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect()
 }
 
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
@@ -293,11 +303,7 @@ async fn run<L: Launchers + Sync>(
     )
     .await;
     let moved = options.moved.clone();
-    let containers: Vec<String> = source
-        .spec
-        .iter()
-        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
-        .collect();
+    let containers = moved_containers(&source);
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
     for container in &containers {
@@ -436,9 +442,9 @@ pub fn is_committed(pod: &Pod, id: &str) -> bool {
 
 /// What finishing a committed migration left to say.
 #[derive(Debug, Default)]
-struct Finished {
-    source_deleted: bool,
-    warnings: Vec<String>,
+pub struct Finished {
+    pub source_deleted: bool,
+    pub warnings: Vec<String>,
 }
 
 /// How often each step of [`finish`] is tried before it is reported.
@@ -450,7 +456,7 @@ const FINISH_TRIES: u32 = 3;
 ///
 /// # Errors
 /// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone.
-async fn finish<L: Launchers + Sync>(
+pub async fn finish<L: Launchers + Sync>(
     connection: &Connection,
     launchers: &L,
     options: &Options,
@@ -734,7 +740,7 @@ fn terminal(pod: &Pod) -> Option<String> {
 
 /// Undoes a failed migration: delete the target, roll every source container back. Returns
 /// what was done and how to finish by hand if something could not be.
-async fn undo<L: Launchers + Sync>(
+pub async fn undo<L: Launchers + Sync>(
     connection: &Connection,
     launchers: &L,
     options: &Options,

@@ -13,9 +13,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kubectl_migrate::check::Launchers;
+use kubectl_migrate::check::{self, Launchers};
 use kubectl_migrate::client::Connection;
 use kubectl_migrate::migrate::{self, MigrateError, Options};
+use kubectl_migrate::recover;
 use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
 use migrate_tests::{ApiServer, apiserver_tests_can_run};
 
@@ -31,6 +32,8 @@ enum Transfer {
 struct StandIn {
     client: kube::Client,
     transfer: Transfer,
+    /// `thaw` never answers (the plugin is killed while it waits).
+    thaw_hangs: bool,
     calls: Mutex<Vec<String>>,
     restored: Mutex<BTreeSet<String>>,
     source_gone_too_early: AtomicBool,
@@ -41,6 +44,7 @@ impl StandIn {
         StandIn {
             client,
             transfer,
+            thaw_hangs: false,
             calls: Mutex::default(),
             restored: Mutex::default(),
             source_gone_too_early: AtomicBool::new(false),
@@ -139,6 +143,9 @@ impl Launchers for StandIn {
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
         self.call(format!("thaw {}/{container}", name(pod)));
+        if self.thaw_hangs {
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 }
@@ -699,5 +706,158 @@ async fn a_failure_after_the_commit_undoes_nothing_and_names_the_command_that_fi
         !calls.iter().any(|c| c.starts_with("rollback")),
         "the stale source was resumed: {calls:?}"
     );
+    Ok(())
+}
+
+/// Runs a migration and drops it, without its undo, once the stand-in has seen a call
+/// starting with `call`: what a plugin killed with SIGKILL at that point leaves behind.
+async fn killed_at(connection: &Connection, launchers: &StandIn, call: &str) -> Result<()> {
+    let options = options(Duration::from_secs(60));
+    let work = migrate::migrate(connection, launchers, &options, std::future::pending());
+    tokio::pin!(work);
+    let reached = async {
+        while !launchers.calls().iter().any(|c| c.starts_with(call)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        outcome = &mut work => anyhow::bail!("the migration ended before `{call}`: {:?}", outcome.err()),
+        () = reached => Ok(()),
+    }
+}
+
+/// The plugin killed mid-stream: `status` lists the migration as uncommitted, the preflight
+/// refuses a new one naming `abort`, `resume` refuses, and `abort` deletes the target and
+/// resumes the source; a second `abort` has nothing left to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()> {
+    if !apiserver_tests_can_run("a_plugin_killed_before_the_commit_is_aborted_by_command") {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let driver = kubelet(&server, Kubelet::Runs);
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Hangs);
+    killed_at(&connection, &launchers, "transfer").await?;
+    let _ = driver.join();
+
+    let found = recover::list(&connection.client, "apps", Some("counter")).await?;
+    ensure!(found.len() == 1, "{found:?}");
+    ensure!(
+        !found[0].committed
+            && found[0].phase == "checkpointing"
+            && found[0].target.as_deref() == Some("counter-m1"),
+        "{found:?}"
+    );
+    let facts = check::gather(
+        &connection.client,
+        "apps",
+        "counter",
+        "node-b",
+        &launchers,
+        false,
+    )
+    .await?
+    .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let problems: Vec<String> = check::problems(&facts)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    ensure!(
+        problems
+            .iter()
+            .any(|p| p.contains("did not finish") && p.contains("kubectl migrate abort counter")),
+        "the preflight does not name the leftover: {problems:?}"
+    );
+
+    let fresh = StandIn::new(connection.client.clone(), Transfer::Works);
+    let refused = recover::resume(&connection, &fresh, "counter").await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("kubectl migrate abort counter")),
+        "resume of an uncommitted migration: {refused:?}"
+    );
+    let done = recover::abort(&connection, &fresh, "counter").await?;
+    ensure!(done.contains("deleted the target pod counter-m1"), "{done}");
+    ensure!(
+        fresh
+            .calls()
+            .iter()
+            .any(|c| c == "rollback counter/counter"),
+        "the source was not resumed: {:?}",
+        fresh.calls()
+    );
+    ensure!(
+        deleted(&connection, "counter-m1").await?,
+        "the target is still there"
+    );
+    ensure!(
+        !deleted(&connection, "counter").await?,
+        "the source was deleted"
+    );
+    ensure!(
+        recover::list(&connection.client, "apps", None)
+            .await?
+            .is_empty()
+    );
+    let again = recover::abort(&connection, &fresh, "counter").await?;
+    ensure!(again.contains("nothing to abort"), "{again}");
+    Ok(())
+}
+
+/// The plugin killed after the commit, before the thaw: `status` lists it as committed,
+/// `abort` refuses naming `resume`, and `resume` thaws the target and deletes the source,
+/// never resuming the stale source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> {
+    if !apiserver_tests_can_run("a_plugin_killed_after_the_commit_is_resumed_by_command") {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let driver = kubelet(&server, Kubelet::Runs);
+    let mut launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    launchers.thaw_hangs = true;
+    killed_at(&connection, &launchers, "thaw").await?;
+    let _ = driver.join();
+
+    let found = recover::list(&connection.client, "apps", None).await?;
+    ensure!(
+        found.len() == 1 && found[0].committed && found[0].phase == "committed",
+        "{found:?}"
+    );
+    let fresh = StandIn::new(connection.client.clone(), Transfer::Works);
+    let refused = recover::abort(&connection, &fresh, "counter").await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("kubectl migrate resume counter")),
+        "abort of a committed migration: {refused:?}"
+    );
+    let done = recover::resume(&connection, &fresh, "counter-m1").await?;
+    ensure!(done.contains("finished migration"), "{done}");
+    let calls = fresh.calls();
+    ensure!(
+        calls.iter().any(|c| c == "thaw counter-m1/counter"),
+        "{calls:?}"
+    );
+    ensure!(
+        !calls.iter().any(|c| c.starts_with("rollback")),
+        "{calls:?}"
+    );
+    ensure!(
+        deleted(&connection, "counter").await?,
+        "the source is still there"
+    );
+    ensure!(
+        !deleted(&connection, "counter-m1").await?,
+        "the target was deleted"
+    );
+    ensure!(
+        recover::list(&connection.client, "apps", None)
+            .await?
+            .is_empty()
+    );
+    let again = recover::resume(&connection, &fresh, "counter").await?;
+    ensure!(again.contains("nothing to resume"), "{again}");
     Ok(())
 }

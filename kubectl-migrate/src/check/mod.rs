@@ -91,6 +91,8 @@ pub struct Facts {
     pub force: bool,
     /// The permissions the migration needs that the API server says the user lacks.
     pub denied: Vec<Permission>,
+    /// Migrations of this pod that started and did not finish.
+    pub unfinished: Vec<crate::recover::InFlight>,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -171,6 +173,11 @@ pub async fn gather(
             claims_api.get_opt(&claim.claim_name).await?,
         );
     }
+    let unfinished = match crate::recover::list(client, namespace, Some(name)).await {
+        Ok(found) => found,
+        Err(crate::recover::RecoverError::Api(error)) => return Err(error),
+        Err(_) => Vec::new(),
+    };
     let mut statuses = BTreeMap::new();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     if running {
@@ -191,6 +198,7 @@ pub async fn gather(
         launchers: statuses,
         force,
         denied,
+        unfinished,
     }))
 }
 
@@ -199,6 +207,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     let mut found: Vec<Problem> = permissions::denied(facts).into_iter().collect();
     found.extend(pod::not_running(facts));
     found.extend(pod::controller_owned(facts));
+    found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));
     let Some(target) = &facts.target_node else {
         found.push(node::missing(facts));
@@ -276,6 +285,7 @@ pub(crate) mod fixture {
             launchers: BTreeMap::from([("counter".to_string(), Ok(status()))]),
             force: false,
             denied: Vec::new(),
+            unfinished: Vec::new(),
         }
     }
 

@@ -40,6 +40,39 @@ pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// A migration of this pod that started and did not finish (the plugin was killed, a
+/// connection dropped) leaves a frozen source or a waiting target: clear it first.
+pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
+    facts
+        .unfinished
+        .iter()
+        .map(|m| {
+            Problem::new(
+                format!(
+                    "migration {} of pod {} did not finish (phase {}{}{})",
+                    m.id,
+                    m.source,
+                    m.phase,
+                    m.target
+                        .as_ref()
+                        .map(|t| format!(", target {t}"))
+                        .unwrap_or_default(),
+                    if m.committed { ", committed" } else { "" }
+                ),
+                format!(
+                    "`{}` ({}), then migrate again",
+                    m.next_step(),
+                    if m.committed {
+                        "the target holds the app: this finishes the move"
+                    } else {
+                        "this deletes the target and resumes the source"
+                    }
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Every container must answer `restore-launcher status` and have CRIU.
 pub fn launchers_missing(facts: &Facts) -> Vec<Problem> {
     facts
@@ -94,6 +127,32 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(found[0].what.contains("managed by ReplicaSet web-1"));
         assert!(found[0].fix.contains("scale the ReplicaSet down"));
+    }
+
+    #[test]
+    fn an_unfinished_migration_names_the_command_that_clears_it() {
+        let mut f = facts();
+        assert!(unfinished_migrations(&f).is_empty());
+        let mut m = crate::recover::InFlight {
+            id: "mig-1".into(),
+            source: "counter".into(),
+            target: Some("counter-m1".into()),
+            phase: "checkpointing".into(),
+            committed: false,
+            age_seconds: Some(30),
+        };
+        f.unfinished = vec![m.clone()];
+        let p = &unfinished_migrations(&f)[0];
+        assert!(p.what.contains("migration mig-1 of pod counter did not finish (phase checkpointing, target counter-m1)"), "{p}");
+        assert!(p.fix.contains("kubectl migrate abort counter"), "{p}");
+        m.committed = true;
+        m.phase = "committed".into();
+        f.unfinished = vec![m];
+        assert!(
+            unfinished_migrations(&f)[0]
+                .fix
+                .contains("kubectl migrate resume counter")
+        );
     }
 
     #[test]

@@ -1,0 +1,304 @@
+//! Recovery from a migration that did not finish -- the plugin killed, a laptop gone to sleep,
+//! a connection dropped: `kubectl migrate status [POD]` lists them from the annotations the
+//! pipeline writes on both pods; `abort POD` undoes one that is not committed; `resume POD`
+//! finishes one that is.
+//!
+//! Both run the very steps the pipeline runs ([`migrate::undo`] before the commit point,
+//! [`migrate::finish`] after it), each of which tolerates having been done already (a deleted
+//! pod, a thawed app, a resumed source), so they are safe to run twice or concurrently. The
+//! commit record on the source pod decides which of the two is allowed: never both.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::ListParams;
+use migrate_format::annotations;
+
+use crate::check::Launchers;
+use crate::client::Connection;
+use crate::migrate::{self, Options, Progress};
+
+/// A migration that started and did not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    pub id: String,
+    pub source: String,
+    /// The target pod, if it still exists.
+    pub target: Option<String>,
+    /// The last phase the source records (`checkpointing`, `committed`), or `target created`
+    /// when the plugin stopped before touching the source.
+    pub phase: String,
+    pub committed: bool,
+    /// Seconds since the target pod was created.
+    pub age_seconds: Option<i64>,
+}
+
+impl InFlight {
+    /// The command that clears it.
+    pub fn next_step(&self) -> String {
+        if self.committed {
+            format!("kubectl migrate resume {}", self.source)
+        } else {
+            format!("kubectl migrate abort {}", self.source)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("cannot read the pods")]
+    Api(#[source] kube::Error),
+    #[error(
+        "the migration {id} of pod {pod} is committed: its target {target} holds the app's state, so it cannot be aborted; finish it with `kubectl migrate resume {pod}`"
+    )]
+    Committed {
+        id: String,
+        pod: String,
+        target: String,
+    },
+    #[error(
+        "the migration {id} of pod {pod} is not committed, so the source still holds the app; undo it with `kubectl migrate abort {pod}`"
+    )]
+    NotCommitted { id: String, pod: String },
+    #[error(
+        "the target of the committed migration {id} is gone; the source {pod} still holds the app as it was frozen at the cut (what the target did since is lost): resume it with `kubectl exec {pod} -- restore-launcher rollback`"
+    )]
+    TargetGone { id: String, pod: String },
+    #[error("finishing the migration failed: {0}")]
+    Finish(String),
+}
+
+fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+fn name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+/// Every unfinished migration in `namespace` that involves `pod` (as source or target), or all
+/// of them. A target that still waits for its checkpoint is one; so is a source whose phase
+/// says a checkpoint or a commit happened without the migration being done.
+///
+/// # Errors
+/// [`RecoverError::Api`] when the pods cannot be listed.
+pub async fn list(
+    client: &kube::Client,
+    namespace: &str,
+    pod: Option<&str>,
+) -> Result<Vec<InFlight>, RecoverError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let all = pods
+        .list(&ListParams::default())
+        .await
+        .map_err(RecoverError::Api)?
+        .items;
+    let by_name: BTreeMap<String, &Pod> = all.iter().map(|p| (name(p), p)).collect();
+    let mut found: BTreeMap<String, InFlight> = BTreeMap::new();
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    // Targets still waiting for their checkpoint.
+    for target in all.iter().filter(|p| {
+        note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
+            && p.metadata.deletion_timestamp.is_none()
+    }) {
+        let (Some(id), Some(source)) = (
+            note(target, annotations::MIGRATION_ID),
+            note(target, annotations::PEER),
+        ) else {
+            continue;
+        };
+        let source_pod = by_name.get(source);
+        let phase = source_pod
+            .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
+            .and_then(|s| note(s, annotations::PHASE))
+            .unwrap_or("target created")
+            .to_string();
+        let age_seconds = target
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| now - t.0.as_second());
+        found.insert(
+            id.to_string(),
+            InFlight {
+                id: id.to_string(),
+                source: source.to_string(),
+                target: Some(name(target)),
+                committed: source_pod.is_some_and(|s| migrate::is_committed(s, id)),
+                phase,
+                age_seconds,
+            },
+        );
+    }
+    // Sources frozen or committed whose target is gone or already finished.
+    for source in &all {
+        let (Some(id), Some(phase)) = (
+            note(source, annotations::MIGRATION_ID),
+            note(source, annotations::PHASE),
+        ) else {
+            continue;
+        };
+        if !matches!(phase, "checkpointing" | "committed") || found.contains_key(id) {
+            continue;
+        }
+        if source.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let target = note(source, annotations::PEER)
+            .filter(|t| {
+                by_name
+                    .get(*t)
+                    .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+            })
+            .map(str::to_string);
+        // A committed migration whose target finished (no longer waiting) and whose source
+        // remains: the source's delete is what is left.
+        found.insert(
+            id.to_string(),
+            InFlight {
+                id: id.to_string(),
+                source: name(source),
+                target,
+                phase: phase.to_string(),
+                committed: migrate::is_committed(source, id),
+                age_seconds: None,
+            },
+        );
+    }
+    Ok(found
+        .into_values()
+        .filter(|m| pod.is_none_or(|p| m.source == p || m.target.as_deref() == Some(p)))
+        .collect())
+}
+
+/// Undoes the unfinished, uncommitted migration of `pod`: deletes its target and resumes the
+/// source's frozen app. Returns what was done ("nothing to abort" when none is in flight).
+///
+/// # Errors
+/// [`RecoverError::Committed`] for a committed migration (see [`resume`]).
+pub async fn abort<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    pod: &str,
+) -> Result<String, RecoverError> {
+    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Ok(format!(
+            "no unfinished migration of pod {pod}: nothing to abort"
+        ));
+    };
+    if found.committed {
+        return Err(RecoverError::Committed {
+            id: found.id,
+            target: found.target.unwrap_or_default(),
+            pod: found.source,
+        });
+    }
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let target = match &found.target {
+        Some(t) => pods.get_opt(t).await.map_err(RecoverError::Api)?,
+        None => None,
+    };
+    let progress = Progress {
+        id: found.id.clone(),
+        target,
+        transfer_started: true,
+        ..Progress::default()
+    };
+    let options = options_for(&found.source, "");
+    Ok(migrate::undo(
+        connection,
+        launchers,
+        &options,
+        &progress,
+        &migrate::MigrateError::Aborted,
+    )
+    .await)
+}
+
+/// Finishes the committed migration of `pod`: thaws its target, ends its wait for a
+/// checkpoint, deletes the source. Returns what was done ("nothing to resume" when none is in
+/// flight).
+///
+/// # Errors
+/// [`RecoverError::NotCommitted`] for an uncommitted one (see [`abort`]);
+/// [`RecoverError::TargetGone`]; [`RecoverError::Finish`] when a step keeps failing.
+pub async fn resume<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    pod: &str,
+) -> Result<String, RecoverError> {
+    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Ok(format!(
+            "no unfinished migration of pod {pod}: nothing to resume"
+        ));
+    };
+    if !found.committed {
+        return Err(RecoverError::NotCommitted {
+            id: found.id,
+            pod: found.source,
+        });
+    }
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let target = match &found.target {
+        Some(t) => pods.get_opt(t).await.map_err(RecoverError::Api)?,
+        None => None,
+    };
+    let Some(target) = target else {
+        return Err(RecoverError::TargetGone {
+            id: found.id,
+            pod: found.source,
+        });
+    };
+    let node = target
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let progress = Progress {
+        id: found.id.clone(),
+        containers: migrate::moved_containers(&target),
+        target: Some(target),
+        transfer_started: true,
+        committed: true,
+        ..Progress::default()
+    };
+    let options = options_for(&found.source, &node);
+    let finished = migrate::finish(connection, launchers, &options, &progress)
+        .await
+        .map_err(|e| RecoverError::Finish(e.to_string()))?;
+    let mut text = format!(
+        "finished migration {}: pod {} runs the app on node {node}; the source pod {} was deleted",
+        found.id,
+        found.target.unwrap_or_default(),
+        found.source
+    );
+    for warning in finished.warnings {
+        text.push_str(&format!("; warning: {warning}"));
+    }
+    Ok(text)
+}
+
+/// The options the undo and finish steps read: the source's name and the target's node.
+fn options_for(source: &str, node: &str) -> Options {
+    Options {
+        pod: source.into(),
+        target_node: node.into(),
+        timeout: std::time::Duration::from_secs(300),
+        keep_source: false,
+        force: false,
+        moved: Default::default(),
+    }
+}
