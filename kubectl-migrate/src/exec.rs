@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 use kube::{Api, Client};
-use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
+use migrate_format::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::check::Launchers;
@@ -45,8 +45,8 @@ impl ExecLaunchers {
         )
     }
 
-    /// Runs `restore-launcher ARGS` in `container`; returns its stdout.
-    async fn run(&self, pod: &Pod, container: &str, args: &[&str]) -> Result<String, String> {
+    /// Runs `restore-launcher ARGS` in `container`; says what its stream told of the outcome.
+    async fn run(&self, pod: &Pod, container: &str, args: &[&str]) -> Reply {
         let (pods, name) = self.pods(pod);
         let mut command = vec!["restore-launcher"];
         command.extend_from_slice(args);
@@ -55,32 +55,122 @@ impl ExecLaunchers {
             .stdout(true)
             .stderr(true)
             .stdin(false);
-        let mut process = pods
-            .exec(&name, command, &params)
-            .await
-            .map_err(|e| e.to_string())?;
-        let stdout = read_all(process.stdout()).await?;
-        let stderr = read_all(process.stderr()).await?;
+        let mut process = match pods.exec(&name, command, &params).await {
+            Ok(process) => process,
+            Err(error) => return Reply::Failed(error.to_string()),
+        };
+        let stdout = read_all(process.stdout()).await;
+        let stderr = read_all(process.stderr()).await.unwrap_or_default();
         let status = match process.take_status() {
             Some(status) => status.await,
             None => None,
         };
-        if let Some(status) = status
-            && status.status.as_deref() == Some("Failure")
-        {
-            let why = if stdout.trim().is_empty() {
-                stderr.trim().to_string()
-            } else {
-                stdout.trim().to_string()
-            };
-            return Err(if why.is_empty() {
-                status.message.unwrap_or_default()
-            } else {
-                why
-            });
+        let stdout = match stdout {
+            Ok(stdout) => stdout,
+            Err(error) => return Reply::Unknown(format!("reading its output failed: {error}")),
+        };
+        match status {
+            Some(status) if status.status.as_deref() == Some("Failure") => {
+                let why = if stdout.trim().is_empty() {
+                    stderr.trim().to_string()
+                } else {
+                    stdout.trim().to_string()
+                };
+                Reply::Failed(if why.is_empty() {
+                    status.message.unwrap_or_default()
+                } else {
+                    why
+                })
+            }
+            Some(_) => Reply::Succeeded(stdout),
+            None => Reply::Unknown(format!(
+                "the exec stream closed with no exit status{}",
+                if stdout.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(" after printing `{}`", stdout.trim())
+                }
+            )),
         }
-        Ok(stdout)
     }
+
+    /// Runs a sub-command that changes the launcher's state (`freeze`, `thaw`, `rollback`).
+    /// An unknown outcome is settled by reading the launcher's `status` before anything is
+    /// decided: a dropped stream must never count as success, nor as failure, unseen.
+    async fn act(
+        &self,
+        pod: &Pod,
+        container: &str,
+        verb: &str,
+        took_effect: fn(&StatusReport) -> bool,
+    ) -> Result<(), String> {
+        match self.run(pod, container, &[verb]).await {
+            Reply::Succeeded(_) => Ok(()),
+            Reply::Failed(why) => Err(why),
+            Reply::Unknown(detail) => settle(
+                verb,
+                &detail,
+                self.status(pod, container).await,
+                took_effect,
+            ),
+        }
+    }
+}
+
+/// What an exec'd sub-command's stream told of its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The API server delivered a success status; the command's stdout.
+    Succeeded(String),
+    /// It delivered a failure, or the exec could not start; the reason.
+    Failed(String),
+    /// The stream ended with no status (a dropped WebSocket, a restarted API server or
+    /// kubelet): the command may or may not have run.
+    Unknown(String),
+}
+
+/// Decides an unknown outcome of `verb` from the launcher's status read afterwards: done if
+/// `took_effect` says the state is what `verb` makes it, else an error that says "unknown
+/// outcome" and what the status showed.
+///
+/// # Errors
+/// When the status shows it did not take effect, or cannot be read.
+pub fn settle(
+    verb: &str,
+    detail: &str,
+    status: Result<StatusReport, String>,
+    took_effect: fn(&StatusReport) -> bool,
+) -> Result<(), String> {
+    match status {
+        Ok(status) if took_effect(&status) => {
+            tracing::warn!(
+                verb,
+                detail,
+                "unknown outcome; the launcher's status shows it took effect"
+            );
+            Ok(())
+        }
+        Ok(status) => Err(format!(
+            "unknown outcome of `{verb}` ({detail}); the launcher's status shows it did not take effect (state {:?}, app stopped: {})",
+            status.state, status.app_stopped
+        )),
+        Err(error) => Err(format!(
+            "unknown outcome of `{verb}` ({detail}), and the launcher's status cannot be read ({error})"
+        )),
+    }
+}
+
+/// `freeze` took effect: the whole app is stopped.
+pub fn is_frozen(status: &StatusReport) -> bool {
+    status.state == LauncherState::Frozen && status.app_stopped
+}
+
+/// `thaw` or `rollback` took effect: the app runs.
+pub fn is_running(status: &StatusReport) -> bool {
+    matches!(
+        status.state,
+        LauncherState::Running | LauncherState::Restored
+    ) && !status.app_stopped
 }
 
 async fn read_all(stream: Option<impl AsyncRead + Unpin>) -> Result<String, String> {
@@ -162,9 +252,17 @@ fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
 
 impl Launchers for ExecLaunchers {
     async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
-        let stdout = self.run(pod, container, &["status"]).await?;
-        serde_json::from_str(stdout.trim())
-            .map_err(|e| format!("restore-launcher status printed no status ({e})"))
+        // `status` changes nothing: its answer is what counts, whatever the stream's end said.
+        let stdout = match self.run(pod, container, &["status"]).await {
+            Reply::Succeeded(stdout) | Reply::Unknown(stdout) => stdout,
+            Reply::Failed(why) => return Err(why),
+        };
+        last_json(&stdout).ok_or_else(|| {
+            format!(
+                "restore-launcher status printed no status (`{}`)",
+                stdout.trim()
+            )
+        })
     }
 
     async fn transfer(
@@ -293,14 +391,81 @@ impl Launchers for ExecLaunchers {
     }
 
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.run(pod, container, &["rollback"]).await.map(drop)
+        self.act(pod, container, "rollback", is_running).await
     }
 
     async fn freeze(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.run(pod, container, &["freeze"]).await.map(drop)
+        self.act(pod, container, "freeze", is_frozen).await
     }
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.run(pod, container, &["thaw"]).await.map(drop)
+        self.act(pod, container, "thaw", is_running).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: &str, stopped: bool) -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "state": state, "app_pid": 1000, "launcher_version": "0.1.0", "criu_version": "4.2",
+            "kernel": "6.18", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
+            "error": null, "app_stopped": stopped
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_settled_by_the_launchers_status_not_assumed() {
+        let dropped = "the exec stream closed with no exit status";
+        assert_eq!(
+            settle("freeze", dropped, Ok(status("frozen", true)), is_frozen),
+            Ok(())
+        );
+        let not_frozen =
+            settle("freeze", dropped, Ok(status("running", false)), is_frozen).unwrap_err();
+        assert!(
+            not_frozen.starts_with("unknown outcome of `freeze`")
+                && not_frozen.contains("did not take effect"),
+            "{not_frozen}"
+        );
+        assert_eq!(
+            settle(
+                "rollback",
+                dropped,
+                Ok(status("running", false)),
+                is_running
+            ),
+            Ok(())
+        );
+        let still_frozen = settle(
+            "rollback",
+            dropped,
+            Ok(status("checkpointed", true)),
+            is_running,
+        )
+        .unwrap_err();
+        assert!(
+            still_frozen.contains("unknown outcome of `rollback`"),
+            "{still_frozen}"
+        );
+        let unreadable = settle(
+            "thaw",
+            dropped,
+            Err("connection refused".into()),
+            is_running,
+        )
+        .unwrap_err();
+        assert!(
+            unreadable.contains("unknown outcome of `thaw`")
+                && unreadable.contains("status cannot be read (connection refused)"),
+            "{unreadable}"
+        );
+        assert!(
+            !is_running(&status("restored", true)),
+            "restored but still frozen"
+        );
+        assert!(is_running(&status("restored", false)));
     }
 }

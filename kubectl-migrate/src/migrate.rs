@@ -766,9 +766,26 @@ pub async fn undo<L: Launchers + Sync>(
             )),
         }
     }
-    if progress.transfer_started
-        && let Ok(source) = pods.get(&options.pod).await
-    {
+    let source = if progress.transfer_started {
+        match pods.get(&options.pod).await {
+            Ok(source) => Some(source),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                done.push(format!("the source pod {} is gone", options.pod));
+                None
+            }
+            // Never skip the rollback silently: say it could not be checked, and how to do it.
+            Err(error) => {
+                manual.push(format!(
+                    "kubectl migrate abort -n {} {}   (the source pod could not be read: {error})",
+                    connection.namespace, options.pod
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(source) = source {
         for container in source.spec.iter().flat_map(|s| s.containers.iter()) {
             match rollback_when_idle(launchers, &source, &container.name).await {
                 Ok(()) => done.push(format!(
