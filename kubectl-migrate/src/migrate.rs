@@ -151,14 +151,6 @@ pub struct Progress {
     pub containers: Vec<String>,
 }
 
-/// The containers a migration moves, in `pod` (source or target).
-pub fn moved_containers(pod: &Pod) -> Vec<String> {
-    pod.spec
-        .iter()
-        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
-        .collect()
-}
-
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
 /// then undoes itself like on any failure.
 ///
@@ -303,7 +295,7 @@ async fn run<L: Launchers + Sync>(
     )
     .await;
     let moved = options.moved.clone();
-    let containers = moved_containers(&source);
+    let containers = rewrite::migrated_containers(&source);
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
     for container in &containers {
@@ -691,19 +683,23 @@ async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateE
     })
 }
 
+/// Whether every container the migration moves (native sidecars included) runs.
 fn running(pod: &Pod) -> bool {
     let Some(status) = &pod.status else {
         return false;
     };
-    let want = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    let runs: Vec<&str> = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .map(|c| c.name.as_str())
+        .collect();
     status.phase.as_deref() == Some("Running")
-        && status
-            .container_statuses
+        && rewrite::migrated_containers(pod)
             .iter()
-            .flatten()
-            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-            .count()
-            == want
+            .all(|c| runs.contains(&c.as_str()))
 }
 
 /// Why a pod can no longer come up, if it cannot.
@@ -719,7 +715,12 @@ fn terminal(pod: &Pod) -> Option<String> {
                 .unwrap_or_default()
         ));
     }
-    for container in status.container_statuses.iter().flatten() {
+    for container in status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+    {
         let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
         if let Some(reason) = waiting.and_then(|w| w.reason.as_deref())
             && matches!(
@@ -786,12 +787,9 @@ pub async fn undo<L: Launchers + Sync>(
         None
     };
     if let Some(source) = source {
-        for container in source.spec.iter().flat_map(|s| s.containers.iter()) {
-            match rollback_when_idle(launchers, &source, &container.name).await {
-                Ok(()) => done.push(format!(
-                    "resumed the source app in container {}",
-                    container.name
-                )),
+        for container in rewrite::migrated_containers(&source) {
+            match rollback_when_idle(launchers, &source, &container).await {
+                Ok(()) => done.push(format!("resumed the source app in container {container}")),
                 // Never frozen (the failure came before the freeze): nothing to undo. A
                 // checkpoint still in flight is not that: it is reported below.
                 Err(error)
@@ -799,7 +797,7 @@ pub async fn undo<L: Launchers + Sync>(
                         && !error.contains("is checkpointing") => {}
                 Err(error) => manual.push(format!(
                     "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
-                    connection.namespace, options.pod, container.name
+                    connection.namespace, options.pod, container
                 )),
             }
         }

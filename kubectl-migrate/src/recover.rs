@@ -269,7 +269,7 @@ pub async fn resume<L: Launchers + Sync>(
         .unwrap_or_default();
     let progress = Progress {
         id: found.id.clone(),
-        containers: migrate::moved_containers(&target),
+        containers: crate::rewrite::migrated_containers(&target),
         target: Some(target),
         transfer_started: true,
         committed: true,

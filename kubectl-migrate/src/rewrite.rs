@@ -67,10 +67,7 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         spec.node_name = Some(node.into());
         spec.ephemeral_containers = None;
         if let Some(init) = spec.init_containers.take() {
-            let sidecars: Vec<Container> = init
-                .into_iter()
-                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-                .collect();
+            let sidecars: Vec<Container> = init.into_iter().filter(is_native_sidecar).collect();
             spec.init_containers = (!sidecars.is_empty()).then_some(sidecars);
         }
         let dropped: Vec<String> = spec
@@ -101,6 +98,28 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         }
     }
     pod
+}
+
+/// The containers a migration moves, in `pod` (source or target): the native sidecars (init
+/// containers with `restartPolicy: Always`, which run beside the app for the pod's life) and
+/// the app containers, in start order. Plain init containers have finished: they stay behind.
+pub fn migrated_containers(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .filter(|c| is_native_sidecar(c))
+                .chain(s.containers.iter())
+        })
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// An init container that keeps running beside the app (Kubernetes' native sidecar).
+pub fn is_native_sidecar(container: &Container) -> bool {
+    container.restart_policy.as_deref() == Some("Always")
 }
 
 /// How many times this pod's lineage has been migrated (0 for an original pod).
@@ -167,6 +186,22 @@ fn is_injected_token_volume(volume: &k8s_openapi::api::core::v1::Volume) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn native_sidecars_move_with_the_app_and_finished_init_containers_stay() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "duo"},
+            "spec": {
+                "initContainers": [
+                    {"name": "setup", "image": "i"},
+                    {"name": "tally", "image": "i", "restartPolicy": "Always"}
+                ],
+                "containers": [{"name": "app", "image": "i"}, {"name": "web", "image": "i"}]
+            }
+        }))
+        .unwrap();
+        assert_eq!(migrated_containers(&pod), ["tally", "app", "web"]);
+    }
 
     #[test]
     fn names_count_migrations_and_fit_a_hostname() {

@@ -40,6 +40,10 @@ fn main() {
             restart_after_migration_starts_fresh,
         ),
         (
+            "a_native_sidecar_moves_with_its_app",
+            native_sidecar_moves_with_its_app,
+        ),
+        (
             "web_pod_moves_with_a_consistent_cut_and_nginx_answers",
             web_pod_moves,
         ),
@@ -569,6 +573,87 @@ fn restart_after_migration_starts_fresh(cluster: &Cluster) -> Result<()> {
         status["state"]
     );
     cluster.kubectl_ok(&["delete", "pod", target, "--wait=false"])?;
+    Ok(())
+}
+
+/// A native sidecar (an init container with `restartPolicy: Always`) runs beside the app for
+/// the pod's life, so it moves with it, in the same consistent cut: both counters continue on
+/// the new pod, neither restarted.
+fn native_sidecar_moves_with_its_app(cluster: &Cluster) -> Result<()> {
+    let image = format!(
+        "localhost/migrate-counter:{}",
+        migrate_tests::cluster::IMAGE_VERSION
+    );
+    let container = |name: &str, sidecar: bool| {
+        format!(
+            "  - name: {name}\n    image: {image}\n    imagePullPolicy: Never\n{}    env: [{{name: COUNTER_INTERVAL, value: \"0.5\"}}]\n    securityContext:\n      allowPrivilegeEscalation: false\n      capabilities: {{drop: [ALL], add: [CHECKPOINT_RESTORE, SETPCAP]}}\n",
+            if sidecar {
+                "    restartPolicy: Always\n"
+            } else {
+                ""
+            }
+        )
+    };
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: duo\n  labels: {{app: duo}}\nspec:\n  nodeName: node-a\n  initContainers:\n{}  containers:\n{}",
+        container("tally", true),
+        container("counter", false)
+    ))?;
+    cluster.wait_running("duo", WAIT)?;
+    wait_until("both containers counting", WAIT, || {
+        Ok(
+            (counter_values(&logs(cluster, "duo", Some("tally"))).len() >= 3
+                && counter_values(&logs(cluster, "duo", Some("counter"))).len() >= 3)
+                .then_some(()),
+        )
+    })?;
+    let out = migrate(cluster, &["duo", "--to", "node-b"], &[])?;
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    for name in ["tally", "counter"] {
+        let values = wait_until(&format!("{name} counting on duo-m1"), WAIT, || {
+            let values = counter_values(&logs(cluster, "duo-m1", Some(name)));
+            Ok((values.len() >= 3).then_some(values))
+        })?;
+        ensure!(
+            values[0].0 > 3,
+            "{name} started fresh on the new pod instead of continuing: {:?}",
+            values[0]
+        );
+        for pair in values.windows(2) {
+            ensure!(
+                pair[1].0 == pair[0].0 + 1,
+                "{name}'s count jumped: {pair:?}"
+            );
+        }
+        let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
+            "exec",
+            "duo-m1",
+            "-c",
+            name,
+            "--",
+            "restore-launcher",
+            "status",
+        ])?)?;
+        ensure!(
+            status["state"] == "restored",
+            "{name} is {}",
+            status["state"]
+        );
+    }
+    let restarts = pod_field(
+        cluster,
+        "duo-m1",
+        "{.status.initContainerStatuses[0].restartCount} {.status.containerStatuses[0].restartCount}",
+    )?;
+    ensure!(restarts == "0 0", "restarts on the new pod: {restarts}");
+    wait_gone(cluster, "duo")?;
+    cluster.kubectl_ok(&["delete", "pod", "duo-m1", "--wait=false"])?;
     Ok(())
 }
 

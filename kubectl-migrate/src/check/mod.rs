@@ -181,11 +181,9 @@ pub async fn gather(
     let mut statuses = BTreeMap::new();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     if running {
-        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-            statuses.insert(
-                container.name.clone(),
-                launchers.status(&pod, &container.name).await,
-            );
+        for container in crate::rewrite::migrated_containers(&pod) {
+            let status = launchers.status(&pod, &container).await;
+            statuses.insert(container, status);
         }
     }
     Ok(Ok(Facts {
