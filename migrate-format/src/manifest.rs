@@ -10,6 +10,9 @@ pub const MANIFEST_NAME: &str = "manifest.json";
 pub const ARCHIVE_FORMAT_VERSION: u32 = 1;
 /// A manifest larger than this is refused before parsing (it lists entries, not data).
 pub const MANIFEST_SIZE_LIMIT: u64 = 4 * 1024 * 1024;
+/// Most entries a manifest may list (a checkpoint has a few dozen CRIU images plus the files
+/// of its included paths).
+pub const ENTRY_LIMIT: usize = 1_000_000;
 
 /// What a checkpoint archive contains and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +122,14 @@ pub enum ManifestError {
     IncludedNotAbsolute(String),
     #[error("entry `{0}` is a FIFO outside the included paths, or has contents")]
     FifoOutsideInclude(String),
+    #[error("the manifest lists {0} entries, over the limit of {ENTRY_LIMIT}")]
+    TooManyEntries(usize),
+    #[error(
+        "entry `{path}` has the setuid or setgid bit (mode {mode:o}); a checkpoint never carries them"
+    )]
+    SetId { path: String, mode: u32 },
+    #[error("entry `{path}` lies below the symlink `{link}`")]
+    BelowSymlink { path: String, link: String },
 }
 
 /// Checks that `path` is a safe relative archive path in the archive's layout: `criu/NAME` or
@@ -179,6 +190,65 @@ fn validate_symlink(path: &str, target: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Links followed while resolving one symlink before it counts as a loop (Linux's own limit).
+const MAX_LINK_HOPS: usize = 40;
+
+/// Resolves the symlink at `path` (`include/N/…`) to `target` as the kernel would once every
+/// listed symlink exists, following the other symlinks of the archive (`links`, by entry path)
+/// on the way: a chain such as `a/b/s -> ../..` plus `t -> a/b/s/../..` is an escape although
+/// each link alone stays inside. Paths not in the archive do not exist after the put-back
+/// (the included path's contents are replaced), so they cannot redirect anything.
+///
+/// # Errors
+/// [`PathError::SymlinkEscape`] when any step leaves `include/N`, or the links loop.
+fn resolve_within(
+    path: &str,
+    target: &str,
+    links: &std::collections::BTreeMap<&str, &str>,
+) -> Result<(), PathError> {
+    let escape = || PathError::SymlinkEscape {
+        path: path.into(),
+        target: target.into(),
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    let root = parts.iter().take(2).copied().collect::<Vec<_>>().join("/");
+    // The directory holding the link, below the included root.
+    let mut here: Vec<String> = parts
+        .iter()
+        .skip(2)
+        .take(parts.len().saturating_sub(3))
+        .map(|p| p.to_string())
+        .collect();
+    let mut pending: std::collections::VecDeque<String> =
+        target.split('/').map(str::to_string).collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.as_str() {
+            "" | "." => {}
+            ".." => {
+                if here.pop().is_none() {
+                    return Err(escape());
+                }
+            }
+            name => {
+                here.push(name.to_string());
+                let full = format!("{root}/{}", here.join("/"));
+                if let Some(next) = links.get(full.as_str()) {
+                    hops += 1;
+                    if hops > MAX_LINK_HOPS || next.starts_with('/') {
+                        return Err(escape());
+                    }
+                    here.pop();
+                    for step in next.split('/').rev() {
+                        pending.push_front(step.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Parses and validates a manifest read from an archive.
     ///
@@ -212,8 +282,39 @@ impl Manifest {
                 return Err(ManifestError::IncludedNotAbsolute(path.clone()));
             }
         }
+        if self.entries.len() > ENTRY_LIMIT {
+            return Err(ManifestError::TooManyEntries(self.entries.len()));
+        }
+        let links: std::collections::BTreeMap<&str, &str> = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .map(|e| {
+                (
+                    e.path.trim_end_matches('/'),
+                    e.link.as_deref().unwrap_or(""),
+                )
+            })
+            .collect();
         let mut seen = std::collections::BTreeSet::new();
         for entry in &self.entries {
+            if entry.mode & 0o6000 != 0 {
+                return Err(ManifestError::SetId {
+                    path: entry.path.clone(),
+                    mode: entry.mode,
+                });
+            }
+            // No entry may be written through a link: nothing lies below a listed symlink.
+            let mut prefix = entry.path.trim_end_matches('/');
+            while let Some((parent, _)) = prefix.rsplit_once('/') {
+                if links.contains_key(parent) {
+                    return Err(ManifestError::BelowSymlink {
+                        path: entry.path.clone(),
+                        link: parent.into(),
+                    });
+                }
+                prefix = parent;
+            }
             validate_entry_path(&entry.path, self.included_paths.len())?;
             if !seen.insert(entry.path.trim_end_matches('/')) {
                 return Err(ManifestError::Duplicate(entry.path.clone()));
@@ -233,6 +334,7 @@ impl Manifest {
                     .into());
                 }
                 validate_symlink(&entry.path, target)?;
+                resolve_within(&entry.path, target, &links)?;
             }
         }
         Ok(())
@@ -359,6 +461,82 @@ mod tests {
         let error =
             Manifest::from_json(&serde_json::to_vec(&future).unwrap(), "x86_64").unwrap_err();
         assert!(matches!(error, ManifestError::Version { found: 99 }));
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Symlink,
+            size: 0,
+            sha256: String::new(),
+            mode: 0o777,
+            link: Some(target.into()),
+        }
+    }
+
+    #[test]
+    fn a_chain_of_symlinks_that_escapes_together_is_refused() {
+        // Each link alone stays inside include/0; together `t` leads two levels above it.
+        let mut chain = manifest();
+        chain.entries.push(link("include/0/a/b/s", "../.."));
+        chain.entries.push(link("include/0/t", "a/b/s/../.."));
+        let error = chain.validate("x86_64").unwrap_err();
+        assert!(
+            matches!(&error, ManifestError::Path(PathError::SymlinkEscape { path, .. }) if path == "include/0/t"),
+            "{error}"
+        );
+        // A chain that stays inside is fine, and so is a link through a link.
+        let mut inside = manifest();
+        inside.entries.push(link("include/0/a/b/s", "../.."));
+        inside.entries.push(link("include/0/t", "a/b/s/a"));
+        assert!(inside.validate("x86_64").is_ok());
+        // Links that point at each other loop: refused, not followed for ever.
+        let mut looping = manifest();
+        looping.entries.push(link("include/0/x", "y"));
+        looping.entries.push(link("include/0/y", "x"));
+        assert!(looping.validate("x86_64").is_err());
+    }
+
+    #[test]
+    fn setid_bits_entries_below_a_symlink_and_too_many_entries_are_refused() {
+        let mut setuid = manifest();
+        setuid.entries[0].mode = 0o4755;
+        let error = setuid.validate("x86_64").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("setuid or setgid bit (mode 4755)"),
+            "{error}"
+        );
+        let mut below = manifest();
+        below.entries.push(link("include/0/d", "sub"));
+        below.entries.push(Entry {
+            path: "include/0/d/f".into(),
+            kind: EntryKind::File,
+            size: 0,
+            sha256: String::new(),
+            mode: 0o644,
+            link: None,
+        });
+        assert!(matches!(
+            below.validate("x86_64"),
+            Err(ManifestError::BelowSymlink { .. })
+        ));
+        let mut many = manifest();
+        many.entries = (0..=ENTRY_LIMIT)
+            .map(|i| Entry {
+                path: format!("criu/{i}.img"),
+                kind: EntryKind::File,
+                size: 0,
+                sha256: String::new(),
+                mode: 0o600,
+                link: None,
+            })
+            .collect();
+        assert!(matches!(
+            many.validate("x86_64"),
+            Err(ManifestError::TooManyEntries(_))
+        ));
     }
 
     #[test]

@@ -27,6 +27,17 @@ use sha2::{Digest as _, Sha256};
 /// zstd level: 1 keeps compression well above disk and network speed on one core.
 const ZSTD_LEVEL: i32 = 1;
 
+/// Longest GNU long name or long link name read (PATH_MAX): read into memory, so bounded
+/// before anything of it is buffered.
+const LONG_NAME_LIMIT: u64 = 4096;
+
+/// Bytes allowed in the zstd frame after the tar stream's end-of-archive blocks (tar pads the
+/// stream to 10 KiB records): a bomb cannot make the reader inflate gigabytes of trailer.
+pub const TRAILER_LIMIT: u64 = 64 * 1024;
+
+/// Room kept free beside the staged archive (for CRIU's own logs and the put-back).
+const FREE_MARGIN: u64 = 16 * 1024 * 1024;
+
 /// Why an archive was refused or could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -38,6 +49,26 @@ pub enum ArchiveError {
     Manifest(#[from] ManifestError),
     #[error("the archive is empty")]
     Empty,
+    #[error(
+        "a {kind} header of {size} bytes, over the {limit}-byte limit; the archive is not one this launcher writes"
+    )]
+    HeaderTooLarge {
+        kind: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    #[error("the archive has a PAX extended header, which this format never uses")]
+    Pax,
+    #[error("the archive goes on for more than {TRAILER_LIMIT} bytes after its last entry")]
+    Trailing,
+    #[error(
+        "no space: restoring needs {needed} bytes in `{}` but only {free} are free; give the launcher a larger work directory (--work-dir, an emptyDir with room for the app's memory)", path.display()
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
     #[error("entry `{0}` is not listed in the manifest")]
     Unlisted(String),
     #[error("entry `{0}` appears twice")]
@@ -110,6 +141,12 @@ fn walk(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> Result<(), Archiv
     let meta = path.symlink_metadata().map_err(read_error)?;
     let relative = relative(root, path);
     let mode = meta.permissions().mode() & 0o7777;
+    // A checkpoint never carries setuid/setgid bits (a restore refuses them): dropped here,
+    // and said so.
+    if mode & 0o6000 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "included file loses its setuid/setgid bits in the checkpoint");
+    }
+    let mode = mode & 0o1777;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(path)
             .map_err(read_error)?
@@ -326,13 +363,12 @@ pub fn read_verified<R: Read>(
         .map_err(ArchiveError::Stream)?
         .single_frame();
     let mut archive = tar::Archive::new(decoder);
-    let mut entries = archive.entries().map_err(ArchiveError::Stream)?;
+    // Raw entries: the tar crate would read GNU long names and PAX headers of any size into
+    // memory before the manifest-first check; `Headers` bounds them first.
+    let mut entries = archive.entries().map_err(ArchiveError::Stream)?.raw(true);
+    let mut headers = Headers::default();
 
-    let mut first = entries
-        .next()
-        .ok_or(ArchiveError::Empty)?
-        .map_err(ArchiveError::Stream)?;
-    let name = entry_path(&first)?;
+    let (mut first, name) = headers.next(&mut entries)?.ok_or(ArchiveError::Empty)?;
     if name != MANIFEST_NAME {
         return Err(ManifestError::NotFirst(name).into());
     }
@@ -347,11 +383,10 @@ pub fn read_verified<R: Read>(
         .map_err(ArchiveError::Stream)?;
     drop(first);
     let manifest = Manifest::from_json(&json, arch)?;
+    check_space(staging, manifest.payload_bytes())?;
 
     let mut seen = BTreeSet::new();
-    for entry in entries {
-        let mut entry = entry.map_err(ArchiveError::Stream)?;
-        let path = entry_path(&entry)?;
+    while let Some((mut entry, path)) = headers.next(&mut entries)? {
         let key = path.trim_end_matches('/').to_string();
         let listed = manifest
             .entry(&key)
@@ -397,10 +432,12 @@ pub fn read_verified<R: Read>(
                 })?;
             }
             EntryKind::Symlink => {
-                let link = entry
-                    .link_name_bytes()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
+                let link = headers.link.take().unwrap_or_else(|| {
+                    entry
+                        .link_name_bytes()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                });
                 if Some(link.as_str()) != listed.link.as_deref()
                     || sha256_hex(link.as_bytes()) != listed.sha256
                 {
@@ -419,10 +456,7 @@ pub fn read_verified<R: Read>(
                 if let Some(parent) = target.parent() {
                     create_dir(parent)?;
                 }
-                let write_error = |source| ArchiveError::Write {
-                    path: target.clone(),
-                    source,
-                };
+                let write_error = |source: io::Error| no_space_or(staging, target.clone(), source);
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -434,8 +468,11 @@ pub fn read_verified<R: Read>(
                     inner: &mut file,
                     hasher: Sha256::new(),
                 };
-                let copied = io::copy(&mut (&mut entry).take(listed.size + 1), &mut hashing)
-                    .map_err(ArchiveError::Stream)?;
+                let copied = copy_into(&mut (&mut entry).take(listed.size + 1), &mut hashing)
+                    .map_err(|error| match error {
+                        Copy::Read(error) => ArchiveError::Stream(error),
+                        Copy::Write(error) => no_space_or(staging, target.clone(), error),
+                    })?;
                 if copied != listed.size {
                     return Err(ArchiveError::Size {
                         path,
@@ -460,9 +497,15 @@ pub fn read_verified<R: Read>(
             first: first.path.clone(),
         });
     }
-    // Read to the end of the zstd frame (not of the stream) so its checksum is verified too.
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(ArchiveError::Stream)?;
+    // Read to the end of the zstd frame (not of the stream) so its checksum is verified too,
+    // but no further than the padding a tar stream ends with.
+    drop(entries);
+    let rest = archive.into_inner();
+    let trailer = io::copy(&mut rest.take(TRAILER_LIMIT + 1), &mut io::sink())
+        .map_err(ArchiveError::Stream)?;
+    if trailer > TRAILER_LIMIT {
+        return Err(ArchiveError::Trailing);
+    }
     Ok(manifest)
 }
 
@@ -535,7 +578,151 @@ pub fn verify_dir(dir: &Path, arch: &str) -> Result<Manifest, ArchiveError> {
             EntryKind::Dir | EntryKind::Fifo => {}
         }
     }
+    // As strict as the stream reader: nothing in the directory that the manifest does not
+    // list (an extra file, or a symlink standing where a listed directory's parent should be).
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for child in read_dir_sorted(&next)? {
+            let rel = relative(dir, &child);
+            if rel == MANIFEST_NAME {
+                continue;
+            }
+            // The layout's own directories are not entries.
+            if (rel == "criu" || rel == "include")
+                && child.symlink_metadata().is_ok_and(|m| m.is_dir())
+            {
+                pending.push(child);
+                continue;
+            }
+            let listed = manifest
+                .entry(&rel)
+                .ok_or_else(|| ArchiveError::Unlisted(rel.clone()))?;
+            if listed.kind == EntryKind::Dir {
+                pending.push(child);
+            }
+        }
+    }
     Ok(manifest)
+}
+
+/// Reads raw tar entries, applying GNU long names and long link names (bounded by
+/// [`LONG_NAME_LIMIT`] before they are read) and refusing PAX headers, which this format never
+/// writes, without reading them.
+#[derive(Debug, Default)]
+struct Headers {
+    name: Option<String>,
+    /// The long link name of the entry just returned, if it had one.
+    link: Option<String>,
+}
+
+impl Headers {
+    fn next<'a, R: Read>(
+        &mut self,
+        entries: &mut tar::Entries<'a, R>,
+    ) -> Result<Option<(tar::Entry<'a, R>, String)>, ArchiveError> {
+        let mut link = None;
+        for entry in entries.by_ref() {
+            let mut entry = entry.map_err(ArchiveError::Stream)?;
+            let kind = entry.header().entry_type();
+            let size = entry.header().size().map_err(ArchiveError::Stream)?;
+            let long = match kind {
+                tar::EntryType::GNULongName => Some("GNU long name"),
+                tar::EntryType::GNULongLink => Some("GNU long link name"),
+                tar::EntryType::XHeader | tar::EntryType::XGlobalHeader => {
+                    return Err(ArchiveError::Pax);
+                }
+                _ => None,
+            };
+            if let Some(what) = long {
+                if size > LONG_NAME_LIMIT {
+                    return Err(ArchiveError::HeaderTooLarge {
+                        kind: what,
+                        size,
+                        limit: LONG_NAME_LIMIT,
+                    });
+                }
+                let mut bytes = Vec::with_capacity(size as usize);
+                (&mut entry)
+                    .take(LONG_NAME_LIMIT)
+                    .read_to_end(&mut bytes)
+                    .map_err(ArchiveError::Stream)?;
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| ArchiveError::NotUtf8)?
+                    .trim_end_matches('\0')
+                    .to_string();
+                if kind == tar::EntryType::GNULongName {
+                    self.name = Some(text);
+                } else {
+                    link = Some(text);
+                }
+                continue;
+            }
+            let path = match self.name.take() {
+                Some(name) => name,
+                None => entry_path(&entry)?,
+            };
+            self.link = link;
+            return Ok(Some((entry, path)));
+        }
+        Ok(None)
+    }
+}
+
+/// Refuses, before anything is staged, an archive whose files need more room than the
+/// staging directory's file system has free.
+fn check_space(staging: &Path, needed: u64) -> Result<(), ArchiveError> {
+    let Some(free) = free_bytes(staging) else {
+        return Ok(()); // cannot tell: the writes themselves will say "no space"
+    };
+    if needed.saturating_add(FREE_MARGIN) > free {
+        return Err(ArchiveError::NoSpace {
+            path: staging.to_path_buf(),
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
+
+/// A write error, as "no space" when the disk is full.
+fn no_space_or(staging: &Path, path: PathBuf, source: io::Error) -> ArchiveError {
+    if source.kind() == io::ErrorKind::StorageFull {
+        return ArchiveError::NoSpace {
+            path: staging.to_path_buf(),
+            needed: 0,
+            free: free_bytes(staging).unwrap_or(0),
+        };
+    }
+    ArchiveError::Write { path, source }
+}
+
+/// Free bytes on the file system that holds `path` (or its nearest existing ancestor).
+fn free_bytes(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let stats = nix::sys::statvfs::statvfs(existing).ok()?;
+    Some(stats.blocks_available() as u64 * stats.fragment_size() as u64)
+}
+
+/// Which side of a copy failed.
+enum Copy {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// `io::copy` that says whether reading or writing failed.
+fn copy_into(from: &mut impl Read, to: &mut impl Write) -> Result<u64, Copy> {
+    let mut buffer = [0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(Copy::Read(error)),
+        };
+        to.write_all(&buffer[..n]).map_err(Copy::Write)?;
+        total += n as u64;
+    }
 }
 
 fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, ArchiveError> {
@@ -576,4 +763,152 @@ impl Write for HashingWriter<'_> {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate_format::ARCHIVE_FORMAT_VERSION;
+
+    /// A manifest for this machine listing `entries`, as JSON.
+    fn manifest(entries: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "format_version": ARCHIVE_FORMAT_VERSION, "id": "ck-test", "created": "2026-11-23T00:00:00Z",
+            "source": {}, "criu_version": "4.2", "kernel": "6.18", "arch": crate::sysinfo::arch(),
+            "cpu_flags_digest": "", "app_root_pid": 1000, "app_pids": [1000], "command": ["app"],
+            "stdout_pipe": null, "stderr_pipe": null, "included_paths": ["/data"],
+            "entries": entries, "frozen_at_ms": 0, "timings_ms": {}
+        }))
+        .unwrap()
+    }
+
+    fn header(kind: tar::EntryType, path: &str, size: u64, mode: u32) -> [u8; 512] {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_path(path).unwrap();
+        header.set_size(size);
+        header.set_mode(mode);
+        header.set_cksum();
+        *header.as_bytes()
+    }
+
+    /// A zstd stream of raw tar bytes: the manifest entry, then `rest` as given (headers whose
+    /// declared data need not follow: the reader must refuse before reading it).
+    fn archive(manifest_json: &[u8], rest: &[u8]) -> Vec<u8> {
+        let mut tar = Vec::new();
+        tar.extend_from_slice(&header(
+            tar::EntryType::Regular,
+            MANIFEST_NAME,
+            manifest_json.len() as u64,
+            0o600,
+        ));
+        tar.extend_from_slice(manifest_json);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+        tar.extend_from_slice(rest);
+        zstd::encode_all(tar.as_slice(), 1).unwrap()
+    }
+
+    /// Reads `bytes` into a fresh staging directory; the error and whether anything besides
+    /// the staging directory appeared beside it.
+    fn read(bytes: &[u8]) -> (Result<Manifest, ArchiveError>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        let result = read_verified(bytes, &staging, crate::sysinfo::arch());
+        let beside: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "staging")
+            .collect();
+        (result, beside)
+    }
+
+    #[test]
+    fn a_huge_pax_header_or_long_name_is_refused_before_it_is_read() {
+        let m = manifest(serde_json::json!([]));
+        let pax = archive(&m, &header(tar::EntryType::XHeader, "pax", 1 << 30, 0o600));
+        let (result, beside) = read(&pax);
+        assert!(matches!(result, Err(ArchiveError::Pax)), "{result:?}");
+        assert!(beside.is_empty());
+        let long = archive(
+            &m,
+            &header(tar::EntryType::GNULongName, "././@LongLink", 1 << 30, 0o600),
+        );
+        let error = read(&long).0.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("GNU long name header of 1073741824 bytes"),
+            "{error}"
+        );
+        // Even before the manifest: nothing of it is buffered.
+        let first = zstd::encode_all(
+            &header(tar::EntryType::GNULongName, "././@LongLink", 1 << 40, 0o600)[..],
+            1,
+        )
+        .unwrap();
+        assert!(matches!(
+            read(&first).0,
+            Err(ArchiveError::HeaderTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_zstd_bomb_is_refused_as_no_space_before_anything_is_written() {
+        // The manifest declares a 1 TiB image; its few compressed bytes would inflate to it.
+        let m = manifest(serde_json::json!([
+            {"path": "criu/pages-1.img", "kind": "file", "size": 1u64 << 40, "sha256": "00", "mode": 0o600}
+        ]));
+        let bomb = archive(
+            &m,
+            &header(tar::EntryType::Regular, "criu/pages-1.img", 1 << 40, 0o600),
+        );
+        let (result, beside) = read(&bomb);
+        let error = result.unwrap_err();
+        assert!(
+            matches!(error, ArchiveError::NoSpace { needed, .. } if needed == 1 << 40),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("no space: restoring needs 1099511627776 bytes")
+        );
+        assert!(beside.is_empty());
+    }
+
+    #[test]
+    fn a_trailer_after_the_last_entry_is_bounded() {
+        let m = manifest(serde_json::json!([]));
+        let mut rest = vec![0u8; 1024]; // the end-of-archive blocks
+        rest.extend(std::iter::repeat_n(0u8, 8 << 20)); // then 8 MiB more in the frame
+        let (result, _) = read(&archive(&m, &rest));
+        assert!(matches!(result, Err(ArchiveError::Trailing)), "{result:?}");
+        let (result, _) = read(&archive(&m, &[0u8; 10240]));
+        assert!(result.is_ok(), "ordinary tar padding: {result:?}");
+    }
+
+    #[test]
+    fn a_setuid_file_and_a_symlink_chain_are_refused_by_the_manifest_check() {
+        let setuid = manifest(serde_json::json!([
+            {"path": "include/0", "kind": "dir", "size": 0, "mode": 0o755},
+            {"path": "include/0/su", "kind": "file", "size": 0, "sha256": "", "mode": 0o4755}
+        ]));
+        let error = read(&archive(&setuid, &[])).0.unwrap_err();
+        assert!(error.to_string().contains("setuid or setgid"), "{error}");
+        let chain = manifest(serde_json::json!([
+            {"path": "include/0", "kind": "dir", "size": 0, "mode": 0o755},
+            {"path": "include/0/a", "kind": "dir", "size": 0, "mode": 0o755},
+            {"path": "include/0/a/b", "kind": "dir", "size": 0, "mode": 0o755},
+            {"path": "include/0/a/b/s", "kind": "symlink", "size": 0, "mode": 0o777, "link": "../.."},
+            {"path": "include/0/t", "kind": "symlink", "size": 0, "mode": 0o777, "link": "a/b/s/../.."}
+        ]));
+        let error = read(&archive(&chain, &[])).0.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("symlink `include/0/t` points outside"),
+            "{error}"
+        );
+    }
 }

@@ -159,9 +159,14 @@ fn restore(
     Ok(pid)
 }
 
-fn refused(error: &dyn std::error::Error) -> String {
+fn refused(error: &(dyn std::error::Error + 'static)) -> String {
+    // A full disk is not the archive's fault: say "no space", not "refused".
+    let prefix = match error.downcast_ref::<archive::ArchiveError>() {
+        Some(archive::ArchiveError::NoSpace { .. }) => "",
+        _ => "archive refused: ",
+    };
     format!(
-        "archive refused: {}; nothing was restored and the archive was left untouched",
+        "{prefix}{}; nothing was restored and the archive was left untouched",
         chain(error)
     )
 }

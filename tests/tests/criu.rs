@@ -262,7 +262,7 @@ fn rollback_resumes_the_frozen_app_and_leave_running_never_stops_it() -> Result<
     let last = *frozen.last().context("no ticks")?;
     let after = a.wait_for("ticks after the rollback", LIMIT, |n| {
         let v = counter_values(&n.stdout());
-        (v.len() > frozen.len()).then_some(v[frozen.len()])
+        (v.len() > frozen.len()).then(|| v[frozen.len()])
     })?;
     ensure!(
         after.0 == last.0 + 1 && after.1 == expected_revenue(after.0),
