@@ -499,7 +499,6 @@ pub fn read_verified<R: Read>(
     }
     // Read to the end of the zstd frame (not of the stream) so its checksum is verified too,
     // but no further than the padding a tar stream ends with.
-    drop(entries);
     let rest = archive.into_inner();
     let trailer = io::copy(&mut rest.take(TRAILER_LIMIT + 1), &mut io::sink())
         .map_err(ArchiveError::Stream)?;
