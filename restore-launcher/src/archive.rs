@@ -911,3 +911,120 @@ mod tests {
         );
     }
 }
+
+/// The reader fuzzed: hostile archives made by mutating a real one -- its tar stream (so the
+/// mutations reach headers, the manifest and the data, not just zstd's checksum) and its
+/// compressed bytes -- must be refused or read, never panic, never write outside the staging
+/// directory, and never stage more than the manifest lists. Bounded (256 cases per run) so
+/// it runs with every `cargo test`, in CI.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A real archive: CRIU-like images and an included tree with a long name and a symlink.
+    fn valid_tar() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("criu")).unwrap();
+        fs::write(root.join("criu/core-1000.img"), vec![7u8; 3000]).unwrap();
+        fs::write(root.join("criu/pages-1.img"), b"pages").unwrap();
+        let long = "d".repeat(120);
+        fs::create_dir_all(root.join("include/0").join(&long)).unwrap();
+        fs::write(root.join("include/0").join(&long).join("f"), b"data").unwrap();
+        std::os::unix::fs::symlink(&long, root.join("include/0/link")).unwrap();
+        let entries = list_entries(root, 1).unwrap();
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": migrate_format::ARCHIVE_FORMAT_VERSION, "id": "ck-fuzz",
+            "created": "2026-11-23T00:00:00Z", "source": {}, "criu_version": "4.2",
+            "kernel": "6.18", "arch": crate::sysinfo::arch(), "cpu_flags_digest": "",
+            "app_root_pid": 1000, "app_pids": [1000], "command": ["app"], "stdout_pipe": null,
+            "stderr_pipe": null, "included_paths": ["/data"], "entries": entries,
+            "frozen_at_ms": 0, "timings_ms": {}
+        }))
+        .unwrap();
+        let mut compressed = Vec::new();
+        write(&mut compressed, &manifest, root).unwrap();
+        zstd::decode_all(compressed.as_slice()).unwrap()
+    }
+
+    /// Reads `compressed`; checks what must hold whatever it is.
+    fn read_and_check(compressed: &[u8]) {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        let result = read_verified(compressed, &staging, crate::sysinfo::arch());
+        let beside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "staging")
+            .collect();
+        assert!(beside.is_empty(), "written outside staging: {beside:?}");
+        let mut staged = 0u64;
+        let mut pending = vec![staging.clone()];
+        while let Some(next) = pending.pop() {
+            for entry in fs::read_dir(&next).into_iter().flatten().flatten() {
+                let meta = entry.path().symlink_metadata().unwrap();
+                assert!(!meta.file_type().is_symlink(), "a symlink was staged");
+                if meta.is_dir() {
+                    pending.push(entry.path());
+                } else {
+                    staged += meta.len();
+                }
+            }
+        }
+        if let Ok(manifest) = result {
+            assert!(staged <= manifest.payload_bytes());
+        }
+    }
+
+    #[test]
+    fn the_unmutated_archive_is_read_whole() {
+        let compressed = zstd::encode_all(valid_tar().as_slice(), 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = read_verified(
+            compressed.as_slice(),
+            &dir.path().join("s"),
+            crate::sysinfo::arch(),
+        )
+        .unwrap();
+        assert_eq!(manifest.entries.len(), 6, "{:?}", manifest.entries);
+        read_and_check(&compressed);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_tar_streams_are_refused_or_read_never_escape(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            insert in proptest::option::of((any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..600))),
+        ) {
+            let mut tar = valid_tar();
+            for (at, byte) in flips {
+                let i = at.index(tar.len());
+                tar[i] ^= byte;
+            }
+            if let Some((at, bytes)) = insert {
+                let i = at.index(tar.len());
+                tar.splice(i..i, bytes);
+            }
+            if let Some(at) = cut {
+                tar.truncate(at.index(tar.len()));
+            }
+            read_and_check(&zstd::encode_all(tar.as_slice(), 1).unwrap());
+        }
+
+        #[test]
+        fn mutated_compressed_streams_are_refused_or_read_never_escape(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut compressed = zstd::encode_all(valid_tar().as_slice(), 1).unwrap();
+            for (at, byte) in flips {
+                let i = at.index(compressed.len());
+                compressed[i] ^= byte;
+            }
+            read_and_check(&compressed);
+        }
+    }
+}
