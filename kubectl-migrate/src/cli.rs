@@ -70,6 +70,10 @@ pub struct MigrateArgs {
     /// the same path on its own node).
     #[arg(long)]
     pub force: bool,
+    /// How long the frozen source waits for this plugin: renewed while it works, ended by the
+    /// commit; if the plugin dies, the source resumes by itself after it.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

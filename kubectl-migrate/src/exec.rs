@@ -101,10 +101,11 @@ impl ExecLaunchers {
         &self,
         pod: &Pod,
         container: &str,
-        verb: &str,
+        args: &[&str],
         took_effect: fn(&StatusReport) -> bool,
     ) -> Result<(), String> {
-        match self.run(pod, container, &[verb]).await {
+        let verb = args.first().copied().unwrap_or_default();
+        match self.run(pod, container, args).await {
             Reply::Succeeded(_) => Ok(()),
             Reply::Failed(why) => Err(why),
             Reply::Unknown(detail) => settle(
@@ -163,6 +164,15 @@ pub fn settle(
 /// `freeze` took effect: the whole app is stopped.
 pub fn is_frozen(status: &StatusReport) -> bool {
     status.state == LauncherState::Frozen && status.app_stopped
+}
+
+/// `renew` took effect: the app is still held frozen (before or after its checkpoint) with a
+/// lease.
+pub fn is_frozen_or_dumped(status: &StatusReport) -> bool {
+    matches!(
+        status.state,
+        LauncherState::Frozen | LauncherState::Checkpointing | LauncherState::Checkpointed
+    ) && status.lease_seconds_left.is_some()
 }
 
 /// `thaw` or `rollback` took effect: the app runs.
@@ -391,15 +401,42 @@ impl Launchers for ExecLaunchers {
     }
 
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.act(pod, container, "rollback", is_running).await
+        self.act(pod, container, &["rollback"], is_running).await
     }
 
-    async fn freeze(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.act(pod, container, "freeze", is_frozen).await
+    async fn freeze(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> Result<(), String> {
+        let lease = lease.as_secs().max(1).to_string();
+        self.act(pod, container, &["freeze", "--lease", &lease], is_frozen)
+            .await
+    }
+
+    async fn renew(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> Result<(), String> {
+        let lease = lease.as_secs().max(1).to_string();
+        self.act(
+            pod,
+            container,
+            &["renew", "--lease", &lease],
+            is_frozen_or_dumped,
+        )
+        .await
+    }
+
+    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.act(pod, container, &["commit"], |s| s.committed).await
     }
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
-        self.act(pod, container, "thaw", is_running).await
+        self.act(pod, container, &["thaw"], is_running).await
     }
 }
 

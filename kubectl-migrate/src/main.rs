@@ -145,6 +145,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         timeout: cli.migrate.timeout,
         keep_source: cli.migrate.keep_source,
         force: cli.migrate.force,
+        lease: cli.migrate.lease,
         moved: Default::default(),
     };
     let progress = show_progress(options.moved.clone());

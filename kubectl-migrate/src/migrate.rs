@@ -52,6 +52,8 @@ pub struct Options {
     pub keep_source: bool,
     /// `--force`: migrate although hostPath volumes' files stay on the source node.
     pub force: bool,
+    /// `--lease`: how long a frozen source waits for this plugin before it resumes by itself.
+    pub lease: Duration,
     /// Archive bytes moved so far, for a progress display (shared with the caller).
     pub moved: Arc<AtomicU64>,
 }
@@ -108,6 +110,8 @@ pub enum MigrateError {
     AfterCommit { what: String },
     #[error("aborted with `kubectl migrate abort`")]
     Aborted,
+    #[error("the source's lease could not be renewed in container {container}: {error}")]
+    LeaseLost { container: String, error: String },
 }
 
 /// A failed migration: why (with the causes, such as the API server's refusal naming the
@@ -298,15 +302,18 @@ async fn run<L: Launchers + Sync>(
     let containers = rewrite::migrated_containers(&source);
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
+    // Each freeze carries a lease: if this plugin dies, the sources resume by themselves. It
+    // is renewed while the plugin works, and ended by the commit.
     for container in &containers {
         launchers
-            .freeze(&source, container)
+            .freeze(&source, container, options.lease)
             .await
             .map_err(|error| MigrateError::Transfer {
                 container: container.clone(),
                 error: format!("cannot freeze: {error}"),
             })?;
     }
+    let keep_alive = || renew_lease(launchers, &source, &containers, options.lease);
     let transfers = containers.iter().map(|c| {
         let moved = moved.clone();
         let (source, target) = (&source, &target);
@@ -317,7 +324,7 @@ async fn run<L: Launchers + Sync>(
             )
         }
     });
-    let results = futures::future::join_all(transfers).await;
+    let results = leased(futures::future::join_all(transfers), keep_alive()).await?;
     let mut reports = BTreeMap::new();
     for (container, result) in results {
         let (checkpoint, restore) = result.map_err(|error| MigrateError::Transfer {
@@ -329,22 +336,37 @@ async fn run<L: Launchers + Sync>(
     phase_done("checkpoint+transfer+restore", &mut phases);
 
     progress.phase = "verify".into();
+    let verify = async {
+        for container in &containers {
+            let status = launchers
+                .status(&target, container)
+                .await
+                .map_err(|error| MigrateError::Transfer {
+                    container: container.clone(),
+                    error,
+                })?;
+            if status.state != migrate_format::LauncherState::Restored {
+                return Err(MigrateError::Transfer {
+                    container: container.clone(),
+                    error: format!("the target's launcher is {:?}, not restored", status.state),
+                });
+            }
+        }
+        Ok(())
+    };
+    leased(verify, keep_alive()).await??;
+    // Every source launcher acknowledges the commit (its lease ends: it will not resume on
+    // its own) before it is recorded; one whose lease already expired refuses, and the
+    // migration is undone like any failure before the commit.
     for container in &containers {
-        let status = launchers
-            .status(&target, container)
+        launchers
+            .commit(&source, container)
             .await
             .map_err(|error| MigrateError::Transfer {
                 container: container.clone(),
-                error,
+                error: format!("the source refused the commit: {error}"),
             })?;
-        if status.state != migrate_format::LauncherState::Restored {
-            return Err(MigrateError::Transfer {
-                container: container.clone(),
-                error: format!("the target's launcher is {:?}, not restored", status.state),
-            });
-        }
     }
-
     phase_done("verify", &mut phases);
 
     // The point of no return: from here the target holds the app's state, and nothing undoes
@@ -383,6 +405,39 @@ async fn run<L: Launchers + Sync>(
         source_deleted: finished.source_deleted,
         warnings: finished.warnings,
     })
+}
+
+/// Runs `work` while renewing the sources' lease; fails if a renewal is refused (the lease
+/// expired and a source resumed: the migration cannot commit any more).
+async fn leased<T>(
+    work: impl Future<Output = T>,
+    keep_alive: impl Future<Output = MigrateError>,
+) -> Result<T, MigrateError> {
+    tokio::select! {
+        done = work => Ok(done),
+        lost = keep_alive => Err(lost),
+    }
+}
+
+/// Renews every source container's lease every quarter of it; returns only when a renewal
+/// fails.
+async fn renew_lease<L: Launchers + Sync>(
+    launchers: &L,
+    source: &Pod,
+    containers: &[String],
+    lease: Duration,
+) -> MigrateError {
+    loop {
+        tokio::time::sleep(lease / 4).await;
+        for container in containers {
+            if let Err(error) = launchers.renew(source, container, lease).await {
+                return MigrateError::LeaseLost {
+                    container: container.clone(),
+                    error,
+                };
+            }
+        }
+    }
 }
 
 /// Records the commit durably on the source pod (`migrate.kubectl.io/phase: committed` with

@@ -299,6 +299,7 @@ fn options_for(source: &str, node: &str) -> Options {
         timeout: std::time::Duration::from_secs(300),
         keep_source: false,
         force: false,
+        lease: std::time::Duration::from_secs(120),
         moved: Default::default(),
     }
 }

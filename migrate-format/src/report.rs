@@ -45,6 +45,12 @@ pub struct StatusReport {
     /// frozen checkpoint and not yet thawed).
     #[serde(default)]
     pub app_stopped: bool,
+    /// Seconds until a frozen app resumes by itself (its freeze's lease), if it has one.
+    #[serde(default)]
+    pub lease_seconds_left: Option<u64>,
+    /// Whether the migration holding the app frozen is committed (it never resumes on its own).
+    #[serde(default)]
+    pub committed: bool,
 }
 
 /// What `checkpoint` prints.

@@ -144,10 +144,25 @@ pub enum Command {
     },
     /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
     Rollback,
-    /// Stop the app (SIGSTOP to its group) so that all containers of a pod can be frozen before
-    /// any is checkpointed: a consistent cut. A checkpoint of a frozen app restores frozen.
-    Freeze,
-    /// Resume the app (SIGCONT to its group): after `freeze`, or on the target once every
+    /// Stop the app (SIGSTOP to every process of its tree) so that all containers of a pod can
+    /// be frozen before any is checkpointed: a consistent cut. A checkpoint of a frozen app
+    /// restores frozen.
+    Freeze {
+        /// Resume the app by itself after this many seconds unless `commit` came first
+        /// (`renew` extends it): a migration whose driver died never leaves the app frozen.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        lease: Option<u64>,
+    },
+    /// Extend the lease of a frozen app to this many seconds from now.
+    Renew {
+        /// Seconds from now.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        lease: u64,
+    },
+    /// The migration is committed: end the lease, so the frozen app never resumes on its own
+    /// (only an explicit `rollback` resumes it). Refused once the lease has expired.
+    Commit,
+    /// Resume the app (SIGCONT to every process of its tree): after `freeze`, or on the target once every
     /// container of the pod has been restored from a frozen checkpoint.
     Thaw,
     /// Print PID 1's state as JSON.

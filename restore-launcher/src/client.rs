@@ -44,7 +44,19 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => simple(state_dir, &Request::Status),
         Command::Rollback => simple(state_dir, &Request::Rollback),
-        Command::Freeze => simple(state_dir, &Request::Freeze),
+        Command::Freeze { lease } => simple(
+            state_dir,
+            &Request::Freeze {
+                lease_seconds: *lease,
+            },
+        ),
+        Command::Renew { lease } => simple(
+            state_dir,
+            &Request::Renew {
+                lease_seconds: *lease,
+            },
+        ),
+        Command::Commit => simple(state_dir, &Request::Commit),
         Command::Thaw => simple(state_dir, &Request::Thaw),
         Command::Checkpoint {
             output,

@@ -34,8 +34,18 @@ pub enum Request {
     Receive,
     /// Resume the app frozen by the last checkpoint (or by `freeze`).
     Rollback,
-    /// Stop the app's process group (SIGSTOP) for a consistent multi-container checkpoint.
-    Freeze,
+    /// Stop the app's process tree (SIGSTOP) for a consistent multi-container checkpoint.
+    /// With a lease, the app resumes by itself unless `commit` comes within it (renewed by
+    /// `renew`): a migration whose driver died never leaves the app frozen for ever.
+    Freeze {
+        #[serde(default)]
+        lease_seconds: Option<u64>,
+    },
+    /// Extend the lease of a frozen app by this many seconds from now.
+    Renew { lease_seconds: u64 },
+    /// The migration is committed: end the lease; the app never resumes on its own any more
+    /// (only an explicit `rollback` resumes it). Refused once the lease has expired.
+    Commit,
     /// Resume the app's process group (SIGCONT): after `freeze`, or after restoring a
     /// checkpoint that was taken frozen.
     Thaw,
@@ -277,6 +287,15 @@ mod tests {
         .unwrap_or_default();
         assert_eq!(json, r#"{"op":"checkpoint","leave_running":true}"#);
         let back: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap_or(Request::Rollback);
+        let freeze: Request =
+            serde_json::from_str(r#"{"op":"freeze"}"#).unwrap_or(Request::Rollback);
+        assert_eq!(
+            freeze,
+            Request::Freeze {
+                lease_seconds: None
+            },
+            "an older client's freeze"
+        );
         assert_eq!(back, Request::Status);
     }
 

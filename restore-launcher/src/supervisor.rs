@@ -118,6 +118,11 @@ pub struct Supervisor {
     last_checkpoint: Option<CheckpointReport>,
     last_restore: Option<RestoreReport>,
     error: Option<String>,
+    /// While the app is held frozen for a migration that is not committed: when it resumes by
+    /// itself.
+    lease: Option<Instant>,
+    /// The migration holding the app frozen is committed: it never resumes on its own.
+    committed: bool,
 }
 
 impl Supervisor {
@@ -164,6 +169,8 @@ impl Supervisor {
             last_checkpoint: None,
             last_restore: None,
             error: None,
+            lease: None,
+            committed: false,
         };
         match start {
             Start::Fresh(app) => {
@@ -184,9 +191,16 @@ impl Supervisor {
                 self.reap();
                 return code;
             }
-            let timeout = match self.exited_at {
-                Some(at) => PollTimeout::try_from(DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()))
-                    .unwrap_or(PollTimeout::ZERO),
+            self.check_lease();
+            let drain = self
+                .exited_at
+                .map(|at| DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()));
+            let lease = self
+                .lease
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = match drain.into_iter().chain(lease).min() {
+                Some(left) => PollTimeout::try_from(left + Duration::from_millis(1))
+                    .unwrap_or(PollTimeout::MAX),
                 None => PollTimeout::NONE,
             };
             let ready = match self.wait(timeout) {
@@ -464,7 +478,9 @@ impl Supervisor {
                 let _ = control::answer(&stream, &self.status());
             }
             Request::Rollback => self.rollback(&stream),
-            Request::Freeze => self.freeze(&stream),
+            Request::Freeze { lease_seconds } => self.freeze(&stream, lease_seconds),
+            Request::Renew { lease_seconds } => self.renew(&stream, lease_seconds),
+            Request::Commit => self.commit(&stream),
             Request::Thaw => self.thaw(&stream),
             Request::Checkpoint { leave_running } => match fd {
                 Some(fd) => self.start_checkpoint(stream, fd, leave_running),
@@ -500,6 +516,10 @@ impl Supervisor {
             last_restore: self.last_restore.clone(),
             error: self.error.clone(),
             app_stopped: self.app.is_some_and(tree::all_stopped),
+            lease_seconds_left: self
+                .lease
+                .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+            committed: self.committed,
         }
     }
 
@@ -516,6 +536,8 @@ impl Supervisor {
             (LauncherState::Checkpointed | LauncherState::Frozen, Some(app)) => {
                 checkpoint::resume(app);
                 self.state = self.before_checkpoint;
+                self.lease = None;
+                self.committed = false;
                 tracing::info!(pid = app.as_raw(), "rolled back: the frozen app resumed");
                 self.acknowledge(stream, app);
             }
@@ -529,8 +551,77 @@ impl Supervisor {
         }
     }
 
-    /// SIGSTOP to the app's group: the first half of a consistent multi-container cut.
-    fn freeze(&mut self, stream: &UnixStream) {
+    /// Resumes an app whose lease expired with no commit: the migration's driver is gone.
+    fn check_lease(&mut self) {
+        let Some(deadline) = self.lease else {
+            return;
+        };
+        if Instant::now() < deadline
+            || !matches!(
+                self.state,
+                LauncherState::Frozen | LauncherState::Checkpointed
+            )
+        {
+            return; // a checkpoint still running is looked at again when it ends
+        }
+        self.lease = None;
+        if let Some(app) = self.app {
+            checkpoint::resume(app);
+            self.state = self.before_checkpoint;
+            tracing::warn!(
+                pid = app.as_raw(),
+                "the freeze's lease expired with no commit (the migration's driver is gone): resumed the app"
+            );
+        }
+    }
+
+    /// Extends the lease of an app held frozen for a migration.
+    fn renew(&mut self, stream: &UnixStream, seconds: u64) {
+        match (self.state, self.app, self.lease) {
+            (
+                LauncherState::Frozen | LauncherState::Checkpointing | LauncherState::Checkpointed,
+                Some(app),
+                Some(_),
+            ) => {
+                self.lease = Some(Instant::now() + Duration::from_secs(seconds));
+                self.acknowledge(stream, app);
+            }
+            _ => refuse(
+                stream,
+                format!(
+                    "no lease to renew: the launcher is {}{}",
+                    state_name(self.state),
+                    if self.committed { " and committed" } else { "" }
+                ),
+            ),
+        }
+    }
+
+    /// Ends the lease: the migration is committed and the frozen app must never resume on
+    /// its own. Refused when the lease already expired (the app runs again).
+    fn commit(&mut self, stream: &UnixStream) {
+        match (self.state, self.app) {
+            (LauncherState::Frozen | LauncherState::Checkpointed, Some(app)) => {
+                self.lease = None;
+                self.committed = true;
+                tracing::info!(
+                    pid = app.as_raw(),
+                    "the migration is committed: the frozen app stays frozen"
+                );
+                self.acknowledge(stream, app);
+            }
+            _ => refuse(
+                stream,
+                format!(
+                    "cannot commit: the launcher is {} (its lease expired and the app resumed, or nothing was frozen)",
+                    state_name(self.state)
+                ),
+            ),
+        }
+    }
+
+    /// SIGSTOP to the app's tree: the first half of a consistent multi-container cut.
+    fn freeze(&mut self, stream: &UnixStream, lease_seconds: Option<u64>) {
         match (self.state, self.app) {
             (LauncherState::Running | LauncherState::Restored, Some(app))
                 if self.running.is_none() =>
@@ -542,7 +633,9 @@ impl Supervisor {
                 }
                 self.before_checkpoint = self.state;
                 self.state = LauncherState::Frozen;
-                tracing::info!(pid = app.as_raw(), "froze the app");
+                self.committed = false;
+                self.lease = lease_seconds.map(|s| Instant::now() + Duration::from_secs(s));
+                tracing::info!(pid = app.as_raw(), ?lease_seconds, "froze the app");
                 self.acknowledge(stream, app);
             }
             _ => refuse(
@@ -567,6 +660,8 @@ impl Supervisor {
                 if self.state == LauncherState::Frozen {
                     self.state = self.before_checkpoint;
                 }
+                self.lease = None;
+                self.committed = false;
                 tracing::info!(pid = app.as_raw(), "thawed the app");
                 self.acknowledge(stream, app);
             }

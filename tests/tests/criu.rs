@@ -916,3 +916,77 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
     })?;
     Ok(())
 }
+
+/// The freeze's lease: a source whose migration driver died (no `renew`, no `commit`) resumes
+/// by itself when the lease expires, even after its checkpoint was taken; a `commit` ends the
+/// lease, after which only an explicit `rollback` resumes it; a commit after the expiry is
+/// refused, so a resumed source and a thawed target can never both run.
+#[test]
+fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -> Result<()> {
+    if !criu_tests_can_run(
+        "a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed",
+    ) {
+        return Ok(());
+    }
+    let a = counter_node("node-a", None, 3)?;
+    let ok = |args: &[&str]| -> Result<()> {
+        let output = a.launcher(args).output()?;
+        ensure!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        Ok(())
+    };
+    let frozen_for = |what: &str| -> Result<usize> {
+        let seen = counter_values(&a.stdout()).len();
+        std::thread::sleep(Duration::from_millis(700));
+        ensure!(
+            counter_values(&a.stdout()).len() == seen,
+            "the app ran while {what}"
+        );
+        Ok(seen)
+    };
+
+    // Frozen and checkpointed, then abandoned: it resumes by itself after the lease.
+    ok(&["freeze", "--lease", "3"])?;
+    ensure!(a.status()?["lease_seconds_left"].as_u64() <= Some(3));
+    checkpoint(&a, &["--output", "/tmp/abandoned.tar.zst"])?;
+    let seen = frozen_for("checkpointed under a lease")?;
+    a.wait_for("the app resumed by its lease", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
+    })?;
+    let status = a.status()?;
+    ensure!(
+        status["state"] == "running" && status["lease_seconds_left"].is_null(),
+        "{status}"
+    );
+    let late = a.launcher(&["commit"]).output()?;
+    ensure!(
+        !late.status.success() && String::from_utf8_lossy(&late.stdout).contains("cannot commit"),
+        "a commit after the lease expired was accepted"
+    );
+
+    // Renewed, then committed: the lease is over and the app stays frozen past it.
+    ok(&["freeze", "--lease", "2"])?;
+    ok(&["renew", "--lease", "2"])?;
+    ok(&["commit"])?;
+    std::thread::sleep(Duration::from_secs(3));
+    frozen_for("committed")?;
+    let status = a.status()?;
+    ensure!(
+        status["state"] == "frozen" && status["committed"] == true,
+        "{status}"
+    );
+    let renew = a.launcher(&["renew", "--lease", "2"]).output()?;
+    ensure!(
+        !renew.status.success(),
+        "a committed freeze took a new lease"
+    );
+    ok(&["rollback"])?;
+    let seen = counter_values(&a.stdout()).len();
+    a.wait_for("the app counting after the rollback", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
+    })?;
+    Ok(())
+}

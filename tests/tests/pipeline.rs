@@ -136,8 +136,21 @@ impl Launchers for StandIn {
         Ok(())
     }
 
-    async fn freeze(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn freeze(&self, pod: &Pod, container: &str, lease: Duration) -> Result<(), String> {
         self.call(format!("freeze {}/{container}", name(pod)));
+        if lease.is_zero() {
+            return Err("a freeze without a lease".into());
+        }
+        Ok(())
+    }
+
+    async fn renew(&self, pod: &Pod, container: &str, _lease: Duration) -> Result<(), String> {
+        self.call(format!("renew {}/{container}", name(pod)));
+        Ok(())
+    }
+
+    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), String> {
+        self.call(format!("commit {}/{container}", name(pod)));
         Ok(())
     }
 
@@ -235,6 +248,7 @@ fn options(timeout: Duration) -> Options {
         timeout,
         keep_source: false,
         force: false,
+        lease: Duration::from_secs(120),
         moved: Default::default(),
     }
 }
@@ -352,6 +366,11 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
         .position(|c| c == "thaw counter-m1/counter")
         .context("no thaw")?;
     ensure!(freeze < transfer && verify < thaw, "{calls:?}");
+    let commit = calls
+        .iter()
+        .position(|c| c == "commit counter/counter")
+        .context("the source launcher was not told of the commit")?;
+    ensure!(verify < commit && commit < thaw, "{calls:?}");
     let phases: Vec<&str> = report.phases.iter().map(|(p, _)| p.as_str()).collect();
     ensure!(
         phases

@@ -4,6 +4,8 @@
 //! which a cluster answers through `kubectl exec`, is answered by [`StandIn`] — the one seam
 //! these tests use, since exec needs a kubelet (the end-to-end tests run the real one).
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kubectl_migrate::check::{self, Launchers};
@@ -47,8 +49,16 @@ impl Launchers for StandIn {
         Err("the preflight never rolls back".into())
     }
 
-    async fn freeze(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+    async fn freeze(&self, _pod: &Pod, _container: &str, _lease: Duration) -> Result<(), String> {
         Err("the preflight never freezes".into())
+    }
+
+    async fn renew(&self, _pod: &Pod, _container: &str, _lease: Duration) -> Result<(), String> {
+        Err("the preflight holds no lease".into())
+    }
+
+    async fn commit(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+        Err("the preflight never commits".into())
     }
 
     async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<(), String> {

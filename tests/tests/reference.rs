@@ -36,6 +36,8 @@ fn the_reference_shows_what_help_prints() {
         "restore-launcher receive",
         "restore-launcher rollback",
         "restore-launcher freeze",
+        "restore-launcher renew",
+        "restore-launcher commit",
         "restore-launcher thaw",
         "restore-launcher status",
     ] {

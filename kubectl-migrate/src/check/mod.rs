@@ -59,8 +59,25 @@ pub trait Launchers {
         container: &str,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 
-    /// `freeze` in `container`: stop the app, so all containers are frozen before any is dumped.
+    /// `freeze --lease` in `container`: stop the app, so all containers are frozen before any
+    /// is dumped; it resumes by itself after `lease` unless renewed or committed.
     fn freeze(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
+    /// `renew --lease` in `container`: the migration is still working; extend the lease.
+    fn renew(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
+    /// `commit` in `container`: end the lease; the frozen source never resumes on its own.
+    fn commit(
         &self,
         pod: &Pod,
         container: &str,
