@@ -111,6 +111,19 @@ pub struct RunOptions {
     )]
     pub output_stall_timeout: u64,
 
+    /// Give up a `receive` whose archive stream brings nothing for this many seconds (a
+    /// sender gone without closing the stream): the target then reports the failure and
+    /// waits for another archive instead of waiting forever. Keep it above the source's dump
+    /// time (the first bytes come once CRIU has dumped the app).
+    #[arg(
+        long,
+        env = "RESTORE_LAUNCHER_INPUT_STALL_TIMEOUT",
+        default_value_t = 120,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub input_stall_timeout: u64,
+
     /// The criu binary (default: `criu` from PATH).
     #[arg(long, env = "RESTORE_LAUNCHER_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,

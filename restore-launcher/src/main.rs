@@ -104,6 +104,7 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
         include: options.include.clone(),
         criu: options.criu.clone(),
         output_stall_timeout: std::time::Duration::from_secs(options.output_stall_timeout),
+        input_stall_timeout: std::time::Duration::from_secs(options.input_stall_timeout),
         on_restore_failure: options.on_restore_failure,
         command: options.command.clone(),
     };

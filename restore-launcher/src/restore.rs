@@ -41,6 +41,8 @@ pub struct Plan {
     pub criu: Option<PathBuf>,
     pub pid_floor: i32,
     pub original_mask: SigSet,
+    /// How long the archive stream may bring nothing before the restore gives up.
+    pub input_stall_timeout: std::time::Duration,
 }
 
 /// The write ends of the launcher's new stdout/stderr pipes, handed to CRIU.
@@ -103,8 +105,10 @@ fn restore(
             (manifest, staging)
         }
         Source::Stream(fd) => {
-            let mut input =
-                CountingReader::new(std::io::BufReader::with_capacity(1 << 20, File::from(fd)));
+            let mut input = CountingReader::new(std::io::BufReader::with_capacity(
+                1 << 20,
+                StallReader::new(File::from(fd), plan.input_stall_timeout),
+            ));
             let staging = dir.join("archive");
             let manifest = archive::read_verified(&mut input, &staging, sysinfo::arch())
                 .map_err(|e| refused(&e))?;
@@ -169,4 +173,84 @@ fn refused(error: &(dyn std::error::Error + 'static)) -> String {
         "{prefix}{}; nothing was restored and the archive was left untouched",
         chain(error)
     )
+}
+
+/// The archive's input stream, failing a read that brings nothing for `stall`: a sender gone
+/// without closing the stream (an exec session dropped by a plugin that died) would otherwise
+/// keep the target "restoring" for ever. It waits with poll(2) and reads only what is there,
+/// leaving the stream's flags alone: the `receive` client shares it and drains it after a
+/// refusal with plain blocking reads.
+struct StallReader {
+    input: File,
+    stall: std::time::Duration,
+}
+
+impl StallReader {
+    fn new(input: File, stall: std::time::Duration) -> Self {
+        StallReader { input, stall }
+    }
+}
+
+impl std::io::Read for StallReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd as _;
+        let deadline = Instant::now() + self.stall;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the archive stream brought nothing for {:.1} s (its sender gone without closing it?)",
+                        self.stall.as_secs_f64()
+                    ),
+                ));
+            }
+            let mut fds = [PollFd::new(self.input.as_fd(), PollFlags::POLLIN)];
+            let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(millis)) {
+                // Readable, at its end, or broken: the read says which, without blocking.
+                Ok(n) if n > 0 => return self.input.read(buf),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+
+    #[test]
+    fn a_stream_that_brings_nothing_fails_after_the_stall_timeout() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let mut input = StallReader::new(
+            File::from(std::os::fd::OwnedFd::from(reader)),
+            std::time::Duration::from_millis(300),
+        );
+        writer.write_all(b"abc").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            input.read(&mut buf).unwrap(),
+            3,
+            "data that is there is read"
+        );
+        let start = Instant::now();
+        let error = input.read(&mut buf).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            error.to_string().contains("brought nothing for 0 s")
+                || error.to_string().contains("brought nothing")
+        );
+        assert!(start.elapsed() >= std::time::Duration::from_millis(300));
+        drop(writer);
+        assert_eq!(
+            input.read(&mut buf).unwrap(),
+            0,
+            "a closed stream is its end"
+        );
+    }
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub criu: Option<PathBuf>,
     /// How long a checkpoint's output may take nothing before the checkpoint gives up.
     pub output_stall_timeout: Duration,
+    /// How long a received archive stream may bring nothing before the restore gives up.
+    pub input_stall_timeout: Duration,
     pub on_restore_failure: OnRestoreFailure,
     pub command: Vec<OsString>,
 }
@@ -782,6 +784,7 @@ impl Supervisor {
             criu: self.config.criu.clone(),
             pid_floor: self.config.pid_floor,
             original_mask: self.signals.original_mask,
+            input_stall_timeout: self.config.input_stall_timeout,
         };
         let job = Job::start(move || {
             let pipes = restore::Pipes {
