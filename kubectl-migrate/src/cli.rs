@@ -74,6 +74,11 @@ pub struct MigrateArgs {
     /// commit; if the plugin dies, the source resumes by itself after it.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub lease: Duration,
+    /// Undo the migration (resuming the source) if the app would stay frozen longer than this.
+    /// Default: a second less than its tightest HTTP, gRPC or exec liveness probe allows,
+    /// else no limit.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_downtime: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,6 +99,9 @@ pub enum Command {
         /// Accept hostPath volumes, as `kubectl migrate --force` would.
         #[arg(long)]
         force: bool,
+        /// Check the liveness probes against this freeze, as `kubectl migrate --max-downtime`.
+        #[arg(long, value_parser = parse_duration)]
+        max_downtime: Option<Duration>,
     },
     /// List migrations that started and did not finish (phase, age, committed or not), with
     /// the command that clears each.

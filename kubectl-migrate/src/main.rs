@@ -69,6 +69,7 @@ async fn preflight(
     pod: &str,
     node: &str,
     force: bool,
+    max_downtime: Option<std::time::Duration>,
 ) -> Result<Vec<Problem>> {
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
@@ -84,15 +85,24 @@ async fn preflight(
     .await
     .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
     Ok(match facts {
-        Ok(facts) => check::problems(&facts),
+        Ok(mut facts) => {
+            facts.max_downtime = max_downtime;
+            check::problems(&facts)
+        }
         Err(problem) => vec![problem],
     })
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let connection = client::connect(&cli.global).await?;
-    if let Some(Command::Check { pod, to, force }) = &cli.command {
-        let problems = preflight(&connection, pod, to, *force).await?;
+    if let Some(Command::Check {
+        pod,
+        to,
+        force,
+        max_downtime,
+    }) = &cli.command
+    {
+        let problems = preflight(&connection, pod, to, *force, *max_downtime).await?;
         return Ok(if report(&problems, pod, to) {
             ExitCode::SUCCESS
         } else {
@@ -146,6 +156,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         keep_source: cli.migrate.keep_source,
         force: cli.migrate.force,
         lease: cli.migrate.lease,
+        max_downtime: cli.migrate.max_downtime,
         moved: Default::default(),
     };
     let progress = show_progress(options.moved.clone());

@@ -54,6 +54,9 @@ pub struct Options {
     pub force: bool,
     /// `--lease`: how long a frozen source waits for this plugin before it resumes by itself.
     pub lease: Duration,
+    /// `--max-downtime`: undo once the app has been frozen this long (default: what its
+    /// liveness probes allow, see `check::pod::freeze_limit`).
+    pub max_downtime: Option<Duration>,
     /// Archive bytes moved so far, for a progress display (shared with the caller).
     pub moved: Arc<AtomicU64>,
 }
@@ -112,6 +115,10 @@ pub enum MigrateError {
     Aborted,
     #[error("the source's lease could not be renewed in container {container}: {error}")]
     LeaseLost { container: String, error: String },
+    #[error(
+        "the app would have stayed frozen longer than {limit:?} (--max-downtime, or what its liveness probes allow)"
+    )]
+    FrozenTooLong { limit: Duration },
 }
 
 /// A failed migration: why (with the causes, such as the API server's refusal naming the
@@ -236,7 +243,9 @@ async fn run<L: Launchers + Sync>(
         step: "reading the cluster",
         source,
     })?;
-    let facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
+    let mut facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
+    facts.max_downtime = options.max_downtime;
+    let freeze_limit = check::pod::freeze_limit(&facts);
     let problems = check::problems(&facts);
     if !problems.is_empty() {
         return Err(MigrateError::Preflight(problems));
@@ -314,6 +323,7 @@ async fn run<L: Launchers + Sync>(
             })?;
     }
     let keep_alive = || renew_lease(launchers, &source, &containers, options.lease);
+    let thaw_by = freeze_limit.map(|limit| (tokio::time::Instant::now() + limit, limit));
     let transfers = containers.iter().map(|c| {
         let moved = moved.clone();
         let (source, target) = (&source, &target);
@@ -324,7 +334,11 @@ async fn run<L: Launchers + Sync>(
             )
         }
     });
-    let results = leased(futures::future::join_all(transfers), keep_alive()).await?;
+    let results = within(
+        thaw_by,
+        leased(futures::future::join_all(transfers), keep_alive()),
+    )
+    .await??;
     let mut reports = BTreeMap::new();
     for (container, result) in results {
         let (checkpoint, restore) = result.map_err(|error| MigrateError::Transfer {
@@ -352,21 +366,21 @@ async fn run<L: Launchers + Sync>(
                 });
             }
         }
+        // Every source launcher acknowledges the commit (its lease ends: it will not resume
+        // on its own) before it is recorded; one whose lease already expired refuses, and the
+        // migration is undone like any failure before the commit.
+        for container in &containers {
+            launchers
+                .commit(&source, container)
+                .await
+                .map_err(|error| MigrateError::Transfer {
+                    container: container.clone(),
+                    error: format!("the source refused the commit: {error}"),
+                })?;
+        }
         Ok(())
     };
-    leased(verify, keep_alive()).await??;
-    // Every source launcher acknowledges the commit (its lease ends: it will not resume on
-    // its own) before it is recorded; one whose lease already expired refuses, and the
-    // migration is undone like any failure before the commit.
-    for container in &containers {
-        launchers
-            .commit(&source, container)
-            .await
-            .map_err(|error| MigrateError::Transfer {
-                container: container.clone(),
-                error: format!("the source refused the commit: {error}"),
-            })?;
-    }
+    within(thaw_by, leased(verify, keep_alive())).await???;
     phase_done("verify", &mut phases);
 
     // The point of no return: from here the target holds the app's state, and nothing undoes
@@ -405,6 +419,21 @@ async fn run<L: Launchers + Sync>(
         source_deleted: finished.source_deleted,
         warnings: finished.warnings,
     })
+}
+
+/// Runs `work` unless the app would stay frozen past `thaw_by` (the deadline and the limit it
+/// comes from): then the migration is cut short, and undone, before a liveness probe can
+/// restart the frozen app.
+async fn within<T>(
+    thaw_by: Option<(tokio::time::Instant, Duration)>,
+    work: impl Future<Output = T>,
+) -> Result<T, MigrateError> {
+    match thaw_by {
+        None => Ok(work.await),
+        Some((deadline, limit)) => tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| MigrateError::FrozenTooLong { limit }),
+    }
 }
 
 /// Runs `work` while renewing the sources' lease; fails if a renewal is refused (the lease

@@ -300,6 +300,7 @@ fn options_for(source: &str, node: &str) -> Options {
         keep_source: false,
         force: false,
         lease: std::time::Duration::from_secs(120),
+        max_downtime: None,
         moved: Default::default(),
     }
 }

@@ -249,6 +249,7 @@ fn options(timeout: Duration) -> Options {
         keep_source: false,
         force: false,
         lease: Duration::from_secs(120),
+        max_downtime: None,
         moved: Default::default(),
     }
 }
@@ -878,5 +879,47 @@ async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> 
     );
     let again = recover::resume(&connection, &fresh, "counter").await?;
     ensure!(again.contains("nothing to resume"), "{again}");
+    Ok(())
+}
+
+/// The freeze is bounded: an app that would stay frozen past `--max-downtime` (or what its
+/// liveness probes allow) is resumed by an undo before a probe could restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_longer_than_max_downtime_is_undone() -> Result<()> {
+    if !apiserver_tests_can_run("a_freeze_longer_than_max_downtime_is_undone") {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let driver = kubelet(&server, Kubelet::Runs);
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Hangs);
+    let mut options = options(Duration::from_secs(60));
+    options.max_downtime = Some(Duration::from_secs(2));
+    let start = std::time::Instant::now();
+    let failed = migrate::migrate(&connection, &launchers, &options, std::future::pending())
+        .await
+        .err()
+        .context("a freeze past --max-downtime must fail the migration")?;
+    let _ = driver.join();
+    ensure!(
+        matches!(failed.error, MigrateError::FrozenTooLong { .. }),
+        "{failed}"
+    );
+    ensure!(
+        start.elapsed() < Duration::from_secs(30),
+        "the limit was not enforced"
+    );
+    let text = failed.to_string();
+    ensure!(
+        text.contains("longer than 2s") && text.contains("deleted the target pod counter-m1"),
+        "{text}"
+    );
+    ensure!(
+        launchers
+            .calls()
+            .iter()
+            .any(|c| c == "rollback counter/counter"),
+        "the source was not resumed: {:?}",
+        launchers.calls()
+    );
     Ok(())
 }

@@ -110,6 +110,8 @@ pub struct Facts {
     pub denied: Vec<Permission>,
     /// Migrations of this pod that started and did not finish.
     pub unfinished: Vec<crate::recover::InFlight>,
+    /// `--max-downtime`, when given: the longest the app may stay frozen.
+    pub max_downtime: Option<std::time::Duration>,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -214,6 +216,7 @@ pub async fn gather(
         force,
         denied,
         unfinished,
+        max_downtime: None,
     }))
 }
 
@@ -224,6 +227,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::controller_owned(facts));
     found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));
+    found.extend(pod::probes_too_tight(facts));
     let Some(target) = &facts.target_node else {
         found.push(node::missing(facts));
         return found;
@@ -301,6 +305,7 @@ pub(crate) mod fixture {
             force: false,
             denied: Vec::new(),
             unfinished: Vec::new(),
+            max_downtime: None,
         }
     }
 

@@ -1,5 +1,6 @@
-//! Rules about the pod itself: it runs, no controller owns it, and every container runs a
-//! restore-launcher with CRIU.
+//! Rules about the pod itself: it runs, no controller owns it, no earlier migration of it is
+//! unfinished, every container runs a restore-launcher with CRIU, and no liveness probe would
+//! kill the frozen app before the migration may end.
 
 use super::{Facts, Problem, pod_name};
 
@@ -67,6 +68,86 @@ pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
                     } else {
                         "this deletes the target and resumes the source"
                     }
+                ),
+            )
+        })
+        .collect()
+}
+
+/// How long a liveness probe tolerates an app that answers nothing before the kubelet
+/// restarts the container: the first failed probe may come right after the freeze, and the
+/// restart follows `failureThreshold` consecutive failures, one per `periodSeconds`, each
+/// declared after `timeoutSeconds` (Kubernetes' defaults: 3, 10 s, 1 s).
+pub fn probe_budget(probe: &k8s_openapi::api::core::v1::Probe) -> std::time::Duration {
+    let threshold = u64::try_from(probe.failure_threshold.unwrap_or(3).max(1)).unwrap_or(1);
+    let period = u64::try_from(probe.period_seconds.unwrap_or(10).max(1)).unwrap_or(10);
+    let timeout = u64::try_from(probe.timeout_seconds.unwrap_or(1).max(1)).unwrap_or(1);
+    std::time::Duration::from_secs((threshold - 1) * period + timeout)
+}
+
+/// The least a liveness probe must leave for the freeze: below it, no migration of an app of
+/// any size fits.
+pub const MIN_PROBE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The liveness probes that fail while the app is frozen, by container, with their budgets. A
+/// frozen app answers no HTTP or gRPC request and runs no code for an exec probe that talks to
+/// it, so such a probe keeps failing, and once it has failed `failureThreshold` times the
+/// kubelet restarts the container: the app would be killed, and on an undo it would not come
+/// back with its state. A TCP probe passes: the kernel completes the handshake on a frozen
+/// process's listening socket.
+fn freezing_probes(facts: &Facts) -> Vec<(String, std::time::Duration)> {
+    let migrated = crate::rewrite::migrated_containers(&facts.pod);
+    facts
+        .pod
+        .spec
+        .iter()
+        .flat_map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+        })
+        .filter(|c| migrated.contains(&c.name))
+        .filter_map(|c| {
+            let probe = c.liveness_probe.as_ref()?;
+            (probe.tcp_socket.is_none()).then(|| (c.name.clone(), probe_budget(probe)))
+        })
+        .collect()
+}
+
+/// How long the app may stay frozen: `--max-downtime` if given, else a second less than the
+/// tightest liveness probe allows, else no limit. The migration undoes itself (resuming the
+/// source) once the app has been frozen that long, before a probe can kill it.
+pub fn freeze_limit(facts: &Facts) -> Option<std::time::Duration> {
+    facts.max_downtime.or_else(|| {
+        freezing_probes(facts)
+            .into_iter()
+            .map(|(_, budget)| budget.saturating_sub(std::time::Duration::from_secs(1)))
+            .min()
+    })
+}
+
+/// A liveness probe that would restart the frozen app: one that leaves less than
+/// [`MIN_PROBE_BUDGET`], or less than an explicit `--max-downtime`.
+pub fn probes_too_tight(facts: &Facts) -> Vec<Problem> {
+    freezing_probes(facts)
+        .into_iter()
+        .filter(|(_, budget)| {
+            *budget < MIN_PROBE_BUDGET || facts.max_downtime.is_some_and(|limit| *budget <= limit)
+        })
+        .map(|(container, budget)| {
+            let needed = facts.max_downtime.unwrap_or(MIN_PROBE_BUDGET).as_secs();
+            Problem::new(
+                format!(
+                    "container {container}'s liveness probe would restart it {} s into the freeze, which leaves no room for a migration{}",
+                    budget.as_secs(),
+                    facts
+                        .max_downtime
+                        .map(|l| format!(" of --max-downtime {} s", l.as_secs()))
+                        .unwrap_or_default()
+                ),
+                format!(
+                    "allow the probe more than {needed} s ((failureThreshold - 1) × periodSeconds + timeoutSeconds), or use a TCP probe, which a frozen app still passes"
                 ),
             )
         })
@@ -153,6 +234,49 @@ mod tests {
                 .fix
                 .contains("kubectl migrate resume counter")
         );
+    }
+
+    #[test]
+    fn a_liveness_probe_that_would_kill_the_frozen_app_is_refused_or_bounds_the_freeze() {
+        let mut f = facts();
+        assert!(probes_too_tight(&f).is_empty(), "no probe");
+        assert_eq!(freeze_limit(&f), None, "no probe, no limit");
+        let probe = |kind: serde_json::Value| {
+            Some(serde_json::from_value::<k8s_openapi::api::core::v1::Probe>(kind).unwrap())
+        };
+        // HTTP, period 1 s, threshold 2: restarted ~2 s into a freeze: refused up front.
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe = probe(serde_json::json!(
+            {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2}
+        ));
+        let found = probes_too_tight(&f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].what.contains(
+                "container counter's liveness probe would restart it 2 s into the freeze"
+            ),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].fix.contains("more than 5 s"), "{}", found[0]);
+        // Kubernetes' defaults (3 × 10 s + 1 s) leave 21 s: accepted, and the freeze is bounded
+        // a second below.
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe =
+            probe(serde_json::json!({"exec": {"command": ["true"]}}));
+        assert!(probes_too_tight(&f).is_empty());
+        assert_eq!(freeze_limit(&f), Some(std::time::Duration::from_secs(20)));
+        // An explicit --max-downtime the probe does not allow is refused; a smaller one wins.
+        f.max_downtime = Some(std::time::Duration::from_secs(30));
+        assert!(probes_too_tight(&f)[0].fix.contains("more than 30 s"));
+        f.max_downtime = Some(std::time::Duration::from_secs(10));
+        assert!(probes_too_tight(&f).is_empty());
+        assert_eq!(freeze_limit(&f), Some(std::time::Duration::from_secs(10)));
+        // A TCP probe: the kernel answers for a frozen app.
+        f.max_downtime = None;
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe = probe(serde_json::json!(
+            {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 1}
+        ));
+        assert!(probes_too_tight(&f).is_empty());
+        assert_eq!(freeze_limit(&f), None);
     }
 
     #[test]
