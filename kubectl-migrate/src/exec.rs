@@ -166,6 +166,11 @@ pub fn is_frozen(status: &StatusReport) -> bool {
     status.state == LauncherState::Frozen && status.app_stopped
 }
 
+/// A lease as the launcher's `--lease` takes it: whole seconds, at least one.
+fn seconds(lease: std::time::Duration) -> String {
+    lease.as_secs().max(1).to_string()
+}
+
 /// `renew` took effect: the app is still held frozen (before or after its checkpoint) with a
 /// lease.
 pub fn is_frozen_or_dumped(status: &StatusReport) -> bool {
@@ -410,7 +415,7 @@ impl Launchers for ExecLaunchers {
         container: &str,
         lease: std::time::Duration,
     ) -> Result<(), String> {
-        let lease = lease.as_secs().max(1).to_string();
+        let lease = seconds(lease);
         self.act(pod, container, &["freeze", "--lease", &lease], is_frozen)
             .await
     }
@@ -421,7 +426,7 @@ impl Launchers for ExecLaunchers {
         container: &str,
         lease: std::time::Duration,
     ) -> Result<(), String> {
-        let lease = lease.as_secs().max(1).to_string();
+        let lease = seconds(lease);
         self.act(
             pod,
             container,

@@ -186,11 +186,7 @@ pub async fn abort<L: Launchers + Sync>(
     launchers: &L,
     pod: &str,
 ) -> Result<String, RecoverError> {
-    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
-        .await?
-        .into_iter()
-        .next()
-    else {
+    let Some((found, target)) = unfinished(connection, pod).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to abort"
         ));
@@ -202,11 +198,6 @@ pub async fn abort<L: Launchers + Sync>(
             pod: found.source,
         });
     }
-    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let target = match &found.target {
-        Some(t) => pods.get_opt(t).await.map_err(RecoverError::Api)?,
-        None => None,
-    };
     let progress = Progress {
         id: found.id.clone(),
         target,
@@ -236,11 +227,7 @@ pub async fn resume<L: Launchers + Sync>(
     launchers: &L,
     pod: &str,
 ) -> Result<String, RecoverError> {
-    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
-        .await?
-        .into_iter()
-        .next()
-    else {
+    let Some((found, target)) = unfinished(connection, pod).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to resume"
         ));
@@ -251,11 +238,6 @@ pub async fn resume<L: Launchers + Sync>(
             pod: found.source,
         });
     }
-    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let target = match &found.target {
-        Some(t) => pods.get_opt(t).await.map_err(RecoverError::Api)?,
-        None => None,
-    };
     let Some(target) = target else {
         return Err(RecoverError::TargetGone {
             id: found.id,
@@ -289,6 +271,26 @@ pub async fn resume<L: Launchers + Sync>(
         text.push_str(&format!("; warning: {warning}"));
     }
     Ok(text)
+}
+
+/// The unfinished migration of `pod` (as source or target), with its target pod if it exists.
+async fn unfinished(
+    connection: &Connection,
+    pod: &str,
+) -> Result<Option<(InFlight, Option<Pod>)>, RecoverError> {
+    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let target = match &found.target {
+        Some(t) => pods.get_opt(t).await.map_err(RecoverError::Api)?,
+        None => None,
+    };
+    Ok(Some((found, target)))
 }
 
 /// The options the undo and finish steps read: the source's name and the target's node.

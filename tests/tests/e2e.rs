@@ -139,6 +139,20 @@ fn run_counter(cluster: &Cluster, name: &str, node: &str, env: &[(&str, &str)]) 
     })
 }
 
+/// `restore-launcher status` in `pod` (and `container`), as JSON.
+fn launcher_status(
+    cluster: &Cluster,
+    pod: &str,
+    container: Option<&str>,
+) -> Result<serde_json::Value> {
+    let mut args = vec!["exec", pod];
+    if let Some(c) = container {
+        args.extend(["-c", c]);
+    }
+    args.extend(["--", "restore-launcher", "status"]);
+    Ok(serde_json::from_str(&cluster.kubectl_ok(&args)?)?)
+}
+
 fn logs(cluster: &Cluster, pod: &str, container: Option<&str>) -> String {
     let mut args = vec!["logs", pod];
     if let Some(c) = container {
@@ -526,13 +540,7 @@ fn restart_after_migration_starts_fresh(cluster: &Cluster) -> Result<()> {
         note == "false",
         "the target still waits for a checkpoint: {note:?}"
     );
-    let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
-        "exec",
-        target,
-        "--",
-        "restore-launcher",
-        "status",
-    ])?)?;
+    let status = launcher_status(cluster, target, None)?;
     let app = status["app_pid"].as_i64().context("no app_pid")?;
     cluster.kubectl_ok(&[
         "exec",
@@ -560,13 +568,7 @@ fn restart_after_migration_starts_fresh(cluster: &Cluster) -> Result<()> {
         "the restarted app did not start fresh: its first count is {:?}",
         fresh[0]
     );
-    let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
-        "exec",
-        target,
-        "--",
-        "restore-launcher",
-        "status",
-    ])?)?;
+    let status = launcher_status(cluster, target, None)?;
     ensure!(
         status["state"] == "running",
         "the restarted launcher is {}, not running",
@@ -631,15 +633,7 @@ fn native_sidecar_moves_with_its_app(cluster: &Cluster) -> Result<()> {
                 "{name}'s count jumped: {pair:?}"
             );
         }
-        let status: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
-            "exec",
-            "duo-m1",
-            "-c",
-            name,
-            "--",
-            "restore-launcher",
-            "status",
-        ])?)?;
+        let status = launcher_status(cluster, "duo-m1", Some(name))?;
         ensure!(
             status["state"] == "restored",
             "{name} is {}",
