@@ -1,8 +1,11 @@
 //! The control socket between PID 1 and the sub-commands run next to it (`kubectl exec ...
 //! restore-launcher checkpoint|receive|rollback|status`).
 //!
-//! A Unix stream socket in the state directory, mode 0600 (only the container's own user can
-//! drive checkpoints). One request per connection: the client sends one JSON line, with the
+//! A Unix stream socket in the state directory, created with mode 0600 (no window with a
+//! wider mode), answering only peers of the launcher's own uid or root (`SO_PEERCRED`, not the
+//! file mode alone). One PID 1 per state directory: it holds an exclusive lock on
+//! `STATE_DIR/launcher.lock` for its life, and only the lock holder replaces the socket, so a
+//! second launcher never unlinks a live one's socket. One request per connection: the client sends one JSON line, with the
 //! stream to write or read passed along as a file descriptor (SCM_RIGHTS) — its stdout for
 //! `checkpoint --output -`, its stdin for `receive --input -`, or a file it opened. PID 1 then
 //! reads or writes that stream directly, without copying it through the client, and answers
@@ -80,6 +83,12 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    #[error("another restore-launcher already runs with the state directory `{}`; give each its own --state-dir", path.display())]
+    InUse {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("the control connection failed")]
     Io(#[source] io::Error),
     #[error("the request is not valid: {0}")]
@@ -88,11 +97,21 @@ pub enum ControlError {
     NoAnswer,
 }
 
-/// PID 1's listening socket.
+/// PID 1's listening socket, and the lock that makes it the state directory's only PID 1.
 #[derive(Debug)]
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The lock file beside the socket.
+const LOCK_NAME: &str = "launcher.lock";
+
+/// Whether a peer of uid `peer` may drive the launcher running as `own`: the same user, or
+/// root (`kubectl exec` runs as the container's user unless the pod says otherwise).
+pub fn peer_allowed(peer: u32, own: u32) -> bool {
+    peer == own || peer == 0
 }
 
 impl Server {
@@ -101,7 +120,7 @@ impl Server {
     /// # Errors
     /// [`ControlError::StateDir`] or [`ControlError::Bind`].
     pub fn bind(state_dir: &Path) -> Result<Server, ControlError> {
-        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -110,25 +129,51 @@ impl Server {
                 path: state_dir.to_path_buf(),
                 source,
             })?;
+        let lock_path = state_dir.join(LOCK_NAME);
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| ControlError::Bind {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| ControlError::InUse {
+                path: state_dir.to_path_buf(),
+                source: errno.into(),
+            })?;
         let path = state_dir.join(SOCKET_NAME);
+        // Ours alone now: a socket left there is a dead launcher's.
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| ControlError::Bind {
+        // Created 0600 (umask 0177 around bind), not chmod-ed after: no moment where another
+        // user could connect. PID 1 is single-threaded here, before the app starts.
+        let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(&path);
+        nix::sys::stat::umask(previous);
+        let listener = bound.map_err(|source| ControlError::Bind {
             path: path.clone(),
             source,
         })?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| ControlError::Bind {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        debug_assert_eq!(
+            std::fs::metadata(&path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok(),
+            Some(0o600)
+        );
         listener
             .set_nonblocking(true)
             .map_err(|source| ControlError::Bind {
                 path: path.clone(),
                 source,
             })?;
-        Ok(Server { listener, path })
+        Ok(Server {
+            listener,
+            path,
+            _lock: lock,
+        })
     }
 
     pub fn listener(&self) -> &UnixListener {
@@ -146,6 +191,20 @@ impl Server {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(error) => return Err(ControlError::Io(error)),
         };
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|errno| ControlError::Io(errno.into()))?;
+        let own = nix::unistd::geteuid().as_raw();
+        if !peer_allowed(peer.uid(), own) {
+            let _ = answer(
+                &stream,
+                &serde_json::json!({"ok": false, "error": format!(
+                    "refused: the launcher only takes requests from its own user (uid {own}) or root, not uid {}",
+                    peer.uid()
+                )}),
+            );
+            return Ok(None);
+        }
         stream.set_nonblocking(false).map_err(ControlError::Io)?;
         stream
             .set_read_timeout(Some(REQUEST_TIMEOUT))
@@ -297,6 +356,46 @@ mod tests {
             "an older client's freeze"
         );
         assert_eq!(back, Request::Status);
+    }
+
+    #[test]
+    fn one_launcher_per_state_dir_with_a_socket_made_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("rl-lock-{}", std::process::id()));
+        let first = Server::bind(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let mode = std::fs::metadata(dir.join(SOCKET_NAME))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_default();
+        assert_eq!(mode, 0o600);
+        let second = Server::bind(&dir);
+        assert!(
+            matches!(&second, Err(ControlError::InUse { .. })),
+            "{second:?}"
+        );
+        assert!(
+            dir.join(SOCKET_NAME).exists(),
+            "the refused launcher removed the live socket"
+        );
+        drop(first);
+        let again = Server::bind(&dir);
+        assert!(
+            again.is_ok(),
+            "the lock is released with the first: {again:?}"
+        );
+        drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_the_same_user_or_root_may_drive_the_launcher() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(
+            !peer_allowed(1000, 0),
+            "another user may not drive a root launcher"
+        );
     }
 
     #[test]
