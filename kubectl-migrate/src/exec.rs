@@ -67,7 +67,12 @@ impl ExecLaunchers {
         };
         let stdout = match stdout {
             Ok(stdout) => stdout,
-            Err(error) => return Reply::Unknown(format!("reading its output failed: {error}")),
+            Err(error) => {
+                return Reply::Unknown {
+                    detail: format!("reading its output failed: {error}"),
+                    stdout: String::new(),
+                };
+            }
         };
         match status {
             Some(status) if status.status.as_deref() == Some("Failure") => {
@@ -83,14 +88,17 @@ impl ExecLaunchers {
                 })
             }
             Some(_) => Reply::Succeeded(stdout),
-            None => Reply::Unknown(format!(
-                "the exec stream closed with no exit status{}",
-                if stdout.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(" after printing `{}`", stdout.trim())
-                }
-            )),
+            None => Reply::Unknown {
+                detail: format!(
+                    "the exec stream closed with no exit status{}",
+                    if stdout.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" after printing `{}`", stdout.trim())
+                    }
+                ),
+                stdout,
+            },
         }
     }
 
@@ -108,7 +116,7 @@ impl ExecLaunchers {
         match self.run(pod, container, args).await {
             Reply::Succeeded(_) => Ok(()),
             Reply::Failed(why) => Err(why),
-            Reply::Unknown(detail) => settle(
+            Reply::Unknown { detail, .. } => settle(
                 verb,
                 &detail,
                 self.status(pod, container).await,
@@ -126,8 +134,8 @@ pub enum Reply {
     /// It delivered a failure, or the exec could not start; the reason.
     Failed(String),
     /// The stream ended with no status (a dropped WebSocket, a restarted API server or
-    /// kubelet): the command may or may not have run.
-    Unknown(String),
+    /// kubelet): the command may or may not have run. What happened, and what it printed.
+    Unknown { detail: String, stdout: String },
 }
 
 /// Decides an unknown outcome of `verb` from the launcher's status read afterwards: done if
@@ -269,7 +277,7 @@ impl Launchers for ExecLaunchers {
     async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
         // `status` changes nothing: its answer is what counts, whatever the stream's end said.
         let stdout = match self.run(pod, container, &["status"]).await {
-            Reply::Succeeded(stdout) | Reply::Unknown(stdout) => stdout,
+            Reply::Succeeded(stdout) | Reply::Unknown { stdout, .. } => stdout,
             Reply::Failed(why) => return Err(why),
         };
         last_json(&stdout).ok_or_else(|| {

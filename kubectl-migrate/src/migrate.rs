@@ -309,8 +309,11 @@ async fn run<L: Launchers + Sync>(
     .await;
     let moved = options.moved.clone();
     let containers = rewrite::migrated_containers(&source);
+    progress.containers.clone_from(&containers);
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
+    // The freeze is bounded from before the first container stops.
+    let thaw_by = freeze_limit.map(|limit| (tokio::time::Instant::now() + limit, limit));
     // Each freeze carries a lease: if this plugin dies, the sources resume by themselves. It
     // is renewed while the plugin works, and ended by the commit.
     for container in &containers {
@@ -323,7 +326,6 @@ async fn run<L: Launchers + Sync>(
             })?;
     }
     let keep_alive = || renew_lease(launchers, &source, &containers, options.lease);
-    let thaw_by = freeze_limit.map(|limit| (tokio::time::Instant::now() + limit, limit));
     let transfers = containers.iter().map(|c| {
         let moved = moved.clone();
         let (source, target) = (&source, &target);
@@ -366,9 +368,14 @@ async fn run<L: Launchers + Sync>(
                 });
             }
         }
-        // Every source launcher acknowledges the commit (its lease ends: it will not resume
-        // on its own) before it is recorded; one whose lease already expired refuses, and the
-        // migration is undone like any failure before the commit.
+        Ok(())
+    };
+    within(thaw_by, leased(verify, keep_alive())).await???;
+    // Every source launcher acknowledges the commit (its lease ends: it will not resume on its
+    // own) before it is recorded; one whose lease already expired refuses, and the migration
+    // is undone like any failure before the commit. No renewal runs meanwhile: it would be
+    // refused by a launcher that has already taken the commit.
+    let acknowledge = async {
         for container in &containers {
             launchers
                 .commit(&source, container)
@@ -378,9 +385,9 @@ async fn run<L: Launchers + Sync>(
                     error: format!("the source refused the commit: {error}"),
                 })?;
         }
-        Ok(())
+        Ok::<(), MigrateError>(())
     };
-    within(thaw_by, leased(verify, keep_alive())).await???;
+    within(thaw_by, acknowledge).await??;
     phase_done("verify", &mut phases);
 
     // The point of no return: from here the target holds the app's state, and nothing undoes
@@ -388,7 +395,6 @@ async fn run<L: Launchers + Sync>(
     progress.phase = "commit".into();
     commit(&pods, &options.pod, &progress.id).await?;
     progress.committed = true;
-    progress.containers.clone_from(&containers);
     phase_done("commit", &mut phases);
     progress.phase = "thaw and cleanup".into();
     let finished = finish(connection, launchers, options, progress).await?;
@@ -459,7 +465,9 @@ async fn renew_lease<L: Launchers + Sync>(
     loop {
         tokio::time::sleep(lease / 4).await;
         for container in containers {
-            if let Err(error) = launchers.renew(source, container, lease).await {
+            // A passing fault (a dropped exec stream) is tried again; the lease has three
+            // quarters left.
+            if let Err(error) = retry(|| launchers.renew(source, container, lease)).await {
                 return MigrateError::LeaseLost {
                     container: container.clone(),
                     error,
@@ -496,7 +504,7 @@ async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateEr
             source: error,
         });
     }
-    match pods.get(source).await {
+    match retry_get(pods, source).await {
         Ok(pod) if is_committed(&pod, id) => Ok(()),
         Ok(_) => Err(MigrateError::Commit {
             pod: source.into(),
@@ -509,11 +517,29 @@ async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateEr
     }
 }
 
-/// Whether `pod` records migration `id` as committed.
+/// Reads `name` back, trying for a few seconds: after a lost reply the API server may need
+/// a moment (a restart, a leader change) before it answers again.
+async fn retry_get(pods: &Api<Pod>, name: &str) -> Result<Pod, kube::Error> {
+    let mut attempt = 0;
+    loop {
+        match pods.get(name).await {
+            Ok(pod) => return Ok(pod),
+            Err(error) if attempt >= 9 => return Err(error),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+        }
+    }
+}
+
+/// Whether `pod` records migration `id` as committed: its phase is `committed`, or already
+/// `done-kept` (finished with `--keep-source`), with this id.
 pub fn is_committed(pod: &Pod, id: &str) -> bool {
     let notes = pod.metadata.annotations.as_ref();
     let note = |key: &str| notes.and_then(|a| a.get(key)).map(String::as_str);
-    note(annotations::PHASE) == Some("committed") && note(annotations::MIGRATION_ID) == Some(id)
+    matches!(note(annotations::PHASE), Some("committed" | "done-kept"))
+        && note(annotations::MIGRATION_ID) == Some(id)
 }
 
 /// What finishing a committed migration left to say.
@@ -527,11 +553,15 @@ pub struct Finished {
 const FINISH_TRIES: u32 = 3;
 
 /// Finishes a committed migration, idempotently (it runs again after a failure or an
-/// interruption past the commit): thaw every target container, end the target's wait for a
-/// checkpoint, mark it done, and delete the source (unless `--keep-source`).
+/// interruption past the commit): delete the source first (its frozen copy is stale, and a
+/// restart of its container -- a liveness probe, a node reboot -- would start a second copy
+/// fresh), then thaw every target container, end the target's wait for a checkpoint and mark
+/// it done. With `--keep-source` the source is kept, frozen.
 ///
 /// # Errors
-/// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone.
+/// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone. A
+/// source that cannot be deleted does not keep the target frozen: it is thawed all the same,
+/// and the error then names the delete.
 pub async fn finish<L: Launchers + Sync>(
     connection: &Connection,
     launchers: &L,
@@ -541,6 +571,39 @@ pub async fn finish<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let target = progress.target.clone().unwrap_or_default();
     let target_name = target.metadata.name.clone().unwrap_or_default();
+    let mut finished = Finished::default();
+    let deleted = if options.keep_source {
+        annotate(
+            &pods,
+            &options.pod,
+            &progress.id,
+            "done-kept",
+            Some(&target_name),
+        )
+        .await;
+        Ok(())
+    } else {
+        if let Ok(source) = pods.get(&options.pod).await {
+            record(
+                connection,
+                &source,
+                "MigrationDone",
+                format!(
+                    "moved to {target_name} on {}; deleting this pod",
+                    options.target_node
+                ),
+            )
+            .await;
+        }
+        retry(|| async {
+            match pods.delete(&options.pod, &DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+        .await
+    };
     for container in &progress.containers {
         retry(|| launchers.thaw(&target, container))
             .await
@@ -548,7 +611,6 @@ pub async fn finish<L: Launchers + Sync>(
                 what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
             })?;
     }
-    let mut finished = Finished::default();
     finished
         .warnings
         .extend(end_wait(&pods, &target_name).await);
@@ -560,41 +622,10 @@ pub async fn finish<L: Launchers + Sync>(
         Some(&options.pod),
     )
     .await;
-    if options.keep_source {
-        annotate(
-            &pods,
-            &options.pod,
-            &progress.id,
-            "done-kept",
-            Some(&target_name),
-        )
-        .await;
-        return Ok(finished);
-    }
-    if let Ok(source) = pods.get(&options.pod).await {
-        record(
-            connection,
-            &source,
-            "MigrationDone",
-            format!(
-                "moved to {target_name} on {}; deleting this pod",
-                options.target_node
-            ),
-        )
-        .await;
-    }
-    retry(|| async {
-        match pods.delete(&options.pod, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-            Err(error) => Err(error.to_string()),
-        }
-    })
-    .await
-    .map_err(|error| MigrateError::AfterCommit {
+    deleted.map_err(|error| MigrateError::AfterCommit {
         what: format!("cannot delete the source pod {}: {error}", options.pod),
     })?;
-    finished.source_deleted = true;
+    finished.source_deleted = !options.keep_source;
     Ok(finished)
 }
 
@@ -715,13 +746,14 @@ fn commit_unknown(connection: &Connection, options: &Options, progress: &Progres
             .iter()
             .map(|c| format!("kubectl exec -n {ns} {pod} -c {c} -- restore-launcher {verb}"))
             .collect::<Vec<_>>()
-            .join(" ; ")
+            .join(" && ")
     };
     format!(
-        "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish: {thaw} ; kubectl delete pod -n {ns} {source}; otherwise abort: kubectl delete pod -n {ns} {target} ; {rollback}",
+        "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume {source}` (or: kubectl delete pod -n {ns} {source} && {thaw} && kubectl annotate pod -n {ns} {target} {wait}=false --overwrite); otherwise abort with `kubectl migrate abort {source}` (or: {rollback} && kubectl delete pod -n {ns} {target})",
         source = options.pod,
         phase = annotations::PHASE,
         id = progress.id,
+        wait = annotations::WAIT_FOR_CHECKPOINT,
         thaw = containers("thaw", &target),
         rollback = containers("rollback", &options.pod),
     )
@@ -838,19 +870,6 @@ pub async fn undo<L: Launchers + Sync>(
     if matches!(error, MigrateError::Preflight(_)) {
         return "nothing was changed".into();
     }
-    if let Some(target) = &progress.target {
-        let name = target.metadata.name.clone().unwrap_or_default();
-        match pods.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => done.push(format!("deleted the target pod {name}")),
-            Err(kube::Error::Api(status)) if status.is_not_found() => {
-                done.push(format!("the target pod {name} is gone"))
-            }
-            Err(error) => manual.push(format!(
-                "kubectl delete pod -n {} {name}   ({error})",
-                connection.namespace
-            )),
-        }
-    }
     let source = if progress.transfer_started {
         match pods.get(&options.pod).await {
             Ok(source) => Some(source),
@@ -892,6 +911,20 @@ pub async fn undo<L: Launchers + Sync>(
             format!("{error}; rolled back"),
         )
         .await;
+    }
+    // The target goes after the source is resumed: the app's way back comes first.
+    if let Some(target) = &progress.target {
+        let name = target.metadata.name.clone().unwrap_or_default();
+        match pods.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => done.push(format!("deleted the target pod {name}")),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                done.push(format!("the target pod {name} is gone"))
+            }
+            Err(error) => manual.push(format!(
+                "kubectl delete pod -n {} {name}   ({error})",
+                connection.namespace
+            )),
+        }
     }
     annotate(&pods, &options.pod, &progress.id, "failed", None).await;
     let mut text = if done.is_empty() {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use migrate_format::annotations;
+use migrate_format::{LauncherState, annotations};
 
 use crate::check::Launchers;
 use crate::client::Connection;
@@ -67,6 +67,22 @@ pub enum RecoverError {
     TargetGone { id: String, pod: String },
     #[error("finishing the migration failed: {0}")]
     Finish(String),
+    #[error(
+        "the target {target} already runs the app (container {container} is {state}); aborting would delete the running copy. Check `kubectl migrate status`, and delete the pod you do not want by hand"
+    )]
+    TargetRuns {
+        target: String,
+        container: String,
+        state: String,
+    },
+    #[error(
+        "cannot tell whether the target {target} runs the app (container {container}: {error}); aborting could delete the running copy. Check it, then delete the target or the source by hand"
+    )]
+    TargetUnknown {
+        target: String,
+        container: String,
+        error: String,
+    },
 }
 
 fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
@@ -112,12 +128,17 @@ pub async fn list(
         ) else {
             continue;
         };
-        let source_pod = by_name.get(source);
-        let phase = source_pod
-            .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
-            .and_then(|s| note(s, annotations::PHASE))
-            .unwrap_or("target created")
-            .to_string();
+        let source_pod = by_name
+            .get(source)
+            .filter(|s| s.metadata.deletion_timestamp.is_none());
+        let phase = match source_pod {
+            None => "source gone",
+            Some(s) => Some(s)
+                .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
+                .and_then(|s| note(s, annotations::PHASE))
+                .unwrap_or("target created"),
+        }
+        .to_string();
         let age_seconds = target
             .metadata
             .creation_timestamp
@@ -129,7 +150,8 @@ pub async fn list(
                 id: id.to_string(),
                 source: source.to_string(),
                 target: Some(name(target)),
-                committed: source_pod.is_some_and(|s| migrate::is_committed(s, id)),
+                // With the source gone the target holds the only copy: only finishing is safe.
+                committed: source_pod.is_none_or(|s| migrate::is_committed(s, id)),
                 phase,
                 age_seconds,
             },
@@ -197,6 +219,34 @@ pub async fn abort<L: Launchers + Sync>(
             target: found.target.unwrap_or_default(),
             pod: found.source,
         });
+    }
+    // Never delete a target that runs the app: only a waiting, restoring or still frozen one.
+    if let Some(pod) = &target {
+        let name = name(pod);
+        for container in crate::rewrite::migrated_containers(pod) {
+            match launchers.status(pod, &container).await {
+                Ok(status)
+                    if matches!(
+                        status.state,
+                        LauncherState::Running | LauncherState::Restored
+                    ) && !status.app_stopped =>
+                {
+                    return Err(RecoverError::TargetRuns {
+                        target: name,
+                        container,
+                        state: format!("{:?}", status.state).to_lowercase(),
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Err(RecoverError::TargetUnknown {
+                        target: name,
+                        container,
+                        error,
+                    });
+                }
+            }
+        }
     }
     let progress = Progress {
         id: found.id.clone(),

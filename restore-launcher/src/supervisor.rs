@@ -197,8 +197,11 @@ impl Supervisor {
             let drain = self
                 .exited_at
                 .map(|at| DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()));
+            // A lease that expires during a checkpoint is acted upon when the job ends (its
+            // end wakes the loop), not polled for meanwhile.
             let lease = self
                 .lease
+                .filter(|_| self.state != LauncherState::Checkpointing)
                 .map(|at| at.saturating_duration_since(Instant::now()));
             let timeout = match drain.into_iter().chain(lease).min() {
                 Some(left) => PollTimeout::try_from(left + Duration::from_millis(1))
