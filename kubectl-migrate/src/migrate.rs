@@ -18,9 +18,9 @@
 //!    nothing undoes: the target holds the app's state and the source's is stale, so
 //!    failures are retried, then reported with the commands that finish; an interruption
 //!    finishes instead of undoing. Never two running copies; never none without a command.
-//! 6. **thaw + cleanup** ([`finish`], idempotent): every target app is thawed, the target's
-//!    wait for a checkpoint is turned off (restarts start fresh), and only then is the source
-//!    deleted (unless `--keep-source`).
+//! 6. **cleanup + thaw** ([`finish`], idempotent): the stale source is deleted (unless
+//!    `--keep-source`), every target app is thawed, and the target's wait for a checkpoint is
+//!    turned off (restarts start fresh).
 //!
 //! Each phase is recorded as annotations and Events on both pods.
 
