@@ -61,10 +61,10 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 /// The root cannot be signalled (it is gone), or some process is still running after
 /// [`STOP_WAIT`]; the processes already stopped stay stopped, for the caller to resume.
 pub fn stop(root: Pid) -> Result<Vec<i32>, StopError> {
+    // Each process gets exactly one SIGSTOP: a second one stays pending on a stopped task
+    // and interrupts CRIU's parasite later ("Unexpected task interruption", measured with a
+    // group SIGSTOP sent on top of the per-process ones).
     kill(root, Signal::SIGSTOP).map_err(StopError::Signal)?;
-    // The group too: a member whose parent exited was reparented to PID 1 and is no longer a
-    // descendant, but it still belongs to the app's group.
-    let _ = nix::sys::signal::killpg(root, Signal::SIGSTOP);
     let deadline = Instant::now() + STOP_WAIT;
     let mut signalled = vec![root.as_raw()];
     loop {
@@ -105,7 +105,6 @@ pub enum StopError {
 
 /// Resumes every process of the tree (SIGCONT to each).
 pub fn resume(root: Pid) {
-    let _ = nix::sys::signal::killpg(root, Signal::SIGCONT);
     for pid in pids(root) {
         if let Err(error) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
             tracing::warn!(%error, pid, "cannot resume a process of the app");
