@@ -250,6 +250,19 @@ fn migrate(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Out
     })
 }
 
+/// `kubectl migrate ARGS`, which must exit 0.
+fn migrate_ok(cluster: &Cluster, args: &[&str], env: &[(&str, &str)]) -> Result<Outcome> {
+    let out = migrate(cluster, args, env)?;
+    ensure!(
+        out.code == Some(0),
+        "kubectl migrate exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    Ok(out)
+}
+
 fn wait_until<T>(
     what: &str,
     limit: Duration,
@@ -321,14 +334,7 @@ fn move_counter(
     let target = format!("{name}-m1");
     run_counter(cluster, name, from, &[])?;
     let follow = Follow::start(cluster, name)?;
-    let out = migrate(cluster, &[name, "--to", to], env)?;
-    ensure!(
-        out.code == Some(0),
-        "kubectl migrate exited {:?}:\n{}{}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
+    let out = migrate_ok(cluster, &[name, "--to", to], env)?;
     ensure!(
         pod_field(cluster, &target, "{.spec.nodeName}")? == to,
         "{target} is not on {to}"
@@ -444,14 +450,7 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
     })?;
     let before_numbers = stamp_numbers(&before.1)?;
 
-    let out = migrate(cluster, &["web", "--to", "node-b"], &[])?;
-    ensure!(
-        out.code == Some(0),
-        "kubectl migrate exited {:?}:\n{}{}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
+    migrate_ok(cluster, &["web", "--to", "node-b"], &[])?;
     cluster.wait_running("web-m1", WAIT)?;
     wait_gone(cluster, "web")?;
     let new_ip = pod_field(cluster, "web-m1", "{.status.podIP}")?;
@@ -609,14 +608,7 @@ fn native_sidecar_moves_with_its_app(cluster: &Cluster) -> Result<()> {
                 .then_some(()),
         )
     })?;
-    let out = migrate(cluster, &["duo", "--to", "node-b"], &[])?;
-    ensure!(
-        out.code == Some(0),
-        "kubectl migrate exited {:?}:\n{}{}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
+    migrate_ok(cluster, &["duo", "--to", "node-b"], &[])?;
     for name in ["tally", "counter"] {
         let values = wait_until(&format!("{name} counting on duo-m1"), WAIT, || {
             let values = counter_values(&logs(cluster, "duo-m1", Some(name)));
