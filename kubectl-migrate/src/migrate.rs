@@ -245,6 +245,7 @@ async fn run<L: Launchers + Sync>(
     })?;
     let mut facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
     facts.max_downtime = options.max_downtime;
+    facts.keep_source = options.keep_source;
     let freeze_limit = check::pod::freeze_limit(&facts);
     let problems = check::problems(&facts);
     if !problems.is_empty() {

@@ -112,6 +112,8 @@ pub struct Facts {
     pub unfinished: Vec<crate::recover::InFlight>,
     /// `--max-downtime`, when given: the longest the app may stay frozen.
     pub max_downtime: Option<std::time::Duration>,
+    /// `--keep-source`: the source stays, frozen, after the migration.
+    pub keep_source: bool,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -217,6 +219,7 @@ pub async fn gather(
         denied,
         unfinished,
         max_downtime: None,
+        keep_source: false,
     }))
 }
 
@@ -228,6 +231,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));
     found.extend(pod::probes_too_tight(facts));
+    found.extend(pod::kept_source_with_probes(facts));
     let Some(target) = &facts.target_node else {
         found.push(node::missing(facts));
         return found;
@@ -306,6 +310,7 @@ pub(crate) mod fixture {
             denied: Vec::new(),
             unfinished: Vec::new(),
             max_downtime: None,
+            keep_source: false,
         }
     }
 

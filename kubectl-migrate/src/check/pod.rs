@@ -127,6 +127,27 @@ pub fn freeze_limit(facts: &Facts) -> Option<std::time::Duration> {
     })
 }
 
+/// With `--keep-source` the source stays frozen for good, and a liveness probe that fails on a
+/// frozen app would make the kubelet restart its container: the launcher would start the app
+/// fresh beside the migrated one, a second copy.
+pub fn kept_source_with_probes(facts: &Facts) -> Vec<Problem> {
+    if !facts.keep_source {
+        return Vec::new();
+    }
+    freezing_probes(facts)
+        .into_iter()
+        .map(|(container, _)| {
+            Problem::new(
+                format!(
+                    "--keep-source keeps pod {} frozen, and container {container}'s liveness probe would restart it there, starting a second copy of the app",
+                    pod_name(facts)
+                ),
+                "migrate without --keep-source, or give the container a TCP probe, which a frozen app passes",
+            )
+        })
+        .collect()
+}
+
 /// A liveness probe that would restart the frozen app: one that leaves less than
 /// [`MIN_PROBE_BUDGET`], or less than an explicit `--max-downtime`.
 pub fn probes_too_tight(facts: &Facts) -> Vec<Problem> {
@@ -277,6 +298,29 @@ mod tests {
         ));
         assert!(probes_too_tight(&f).is_empty());
         assert_eq!(freeze_limit(&f), None);
+    }
+
+    #[test]
+    fn a_kept_source_with_a_probe_that_fails_when_frozen_is_refused() {
+        let mut f = facts();
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe = Some(
+            serde_json::from_value(
+                serde_json::json!({"httpGet": {"port": 8080}, "periodSeconds": 30}),
+            )
+            .unwrap(),
+        );
+        assert!(
+            kept_source_with_probes(&f).is_empty(),
+            "the source is deleted"
+        );
+        f.keep_source = true;
+        let found = kept_source_with_probes(&f);
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].what.contains("starting a second copy"),
+            "{}",
+            found[0]
+        );
     }
 
     #[test]
