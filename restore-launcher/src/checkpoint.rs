@@ -44,11 +44,11 @@ pub struct Plan {
 
 /// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
 /// failure is in the report.
-pub fn run(plan: &Plan, output: OwnedFd) -> CheckpointReport {
+pub fn run(plan: &Plan, output: OwnedFd, cancel: &OwnedFd) -> CheckpointReport {
     let id = sysinfo::new_id("ck");
     let mut report = CheckpointReport::new(id.clone(), plan.leave_running);
     let dir = plan.work_dir.join(&id);
-    let result = checkpoint(plan, &id, &dir, output, &mut report);
+    let result = checkpoint(plan, &id, &dir, output, cancel, &mut report);
     if let Err(error) = &result {
         report.error = Some(error.clone());
     }
@@ -63,6 +63,7 @@ fn checkpoint(
     id: &str,
     dir: &Path,
     output: OwnedFd,
+    cancel: &OwnedFd,
     report: &mut CheckpointReport,
 ) -> Result<(), String> {
     let start = Instant::now();
@@ -150,7 +151,7 @@ fn checkpoint(
         timings_ms: report.timings_ms.clone(),
     };
     let file = File::from(output);
-    let guarded = StallGuard::new(&file, plan.output_stall_timeout);
+    let guarded = StallGuard::new(&file, plan.output_stall_timeout, cancel);
     report.archive_bytes = archive::write(guarded, &manifest, dir).map_err(|e| failed(&e))?;
     // Durable when the output is a file; a pipe or socket answers EINVAL, which is fine.
     if let Err(error) = file.sync_all()
@@ -179,12 +180,14 @@ fn checkpoint(
 struct StallGuard<'a> {
     out: &'a File,
     stall: Duration,
+    /// Readable once PID 1 asks the job to stop writing (a rollback during the checkpoint).
+    cancel: &'a OwnedFd,
 }
 
 impl<'a> StallGuard<'a> {
     /// Makes `out` non-blocking (it is the job's own copy of the stream; the `checkpoint`
     /// client that passed it only prints to stderr) so a write returns what fit.
-    fn new(out: &'a File, stall: Duration) -> Self {
+    fn new(out: &'a File, stall: Duration, cancel: &'a OwnedFd) -> Self {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
         if let Ok(flags) = fcntl(out, FcntlArg::F_GETFL) {
             let _ = fcntl(
@@ -192,7 +195,7 @@ impl<'a> StallGuard<'a> {
                 FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
             );
         }
-        StallGuard { out, stall }
+        StallGuard { out, stall, cancel }
     }
 }
 
@@ -201,7 +204,17 @@ impl std::io::Write for StallGuard<'_> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd as _;
         let deadline = Instant::now() + self.stall;
+        // Not ErrorKind::Interrupted: `write_all` would retry that for ever.
+        let cancelled = || {
+            std::io::Error::other(
+                "cancelled: a rollback was asked while the archive was being written",
+            )
+        };
         loop {
+            let mut asked = [PollFd::new(self.cancel.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut asked, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+                return Err(cancelled());
+            }
             match (&mut self.out).write(buf) {
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -218,7 +231,10 @@ impl std::io::Write for StallGuard<'_> {
                     ),
                 ));
             }
-            let mut fds = [PollFd::new(self.out.as_fd(), PollFlags::POLLOUT)];
+            let mut fds = [
+                PollFd::new(self.out.as_fd(), PollFlags::POLLOUT),
+                PollFd::new(self.cancel.as_fd(), PollFlags::POLLIN),
+            ];
             let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
             match poll(&mut fds, PollTimeout::from(millis)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -353,10 +369,40 @@ mod tests {
         (File::from(read), File::from(write))
     }
 
+    /// The cancel pipe PID 1 keeps: (its write end, the job's read end).
+    fn cancel_pipe() -> (OwnedFd, OwnedFd) {
+        let (read, write) = nix::unistd::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+        (write, read)
+    }
+
+    #[test]
+    fn a_rollback_cancels_a_write_at_once_without_waiting_for_the_stall() {
+        let (_reader, writer) = pipe(); // never read
+        let (cancel_writer, cancel) = cancel_pipe();
+        let mut guarded = StallGuard::new(&writer, Duration::from_secs(30), &cancel);
+        let start = Instant::now();
+        let asker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            nix::unistd::write(&cancel_writer, b"x").unwrap_or_default();
+            cancel_writer
+        });
+        let error = guarded
+            .write_all(&vec![7u8; 4 << 20])
+            .err()
+            .unwrap_or_else(|| panic!("4 MiB fit in an undrained pipe"));
+        let _ = asker.join();
+        assert!(error.to_string().contains("cancelled"), "{error}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "waited for the stall timeout"
+        );
+    }
+
     #[test]
     fn a_reader_that_stops_reading_fails_the_write_instead_of_hanging() {
         let (_reader, writer) = pipe(); // held open, never read: the dropped exec session
-        let mut guarded = StallGuard::new(&writer, Duration::from_millis(300));
+        let (_cancel_writer, cancel) = cancel_pipe();
+        let mut guarded = StallGuard::new(&writer, Duration::from_millis(300), &cancel);
         let error = guarded
             .write_all(&vec![7u8; 4 << 20])
             .err()
@@ -381,7 +427,8 @@ mod tests {
         });
         let data: Vec<u8> = (0..2_000_000u32).map(|i| i as u8).collect();
         {
-            let mut guarded = StallGuard::new(&writer, Duration::from_millis(300));
+            let (_cancel_writer, cancel) = cancel_pipe();
+            let mut guarded = StallGuard::new(&writer, Duration::from_millis(300), &cancel);
             guarded
                 .write_all(&data)
                 .unwrap_or_else(|e| panic!("steady reader: {e}"));

@@ -81,6 +81,9 @@ struct Running {
     /// The client waiting for the answer (none for a restore requested at start).
     client: Option<UnixStream>,
     kind: JobKind,
+    /// A checkpoint's cancel pipe: a byte written here makes the job stop writing its archive
+    /// at once (a rollback asked while the stream is dead), instead of after the stall timeout.
+    cancel: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -537,6 +540,14 @@ impl Supervisor {
     }
 
     fn rollback(&mut self, stream: &UnixStream) {
+        // A checkpoint still writing (into a stream nobody reads any more, typically): tell it
+        // to stop now; the refusal below says "checkpointing", and the caller asks again.
+        if self.state == LauncherState::Checkpointing
+            && let Some(cancel) = self.running.as_ref().and_then(|r| r.cancel.as_ref())
+        {
+            let _ = nix::unistd::write(cancel, b"x");
+            tracing::info!("rollback asked during a checkpoint: told the job to stop writing");
+        }
         match (self.state, self.app) {
             (LauncherState::Checkpointed | LauncherState::Frozen, Some(app)) => {
                 checkpoint::resume(app);
@@ -730,7 +741,16 @@ impl Supervisor {
             was_frozen: self.state == LauncherState::Frozen,
             output_stall_timeout: self.config.output_stall_timeout,
         };
-        match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output))) {
+        let (cancel_read, cancel_write) = match nix::unistd::pipe2(
+            nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
+        ) {
+            Ok(pipe) => pipe,
+            Err(error) => {
+                return refuse(&stream, format!("cannot start the checkpoint: {error}"));
+            }
+        };
+        match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output, &cancel_read)))
+        {
             Ok(job) => {
                 // After `freeze`, the state to resume to is the one before the freeze.
                 if self.state != LauncherState::Frozen {
@@ -743,6 +763,7 @@ impl Supervisor {
                         leave_running,
                         previous: self.state,
                     },
+                    cancel: Some(cancel_write),
                 });
                 self.state = LauncherState::Checkpointing;
             }
@@ -804,13 +825,16 @@ impl Supervisor {
                 stderr: stderr_read,
                 at_start,
             },
+            cancel: None,
         });
         self.state = LauncherState::Restoring;
         Ok(())
     }
 
     fn job_done(&mut self, running: Running, status: WaitStatus) {
-        let Running { job, client, kind } = running;
+        let Running {
+            job, client, kind, ..
+        } = running;
         let outcome = job.outcome();
         match kind {
             JobKind::Checkpoint {
