@@ -1,19 +1,28 @@
 //! Rules about volumes: whether each volume's contents can follow the pod to the target node.
 //! Within one node every volume stays reachable, so these rules object to nothing there.
 
+use k8s_openapi::api::core::v1::Volume;
+
 use super::{Facts, Problem, same_node};
 
-/// A hostPath's files stay on the source node. `--force` migrates anyway: the target mounts
-/// the same path on its own node, without the source's files.
-pub fn host_paths(facts: &Facts) -> Vec<Problem> {
-    if same_node(facts) || facts.force {
-        return Vec::new();
-    }
+/// The pod's volumes whose contents must follow it: none when it stays on its node.
+fn moving_volumes(facts: &Facts) -> impl Iterator<Item = &Volume> {
+    let moving = !same_node(facts);
     facts
         .pod
         .spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
+        .filter(move |_| moving)
+}
+
+/// A hostPath's files stay on the source node. `--force` migrates anyway: the target mounts
+/// the same path on its own node, without the source's files.
+pub fn host_paths(facts: &Facts) -> Vec<Problem> {
+    if facts.force {
+        return Vec::new();
+    }
+    moving_volumes(facts)
         .filter(|v| v.host_path.is_some())
         .map(|volume| {
             Problem::new(
@@ -27,14 +36,7 @@ pub fn host_paths(facts: &Facts) -> Vec<Problem> {
 /// A claim must exist, and be attachable on the target while the source still runs
 /// (ReadWriteMany or ReadOnlyMany).
 pub fn claims(facts: &Facts) -> Vec<Problem> {
-    if same_node(facts) {
-        return Vec::new();
-    }
-    facts
-        .pod
-        .spec
-        .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
+    moving_volumes(facts)
         .filter_map(|volume| {
             let claim = volume.persistent_volume_claim.as_ref()?;
             let Some(Some(pvc)) = facts.claims.get(&claim.claim_name) else {
