@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 use kube::{Api, Client};
-use migrate_format::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
+use migrate_format::{Answer, CheckpointReport, LauncherState, RestoreReport, StatusReport};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::check::Launchers;
+use crate::launchers::{LauncherError, Launchers};
 
 /// Bytes copied per read in a transfer.
 const CHUNK: usize = 64 * 1024;
@@ -57,7 +57,7 @@ impl ExecLaunchers {
             .stdin(false);
         let mut process = match pods.exec(&name, command, &params).await {
             Ok(process) => process,
-            Err(error) => return Reply::Failed(error.to_string()),
+            Err(error) => return Reply::Failed(LauncherError::Failed(error.to_string())),
         };
         let stdout = read_all(process.stdout()).await;
         let stderr = read_all(process.stderr()).await.unwrap_or_default();
@@ -75,18 +75,11 @@ impl ExecLaunchers {
             }
         };
         match status {
-            Some(status) if status.status.as_deref() == Some("Failure") => {
-                let why = if stdout.trim().is_empty() {
-                    stderr.trim().to_string()
-                } else {
-                    stdout.trim().to_string()
-                };
-                Reply::Failed(if why.is_empty() {
-                    status.message.unwrap_or_default()
-                } else {
-                    why
-                })
-            }
+            Some(status) if status.status.as_deref() == Some("Failure") => Reply::Failed(failure(
+                &stdout,
+                &stderr,
+                status.message.unwrap_or_default(),
+            )),
             Some(_) => Reply::Succeeded(stdout),
             None => Reply::Unknown {
                 detail: format!(
@@ -111,7 +104,7 @@ impl ExecLaunchers {
         container: &str,
         args: &[&str],
         took_effect: fn(&StatusReport) -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), LauncherError> {
         let verb = args.first().copied().unwrap_or_default();
         match self.run(pod, container, args).await {
             Reply::Succeeded(_) => Ok(()),
@@ -131,11 +124,38 @@ impl ExecLaunchers {
 pub enum Reply {
     /// The API server delivered a success status; the command's stdout.
     Succeeded(String),
-    /// It delivered a failure, or the exec could not start; the reason.
-    Failed(String),
+    /// It delivered a failure, or the exec could not start; the reason (the launcher's
+    /// refusal code when it gave one).
+    Failed(LauncherError),
     /// The stream ended with no status (a dropped WebSocket, a restarted API server or
     /// kubelet): the command may or may not have run. What happened, and what it printed.
     Unknown { detail: String, stdout: String },
+}
+
+/// Why a sub-command failed: the launcher's refusal code when its answer gives one (a
+/// message is for people only), else what it printed, else the API server's message.
+pub fn failure(stdout: &str, stderr: &str, message: String) -> LauncherError {
+    if let Some(Answer {
+        refusal: Some(refusal),
+        error,
+        ..
+    }) = last_json::<Answer>(stdout)
+    {
+        return LauncherError::Refused {
+            refusal,
+            message: error.unwrap_or_default(),
+        };
+    }
+    let why = if stdout.trim().is_empty() {
+        stderr.trim()
+    } else {
+        stdout.trim()
+    };
+    LauncherError::Failed(if why.is_empty() {
+        message
+    } else {
+        why.to_string()
+    })
 }
 
 /// Decides an unknown outcome of `verb` from the launcher's status read afterwards: done if
@@ -147,9 +167,9 @@ pub enum Reply {
 pub fn settle(
     verb: &str,
     detail: &str,
-    status: Result<StatusReport, String>,
+    status: Result<StatusReport, LauncherError>,
     took_effect: fn(&StatusReport) -> bool,
-) -> Result<(), String> {
+) -> Result<(), LauncherError> {
     match status {
         Ok(status) if took_effect(&status) => {
             tracing::warn!(
@@ -159,13 +179,19 @@ pub fn settle(
             );
             Ok(())
         }
-        Ok(status) => Err(format!(
-            "unknown outcome of `{verb}` ({detail}); the launcher's status shows it did not take effect (state {:?}, app stopped: {})",
-            status.state, status.app_stopped
-        )),
-        Err(error) => Err(format!(
-            "unknown outcome of `{verb}` ({detail}), and the launcher's status cannot be read ({error})"
-        )),
+        Ok(status) => Err(LauncherError::Unknown {
+            verb: verb.into(),
+            detail: detail.into(),
+            seen: format!(
+                "the launcher's status shows it did not take effect (state {:?}, app stopped: {})",
+                status.state, status.app_stopped
+            ),
+        }),
+        Err(error) => Err(LauncherError::Unknown {
+            verb: verb.into(),
+            detail: detail.into(),
+            seen: format!("and the launcher's status cannot be read ({error})"),
+        }),
     }
 }
 
@@ -274,17 +300,17 @@ fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
 }
 
 impl Launchers for ExecLaunchers {
-    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
+    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
         // `status` changes nothing: its answer is what counts, whatever the stream's end said.
         let stdout = match self.run(pod, container, &["status"]).await {
             Reply::Succeeded(stdout) | Reply::Unknown { stdout, .. } => stdout,
             Reply::Failed(why) => return Err(why),
         };
         last_json(&stdout).ok_or_else(|| {
-            format!(
+            LauncherError::Failed(format!(
                 "restore-launcher status printed no status (`{}`)",
                 stdout.trim()
-            )
+            ))
         })
     }
 
@@ -294,7 +320,7 @@ impl Launchers for ExecLaunchers {
         target: &Pod,
         container: &str,
         moved: Arc<AtomicU64>,
-    ) -> Result<(CheckpointReport, RestoreReport), String> {
+    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
         let (source_pods, source_name) = self.pods(source);
         let (target_pods, target_name) = self.pods(target);
         // kube's exec streams default to 1 KiB pipes: one WebSocket message per KiB, which
@@ -330,7 +356,9 @@ impl Launchers for ExecLaunchers {
                 format!("cannot start `restore-launcher checkpoint` in the source: {e}")
             })?;
         let (Some(archive), Some(input)) = (dump.stdout(), receive.stdin()) else {
-            return Err("the exec streams did not open".into());
+            return Err(LauncherError::Failed(
+                "the exec streams did not open".into(),
+            ));
         };
         let mut copy = Box::pin(copy_counting(archive, input, &moved));
         let summary = read_all(dump.stderr());
@@ -358,8 +386,9 @@ impl Launchers for ExecLaunchers {
         drop(copy);
         let summary = tokio::time::timeout(TARGET_GRACE, &mut summary)
             .await
-            .unwrap_or_else(|_| Ok(String::new()))?;
-        let (answer, target_log) = answer?;
+            .unwrap_or_else(|_| Ok(String::new()))
+            .map_err(LauncherError::Failed)?;
+        let (answer, target_log) = answer.map_err(LauncherError::Failed)?;
         let checkpoint: Option<CheckpointReport> = last_json(&summary);
         let restore: Option<RestoreReport> = last_json(&answer);
         let moved = moved.load(Ordering::Relaxed);
@@ -377,31 +406,29 @@ impl Launchers for ExecLaunchers {
             .map(|c| c.archive_bytes)
             && restore.as_ref().is_none_or(|r| !r.ok)
         {
-            return Err(format!(
+            return Err(LauncherError::Failed(format!(
                 "the exec stream from the source was cut after {moved} of {written} archive bytes \
                  (the API server, the kubelet or the runtime closed it); receive said: {}",
                 restore
                     .and_then(|r| r.error)
                     .unwrap_or_else(|| answer.trim().to_string())
-            ));
+            )));
         }
-        match (checkpoint, restore) {
+        let failed = match (checkpoint, restore) {
             (Some(checkpoint), Some(restore)) if checkpoint.ok && restore.ok => {
-                Ok((checkpoint, restore))
+                return Ok((checkpoint, restore));
             }
-            (_, Some(restore)) if target_first && !restore.ok => Err(format!(
-                "restore failed: {}",
-                restore.error.unwrap_or_default()
-            )),
-            (Some(checkpoint), _) if !checkpoint.ok => Err(format!(
+            (_, Some(restore)) if target_first && !restore.ok => {
+                format!("restore failed: {}", restore.error.unwrap_or_default())
+            }
+            (Some(checkpoint), _) if !checkpoint.ok => format!(
                 "checkpoint failed: {}",
                 checkpoint.error.unwrap_or_default()
-            )),
-            (_, Some(restore)) if !restore.ok => Err(format!(
-                "restore failed: {}",
-                restore.error.unwrap_or_default()
-            )),
-            _ => Err(format!(
+            ),
+            (_, Some(restore)) if !restore.ok => {
+                format!("restore failed: {}", restore.error.unwrap_or_default())
+            }
+            _ => format!(
                 "the transfer broke off after {moved} bytes ({}); checkpoint said: {}; receive said: {} {}",
                 copied
                     .err()
@@ -409,11 +436,12 @@ impl Launchers for ExecLaunchers {
                 summary.trim(),
                 answer.trim(),
                 target_log.trim()
-            )),
-        }
+            ),
+        };
+        Err(LauncherError::Failed(failed))
     }
 
-    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.act(pod, container, &["rollback"], is_running).await
     }
 
@@ -422,7 +450,7 @@ impl Launchers for ExecLaunchers {
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), LauncherError> {
         let lease = seconds(lease);
         self.act(pod, container, &["freeze", "--lease", &lease], is_frozen)
             .await
@@ -433,7 +461,7 @@ impl Launchers for ExecLaunchers {
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), LauncherError> {
         let lease = seconds(lease);
         self.act(
             pod,
@@ -444,11 +472,11 @@ impl Launchers for ExecLaunchers {
         .await
     }
 
-    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.act(pod, container, &["commit"], |s| s.committed).await
     }
 
-    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.act(pod, container, &["thaw"], is_running).await
     }
 }
@@ -467,14 +495,46 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_is_decided_by_its_code_not_its_words() {
+        let stdout = r#"{"ok":false,"state":"checkpointing","refusal":"busy","error":"cannot rollback: the launcher is checkpointing"}"#;
+        let error = failure(&format!("log line\n{stdout}\n"), "", "exit 1".into());
+        assert_eq!(error.refusal(), Some(migrate_format::Refusal::Busy));
+        assert_eq!(
+            error.to_string(),
+            "cannot rollback: the launcher is checkpointing"
+        );
+        // An answer without a code (an older launcher), or no answer: a plain failure.
+        let old = failure(
+            r#"{"ok":false,"error":"nothing to roll back"}"#,
+            "",
+            String::new(),
+        );
+        assert_eq!(old.refusal(), None);
+        let exec = failure(
+            "",
+            "exec: \"restore-launcher\": not found",
+            "command terminated".into(),
+        );
+        assert_eq!(
+            exec,
+            LauncherError::Failed("exec: \"restore-launcher\": not found".into())
+        );
+        assert_eq!(
+            failure("", "", "command terminated with exit code 1".into()).to_string(),
+            "command terminated with exit code 1"
+        );
+    }
+
+    #[test]
     fn an_unknown_outcome_is_settled_by_the_launchers_status_not_assumed() {
         let dropped = "the exec stream closed with no exit status";
         assert_eq!(
             settle("freeze", dropped, Ok(status("frozen", true)), is_frozen),
             Ok(())
         );
-        let not_frozen =
-            settle("freeze", dropped, Ok(status("running", false)), is_frozen).unwrap_err();
+        let not_frozen = settle("freeze", dropped, Ok(status("running", false)), is_frozen)
+            .unwrap_err()
+            .to_string();
         assert!(
             not_frozen.starts_with("unknown outcome of `freeze`")
                 && not_frozen.contains("did not take effect"),
@@ -495,7 +555,8 @@ mod tests {
             Ok(status("checkpointed", true)),
             is_running,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             still_frozen.contains("unknown outcome of `rollback`"),
             "{still_frozen}"
@@ -506,7 +567,8 @@ mod tests {
             Err("connection refused".into()),
             is_running,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             unreadable.contains("unknown outcome of `thaw`")
                 && unreadable.contains("status cannot be read (connection refused)"),

@@ -2,6 +2,7 @@
 //! - [`cli`]: the command line, kubectl's conventions;
 //! - [`client`]: the one Kubernetes client builder;
 //! - [`check`]: the preflight, every reason the move would fail, with its fix;
+//! - [`launchers`]: the seam to the launchers in the containers, and its typed errors;
 //! - [`exec`]: `restore-launcher` sub-commands run in containers through the exec API;
 //! - [`rewrite`]: the target pod as a pure function of the source pod;
 //! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → commit →
@@ -15,6 +16,7 @@ pub mod check;
 pub mod cli;
 pub mod client;
 pub mod exec;
+pub mod launchers;
 pub mod migrate;
 pub mod recover;
 pub mod rewrite;

@@ -39,9 +39,11 @@ use kube::{Api, Resource as _};
 use migrate_format::{CheckpointReport, RestoreReport, annotations};
 use serde::Serialize;
 
-use crate::check::{self, Launchers, Problem};
+use crate::check::{self, Problem};
 use crate::client::Connection;
+use crate::launchers::{LauncherError, Launchers};
 use crate::rewrite;
+use migrate_format::Refusal;
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -92,7 +94,21 @@ pub enum MigrateError {
     #[error("the target pod {target} failed: {reason}")]
     TargetFailed { target: String, reason: String },
     #[error("container {container}: {error}")]
-    Transfer { container: String, error: String },
+    Transfer {
+        container: String,
+        error: LauncherError,
+    },
+    #[error("container {container}: {step}: {error}")]
+    Launcher {
+        container: String,
+        step: &'static str,
+        error: LauncherError,
+    },
+    #[error("container {container}: the target's launcher is {state:?}, not restored")]
+    NotRestored {
+        container: String,
+        state: migrate_format::LauncherState,
+    },
     #[error("the deadline ({timeout:?}, --timeout) passed during {phase}")]
     Deadline { phase: String, timeout: Duration },
     #[error("interrupted during {phase}")]
@@ -114,7 +130,10 @@ pub enum MigrateError {
     #[error("aborted with `kubectl migrate abort`")]
     Aborted,
     #[error("the source's lease could not be renewed in container {container}: {error}")]
-    LeaseLost { container: String, error: String },
+    LeaseLost {
+        container: String,
+        error: LauncherError,
+    },
     #[error(
         "the app would have stayed frozen longer than {limit:?} (--max-downtime, or what its liveness probes allow)"
     )]
@@ -321,9 +340,10 @@ async fn run<L: Launchers + Sync>(
         launchers
             .freeze(&source, container, options.lease)
             .await
-            .map_err(|error| MigrateError::Transfer {
+            .map_err(|error| MigrateError::Launcher {
                 container: container.clone(),
-                error: format!("cannot freeze: {error}"),
+                step: "cannot freeze",
+                error,
             })?;
     }
     let keep_alive = || renew_lease(launchers, &source, &containers, options.lease);
@@ -363,9 +383,9 @@ async fn run<L: Launchers + Sync>(
                     error,
                 })?;
             if status.state != migrate_format::LauncherState::Restored {
-                return Err(MigrateError::Transfer {
+                return Err(MigrateError::NotRestored {
                     container: container.clone(),
-                    error: format!("the target's launcher is {:?}, not restored", status.state),
+                    state: status.state,
                 });
             }
         }
@@ -381,9 +401,10 @@ async fn run<L: Launchers + Sync>(
             launchers
                 .commit(&source, container)
                 .await
-                .map_err(|error| MigrateError::Transfer {
+                .map_err(|error| MigrateError::Launcher {
                     container: container.clone(),
-                    error: format!("the source refused the commit: {error}"),
+                    step: "the source refused the commit",
+                    error,
                 })?;
         }
         Ok::<(), MigrateError>(())
@@ -653,22 +674,22 @@ async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
 }
 
 /// Runs `step` up to [`FINISH_TRIES`] times, half a second apart; the last error if none worked.
-async fn retry<F, Fut>(mut step: F) -> Result<(), String>
+async fn retry<F, Fut, E>(mut step: F) -> Result<(), E>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), E>>,
 {
-    let mut last = String::new();
-    for attempt in 0..FINISH_TRIES {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    let mut attempt = 1;
+    loop {
         match step().await {
             Ok(()) => return Ok(()),
-            Err(error) => last = error,
+            Err(error) if attempt >= FINISH_TRIES => return Err(error),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
-    Err(last)
 }
 
 /// After a failure past the commit point: nothing is undone. Finishes the migration if it
@@ -896,9 +917,7 @@ pub async fn undo<L: Launchers + Sync>(
                 Ok(()) => done.push(format!("resumed the source app in container {container}")),
                 // Never frozen (the failure came before the freeze): nothing to undo. A
                 // checkpoint still in flight is not that: it is reported below.
-                Err(error)
-                    if error.contains("nothing to roll back")
-                        && !error.contains("is checkpointing") => {}
+                Err(error) if error.refusal() == Some(Refusal::NothingToRollBack) => {}
                 Err(error) => manual.push(format!(
                     "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
                     connection.namespace, options.pod, container
@@ -954,18 +973,19 @@ const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Rolls a source container back, waiting out a checkpoint still in flight: when the
 /// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
-/// its stream is gone, and until then it refuses a rollback ("the launcher is checkpointing").
-/// Leaving it there would leave the app frozen.
+/// its stream is gone, and until then it refuses a rollback as busy (and is told to stop
+/// writing). Leaving it there would leave the app frozen.
 async fn rollback_when_idle<L: Launchers + Sync>(
     launchers: &L,
     source: &Pod,
     container: &str,
-) -> Result<(), String> {
+) -> Result<(), LauncherError> {
     let deadline = tokio::time::Instant::now() + ROLLBACK_PATIENCE;
     loop {
         match launchers.rollback(source, container).await {
             Err(error)
-                if error.contains("is checkpointing") && tokio::time::Instant::now() < deadline =>
+                if error.refusal() == Some(Refusal::Busy)
+                    && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

@@ -66,7 +66,7 @@ pub enum RecoverError {
     )]
     TargetGone { id: String, pod: String },
     #[error("finishing the migration failed: {0}")]
-    Finish(String),
+    Finish(Box<crate::migrate::MigrateError>),
     #[error(
         "the target {target} already runs the app (container {container} is {state}); aborting would delete the running copy. Check `kubectl migrate status`, and delete the pod you do not want by hand"
     )]
@@ -81,7 +81,7 @@ pub enum RecoverError {
     TargetUnknown {
         target: String,
         container: String,
-        error: String,
+        error: crate::launchers::LauncherError,
     },
 }
 
@@ -310,7 +310,7 @@ pub async fn resume<L: Launchers + Sync>(
     let options = options_for(&found.source, &node);
     let finished = migrate::finish(connection, launchers, &options, &progress)
         .await
-        .map_err(|e| RecoverError::Finish(e.to_string()))?;
+        .map_err(|e| RecoverError::Finish(Box::new(e)))?;
     let mut text = format!(
         "finished migration {}: pod {} runs the app on node {node}; the source pod {} was deleted",
         found.id,

@@ -17,7 +17,7 @@ pub use manifest::{
     ARCHIVE_FORMAT_VERSION, Entry, EntryKind, MANIFEST_NAME, MANIFEST_SIZE_LIMIT, Manifest,
     ManifestError, PathError, validate_entry_path,
 };
-pub use report::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
+pub use report::{Answer, CheckpointReport, LauncherState, Refusal, RestoreReport, StatusReport};
 
 /// Annotation keys the plugin writes on source and target pods.
 pub mod annotations {

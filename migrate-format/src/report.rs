@@ -28,6 +28,80 @@ pub enum LauncherState {
     Failed,
 }
 
+/// Why the launcher refused a control request, as a code the plugin decides on (it never
+/// matches the words of [`Answer::error`], which are for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// A checkpoint or restore is in progress; ask again once it ends. A `rollback` asked
+    /// meanwhile also tells the checkpoint to stop writing.
+    Busy,
+    /// Nothing is frozen: `rollback` has nothing to resume.
+    NothingToRollBack,
+    /// The request needs a running app (`freeze`, `checkpoint`) or a frozen one (`thaw`,
+    /// `commit`), and the app is not in that state.
+    WrongState,
+    /// The freeze's lease expired and the app resumed: the migration can neither renew nor
+    /// commit any more.
+    LeaseExpired,
+    /// There is no lease to renew (never frozen with one, or already committed).
+    NoLease,
+    /// The migration holding this frozen app is committed: this copy is stale and only an
+    /// explicit `rollback` resumes it.
+    Committed,
+    /// The launcher is not waiting for a checkpoint (`receive`).
+    NotWaiting,
+    /// The request was malformed or lacked its stream.
+    BadRequest,
+    /// The peer's uid may not drive this launcher.
+    NotAllowed,
+    /// The launcher tried and failed (a process could not be stopped, a job not started,
+    /// CRIU not found); the error says what.
+    Failed,
+}
+
+/// PID 1's answer to `freeze`, `renew`, `commit`, `thaw` and `rollback`, and to any refused
+/// request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    /// The launcher's state after the request.
+    #[serde(default)]
+    pub state: Option<LauncherState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_pid: Option<i32>,
+    /// Set when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+    /// What went wrong and what to do, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Answer {
+    /// A request that took effect.
+    pub fn done(state: LauncherState, app_pid: Option<i32>) -> Self {
+        Answer {
+            ok: true,
+            state: Some(state),
+            app_pid,
+            refusal: None,
+            error: None,
+        }
+    }
+
+    /// A refused request.
+    pub fn refused(refusal: Refusal, state: Option<LauncherState>, error: String) -> Self {
+        Answer {
+            ok: false,
+            state,
+            app_pid: None,
+            refusal: Some(refusal),
+            error: Some(error),
+        }
+    }
+}
+
 /// What `status` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {

@@ -26,6 +26,7 @@ mod exit_status;
 mod include;
 mod job;
 mod log;
+mod machine;
 mod relay;
 mod restore;
 mod signals;

@@ -1,15 +1,10 @@
-//! PID 1's event loop and state machine. It waits on its signalfd, the app's output pipes and
-//! the control socket; forwards signals, reaps every child, relays output, answers control
-//! requests, starts jobs (checkpoint, restore) and acts on their outcome; and when the app
-//! has exited it returns the code to exit with.
+//! PID 1's event loop. It waits on its signalfd, the app's output pipes and the control
+//! socket; forwards signals, reaps every child, relays output, answers control requests,
+//! starts jobs (checkpoint, restore) and acts on their outcome; and when the app has exited it
+//! returns the code to exit with.
 //!
-//! States (see [`LauncherState`]):
-//! ```text
-//! fresh start:      running ──checkpoint──▶ checkpointing ──▶ running (--leave-running or failure)
-//!                                                        └──▶ checkpointed ──rollback──▶ running
-//! --restore-from:   restoring ──▶ restored | exit 1 | running (--on-restore-failure=fresh)
-//! --wait-for-...:   waiting ──receive──▶ restoring ──▶ restored | failed (receive again) | running (fresh)
-//! ```
+//! Which request is allowed in which state, and what it leads to, is decided by the pure
+//! state machine in [`crate::machine`]; this module performs the effects it names.
 //! From the moment the app runs, the launcher never gives up because of an error of its own
 //! (catatonit: `bail()` only before the child starts, `warn()` after): errors are logged or
 //! answered to the client, and the loop goes on, since PID 1 exiting would kill the container.
@@ -21,7 +16,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use migrate_format::{CheckpointReport, LauncherState, RestoreReport, StatusReport};
+use migrate_format::{
+    Answer, CheckpointReport, LauncherState, Refusal, RestoreReport, StatusReport,
+};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -29,10 +26,11 @@ use nix::unistd::Pid;
 
 use crate::checkpoint::{self, chain};
 use crate::cli::OnRestoreFailure;
-use crate::control::{self, Incoming, Request, Server};
+use crate::control::{self, Incoming, Pending, Request, Server};
 use crate::criu::Criu;
 use crate::exit_status;
 use crate::job::{Job, Outcome};
+use crate::machine::{self, Effect, Input, Origin, State};
 use crate::relay::{Output, Relay};
 use crate::restore;
 use crate::signals::{self, Action, Signals};
@@ -44,6 +42,8 @@ use crate::tree;
 /// relayed before the launcher exits anyway. Output the app itself wrote is not bounded by
 /// this: its pipe reaches end of file as soon as every writer is gone.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// Control connections whose request is still arriving, at most; beyond, the oldest is dropped.
+const MAX_PENDING: usize = 16;
 /// Exit code when a restore requested at start fails (and no fresh start was asked for).
 pub const RESTORE_FAILED: u8 = 1;
 
@@ -88,15 +88,11 @@ struct Running {
 
 #[derive(Debug)]
 enum JobKind {
-    Checkpoint {
-        leave_running: bool,
-        previous: LauncherState,
-    },
+    Checkpoint,
     /// The read ends of the pipes the restored app will write to.
     Restore {
         stdout: OwnedFd,
         stderr: OwnedFd,
-        at_start: bool,
     },
 }
 
@@ -106,13 +102,13 @@ pub struct Supervisor {
     config: Config,
     signals: Signals,
     control: Option<Server>,
+    /// Connections whose request is still arriving (read as it comes, never waited for).
+    pending: Vec<Pending>,
     criu: Option<Criu>,
-    state: LauncherState,
+    state: State,
     app: Option<Pid>,
     relays: Vec<Relay>,
     running: Option<Running>,
-    /// The state to return to on rollback of a frozen app.
-    before_checkpoint: LauncherState,
     exit_code: Option<u8>,
     exited_at: Option<Instant>,
     /// A terminating signal received while a job ran, acted upon when it ends.
@@ -123,11 +119,6 @@ pub struct Supervisor {
     last_checkpoint: Option<CheckpointReport>,
     last_restore: Option<RestoreReport>,
     error: Option<String>,
-    /// While the app is held frozen for a migration that is not committed: when it resumes by
-    /// itself.
-    lease: Option<Instant>,
-    /// The migration holding the app frozen is committed: it never resumes on its own.
-    committed: bool,
 }
 
 impl Supervisor {
@@ -161,12 +152,14 @@ impl Supervisor {
             config,
             signals,
             control,
+            pending: Vec::new(),
             criu,
-            state: LauncherState::Running,
+            state: State::Running {
+                origin: Origin::Fresh,
+            },
             app: None,
             relays: Vec::new(),
             running: None,
-            before_checkpoint: LauncherState::Running,
             exit_code: None,
             exited_at: None,
             deferred_terminate: None,
@@ -174,16 +167,13 @@ impl Supervisor {
             last_checkpoint: None,
             last_restore: None,
             error: None,
-            lease: None,
-            committed: false,
         };
         match start {
-            Start::Fresh(app) => {
-                supervisor.adopt(app.pid, app.stdout, app.stderr, LauncherState::Running)
-            }
-            Start::Wait => supervisor.state = LauncherState::Waiting,
+            Start::Fresh(app) => supervisor.adopt(app.pid, app.stdout, app.stderr),
+            Start::Wait => supervisor.state = State::Waiting,
             Start::RestoreFrom(path) => {
-                supervisor.start_restore(restore::Source::Path(path), None, true)
+                supervisor.state = State::Restoring { at_start: true };
+                supervisor.start_restore(restore::Source::Path(path), None);
             }
         }
         Ok(supervisor)
@@ -196,17 +186,23 @@ impl Supervisor {
                 self.reap();
                 return code;
             }
-            self.check_lease();
+            self.advance(Input::Tick);
             let drain = self
                 .exited_at
                 .map(|at| DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()));
             // A lease that expires during a checkpoint is acted upon when the job ends (its
             // end wakes the loop), not polled for meanwhile.
             let lease = self
-                .lease
-                .filter(|_| self.state != LauncherState::Checkpointing)
+                .state
+                .lease()
+                .filter(|_| !self.state.busy())
                 .map(|at| at.saturating_duration_since(Instant::now()));
-            let timeout = match drain.into_iter().chain(lease).min() {
+            let request_deadline = self
+                .pending
+                .iter()
+                .map(|p| p.deadline().saturating_duration_since(Instant::now()))
+                .min();
+            let timeout = match drain.into_iter().chain(lease).chain(request_deadline).min() {
                 Some(left) => PollTimeout::try_from(left + Duration::from_millis(1))
                     .unwrap_or(PollTimeout::MAX),
                 None => PollTimeout::NONE,
@@ -230,8 +226,9 @@ impl Supervisor {
                 self.handle_signals();
             }
             if ready.control {
-                self.handle_control();
+                self.accept_control();
             }
+            self.read_requests(&ready.pending);
         }
     }
 
@@ -261,6 +258,10 @@ impl Supervisor {
             fds.push(PollFd::new(server.listener().as_fd(), PollFlags::POLLIN));
             fds.len() - 1
         });
+        let pending_start = fds.len();
+        for pending in &self.pending {
+            fds.push(PollFd::new(pending.as_fd(), PollFlags::POLLIN));
+        }
         let mut relay_slots = Vec::new();
         for relay in &self.relays {
             relay_slots.push(relay.source().map(|fd| {
@@ -280,6 +281,9 @@ impl Supervisor {
         Ok(Ready {
             signals: ready(0),
             control: control_slot.is_some_and(ready),
+            pending: (pending_start..pending_start + self.pending.len())
+                .map(ready)
+                .collect(),
             relays: relay_slots
                 .into_iter()
                 .map(|slot| slot.is_some_and(ready))
@@ -290,14 +294,12 @@ impl Supervisor {
     // ----- the app -------------------------------------------------------------------------
 
     /// Makes `pid` the supervised app with output on the given pipes.
-    fn adopt(&mut self, pid: Pid, stdout: OwnedFd, stderr: OwnedFd, state: LauncherState) {
+    fn adopt(&mut self, pid: Pid, stdout: OwnedFd, stderr: OwnedFd) {
         self.app = Some(pid);
         self.relays = vec![
             Relay::new(stdout, Output::Stdout),
             Relay::new(stderr, Output::Stderr),
         ];
-        self.state = state;
-        self.error = None;
         // A restored app that already exited before we knew its PID.
         if let Some(status) = self.unclaimed.remove(&pid.as_raw()) {
             self.app_exited(status);
@@ -308,7 +310,7 @@ impl Supervisor {
         if let Some(code) = exit_status::from_wait_status(status) {
             // A frozen app killed because the pod is going away reports the signal that asked.
             let code = match (self.state, self.deferred_terminate) {
-                (LauncherState::Checkpointed | LauncherState::Frozen, Some(signo)) => {
+                (State::Checkpointed { .. } | State::Frozen { .. }, Some(signo)) => {
                     128 + signo as u8
                 }
                 _ => code,
@@ -327,7 +329,7 @@ impl Supervisor {
         match spawn::spawn(&self.config.command, &self.signals.original_mask) {
             Ok(app) => {
                 tracing::info!(pid = app.pid.as_raw(), "started the app fresh");
-                self.adopt(app.pid, app.stdout, app.stderr, LauncherState::Running);
+                self.adopt(app.pid, app.stdout, app.stderr);
             }
             Err(error) => {
                 tracing::error!(error = %chain(&error), "cannot start the app");
@@ -371,7 +373,7 @@ impl Supervisor {
 
     /// SIGTERM/SIGINT/SIGQUIT: what "stop" means depends on the state.
     fn on_terminate(&mut self, signo: i32) {
-        match self.state {
+        match self.state.reported() {
             LauncherState::Running | LauncherState::Restored => self.forward(signo),
             // Acted upon when the job ends: the app is frozen by CRIU or not there yet.
             LauncherState::Checkpointing | LauncherState::Restoring => {
@@ -449,17 +451,59 @@ impl Supervisor {
 
     // ----- control requests ----------------------------------------------------------------
 
-    fn handle_control(&mut self) {
+    /// Accepts every waiting connection; their requests are read as they arrive, in the same
+    /// loop as signals and output, so a client that is slow to send (or sends nothing) never
+    /// holds up forwarding, reaping or the log relay.
+    fn accept_control(&mut self) {
+        let Some(server) = &self.control else { return };
         loop {
-            let Some(server) = &self.control else { return };
-            let incoming = match server.accept() {
-                Ok(Some(incoming)) => incoming,
-                Ok(None) => return,
+            match server.accept() {
+                Ok(Some(pending)) => {
+                    if self.pending.len() >= MAX_PENDING {
+                        tracing::warn!("too many control connections waiting; dropping the oldest");
+                        self.pending.remove(0).time_out();
+                    }
+                    self.pending.push(pending);
+                }
+                Ok(None) => break,
                 Err(error) => {
                     tracing::warn!(error = %chain(&error), "a control connection failed");
-                    return;
+                    break;
                 }
-            };
+            }
+        }
+        // A request that came with its connection is read now, not after another poll.
+        let all = vec![true; self.pending.len()];
+        self.read_requests(&all);
+    }
+
+    /// Reads what arrived on the pending connections that are `ready`; acts on each complete
+    /// request; drops the connections that timed out or went away.
+    fn read_requests(&mut self, ready: &[bool]) {
+        let now = Instant::now();
+        let mut complete = Vec::new();
+        let mut kept = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
+        for (index, mut connection) in pending.into_iter().enumerate() {
+            if ready.get(index).copied().unwrap_or(false) {
+                match connection.read() {
+                    control::Read::Complete(incoming) => {
+                        complete.push(incoming);
+                        continue;
+                    }
+                    control::Read::Gone => continue,
+                    control::Read::Partial => {}
+                }
+            }
+            if now >= connection.deadline() {
+                tracing::warn!("a control client sent no complete request in time; dropped it");
+                connection.time_out();
+                continue;
+            }
+            kept.push(connection);
+        }
+        self.pending = kept;
+        for incoming in complete {
             self.on_request(incoming);
         }
     }
@@ -472,49 +516,199 @@ impl Supervisor {
         } = incoming;
         let request = match request {
             Ok(request) => request,
-            Err(error) => return refuse(&stream, format!("the request is not valid: {error}")),
+            Err(error) => {
+                return refuse(
+                    &stream,
+                    Refusal::BadRequest,
+                    self.state,
+                    format!("the request is not valid: {error}"),
+                );
+            }
         };
         tracing::info!(?request, state = ?self.state, "control request");
         if request.needs_fd() && fd.is_none() {
             return refuse(
                 &stream,
+                Refusal::BadRequest,
+                self.state,
                 "the request carried no stream to read or write".into(),
             );
         }
-        match request {
+        let (input, verb) = match request {
             Request::Status => {
                 let _ = control::answer(&stream, &self.status());
+                return;
             }
-            Request::Rollback => self.rollback(&stream),
-            Request::Freeze { lease_seconds } => self.freeze(&stream, lease_seconds),
-            Request::Renew { lease_seconds } => self.renew(&stream, lease_seconds),
-            Request::Commit => self.commit(&stream),
-            Request::Thaw => self.thaw(&stream),
-            Request::Checkpoint { leave_running } => match fd {
-                Some(fd) => self.start_checkpoint(stream, fd, leave_running),
-                None => refuse(&stream, "no stream".into()),
-            },
-            Request::Receive => match fd {
-                Some(fd) => {
-                    if !matches!(self.state, LauncherState::Waiting | LauncherState::Failed)
-                        || self.running.is_some()
-                    {
-                        let message = format!(
-                            "this launcher is {} and not waiting for a checkpoint; start the target container with --wait-for-checkpoint",
-                            state_name(self.state)
-                        );
-                        return refuse(&stream, message);
-                    }
-                    self.start_restore(restore::Source::Stream(fd), Some(stream), false);
-                }
-                None => refuse(&stream, "no stream".into()),
-            },
+            Request::Rollback => (Input::Rollback, "rollback"),
+            Request::Freeze { lease_seconds } => (
+                Input::Freeze {
+                    lease: lease_seconds.map(Duration::from_secs),
+                },
+                "freeze",
+            ),
+            Request::Renew { lease_seconds } => (
+                Input::Renew {
+                    lease: Duration::from_secs(lease_seconds),
+                },
+                "renew",
+            ),
+            Request::Commit => (Input::Commit, "commit"),
+            Request::Thaw => (Input::Thaw, "thaw"),
+            Request::Checkpoint { leave_running } => {
+                (Input::Checkpoint { leave_running }, "checkpoint")
+            }
+            Request::Receive => (Input::Receive, "receive"),
+        };
+        self.request(stream, fd, input, verb);
+    }
+
+    /// A client's request: asks the state machine, performs its effects, answers. A job's
+    /// client is answered when the job ends.
+    fn request(&mut self, stream: UnixStream, fd: Option<OwnedFd>, input: Input, verb: &str) {
+        let previous = self.state;
+        let step = machine::step(previous, input, Instant::now());
+        if let Err(refusal) = step.answer {
+            self.perform_all(&step.effects);
+            return refuse(
+                &stream,
+                refusal,
+                previous,
+                machine::explain(refusal, verb, previous),
+            );
         }
+        self.state = step.next;
+        let mut client = Some(stream);
+        let mut fd = fd;
+        for effect in step.effects {
+            let done = match effect {
+                Effect::StopTree => self.stop_tree(),
+                Effect::StartCheckpoint {
+                    leave_running,
+                    was_frozen,
+                } => match (client.take(), fd.take()) {
+                    (Some(stream), Some(output)) => {
+                        self.start_checkpoint(stream, output, leave_running, was_frozen)
+                    }
+                    _ => Err("no stream".into()),
+                },
+                Effect::StartRestore => match (client.take(), fd.take()) {
+                    (Some(stream), Some(input)) => {
+                        self.start_restore(restore::Source::Stream(input), Some(stream));
+                        Ok(())
+                    }
+                    _ => Err("no stream".into()),
+                },
+                other => {
+                    self.perform(other);
+                    Ok(())
+                }
+            };
+            if let Err(error) = done {
+                self.state = previous;
+                if let Some(stream) = &client {
+                    refuse(
+                        stream,
+                        Refusal::Failed,
+                        previous,
+                        format!("cannot {verb}: {error}"),
+                    );
+                }
+                return;
+            }
+        }
+        if step.next != previous {
+            tracing::info!(state = ?self.state, "{verb}: done");
+        }
+        // Jobs answer when they end; everything else now.
+        if let Some(stream) = client {
+            let _ = control::answer(
+                &stream,
+                &Answer::done(self.state.reported(), self.app.map(Pid::as_raw)),
+            );
+        }
+    }
+
+    /// An input from inside (a job ended, time passed): takes the state machine's next state
+    /// and performs its effects.
+    fn advance(&mut self, input: Input) {
+        let step = machine::step(self.state, input, Instant::now());
+        if step.answer.is_err() {
+            tracing::warn!(?input, state = ?self.state, "an internal event does not apply here");
+            return;
+        }
+        let before = self.state;
+        self.state = step.next;
+        if input == Input::Tick && before != self.state {
+            tracing::warn!(
+                "the freeze's lease expired with no commit (the migration's driver is gone): resumed the app"
+            );
+        }
+        self.perform_all(&step.effects);
+    }
+
+    fn perform_all(&mut self, effects: &[Effect]) {
+        for effect in effects {
+            self.perform(*effect);
+        }
+    }
+
+    /// The effects that cannot fail (or whose failure is handled where they happen).
+    fn perform(&mut self, effect: Effect) {
+        match effect {
+            Effect::ResumeTree => {
+                if let Some(app) = self.app {
+                    checkpoint::resume(app);
+                    tracing::info!(pid = app.as_raw(), "resumed the app");
+                }
+            }
+            Effect::CancelCheckpoint => {
+                // A checkpoint still writing (into a stream nobody reads any more, typically):
+                // stop now; the refusal says "busy", and the caller asks again.
+                if let Some(cancel) = self.running.as_ref().and_then(|r| r.cancel.as_ref()) {
+                    let _ = nix::unistd::write(cancel, b"x");
+                    tracing::info!(
+                        "rollback asked during a checkpoint: told the job to stop writing"
+                    );
+                }
+            }
+            Effect::StartFresh => {
+                tracing::error!(
+                    error = self.error.as_deref().unwrap_or(""),
+                    "RESTORE FAILED — starting the app FRESH because --on-restore-failure=fresh: its checkpointed state is NOT restored"
+                );
+                self.start_fresh();
+            }
+            Effect::ExitRestoreFailed => {
+                tracing::error!(
+                    error = self.error.as_deref().unwrap_or(""),
+                    "restore failed; exiting (use --on-restore-failure=fresh to start the app fresh instead)"
+                );
+                self.exit(RESTORE_FAILED);
+            }
+            // Performed by `request`, which has the client's stream.
+            Effect::StopTree | Effect::StartCheckpoint { .. } | Effect::StartRestore => {
+                tracing::warn!(?effect, "effect without a request; ignored");
+            }
+        }
+    }
+
+    /// SIGSTOP to the app's whole tree: the first half of a consistent multi-container cut.
+    fn stop_tree(&mut self) -> Result<(), String> {
+        let Some(app) = self.app else {
+            return Err("there is no app".into());
+        };
+        if let Err(error) = tree::stop(app) {
+            // Never leave half a tree frozen.
+            tree::resume(app);
+            return Err(chain(&error));
+        }
+        tracing::info!(pid = app.as_raw(), "froze the app");
+        Ok(())
     }
 
     fn status(&self) -> StatusReport {
         StatusReport {
-            state: self.state,
+            state: self.state.reported(),
             app_pid: self.app.map(Pid::as_raw),
             launcher_version: env!("CARGO_PKG_VERSION").into(),
             criu_version: self.criu.as_ref().map(|c| c.version.clone()),
@@ -525,202 +719,30 @@ impl Supervisor {
             error: self.error.clone(),
             app_stopped: self.app.is_some_and(tree::all_stopped),
             lease_seconds_left: self
-                .lease
+                .state
+                .lease()
                 .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
-            committed: self.committed,
-        }
-    }
-
-    /// Answers a successful rollback/freeze/thaw with the new state.
-    fn acknowledge(&self, stream: &UnixStream, app: Pid) {
-        let _ = control::answer(
-            stream,
-            &serde_json::json!({"ok": true, "state": self.state, "app_pid": app.as_raw()}),
-        );
-    }
-
-    fn rollback(&mut self, stream: &UnixStream) {
-        // A checkpoint still writing (into a stream nobody reads any more, typically): tell it
-        // to stop now; the refusal below says "checkpointing", and the caller asks again.
-        if self.state == LauncherState::Checkpointing
-            && let Some(cancel) = self.running.as_ref().and_then(|r| r.cancel.as_ref())
-        {
-            let _ = nix::unistd::write(cancel, b"x");
-            tracing::info!("rollback asked during a checkpoint: told the job to stop writing");
-        }
-        match (self.state, self.app) {
-            (LauncherState::Checkpointed | LauncherState::Frozen, Some(app)) => {
-                checkpoint::resume(app);
-                self.state = self.before_checkpoint;
-                self.lease = None;
-                self.committed = false;
-                tracing::info!(pid = app.as_raw(), "rolled back: the frozen app resumed");
-                self.acknowledge(stream, app);
-            }
-            _ => refuse(
-                stream,
-                format!(
-                    "nothing to roll back: the launcher is {}; rollback resumes an app frozen by `checkpoint` without --leave-running or by `freeze`",
-                    state_name(self.state)
-                ),
-            ),
-        }
-    }
-
-    /// Resumes an app whose lease expired with no commit: the migration's driver is gone.
-    fn check_lease(&mut self) {
-        let Some(deadline) = self.lease else {
-            return;
-        };
-        if Instant::now() < deadline
-            || !matches!(
-                self.state,
-                LauncherState::Frozen | LauncherState::Checkpointed
-            )
-        {
-            return; // a checkpoint still running is looked at again when it ends
-        }
-        self.lease = None;
-        if let Some(app) = self.app {
-            checkpoint::resume(app);
-            self.state = self.before_checkpoint;
-            tracing::warn!(
-                pid = app.as_raw(),
-                "the freeze's lease expired with no commit (the migration's driver is gone): resumed the app"
-            );
-        }
-    }
-
-    /// Extends the lease of an app held frozen for a migration.
-    fn renew(&mut self, stream: &UnixStream, seconds: u64) {
-        match (self.state, self.app, self.lease) {
-            (
-                LauncherState::Frozen | LauncherState::Checkpointing | LauncherState::Checkpointed,
-                Some(app),
-                Some(_),
-            ) => {
-                self.lease = Some(Instant::now() + Duration::from_secs(seconds));
-                self.acknowledge(stream, app);
-            }
-            _ => refuse(
-                stream,
-                format!(
-                    "no lease to renew: the launcher is {}{}",
-                    state_name(self.state),
-                    if self.committed { " and committed" } else { "" }
-                ),
-            ),
-        }
-    }
-
-    /// Ends the lease: the migration is committed and the frozen app must never resume on
-    /// its own. Refused when the lease already expired (the app runs again).
-    fn commit(&mut self, stream: &UnixStream) {
-        match (self.state, self.app) {
-            (LauncherState::Frozen | LauncherState::Checkpointed, Some(app)) => {
-                self.lease = None;
-                self.committed = true;
-                tracing::info!(
-                    pid = app.as_raw(),
-                    "the migration is committed: the frozen app stays frozen"
-                );
-                self.acknowledge(stream, app);
-            }
-            _ => refuse(
-                stream,
-                format!(
-                    "cannot commit: the launcher is {} (its lease expired and the app resumed, or nothing was frozen)",
-                    state_name(self.state)
-                ),
-            ),
-        }
-    }
-
-    /// SIGSTOP to the app's tree: the first half of a consistent multi-container cut.
-    fn freeze(&mut self, stream: &UnixStream, lease_seconds: Option<u64>) {
-        match (self.state, self.app) {
-            (LauncherState::Running | LauncherState::Restored, Some(app))
-                if self.running.is_none() =>
-            {
-                if let Err(error) = tree::stop(app) {
-                    // Never leave half a tree frozen.
-                    tree::resume(app);
-                    return refuse(stream, format!("cannot freeze: {}", chain(&error)));
-                }
-                self.before_checkpoint = self.state;
-                self.state = LauncherState::Frozen;
-                self.committed = false;
-                self.lease = lease_seconds.map(|s| Instant::now() + Duration::from_secs(s));
-                tracing::info!(pid = app.as_raw(), ?lease_seconds, "froze the app");
-                self.acknowledge(stream, app);
-            }
-            _ => refuse(
-                stream,
-                format!(
-                    "cannot freeze: the launcher is {} (only a running app can be frozen)",
-                    state_name(self.state)
-                ),
-            ),
-        }
-    }
-
-    /// SIGCONT to the app's group: after `freeze`, or once every container of a pod restored
-    /// from a frozen checkpoint.
-    fn thaw(&mut self, stream: &UnixStream) {
-        match (self.state, self.app) {
-            (
-                LauncherState::Frozen | LauncherState::Running | LauncherState::Restored,
-                Some(app),
-            ) if self.running.is_none() => {
-                checkpoint::resume(app);
-                if self.state == LauncherState::Frozen {
-                    self.state = self.before_checkpoint;
-                }
-                self.lease = None;
-                self.committed = false;
-                tracing::info!(pid = app.as_raw(), "thawed the app");
-                self.acknowledge(stream, app);
-            }
-            _ => refuse(
-                stream,
-                format!("cannot thaw: the launcher is {}", state_name(self.state)),
-            ),
+            committed: self.state.committed(),
         }
     }
 
     // ----- jobs ----------------------------------------------------------------------------
 
-    fn start_checkpoint(&mut self, stream: UnixStream, output: OwnedFd, leave_running: bool) {
-        let Some(app) = self.app.filter(|_| {
-            matches!(
-                self.state,
-                LauncherState::Running | LauncherState::Restored | LauncherState::Frozen
-            )
-        }) else {
-            return refuse(
-                &stream,
-                format!(
-                    "cannot checkpoint: the launcher is {} (only a running app can be checkpointed)",
-                    state_name(self.state)
-                ),
-            );
+    fn start_checkpoint(
+        &mut self,
+        stream: UnixStream,
+        output: OwnedFd,
+        leave_running: bool,
+        was_frozen: bool,
+    ) -> Result<(), String> {
+        let Some(app) = self.app else {
+            return Err("there is no app".into());
         };
-        if self.running.is_some() {
-            return refuse(
-                &stream,
-                "cannot checkpoint: another checkpoint or restore is in progress".into(),
-            );
-        }
         if self.criu.is_none() {
-            match Criu::find(self.config.criu.as_deref()) {
-                Ok(criu) => self.criu = Some(criu),
-                Err(error) => {
-                    return refuse(&stream, format!("cannot checkpoint: {}", chain(&error)));
-                }
-            }
+            self.criu = Some(Criu::find(self.config.criu.as_deref()).map_err(|e| chain(&e))?);
         }
         let Some(criu) = self.criu.clone() else {
-            return;
+            return Err("criu is not available".into());
         };
         let plan = checkpoint::Plan {
             app,
@@ -738,53 +760,33 @@ impl Supervisor {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect(),
             original_mask: self.signals.original_mask,
-            was_frozen: self.state == LauncherState::Frozen,
+            was_frozen,
             output_stall_timeout: self.config.output_stall_timeout,
         };
-        let (cancel_read, cancel_write) = match nix::unistd::pipe2(
-            nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
-        ) {
-            Ok(pipe) => pipe,
-            Err(error) => {
-                return refuse(&stream, format!("cannot start the checkpoint: {error}"));
-            }
-        };
-        match Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output, &cancel_read)))
-        {
-            Ok(job) => {
-                // After `freeze`, the state to resume to is the one before the freeze.
-                if self.state != LauncherState::Frozen {
-                    self.before_checkpoint = self.state;
-                }
-                self.running = Some(Running {
-                    job,
-                    client: Some(stream),
-                    kind: JobKind::Checkpoint {
-                        leave_running,
-                        previous: self.state,
-                    },
-                    cancel: Some(cancel_write),
-                });
-                self.state = LauncherState::Checkpointing;
-            }
-            Err(error) => refuse(&stream, format!("cannot start the checkpoint: {error}")),
-        }
+        let (cancel_read, cancel_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
+        let job =
+            Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output, &cancel_read)))
+                .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
+        self.running = Some(Running {
+            job,
+            client: Some(stream),
+            kind: JobKind::Checkpoint,
+            cancel: Some(cancel_write),
+        });
+        Ok(())
     }
 
-    /// Starts a restore job; if it cannot even start, that is a failed restore (answered to
-    /// the client, if any).
-    fn start_restore(
-        &mut self,
-        source: restore::Source,
-        client: Option<UnixStream>,
-        at_start: bool,
-    ) {
-        if let Err(error) = self.try_start_restore(source, &client, at_start) {
+    /// Starts a restore job (the state is `restoring` already); if it cannot even start, that
+    /// is a failed restore (answered to the client, if any).
+    fn start_restore(&mut self, source: restore::Source, client: Option<UnixStream>) {
+        if let Err(error) = self.try_start_restore(source, &client) {
             let error = format!("cannot start the restore: {error}");
             if let Some(client) = &client {
-                refuse(client, error.clone());
+                let _ = control::answer(client, &RestoreReport::failed(error.clone()));
             }
-            self.restore_failed(error, at_start);
+            self.restore_failed(error);
         }
     }
 
@@ -792,7 +794,6 @@ impl Supervisor {
         &mut self,
         source: restore::Source,
         client: &Option<UnixStream>,
-        at_start: bool,
     ) -> nix::Result<()> {
         let client = client
             .as_ref()
@@ -823,11 +824,9 @@ impl Supervisor {
             kind: JobKind::Restore {
                 stdout: stdout_read,
                 stderr: stderr_read,
-                at_start,
             },
             cancel: None,
         });
-        self.state = LauncherState::Restoring;
         Ok(())
     }
 
@@ -837,28 +836,20 @@ impl Supervisor {
         } = running;
         let outcome = job.outcome();
         match kind {
-            JobKind::Checkpoint {
-                leave_running,
-                previous,
-            } => {
-                let report = match outcome {
-                    Some(Outcome::Checkpoint(report)) => report,
-                    _ => {
-                        // The job died without a word: never leave the app frozen without a
-                        // confirmed archive.
-                        if let Some(app) = self.app {
-                            checkpoint::resume(app);
-                        }
+            JobKind::Checkpoint => {
+                let (report, died) = match outcome {
+                    Some(Outcome::Checkpoint(report)) => (report, false),
+                    _ => (
                         CheckpointReport::failed(format!(
                             "the checkpoint job ended unexpectedly ({status:?}); the app was resumed"
-                        ))
-                    }
+                        )),
+                        true,
+                    ),
                 };
-                self.state = if report.ok && !leave_running {
-                    LauncherState::Checkpointed
-                } else {
-                    previous
-                };
+                self.advance(Input::CheckpointEnded {
+                    ok: report.ok,
+                    died,
+                });
                 if report.ok {
                     tracing::info!(id = %report.id, bytes = report.archive_bytes, state = ?self.state, "checkpoint written");
                 } else {
@@ -875,11 +866,7 @@ impl Supervisor {
                     self.on_terminate(signo);
                 }
             }
-            JobKind::Restore {
-                stdout,
-                stderr,
-                at_start,
-            } => {
+            JobKind::Restore { stdout, stderr } => {
                 let report = match outcome {
                     Some(Outcome::Restore(report)) => report,
                     _ => RestoreReport::failed(format!(
@@ -897,7 +884,12 @@ impl Supervisor {
                             "restored the app"
                         );
                         self.last_restore = Some(report);
-                        self.adopt(Pid::from_raw(pid), stdout, stderr, LauncherState::Restored);
+                        self.error = None;
+                        self.advance(Input::RestoreEnded {
+                            ok: true,
+                            fresh_on_failure: false,
+                        });
+                        self.adopt(Pid::from_raw(pid), stdout, stderr);
                         if let Some(signo) = self.deferred_terminate.take() {
                             self.forward(signo);
                         }
@@ -908,39 +900,29 @@ impl Supervisor {
                             .clone()
                             .unwrap_or_else(|| "unknown error".into());
                         self.last_restore = Some(report);
-                        self.restore_failed(error, at_start);
+                        self.restore_failed(error);
                     }
                 }
             }
         }
     }
 
-    fn restore_failed(&mut self, error: String, at_start: bool) {
+    fn restore_failed(&mut self, error: String) {
+        self.error = Some(error.clone());
         if let Some(signo) = self.deferred_terminate.take() {
             tracing::error!(%error, "restore failed");
+            self.state = State::Failed;
             return self.exit(128 + signo as u8);
         }
-        match self.config.on_restore_failure {
-            OnRestoreFailure::Fresh => {
-                tracing::error!(
-                    %error,
-                    "RESTORE FAILED — starting the app FRESH because --on-restore-failure=fresh: its checkpointed state is NOT restored"
-                );
-                self.error = Some(error);
-                self.start_fresh();
-            }
-            OnRestoreFailure::Fail if at_start => {
-                tracing::error!(%error, "restore failed; exiting (use --on-restore-failure=fresh to start the app fresh instead)");
-                self.error = Some(error);
-                self.state = LauncherState::Failed;
-                self.exit(RESTORE_FAILED);
-            }
-            OnRestoreFailure::Fail => {
-                tracing::error!(%error, "restore failed; still waiting for a checkpoint");
-                self.error = Some(error);
-                self.state = LauncherState::Failed;
-            }
+        let at_start = matches!(self.state, State::Restoring { at_start: true });
+        let fresh_on_failure = self.config.on_restore_failure == OnRestoreFailure::Fresh;
+        if !fresh_on_failure && !at_start {
+            tracing::error!(%error, "restore failed; still waiting for a checkpoint");
         }
+        self.advance(Input::RestoreEnded {
+            ok: false,
+            fresh_on_failure,
+        });
     }
 }
 
@@ -949,18 +931,15 @@ impl Supervisor {
 struct Ready {
     signals: bool,
     control: bool,
+    pending: Vec<bool>,
     relays: Vec<bool>,
 }
 
-/// Whether `pid` is in the stopped state (`T` in /proc/PID/stat).
-fn refuse(stream: &UnixStream, error: String) {
-    tracing::warn!(%error, "refused a control request");
-    let _ = control::answer(stream, &serde_json::json!({"ok": false, "error": error}));
-}
-
-fn state_name(state: LauncherState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+/// Answers a refused request.
+fn refuse(stream: &UnixStream, refusal: Refusal, state: State, error: String) {
+    tracing::warn!(%error, ?refusal, "refused a control request");
+    let _ = control::answer(
+        stream,
+        &Answer::refused(refusal, Some(state.reported()), error),
+    );
 }

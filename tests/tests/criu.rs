@@ -273,6 +273,10 @@ fn rollback_resumes_the_frozen_app_and_leave_running_never_stops_it() -> Result<
     ensure!(
         !refused.status.success()
             && String::from_utf8_lossy(&refused.stdout).contains("nothing to roll back")
+            && String::from_utf8_lossy(&refused.stdout)
+                .contains(r#""refusal":"nothing-to-roll-back""#),
+        "{}",
+        String::from_utf8_lossy(&refused.stdout)
     );
     Ok(())
 }
@@ -963,8 +967,11 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
     );
     let late = a.launcher(&["commit"]).output()?;
     ensure!(
-        !late.status.success() && String::from_utf8_lossy(&late.stdout).contains("cannot commit"),
-        "a commit after the lease expired was accepted"
+        !late.status.success()
+            && String::from_utf8_lossy(&late.stdout).contains("cannot commit")
+            && String::from_utf8_lossy(&late.stdout).contains(r#""refusal":"wrong-state""#),
+        "a commit after the lease expired was accepted: {}",
+        String::from_utf8_lossy(&late.stdout)
     );
 
     // Renewed, then committed: the lease is over and the app stays frozen past it.

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kubectl_migrate::check::{self, Launchers};
 use kubectl_migrate::client::Connection;
+use kubectl_migrate::launchers::LauncherError;
 use kubectl_migrate::migrate::{self, MigrateError, Options};
 use kubectl_migrate::recover;
 use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
@@ -76,7 +77,7 @@ fn name(pod: &Pod) -> String {
 }
 
 impl Launchers for StandIn {
-    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, String> {
+    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
         self.call(format!("status {}/{container}", name(pod)));
         let key = format!("{}/{container}", name(pod));
         if self
@@ -106,7 +107,7 @@ impl Launchers for StandIn {
         target: &Pod,
         container: &str,
         moved: Arc<AtomicU64>,
-    ) -> Result<(CheckpointReport, RestoreReport), String> {
+    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
         self.call(format!(
             "transfer {}/{container} -> {}",
             name(source),
@@ -131,12 +132,17 @@ impl Launchers for StandIn {
         Ok((checkpoint, restore))
     }
 
-    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.call(format!("rollback {}/{container}", name(pod)));
         Ok(())
     }
 
-    async fn freeze(&self, pod: &Pod, container: &str, lease: Duration) -> Result<(), String> {
+    async fn freeze(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: Duration,
+    ) -> Result<(), LauncherError> {
         self.call(format!("freeze {}/{container}", name(pod)));
         if lease.is_zero() {
             return Err("a freeze without a lease".into());
@@ -144,17 +150,22 @@ impl Launchers for StandIn {
         Ok(())
     }
 
-    async fn renew(&self, pod: &Pod, container: &str, _lease: Duration) -> Result<(), String> {
+    async fn renew(
+        &self,
+        pod: &Pod,
+        container: &str,
+        _lease: Duration,
+    ) -> Result<(), LauncherError> {
         self.call(format!("renew {}/{container}", name(pod)));
         Ok(())
     }
 
-    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn commit(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.call(format!("commit {}/{container}", name(pod)));
         Ok(())
     }
 
-    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), String> {
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.call(format!("thaw {}/{container}", name(pod)));
         if self.thaw_hangs {
             std::future::pending::<()>().await;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kubectl_migrate::check::{self, Launchers};
+use kubectl_migrate::launchers::LauncherError;
 use migrate_format::StatusReport;
 use migrate_tests::{ApiServer, apiserver_tests_can_run, workspace_binary};
 
@@ -17,7 +18,7 @@ use migrate_tests::{ApiServer, apiserver_tests_can_run, workspace_binary};
 struct StandIn;
 
 impl Launchers for StandIn {
-    async fn status(&self, _pod: &Pod, container: &str) -> Result<StatusReport, String> {
+    async fn status(&self, _pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
         if container == "plain" {
             return Err("exec: \"restore-launcher\": executable file not found in $PATH".into());
         }
@@ -26,7 +27,7 @@ impl Launchers for StandIn {
             "criu_version": "4.1.1", "kernel": "6.18.4", "arch": "x86_64", "last_checkpoint": null,
             "last_restore": null, "error": null}),
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| LauncherError::Failed(e.to_string()))
     }
 
     async fn transfer(
@@ -40,28 +41,38 @@ impl Launchers for StandIn {
             migrate_format::CheckpointReport,
             migrate_format::RestoreReport,
         ),
-        String,
+        LauncherError,
     > {
         Err("the preflight never transfers".into())
     }
 
-    async fn rollback(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+    async fn rollback(&self, _pod: &Pod, _container: &str) -> Result<(), LauncherError> {
         Err("the preflight never rolls back".into())
     }
 
-    async fn freeze(&self, _pod: &Pod, _container: &str, _lease: Duration) -> Result<(), String> {
+    async fn freeze(
+        &self,
+        _pod: &Pod,
+        _container: &str,
+        _lease: Duration,
+    ) -> Result<(), LauncherError> {
         Err("the preflight never freezes".into())
     }
 
-    async fn renew(&self, _pod: &Pod, _container: &str, _lease: Duration) -> Result<(), String> {
+    async fn renew(
+        &self,
+        _pod: &Pod,
+        _container: &str,
+        _lease: Duration,
+    ) -> Result<(), LauncherError> {
         Err("the preflight holds no lease".into())
     }
 
-    async fn commit(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+    async fn commit(&self, _pod: &Pod, _container: &str) -> Result<(), LauncherError> {
         Err("the preflight never commits".into())
     }
 
-    async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<(), String> {
+    async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<(), LauncherError> {
         Err("the preflight never thaws".into())
     }
 }

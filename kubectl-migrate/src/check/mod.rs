@@ -21,75 +21,8 @@ pub mod permissions;
 pub mod pod;
 pub mod volumes;
 
+pub use crate::launchers::Launchers;
 pub use permissions::{NEEDED, Permission, denied_permissions};
-
-/// What the plugin does inside containers, through `restore-launcher` sub-commands. In a
-/// cluster this is the exec API (`kubectl exec`, [`crate::exec::ExecLaunchers`]); it is a seam
-/// so the API-server tests, which have no kubelet, can stand in for it and say so.
-pub trait Launchers {
-    /// The launcher's status in `container`, or why it could not be read.
-    fn status(
-        &self,
-        pod: &Pod,
-        container: &str,
-    ) -> impl std::future::Future<Output = Result<StatusReport, String>> + Send;
-
-    /// Streams `checkpoint --output -` of `container` in `source` into `receive --input -` of
-    /// the same container in `target`, adding the bytes moved to `moved`. Returns both reports.
-    fn transfer(
-        &self,
-        source: &Pod,
-        target: &Pod,
-        container: &str,
-        moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) -> impl std::future::Future<
-        Output = Result<
-            (
-                migrate_format::CheckpointReport,
-                migrate_format::RestoreReport,
-            ),
-            String,
-        >,
-    > + Send;
-
-    /// `rollback` in `container`: resume the app frozen by a checkpoint.
-    fn rollback(
-        &self,
-        pod: &Pod,
-        container: &str,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-
-    /// `freeze --lease` in `container`: stop the app, so all containers are frozen before any
-    /// is dumped; it resumes by itself after `lease` unless renewed or committed.
-    fn freeze(
-        &self,
-        pod: &Pod,
-        container: &str,
-        lease: std::time::Duration,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-
-    /// `renew --lease` in `container`: the migration is still working; extend the lease.
-    fn renew(
-        &self,
-        pod: &Pod,
-        container: &str,
-        lease: std::time::Duration,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-
-    /// `commit` in `container`: end the lease; the frozen source never resumes on its own.
-    fn commit(
-        &self,
-        pod: &Pod,
-        container: &str,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-
-    /// `thaw` in `container`: resume the app (on the target, once every container is restored).
-    fn thaw(
-        &self,
-        pod: &Pod,
-        container: &str,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-}
 
 /// Everything the preflight looks at.
 #[derive(Debug, Clone)]
@@ -204,7 +137,7 @@ pub async fn gather(
     if running {
         for container in crate::rewrite::migrated_containers(&pod) {
             let status = launchers.status(&pod, &container).await;
-            statuses.insert(container, status);
+            statuses.insert(container, status.map_err(|e| e.to_string()));
         }
     }
     Ok(Ok(Facts {

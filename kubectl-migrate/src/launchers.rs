@@ -1,0 +1,118 @@
+//! The seam between the pipeline and the launchers in the pod's containers: what the plugin
+//! asks of `restore-launcher` ([`Launchers`]) and how that can fail ([`LauncherError`]). In a
+//! cluster this is the exec API ([`crate::exec::ExecLaunchers`]); the API-server tests, which
+//! have no kubelet, stand in for it and say so.
+//!
+//! Decisions are taken on [`LauncherError`]'s variants and the launcher's [`Refusal`] codes,
+//! never on the words of a message.
+
+use k8s_openapi::api::core::v1::Pod;
+use migrate_format::{Refusal, StatusReport};
+
+/// Why a launcher request did not (or may not have) taken effect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LauncherError {
+    /// The launcher answered, and refused: `refusal` says why as a code.
+    #[error("{message}")]
+    Refused { refusal: Refusal, message: String },
+    /// The request could not be carried out: the exec could not start, the launcher could not
+    /// be reached or is too old to give a code, a checkpoint or restore failed, a stream broke.
+    #[error("{0}")]
+    Failed(String),
+    /// The exec stream ended with no exit status, and the launcher's status (read to settle it)
+    /// shows the request did not take effect, or cannot be read.
+    #[error("unknown outcome of `{verb}` ({detail}); {seen}")]
+    Unknown {
+        verb: String,
+        detail: String,
+        seen: String,
+    },
+}
+
+impl LauncherError {
+    /// The launcher's refusal code, if it refused.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            LauncherError::Refused { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+}
+
+impl From<String> for LauncherError {
+    fn from(message: String) -> Self {
+        LauncherError::Failed(message)
+    }
+}
+
+impl From<&str> for LauncherError {
+    fn from(message: &str) -> Self {
+        LauncherError::Failed(message.into())
+    }
+}
+
+/// What the plugin does inside containers, through `restore-launcher` sub-commands.
+pub trait Launchers {
+    /// The launcher's status in `container`, or why it could not be read.
+    fn status(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<StatusReport, LauncherError>> + Send;
+
+    /// Streams `checkpoint --output -` of `container` in `source` into `receive --input -` of
+    /// the same container in `target`, adding the bytes moved to `moved`. Returns both reports.
+    fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> impl std::future::Future<
+        Output = Result<
+            (
+                migrate_format::CheckpointReport,
+                migrate_format::RestoreReport,
+            ),
+            LauncherError,
+        >,
+    > + Send;
+
+    /// `rollback` in `container`: resume the app frozen by a checkpoint.
+    fn rollback(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+
+    /// `freeze --lease` in `container`: stop the app, so all containers are frozen before any
+    /// is dumped; it resumes by itself after `lease` unless renewed or committed.
+    fn freeze(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+
+    /// `renew --lease` in `container`: the migration is still working; extend the lease.
+    fn renew(
+        &self,
+        pod: &Pod,
+        container: &str,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+
+    /// `commit` in `container`: end the lease; the frozen source never resumes on its own.
+    fn commit(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+
+    /// `thaw` in `container`: resume the app (on the target, once every container is restored).
+    fn thaw(
+        &self,
+        pod: &Pod,
+        container: &str,
+    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+}
