@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the socket inside the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
-/// How long PID 1 waits for a connected client to send its request.
+/// How long a connected client may take to send its request before PID 1 drops it (PID 1
+/// never waits for it: the request is read as it arrives).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request line.
 const REQUEST_LIMIT: usize = 64 * 1024;
@@ -91,8 +92,6 @@ pub enum ControlError {
     },
     #[error("the control connection failed")]
     Io(#[source] io::Error),
-    #[error("the request is not valid: {0}")]
-    BadRequest(String),
     #[error("the launcher closed the connection without an answer; see its log (`kubectl logs`)")]
     NoAnswer,
 }
@@ -180,17 +179,19 @@ impl Server {
         &self.listener
     }
 
-    /// Accepts one pending connection and reads its request, if a client is waiting.
+    /// Accepts one waiting connection, if any, without blocking: a peer that may not drive the
+    /// launcher is answered and dropped; any other becomes a [`Pending`] connection whose
+    /// request is read as it arrives (never waited for: a slow client must not stall PID 1).
     ///
     /// # Errors
-    /// [`ControlError::Io`] / [`ControlError::BadRequest`]; the connection is then answered
-    /// by the caller or dropped.
-    pub fn accept(&self) -> Result<Option<Incoming>, ControlError> {
+    /// [`ControlError::Io`] when accepting fails.
+    pub fn accept(&self) -> Result<Option<Pending>, ControlError> {
         let stream = match self.listener.accept() {
             Ok((stream, _)) => stream,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(error) => return Err(ControlError::Io(error)),
         };
+        stream.set_nonblocking(true).map_err(ControlError::Io)?;
         let peer =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
                 .map_err(|errno| ControlError::Io(errno.into()))?;
@@ -198,24 +199,165 @@ impl Server {
         if !peer_allowed(peer.uid(), own) {
             let _ = answer(
                 &stream,
-                &serde_json::json!({"ok": false, "error": format!(
-                    "refused: the launcher only takes requests from its own user (uid {own}) or root, not uid {}",
-                    peer.uid()
-                )}),
+                &migrate_format::Answer::refused(
+                    migrate_format::Refusal::NotAllowed,
+                    None,
+                    format!(
+                        "refused: the launcher only takes requests from its own user (uid {own}) or root, not uid {}",
+                        peer.uid()
+                    ),
+                ),
             );
-            return Ok(None);
+            return Ok(Some(Pending::gone(stream)));
         }
-        stream.set_nonblocking(false).map_err(ControlError::Io)?;
-        stream
-            .set_read_timeout(Some(REQUEST_TIMEOUT))
-            .map_err(ControlError::Io)?;
-        let (line, fd) = receive_line_with_fd(&stream)?;
-        let request: Result<Request, _> = serde_json::from_str(&line);
-        Ok(Some(Incoming {
+        Ok(Some(Pending {
             stream,
-            request: request.map_err(|e| e.to_string()),
-            fd,
+            line: Vec::new(),
+            fd: None,
+            since: std::time::Instant::now(),
+            gone: false,
         }))
+    }
+}
+
+/// A connected client whose request line has not all arrived yet. PID 1 polls it with its
+/// other fds and reads what is there ([`Pending::read`]); one that sends nothing for
+/// [`REQUEST_TIMEOUT`] is dropped.
+#[derive(Debug)]
+pub struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+    fd: Option<OwnedFd>,
+    since: std::time::Instant,
+    /// Answered already (refused): to be dropped.
+    gone: bool,
+}
+
+/// What reading a pending connection gave.
+#[derive(Debug)]
+pub enum Read {
+    /// More is to come.
+    Partial,
+    /// The request is complete.
+    Complete(Incoming),
+    /// The client went away, sent too much, or was refused: drop the connection.
+    Gone,
+}
+
+impl Pending {
+    fn gone(stream: UnixStream) -> Self {
+        Pending {
+            stream,
+            line: Vec::new(),
+            fd: None,
+            since: std::time::Instant::now(),
+            gone: true,
+        }
+    }
+
+    /// The socket, to poll.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.stream.as_fd()
+    }
+
+    /// When this connection is dropped if its request has not arrived.
+    pub fn deadline(&self) -> std::time::Instant {
+        self.since + REQUEST_TIMEOUT
+    }
+
+    /// Reads whatever has arrived, without blocking; collects an fd passed with it.
+    pub fn read(&mut self) -> Read {
+        if self.gone {
+            return Read::Gone;
+        }
+        let mut buffer = [0u8; 4096];
+        loop {
+            let mut space = nix::cmsg_space!([RawFd; 2]);
+            let mut iov = [IoSliceMut::new(&mut buffer)];
+            let message = match recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(message) => message,
+                Err(nix::errno::Errno::EAGAIN) => return Read::Partial,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return Read::Gone,
+            };
+            if let Ok(cmsgs) = message.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                        for raw in fds {
+                            // SAFETY: the kernel just installed this fd in our table for us; we
+                            // own it (and close any beyond the first).
+                            #[allow(unsafe_code)]
+                            let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                            if self.fd.is_none() {
+                                self.fd = Some(owned);
+                            }
+                        }
+                    }
+                }
+            }
+            let n = message.bytes;
+            if n == 0 {
+                // End of stream: a request without its newline is taken as it is.
+                return if self.line.is_empty() {
+                    Read::Gone
+                } else {
+                    self.complete()
+                };
+            }
+            self.line.extend_from_slice(&buffer[..n]);
+            if self.line.contains(&b'\n') {
+                return self.complete();
+            }
+            if self.line.len() > REQUEST_LIMIT {
+                let _ = answer(
+                    &self.stream,
+                    &migrate_format::Answer::refused(
+                        migrate_format::Refusal::BadRequest,
+                        None,
+                        format!("the request is longer than {REQUEST_LIMIT} bytes"),
+                    ),
+                );
+                return Read::Gone;
+            }
+        }
+    }
+
+    fn complete(&mut self) -> Read {
+        let end = self
+            .line
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(self.line.len());
+        let request = std::str::from_utf8(&self.line[..end])
+            .map_err(|_| "not UTF-8".to_string())
+            .and_then(|line| serde_json::from_str::<Request>(line).map_err(|e| e.to_string()));
+        let Ok(stream) = self.stream.try_clone() else {
+            return Read::Gone;
+        };
+        self.gone = true;
+        Read::Complete(Incoming {
+            stream,
+            request,
+            fd: self.fd.take(),
+        })
+    }
+
+    /// Tells a client that sent no request in time why it is dropped.
+    pub fn time_out(&self) {
+        let _ = answer(
+            &self.stream,
+            &migrate_format::Answer::refused(
+                migrate_format::Refusal::BadRequest,
+                None,
+                format!("no complete request within {REQUEST_TIMEOUT:?}"),
+            ),
+        );
     }
 }
 
@@ -244,48 +386,6 @@ pub fn answer<T: Serialize>(mut stream: &UnixStream, value: &T) -> io::Result<()
     line.push(b'\n');
     stream.write_all(&line)?;
     stream.shutdown(std::net::Shutdown::Write)
-}
-
-/// Reads one line, collecting an fd passed with its first bytes.
-fn receive_line_with_fd(stream: &UnixStream) -> Result<(String, Option<OwnedFd>), ControlError> {
-    let mut line = Vec::new();
-    let mut fd = None;
-    let mut buffer = [0u8; 4096];
-    loop {
-        let mut space = nix::cmsg_space!([RawFd; 2]);
-        let mut iov = [IoSliceMut::new(&mut buffer)];
-        let message = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| ControlError::Io(e.into()))?;
-        for cmsg in message.cmsgs().map_err(|e| ControlError::Io(e.into()))? {
-            if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                for raw in fds {
-                    // SAFETY: the kernel just installed this fd in our table for us; we own it.
-                    #[allow(unsafe_code)]
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    if fd.is_none() {
-                        fd = Some(owned);
-                    }
-                }
-            }
-        }
-        let n = message.bytes;
-        if n == 0 {
-            break;
-        }
-        line.extend_from_slice(&buffer[..n]);
-        if line.contains(&b'\n') || line.len() > REQUEST_LIMIT {
-            break;
-        }
-    }
-    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
-    let text = String::from_utf8(line[..end].to_vec())
-        .map_err(|_| ControlError::BadRequest("not UTF-8".into()))?;
-    Ok((text, fd))
 }
 
 /// Client side: connects to the socket in `state_dir`, sends `request` (with `fd` attached)
@@ -387,6 +487,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_sends_nothing_blocks_nobody() {
+        let dir = std::env::temp_dir().join(format!("rl-slow-{}", std::process::id()));
+        let server = Server::bind(&dir).unwrap_or_else(|e| panic!("{e}"));
+        // Connected, silent: accepting and reading it return at once.
+        let silent = UnixStream::connect(dir.join(SOCKET_NAME)).unwrap_or_else(|e| panic!("{e}"));
+        let started = std::time::Instant::now();
+        let mut pending = server
+            .accept()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no connection accepted"));
+        assert!(matches!(pending.read(), Read::Partial));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "reading a silent client blocked for {:?}",
+            started.elapsed()
+        );
+        assert_eq!(pending.deadline(), pending.since + REQUEST_TIMEOUT);
+        // Half a request, then the rest: taken once the line is complete.
+        (&silent).write_all(br#"{"op":"sta"#).unwrap_or_default();
+        assert!(matches!(pending.read(), Read::Partial));
+        (&silent).write_all(b"tus\"}\n").unwrap_or_default();
+        match pending.read() {
+            Read::Complete(incoming) => assert_eq!(incoming.request, Ok(Request::Status)),
+            other => panic!("{other:?}"),
+        }
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn only_the_same_user_or_root_may_drive_the_launcher() {
         assert!(peer_allowed(1000, 1000));
         assert!(peer_allowed(0, 1000));
@@ -407,11 +537,18 @@ mod tests {
         let client = std::thread::spawn(move || {
             call(&client_dir, &Request::Receive, Some(reader.as_raw_fd()))
         });
-        let incoming = loop {
-            if let Some(incoming) = server.accept().unwrap_or_else(|e| panic!("{e}")) {
-                break incoming;
+        let mut pending = loop {
+            if let Some(pending) = server.accept().unwrap_or_else(|e| panic!("{e}")) {
+                break pending;
             }
             std::thread::sleep(Duration::from_millis(5));
+        };
+        let incoming = loop {
+            match pending.read() {
+                Read::Complete(incoming) => break incoming,
+                Read::Partial => std::thread::sleep(Duration::from_millis(5)),
+                Read::Gone => panic!("the client went away"),
+            }
         };
         assert_eq!(incoming.request, Ok(Request::Receive));
         // The fd received is the pipe's read end: bytes written to the pipe come out of it.

@@ -426,3 +426,58 @@ fn the_release_launcher_is_statically_linked() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn a_silent_control_client_does_not_hold_up_pid_1() {
+    // A client that connects to the control socket and sends nothing. Were PID 1 to wait for
+    // its request, it would serve nobody else until it gave up on it (and hung up on it).
+    let state_dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(launcher())
+        .args(["--", "sleep", "60"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = scopeguard(child);
+    let socket = state_dir.path().join("control.sock");
+    wait_for("the control socket", LIMIT, || {
+        socket.exists().then_some(())
+    });
+    let silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let status = std::process::Command::new(launcher())
+        .args(["status"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && answer.contains(r#""state":"running""#),
+        "{answer}"
+    );
+    // Served while the silent client is still connected and unanswered: PID 1 did not sit in
+    // its read (which would have ended by timing it out and hanging up first).
+    let mut byte = [0u8; 1];
+    let read = std::io::Read::read(&mut &silent, &mut byte);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the silent client was answered or dropped before `status` was served: {read:?}"
+    );
+    let _ = running.0.kill();
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scopeguard(child: std::process::Child) -> Guard {
+    Guard(child)
+}
