@@ -316,6 +316,7 @@ async fn run<L: Launchers + Sync>(
     let target = wait_until_running(&pods, &target_name).await?;
     progress.target = Some(target.clone());
     phase_done("target", &mut phases);
+    fault::stage("target-running");
 
     progress.phase = "checkpoint and transfer".into();
     progress.transfer_started = true;
@@ -346,6 +347,7 @@ async fn run<L: Launchers + Sync>(
                 error,
             })?;
     }
+    fault::stage("frozen");
     let keep_alive = || renew_lease(launchers, &source, &containers, options.lease);
     let transfers = containers.iter().map(|c| {
         let moved = moved.clone();
@@ -392,6 +394,7 @@ async fn run<L: Launchers + Sync>(
         Ok(())
     };
     within(thaw_by, leased(verify, keep_alive())).await???;
+    fault::stage("restored");
     // Every source launcher acknowledges the commit (its lease ends: it will not resume on its
     // own) before it is recorded; one whose lease already expired refuses, and the migration
     // is undone like any failure before the commit. No renewal runs meanwhile: it would be
@@ -411,6 +414,7 @@ async fn run<L: Launchers + Sync>(
     };
     within(thaw_by, acknowledge).await??;
     phase_done("verify", &mut phases);
+    fault::stage("acknowledged");
 
     // The point of no return: from here the target holds the app's state, and nothing undoes
     // the migration any more; failures are retried or reported with the commands that finish.
@@ -418,6 +422,7 @@ async fn run<L: Launchers + Sync>(
     commit(&pods, &options.pod, &progress.id).await?;
     progress.committed = true;
     phase_done("commit", &mut phases);
+    fault::stage("committed");
     progress.phase = "thaw and cleanup".into();
     let finished = finish(connection, launchers, options, progress).await?;
     phase_done("thaw+cleanup", &mut phases);
@@ -626,6 +631,7 @@ pub async fn finish<L: Launchers + Sync>(
         })
         .await
     };
+    fault::stage("source-deleted");
     for container in &progress.containers {
         retry(|| launchers.thaw(&target, container))
             .await
@@ -1053,4 +1059,29 @@ fn new_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     format!("mig-{}-{:04x}", now.as_secs(), now.subsec_nanos() & 0xffff)
+}
+
+/// Fault injection for the end-to-end fault matrix (`tests/tests/e2e.rs`): with
+/// `KUBECTL_MIGRATE_FAULT_KILL_AT=STAGE` the plugin kills itself with SIGKILL on reaching
+/// STAGE (`target-running`, `frozen`, `restored`, `acknowledged`, `committed`,
+/// `source-deleted`), as a plugin dies whose laptop closed or whose terminal went away, at an
+/// exact point no outside signal can hit reliably. Only in builds with the `fault-injection`
+/// feature, which test builds enable and release builds never do.
+mod fault {
+    #[cfg(feature = "fault-injection")]
+    pub fn stage(name: &str) {
+        if std::env::var("KUBECTL_MIGRATE_FAULT_KILL_AT").is_ok_and(|at| at == name) {
+            eprintln!("fault injection: killing the plugin with SIGKILL at stage {name}");
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &std::process::id().to_string()])
+                .status();
+            // The signal is on its way; nothing more may happen here.
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn stage(_name: &str) {}
 }

@@ -26,7 +26,7 @@ pub struct InFlight {
     pub source: String,
     /// The target pod, if it still exists.
     pub target: Option<String>,
-    /// The last phase the source records (`checkpointing`, `committed`), or `target created`
+    /// The last phase the source records (`checkpointing`, `committed`), or `target-created`
     /// when the plugin stopped before touching the source.
     pub phase: String,
     pub committed: bool,
@@ -132,11 +132,11 @@ pub async fn list(
             .get(source)
             .filter(|s| s.metadata.deletion_timestamp.is_none());
         let phase = match source_pod {
-            None => "source gone",
+            None => "source-deleted",
             Some(s) => Some(s)
                 .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
                 .and_then(|s| note(s, annotations::PHASE))
-                .unwrap_or("target created"),
+                .unwrap_or("target-created"),
         }
         .to_string();
         let age_seconds = target

@@ -232,9 +232,15 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
 
 /// Counts bytes written through it.
 #[derive(Debug)]
-struct Counting<W> {
+pub struct Counting<W> {
     inner: W,
-    count: u64,
+    pub count: u64,
+}
+
+impl<W> Counting<W> {
+    pub fn new(inner: W) -> Self {
+        Counting { inner, count: 0 }
+    }
 }
 
 impl<W: Write> Write for Counting<W> {

@@ -20,7 +20,9 @@ use nix::unistd::Pid;
 use crate::archive;
 use crate::criu::Criu;
 use crate::include;
+use crate::seal::{self, Key, KeySource};
 use crate::sysinfo;
+use crate::workdir::JobDir;
 
 /// Everything the job needs, copied from PID 1 before the fork.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct Plan {
     pub was_frozen: bool,
     /// How long the output may accept nothing before the checkpoint gives up.
     pub output_stall_timeout: Duration,
+    /// Seal the archive with this key (`crate::seal`).
+    pub key: Option<KeySource>,
 }
 
 /// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
@@ -47,13 +51,18 @@ pub struct Plan {
 pub fn run(plan: &Plan, output: OwnedFd, cancel: &OwnedFd) -> CheckpointReport {
     let id = sysinfo::new_id("ck");
     let mut report = CheckpointReport::new(id.clone(), plan.leave_running);
-    let dir = plan.work_dir.join(&id);
-    let result = checkpoint(plan, &id, &dir, output, cancel, &mut report);
+    // The images are the app's memory: the job's directory is removed when it ends.
+    let result = match JobDir::create(&plan.work_dir, &id) {
+        Ok(dir) => checkpoint(plan, &id, dir.path(), output, cancel, &mut report),
+        Err(error) => Err(format!(
+            "cannot create the work directory {}: {error}; set --work-dir to a writable path; the app keeps running",
+            plan.work_dir.join(&id).display()
+        )),
+    };
     if let Err(error) = &result {
         report.error = Some(error.clone());
     }
     report.ok = result.is_ok();
-    let _ = fs::remove_dir_all(&dir); // the images are the app's memory: never leave them behind
     report.peak_rss_kib = sysinfo::peak_rss_kib();
     report
 }
@@ -84,6 +93,13 @@ fn checkpoint(
                 dir.display()
             )
         })?;
+    // The key first: a checkpoint that could not be sealed must not freeze the app.
+    let key = plan
+        .key
+        .as_ref()
+        .map(Key::load)
+        .transpose()
+        .map_err(|e| format!("{}; the app keeps running", chain(&e)))?;
     if let Some(objects) = sysv_ipc_objects() {
         return Err(format!(
             "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (CRIU dumps the app's processes, not the namespace): the app would be restored without them; the app keeps running"
@@ -151,8 +167,20 @@ fn checkpoint(
         timings_ms: report.timings_ms.clone(),
     };
     let file = File::from(output);
-    let guarded = StallGuard::new(&file, plan.output_stall_timeout, cancel);
-    report.archive_bytes = archive::write(guarded, &manifest, dir).map_err(|e| failed(&e))?;
+    let mut out = archive::Counting::new(StallGuard::new(&file, plan.output_stall_timeout, cancel));
+    match &key {
+        None => {
+            archive::write(&mut out, &manifest, dir).map_err(|e| failed(&e))?;
+        }
+        Some(key) => {
+            let mut sealed = seal::seal(&mut out, key).map_err(|e| failed(&e))?;
+            archive::write(&mut sealed, &manifest, dir).map_err(|e| failed(&e))?;
+            sealed
+                .finish()
+                .map_err(|e| failed(&archive::ArchiveError::Output(e)))?;
+        }
+    }
+    report.archive_bytes = out.count;
     // Durable when the output is a file; a pipe or socket answers EINVAL, which is fine.
     if let Err(error) = file.sync_all()
         && error.raw_os_error() != Some(libc::EINVAL)

@@ -124,6 +124,12 @@ pub struct RunOptions {
     )]
     pub input_stall_timeout: u64,
 
+    /// Seal every archive this launcher writes with the age identity in this file (a Secret
+    /// volume), and take only archives sealed with it. `RESTORE_LAUNCHER_KEY` may hold the
+    /// key itself instead (a Secret's secretKeyRef). `restore-launcher keygen` makes one.
+    #[arg(long, env = "RESTORE_LAUNCHER_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
     /// The criu binary (default: `criu` from PATH).
     #[arg(long, env = "RESTORE_LAUNCHER_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,
@@ -180,4 +186,7 @@ pub enum Command {
     Thaw,
     /// Print PID 1's state as JSON.
     Status,
+    /// Print a new random key for sealing checkpoints (an age identity, with its public key
+    /// as a comment), e.g. `kubectl create secret generic migrate-key --from-literal=key="$(restore-launcher keygen)"`.
+    Keygen,
 }

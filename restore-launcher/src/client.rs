@@ -43,6 +43,10 @@ pub enum ClientError {
 pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => simple(state_dir, &Request::Status),
+        Command::Keygen => {
+            print!("{}", crate::seal::Key::generate());
+            Ok(0)
+        }
         Command::Rollback => simple(state_dir, &Request::Rollback),
         Command::Freeze { lease } => simple(
             state_dir,

@@ -29,11 +29,13 @@ mod log;
 mod machine;
 mod relay;
 mod restore;
+mod seal;
 mod signals;
 mod spawn;
 mod supervisor;
 mod sysinfo;
 mod tree;
+mod workdir;
 
 use std::process::ExitCode;
 
@@ -104,6 +106,11 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
             .unwrap_or_else(|| cli.state_dir.join("work")),
         include: options.include.clone(),
         criu: options.criu.clone(),
+        key: options
+            .key_file
+            .clone()
+            .map(seal::KeySource::File)
+            .or_else(seal::KeySource::from_env),
         output_stall_timeout: std::time::Duration::from_secs(options.output_stall_timeout),
         input_stall_timeout: std::time::Duration::from_secs(options.input_stall_timeout),
         on_restore_failure: options.on_restore_failure,

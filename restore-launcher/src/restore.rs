@@ -43,6 +43,8 @@ pub struct Plan {
     pub original_mask: SigSet,
     /// How long the archive stream may bring nothing before the restore gives up.
     pub input_stall_timeout: std::time::Duration,
+    /// Take only archives sealed with this key (`crate::seal`).
+    pub key: Option<crate::seal::KeySource>,
 }
 
 /// The write ends of the launcher's new stdout/stderr pipes, handed to CRIU.
@@ -55,15 +57,22 @@ pub struct Pipes<'a> {
 /// Verifies and restores. Every failure is in the report.
 pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
     let mut report = RestoreReport::new();
-    let dir = plan.work_dir.join(sysinfo::new_id("rs"));
-    match restore(plan, source, pipes, &dir, &mut report) {
+    let id = sysinfo::new_id("rs");
+    // Staged images are the app's memory: the job's directory is removed when it ends.
+    let outcome = match crate::workdir::JobDir::create(&plan.work_dir, &id) {
+        Ok(dir) => restore(plan, source, pipes, dir.path(), &mut report),
+        Err(error) => Err(format!(
+            "cannot create the work directory {}: {error}; set --work-dir to a writable path",
+            plan.work_dir.join(&id).display()
+        )),
+    };
+    match outcome {
         Ok(pid) => {
             report.ok = true;
             report.app_pid = Some(pid);
         }
         Err(error) => report.error = Some(error),
     }
-    let _ = fs::remove_dir_all(&dir); // staged images are the app's memory
     report.peak_rss_kib = sysinfo::peak_rss_kib();
     report
 }
@@ -78,6 +87,12 @@ fn restore(
     let start = Instant::now();
     // Before reading anything: without criu nothing can be restored.
     let criu = Criu::find(plan.criu.as_deref()).map_err(|e| chain(&e))?;
+    let key = plan
+        .key
+        .as_ref()
+        .map(crate::seal::Key::load)
+        .transpose()
+        .map_err(|e| chain(&e))?;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -97,20 +112,25 @@ fn restore(
         Source::Path(path) => {
             let file = File::open(&path)
                 .map_err(|e| format!("cannot open the archive {}: {e}", path.display()))?;
-            let mut input = CountingReader::new(std::io::BufReader::new(file));
+            let mut input = CountingReader::new(file);
+            let opened = crate::seal::open(std::io::BufReader::new(&mut input), key.as_ref())
+                .map_err(|e| refused(&e))?;
             let staging = dir.join("archive");
-            let manifest = archive::read_verified(&mut input, &staging, sysinfo::arch())
+            let manifest = archive::read_verified(opened, &staging, sysinfo::arch())
                 .map_err(|e| refused(&e))?;
             report.archive_bytes = input.count;
             (manifest, staging)
         }
         Source::Stream(fd) => {
-            let mut input = CountingReader::new(std::io::BufReader::with_capacity(
-                1 << 20,
-                StallReader::new(File::from(fd), plan.input_stall_timeout),
-            ));
+            let mut input =
+                CountingReader::new(StallReader::new(File::from(fd), plan.input_stall_timeout));
+            let opened = crate::seal::open(
+                std::io::BufReader::with_capacity(1 << 20, &mut input),
+                key.as_ref(),
+            )
+            .map_err(|e| refused(&e))?;
             let staging = dir.join("archive");
-            let manifest = archive::read_verified(&mut input, &staging, sysinfo::arch())
+            let manifest = archive::read_verified(opened, &staging, sysinfo::arch())
                 .map_err(|e| refused(&e))?;
             report.archive_bytes = input.count;
             (manifest, staging)

@@ -55,6 +55,8 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub include: Vec<PathBuf>,
     pub criu: Option<PathBuf>,
+    /// The key that seals archives, if one is configured.
+    pub key: Option<crate::seal::KeySource>,
     /// How long a checkpoint's output may take nothing before the checkpoint gives up.
     pub output_stall_timeout: Duration,
     /// How long a received archive stream may bring nothing before the restore gives up.
@@ -148,6 +150,10 @@ impl Supervisor {
                 None
             }
         };
+        // Staged images a killed job or an earlier launcher left behind hold the app's memory.
+        for left in crate::workdir::clean_leftovers(&config.work_dir) {
+            tracing::info!(dir = %left, "removed a job directory left behind");
+        }
         let mut supervisor = Supervisor {
             config,
             signals,
@@ -310,9 +316,10 @@ impl Supervisor {
         if let Some(code) = exit_status::from_wait_status(status) {
             // A frozen app killed because the pod is going away reports the signal that asked.
             let code = match (self.state, self.deferred_terminate) {
-                (State::Checkpointed { .. } | State::Frozen { .. }, Some(signo)) => {
-                    128 + signo as u8
-                }
+                (
+                    State::Checkpointed { .. } | State::Frozen { .. } | State::Running { .. },
+                    Some(signo),
+                ) => 128 + signo as u8,
                 _ => code,
             };
             tracing::info!(?status, code, "the app exited");
@@ -374,6 +381,19 @@ impl Supervisor {
     /// SIGTERM/SIGINT/SIGQUIT: what "stop" means depends on the state.
     fn on_terminate(&mut self, signo: i32) {
         match self.state.reported() {
+            // An app restored from a frozen checkpoint and never thawed (a target the
+            // migration deletes): a stopped process would not see the signal until the
+            // runtime's SIGKILL after the grace period, and thawing it to deliver it would
+            // let a stale copy act. It is stopped for good, like a frozen source.
+            LauncherState::Running | LauncherState::Restored
+                if self.app.is_some_and(tree::all_stopped) =>
+            {
+                tracing::info!(signo, "stopping the app, which is stopped (never thawed)");
+                self.deferred_terminate = Some(signo);
+                if let Some(app) = self.app {
+                    tree::kill_all(app);
+                }
+            }
             LauncherState::Running | LauncherState::Restored => self.forward(signo),
             // Acted upon when the job ends: the app is frozen by CRIU or not there yet.
             LauncherState::Checkpointing | LauncherState::Restoring => {
@@ -762,6 +782,7 @@ impl Supervisor {
             original_mask: self.signals.original_mask,
             was_frozen,
             output_stall_timeout: self.config.output_stall_timeout,
+            key: self.config.key.clone(),
         };
         let (cancel_read, cancel_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
@@ -810,6 +831,7 @@ impl Supervisor {
             pid_floor: self.config.pid_floor,
             original_mask: self.signals.original_mask,
             input_stall_timeout: self.config.input_stall_timeout,
+            key: self.config.key.clone(),
         };
         let job = Job::start(move || {
             let pipes = restore::Pipes {
@@ -835,6 +857,10 @@ impl Supervisor {
             job, client, kind, ..
         } = running;
         let outcome = job.outcome();
+        // A job that died without cleaning up (killed) left its staged images behind.
+        for left in crate::workdir::clean_leftovers(&self.config.work_dir) {
+            tracing::info!(dir = %left, "removed the directory of a job that ended");
+        }
         match kind {
             JobKind::Checkpoint => {
                 let (report, died) = match outcome {

@@ -60,6 +60,18 @@ fn main() {
             interrupted_plugin_leaves_the_source_running,
         ),
         (
+            "a_plugin_killed_at_each_stage_is_recovered_by_status_then_abort_or_resume",
+            plugin_killed_at_each_stage,
+        ),
+        (
+            "a_plugin_killed_mid_stream_is_aborted_and_the_source_counts_on",
+            plugin_killed_mid_stream,
+        ),
+        (
+            "a_plugin_killed_and_never_run_again_leaves_a_source_that_resumes_after_its_lease",
+            plugin_killed_source_resumes_by_lease,
+        ),
+        (
             "pods_carry_only_the_launchers_capabilities",
             least_capabilities,
         ),
@@ -757,6 +769,169 @@ fn interrupted_plugin_leaves_the_source_running(cluster: &Cluster) -> Result<()>
     wait_gone(cluster, "halted-m1")?;
     source_kept_counting(cluster, "halted", follow)?;
     cluster.kubectl_ok(&["delete", "pod", "halted", "--wait=false"])?;
+    Ok(())
+}
+
+/// The plugin SIGKILLed at each stage of a migration (the fault hook kills it at the exact
+/// point): `kubectl migrate status` names the migration, whether it is committed, and the
+/// command that clears it; that command leaves exactly one copy running, its count continued
+/// with no reset; running it again is harmless.
+fn plugin_killed_at_each_stage(cluster: &Cluster) -> Result<()> {
+    for (stage, committed) in [
+        ("target-running", false),
+        ("frozen", false),
+        ("restored", false),
+        ("acknowledged", false),
+        ("committed", true),
+        ("source-deleted", true),
+    ] {
+        let name = format!("killed-{stage}");
+        run_counter(cluster, &name, "node-a", &[])?;
+        let follow = Follow::start(cluster, &name)?;
+        let out = migrate(
+            cluster,
+            &[&name, "--to", "node-b"],
+            &[("KUBECTL_MIGRATE_FAULT_KILL_AT", stage)],
+        )?;
+        ensure!(
+            out.code.is_none() && out.stderr.contains(&format!("at stage {stage}")),
+            "the plugin was to die by SIGKILL at {stage}: exit {:?}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        recover_after_kill(cluster, &name, follow, committed)
+            .with_context(|| format!("killed at stage {stage}"))?;
+        eprintln!("killed at {stage}: recovered, one copy runs, the count continued");
+    }
+    Ok(())
+}
+
+/// After a plugin died mid-migration of `name`: `status`, then the command it names; checks
+/// that exactly one copy runs and that the count continued.
+fn recover_after_kill(
+    cluster: &Cluster,
+    name: &str,
+    follow: Follow,
+    committed: bool,
+) -> Result<()> {
+    let target = format!("{name}-m1");
+    let (command, committed_column) = if committed {
+        ("resume", "yes")
+    } else {
+        ("abort", "no")
+    };
+    let status = kubectl_migrate(cluster, &["status", name]).output()?;
+    let table = String::from_utf8_lossy(&status.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(name))
+        .with_context(|| format!("`kubectl migrate status {name}` lists nothing:\n{table}"))?;
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    ensure!(
+        columns.get(1) == Some(&target.as_str())
+            && columns.get(4) == Some(&committed_column)
+            && row.ends_with(&format!("kubectl migrate {command} {name}")),
+        "status should show target {target}, committed {committed_column}, next `kubectl migrate {command} {name}`:\n{table}"
+    );
+    let done = kubectl_migrate(cluster, &[command, name]).output()?;
+    ensure!(
+        done.status.success(),
+        "`kubectl migrate {command} {name}` failed:\n{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    if committed {
+        // The target holds the app: the source is gone, the target counts on from its cut.
+        wait_gone(cluster, name)?;
+        let before = follow.finish(WAIT);
+        wait_until(&format!("3 counts on {target}"), WAIT, || {
+            Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+        })?;
+        assert_continued(&before, &logs(cluster, &target, None))?;
+        let restarts = pod_field(
+            cluster,
+            &target,
+            "{.status.containerStatuses[0].restartCount}",
+        )?;
+        ensure!(restarts == "0", "the target {target} restarted");
+    } else {
+        // The source holds the app: the target is gone, the source counts on, unrestarted.
+        wait_gone(cluster, &target)?;
+        source_kept_counting(cluster, name, follow)?;
+    }
+    let again = kubectl_migrate(cluster, &[command, name]).output()?;
+    let again_text = String::from_utf8_lossy(&again.stdout);
+    ensure!(
+        again.status.success() && again_text.contains(&format!("nothing to {command}")),
+        "a second `{command}` is not harmless: {again_text}{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let survivor = if committed { target } else { name.to_string() };
+    cluster.kubectl_ok(&["delete", "pod", &survivor, "--wait=false"])?;
+    Ok(())
+}
+
+/// The plugin SIGKILLed while the archive streams (from outside, like a closed laptop):
+/// `status` then `abort` resume the source, whose checkpoint job was left writing into a dead
+/// stream.
+fn plugin_killed_mid_stream(cluster: &Cluster) -> Result<()> {
+    let name = "killed-midstream";
+    run_counter(cluster, name, "node-a", &[("COUNTER_BALLAST_MB", "384")])?;
+    let follow = Follow::start(cluster, name)?;
+    let mut plugin = Command::new(workspace_binary("kubectl-migrate"))
+        .args([name, "--to", "node-b"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_until("the source's checkpoint streaming", WAIT, || {
+        let status = cluster
+            .kubectl_ok(&["exec", name, "--", "restore-launcher", "status"])
+            .unwrap_or_default();
+        Ok(status.contains(r#""state":"checkpointing""#).then_some(()))
+    })?;
+    plugin.kill()?; // SIGKILL
+    let status = plugin.wait()?;
+    ensure!(
+        status.code().is_none(),
+        "the plugin was not killed: {status}"
+    );
+    recover_after_kill(cluster, name, follow, false)
+}
+
+/// The plugin SIGKILLed after the freeze and never run again: the source resumes by itself
+/// when its lease runs out; `status` still names the waiting target, and `abort` removes it.
+fn plugin_killed_source_resumes_by_lease(cluster: &Cluster) -> Result<()> {
+    let name = "killed-lease";
+    run_counter(cluster, name, "node-a", &[])?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate(
+        cluster,
+        &[name, "--to", "node-b", "--lease", "10s"],
+        &[("KUBECTL_MIGRATE_FAULT_KILL_AT", "frozen")],
+    )?;
+    ensure!(out.code.is_none(), "the plugin was to die: {}", out.stderr);
+    let frozen = launcher_status(cluster, name, None)?;
+    ensure!(
+        frozen["state"] == "frozen" && frozen["lease_seconds_left"].as_u64().is_some(),
+        "the source is not frozen under a lease: {frozen}"
+    );
+    // Nobody runs anything: the lease alone brings the source back.
+    source_kept_counting(cluster, name, follow)?;
+    let resumed = launcher_status(cluster, name, None)?;
+    ensure!(
+        resumed["state"] == "running" && resumed["app_stopped"] == false,
+        "{resumed}"
+    );
+    let done = kubectl_migrate(cluster, &["abort", name]).output()?;
+    ensure!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    wait_gone(cluster, &format!("{name}-m1"))?;
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
 }
 

@@ -857,7 +857,7 @@ async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> 
     ensure!(
         found.len() == 1
             && found[0].committed
-            && ["committed", "source gone"].contains(&found[0].phase.as_str()),
+            && ["committed", "source-deleted"].contains(&found[0].phase.as_str()),
         "{found:?}"
     );
     let fresh = StandIn::new(connection.client.clone(), Transfer::Works);
