@@ -997,3 +997,97 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
     })?;
     Ok(())
 }
+
+#[test]
+fn an_encrypted_checkpoint_file_restores_with_its_key_and_is_refused_with_another() -> Result<()> {
+    if !criu_tests_can_run(
+        "an_encrypted_checkpoint_file_restores_with_its_key_and_is_refused_with_another",
+    ) {
+        return Ok(());
+    }
+    let launcher = migrate_tests::static_launcher().context("the static launcher")?;
+    let keygen = || -> Result<String> {
+        let out = std::process::Command::new(&launcher)
+            .arg("keygen")
+            .output()?;
+        ensure!(out.status.success(), "keygen failed");
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let (key, other) = (keygen()?, keygen()?);
+    ensure!(key != other && key.contains("AGE-SECRET-KEY-1"), "{key}");
+    let write_key = |node: &Node, text: &str| -> Result<()> {
+        let path = node.path("/tmp/key");
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(())
+    };
+
+    // The source seals its checkpoint with the key from a file (as from a Secret volume).
+    let a = Node::prepare("node-a")?;
+    write_key(&a, &key)?;
+    let mut opts = options("node-a", &COUNTER);
+    opts.env.push("RESTORE_LAUNCHER_KEY_FILE=/tmp/key".into());
+    let a = a.start(&opts)?;
+    a.wait_for("3 counter lines", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= 3).then_some(())
+    })?;
+    checkpoint(&a, &["--output", "/tmp/counter.age"])?;
+    let sealed = std::fs::read(a.path("/tmp/counter.age"))?;
+    ensure!(
+        sealed.starts_with(b"age-encryption.org/v1\n"),
+        "the checkpoint file is not sealed"
+    );
+    ensure!(
+        !sealed.windows(4).any(|w| w == [0x28, 0xb5, 0x2f, 0xfd]),
+        "a plain zstd frame is visible in the sealed file"
+    );
+    let a_last = *counter_values(&a.stdout())
+        .last()
+        .context("A printed nothing")?;
+
+    // A wrong key, or none, is refused before anything is restored; nothing is left staged.
+    for (name, key_text) in [("node-wrong", Some(other.as_str())), ("node-nokey", None)] {
+        let b = Node::prepare(name)?;
+        std::fs::copy(a.path("/tmp/counter.age"), b.path("/tmp/counter.age"))?;
+        let mut opts = options(
+            name,
+            &args(&["--restore-from", "/tmp/counter.age"], &COUNTER),
+        );
+        if let Some(text) = key_text {
+            write_key(&b, text)?;
+            opts.env.push("RESTORE_LAUNCHER_KEY_FILE=/tmp/key".into());
+        }
+        let mut b = b.start(&opts)?;
+        let code = b.wait_exit(LIMIT)?;
+        let stderr = b.stderr();
+        let cause = if key_text.is_some() {
+            "encrypted with another key than this launcher's"
+        } else {
+            "the archive is encrypted and this launcher has no key"
+        };
+        ensure!(
+            code == 1 && stderr.contains(cause) && counter_values(&b.stdout()).is_empty(),
+            "{name}: exit {code}, expected a refusal naming `{cause}`:\n{stderr}"
+        );
+        let staged: Vec<_> = std::fs::read_dir(b.path("/run/restore-launcher/work"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        ensure!(staged.is_empty(), "{name}: staged files left: {staged:?}");
+    }
+
+    // The right key, this time from the environment (a Secret's secretKeyRef): restored.
+    let c = Node::prepare("node-c")?;
+    std::fs::copy(a.path("/tmp/counter.age"), c.path("/tmp/counter.age"))?;
+    let mut opts = options(
+        "node-c",
+        &args(&["--restore-from", "/tmp/counter.age"], &COUNTER),
+    );
+    let identity = key
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
+        .context("no identity line")?;
+    opts.env.push(format!("RESTORE_LAUNCHER_KEY={identity}"));
+    let c = c.start(&opts)?;
+    assert_counter_continues(a_last, &c)?;
+    Ok(())
+}
