@@ -179,6 +179,26 @@ pub struct Progress {
     pub committed: bool,
     /// The app containers moved (set by the commit, for finishing).
     pub containers: Vec<String>,
+    /// The source's containers' restart counts when the migration started: a container that
+    /// restarted meanwhile lost the state the undo would resume.
+    pub source_restarts: BTreeMap<String, i32>,
+}
+
+/// Each container's restart count (app and init containers).
+fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
+    let status = pod.status.as_ref();
+    status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(
+            status
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .into_iter()
+                .flatten(),
+        )
+        .map(|c| (c.name.clone(), c.restart_count))
+        .collect()
 }
 
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
@@ -271,26 +291,44 @@ async fn run<L: Launchers + Sync>(
         return Err(MigrateError::Preflight(problems));
     }
     let source = facts.pod;
+    progress.source_restarts = restart_counts(&source);
     phase_done("check", &mut phases);
 
     progress.phase = "creating the target".into();
-    let target = rewrite::target_pod(&source, &options.target_node, &progress.id);
-    let target_name = target.metadata.name.clone().unwrap_or_default();
-    annotate(
-        &pods,
-        &options.pod,
-        &progress.id,
-        "creating-target",
-        Some(&target_name),
-    )
-    .await;
-    let created = pods
-        .create(&PostParams::default(), &target)
-        .await
-        .map_err(|source| MigrateError::Api {
-            step: "creating the target pod",
-            source,
-        })?;
+    let mut target = rewrite::target_pod(&source, &options.target_node, &progress.id);
+    // The target's name never collides: a taken `NAME-mN` (a leftover, or anyone's pod) moves
+    // on to the next N.
+    let created = loop {
+        let name = target.metadata.name.clone().unwrap_or_default();
+        annotate(
+            &pods,
+            &options.pod,
+            &progress.id,
+            "creating-target",
+            Some(&name),
+        )
+        .await;
+        match pods.create(&PostParams::default(), &target).await {
+            Ok(created) => break created,
+            Err(kube::Error::Api(status))
+                if status.reason == "AlreadyExists"
+                    && rewrite::migration_generation(&target) < 100 =>
+            {
+                tracing::info!(
+                    pod = name,
+                    "the target's name is taken; trying the next one"
+                );
+                target = rewrite::next_name(target, &options.pod);
+            }
+            Err(source) => {
+                return Err(MigrateError::Api {
+                    step: "creating the target pod",
+                    source,
+                });
+            }
+        }
+    };
+    let target_name = created.metadata.name.clone().unwrap_or_default();
     progress.target = Some(created.clone());
     record(
         connection,
@@ -898,8 +936,10 @@ pub async fn undo<L: Launchers + Sync>(
     if matches!(error, MigrateError::Preflight(_)) {
         return "nothing was changed".into();
     }
+    // Reads and deletes are retried for a while: the fault that ended the migration may be the
+    // API server itself restarting.
     let source = if progress.transfer_started {
-        match pods.get(&options.pod).await {
+        match retry_get(&pods, &options.pod).await {
             Ok(source) => Some(source),
             Err(kube::Error::Api(status)) if status.is_not_found() => {
                 done.push(format!("the source pod {} is gone", options.pod));
@@ -917,7 +957,21 @@ pub async fn undo<L: Launchers + Sync>(
     } else {
         None
     };
+    let mut restarted = Vec::new();
     if let Some(source) = source {
+        let now = restart_counts(&source);
+        for (container, before) in &progress.source_restarts {
+            if now.get(container).is_some_and(|n| n > before) {
+                restarted.push(container.clone());
+            }
+        }
+        if !restarted.is_empty() {
+            done.push(format!(
+                "container(s) {} of the source pod {} restarted during the migration (killed: its app's state at the freeze is lost, and it started fresh)",
+                restarted.join(", "),
+                options.pod
+            ));
+        }
         for container in rewrite::migrated_containers(&source) {
             match rollback_when_idle(launchers, &source, &container).await {
                 Ok(()) => done.push(format!("resumed the source app in container {container}")),
@@ -941,11 +995,21 @@ pub async fn undo<L: Launchers + Sync>(
     // The target goes after the source is resumed: the app's way back comes first.
     if let Some(target) = &progress.target {
         let name = target.metadata.name.clone().unwrap_or_default();
-        match pods.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => done.push(format!("deleted the target pod {name}")),
-            Err(kube::Error::Api(status)) if status.is_not_found() => {
-                done.push(format!("the target pod {name} is gone"))
+        let mut attempt = 0;
+        let deleted = loop {
+            match pods.delete(&name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(status)) if status.is_not_found() => break Ok(false),
+                Err(kube::Error::Api(status)) => break Err(kube::Error::Api(status)),
+                Err(_) if attempt < 9 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                }
+                other => break other.map(|_| true),
             }
+        };
+        match deleted {
+            Ok(true) => done.push(format!("deleted the target pod {name}")),
+            Ok(false) => done.push(format!("the target pod {name} is gone")),
             Err(error) => manual.push(format!(
                 "kubectl delete pod -n {} {name}   ({error})",
                 connection.namespace
@@ -958,9 +1022,14 @@ pub async fn undo<L: Launchers + Sync>(
     } else {
         done.join(", ")
     };
-    if manual.is_empty() {
+    if manual.is_empty() && restarted.is_empty() {
         text.push_str(&format!(
             "; pod {} keeps running with its state; run the migration again to retry",
+            options.pod
+        ));
+    } else if manual.is_empty() {
+        text.push_str(&format!(
+            "; pod {} runs, restarted fresh; run the migration again to retry",
             options.pod
         ));
     } else {
@@ -976,6 +1045,8 @@ pub async fn undo<L: Launchers + Sync>(
 /// on an output that takes nothing for `--output-stall-timeout` (20 s by default), plus the
 /// time the stream's buffers take to fill (~20 s measured over a dropped exec session).
 const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
+/// How long an undo keeps trying a source launcher it cannot reach.
+const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Rolls a source container back, waiting out a checkpoint still in flight: when the
 /// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
@@ -987,13 +1058,19 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     container: &str,
 ) -> Result<(), LauncherError> {
     let deadline = tokio::time::Instant::now() + ROLLBACK_PATIENCE;
+    // An exec that could not reach the launcher (the API server or the kubelet restarting) is
+    // tried again for a while too; a refusal other than "busy" is an answer.
+    let unreachable_until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
     loop {
+        let now = tokio::time::Instant::now();
         match launchers.rollback(source, container).await {
-            Err(error)
-                if error.refusal() == Some(Refusal::Busy)
-                    && tokio::time::Instant::now() < deadline =>
-            {
+            Err(error) if error.refusal() == Some(Refusal::Busy) && now < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(LauncherError::Failed(_) | LauncherError::Unknown { .. })
+                if now < unreachable_until =>
+            {
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
             other => return other,
         }

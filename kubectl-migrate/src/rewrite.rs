@@ -122,6 +122,19 @@ pub fn is_native_sidecar(container: &Container) -> bool {
     container.restart_policy.as_deref() == Some("Always")
 }
 
+/// `target` (made by [`target_pod`]) renamed one generation further: its name was taken (a
+/// pod left over from an earlier attempt, or anyone's), so the next `NAME-mN` is tried.
+pub fn next_name(mut target: Pod, source: &str) -> Pod {
+    let generation = migration_generation(&target) + 1;
+    target.metadata.name = Some(target_name(source, generation));
+    target
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(annotations::GENERATION.into(), generation.to_string());
+    target
+}
+
 /// How many times this pod's lineage has been migrated (0 for an original pod).
 pub fn migration_generation(pod: &Pod) -> u32 {
     pod.metadata
@@ -206,6 +219,15 @@ mod tests {
     #[test]
     fn names_count_migrations_and_fit_a_hostname() {
         assert_eq!(target_name("counter", 1), "counter-m1");
+        let source: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "counter"}, "spec": {"containers": [{"name": "app"}]}
+        }))
+        .unwrap_or_default();
+        let taken = target_pod(&source, "node-b", "mig-1");
+        assert_eq!(taken.metadata.name.as_deref(), Some("counter-m1"));
+        let next = next_name(taken, "counter");
+        assert_eq!(next.metadata.name.as_deref(), Some("counter-m2"));
+        assert_eq!(migration_generation(&next), 2);
         assert_eq!(target_name("counter-m1", 2), "counter-m2");
         assert_eq!(target_name("web-7d9f5-abcde", 1), "web-7d9f5-abcde-m1");
         assert_eq!(

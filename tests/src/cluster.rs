@@ -295,6 +295,71 @@ impl Cluster {
             self.dir.join("pids").join(format!("{name}.pid")),
             child.id().to_string(),
         )?;
+        // Its command line, so a fault test can start it again as it was.
+        let line: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        std::fs::write(
+            self.dir.join("pids").join(format!("{name}.cmd")),
+            line.join("\0"),
+        )?;
+        Ok(())
+    }
+
+    /// Stops daemon `name` (`kube-apiserver`, `kubelet-node-b`, …) as an operator or a crash
+    /// would: SIGTERM, then SIGKILL after 5 s. Its pods and containers are left alone.
+    pub fn stop_daemon(&self, name: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("pids").join(format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        stop_pid(pid);
+    }
+
+    /// Kills the first container of `pod` with SIGKILL through its node's containerd, as the
+    /// OOM killer or a crash would: the kubelet then restarts it.
+    ///
+    /// # Errors
+    /// When the pod or its container cannot be found, or containerd refuses.
+    pub fn kill_container(&self, pod: &str) -> Result<()> {
+        let fields = self.kubectl_ok(&[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.spec.nodeName} {.status.containerStatuses[0].containerID}",
+        ])?;
+        let (node, id) = fields
+            .split_once(' ')
+            .with_context(|| format!("pod {pod}: no node or container ({fields})"))?;
+        let id = id.trim().trim_start_matches("containerd://");
+        let socket = self.dir.join(node).join("containerd.sock");
+        let output = ctr(&socket, &["task", "kill", "--signal", "SIGKILL", id])?;
+        if !output.status.success() {
+            bail!(
+                "ctr task kill {id}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts daemon `name` again with the command line it was first started with.
+    ///
+    /// # Errors
+    /// When it was never started or does not start.
+    pub fn start_daemon(&self, name: &str) -> Result<()> {
+        let line = std::fs::read_to_string(self.dir.join("pids").join(format!("{name}.cmd")))
+            .with_context(|| format!("{name} was never started"))?;
+        let mut parts = line.split('\0');
+        let mut cmd = Command::new(parts.next().context("empty command line")?);
+        cmd.args(parts);
+        self.daemon(&format!("{name}-again"), &mut cmd)?;
+        // The restarted daemon's PID under its own name, for the next stop and the teardown.
+        std::fs::rename(
+            self.dir.join("pids").join(format!("{name}-again.pid")),
+            self.dir.join("pids").join(format!("{name}.pid")),
+        )?;
         Ok(())
     }
 

@@ -60,6 +60,14 @@ fn main() {
             interrupted_plugin_leaves_the_source_running,
         ),
         (
+            "a_target_whose_work_directory_is_full_is_refused_as_no_space",
+            target_work_dir_full,
+        ),
+        (
+            "a_taken_target_name_moves_on_to_the_next",
+            taken_target_name,
+        ),
+        (
             "a_plugin_killed_at_each_stage_is_recovered_by_status_then_abort_or_resume",
             plugin_killed_at_each_stage,
         ),
@@ -70,6 +78,18 @@ fn main() {
         (
             "a_plugin_killed_and_never_run_again_leaves_a_source_that_resumes_after_its_lease",
             plugin_killed_source_resumes_by_lease,
+        ),
+        (
+            "the_api_server_restarted_mid_stream_leaves_one_copy_counting",
+            apiserver_restarted_mid_stream,
+        ),
+        (
+            "the_targets_kubelet_stopped_mid_restore_leaves_one_copy_counting",
+            target_kubelet_stopped_mid_restore,
+        ),
+        (
+            "the_source_container_killed_mid_checkpoint_is_reported_and_leaves_one_copy",
+            source_container_killed_mid_checkpoint,
         ),
         (
             "pods_carry_only_the_launchers_capabilities",
@@ -772,6 +792,85 @@ fn interrupted_plugin_leaves_the_source_running(cluster: &Cluster) -> Result<()>
     Ok(())
 }
 
+/// The target's work directory is a 1 MiB tmpfs (an emptyDir in memory with a size limit),
+/// too small for the app's checkpoint; the source's is roomy. One spec serves both: the work
+/// directory is chosen by node name. The migration fails saying "no space" (not that the
+/// archive was bad), the target is deleted, and the source counts on.
+fn target_work_dir_full(cluster: &Cluster) -> Result<()> {
+    let name = "roomless";
+    let yaml = example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.5")],
+    )?;
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    let container = &mut pod["spec"]["containers"][0];
+    let env = container["env"].as_sequence_mut().context("env")?;
+    env.insert(
+        0,
+        serde_yaml::from_str(
+            "{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}",
+        )?,
+    );
+    env.push(serde_yaml::from_str(
+        "{name: RESTORE_LAUNCHER_WORK_DIR, value: /work/$(NODE_NAME)}",
+    )?);
+    container["volumeMounts"] = serde_yaml::from_str(
+        "[{name: roomy, mountPath: /work/node-a}, {name: small, mountPath: /work/node-b}]",
+    )?;
+    pod["spec"]["volumes"] = serde_yaml::from_str(
+        "[{name: roomy, emptyDir: {}}, {name: small, emptyDir: {medium: Memory, sizeLimit: 1Mi}}]",
+    )?;
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until(&format!("{name} counts"), WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 4).then_some(()))
+    })?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate(cluster, &[name, "--to", "node-b"], &[])?;
+    ensure!(
+        out.code == Some(1)
+            && out.stderr.contains("no space")
+            && !out.stderr.contains("archive refused")
+            && out.stderr.contains("resumed the source app"),
+        "expected a refusal as no space, undone:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    wait_gone(cluster, &format!("{name}-m1"))?;
+    source_kept_counting(cluster, name, follow)?;
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// A pod already named like the target (`NAME-m1`, anyone's): the migration takes `NAME-m2`
+/// and leaves that pod alone.
+fn taken_target_name(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "taken-m1", "node-b", &[])?;
+    run_counter(cluster, "taken", "node-a", &[])?;
+    let out = migrate_ok(cluster, &["taken", "--to", "node-b"], &[])?;
+    ensure!(
+        out.stdout.contains("moved to node node-b as taken-m2"),
+        "{}",
+        out.stdout
+    );
+    cluster.wait_running("taken-m2", WAIT)?;
+    wait_gone(cluster, "taken")?;
+    let bystander = launcher_status(cluster, "taken-m1", None)?;
+    ensure!(
+        bystander["state"] == "running"
+            && pod_field(
+                cluster,
+                "taken-m1",
+                "{.status.containerStatuses[0].restartCount}"
+            )? == "0",
+        "the pod that had the name was touched: {bystander}"
+    );
+    cluster.kubectl_ok(&["delete", "pod", "taken-m1", "taken-m2", "--wait=false"])?;
+    Ok(())
+}
+
 /// The plugin SIGKILLed at each stage of a migration (the fault hook kills it at the exact
 /// point): `kubectl migrate status` names the migration, whether it is committed, and the
 /// command that clears it; that command leaves exactly one copy running, its count continued
@@ -931,6 +1030,147 @@ fn plugin_killed_source_resumes_by_lease(cluster: &Cluster) -> Result<()> {
         String::from_utf8_lossy(&done.stderr)
     );
     wait_gone(cluster, &format!("{name}-m1"))?;
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// Starts `kubectl-migrate NAME --to node-b` in the background and waits until the source's
+/// checkpoint streams (a big app, so the stream lasts).
+fn plugin_streaming(cluster: &Cluster, name: &str) -> Result<(Child, Follow)> {
+    run_counter(cluster, name, "node-a", &[("COUNTER_BALLAST_MB", "384")])?;
+    let follow = Follow::start(cluster, name)?;
+    let plugin = Command::new(workspace_binary("kubectl-migrate"))
+        .args([name, "--to", "node-b"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_until("the source's checkpoint streaming", WAIT, || {
+        let status = cluster
+            .kubectl_ok(&["exec", name, "--", "restore-launcher", "status"])
+            .unwrap_or_default();
+        Ok(status.contains(r#""state":"checkpointing""#).then_some(()))
+    })?;
+    Ok((plugin, follow))
+}
+
+/// Waits for the plugin to exit; its exit code and stderr.
+fn plugin_ended(plugin: Child) -> Result<(Option<i32>, String)> {
+    let output = plugin.wait_with_output()?;
+    Ok((
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// After a fault the plugin answered with a failure: whatever it could not undo is finished
+/// with `kubectl migrate abort` if `status` still lists the migration; then the target is gone
+/// and the source counts on, unrestarted.
+fn undone_with_source_counting(
+    cluster: &Cluster,
+    name: &str,
+    follow: Follow,
+    stderr: &str,
+) -> Result<()> {
+    let listed = kubectl_migrate(cluster, &["status", name]).output()?;
+    if String::from_utf8_lossy(&listed.stdout).contains(&format!("kubectl migrate abort {name}")) {
+        ensure!(
+            stderr.contains(&format!("kubectl migrate abort")) || stderr.contains("rollback"),
+            "the migration is left unfinished, and the plugin's message did not name the recovery:\n{stderr}"
+        );
+        let done = kubectl_migrate(cluster, &["abort", name]).output()?;
+        ensure!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    wait_gone(cluster, &format!("{name}-m1"))?;
+    source_kept_counting(cluster, name, follow)?;
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// kube-apiserver stopped and started again while the archive streams through it: the exec
+/// streams break; the plugin undoes the migration once the API server answers again (or names
+/// `kubectl migrate abort`); one copy, the source, counts on.
+fn apiserver_restarted_mid_stream(cluster: &Cluster) -> Result<()> {
+    let name = "apiserver-cut";
+    let (plugin, follow) = plugin_streaming(cluster, name)?;
+    cluster.stop_daemon("kube-apiserver");
+    std::thread::sleep(Duration::from_secs(2)); // down for a moment, as in a restart
+    cluster.start_daemon("kube-apiserver")?;
+    wait_until("the API server ready again", WAIT, || {
+        Ok(cluster
+            .kubectl_ok(&["get", "--raw", "/readyz"])
+            .is_ok()
+            .then_some(()))
+    })?;
+    let (code, stderr) = plugin_ended(plugin)?;
+    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
+    eprintln!(
+        "API server restarted mid-stream: {}",
+        stderr.lines().last().unwrap_or_default()
+    );
+    undone_with_source_counting(cluster, name, follow, &stderr)
+}
+
+/// The target node's kubelet stopped while the target receives and restores: the receive
+/// stream breaks; the migration is undone (the target's delete completes when the kubelet is
+/// back); one copy, the source, counts on.
+fn target_kubelet_stopped_mid_restore(cluster: &Cluster) -> Result<()> {
+    let name = "kubelet-cut";
+    let (plugin, follow) = plugin_streaming(cluster, name)?;
+    wait_until("the target restoring", WAIT, || {
+        let status = cluster
+            .kubectl_ok(&[
+                "exec",
+                &format!("{name}-m1"),
+                "--",
+                "restore-launcher",
+                "status",
+            ])
+            .unwrap_or_default();
+        Ok(status.contains(r#""state":"restoring""#).then_some(()))
+    })?;
+    cluster.stop_daemon("kubelet-node-b");
+    let (code, stderr) = plugin_ended(plugin)?;
+    cluster.start_daemon("kubelet-node-b")?;
+    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
+    eprintln!(
+        "kubelet stopped mid-restore: {}",
+        stderr.lines().last().unwrap_or_default()
+    );
+    undone_with_source_counting(cluster, name, follow, &stderr)
+}
+
+/// The source container SIGKILLed (as by the OOM killer) while its checkpoint streams: its
+/// state dies with it, and no partial archive is restored anywhere. The plugin undoes the
+/// migration and says the source restarted fresh; exactly one copy runs, the restarted source.
+fn source_container_killed_mid_checkpoint(cluster: &Cluster) -> Result<()> {
+    let name = "source-killed";
+    let (plugin, _follow) = plugin_streaming(cluster, name)?;
+    cluster.kill_container(name)?;
+    let (code, stderr) = plugin_ended(plugin)?;
+    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
+    ensure!(
+        stderr.contains("restarted during the migration")
+            && stderr.contains("deleted the target pod"),
+        "the message does not say the source restarted and the target was deleted:\n{stderr}"
+    );
+    wait_gone(cluster, &format!("{name}-m1"))?;
+    cluster.wait_running(name, WAIT)?;
+    let restarts = pod_field(cluster, name, "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "1", "restart count {restarts}, not 1");
+    wait_until(&format!("{name} counting fresh"), WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 2).then_some(()))
+    })?;
+    let listed = kubectl_migrate(cluster, &["status", name]).output()?;
+    ensure!(
+        String::from_utf8_lossy(&listed.stdout).contains("no unfinished migrations"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
 }
