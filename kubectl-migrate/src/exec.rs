@@ -268,6 +268,52 @@ pub async fn copy_counting(
     Ok(total)
 }
 
+/// How long the copy may wait for the archive's first byte (the source dumps and hashes the
+/// app first), and then for each next byte, before the transfer is declared stalled. A stream
+/// whose far end died without the connection closing (an API server that restarted mid-stream
+/// leaves such half-open sockets) would otherwise keep the source frozen until `--timeout`.
+/// The launchers give up on their own after 20 s (output) and 120 s (input).
+const FIRST_BYTE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+const NEXT_BYTE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `copy`, failing it when `moved` stops growing (see [`NEXT_BYTE_PATIENCE`]).
+async fn watched(
+    copy: impl std::future::Future<Output = std::io::Result<u64>>,
+    moved: &AtomicU64,
+) -> std::io::Result<u64> {
+    let stall = async {
+        let start = moved.load(Ordering::Relaxed);
+        let mut last = start;
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                since = tokio::time::Instant::now();
+            }
+            let patience = if last == start {
+                FIRST_BYTE_PATIENCE
+            } else {
+                NEXT_BYTE_PATIENCE
+            };
+            if since.elapsed() >= patience {
+                return patience;
+            }
+        }
+    };
+    tokio::select! {
+        copied = copy => copied,
+        patience = stall => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the transfer stalled: no archive byte moved for {} s (a stream left open by an API server, kubelet or network fault)",
+                patience.as_secs()
+            ),
+        )),
+    }
+}
+
 /// How long the archive copy may go on after the target answered, and the checkpoint's
 /// summary may take after the copy ended.
 const TARGET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -360,7 +406,7 @@ impl Launchers for ExecLaunchers {
                 "the exec streams did not open".into(),
             ));
         };
-        let mut copy = Box::pin(copy_counting(archive, input, &moved));
+        let mut copy = Box::pin(watched(copy_counting(archive, input, &moved), &moved));
         let summary = read_all(dump.stderr());
         // Both of the target's output streams are read: kube's exec task stops serving a
         // session (stdin included) while one of its output pipes is full.
@@ -492,6 +538,37 @@ mod tests {
             "error": null, "app_stopped": stopped
         }))
         .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_that_moves_nothing_is_cut_as_stalled() {
+        let moved = AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let never = std::future::pending::<std::io::Result<u64>>();
+        let error = watched(never, &moved).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            error
+                .to_string()
+                .contains("no archive byte moved for 120 s")
+        );
+        assert!(started.elapsed() >= FIRST_BYTE_PATIENCE);
+        // Once bytes flow, a pause of NEXT_BYTE_PATIENCE is a stall.
+        let moved = std::sync::Arc::new(AtomicU64::new(0));
+        let feeder = moved.clone();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                feeder.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let error = watched(std::future::pending(), &moved).await.unwrap_err();
+        assert!(error.to_string().contains("for 30 s"), "{error}");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(50 + 30));
+        // A copy that ends is never cut.
+        let done = watched(async { Ok(7) }, &AtomicU64::new(0)).await.unwrap();
+        assert_eq!(done, 7);
     }
 
     #[test]

@@ -369,6 +369,13 @@ async fn run<L: Launchers + Sync>(
     let moved = options.moved.clone();
     let containers = rewrite::migrated_containers(&source);
     progress.containers.clone_from(&containers);
+    // A source that carries the readiness gate (it was migrated before) leaves its Services'
+    // endpoints before it is frozen; the undo sets it back.
+    if has_serving_gate(&source)
+        && let Err(error) = set_serving(&pods, &options.pod, false).await
+    {
+        tracing::warn!(%error, "cannot take the source out of its Services' endpoints");
+    }
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
     // The freeze is bounded from before the first container stops.
@@ -680,6 +687,13 @@ pub async fn finish<L: Launchers + Sync>(
     finished
         .warnings
         .extend(end_wait(&pods, &target_name).await);
+    // Now that its app runs, the target may take Service traffic.
+    if let Err(error) = retry(|| set_serving(&pods, &target_name, true)).await {
+        finished.warnings.push(format!(
+            "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
+            annotations::SERVING
+        ));
+    }
     annotate(
         &pods,
         &target_name,
@@ -959,11 +973,43 @@ pub async fn undo<L: Launchers + Sync>(
     };
     let mut restarted = Vec::new();
     if let Some(source) = source {
-        let now = restart_counts(&source);
-        for (container, before) in &progress.source_restarts {
-            if now.get(container).is_some_and(|n| n > before) {
-                restarted.push(container.clone());
+        let mut nothing_frozen = false;
+        for container in rewrite::migrated_containers(&source) {
+            match rollback_when_idle(launchers, &source, &container).await {
+                Ok(()) => done.push(format!("resumed the source app in container {container}")),
+                // Never frozen (the failure came before the freeze): nothing to undo. A
+                // checkpoint still in flight is not that: it is reported below.
+                Err(error) if error.refusal() == Some(Refusal::NothingToRollBack) => {
+                    nothing_frozen = true;
+                }
+                Err(error) => manual.push(format!(
+                    "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
+                    connection.namespace, options.pod, container
+                )),
             }
+        }
+        // A source container that restarted meanwhile (killed mid-migration: its launcher
+        // has nothing frozen) lost the state at the freeze: say so, never "kept its state".
+        // The kubelet reports the restart a moment after the new container runs.
+        for attempt in 0..6 {
+            let now = match pods.get(&options.pod).await {
+                Ok(pod) => restart_counts(&pod),
+                Err(_) => restart_counts(&source),
+            };
+            restarted = progress
+                .source_restarts
+                .iter()
+                .filter(|(c, before)| now.get(*c).is_some_and(|n| n > before))
+                .map(|(c, _)| c.clone())
+                .collect();
+            if !restarted.is_empty()
+                || !nothing_frozen
+                || !progress.transfer_started
+                || attempt == 5
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         if !restarted.is_empty() {
             done.push(format!(
@@ -972,17 +1018,15 @@ pub async fn undo<L: Launchers + Sync>(
                 options.pod
             ));
         }
-        for container in rewrite::migrated_containers(&source) {
-            match rollback_when_idle(launchers, &source, &container).await {
-                Ok(()) => done.push(format!("resumed the source app in container {container}")),
-                // Never frozen (the failure came before the freeze): nothing to undo. A
-                // checkpoint still in flight is not that: it is reported below.
-                Err(error) if error.refusal() == Some(Refusal::NothingToRollBack) => {}
-                Err(error) => manual.push(format!(
-                    "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
-                    connection.namespace, options.pod, container
-                )),
-            }
+        if has_serving_gate(&source)
+            && let Err(error) = set_serving(&pods, &options.pod, true).await
+        {
+            manual.push(format!(
+                "kubectl patch pod -n {} {} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'   (its Services skip it until then: {error})",
+                connection.namespace,
+                options.pod,
+                annotations::SERVING
+            ));
         }
         record(
             connection,
@@ -1102,6 +1146,29 @@ async fn annotate_timings(pods: &Api<Pod>, name: &str, timings: &str) {
     {
         tracing::warn!(%error, pod = name, "cannot annotate the pod with the migration's timings");
     }
+}
+
+/// Whether `pod` declares the [`annotations::SERVING`] readiness gate.
+fn has_serving_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.condition_type == annotations::SERVING))
+}
+
+/// Sets the [`annotations::SERVING`] condition of pod `name` (its readiness gate): the
+/// kubelet then counts the pod Ready, or not, and Services follow.
+async fn set_serving(pods: &Api<Pod>, name: &str, serving: bool) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": annotations::SERVING,
+        "status": if serving { "True" } else { "False" },
+        "lastTransitionTime": now,
+        "reason": if serving { "AppRunning" } else { "Migrating" },
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map(drop)
 }
 
 /// Publishes an Event on `pod`; a failure is logged, not fatal.

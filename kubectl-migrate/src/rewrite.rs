@@ -65,6 +65,17 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
 
     if let Some(spec) = pod.spec.as_mut() {
         spec.node_name = Some(node.into());
+        // No Service traffic before the thaw: the pod is Ready only once the plugin sets the
+        // gate's condition.
+        let gates = spec.readiness_gates.get_or_insert_with(Vec::new);
+        if !gates
+            .iter()
+            .any(|g| g.condition_type == annotations::SERVING)
+        {
+            gates.push(k8s_openapi::api::core::v1::PodReadinessGate {
+                condition_type: annotations::SERVING.into(),
+            });
+        }
         spec.ephemeral_containers = None;
         if let Some(init) = spec.init_containers.take() {
             let sidecars: Vec<Container> = init.into_iter().filter(is_native_sidecar).collect();

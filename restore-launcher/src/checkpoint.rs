@@ -100,6 +100,15 @@ fn checkpoint(
         .map(Key::load)
         .transpose()
         .map_err(|e| format!("{}; the app keeps running", chain(&e)))?;
+    // A process the app started that left its tree (a daemon whose parent exited, reparented
+    // to the launcher) is not dumped by CRIU: refuse rather than leave it behind.
+    let strays = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
+    if !strays.is_empty() {
+        return Err(format!(
+            "process(es) {} left the app's process tree (their parent exited, so they were reparented to the launcher): a checkpoint carries only the app's tree and would leave them behind; keep the app's processes under its main process (no double fork / daemonizing); the app keeps running",
+            strays.join(", ")
+        ));
+    }
     if let Some(objects) = sysv_ipc_objects() {
         return Err(format!(
             "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (CRIU dumps the app's processes, not the namespace): the app would be restored without them; the app keeps running"

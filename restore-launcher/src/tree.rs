@@ -50,6 +50,43 @@ pub fn pids(root: Pid) -> Vec<i32> {
     tree
 }
 
+/// Children of `launcher` other than the app's root and `except` (the job asking), not yet
+/// reaped: processes that left the app's tree (their parent exited and the kernel reparented
+/// them to the launcher, PID 1 or subreaper). CRIU dumps only the app's tree, so they would be
+/// left behind. Each as `PID (comm)`.
+pub fn strays(launcher: Pid, app: Pid, except: Pid) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == app.as_raw() || pid == except.as_raw() || pid == launcher.as_raw() {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().unwrap_or_default();
+        let ppid: i32 = rest.next().and_then(|p| p.parse().ok()).unwrap_or_default();
+        if ppid == launcher.as_raw() && state != "Z" && state != "X" {
+            found.push(format!("{pid} ({})", &stat[open + 1..close]));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// How long [`stop`] waits for the kernel to stop every process it signalled.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 

@@ -1091,3 +1091,41 @@ fn an_encrypted_checkpoint_file_restores_with_its_key_and_is_refused_with_anothe
     assert_counter_continues(a_last, &c)?;
     Ok(())
 }
+
+#[test]
+fn a_process_that_left_the_apps_tree_is_named_and_the_checkpoint_refused() -> Result<()> {
+    if !criu_tests_can_run("a_process_that_left_the_apps_tree_is_named_and_the_checkpoint_refused")
+    {
+        return Ok(());
+    }
+    // A daemon started the classic way: its parent shell exits, so it is reparented to the
+    // launcher and is no longer in the tree CRIU dumps.
+    let a = Node::prepare("node-a")?.start(&options(
+        "node-a",
+        &[
+            "--",
+            "sh",
+            "-c",
+            "sh -c 'sleep 1000 &'; exec python3 /opt/apps/counter.py",
+        ],
+    ))?;
+    a.wait_for("3 counter lines", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= 3).then_some(())
+    })?;
+    let output = a
+        .launcher(&["checkpoint", "--output", "/tmp/c.tar.zst"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success()
+            && answer.contains("left the app's process tree")
+            && answer.contains("(sleep)"),
+        "the stray was not named: {answer}"
+    );
+    let seen = counter_values(&a.stdout()).len();
+    a.wait_for("the app counting on", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
+    })?;
+    ensure!(a.status()?["state"] == "running");
+    Ok(())
+}

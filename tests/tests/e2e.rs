@@ -92,6 +92,10 @@ fn main() {
             source_container_killed_mid_checkpoint,
         ),
         (
+            "a_frozen_app_is_restarted_by_an_http_liveness_probe_not_a_tcp_one_and_the_preflight_refuses_the_first",
+            liveness_probes_measured,
+        ),
+        (
             "pods_carry_only_the_launchers_capabilities",
             least_capabilities,
         ),
@@ -378,6 +382,16 @@ fn move_counter(
         Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
     })?;
     let (last, first) = assert_continued(&before, &logs(cluster, &target, None))?;
+    // Thawed, the target takes Service traffic: its readiness gate is set, the pod Ready.
+    let ready = pod_field(
+        cluster,
+        &target,
+        "{.status.conditions[?(@.type==\"Ready\")].status} {.status.conditions[?(@.type==\"migrate.kubectl.io/serving\")].status}",
+    )?;
+    ensure!(
+        ready == "True True",
+        "the thawed target is not Ready: {ready}"
+    );
     Ok((out, last, first))
 }
 
@@ -920,6 +934,16 @@ fn recover_after_kill(
     } else {
         ("abort", "no")
     };
+    // Never thawed, the target takes no Service traffic (its readiness gate is not set).
+    let ready = pod_field(
+        cluster,
+        &target,
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    )?;
+    ensure!(
+        ready == "False",
+        "the unthawed target {target} is Ready ({ready}): a Service would send it traffic"
+    );
     let status = kubectl_migrate(cluster, &["status", name]).output()?;
     let table = String::from_utf8_lossy(&status.stdout).into_owned();
     let row = table
@@ -1034,6 +1058,102 @@ fn plugin_killed_source_resumes_by_lease(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// nginx (the web example's first container) with a liveness probe of period 1 s and
+/// threshold 2, of the given kind.
+fn probed_nginx(cluster: &Cluster, name: &str, probe: &str) -> Result<()> {
+    let yaml = example_pod("web/pod.yaml", name, "node-a", &[])?;
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    let containers = pod["spec"]["containers"]
+        .as_sequence_mut()
+        .context("containers")?;
+    containers.truncate(1);
+    containers[0]["livenessProbe"] = serde_yaml::from_str(&format!(
+        "{{{probe}, periodSeconds: 1, failureThreshold: 2, timeoutSeconds: 1}}"
+    ))?;
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)
+}
+
+/// What the real kubelet does to a frozen app, measured: an HTTP liveness probe (period 1 s,
+/// threshold 2) restarts the container of an app frozen for 5 s; a TCP probe does not (the
+/// kernel completes the handshake on the frozen app's listening socket). So the preflight
+/// refuses the first up front and lets the second go, and a refused migration changes
+/// nothing.
+fn liveness_probes_measured(cluster: &Cluster) -> Result<()> {
+    probed_nginx(cluster, "probed-http", "httpGet: {path: /, port: 8080}")?;
+    probed_nginx(cluster, "probed-tcp", "tcpSocket: {port: 8080}")?;
+    let restarts =
+        |pod: &str| pod_field(cluster, pod, "{.status.containerStatuses[0].restartCount}");
+    for pod in ["probed-http", "probed-tcp"] {
+        cluster.kubectl_ok(&[
+            "exec",
+            pod,
+            "--",
+            "restore-launcher",
+            "freeze",
+            "--lease",
+            "5",
+        ])?;
+    }
+    let killed = wait_until(
+        "the kubelet to restart the frozen HTTP-probed app",
+        WAIT,
+        || Ok((restarts("probed-http")? != "0").then_some(())),
+    );
+    wait_until("the TCP-probed app's lease to run out", WAIT, || {
+        let status = launcher_status(cluster, "probed-tcp", None)?;
+        Ok((status["state"] == "running" && status["app_stopped"] == false).then_some(()))
+    })?;
+    let tcp = restarts("probed-tcp")?;
+    eprintln!(
+        "a 5 s freeze under a 1 s x 2 liveness probe: HTTP restarted by the kubelet: {}; TCP restarts: {tcp}",
+        killed.is_ok()
+    );
+    killed?;
+    ensure!(
+        tcp == "0",
+        "the TCP-probed frozen app was restarted ({tcp})"
+    );
+
+    // The remedy: the preflight refuses the HTTP-probed pod before anything is touched.
+    let check = kubectl_migrate(cluster, &["check", "probed-http", "--to", "node-b"]).output()?;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    ensure!(
+        !check.status.success() && said.contains("liveness probe"),
+        "the preflight did not refuse the HTTP-probed pod:\n{said}"
+    );
+    let before = restarts("probed-http")?;
+    let out = migrate(cluster, &["probed-http", "--to", "node-b"], &[])?;
+    ensure!(
+        out.code == Some(1) && out.stderr.contains("nothing was changed"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        cluster
+            .kubectl(&["get", "pod", "probed-http-m1"])
+            .output()?
+            .status
+            .code()
+            != Some(0),
+        "a refused migration created a target"
+    );
+    ensure!(
+        restarts("probed-http")? == before,
+        "the refused migration restarted the pod"
+    );
+    let check = kubectl_migrate(cluster, &["check", "probed-tcp", "--to", "node-b"]).output()?;
+    ensure!(
+        check.status.success(),
+        "the TCP-probed pod is refused: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    cluster.kubectl_ok(&["delete", "pod", "probed-http", "probed-tcp", "--wait=false"])?;
+    Ok(())
+}
+
 /// Starts `kubectl-migrate NAME --to node-b` in the background and waits until the source's
 /// checkpoint streams (a big app, so the stream lasts).
 fn plugin_streaming(cluster: &Cluster, name: &str) -> Result<(Child, Follow)> {
@@ -1075,7 +1195,7 @@ fn undone_with_source_counting(
     let listed = kubectl_migrate(cluster, &["status", name]).output()?;
     if String::from_utf8_lossy(&listed.stdout).contains(&format!("kubectl migrate abort {name}")) {
         ensure!(
-            stderr.contains(&format!("kubectl migrate abort")) || stderr.contains("rollback"),
+            stderr.contains("kubectl migrate abort") || stderr.contains("rollback"),
             "the migration is left unfinished, and the plugin's message did not name the recovery:\n{stderr}"
         );
         let done = kubectl_migrate(cluster, &["abort", name]).output()?;

@@ -19,7 +19,7 @@ pub struct Permission {
 }
 
 /// Everything `kubectl migrate` does through the API, as RBAC sees it.
-pub const NEEDED: [Permission; 10] = [
+pub const NEEDED: [Permission; 11] = [
     Permission {
         verb: "get",
         resource: "pods",
@@ -54,6 +54,12 @@ pub const NEEDED: [Permission; 10] = [
         verb: "create",
         resource: "pods",
         subresource: Some("exec"),
+        namespaced: true,
+    },
+    Permission {
+        verb: "patch",
+        resource: "pods",
+        subresource: Some("status"),
         namespaced: true,
     },
     Permission {
@@ -158,7 +164,7 @@ mod tests {
     fn every_missing_permission_is_named_with_its_scope() {
         let mut f = facts();
         assert_eq!(denied(&f), None);
-        f.denied = vec![NEEDED[3].clone(), NEEDED[5].clone(), NEEDED[7].clone()];
+        f.denied = vec![NEEDED[3].clone(), NEEDED[5].clone(), NEEDED[8].clone()];
         let p = denied(&f).unwrap();
         assert_eq!(
             p.what,
