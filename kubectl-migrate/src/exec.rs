@@ -345,6 +345,64 @@ fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
         .find_map(|line| serde_json::from_str(line.trim()).ok())
 }
 
+/// How long the target's answer may lag behind what its launcher's `status` says is done, or
+/// how long the target may be unreachable, before the restore's outcome is decided without it.
+const ANSWER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ExecLaunchers {
+    /// Waits for `receive`'s answer (its stdout and stderr), checking the target's launcher
+    /// every few seconds: once it is no longer restoring, or cannot be reached, for
+    /// [`ANSWER_PATIENCE`], its `status` (the last restore report) is the answer.
+    async fn await_answer(
+        &self,
+        target: &Pod,
+        container: &str,
+        answer: &mut (impl std::future::Future<Output = Result<(String, String), String>> + Unpin),
+    ) -> Result<(String, String), String> {
+        let mut settled_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                answer = &mut *answer => return answer,
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+            let status = self.status(target, container).await;
+            let finished = match &status {
+                Ok(s) => s.state != LauncherState::Restoring,
+                Err(_) => true,
+            };
+            if !finished {
+                settled_since = None;
+                continue;
+            }
+            let since = *settled_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < ANSWER_PATIENCE {
+                continue;
+            }
+            return match status {
+                Ok(StatusReport {
+                    last_restore: Some(report),
+                    ..
+                }) => {
+                    tracing::warn!(
+                        "the target's answer never came; its launcher's status tells the outcome"
+                    );
+                    Ok((
+                        serde_json::to_string(&report).unwrap_or_default(),
+                        String::new(),
+                    ))
+                }
+                Ok(other) => Err(format!(
+                    "the target's answer never came, and its launcher is {:?} with no restore report",
+                    other.state
+                )),
+                Err(error) => Err(format!(
+                    "the target's answer never came, and its launcher cannot be reached ({error})"
+                )),
+            };
+        }
+    }
+}
+
 impl Launchers for ExecLaunchers {
     async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
         // `status` changes nothing: its answer is what counts, whatever the stream's end said.
@@ -421,7 +479,13 @@ impl Launchers for ExecLaunchers {
         // then wait forever on a stream nobody drains, so it gets a moment to finish and is
         // then dropped, which closes the source's stream and ends its checkpoint job.
         let (copied, answer, target_first) = tokio::select! {
-            copied = &mut copy => (copied, answer.await, false),
+            copied = &mut copy => {
+                // The copy is over; the target now restores. Its answer comes over a stream
+                // that a fault can leave open and silent: the target's launcher is asked
+                // directly meanwhile, and its word is taken once it has finished.
+                let answer = self.await_answer(target, container, &mut answer).await;
+                (copied, answer, false)
+            }
             answer = &mut answer => {
                 let copied = tokio::time::timeout(TARGET_GRACE, &mut copy)
                     .await

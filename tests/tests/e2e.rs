@@ -1206,6 +1206,10 @@ fn undone_with_source_counting(
         );
     }
     wait_gone(cluster, &format!("{name}-m1"))?;
+    // A log stream through an API server that restarted is dead: follow anew (it starts with
+    // the container's whole log, so the count is checked from the beginning).
+    drop(follow);
+    let follow = Follow::start(cluster, name)?;
     source_kept_counting(cluster, name, follow)?;
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
