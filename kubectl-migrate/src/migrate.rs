@@ -290,6 +290,11 @@ async fn run<L: Launchers + Sync>(
     if !problems.is_empty() {
         return Err(MigrateError::Preflight(problems));
     }
+    let source_boot_times: Vec<u64> = facts
+        .launchers
+        .values()
+        .filter_map(|s| s.as_ref().ok().and_then(|s| s.boot_time))
+        .collect();
     let source = facts.pod;
     progress.source_restarts = restart_counts(&source);
     phase_done("check", &mut phases);
@@ -420,6 +425,7 @@ async fn run<L: Launchers + Sync>(
     phase_done("checkpoint+transfer+restore", &mut phases);
 
     progress.phase = "verify".into();
+    let mut target_boot_time = None;
     let verify = async {
         for container in &containers {
             let status = launchers
@@ -435,6 +441,7 @@ async fn run<L: Launchers + Sync>(
                     state: status.state,
                 });
             }
+            target_boot_time = target_boot_time.or(status.boot_time);
         }
         Ok(())
     };
@@ -469,7 +476,10 @@ async fn run<L: Launchers + Sync>(
     phase_done("commit", &mut phases);
     fault::stage("committed");
     progress.phase = "thaw and cleanup".into();
-    let finished = finish(connection, launchers, options, progress).await?;
+    let mut finished = finish(connection, launchers, options, progress).await?;
+    if let (Some(&from), Some(to)) = (source_boot_times.first(), target_boot_time) {
+        finished.warnings.extend(clock_jump(from, to));
+    }
     phase_done("thaw+cleanup", &mut phases);
     let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();
     let timings = serde_json::to_string(&phases).unwrap_or_default();
@@ -1148,6 +1158,24 @@ async fn annotate_timings(pods: &Api<Pod>, name: &str, timings: &str) {
     }
 }
 
+/// What a restored app sees of its monotonic clocks when the nodes booted at different times
+/// (`from` and `to`, seconds since the epoch): CLOCK_MONOTONIC and CLOCK_BOOTTIME are the
+/// target kernel's, so they jump by the difference of the two nodes' uptimes. CRIU keeps them
+/// continuous only in a time namespace, which needs CAP_SYS_ADMIN (a pod does not have it).
+/// Nothing to say for one second or less.
+pub fn clock_jump(from: u64, to: u64) -> Option<String> {
+    let jump = i128::from(from) - i128::from(to);
+    (jump.abs() > 1).then(|| {
+        format!(
+            "the app's CLOCK_MONOTONIC and CLOCK_BOOTTIME jumped {} by {} s: the target node booted {} s {} the source's, and a restore inside the container cannot keep them continuous (a time namespace needs CAP_SYS_ADMIN). Wall-clock time is unaffected; timers and timeouts the app measures with them fire early or late once",
+            if jump > 0 { "forward" } else { "backward" },
+            jump.abs(),
+            jump.abs(),
+            if jump > 0 { "before" } else { "after" }
+        )
+    })
+}
+
 /// Whether `pod` declares the [`annotations::SERVING`] readiness gate.
 fn has_serving_gate(pod: &Pod) -> bool {
     pod.spec
@@ -1195,6 +1223,25 @@ fn node_of(pod: &Pod) -> String {
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_jump_is_reported_with_its_direction_and_size() {
+        assert_eq!(clock_jump(1_000, 1_000), None);
+        assert_eq!(clock_jump(1_001, 1_000), None, "a second of btime rounding");
+        let forward = clock_jump(5_000, 1_000).unwrap_or_default();
+        assert!(
+            forward.contains("jumped forward by 4000 s")
+                && forward.contains("booted 4000 s before the source's"),
+            "{forward}"
+        );
+        let backward = clock_jump(1_000, 5_000).unwrap_or_default();
+        assert!(backward.contains("jumped backward by 4000 s"), "{backward}");
+    }
 }
 
 /// `mig-YYYYMMDD-HHMMSS-xxxx`: unique enough per namespace, sortable.

@@ -125,6 +125,11 @@ pub struct StatusReport {
     /// Whether the migration holding the app frozen is committed (it never resumes on its own).
     #[serde(default)]
     pub committed: bool,
+    /// When this node's kernel booted, in seconds since the Unix epoch: CLOCK_MONOTONIC and
+    /// CLOCK_BOOTTIME count from it, so a restored app's monotonic clocks jump by the
+    /// difference between the source's and the target's.
+    #[serde(default)]
+    pub boot_time: Option<u64>,
 }
 
 /// What `checkpoint` prints.

@@ -743,6 +743,7 @@ impl Supervisor {
                 .lease()
                 .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
             committed: self.state.committed(),
+            boot_time: sysinfo::boot_time(),
         }
     }
 

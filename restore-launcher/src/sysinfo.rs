@@ -54,6 +54,16 @@ pub fn peak_rss_kib() -> std::collections::BTreeMap<String, u64> {
     peaks
 }
 
+/// When the kernel booted, in seconds since the Unix epoch (`btime` of /proc/stat, which a
+/// container sees unchanged: it is the node's).
+pub fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
