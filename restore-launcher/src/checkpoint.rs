@@ -109,6 +109,15 @@ fn checkpoint(
             strays.join(", ")
         ));
     }
+    // An inotify or fanotify watch: CRIU without CAP_SYS_ADMIN fails on it mid-dump, after the
+    // app's blocking calls were interrupted (GNU tail, for one, exits on that). Refused first.
+    let watches = file_watches(plan.app);
+    if !watches.is_empty() && !crate::criu::has_sys_admin() {
+        return Err(format!(
+            "the app watches files ({}), which CRIU run inside the container cannot dump without CAP_SYS_ADMIN: stop watching files in this app (poll instead), or do not migrate it; the app keeps running",
+            watches.join(", ")
+        ));
+    }
     if let Some(objects) = sysv_ipc_objects() {
         return Err(format!(
             "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (CRIU dumps the app's processes, not the namespace): the app would be restored without them; the app keeps running"
@@ -317,6 +326,32 @@ pub fn resume(app: Pid) {
 
 fn failed(error: &dyn std::error::Error) -> String {
     format!("{}; the app keeps running", chain(error))
+}
+
+/// The inotify and fanotify instances the app's processes hold, as `PID (comm): inotify`.
+pub fn file_watches(app: Pid) -> Vec<String> {
+    let mut found = Vec::new();
+    for pid in crate::tree::pids(app) {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let info = fs::read_to_string(fd.path()).unwrap_or_default();
+            let kind = if info.contains("inotify wd:") {
+                "inotify"
+            } else if info.contains("fanotify") {
+                "fanotify"
+            } else {
+                continue;
+            };
+            let entry = format!("{pid} ({}): {kind}", comm.trim());
+            if !found.contains(&entry) {
+                found.push(entry);
+            }
+        }
+    }
+    found
 }
 
 /// "error: cause: cause".

@@ -258,6 +258,11 @@ fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
 }
 
 /// Capability numbers (linux/capability.h).
+/// Whether the launcher runs with CAP_SYS_ADMIN (CRIU's privileged mode).
+pub fn has_sys_admin() -> bool {
+    has_effective_capability(CAP_SYS_ADMIN)
+}
+
 const CAP_SETPCAP: u32 = 8;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
@@ -312,6 +317,12 @@ pub fn known_cause(excerpt: &str) -> Option<&'static str> {
     if excerpt.contains("SysVIPC shmem map") || excerpt.contains("doesn't live in IPC ns") {
         return Some(
             "the app has a SysV shared-memory segment attached; it lives in the container's IPC namespace, which a checkpoint taken inside the container cannot carry",
+        );
+    }
+    if excerpt.contains("fsnotify") && excerpt.contains("Can't dump that handle") {
+        // criu/fsnotify.c: without CAP_SYS_ADMIN a watch's file handle cannot be resolved.
+        return Some(
+            "the app holds an inotify or fanotify watch, which CRIU run inside the container cannot dump without CAP_SYS_ADMIN: stop watching files in this app (poll instead), or do not migrate it",
         );
     }
     if excerpt.contains("Effective capability 40 missing") {

@@ -1129,3 +1129,60 @@ fn a_process_that_left_the_apps_tree_is_named_and_the_checkpoint_refused() -> Re
     ensure!(a.status()?["state"] == "running");
     Ok(())
 }
+
+#[test]
+fn an_app_watching_files_is_refused_before_it_is_touched() -> Result<()> {
+    if !criu_tests_can_run("an_app_watching_files_is_refused_before_it_is_touched") {
+        return Ok(());
+    }
+    // `tail -f` watches its file with inotify. Measured: with a pod's capabilities CRIU fails
+    // on such a watch mid-dump ("fsnotify: Can't dump that handle"), after interrupting the
+    // app's blocking calls, and GNU tail exits on that. The launcher refuses first.
+    let mut opts = options(
+        "node-a",
+        &[
+            "--",
+            "sh",
+            "-c",
+            "touch /tmp/w.log; tail -f /tmp/w.log & exec python3 /opt/apps/counter.py",
+        ],
+    );
+    opts.keep_caps = Some(LEAST_CAPS.into());
+    let a = Node::prepare("node-a")?.start(&opts)?;
+    a.wait_for("3 counter lines", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= 3).then_some(())
+    })?;
+    let output = a
+        .launcher(&["checkpoint", "--output", "/tmp/c.tar.zst"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success()
+            && answer.contains("the app watches files")
+            && answer.contains("(tail): inotify")
+            && answer.contains("CAP_SYS_ADMIN"),
+        "the watch was not named: {answer}"
+    );
+    ensure!(
+        !a.stderr().contains("Interrupted system call"),
+        "the app was disturbed: {}",
+        a.stderr()
+    );
+    let seen = counter_values(&a.stdout()).len();
+    a.wait_for("the app counting on", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
+    })?;
+    let tails = a
+        .exec(&[
+            "sh",
+            "-c",
+            "cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^tail$'",
+        ])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&tails.stdout).trim() == "1",
+        "tail is gone: {}",
+        String::from_utf8_lossy(&tails.stdout)
+    );
+    Ok(())
+}
