@@ -11,50 +11,16 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// `root` and all its descendants, from /proc.
-pub fn pids(root: Pid) -> Vec<i32> {
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                continue;
-            };
-            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-                parents.push((pid, ppid));
-            }
-        }
-    }
-    let mut tree = vec![root.as_raw()];
-    let mut index = 0;
-    while index < tree.len() {
-        let parent = tree[index];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, ppid)| *ppid == parent)
-                .map(|(pid, _)| *pid),
-        );
-        index += 1;
-    }
-    tree.sort_unstable();
-    tree
+/// One process as /proc tells it.
+struct Process {
+    pid: i32,
+    ppid: i32,
+    state: String,
+    comm: String,
 }
 
-/// Children of `launcher` other than the app's root and `except` (the job asking), not yet
-/// reaped: processes that left the app's tree (their parent exited and the kernel reparented
-/// them to the launcher, PID 1 or subreaper). CRIU dumps only the app's tree, so they would be
-/// left behind. Each as `PID (comm)`.
-pub fn strays(launcher: Pid, app: Pid, except: Pid) -> Vec<String> {
+/// Every process visible in /proc (this PID namespace's).
+fn processes() -> Vec<Process> {
     let mut found = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
@@ -67,9 +33,6 @@ pub fn strays(launcher: Pid, app: Pid, except: Pid) -> Vec<String> {
         else {
             continue;
         };
-        if pid == app.as_raw() || pid == except.as_raw() || pid == launcher.as_raw() {
-            continue;
-        }
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
@@ -77,12 +40,49 @@ pub fn strays(launcher: Pid, app: Pid, except: Pid) -> Vec<String> {
             continue;
         };
         let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().unwrap_or_default();
-        let ppid: i32 = rest.next().and_then(|p| p.parse().ok()).unwrap_or_default();
-        if ppid == launcher.as_raw() && state != "Z" && state != "X" {
-            found.push(format!("{pid} ({})", &stat[open + 1..close]));
-        }
+        let state = rest.next().unwrap_or_default().to_string();
+        let Some(ppid) = rest.next().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        found.push(Process {
+            pid,
+            ppid,
+            state,
+            comm: stat[open + 1..close].to_string(),
+        });
     }
+    found
+}
+
+/// `root` and all its descendants, from /proc.
+pub fn pids(root: Pid) -> Vec<i32> {
+    let all = processes();
+    let mut tree = vec![root.as_raw()];
+    let mut index = 0;
+    while index < tree.len() {
+        let parent = tree[index];
+        tree.extend(all.iter().filter(|p| p.ppid == parent).map(|p| p.pid));
+        index += 1;
+    }
+    tree.sort_unstable();
+    tree
+}
+
+/// Children of `launcher` other than the app's root and `except` (the job asking), not yet
+/// reaped: processes that left the app's tree (their parent exited and the kernel reparented
+/// them to the launcher, PID 1 or subreaper). CRIU dumps only the app's tree, so they would be
+/// left behind. Each as `PID (comm)`.
+pub fn strays(launcher: Pid, app: Pid, except: Pid) -> Vec<String> {
+    let mut found: Vec<String> = processes()
+        .into_iter()
+        .filter(|p| {
+            p.ppid == launcher.as_raw()
+                && ![app.as_raw(), except.as_raw(), launcher.as_raw()].contains(&p.pid)
+                && p.state != "Z"
+                && p.state != "X"
+        })
+        .map(|p| format!("{} ({})", p.pid, p.comm))
+        .collect();
     found.sort();
     found
 }

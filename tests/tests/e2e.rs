@@ -1009,10 +1009,7 @@ fn plugin_killed_mid_stream(cluster: &Cluster) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     wait_until("the source's checkpoint streaming", WAIT, || {
-        let status = cluster
-            .kubectl_ok(&["exec", name, "--", "restore-launcher", "status"])
-            .unwrap_or_default();
-        Ok(status.contains(r#""state":"checkpointing""#).then_some(()))
+        Ok(launcher_in(cluster, name, "checkpointing").then_some(()))
     })?;
     plugin.kill()?; // SIGKILL
     let status = plugin.wait()?;
@@ -1154,6 +1151,11 @@ fn liveness_probes_measured(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// Whether the launcher of `pod` (its first container) says it is in `state`.
+fn launcher_in(cluster: &Cluster, pod: &str, state: &str) -> bool {
+    launcher_status(cluster, pod, None).is_ok_and(|s| s["state"] == state)
+}
+
 /// Starts `kubectl-migrate NAME --to node-b` in the background and waits until the source's
 /// checkpoint streams (a big app, so the stream lasts).
 fn plugin_streaming(cluster: &Cluster, name: &str) -> Result<(Child, Follow)> {
@@ -1166,10 +1168,7 @@ fn plugin_streaming(cluster: &Cluster, name: &str) -> Result<(Child, Follow)> {
         .stderr(Stdio::piped())
         .spawn()?;
     wait_until("the source's checkpoint streaming", WAIT, || {
-        let status = cluster
-            .kubectl_ok(&["exec", name, "--", "restore-launcher", "status"])
-            .unwrap_or_default();
-        Ok(status.contains(r#""state":"checkpointing""#).then_some(()))
+        Ok(launcher_in(cluster, name, "checkpointing").then_some(()))
     })?;
     Ok((plugin, follow))
 }
@@ -1190,8 +1189,12 @@ fn undone_with_source_counting(
     cluster: &Cluster,
     name: &str,
     follow: Follow,
+    code: Option<i32>,
     stderr: &str,
+    fault: &str,
 ) -> Result<()> {
+    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
+    eprintln!("{fault}: {}", stderr.lines().last().unwrap_or_default());
     let listed = kubectl_migrate(cluster, &["status", name]).output()?;
     if String::from_utf8_lossy(&listed.stdout).contains(&format!("kubectl migrate abort {name}")) {
         ensure!(
@@ -1231,12 +1234,14 @@ fn apiserver_restarted_mid_stream(cluster: &Cluster) -> Result<()> {
             .then_some(()))
     })?;
     let (code, stderr) = plugin_ended(plugin)?;
-    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
-    eprintln!(
-        "API server restarted mid-stream: {}",
-        stderr.lines().last().unwrap_or_default()
-    );
-    undone_with_source_counting(cluster, name, follow, &stderr)
+    undone_with_source_counting(
+        cluster,
+        name,
+        follow,
+        code,
+        &stderr,
+        "API server restarted mid-stream",
+    )
 }
 
 /// The target node's kubelet stopped while the target receives and restores: the receive
@@ -1246,26 +1251,19 @@ fn target_kubelet_stopped_mid_restore(cluster: &Cluster) -> Result<()> {
     let name = "kubelet-cut";
     let (plugin, follow) = plugin_streaming(cluster, name)?;
     wait_until("the target restoring", WAIT, || {
-        let status = cluster
-            .kubectl_ok(&[
-                "exec",
-                &format!("{name}-m1"),
-                "--",
-                "restore-launcher",
-                "status",
-            ])
-            .unwrap_or_default();
-        Ok(status.contains(r#""state":"restoring""#).then_some(()))
+        Ok(launcher_in(cluster, &format!("{name}-m1"), "restoring").then_some(()))
     })?;
     cluster.stop_daemon("kubelet-node-b");
     let (code, stderr) = plugin_ended(plugin)?;
     cluster.start_daemon("kubelet-node-b")?;
-    ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
-    eprintln!(
-        "kubelet stopped mid-restore: {}",
-        stderr.lines().last().unwrap_or_default()
-    );
-    undone_with_source_counting(cluster, name, follow, &stderr)
+    undone_with_source_counting(
+        cluster,
+        name,
+        follow,
+        code,
+        &stderr,
+        "kubelet stopped mid-restore",
+    )
 }
 
 /// The source container SIGKILLed (as by the OOM killer) while its checkpoint streams: its
