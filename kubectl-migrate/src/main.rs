@@ -52,7 +52,10 @@ fn init_logging(verbose: u8) {
 }
 
 /// Prints the preflight's problems; says whether there were none.
-fn report(problems: &[Problem], pod: &str, node: &str) -> bool {
+fn report(problems: &[Problem], notes: &[String], pod: &str, node: &str) -> bool {
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     if problems.is_empty() {
         eprintln!("pod {pod} can be migrated to {node}");
         return true;
@@ -70,7 +73,7 @@ async fn preflight(
     node: &str,
     force: bool,
     max_downtime: Option<std::time::Duration>,
-) -> Result<Vec<Problem>> {
+) -> Result<(Vec<Problem>, Vec<String>)> {
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
     };
@@ -87,9 +90,9 @@ async fn preflight(
     Ok(match facts {
         Ok(mut facts) => {
             facts.max_downtime = max_downtime;
-            check::problems(&facts)
+            (check::problems(&facts), check::notes(&facts))
         }
-        Err(problem) => vec![problem],
+        Err(problem) => (vec![problem], Vec::new()),
     })
 }
 
@@ -102,8 +105,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         max_downtime,
     }) = &cli.command
     {
-        let problems = preflight(&connection, pod, to, *force, *max_downtime).await?;
-        return Ok(if report(&problems, pod, to) {
+        let (problems, notes) = preflight(&connection, pod, to, *force, *max_downtime).await?;
+        return Ok(if report(&problems, &notes, pod, to) {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE

@@ -286,6 +286,9 @@ async fn run<L: Launchers + Sync>(
     facts.max_downtime = options.max_downtime;
     facts.keep_source = options.keep_source;
     let freeze_limit = check::pod::freeze_limit(&facts);
+    for note in check::notes(&facts) {
+        tracing::warn!("{note}");
+    }
     let problems = check::problems(&facts);
     if !problems.is_empty() {
         return Err(MigrateError::Preflight(problems));

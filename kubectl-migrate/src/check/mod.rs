@@ -156,6 +156,16 @@ pub async fn gather(
     }))
 }
 
+/// What the user should know about the move that does not stop it.
+pub fn notes(facts: &Facts) -> Vec<String> {
+    facts
+        .target_node
+        .as_ref()
+        .and_then(|target| node::clock_jump(facts, target))
+        .into_iter()
+        .collect()
+}
+
 /// Every problem with the move, in order of the pipeline; empty when it can go ahead.
 pub fn problems(facts: &Facts) -> Vec<Problem> {
     let mut found: Vec<Problem> = permissions::denied(facts).into_iter().collect();

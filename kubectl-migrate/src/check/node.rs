@@ -100,6 +100,27 @@ fn label(node: &Node, key: &str) -> Option<String> {
         .cloned()
 }
 
+/// Not a problem, a note: on another boot of another kernel the restored app's monotonic
+/// clocks (CLOCK_MONOTONIC, CLOCK_BOOTTIME) jump by the difference of the two nodes' uptimes;
+/// a restore inside the container cannot keep them continuous (a time namespace needs
+/// CAP_SYS_ADMIN). Nodes on one kernel boot share those clocks.
+pub fn clock_jump(facts: &Facts, node: &Node) -> Option<String> {
+    let boot = |n: &Node| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.boot_id.clone())
+            .filter(|id| !id.is_empty())
+    };
+    let (from, to) = (boot(facts.source_node.as_ref()?)?, boot(node)?);
+    (from != to).then(|| {
+        format!(
+            "node {} runs another kernel boot than the pod's node: the app's CLOCK_MONOTONIC and CLOCK_BOOTTIME will jump by the difference of the two nodes' uptimes (wall-clock time is unaffected; the migration reports the size of the jump)",
+            facts.target_name
+        )
+    })
+}
+
 /// A checkpoint restores only on the source's OS and architecture.
 pub fn other_platform(facts: &Facts, node: &Node) -> Vec<Problem> {
     let Some(source) = &facts.source_node else {
@@ -337,6 +358,29 @@ pub fn parse_bytes(q: &Quantity) -> Option<f64> {
         }
     }
     s.parse().ok()
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::super::fixture::{facts, node};
+    use super::*;
+
+    #[test]
+    fn another_kernel_boot_is_a_note_about_the_monotonic_clocks() {
+        let boot = |id: &str| {
+            let mut n = node("node-b");
+            if let Some(info) = n.status.as_mut().and_then(|s| s.node_info.as_mut()) {
+                info.boot_id = id.into();
+            }
+            n
+        };
+        let mut f = facts();
+        f.source_node = Some(boot("aaaa"));
+        assert_eq!(clock_jump(&f, &boot("aaaa")), None, "one kernel boot");
+        assert_eq!(clock_jump(&f, &boot("")), None, "unknown");
+        let note = clock_jump(&f, &boot("bbbb")).unwrap_or_default();
+        assert!(note.contains("CLOCK_MONOTONIC"), "{note}");
+    }
 }
 
 #[cfg(test)]
