@@ -1,0 +1,277 @@
+//! Step 6, past the commit: finish (delete the stale source, thaw the targets, end their wait
+//! for a checkpoint, let them take Service traffic), idempotently; after a failure past the
+//! commit, finish anyway or say exactly what finishes. Nothing here ever undoes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use migrate_format::annotations;
+
+use super::{MigrateError, Options, Progress, annotate, fault, record};
+use crate::client::Connection;
+use crate::launchers::Launchers;
+
+/// What finishing a committed migration left to say.
+#[derive(Debug, Default)]
+pub struct Finished {
+    pub source_deleted: bool,
+    pub warnings: Vec<String>,
+}
+
+/// How often each step of [`finish`] is tried before it is reported.
+const FINISH_TRIES: u32 = 3;
+
+/// Finishes a committed migration, idempotently (it runs again after a failure or an
+/// interruption past the commit): delete the source first (its frozen copy is stale, and a
+/// restart of its container -- a liveness probe, a node reboot -- would start a second copy
+/// fresh), then thaw every target container, end the target's wait for a checkpoint and mark
+/// it done. With `--keep-source` the source is kept, frozen.
+///
+/// # Errors
+/// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone. A
+/// source that cannot be deleted does not keep the target frozen: it is thawed all the same,
+/// and the error then names the delete.
+pub async fn finish<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+) -> Result<Finished, MigrateError> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let target = progress.target.clone().unwrap_or_default();
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    let mut finished = Finished::default();
+    let deleted = if options.keep_source {
+        annotate(
+            &pods,
+            &options.pod,
+            &progress.id,
+            "done-kept",
+            Some(&target_name),
+        )
+        .await;
+        Ok(())
+    } else {
+        if let Ok(source) = pods.get(&options.pod).await {
+            record(
+                connection,
+                &source,
+                "MigrationDone",
+                format!(
+                    "moved to {target_name} on {}; deleting this pod",
+                    options.target_node
+                ),
+            )
+            .await;
+        }
+        retry(|| async {
+            match pods.delete(&options.pod, &DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+        .await
+    };
+    fault::stage("source-deleted");
+    for container in &progress.containers {
+        retry(|| launchers.thaw(&target, container))
+            .await
+            .map_err(|error| MigrateError::AfterCommit {
+                what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
+            })?;
+    }
+    finished
+        .warnings
+        .extend(end_wait(&pods, &target_name).await);
+    // Now that its app runs, the target may take Service traffic.
+    if let Err(error) = retry(|| set_serving(&pods, &target_name, true)).await {
+        finished.warnings.push(format!(
+            "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
+            annotations::SERVING
+        ));
+    }
+    annotate(
+        &pods,
+        &target_name,
+        &progress.id,
+        "done",
+        Some(&options.pod),
+    )
+    .await;
+    deleted.map_err(|error| MigrateError::AfterCommit {
+        what: format!("cannot delete the source pod {}: {error}", options.pod),
+    })?;
+    finished.source_deleted = !options.keep_source;
+    Ok(finished)
+}
+
+/// Ends the target's wait for a checkpoint (`annotations::WAIT_FOR_CHECKPOINT`, read by its
+/// launchers through the downward API at every container start): from now on a restarted
+/// container starts its app fresh. If the API server keeps refusing, the migration goes on
+/// (the app runs) and the returned warning gives the command to run.
+async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
+    let patch = serde_json::json!({"metadata": {"annotations": {annotations::WAIT_FOR_CHECKPOINT: "false"}}});
+    retry(|| async {
+        pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .err()
+    .map(|error| {
+        format!(
+            "cannot mark pod {name} as restored ({error}): until this runs, a restart of one of its containers would wait for a checkpoint instead of starting the app: kubectl annotate pod {name} {}=false --overwrite",
+            annotations::WAIT_FOR_CHECKPOINT
+        )
+    })
+}
+
+/// Runs `step` up to [`FINISH_TRIES`] times, half a second apart; the last error if none worked.
+pub(super) async fn retry<F, Fut, E>(mut step: F) -> Result<(), E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt >= FINISH_TRIES => return Err(error),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// After a failure past the commit point: nothing is undone. Finishes the migration if it
+/// can (within a minute), else says what holds the app and the commands that finish it.
+pub(super) async fn after_commit<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+) -> String {
+    let target = progress
+        .target
+        .as_ref()
+        .and_then(|t| t.metadata.name.clone())
+        .unwrap_or_default();
+    let ns = &connection.namespace;
+    let head = format!(
+        "the migration was committed before this (the target pod {target} holds the app's state), so nothing was undone"
+    );
+    let finishing = tokio::time::timeout(
+        Duration::from_secs(60),
+        finish(connection, launchers, options, progress),
+    )
+    .await;
+    match finishing {
+        Ok(Ok(finished)) => {
+            let mut text = format!(
+                "{head}; it was finished instead: pod {target} runs the app on node {}",
+                options.target_node
+            );
+            if finished.source_deleted {
+                text.push_str(&format!("; the source pod {} was deleted", options.pod));
+            }
+            for warning in finished.warnings {
+                text.push_str(&format!("; warning: {warning}"));
+            }
+            text
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Err(error)) => error.to_string(),
+                _ => "finishing took over a minute".into(),
+            };
+            let mut commands: Vec<String> = progress
+                .containers
+                .iter()
+                .map(|c| format!("kubectl exec -n {ns} {target} -c {c} -- restore-launcher thaw"))
+                .collect();
+            commands.push(format!(
+                "kubectl annotate pod -n {ns} {target} {}=false --overwrite",
+                annotations::WAIT_FOR_CHECKPOINT
+            ));
+            if !options.keep_source {
+                commands.push(format!("kubectl delete pod -n {ns} {}", options.pod));
+            }
+            format!(
+                "{head}; finishing failed too ({why}); the source pod {} is frozen and holds a stale copy: never resume it. To finish, run: {}",
+                options.pod,
+                commands.join(" ; ")
+            )
+        }
+    }
+}
+
+/// What a restored app sees of its monotonic clocks when the nodes booted at different times
+/// (`from` and `to`, seconds since the epoch): CLOCK_MONOTONIC and CLOCK_BOOTTIME are the
+/// target kernel's, so they jump by the difference of the two nodes' uptimes. CRIU keeps them
+/// continuous only in a time namespace, which needs CAP_SYS_ADMIN (a pod does not have it).
+/// Nothing to say for one second or less.
+pub fn clock_jump(from: u64, to: u64) -> Option<String> {
+    let jump = i128::from(from) - i128::from(to);
+    (jump.abs() > 1).then(|| {
+        format!(
+            "the app's CLOCK_MONOTONIC and CLOCK_BOOTTIME jumped {} by {} s: the target node booted {} s {} the source's, and a restore inside the container cannot keep them continuous (a time namespace needs CAP_SYS_ADMIN). Wall-clock time is unaffected; timers and timeouts the app measures with them fire early or late once",
+            if jump > 0 { "forward" } else { "backward" },
+            jump.abs(),
+            jump.abs(),
+            if jump > 0 { "before" } else { "after" }
+        )
+    })
+}
+
+/// Whether `pod` declares the [`annotations::SERVING`] readiness gate.
+pub(super) fn has_serving_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.condition_type == annotations::SERVING))
+}
+
+/// Sets the [`annotations::SERVING`] condition of pod `name` (its readiness gate): the
+/// kubelet then counts the pod Ready, or not, and Services follow.
+pub(super) async fn set_serving(
+    pods: &Api<Pod>,
+    name: &str,
+    serving: bool,
+) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": annotations::SERVING,
+        "status": if serving { "True" } else { "False" },
+        "lastTransitionTime": now,
+        "reason": if serving { "AppRunning" } else { "Migrating" },
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_jump_is_reported_with_its_direction_and_size() {
+        assert_eq!(clock_jump(1_000, 1_000), None);
+        assert_eq!(clock_jump(1_001, 1_000), None, "a second of btime rounding");
+        let forward = clock_jump(5_000, 1_000).unwrap_or_default();
+        assert!(
+            forward.contains("jumped forward by 4000 s")
+                && forward.contains("booted 4000 s before the source's"),
+            "{forward}"
+        );
+        let backward = clock_jump(1_000, 5_000).unwrap_or_default();
+        assert!(backward.contains("jumped backward by 4000 s"), "{backward}");
+    }
+}

@@ -1,0 +1,504 @@
+//! The migration pipeline: check → target → freeze → checkpoint + transfer + restore →
+//! verify → **commit** → thaw + cleanup, as one function, [`migrate`], whose `run` reads as
+//! that sequence; one module per step (`target`, `transfer`, `commit`, `finish`, and `undo`
+//! for what runs instead before the commit), with everything that touches containers behind
+//! the [`Launchers`] seam.
+//!
+//! Order, and why:
+//! 1. **check**: the preflight; any problem stops here, nothing changed.
+//! 2. **target**: the target pod is created first and waited for (image pulled, launcher
+//!    waiting), *before* the source is frozen, so none of that counts as downtime. The wait
+//!    fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
+//! 3. **transfer**: every source container's app is frozen first (`freeze`), so the cut is
+//!    consistent across containers; then per container, the source launcher's `checkpoint
+//!    --output -` is streamed through the plugin into the target launcher's `receive --input
+//!    -` (bounded buffer, never the whole archive in memory); all containers at once.
+//! 4. **verify**: every target container reports `restored` (its app restored, still frozen).
+//! 5. **commit**: one durable write, `migrate.kubectl.io/phase: committed` with the id on the
+//!    source pod. Before it, any failure, deadline or interruption *undoes*: the target is
+//!    deleted and every source container rolled back (the frozen app resumes). After it,
+//!    nothing undoes: the target holds the app's state and the source's is stale, so
+//!    failures are retried, then reported with the commands that finish; an interruption
+//!    finishes instead of undoing. Never two running copies; never none without a command.
+//! 6. **cleanup + thaw** ([`finish`], idempotent): the stale source is deleted (unless
+//!    `--keep-source`), every target app is thawed, and the target's wait for a checkpoint is
+//!    turned off (restarts start fresh).
+//!
+//! Each phase is recorded as annotations and Events on both pods.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Resource as _};
+use migrate_format::{CheckpointReport, RestoreReport, annotations};
+use serde::Serialize;
+
+use crate::check::{self, Problem};
+use crate::client::Connection;
+use crate::launchers::{LauncherError, Launchers};
+
+mod commit;
+mod finish;
+mod target;
+mod transfer;
+mod undo;
+
+pub use commit::is_committed;
+pub use finish::{Finished, clock_jump, finish};
+pub use undo::undo;
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub pod: String,
+    pub target_node: String,
+    pub timeout: Duration,
+    pub keep_source: bool,
+    /// `--force`: migrate although hostPath volumes' files stay on the source node.
+    pub force: bool,
+    /// `--lease`: how long a frozen source waits for this plugin before it resumes by itself.
+    pub lease: Duration,
+    /// `--max-downtime`: undo once the app has been frozen this long (default: what its
+    /// liveness probes allow, see `check::pod::freeze_limit`).
+    pub max_downtime: Option<Duration>,
+    /// Archive bytes moved so far, for a progress display (shared with the caller).
+    pub moved: Arc<AtomicU64>,
+}
+
+/// What a successful migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub node: String,
+    /// Phase name and duration in milliseconds, in order.
+    pub phases: Vec<(String, u64)>,
+    pub containers: BTreeMap<String, (CheckpointReport, RestoreReport)>,
+    /// Longest container downtime (frozen at the source → running at the target).
+    pub downtime_ms: Option<u64>,
+    pub bytes_moved: u64,
+    pub source_deleted: bool,
+    /// What went wrong after the app ran on the target, with the command that fixes it.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("the preflight found {} problem(s); nothing was changed", .0.len())]
+    Preflight(Vec<Problem>),
+    #[error("{step} failed")]
+    Api {
+        step: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the target pod {target} failed: {reason}")]
+    TargetFailed { target: String, reason: String },
+    #[error("container {container}: {error}")]
+    Transfer {
+        container: String,
+        error: LauncherError,
+    },
+    #[error("container {container}: {step}: {error}")]
+    Launcher {
+        container: String,
+        step: &'static str,
+        error: LauncherError,
+    },
+    #[error("container {container}: the target's launcher is {state:?}, not restored")]
+    NotRestored {
+        container: String,
+        state: migrate_format::LauncherState,
+    },
+    #[error("the deadline ({timeout:?}, --timeout) passed during {phase}")]
+    Deadline { phase: String, timeout: Duration },
+    #[error("interrupted during {phase}")]
+    Interrupted { phase: String },
+    #[error("recording the commit on pod {pod} failed")]
+    Commit {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the outcome of recording the commit on pod {pod} is unknown")]
+    CommitUnknown {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}")]
+    AfterCommit { what: String },
+    #[error("aborted with `kubectl migrate abort`")]
+    Aborted,
+    #[error("the source's lease could not be renewed in container {container}: {error}")]
+    LeaseLost {
+        container: String,
+        error: LauncherError,
+    },
+    #[error(
+        "the app would have stayed frozen longer than {limit:?} (--max-downtime, or what its liveness probes allow)"
+    )]
+    FrozenTooLong { limit: Duration },
+}
+
+/// A failed migration: why (with the causes, such as the API server's refusal naming the
+/// verb and resource), and what was done about it.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: MigrateError,
+    /// What happened to the source and target, and how to resume or abort.
+    pub aftermath: String,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        let mut cause = std::error::Error::source(&self.error);
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        if let MigrateError::Preflight(problems) = &self.error {
+            for problem in problems {
+                write!(f, "\n  ✗ {problem}")?;
+            }
+        }
+        write!(f, "\n{}", self.aftermath)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// How far a migration got: what the undo, or past the commit the finish, needs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub phase: String,
+    pub id: String,
+    pub target: Option<Pod>,
+    pub transfer_started: bool,
+    /// Past the point of no return: the commit is recorded on the source pod.
+    pub committed: bool,
+    /// The app containers moved (set by the commit, for finishing).
+    pub containers: Vec<String>,
+    /// The source's containers' restart counts when the migration started: a container that
+    /// restarted meanwhile lost the state the undo would resume.
+    pub source_restarts: BTreeMap<String, i32>,
+}
+
+/// Each container's restart count (app and init containers).
+fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
+    let status = pod.status.as_ref();
+    status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(
+            status
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .into_iter()
+                .flatten(),
+        )
+        .map(|c| (c.name.clone(), c.restart_count))
+        .collect()
+}
+
+/// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
+/// then undoes itself like on any failure.
+///
+/// # Errors
+/// [`Failed`] with the cause and what was done (target deleted, source rolled back).
+pub async fn migrate<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    interrupted: impl Future<Output = ()>,
+) -> Result<Report, Failed> {
+    let mut progress = Progress {
+        id: new_id(),
+        ..Progress::default()
+    };
+    let started = Instant::now();
+    let outcome = {
+        let work = run(connection, launchers, options, &mut progress);
+        tokio::pin!(work);
+        tokio::select! {
+            outcome = tokio::time::timeout(options.timeout, &mut work) => match outcome {
+                Ok(outcome) => outcome,
+                Err(_) => Err(MigrateError::Deadline { phase: String::new(), timeout: options.timeout }),
+            },
+            () = interrupted => Err(MigrateError::Interrupted { phase: String::new() }),
+        }
+    };
+    match outcome {
+        Ok(mut report) => {
+            report
+                .phases
+                .push(("total".into(), started.elapsed().as_millis() as u64));
+            Ok(report)
+        }
+        Err(mut error) => {
+            match &mut error {
+                MigrateError::Deadline { phase, .. } | MigrateError::Interrupted { phase } => {
+                    phase.clone_from(&progress.phase)
+                }
+                _ => {}
+            }
+            let aftermath = if progress.committed {
+                finish::after_commit(connection, launchers, options, &progress).await
+            } else if matches!(error, MigrateError::CommitUnknown { .. }) {
+                commit::commit_unknown(connection, options, &progress)
+            } else {
+                undo(connection, launchers, options, &progress, &error).await
+            };
+            Err(Failed { error, aftermath })
+        }
+    }
+}
+
+/// What every step works with.
+struct Ctx<'a, L> {
+    connection: &'a Connection,
+    launchers: &'a L,
+    options: &'a Options,
+    pods: Api<Pod>,
+}
+
+/// Per-phase durations, in order.
+struct Laps {
+    phases: Vec<(String, u64)>,
+    lap: Instant,
+}
+
+impl Laps {
+    fn done(&mut self, name: &str) {
+        self.phases
+            .push((name.to_string(), self.lap.elapsed().as_millis() as u64));
+        self.lap = Instant::now();
+    }
+}
+
+/// The pipeline, step by step; `progress` says how far it got (what an undo or a finish
+/// needs).
+async fn run<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<Report, MigrateError> {
+    let ctx = Ctx {
+        connection,
+        launchers,
+        options,
+        pods: Api::namespaced(connection.client.clone(), &connection.namespace),
+    };
+    let mut laps = Laps {
+        phases: Vec::new(),
+        lap: Instant::now(),
+    };
+
+    progress.phase = "check".into();
+    let checked = check_step(&ctx).await?;
+    let source = checked.source;
+    progress.source_restarts = restart_counts(&source);
+    laps.done("check");
+
+    progress.phase = "creating the target".into();
+    let target = target::create(&ctx, progress, &source).await?;
+    laps.done("target");
+    fault::stage("target-running");
+
+    progress.phase = "checkpoint and transfer".into();
+    let cut = transfer::freeze(&ctx, progress, &source, &target, checked.freeze_limit).await?;
+    fault::stage("frozen");
+    let reports = transfer::stream(&ctx, &source, &target, &cut).await?;
+    laps.done("checkpoint+transfer+restore");
+
+    progress.phase = "verify".into();
+    let target_boot_time = commit::verify(&ctx, &source, &target, &cut).await?;
+    fault::stage("restored");
+    commit::acknowledge(&ctx, &source, &cut).await?;
+    laps.done("verify");
+    fault::stage("acknowledged");
+
+    // The point of no return: from here the target holds the app's state, and nothing undoes
+    // the migration any more; failures are retried or reported with the commands that finish.
+    progress.phase = "commit".into();
+    commit::commit(&ctx.pods, &options.pod, &progress.id).await?;
+    progress.committed = true;
+    laps.done("commit");
+    fault::stage("committed");
+
+    progress.phase = "thaw and cleanup".into();
+    let mut finished = finish(connection, launchers, options, progress).await?;
+    if let (Some(&from), Some(to)) = (checked.boot_times.first(), target_boot_time) {
+        finished.warnings.extend(clock_jump(from, to));
+    }
+    laps.done("thaw+cleanup");
+
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();
+    let timings = serde_json::to_string(&laps.phases).unwrap_or_default();
+    annotate_timings(&ctx.pods, &target_name, &timings).await;
+    record(
+        connection,
+        &target,
+        "MigrationDone",
+        format!(
+            "restored from {} in {} ms of downtime",
+            options.pod,
+            downtime_ms.unwrap_or(0)
+        ),
+    )
+    .await;
+    Ok(Report {
+        id: progress.id.clone(),
+        source: options.pod.clone(),
+        target: target_name,
+        node: options.target_node.clone(),
+        phases: laps.phases,
+        containers: reports,
+        downtime_ms,
+        bytes_moved: options.moved.load(Ordering::Relaxed),
+        source_deleted: finished.source_deleted,
+        warnings: finished.warnings,
+    })
+}
+
+/// What the preflight established for the steps after it.
+struct Checked {
+    source: Pod,
+    /// How long the app may stay frozen (what its liveness probes or `--max-downtime` allow).
+    freeze_limit: Option<Duration>,
+    /// The source node's boot time, as its launchers report it.
+    boot_times: Vec<u64>,
+}
+
+/// Step 1, the preflight (`crate::check`): any problem stops here, nothing changed.
+async fn check_step<L: Launchers + Sync>(ctx: &Ctx<'_, L>) -> Result<Checked, MigrateError> {
+    let options = ctx.options;
+    let facts = check::gather(
+        &ctx.connection.client,
+        &ctx.connection.namespace,
+        &options.pod,
+        &options.target_node,
+        ctx.launchers,
+        options.force,
+    )
+    .await
+    .map_err(|source| MigrateError::Api {
+        step: "reading the cluster",
+        source,
+    })?;
+    let mut facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
+    facts.max_downtime = options.max_downtime;
+    facts.keep_source = options.keep_source;
+    for note in check::notes(&facts) {
+        tracing::warn!("{note}");
+    }
+    let problems = check::problems(&facts);
+    if !problems.is_empty() {
+        return Err(MigrateError::Preflight(problems));
+    }
+    Ok(Checked {
+        freeze_limit: check::pod::freeze_limit(&facts),
+        boot_times: facts
+            .launchers
+            .values()
+            .filter_map(|s| s.as_ref().ok().and_then(|s| s.boot_time))
+            .collect(),
+        source: facts.pod,
+    })
+}
+
+/// Merge-patches the migration annotations onto a pod; a failure is logged, not fatal.
+async fn annotate(pods: &Api<Pod>, name: &str, id: &str, phase: &str, peer: Option<&str>) {
+    let mut values = serde_json::Map::new();
+    values.insert(annotations::MIGRATION_ID.into(), id.into());
+    values.insert(annotations::PHASE.into(), phase.into());
+    if let Some(peer) = peer {
+        values.insert(annotations::PEER.into(), peer.into());
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": values}});
+    if let Err(error) = pods
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%error, pod = name, "cannot annotate the pod with the migration's phase");
+    }
+}
+
+async fn annotate_timings(pods: &Api<Pod>, name: &str, timings: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {annotations::TIMINGS: timings}}});
+    if let Err(error) = pods
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%error, pod = name, "cannot annotate the pod with the migration's timings");
+    }
+}
+
+/// Publishes an Event on `pod`; a failure is logged, not fatal.
+async fn record(connection: &Connection, pod: &Pod, reason: &str, note: String) {
+    let reporter = Reporter {
+        controller: "kubectl-migrate".into(),
+        instance: None,
+    };
+    let recorder = Recorder::new(connection.client.clone(), reporter);
+    let event = Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &pod.object_ref(&())).await {
+        tracing::warn!(%error, "cannot record the migration as an Event");
+    }
+}
+
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// `mig-YYYYMMDD-HHMMSS-xxxx`: unique enough per namespace, sortable.
+fn new_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("mig-{}-{:04x}", now.as_secs(), now.subsec_nanos() & 0xffff)
+}
+
+/// Fault injection for the end-to-end fault matrix (`tests/tests/e2e.rs`): with
+/// `KUBECTL_MIGRATE_FAULT_KILL_AT=STAGE` the plugin kills itself with SIGKILL on reaching
+/// STAGE (`target-running`, `frozen`, `restored`, `acknowledged`, `committed`,
+/// `source-deleted`), as a plugin dies whose laptop closed or whose terminal went away, at an
+/// exact point no outside signal can hit reliably. Only in builds with the `fault-injection`
+/// feature, which test builds enable and release builds never do.
+mod fault {
+    #[cfg(feature = "fault-injection")]
+    pub fn stage(name: &str) {
+        if std::env::var("KUBECTL_MIGRATE_FAULT_KILL_AT").is_ok_and(|at| at == name) {
+            eprintln!("fault injection: killing the plugin with SIGKILL at stage {name}");
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &std::process::id().to_string()])
+                .status();
+            // The signal is on its way; nothing more may happen here.
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn stage(_name: &str) {}
+}

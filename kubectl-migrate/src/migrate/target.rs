@@ -1,0 +1,181 @@
+//! Step 2, the target: created from the source's spec (`rewrite::target_pod`) under a name
+//! that never collides, then waited for until every container runs (image pulled, launchers
+//! waiting for the checkpoint), before anything is frozen: none of that is downtime. The wait
+//! fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::PostParams;
+use kube::runtime::watcher;
+
+use super::{Ctx, MigrateError, Progress, annotate, node_of, record};
+use crate::launchers::Launchers;
+use crate::rewrite;
+
+/// Creates the target pod for `source` and waits until it runs.
+pub(super) async fn create<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    progress: &mut Progress,
+    source: &Pod,
+) -> Result<Pod, MigrateError> {
+    let options = ctx.options;
+    let pods = &ctx.pods;
+    let mut target = rewrite::target_pod(source, &options.target_node, &progress.id);
+    // The target's name never collides: a taken `NAME-mN` (a leftover, or anyone's pod) moves
+    // on to the next N.
+    let created = loop {
+        let name = target.metadata.name.clone().unwrap_or_default();
+        annotate(
+            pods,
+            &options.pod,
+            &progress.id,
+            "creating-target",
+            Some(&name),
+        )
+        .await;
+        match pods.create(&PostParams::default(), &target).await {
+            Ok(created) => break created,
+            Err(kube::Error::Api(status))
+                if status.reason == "AlreadyExists"
+                    && rewrite::migration_generation(&target) < 100 =>
+            {
+                tracing::info!(
+                    pod = name,
+                    "the target's name is taken; trying the next one"
+                );
+                target = rewrite::next_name(target, &options.pod);
+            }
+            Err(source) => {
+                return Err(MigrateError::Api {
+                    step: "creating the target pod",
+                    source,
+                });
+            }
+        }
+    };
+    let target_name = created.metadata.name.clone().unwrap_or_default();
+    progress.target = Some(created.clone());
+    record(
+        ctx.connection,
+        source,
+        "MigrationStarted",
+        format!(
+            "moving to node {} as pod {target_name}",
+            options.target_node
+        ),
+    )
+    .await;
+    record(
+        ctx.connection,
+        &created,
+        "MigrationTarget",
+        format!(
+            "restoring pod {} from node {}",
+            options.pod,
+            node_of(source)
+        ),
+    )
+    .await;
+    let target = wait_until_running(pods, &target_name).await?;
+    progress.target = Some(target.clone());
+    Ok(target)
+}
+
+/// Waits for the target pod to run all its containers, failing fast on terminal states.
+async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateError> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = std::pin::pin!(watcher::watcher(pods.clone(), config));
+    let mut last_note = Instant::now();
+    while let Some(event) = stream.next().await {
+        let pod = match event {
+            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+            Ok(watcher::Event::Delete(_)) => {
+                return Err(MigrateError::TargetFailed {
+                    target: name.into(),
+                    reason: "it was deleted".into(),
+                });
+            }
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::debug!(%error, "watch error; the watcher retries");
+                continue;
+            }
+        };
+        if let Some(reason) = terminal(&pod) {
+            return Err(MigrateError::TargetFailed {
+                target: name.into(),
+                reason,
+            });
+        }
+        if running(&pod) {
+            return Ok(pod);
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            tracing::info!(pod = name, "still waiting for the target pod to run");
+            last_note = Instant::now();
+        }
+    }
+    Err(MigrateError::TargetFailed {
+        target: name.into(),
+        reason: "the watch ended".into(),
+    })
+}
+
+/// Whether every container the migration moves (native sidecars included) runs.
+fn running(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    let runs: Vec<&str> = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .map(|c| c.name.as_str())
+        .collect();
+    status.phase.as_deref() == Some("Running")
+        && rewrite::migrated_containers(pod)
+            .iter()
+            .all(|c| runs.contains(&c.as_str()))
+}
+
+/// Why a pod can no longer come up, if it cannot.
+fn terminal(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(phase @ ("Failed" | "Succeeded")) = status.phase.as_deref() {
+        return Some(format!(
+            "it is {phase}{}",
+            status
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
+    }
+    for container in status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+    {
+        let waiting = container.state.as_ref().and_then(|s| s.waiting.as_ref());
+        if let Some(reason) = waiting.and_then(|w| w.reason.as_deref())
+            && matches!(
+                reason,
+                "ErrImagePull"
+                    | "ImagePullBackOff"
+                    | "CrashLoopBackOff"
+                    | "CreateContainerConfigError"
+                    | "InvalidImageName"
+                    | "CreateContainerError"
+            )
+        {
+            return Some(format!("container {} is {reason}", container.name));
+        }
+    }
+    None
+}

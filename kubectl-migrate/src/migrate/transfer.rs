@@ -1,0 +1,166 @@
+//! Step 3, the cut and the transfer: every source container's app is frozen first (`freeze`,
+//! under a lease the plugin renews while it works), so the cut is consistent across
+//! containers; then, per container and all at once, the source launcher's `checkpoint` streams
+//! into the target launcher's `receive`, which verifies and restores (frozen).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use migrate_format::{CheckpointReport, RestoreReport};
+
+use super::finish::{has_serving_gate, retry, set_serving};
+use super::{Ctx, MigrateError, Progress, annotate};
+use crate::launchers::Launchers;
+use crate::rewrite;
+
+/// The frozen cut: the containers moved, and until when (and why) the app may stay frozen.
+#[derive(Debug)]
+pub(super) struct Cut {
+    pub containers: Vec<String>,
+    pub thaw_by: Option<(tokio::time::Instant, Duration)>,
+}
+
+/// Freezes every container's app, each under a lease (if this plugin dies, the sources
+/// resume by themselves; renewed while it works, ended by the commit).
+pub(super) async fn freeze<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    progress: &mut Progress,
+    source: &Pod,
+    target: &Pod,
+    freeze_limit: Option<Duration>,
+) -> Result<Cut, MigrateError> {
+    let options = ctx.options;
+    progress.transfer_started = true;
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    annotate(
+        &ctx.pods,
+        &options.pod,
+        &progress.id,
+        "checkpointing",
+        Some(&target_name),
+    )
+    .await;
+    let containers = rewrite::migrated_containers(source);
+    progress.containers.clone_from(&containers);
+    // A source that carries the readiness gate (it was migrated before) leaves its Services'
+    // endpoints before it is frozen; the undo sets it back.
+    if has_serving_gate(source)
+        && let Err(error) = set_serving(&ctx.pods, &options.pod, false).await
+    {
+        tracing::warn!(%error, "cannot take the source out of its Services' endpoints");
+    }
+    // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
+    // a frozen app restores frozen; all targets are thawed together after verification).
+    // The freeze is bounded from before the first container stops.
+    let thaw_by = freeze_limit.map(|limit| (tokio::time::Instant::now() + limit, limit));
+    for container in &containers {
+        ctx.launchers
+            .freeze(source, container, options.lease)
+            .await
+            .map_err(|error| MigrateError::Launcher {
+                container: container.clone(),
+                step: "cannot freeze",
+                error,
+            })?;
+    }
+    Ok(Cut {
+        containers,
+        thaw_by,
+    })
+}
+
+/// Streams every container's checkpoint into the target at once, renewing the lease.
+pub(super) async fn stream<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    source: &Pod,
+    target: &Pod,
+    cut: &Cut,
+) -> Result<BTreeMap<String, (CheckpointReport, RestoreReport)>, MigrateError> {
+    let transfers = cut.containers.iter().map(|c| {
+        let moved = ctx.options.moved.clone();
+        async move {
+            (
+                c.clone(),
+                ctx.launchers.transfer(source, target, c, moved).await,
+            )
+        }
+    });
+    let results = within(
+        cut.thaw_by,
+        leased(
+            futures::future::join_all(transfers),
+            keep_alive(ctx, source, cut),
+        ),
+    )
+    .await??;
+    let mut reports = BTreeMap::new();
+    for (container, result) in results {
+        let (checkpoint, restore) = result.map_err(|error| MigrateError::Transfer {
+            container: container.clone(),
+            error,
+        })?;
+        reports.insert(container, (checkpoint, restore));
+    }
+    Ok(reports)
+}
+
+/// Renews the sources' lease until it fails (see [`renew_lease`]).
+pub(super) fn keep_alive<'a, L: Launchers + Sync>(
+    ctx: &'a Ctx<'a, L>,
+    source: &'a Pod,
+    cut: &'a Cut,
+) -> impl Future<Output = MigrateError> + 'a {
+    renew_lease(ctx.launchers, source, &cut.containers, ctx.options.lease)
+}
+
+/// Runs `work` unless the app would stay frozen past `thaw_by` (the deadline and the limit it
+/// comes from): then the migration is cut short, and undone, before a liveness probe can
+/// restart the frozen app.
+pub(super) async fn within<T>(
+    thaw_by: Option<(tokio::time::Instant, Duration)>,
+    work: impl Future<Output = T>,
+) -> Result<T, MigrateError> {
+    match thaw_by {
+        None => Ok(work.await),
+        Some((deadline, limit)) => tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| MigrateError::FrozenTooLong { limit }),
+    }
+}
+
+/// Runs `work` while renewing the sources' lease; fails if a renewal is refused (the lease
+/// expired and a source resumed: the migration cannot commit any more).
+pub(super) async fn leased<T>(
+    work: impl Future<Output = T>,
+    keep_alive: impl Future<Output = MigrateError>,
+) -> Result<T, MigrateError> {
+    tokio::select! {
+        done = work => Ok(done),
+        lost = keep_alive => Err(lost),
+    }
+}
+
+/// Renews every source container's lease every quarter of it; returns only when a renewal
+/// fails.
+pub(super) async fn renew_lease<L: Launchers + Sync>(
+    launchers: &L,
+    source: &Pod,
+    containers: &[String],
+    lease: Duration,
+) -> MigrateError {
+    loop {
+        tokio::time::sleep(lease / 4).await;
+        for container in containers {
+            // A passing fault (a dropped exec stream) is tried again; the lease has three
+            // quarters left.
+            if let Err(error) = retry(|| launchers.renew(source, container, lease)).await {
+                return MigrateError::LeaseLost {
+                    container: container.clone(),
+                    error,
+                };
+            }
+        }
+    }
+}

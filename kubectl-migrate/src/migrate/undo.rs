@@ -1,0 +1,205 @@
+//! Before the commit, any failure, deadline or interruption undoes: the sources are resumed
+//! first (their app's way back), then the target is deleted. Reads, rollbacks and deletes are
+//! tried again for a while (the fault may be the API server restarting); what cannot be done
+//! is named with the command that does it; a source container that restarted meanwhile is
+//! reported as such, never as "kept its state".
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::DeleteParams;
+use migrate_format::{Refusal, annotations};
+
+use super::commit::retry_get;
+use super::finish::{has_serving_gate, set_serving};
+use super::{MigrateError, Options, Progress, annotate, record, restart_counts};
+use crate::client::Connection;
+use crate::launchers::{LauncherError, Launchers};
+use crate::rewrite;
+
+/// Undoes a failed migration: delete the target, roll every source container back. Returns
+/// what was done and how to finish by hand if something could not be.
+pub async fn undo<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    options: &Options,
+    progress: &Progress,
+    error: &MigrateError,
+) -> String {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let mut done = Vec::new();
+    let mut manual = Vec::new();
+    if matches!(error, MigrateError::Preflight(_)) {
+        return "nothing was changed".into();
+    }
+    // Reads and deletes are retried for a while: the fault that ended the migration may be the
+    // API server itself restarting.
+    let source = if progress.transfer_started {
+        match retry_get(&pods, &options.pod).await {
+            Ok(source) => Some(source),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                done.push(format!("the source pod {} is gone", options.pod));
+                None
+            }
+            // Never skip the rollback silently: say it could not be checked, and how to do it.
+            Err(error) => {
+                manual.push(format!(
+                    "kubectl migrate abort -n {} {}   (the source pod could not be read: {error})",
+                    connection.namespace, options.pod
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut restarted = Vec::new();
+    if let Some(source) = source {
+        let mut nothing_frozen = false;
+        for container in rewrite::migrated_containers(&source) {
+            match rollback_when_idle(launchers, &source, &container).await {
+                Ok(()) => done.push(format!("resumed the source app in container {container}")),
+                // Never frozen (the failure came before the freeze): nothing to undo. A
+                // checkpoint still in flight is not that: it is reported below.
+                Err(error) if error.refusal() == Some(Refusal::NothingToRollBack) => {
+                    nothing_frozen = true;
+                }
+                Err(error) => manual.push(format!(
+                    "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
+                    connection.namespace, options.pod, container
+                )),
+            }
+        }
+        // A source container that restarted meanwhile (killed mid-migration: its launcher
+        // has nothing frozen) lost the state at the freeze: say so, never "kept its state".
+        // The kubelet reports the restart a moment after the new container runs.
+        for attempt in 0..6 {
+            let now = match pods.get(&options.pod).await {
+                Ok(pod) => restart_counts(&pod),
+                Err(_) => restart_counts(&source),
+            };
+            restarted = progress
+                .source_restarts
+                .iter()
+                .filter(|(c, before)| now.get(*c).is_some_and(|n| n > before))
+                .map(|(c, _)| c.clone())
+                .collect();
+            if !restarted.is_empty()
+                || !nothing_frozen
+                || !progress.transfer_started
+                || attempt == 5
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if !restarted.is_empty() {
+            done.push(format!(
+                "container(s) {} of the source pod {} restarted during the migration (killed: its app's state at the freeze is lost, and it started fresh)",
+                restarted.join(", "),
+                options.pod
+            ));
+        }
+        if has_serving_gate(&source)
+            && let Err(error) = set_serving(&pods, &options.pod, true).await
+        {
+            manual.push(format!(
+                "kubectl patch pod -n {} {} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'   (its Services skip it until then: {error})",
+                connection.namespace,
+                options.pod,
+                annotations::SERVING
+            ));
+        }
+        record(
+            connection,
+            &source,
+            "MigrationFailed",
+            format!("{error}; rolled back"),
+        )
+        .await;
+    }
+    // The target goes after the source is resumed: the app's way back comes first.
+    if let Some(target) = &progress.target {
+        let name = target.metadata.name.clone().unwrap_or_default();
+        let mut attempt = 0;
+        let deleted = loop {
+            match pods.delete(&name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(status)) if status.is_not_found() => break Ok(false),
+                Err(kube::Error::Api(status)) => break Err(kube::Error::Api(status)),
+                Err(_) if attempt < 9 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                }
+                other => break other.map(|_| true),
+            }
+        };
+        match deleted {
+            Ok(true) => done.push(format!("deleted the target pod {name}")),
+            Ok(false) => done.push(format!("the target pod {name} is gone")),
+            Err(error) => manual.push(format!(
+                "kubectl delete pod -n {} {name}   ({error})",
+                connection.namespace
+            )),
+        }
+    }
+    annotate(&pods, &options.pod, &progress.id, "failed", None).await;
+    let mut text = if done.is_empty() {
+        "the source pod was not touched".to_string()
+    } else {
+        done.join(", ")
+    };
+    if manual.is_empty() && restarted.is_empty() {
+        text.push_str(&format!(
+            "; pod {} keeps running with its state; run the migration again to retry",
+            options.pod
+        ));
+    } else if manual.is_empty() {
+        text.push_str(&format!(
+            "; pod {} runs, restarted fresh; run the migration again to retry",
+            options.pod
+        ));
+    } else {
+        text.push_str(&format!(
+            "; to finish aborting, run: {}",
+            manual.join(" ; ")
+        ));
+    }
+    text
+}
+
+/// How long an undo waits for a source's checkpoint job to end. The launcher's job gives up
+/// on an output that takes nothing for `--output-stall-timeout` (20 s by default), plus the
+/// time the stream's buffers take to fill (~20 s measured over a dropped exec session).
+const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
+/// How long an undo keeps trying a source launcher it cannot reach.
+const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Rolls a source container back, waiting out a checkpoint still in flight: when the
+/// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
+/// its stream is gone, and until then it refuses a rollback as busy (and is told to stop
+/// writing). Leaving it there would leave the app frozen.
+async fn rollback_when_idle<L: Launchers + Sync>(
+    launchers: &L,
+    source: &Pod,
+    container: &str,
+) -> Result<(), LauncherError> {
+    let deadline = tokio::time::Instant::now() + ROLLBACK_PATIENCE;
+    // An exec that could not reach the launcher (the API server or the kubelet restarting) is
+    // tried again for a while too; a refusal other than "busy" is an answer.
+    let unreachable_until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
+    loop {
+        let now = tokio::time::Instant::now();
+        match launchers.rollback(source, container).await {
+            Err(error) if error.refusal() == Some(Refusal::Busy) && now < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(LauncherError::Failed(_) | LauncherError::Unknown { .. })
+                if now < unreachable_until =>
+            {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            other => return other,
+        }
+    }
+}
