@@ -276,6 +276,30 @@ pub async fn copy_counting(
 const FIRST_BYTE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 const NEXT_BYTE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Runs `copy` while adding what `own` counts to `total` (every 100 ms, and at the end).
+async fn forward_count<T>(
+    copy: impl std::future::Future<Output = T>,
+    own: &AtomicU64,
+    total: &AtomicU64,
+) -> T {
+    let mut seen = 0;
+    let mut forward = || {
+        let now = own.load(Ordering::Relaxed);
+        total.fetch_add(now - seen, Ordering::Relaxed);
+        seen = now;
+    };
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            done = &mut copy => {
+                forward();
+                return done;
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => forward(),
+        }
+    }
+}
+
 /// Runs `copy`, failing it when `moved` stops growing (see [`NEXT_BYTE_PATIENCE`]).
 async fn watched(
     copy: impl std::future::Future<Output = std::io::Result<u64>>,
@@ -464,7 +488,14 @@ impl Launchers for ExecLaunchers {
                 "the exec streams did not open".into(),
             ));
         };
-        let mut copy = Box::pin(watched(copy_counting(archive, input, &moved), &moved));
+        // This container's own count: the watchdog and the cut-stream check must not mistake
+        // another container's bytes for this stream's progress. The shared count is for the
+        // progress display.
+        let own = AtomicU64::new(0);
+        let mut copy = Box::pin(watched(
+            forward_count(copy_counting(archive, input, &own), &own, &moved),
+            &own,
+        ));
         let summary = read_all(dump.stderr());
         // Both of the target's output streams are read: kube's exec task stops serving a
         // session (stdin included) while one of its output pipes is full.
@@ -501,7 +532,7 @@ impl Launchers for ExecLaunchers {
         let (answer, target_log) = answer.map_err(LauncherError::Failed)?;
         let checkpoint: Option<CheckpointReport> = last_json(&summary);
         let restore: Option<RestoreReport> = last_json(&answer);
-        let moved = moved.load(Ordering::Relaxed);
+        let moved = own.load(Ordering::Relaxed);
         tracing::debug!(
             moved,
             written = checkpoint.as_ref().map(|c| c.archive_bytes),

@@ -40,8 +40,6 @@ pub mod annotations {
     /// A readiness gate (`spec.readinessGates[].conditionType`) the plugin puts on every target
     /// pod and sets as a pod condition: `True` once the pod's app runs (thawed), `False` while
     /// it waits for a checkpoint or is frozen for a migration. The kubelet counts the pod
-    /// Ready only when it is `True`, so Services send it no traffic before the thaw, and a
-    /// pod that carries the gate (any pod that was migrated before) leaves its Services'
-    /// endpoints while it is frozen.
+    /// Ready only when it is `True`, so Services send it no traffic before the thaw.
     pub const SERVING: &str = "migrate.kubectl.io/serving";
 }

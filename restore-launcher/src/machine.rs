@@ -219,6 +219,11 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
             if expired(hold, now) {
                 return Step::refuse(state, Refusal::LeaseExpired);
             }
+            // A committed copy is stale: nothing may be taken from it (and a checkpoint job
+            // that dies would otherwise resume it).
+            if hold == Hold::Committed {
+                return Step::refuse(state, Refusal::Committed);
+            }
             Step::to(
                 S::Checkpointing {
                     origin,
@@ -319,7 +324,17 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
             Input::CheckpointEnded { ok, died },
         ) => {
             if died {
-                // Never leave the app frozen without a confirmed archive.
+                // Never leave the app frozen without a confirmed archive, unless it is a
+                // committed copy: that one is stale, and stays frozen.
+                if frozen == Some(Hold::Committed) {
+                    return Step::to(
+                        S::Frozen {
+                            origin,
+                            hold: Hold::Committed,
+                        },
+                        vec![],
+                    );
+                }
                 return Step::to(S::Running { origin }, vec![Effect::ResumeTree]);
             }
             match (ok && !leave_running, frozen) {
@@ -605,6 +620,25 @@ mod tests {
     #[test]
     fn a_committed_copy_resumes_only_by_an_explicit_rollback() {
         let now = Instant::now();
+        refused(
+            frozen(Hold::Committed),
+            Input::Checkpoint {
+                leave_running: false,
+            },
+            Refusal::Committed,
+            now,
+        );
+        // Had a checkpoint of it started, a dying job would not resume it either.
+        let died = step(
+            checkpointing(Some(Hold::Committed), false),
+            Input::CheckpointEnded {
+                ok: false,
+                died: true,
+            },
+            now,
+        );
+        assert_eq!(died.next, frozen(Hold::Committed));
+        assert!(died.effects.is_empty());
         refused(
             frozen(Hold::Committed),
             Input::Thaw,

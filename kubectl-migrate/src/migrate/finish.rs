@@ -230,14 +230,6 @@ pub fn clock_jump(from: u64, to: u64) -> Option<String> {
     })
 }
 
-/// Whether `pod` declares the [`annotations::SERVING`] readiness gate.
-pub(super) fn has_serving_gate(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.readiness_gates.as_ref())
-        .is_some_and(|g| g.iter().any(|g| g.condition_type == annotations::SERVING))
-}
-
 /// Sets the [`annotations::SERVING`] condition of pod `name` (its readiness gate): the
 /// kubelet then counts the pod Ready, or not, and Services follow.
 pub(super) async fn set_serving(

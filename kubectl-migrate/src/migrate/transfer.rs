@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use migrate_format::{CheckpointReport, RestoreReport};
 
-use super::finish::{has_serving_gate, retry, set_serving};
+use super::finish::retry;
 use super::{Ctx, MigrateError, Progress, annotate};
 use crate::launchers::Launchers;
 use crate::rewrite;
@@ -44,13 +44,6 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     .await;
     let containers = rewrite::migrated_containers(source);
     progress.containers.clone_from(&containers);
-    // A source that carries the readiness gate (it was migrated before) leaves its Services'
-    // endpoints before it is frozen; the undo sets it back.
-    if has_serving_gate(source)
-        && let Err(error) = set_serving(&ctx.pods, &options.pod, false).await
-    {
-        tracing::warn!(%error, "cannot take the source out of its Services' endpoints");
-    }
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
     // a frozen app restores frozen; all targets are thawed together after verification).
     // The freeze is bounded from before the first container stops.

@@ -9,10 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::DeleteParams;
-use migrate_format::{Refusal, annotations};
+use migrate_format::Refusal;
 
 use super::commit::retry_get;
-use super::finish::{has_serving_gate, set_serving};
 use super::{MigrateError, Options, Progress, annotate, record, restart_counts};
 use crate::client::Connection;
 use crate::launchers::{LauncherError, Launchers};
@@ -99,16 +98,6 @@ pub async fn undo<L: Launchers + Sync>(
                 "container(s) {} of the source pod {} restarted during the migration (killed: its app's state at the freeze is lost, and it started fresh)",
                 restarted.join(", "),
                 options.pod
-            ));
-        }
-        if has_serving_gate(&source)
-            && let Err(error) = set_serving(&pods, &options.pod, true).await
-        {
-            manual.push(format!(
-                "kubectl patch pod -n {} {} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'   (its Services skip it until then: {error})",
-                connection.namespace,
-                options.pod,
-                annotations::SERVING
             ));
         }
         record(
