@@ -65,6 +65,15 @@ pub enum RecoverError {
         "the target of the committed migration {id} is gone; the source {pod} still holds the app as it was frozen at the cut (what the target did since is lost): resume it with `kubectl exec {pod} -- restore-launcher rollback`"
     )]
     TargetGone { id: String, pod: String },
+    #[error(
+        "pod {pod} now records {phase} phase, not migration {id}: its target {target} is a leftover of that one. Delete it with `kubectl delete pod {target}` (the source is not touched)"
+    )]
+    Superseded {
+        id: String,
+        pod: String,
+        phase: String,
+        target: String,
+    },
     #[error("finishing the migration failed: {0}")]
     Finish(Box<crate::migrate::MigrateError>),
     #[error(
@@ -165,7 +174,7 @@ pub async fn list(
         ) else {
             continue;
         };
-        if !matches!(phase, "checkpointing" | "committed") || found.contains_key(id) {
+        if !matches!(phase, "checkpointing" | "committed" | "aborting") || found.contains_key(id) {
             continue;
         }
         if source.metadata.deletion_timestamp.is_some() {
@@ -219,6 +228,31 @@ pub async fn abort<L: Launchers + Sync>(
             target: found.target.unwrap_or_default(),
             pod: found.source,
         });
+    }
+    // Settle the race with a plugin that may still be running: the source's phase moves to
+    // `aborting` only if no commit landed first (and a commit cannot land after it).
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    match migrate::claim(&pods, &found.source, &found.id, "aborting").await {
+        Ok(()) => {}
+        Err(migrate::Claim::Taken { phase }) if phase == "committed" || phase == "done-kept" => {
+            return Err(RecoverError::Committed {
+                id: found.id,
+                target: found.target.unwrap_or_default(),
+                pod: found.source,
+            });
+        }
+        // An earlier abort, or an undo, got there: going on is idempotent.
+        Err(migrate::Claim::Taken { phase }) if phase == "aborting" || phase == "failed" => {}
+        Err(migrate::Claim::Taken { phase }) => {
+            return Err(RecoverError::Superseded {
+                id: found.id,
+                pod: found.source,
+                phase,
+                target: found.target.unwrap_or_default(),
+            });
+        }
+        Err(migrate::Claim::Api(kube::Error::Api(status))) if status.is_not_found() => {}
+        Err(migrate::Claim::Api(error)) => return Err(RecoverError::Api(error)),
     }
     // Never delete a target that runs the app: only a waiting, restoring or still frozen one.
     if let Some(pod) = &target {

@@ -938,3 +938,71 @@ async fn a_freeze_longer_than_max_downtime_is_undone() -> Result<()> {
     );
     Ok(())
 }
+
+/// A plugin committing and a user aborting at the same moment: the source's phase is claimed
+/// with a resourceVersion precondition, so exactly one wins and the other is told what won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
+    if !apiserver_tests_can_run("a_commit_and_an_abort_racing_settle_on_exactly_one") {
+        return Ok(());
+    }
+    let (_server, connection) = cluster().await?;
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+    let mark = |phase: &str| {
+        serde_json::json!({"metadata": {"annotations": {
+            "migrate.kubectl.io/phase": phase, "migrate.kubectl.io/id": "mig-race"}}})
+    };
+    for first in ["aborting", "committed"] {
+        pods.patch(
+            "counter",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&mark("checkpointing")),
+        )
+        .await?;
+        let second = if first == "aborting" {
+            "committed"
+        } else {
+            "aborting"
+        };
+        let (a, b) = tokio::join!(
+            migrate::claim(&pods, "counter", "mig-race", first),
+            migrate::claim(&pods, "counter", "mig-race", second)
+        );
+        let won: Vec<bool> = vec![a.is_ok(), b.is_ok()];
+        ensure!(
+            won.iter().filter(|w| **w).count() == 1,
+            "racing claims {first}/{second}: {a:?} {b:?}"
+        );
+        let phase = pods
+            .get("counter")
+            .await?
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("migrate.kubectl.io/phase")
+            .cloned()
+            .unwrap_or_default();
+        let loser = if a.is_ok() { &b } else { &a };
+        ensure!(
+            matches!(loser, Err(migrate::Claim::Taken { phase: p }) if *p == phase),
+            "the loser was not told what won ({phase}): {loser:?}"
+        );
+        // Once settled, the other claim is refused whatever the order.
+        let late = migrate::claim(
+            &pods,
+            "counter",
+            "mig-race",
+            if phase == "committed" {
+                "aborting"
+            } else {
+                "committed"
+            },
+        )
+        .await;
+        ensure!(
+            matches!(late, Err(migrate::Claim::Taken { .. })),
+            "{late:?}"
+        );
+    }
+    Ok(())
+}

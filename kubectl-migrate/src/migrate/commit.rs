@@ -81,15 +81,15 @@ pub(super) async fn acknowledge<L: Launchers + Sync>(
 /// undoes); [`MigrateError::CommitUnknown`] when its outcome cannot be known (the reply was
 /// lost and the pod cannot be read back): then neither undo nor finish is safe to decide here.
 pub(super) async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateError> {
-    let patch = serde_json::json!({"metadata": {"annotations": {
-        annotations::PHASE: "committed",
-        annotations::MIGRATION_ID: id,
-    }}});
-    let Err(error) = pods
-        .patch(source, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    else {
-        return Ok(());
+    let error = match claim(pods, source, id, "committed").await {
+        Ok(()) => return Ok(()),
+        Err(Claim::Taken { phase }) => {
+            return Err(MigrateError::CommitTaken {
+                pod: source.into(),
+                phase,
+            });
+        }
+        Err(Claim::Api(error)) => error,
     };
     // A refusal is an answer; anything else may have been applied with its reply lost.
     if let kube::Error::Api(status) = &error
@@ -111,6 +111,72 @@ pub(super) async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<()
             source: error,
         }),
     }
+}
+
+/// Why [`claim`] did not move the phase.
+#[derive(Debug)]
+pub enum Claim {
+    /// Another writer moved it first: it is `phase` (`committed`, `aborting`, …) or the pod
+    /// records another migration now.
+    Taken {
+        phase: String,
+    },
+    Api(kube::Error),
+}
+
+/// Moves migration `id`'s phase on the source pod to `to` (`committed` by the pipeline,
+/// `aborting` by `kubectl migrate abort`) only if no one else has settled it: the write
+/// carries the resourceVersion of the read that found it unsettled, so of two racing writers
+/// (a plugin committing and a user aborting) exactly one wins, and the other learns what won.
+///
+/// # Errors
+/// [`Claim::Taken`] when the phase is already `committed`, `done-kept`, `aborting` or `failed`
+/// (or another migration's); [`Claim::Api`] on an API error.
+pub async fn claim(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+    for _ in 0..10 {
+        let pod = pods.get(source).await.map_err(Claim::Api)?;
+        let notes = pod.metadata.annotations.clone().unwrap_or_default();
+        let phase = notes.get(annotations::PHASE).cloned().unwrap_or_default();
+        let same_migration = notes.get(annotations::MIGRATION_ID).map(String::as_str) == Some(id);
+        if phase == to && same_migration {
+            return Ok(());
+        }
+        if !same_migration
+            || matches!(
+                phase.as_str(),
+                "committed" | "done-kept" | "aborting" | "failed"
+            )
+        {
+            return Err(Claim::Taken {
+                phase: if same_migration {
+                    phase
+                } else {
+                    "another migration's".into()
+                },
+            });
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": pod.metadata.resource_version,
+            "annotations": {annotations::PHASE: to, annotations::MIGRATION_ID: id},
+        }});
+        match pods
+            .patch(source, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Changed since the read (often only the kubelet's status): read again.
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => return Err(Claim::Api(error)),
+        }
+    }
+    Err(Claim::Api(kube::Error::Api(
+        kube::core::Status::failure(
+            "the pod kept changing while the phase was written",
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    )))
 }
 
 /// Reads `name` back, trying for a few seconds: after a lost reply the API server may need

@@ -49,7 +49,7 @@ mod target;
 mod transfer;
 mod undo;
 
-pub use commit::is_committed;
+pub use commit::{Claim, claim, is_committed};
 pub use finish::{Finished, clock_jump, finish};
 pub use undo::undo;
 
@@ -127,6 +127,10 @@ pub enum MigrateError {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "the migration could not be committed: pod {pod} is {phase} already (a `kubectl migrate abort` ran meanwhile?)"
+    )]
+    CommitTaken { pod: String, phase: String },
     #[error("the outcome of recording the commit on pod {pod} is unknown")]
     CommitUnknown {
         pod: String,
