@@ -124,7 +124,7 @@ pub struct RunOptions {
     )]
     pub input_stall_timeout: u64,
 
-    /// Seal every archive this launcher writes with the age identity in this file (a Secret
+    /// Seal every archive this launcher writes with the key in this file (a Secret
     /// volume), and take only archives sealed with it. `RESTORE_LAUNCHER_KEY` may hold the
     /// key itself instead (a Secret's secretKeyRef). `restore-launcher keygen` makes one.
     #[arg(long, env = "RESTORE_LAUNCHER_KEY_FILE", value_name = "FILE")]
@@ -186,7 +186,6 @@ pub enum Command {
     Thaw,
     /// Print PID 1's state as JSON.
     Status,
-    /// Print a new random key for sealing checkpoints (an age identity, with its public key
-    /// as a comment), e.g. `kubectl create secret generic migrate-key --from-literal=key="$(restore-launcher keygen)"`.
+    /// Print a new random key for sealing checkpoints (256 random bits; keep it secret), e.g. `kubectl create secret generic migrate-key --from-literal=key="$(restore-launcher keygen)"`.
     Keygen,
 }

@@ -44,7 +44,11 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => simple(state_dir, &Request::Status),
         Command::Keygen => {
-            print!("{}", crate::seal::Key::generate());
+            let key = crate::seal::Key::generate().map_err(|source| ClientError::Open {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
+            print!("{key}");
             Ok(0)
         }
         Command::Rollback => simple(state_dir, &Request::Rollback),

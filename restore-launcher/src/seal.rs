@@ -1,13 +1,17 @@
 //! Checkpoints sealed at rest. With a key (`RESTORE_LAUNCHER_KEY_FILE`, a file such as a
 //! Secret volume's, or `RESTORE_LAUNCHER_KEY`, such as a Secret's `secretKeyRef`), every
-//! archive this launcher writes is encrypted in the age format (age-encryption.org/v1: an
-//! X25519 recipient stanza and a ChaCha20-Poly1305 STREAM payload, by the `age` crate), and
-//! every archive it reads must be sealed with that key: a wrong key, a plain archive, or a
-//! sealed one without a key is refused before a byte of it is used. Tampering or truncation
-//! fails the payload's authentication. No cryptography of our own.
+//! archive this launcher writes is encrypted in the age format (age-encryption.org/v1, by the
+//! `age` crate), and every archive it reads must be sealed with that key: a wrong key, a plain
+//! archive, or a sealed one without a key is refused before a byte of it is used. No
+//! cryptography of our own.
 //!
-//! The key is an age identity (`AGE-SECRET-KEY-1…`), as `restore-launcher keygen` or
-//! `age-keygen` prints it; the archive is sealed to its public half.
+//! The key is a shared secret of at least 32 characters (`restore-launcher keygen` prints 256
+//! random bits), used with age's scrypt recipient: the file key is wrapped under a key derived
+//! from the secret, and the header is authenticated under the file key, so only a holder of
+//! the secret can make an archive a launcher accepts (an X25519 recipient would let anyone
+//! who learned the public half forge one). The payload is ChaCha20-Poly1305 in authenticated
+//! 64 KiB chunks, so tampering or truncation fails. scrypt's work factor is kept low (2^10):
+//! the secret's entropy, not scrypt, is what resists guessing, and a pod's memory is spared.
 
 use std::io::{self, BufRead, Read, Write};
 use std::path::PathBuf;
@@ -20,6 +24,10 @@ pub const KEY_FILE_ENV: &str = "RESTORE_LAUNCHER_KEY_FILE";
 pub const KEY_ENV: &str = "RESTORE_LAUNCHER_KEY";
 /// How every age file begins.
 const AGE_MAGIC: &[u8] = b"age-encryption.org/";
+/// The shortest key taken.
+pub const MIN_KEY_LEN: usize = 32;
+/// scrypt's work factor (log2 N), for sealing and the most accepted when opening.
+const WORK_FACTOR: u8 = 10;
 
 /// Where this launcher's key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +58,7 @@ pub enum SealError {
         source: io::Error,
     },
     #[error(
-        "{0} holds no age identity (a line `AGE-SECRET-KEY-1…`, as `restore-launcher keygen` or `age-keygen` prints it)"
+        "{0} holds no key: a line of at least {MIN_KEY_LEN} characters, as `restore-launcher keygen` prints it"
     )]
     BadKey(String),
     #[error(
@@ -69,13 +77,13 @@ pub enum SealError {
     Encrypt(#[source] io::Error),
 }
 
-/// An age identity: decrypts what was sealed to its public half.
-pub struct Key(age::x25519::Identity);
+/// The shared secret that seals and opens archives.
+pub struct Key(age::secrecy::SecretString);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the secret.
-        write!(f, "Key({})", self.0.to_public())
+        // Never the secret: a short fingerprint of it, to compare two launchers' keys.
+        write!(f, "Key({})", self.fingerprint())
     }
 }
 
@@ -98,24 +106,32 @@ impl Key {
         Key::parse(&text).ok_or(SealError::BadKey(what))
     }
 
-    /// The first identity line of `text` (comments and blank lines skipped, as in an age
-    /// identity file).
+    /// The first line of `text` that is not blank or a `#` comment, if it is long enough.
     pub fn parse(text: &str) -> Option<Key> {
         text.lines()
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .and_then(|line| line.parse::<age::x25519::Identity>().ok())
-            .map(Key)
+            .filter(|line| line.len() >= MIN_KEY_LEN)
+            .map(|line| Key(line.to_string().into()))
     }
 
-    /// A new random key, as the text of an identity file (with its public half as a comment).
-    pub fn generate() -> String {
-        let identity = age::x25519::Identity::generate();
-        format!(
-            "# public key: {}\n{}\n",
-            identity.to_public(),
-            identity.to_string().expose_secret()
-        )
+    /// A new key of 256 random bits, as the text of a key file.
+    ///
+    /// # Errors
+    /// When the kernel's random source cannot be read.
+    pub fn generate() -> io::Result<String> {
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(format!(
+            "# restore-launcher sealing key: keep it secret (a Secret); give the same to the source and the target\nMIGRATE-KEY-{}\n",
+            hex::encode(bytes)
+        ))
+    }
+
+    /// The first 8 hex digits of the key's SHA-256 (safe to show: it reveals nothing usable).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(self.0.expose_secret().as_bytes()))[..8].to_string()
     }
 }
 
@@ -125,7 +141,8 @@ impl Key {
 /// # Errors
 /// [`SealError::Encrypt`] when the header cannot be written.
 pub fn seal<W: Write>(out: W, key: &Key) -> Result<age::stream::StreamWriter<W>, SealError> {
-    let recipient = key.0.to_public();
+    let mut recipient = age::scrypt::Recipient::new(key.0.clone());
+    recipient.set_work_factor(WORK_FACTOR);
     let encryptor =
         age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
             .map_err(|e| SealError::Encrypt(io::Error::other(e.to_string())))?;
@@ -143,11 +160,15 @@ pub fn open<'a, R: BufRead + 'a>(
     mut input: R,
     key: Option<&Key>,
 ) -> Result<Box<dyn Read + 'a>, SealError> {
+    // The first bytes decide. A stream may deliver fewer than the magic's length at first,
+    // and a BufReader refills only once empty: a prefix of the magic is taken as sealed (a
+    // plain archive begins with zstd's magic, which differs from the first byte on).
     let sealed = {
         let start = input
             .fill_buf()
             .map_err(|e| SealError::Header(e.to_string()))?;
-        start.starts_with(AGE_MAGIC)
+        let n = start.len().min(AGE_MAGIC.len());
+        n > 0 && start[..n] == AGE_MAGIC[..n]
     };
     match (sealed, key) {
         (false, None) => Ok(Box::new(input)),
@@ -156,10 +177,15 @@ pub fn open<'a, R: BufRead + 'a>(
         (true, Some(key)) => {
             let decryptor = age::Decryptor::new_buffered(input)
                 .map_err(|e| SealError::Header(e.to_string()))?;
+            let mut identity = age::scrypt::Identity::new(key.0.clone());
+            // A file asking for more work is not ours (and could make us compute for hours).
+            identity.set_max_work_factor(WORK_FACTOR);
             let reader = decryptor
-                .decrypt(std::iter::once(&key.0 as &dyn age::Identity))
+                .decrypt(std::iter::once(&identity as &dyn age::Identity))
                 .map_err(|e| match e {
-                    age::DecryptError::NoMatchingKeys => SealError::WrongKey(e.to_string()),
+                    age::DecryptError::NoMatchingKeys | age::DecryptError::DecryptionFailed => {
+                        SealError::WrongKey(e.to_string())
+                    }
                     other => SealError::Header(other.to_string()),
                 })?;
             Ok(Box::new(reader))
@@ -172,7 +198,8 @@ mod tests {
     use super::*;
 
     fn key() -> Key {
-        Key::parse(&Key::generate()).unwrap_or_else(|| panic!("a generated key parses"))
+        Key::parse(&Key::generate().unwrap_or_default())
+            .unwrap_or_else(|| panic!("a generated key parses"))
     }
 
     fn sealed(data: &[u8], key: &Key) -> Vec<u8> {
@@ -226,12 +253,27 @@ mod tests {
     }
 
     #[test]
-    fn keys_parse_from_identity_files_and_never_print() {
-        let text = Key::generate();
-        assert!(text.starts_with("# public key: age1"));
-        let key = Key::parse(&format!("\n# a comment\n{}", text)).unwrap_or_else(|| panic!());
+    fn keys_parse_from_key_files_and_never_print() {
+        let text = Key::generate().unwrap_or_default();
+        assert!(text.starts_with("# restore-launcher sealing key"));
+        let key = Key::parse(&format!("\n# a comment\n{text}")).unwrap_or_else(|| panic!());
+        let secret = text.lines().nth(1).unwrap_or_default();
         let shown = format!("{key:?}");
-        assert!(shown.starts_with("Key(age1") && !shown.contains("SECRET"));
-        assert!(Key::parse("not a key").is_none());
+        assert!(
+            shown.starts_with("Key(") && !shown.contains(&secret[12..20]),
+            "{shown}"
+        );
+        assert!(Key::parse("too short").is_none());
+        assert_ne!(Key::generate().unwrap_or_default(), text, "not random");
+    }
+
+    #[test]
+    fn only_a_holder_of_the_secret_can_make_an_archive_that_opens() {
+        // The age header is authenticated under the file key, which only the secret unwraps:
+        // an archive sealed with any other secret is refused, whatever else is known.
+        let (ours, forger) = (key(), key());
+        let forged = sealed(b"malicious manifest", &forger);
+        let refused = read_all(&forged, Some(&ours)).unwrap_err();
+        assert!(refused.contains("another key"), "{refused}");
     }
 }

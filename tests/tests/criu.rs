@@ -1014,7 +1014,7 @@ fn an_encrypted_checkpoint_file_restores_with_its_key_and_is_refused_with_anothe
         Ok(String::from_utf8(out.stdout)?)
     };
     let (key, other) = (keygen()?, keygen()?);
-    ensure!(key != other && key.contains("AGE-SECRET-KEY-1"), "{key}");
+    ensure!(key != other && key.contains("MIGRATE-KEY-"), "{key}");
     let write_key = |node: &Node, text: &str| -> Result<()> {
         let path = node.path("/tmp/key");
         std::fs::write(&path, text)?;
@@ -1084,8 +1084,8 @@ fn an_encrypted_checkpoint_file_restores_with_its_key_and_is_refused_with_anothe
     );
     let identity = key
         .lines()
-        .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
-        .context("no identity line")?;
+        .find(|l| l.starts_with("MIGRATE-KEY-"))
+        .context("no key line")?;
     opts.env.push(format!("RESTORE_LAUNCHER_KEY={identity}"));
     let c = c.start(&opts)?;
     assert_counter_continues(a_last, &c)?;
