@@ -374,6 +374,29 @@ fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
 const ANSWER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ExecLaunchers {
+    /// The target launcher's report of restoring `checkpoint` (matched by its id), read from its
+    /// `status` once it is no longer restoring (waiting up to [`ANSWER_PATIENCE`] for that).
+    async fn restore_of(
+        &self,
+        target: &Pod,
+        container: &str,
+        checkpoint: Option<&CheckpointReport>,
+    ) -> Option<RestoreReport> {
+        let id = checkpoint.map(|c| c.id.clone())?;
+        let deadline = tokio::time::Instant::now() + ANSWER_PATIENCE;
+        loop {
+            match self.status(target, container).await {
+                Ok(status) if status.state != LauncherState::Restoring => {
+                    return status
+                        .last_restore
+                        .filter(|r| r.id.as_deref() == Some(id.as_str()));
+                }
+                _ if tokio::time::Instant::now() >= deadline => return None,
+                _ => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+            }
+        }
+    }
+
     /// Waits for `receive`'s answer (its stdout and stderr), checking the target's launcher
     /// every few seconds: once it is no longer restoring, or cannot be reached, for
     /// [`ANSWER_PATIENCE`], its `status` (the last restore report) is the answer.
@@ -529,9 +552,26 @@ impl Launchers for ExecLaunchers {
             .await
             .unwrap_or_else(|_| Ok(String::new()))
             .map_err(LauncherError::Failed)?;
-        let (answer, target_log) = answer.map_err(LauncherError::Failed)?;
         let checkpoint: Option<CheckpointReport> = last_json(&summary);
-        let restore: Option<RestoreReport> = last_json(&answer);
+        let (answer, target_log) = match answer {
+            Ok(answer) => answer,
+            // The target's stream broke (an API server restart): its launcher still knows.
+            Err(error) => match self
+                .restore_of(target, container, checkpoint.as_ref())
+                .await
+            {
+                Some(report) => (serde_json::to_string(&report).unwrap_or_default(), error),
+                None => return Err(LauncherError::Failed(error)),
+            },
+        };
+        let restore: Option<RestoreReport> = match last_json(&answer) {
+            Some(report) => Some(report),
+            // The stream ended with no report (cut after the archive was in): ask the launcher.
+            None => {
+                self.restore_of(target, container, checkpoint.as_ref())
+                    .await
+            }
+        };
         let moved = own.load(Ordering::Relaxed);
         tracing::debug!(
             moved,

@@ -105,7 +105,7 @@ fn checkpoint(
     let strays = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
     if !strays.is_empty() {
         return Err(format!(
-            "process(es) {} left the app's process tree (their parent exited, so they were reparented to the launcher): a checkpoint carries only the app's tree and would leave them behind; keep the app's processes under its main process (no double fork / daemonizing); the app keeps running",
+            "process(es) {} left the app's process tree (their parent exited, so they were reparented to the launcher; a daemonizing double fork, or a process left by a `kubectl exec` session): a checkpoint carries only the app's tree and would leave them behind; keep the app's processes under its main process, or end the leftover; the app keeps running",
             strays.join(", ")
         ));
     }

@@ -189,6 +189,8 @@ pub fn spawn(command: &[OsString], original_mask: &SigSet) -> Result<App, SpawnE
     let mask = *original_mask;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        // The sealing key is the launcher's, not the app's (nor its checkpoints').
+        .env_remove(crate::seal::KEY_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

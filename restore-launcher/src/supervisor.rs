@@ -385,9 +385,7 @@ impl Supervisor {
             // migration deletes): a stopped process would not see the signal until the
             // runtime's SIGKILL after the grace period, and thawing it to deliver it would
             // let a stale copy act. It is stopped for good, like a frozen source.
-            LauncherState::Running | LauncherState::Restored
-                if self.app.is_some_and(tree::all_stopped) =>
-            {
+            LauncherState::Restored if self.app.is_some_and(tree::all_stopped) => {
                 tracing::info!(signo, "stopping the app, which is stopped (never thawed)");
                 self.deferred_terminate = Some(signo);
                 if let Some(app) = self.app {
@@ -605,11 +603,13 @@ impl Supervisor {
                 Effect::StartCheckpoint {
                     leave_running,
                     was_frozen,
-                } => match (client.take(), fd.take()) {
-                    (Some(stream), Some(output)) => {
-                        self.start_checkpoint(stream, output, leave_running, was_frozen)
+                } => match fd.take() {
+                    // The client is taken only once the job runs (it answers it when it
+                    // ends): a checkpoint that cannot start is refused to it here.
+                    Some(output) => {
+                        self.start_checkpoint(&mut client, output, leave_running, was_frozen)
                     }
-                    _ => Err("no stream".into()),
+                    None => Err("no stream".into()),
                 },
                 Effect::StartRestore => match (client.take(), fd.take()) {
                     (Some(stream), Some(input)) => {
@@ -751,7 +751,7 @@ impl Supervisor {
 
     fn start_checkpoint(
         &mut self,
-        stream: UnixStream,
+        client: &mut Option<UnixStream>,
         output: OwnedFd,
         leave_running: bool,
         was_frozen: bool,
@@ -793,7 +793,7 @@ impl Supervisor {
                 .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
         self.running = Some(Running {
             job,
-            client: Some(stream),
+            client: client.take(),
             kind: JobKind::Checkpoint,
             cancel: Some(cancel_write),
         });
@@ -917,8 +917,10 @@ impl Supervisor {
                             fresh_on_failure: false,
                         });
                         self.adopt(Pid::from_raw(pid), stdout, stderr);
+                        // Restored frozen, the app would not see a forwarded signal
+                        // until the runtime's SIGKILL: terminate as the state says.
                         if let Some(signo) = self.deferred_terminate.take() {
-                            self.forward(signo);
+                            self.on_terminate(signo);
                         }
                     }
                     None => {

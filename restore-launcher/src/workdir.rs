@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 /// Prefixes of job directories: checkpoints and restores.
 const PREFIXES: [&str; 2] = ["ck-", "rs-"];
+/// A job directory being created (locked, then renamed).
+const NEW_PREFIX: &str = ".new-";
+/// How old a directory left half-created must be before it is removed.
+const NEW_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A job's directory, locked while the job lives and removed when it is dropped.
 #[derive(Debug)]
@@ -31,12 +35,18 @@ impl JobDir {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&path)?;
+            .create(work_dir)?;
+        // Created under a name no cleaner looks at, locked, then renamed into place: another
+        // launcher sharing the work directory never sees it unlocked. Created here, never an
+        // existing directory someone else made.
+        let fresh = work_dir.join(format!("{NEW_PREFIX}{id}"));
+        fs::DirBuilder::new().mode(0o700).create(&fresh)?;
         let lock = nix::fcntl::Flock::lock(
-            File::open(&path)?,
+            File::open(&fresh)?,
             nix::fcntl::FlockArg::LockExclusiveNonblock,
         )
         .map_err(|(_, errno)| io::Error::from(errno))?;
+        fs::rename(&fresh, &path)?;
         Ok(JobDir { path, _lock: lock })
     }
 
@@ -59,7 +69,12 @@ pub fn clean_leftovers(work_dir: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !PREFIXES.iter().any(|p| name.starts_with(p))
+        let half_made = name.starts_with(NEW_PREFIX)
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > NEW_GRACE));
+        if !(half_made || PREFIXES.iter().any(|p| name.starts_with(p)))
             || !entry.file_type().is_ok_and(|t| t.is_dir())
         {
             continue;

@@ -49,6 +49,18 @@ pub(super) async fn create<L: Launchers + Sync>(
                 target = rewrite::next_name(target, &options.pod);
             }
             Err(source) => {
+                // The reply may be lost with the pod created: an undo must know of it.
+                if !matches!(source, kube::Error::Api(_))
+                    && let Ok(Some(pod)) = pods.get_opt(&name).await
+                    && pod
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(migrate_format::annotations::MIGRATION_ID))
+                        == Some(&progress.id)
+                {
+                    break pod;
+                }
                 return Err(MigrateError::Api {
                     step: "creating the target pod",
                     source,

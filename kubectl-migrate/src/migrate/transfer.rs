@@ -10,7 +10,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use migrate_format::{CheckpointReport, RestoreReport};
 
-use super::finish::retry;
 use super::{Ctx, MigrateError, Progress, annotate};
 use crate::launchers::Launchers;
 use crate::rewrite;
@@ -143,17 +142,28 @@ pub(super) async fn renew_lease<L: Launchers + Sync>(
     containers: &[String],
     lease: Duration,
 ) -> MigrateError {
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(lease / 4).await;
         for container in containers {
-            // A passing fault (a dropped exec stream) is tried again; the lease has three
-            // quarters left.
-            if let Err(error) = retry(|| launchers.renew(source, container, lease)).await {
-                return MigrateError::LeaseLost {
-                    container: container.clone(),
-                    error,
-                };
+            // A passing fault (a dropped exec stream, an API server restarting) is tried again
+            // until half the lease is gone; a refusal (the lease expired) is an answer.
+            loop {
+                match launchers.renew(source, container, lease).await {
+                    Ok(()) => break,
+                    Err(error) if error.refusal().is_some() || renewed.elapsed() >= lease / 2 => {
+                        return MigrateError::LeaseLost {
+                            container: container.clone(),
+                            error,
+                        };
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "renewing the lease failed; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
             }
         }
+        renewed = tokio::time::Instant::now();
     }
 }
