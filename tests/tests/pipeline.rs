@@ -1006,3 +1006,67 @@ async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
     }
     Ok(())
 }
+
+/// `kubectl migrate abort` marks the source `aborting` while the plugin waits for its target:
+/// the plugin stops before freezing anything (it cannot overwrite the mark), so no commit can
+/// follow an abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_the_target_starts_stops_the_plugin_before_the_freeze() -> Result<()> {
+    if !apiserver_tests_can_run(
+        "an_abort_while_the_target_starts_stops_the_plugin_before_the_freeze",
+    ) {
+        return Ok(());
+    }
+    let (_server, connection) = cluster().await?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+    // The abort, then the target coming up: what a user running `abort` sees happen.
+    let aborter = {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                if pods.get_opt("counter-m1").await.ok().flatten().is_some() {
+                    let mark = serde_json::json!({"metadata": {"annotations": {
+                        "migrate.kubectl.io/phase": "aborting"}}});
+                    let _ = pods
+                        .patch(
+                            "counter",
+                            &kube::api::PatchParams::default(),
+                            &kube::api::Patch::Merge(&mark),
+                        )
+                        .await;
+                    let running = serde_json::json!({"status": {"phase": "Running", "containerStatuses": [{"name": "counter", "ready": true,
+                        "restartCount": 0, "image": "localhost/migrate/counter:v1", "imageID": "", "state": {"running": {"startedAt": "2026-11-22T00:00:00Z"}}}]}});
+                    let _ = pods
+                        .patch_status(
+                            "counter-m1",
+                            &kube::api::PatchParams::default(),
+                            &kube::api::Patch::Merge(&running),
+                        )
+                        .await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let failed = must_fail(&connection, &launchers, 60, std::future::pending()).await?;
+    let _ = aborter.await;
+    let text = failed.to_string();
+    ensure!(
+        text.contains("cannot go on") && text.contains("aborting"),
+        "{text}"
+    );
+    let calls = launchers.calls();
+    ensure!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("freeze") || c.starts_with("commit")),
+        "the plugin went on after the abort: {calls:?}"
+    );
+    ensure!(
+        deleted(&connection, "counter-m1").await?,
+        "the target was left"
+    );
+    Ok(())
+}

@@ -128,7 +128,7 @@ pub enum MigrateError {
         source: kube::Error,
     },
     #[error(
-        "the migration could not be committed: pod {pod} is {phase} already (a `kubectl migrate abort` ran meanwhile?)"
+        "the migration cannot go on: pod {pod} is {phase} already (a `kubectl migrate abort` ran meanwhile?)"
     )]
     CommitTaken { pod: String, phase: String },
     #[error("the outcome of recording the commit on pod {pod} is unknown")]

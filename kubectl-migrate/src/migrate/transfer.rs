@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use migrate_format::{CheckpointReport, RestoreReport};
 
+use super::commit::{Claim, claim};
 use super::{Ctx, MigrateError, Progress, annotate};
 use crate::launchers::Launchers;
 use crate::rewrite;
@@ -33,6 +34,21 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     let options = ctx.options;
     progress.transfer_started = true;
     let target_name = target.metadata.name.clone().unwrap_or_default();
+    // Claimed, not just written: a `kubectl migrate abort` that already marked the source
+    // `aborting` (while this plugin waited for its target) must not be overwritten, or a
+    // commit could follow it.
+    match claim(&ctx.pods, &options.pod, &progress.id, "checkpointing").await {
+        Ok(()) => {}
+        Err(Claim::Taken { phase }) => {
+            return Err(MigrateError::CommitTaken {
+                pod: options.pod.clone(),
+                phase,
+            });
+        }
+        Err(Claim::Api(error)) => {
+            tracing::warn!(%error, "cannot record the checkpointing phase on the source");
+        }
+    }
     annotate(
         &ctx.pods,
         &options.pod,
