@@ -319,7 +319,7 @@ async fn run<L: Launchers + Sync>(
     fault::stage("target-running");
 
     progress.phase = "checkpoint and transfer".into();
-    let cut = transfer::freeze(&ctx, progress, &source, &target, checked.freeze_limit).await?;
+    let cut = transfer::freeze(&ctx, progress, &source, checked.freeze_limit).await?;
     fault::stage("frozen");
     let reports = transfer::stream(&ctx, &source, &target, &cut).await?;
     laps.done("checkpoint+transfer+restore");

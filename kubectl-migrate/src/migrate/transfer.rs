@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use migrate_format::{CheckpointReport, RestoreReport};
 
 use super::commit::{Claim, claim};
-use super::{Ctx, MigrateError, Progress, annotate};
+use super::{Ctx, MigrateError, Progress};
 use crate::launchers::Launchers;
 use crate::rewrite;
 
@@ -28,12 +28,10 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     ctx: &Ctx<'_, L>,
     progress: &mut Progress,
     source: &Pod,
-    target: &Pod,
     freeze_limit: Option<Duration>,
 ) -> Result<Cut, MigrateError> {
     let options = ctx.options;
     progress.transfer_started = true;
-    let target_name = target.metadata.name.clone().unwrap_or_default();
     // Claimed, not just written: a `kubectl migrate abort` that already marked the source
     // `aborting` (while this plugin waited for its target) must not be overwritten, or a
     // commit could follow it.
@@ -49,14 +47,8 @@ pub(super) async fn freeze<L: Launchers + Sync>(
             tracing::warn!(%error, "cannot record the checkpointing phase on the source");
         }
     }
-    annotate(
-        &ctx.pods,
-        &options.pod,
-        &progress.id,
-        "checkpointing",
-        Some(&target_name),
-    )
-    .await;
+    // No unconditional phase write after the claim (it would undo the claim's protection);
+    // the target's name was recorded as the peer when the target was created.
     let containers = rewrite::migrated_containers(source);
     progress.containers.clone_from(&containers);
     // A consistent cut: every container's app is stopped before any is dumped (a checkpoint of
