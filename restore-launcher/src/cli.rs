@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Default lowest PID the app may get; see [`RunOptions::pid_floor`].
 pub const DEFAULT_PID_FLOOR: i32 = 1000;
-/// Default state directory (control socket, logs of the last dump/restore).
+/// Default state directory of a launcher running as root (control socket, logs of the last
+/// dump/restore, and the work directory).
 pub const DEFAULT_STATE_DIR: &str = "/run/restore-launcher";
 
 /// PID 1 for migratable containers.
@@ -29,15 +30,36 @@ pub const DEFAULT_STATE_DIR: &str = "/run/restore-launcher";
                   so a pod spec can configure the launcher without changing the image's ENTRYPOINT."
 )]
 pub struct Cli {
-    /// Directory of the control socket shared by PID 1 and its sub-commands.
-    #[arg(long, global = true, env = "RESTORE_LAUNCHER_STATE_DIR", default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
-    pub state_dir: PathBuf,
+    /// Directory of the control socket shared by PID 1 and its sub-commands [default:
+    /// /run/restore-launcher as root, /tmp/restore-launcher-UID as any other user, which cannot
+    /// create directories in /run]
+    #[arg(long, global = true, env = "RESTORE_LAUNCHER_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
 
     #[command(flatten)]
     pub run: RunOptions,
+}
+
+impl Cli {
+    /// The state directory: the option, else the default for this user (the same for PID 1
+    /// and for `kubectl exec` sub-commands, which run as the container's user).
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| default_state_dir(nix::unistd::geteuid().as_raw()))
+    }
+}
+
+/// The default state directory for effective user `euid`.
+pub fn default_state_dir(euid: u32) -> PathBuf {
+    if euid == 0 {
+        PathBuf::from(DEFAULT_STATE_DIR)
+    } else {
+        PathBuf::from(format!("/tmp/restore-launcher-{euid}"))
+    }
 }
 
 /// What happens when restoring the app fails at start.

@@ -66,7 +66,7 @@ impl Request {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot create the state directory `{}`; set --state-dir (RESTORE_LAUNCHER_STATE_DIR) to a writable path such as an emptyDir", path.display())]
+    #[error("cannot use the state directory `{}`; set --state-dir (RESTORE_LAUNCHER_STATE_DIR) to a writable path such as an emptyDir", path.display())]
     StateDir {
         path: PathBuf,
         #[source]
@@ -128,6 +128,33 @@ impl Server {
                 path: state_dir.to_path_buf(),
                 source,
             })?;
+        // The directory holds the socket and the app's checkpoints: one made in advance by
+        // another user (a shared /tmp) must not be used.
+        let meta = std::fs::metadata(state_dir).map_err(|source| ControlError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let own = nix::unistd::geteuid().as_raw();
+        let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+        if owner != own {
+            return Err(ControlError::StateDir {
+                path: state_dir.to_path_buf(),
+                source: io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "it belongs to uid {owner}, not to this launcher's uid {own}; remove it, or name a directory below it (it is then created for this user)"
+                    ),
+                ),
+            });
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| ControlError::StateDir {
+                    path: state_dir.to_path_buf(),
+                    source,
+                },
+            )?;
+        }
         let lock_path = state_dir.join(LOCK_NAME);
         let lock_file = std::fs::OpenOptions::new()
             .create(true)

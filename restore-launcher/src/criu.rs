@@ -54,12 +54,11 @@ pub enum CriuError {
     },
     #[error("`{} --version` printed no version (`{output}`); is it really CRIU?", path.display())]
     NoVersion { path: PathBuf, output: String },
-    #[error(
-        "criu {action} needs {missing}, which this container lacks; add it to the pod's securityContext.capabilities.add (docs/security.md, section Capabilities)"
-    )]
+    #[error("criu {action} needs {missing}, which this container lacks; {fix} (docs/security.md, section Capabilities)")]
     Capabilities {
         action: &'static str,
         missing: String,
+        fix: String,
     },
     #[error("cannot start criu {action}")]
     Spawn {
@@ -292,6 +291,9 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
         Err(CriuError::Capabilities {
             action,
             missing: missing.join(", "),
+            fix: crate::caps::non_root_hint().unwrap_or_else(|| {
+                "add it to the pod's securityContext.capabilities.add".to_string()
+            }),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! ([`client`]) or become PID 1: set up init duties in order, hand over to the supervisor,
 //! and map the outcome to an exit code. Where each responsibility lives:
 //! - [`cli`]: options, their `RESTORE_LAUNCHER_*` environment twins, sub-commands;
+//! - [`caps`]: the launcher's capabilities as a non-root user, passed to criu, not the app;
 //! - [`signals`]: blocked mask, signalfd, which signal means what;
 //! - [`spawn`]: PID floor and starting the app with pipes the launcher owns;
 //! - [`relay`]: copying the app's output to the container's streams;
@@ -17,6 +18,7 @@
 //! - [`tree`]: the app's process tree, stopped, resumed and killed process by process.
 
 mod archive;
+mod caps;
 mod checkpoint;
 mod cli;
 mod client;
@@ -70,7 +72,7 @@ fn main() -> ExitCode {
         tracing::warn!("{warning}");
     }
     if let Some(command) = &cli.command {
-        return match client::run(&cli.state_dir, command) {
+        return match client::run(&cli.state_dir(), command) {
             Ok(code) => ExitCode::from(code),
             Err(error) => {
                 log::print_error(&ErrorChain(&error));
@@ -97,13 +99,18 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
         // Orphans of the app must come back to us to be reaped, not to the host's init.
         nix::sys::prctl::set_child_subreaper(true).map_err(StartError::Subreaper)?;
     }
+    // Before anything needs them: the PID floor (clone3 set_tid) and criu.
+    let adopted = caps::adopt();
+    if !adopted.held.is_empty() {
+        tracing::info!(uid = adopted.euid, capabilities = ?adopted.held, "running as a non-root user with the launcher's file capabilities");
+    }
     let config = supervisor::Config {
         pid_floor: options.pid_floor,
-        state_dir: cli.state_dir.clone(),
+        state_dir: cli.state_dir(),
         work_dir: options
             .work_dir
             .clone()
-            .unwrap_or_else(|| cli.state_dir.join("work")),
+            .unwrap_or_else(|| cli.state_dir().join("work")),
         include: options.include.clone(),
         criu: options.criu.clone(),
         key: options

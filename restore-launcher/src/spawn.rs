@@ -204,6 +204,8 @@ pub fn spawn(command: &[OsString], original_mask: &SigSet) -> Result<App, SpawnE
             setsid()?;
             // The launcher blocks nearly every signal; exec keeps the mask, so give it back.
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
+            // The launcher's capabilities are for criu, not the app (crate::caps).
+            crate::caps::drop_ambient()?;
             Ok(())
         });
     }

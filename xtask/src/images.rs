@@ -77,11 +77,9 @@ pub(crate) fn build() -> Result<PathBuf> {
     eprintln!("xtask: images: base (trixie, CRIU, restore-launcher)");
     new_image(&image("base"), &bundle, |root| {
         run(Command::new("cp").arg("-a").arg(rootfs.join(".")).arg(root))?;
-        copy(
-            &launcher,
-            &root.join("usr/local/bin/restore-launcher"),
-            0o755,
-        )
+        let installed = root.join("usr/local/bin/restore-launcher");
+        copy(&launcher, &installed, 0o755)?;
+        set_launcher_file_capabilities(&installed)
     })?;
     umoci_config(
         &image("base"),
@@ -276,6 +274,27 @@ fn derived_image(
     fill(&root)?;
     umoci(&["repack", "--image", image], &[bundle])?;
     Ok(())
+}
+
+/// `setcap cap_setpcap,cap_sys_admin,cap_checkpoint_restore+p` without libcap's tools: the
+/// `security.capability` xattr in its version 2 layout (linux/capability.h, `vfs_cap_data`:
+/// magic and flags, then permitted/inheritable pairs for capabilities 0-31 and 32-63,
+/// little-endian). Permitted only, no effective bit: the launcher raises them itself, and a
+/// pod that grants fewer still starts (restore-launcher/src/caps.rs says why non-root
+/// launchers need this). umoci records the xattr in the layer; containerd applies it.
+fn set_launcher_file_capabilities(path: &Path) -> Result<()> {
+    const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+    const CAP_SETPCAP: u32 = 8;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_CHECKPOINT_RESTORE: u32 = 40;
+    let low = (1u32 << CAP_SETPCAP) | (1u32 << CAP_SYS_ADMIN);
+    let high = 1u32 << (CAP_CHECKPOINT_RESTORE - 32);
+    let mut value = Vec::with_capacity(20);
+    for word in [VFS_CAP_REVISION_2, low, 0, high, 0] {
+        value.extend_from_slice(&word.to_le_bytes());
+    }
+    xattr::set(path, "security.capability", &value)
+        .with_context(|| format!("set file capabilities on {}", path.display()))
 }
 
 fn umoci_config(image: &str, args: &[&str]) -> Result<()> {

@@ -1,0 +1,120 @@
+//! The launcher's own capabilities, and how they reach CRIU but not the app.
+//!
+//! As root (uid 0) the launcher holds every capability of the container's bounding set, and so
+//! does criu after exec; nothing here changes that.
+//!
+//! As any other user -- a pod with `runAsUser`/`runAsNonRoot`, an image with `USER postgres` --
+//! a process gets no capability from the runtime, whatever `capabilities.add` says: the kernel
+//! clears the permitted set on exec for a non-root user, and Kubernetes sets no ambient
+//! capabilities (kubernetes/kubernetes#56374). Measured under the local cluster's kubelet with
+//! `runAsUser: 1000` and `add: [CHECKPOINT_RESTORE, SETPCAP]`: `CapBnd 0000010000000100`, but
+//! `CapPrm`/`CapEff` all zero. The one way in is a *file capability* on the launcher binary:
+//! the base image marks `/usr/local/bin/restore-launcher` with `cap_checkpoint_restore,
+//! cap_setpcap,cap_sys_admin+p` (permitted only, no effective bit, so a pod whose bounding set
+//! lacks one still starts; it gets what both allow: file ∩ bounding). The kernel ignores file
+//! capabilities under `no_new_privs`, which `allowPrivilegeEscalation: false` sets.
+//!
+//! [`adopt`] then makes the permitted capabilities effective (for clone3 `set_tid`), inheritable
+//! and ambient, so that criu -- an ordinary binary exec'd by the launcher -- receives them.
+//! The app must not: [`drop_ambient`] runs in the app's child before exec, so a non-root app
+//! starts with no capability at all, as it would without the launcher.
+
+use caps::{CapSet, Capability};
+
+/// What [`adopt`] did, for the log and for error messages.
+#[derive(Debug, Clone, Default)]
+pub struct Adopted {
+    /// The effective user id (0: nothing was done).
+    pub euid: u32,
+    /// Capabilities now effective and passed on to criu as ambient ones.
+    pub held: Vec<String>,
+}
+
+/// As a non-root user, makes every permitted capability effective, inheritable and ambient (see
+/// the module documentation). As root, does nothing.
+pub fn adopt() -> Adopted {
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut adopted = Adopted {
+        euid,
+        held: Vec::new(),
+    };
+    if euid == 0 {
+        return adopted;
+    }
+    let permitted = match caps::read(None, CapSet::Permitted) {
+        Ok(set) => set,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the launcher's capabilities");
+            return adopted;
+        }
+    };
+    if permitted.is_empty() {
+        return adopted;
+    }
+    for set in [CapSet::Effective, CapSet::Inheritable] {
+        if let Err(error) = caps::set(None, set, &permitted) {
+            tracing::warn!(%error, ?set, "cannot raise the launcher's capabilities");
+        }
+    }
+    let mut held: Vec<Capability> = permitted.iter().copied().collect();
+    held.sort_by_key(|c| c.index());
+    for cap in &held {
+        if let Err(error) = caps::raise(None, CapSet::Ambient, *cap) {
+            tracing::warn!(%error, %cap, "cannot pass a capability on to criu");
+        }
+    }
+    adopted.held = held.iter().map(ToString::to_string).collect();
+    tracing::debug!(euid, held = ?adopted.held, "capabilities from the launcher's file capabilities");
+    adopted
+}
+
+/// Clears the ambient set in the app's child before exec, so the app gets none of the
+/// launcher's capabilities. Async-signal-safe (one prctl); an old kernel without ambient
+/// capabilities (EINVAL) has nothing to clear.
+pub fn drop_ambient() -> std::io::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: prctl with integer arguments only; no memory is touched.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    if rc == -1 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Why a non-root launcher lacks capabilities its pod grants, and what to change; `None` as
+/// root (the pod spec's `capabilities.add` is then the whole story).
+pub fn non_root_hint() -> Option<String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let no_new_privs = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .is_some_and(|v| v.trim() == "1");
+    let bounding = caps::read(None, CapSet::Bounding).unwrap_or_default();
+    let wanted = [Capability::CAP_CHECKPOINT_RESTORE, Capability::CAP_SETPCAP];
+    let absent: Vec<String> = wanted
+        .iter()
+        .filter(|c| !bounding.contains(c))
+        .map(|c| c.to_string().trim_start_matches("CAP_").to_string())
+        .collect();
+    Some(if !absent.is_empty() {
+        format!(
+            "the container runs as uid {euid} and its pod does not grant {}: add them to securityContext.capabilities.add",
+            absent.join(", ")
+        )
+    } else if no_new_privs {
+        format!(
+            "the container runs as uid {euid}, and a non-root process gets capabilities only from the launcher binary's file capabilities, which the kernel ignores under no_new_privs: remove `allowPrivilegeEscalation: false` from the container's securityContext"
+        )
+    } else {
+        format!(
+            "the container runs as uid {euid}, and a non-root process gets capabilities only from the launcher binary's file capabilities, which this one lacks: build the image FROM the restore-launcher base image (or `setcap cap_checkpoint_restore,cap_setpcap,cap_sys_admin+p` the launcher)"
+        )
+    })
+}
