@@ -67,7 +67,22 @@ pub struct Entry {
     /// Link target (symlinks only); must stay inside its included path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
+    /// Numeric owner and group (entries of included paths; CRIU's images carry their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// Extended attributes, name to hex value (entries of included paths), POSIX ACLs
+    /// (`system.posix_acl_access`, `system.posix_acl_default`) among them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
 }
+
+/// Extended attributes a checkpoint never carries: file capabilities grant privileges the way
+/// setuid bits do.
+pub const REFUSED_XATTRS: &[&str] = &["security.capability"];
+/// Longest extended attribute value the kernel accepts (XATTR_SIZE_MAX).
+pub const XATTR_VALUE_LIMIT: usize = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -130,6 +145,12 @@ pub enum ManifestError {
     SetId { path: String, mode: u32 },
     #[error("entry `{path}` lies below the symlink `{link}`")]
     BelowSymlink { path: String, link: String },
+    #[error("entry `{path}` carries the extended attribute `{name}`, which {why}")]
+    Xattr {
+        path: String,
+        name: String,
+        why: &'static str,
+    },
 }
 
 /// Checks that `path` is a safe relative archive path in the archive's layout: `criu/NAME` or
@@ -304,6 +325,26 @@ impl Manifest {
                     mode: entry.mode,
                 });
             }
+            for (name, value) in &entry.xattrs {
+                let why = if REFUSED_XATTRS.contains(&name.as_str()) {
+                    Some("grants privileges, and a checkpoint never carries it")
+                } else if !entry.path.starts_with("include/") {
+                    Some("only files of included paths may carry")
+                } else if name.is_empty() || name.len() > 255 || name.contains('\0') {
+                    Some("is not a valid attribute name")
+                } else if value.len() > 2 * XATTR_VALUE_LIMIT || hex::decode(value).is_err() {
+                    Some("has a value that is not hex of at most 64 KiB")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(ManifestError::Xattr {
+                        path: entry.path.clone(),
+                        name: name.clone(),
+                        why,
+                    });
+                }
+            }
             // No entry may be written through a link: nothing lies below a listed symlink.
             let mut prefix = entry.path.trim_end_matches('/');
             while let Some((parent, _)) = prefix.rsplit_once('/') {
@@ -381,6 +422,9 @@ mod tests {
                 sha256: "00".into(),
                 mode: 0o600,
                 link: None,
+                uid: None,
+                gid: None,
+                xattrs: BTreeMap::new(),
             }],
             frozen_at_ms: 0,
             timings_ms: BTreeMap::new(),
@@ -471,6 +515,9 @@ mod tests {
             sha256: String::new(),
             mode: 0o777,
             link: Some(target.into()),
+            uid: None,
+            gid: None,
+            xattrs: BTreeMap::new(),
         }
     }
 
@@ -517,6 +564,9 @@ mod tests {
             sha256: String::new(),
             mode: 0o644,
             link: None,
+            uid: None,
+            gid: None,
+            xattrs: BTreeMap::new(),
         });
         assert!(matches!(
             below.validate("x86_64"),
@@ -531,6 +581,9 @@ mod tests {
                 sha256: String::new(),
                 mode: 0o600,
                 link: None,
+                uid: None,
+                gid: None,
+                xattrs: BTreeMap::new(),
             })
             .collect();
         assert!(matches!(
@@ -555,6 +608,9 @@ mod tests {
             sha256: String::new(),
             mode: 0o777,
             link: Some("../../../../etc".into()),
+            uid: None,
+            gid: None,
+            xattrs: BTreeMap::new(),
         });
         assert!(matches!(
             link.validate("x86_64"),

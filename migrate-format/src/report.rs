@@ -130,6 +130,10 @@ pub struct StatusReport {
     /// difference between the source's and the target's.
     #[serde(default)]
     pub boot_time: Option<u64>,
+    /// SysV IPC objects a checkpoint would leave behind ("1 SysV semaphore set (key 0x0)"):
+    /// those of the container's IPC namespace, when the app shares it with the launcher.
+    #[serde(default)]
+    pub sysv_ipc: Option<String>,
 }
 
 /// What `checkpoint` prints.

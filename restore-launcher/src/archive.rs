@@ -159,6 +159,9 @@ fn walk(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> Result<(), Archiv
             sha256: sha256_hex(target.as_bytes()),
             mode,
             link: Some(target),
+            uid: None,
+            gid: None,
+            xattrs: Default::default(),
         });
     } else if meta.is_dir() {
         entries.push(Entry {
@@ -168,6 +171,9 @@ fn walk(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> Result<(), Archiv
             sha256: String::new(),
             mode,
             link: None,
+            uid: None,
+            gid: None,
+            xattrs: Default::default(),
         });
         for child in read_dir_sorted(path)? {
             walk(root, &child, entries)?;
@@ -182,6 +188,9 @@ fn walk(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> Result<(), Archiv
             sha256: String::new(),
             mode,
             link: None,
+            uid: None,
+            gid: None,
+            xattrs: Default::default(),
         });
     } else {
         // `include::snapshot` refuses sockets and device nodes by name before this runs.
@@ -208,6 +217,9 @@ fn file_entry(root: &Path, path: &Path) -> Result<Entry, ArchiveError> {
         sha256: hex::encode(hasher.finalize()),
         mode,
         link: None,
+        uid: None,
+        gid: None,
+        xattrs: Default::default(),
     })
 }
 

@@ -74,7 +74,15 @@ pub fn adopt() -> Adopted {
 pub fn drop_ambient() -> std::io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: prctl with integer arguments only; no memory is touched.
-    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
     if rc == -1 {
         let error = std::io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::EINVAL) {

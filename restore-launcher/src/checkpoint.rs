@@ -118,21 +118,46 @@ fn checkpoint(
             watches.join(", ")
         ));
     }
-    if let Some(objects) = sysv_ipc_objects() {
+    if let Some(objects) = uncarried_sysv_ipc(plan.app) {
         return Err(format!(
-            "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (CRIU dumps the app's processes, not the namespace): the app would be restored without them; the app keeps running"
+            "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (the app shares that namespace with the launcher, and CRIU carries only a namespace of the app's own): the app would be restored without them; {SYSV_FIX}; the app keeps running"
         ));
     }
-    // The log lives next to the socket, outside the work directory that is removed, so the
+    // A root launcher dumps an app of another user with criu running as that user
+    // (crate::creds says why); criu then writes its images and log into directories of that
+    // user, which the launcher takes back afterwards.
+    let run_as = dump_user(plan.app);
+    let logs = dir.join("log");
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&logs)
+        .map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    if let Some(creds) = &run_as {
+        hand_over(dir, creds)?;
+    }
+    // The log is kept next to the socket, outside the work directory that is removed, so the
     // path in an error message can still be read.
-    let log = plan.state_dir.join("last-dump.log");
+    let log = crate::criu::Log {
+        path: &logs.join("dump.log"),
+        keep: &plan.state_dir.join("last-dump.log"),
+    };
     let frozen_at_ms = sysinfo::now_ms();
-    if let Err(error) = plan.criu.dump(
+    let dumped = plan.criu.dump(
         plan.app.as_raw(),
         &dir.join("criu"),
         &log,
         &plan.original_mask,
-    ) {
+        run_as.as_ref(),
+    );
+    if run_as.is_some() {
+        if let Err(error) = crate::creds::take_back(&dir.join("criu")) {
+            if dumped.is_ok() {
+                crate::tree::resume(plan.app);
+            }
+            return Err(format!("{error}; the app keeps running"));
+        }
+    }
+    if let Err(error) = dumped {
         // CRIU resumes the tree itself when a dump fails.
         return Err(format!("{}; the app keeps running", chain(&error)));
     }
@@ -144,7 +169,8 @@ fn checkpoint(
         resume_on_drop: !plan.was_frozen,
     };
     report.app_pids = crate::tree::pids(plan.app);
-    let included_bytes = include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
+    let (included_bytes, attributes) =
+        include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
     report.included_bytes = included_bytes;
     lap("snapshot", report);
     let frozen = if plan.leave_running && !plan.was_frozen {
@@ -154,7 +180,8 @@ fn checkpoint(
     } else {
         Some(frozen)
     };
-    let entries = archive::list_entries(dir, plan.included.len()).map_err(|e| failed(&e))?;
+    let mut entries = archive::list_entries(dir, plan.included.len()).map_err(|e| failed(&e))?;
+    include::annotate(&mut entries, &attributes);
     report.images_bytes = entries
         .iter()
         .filter(|e| e.path.starts_with("criu/"))
@@ -370,7 +397,78 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 /// "2 semaphore sets (keys 0x…, …)", or None when there are none. CRIU inside the container
 /// does not dump the IPC namespace: semaphores and message queues would silently be missing
 /// after a restore, and an attached shared-memory segment fails the dump late.
-pub fn sysv_ipc_objects() -> Option<String> {
+/// The user criu dumps as: the app's, when the launcher is root and every process of the app
+/// runs as one other user; `None` (criu as the launcher) otherwise.
+fn dump_user(app: Pid) -> Option<crate::creds::Creds> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let pids = crate::tree::pids(app);
+    let first = crate::creds::of_process(app.as_raw())?;
+    if first.uid == 0 {
+        return None;
+    }
+    pids.iter()
+        .all(|&pid| crate::creds::of_process(pid).as_ref() == Some(&first))
+        .then_some(first)
+}
+
+/// Lets `creds`' user reach the job directory `dir` (search permission on its ancestors the
+/// launcher owns) and gives it `dir/criu` and `dir/log` to write into.
+fn hand_over(dir: &Path, creds: &crate::creds::Creds) -> Result<(), String> {
+    for ancestor in dir.ancestors() {
+        let Ok(meta) = fs::metadata(ancestor) else {
+            continue;
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        if std::os::unix::fs::MetadataExt::uid(&meta) == 0 && mode & 0o001 == 0 {
+            fs::set_permissions(
+                ancestor,
+                std::os::unix::fs::PermissionsExt::from_mode((mode | 0o001) & 0o7777),
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot let the app's user reach {}: {e}",
+                    ancestor.display()
+                )
+            })?;
+        }
+    }
+    for sub in ["criu", "log"] {
+        let path = dir.join(sub);
+        std::os::unix::fs::chown(&path, Some(creds.uid), Some(creds.gid)).map_err(|e| {
+            format!(
+                "cannot give {} to the app's user {}:{} so that criu can dump as that user: {e}; add CHOWN to the container's securityContext.capabilities.add",
+                path.display(),
+                creds.uid,
+                creds.gid
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What to change so that SysV IPC objects travel.
+pub const SYSV_FIX: &str = "start the app in an IPC namespace of its own: set RESTORE_LAUNCHER_IPC_NAMESPACE=true in the container's env and add SYS_ADMIN to its securityContext.capabilities.add, then recreate the pod";
+
+/// The SysV objects a checkpoint of `app` would leave behind: those of the container's IPC
+/// namespace when the app shares it with the launcher (none when it has its own namespace,
+/// `--ipc-namespace`, which CRIU dumps whole).
+pub fn uncarried_sysv_ipc(app: Pid) -> Option<String> {
+    if !shares_ipc_namespace(app) {
+        return None;
+    }
+    sysv_ipc_objects()
+}
+
+/// Whether `app` is in this process's IPC namespace (an unreadable link counts as shared).
+pub fn shares_ipc_namespace(app: Pid) -> bool {
+    let own = fs::read_link("/proc/self/ns/ipc").ok();
+    let its = fs::read_link(format!("/proc/{app}/ns/ipc")).ok();
+    own.is_none() || its.is_none() || own == its
+}
+
+fn sysv_ipc_objects() -> Option<String> {
     let found: Vec<String> = [
         ("sem", "semaphore set"),
         ("msg", "message queue"),

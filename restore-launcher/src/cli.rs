@@ -33,7 +33,12 @@ pub struct Cli {
     /// Directory of the control socket shared by PID 1 and its sub-commands [default:
     /// /run/restore-launcher as root, /tmp/restore-launcher-UID as any other user, which cannot
     /// create directories in /run]
-    #[arg(long, global = true, env = "RESTORE_LAUNCHER_STATE_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "RESTORE_LAUNCHER_STATE_DIR",
+        value_name = "DIR"
+    )]
     pub state_dir: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -110,6 +115,20 @@ pub struct RunOptions {
         value_name = "PATH"
     )]
     pub include: Vec<PathBuf>,
+
+    /// Start the app as this user (NAME, UID, NAME:GROUP or UID:GID from the image's passwd
+    /// and group files, with its supplementary groups), as gosu or `setpriv` would; the launcher
+    /// itself stays root so that it can restore the app's credentials and IPC namespace. Needs
+    /// CAP_SETUID and CAP_SETGID (and CAP_CHOWN to give included files back to that user).
+    #[arg(long, env = "RESTORE_LAUNCHER_USER", value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+
+    /// Start the app in an IPC namespace of its own, so that its SysV shared memory, semaphores
+    /// and message queues travel with its checkpoints (CRIU carries a namespace the app does
+    /// not share with the launcher). Needs CAP_SYS_ADMIN in the container, which is why it is
+    /// off by default; an app holding SysV objects without it is refused at checkpoint.
+    #[arg(long, env = "RESTORE_LAUNCHER_IPC_NAMESPACE", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub ipc_namespace: bool,
 
     /// What to do when restoring at start fails.
     #[arg(long, env = "RESTORE_LAUNCHER_ON_RESTORE_FAILURE", value_enum, default_value_t = OnRestoreFailure::Fail)]

@@ -8,6 +8,10 @@
 //! - `--tcp-close`: established TCP connections are neither frozen nor restored (that would
 //!   need the same IP and an iptables/nftables lock in the image); they come back closed, as
 //!   a peer would see after a network blip. Listening sockets are restored.
+//! - `--skip-in-flight` at dump: a connection still in a listening socket's accept queue (the
+//!   app was frozen before accepting it; a kubelet TCP probe, a client's connect) is dropped,
+//!   as established ones are closed; without it criu refuses the whole dump (measured with
+//!   PostgreSQL under a TCP readiness probe: `inet: In-flight connection (l) for …`).
 //! - `--ext-unix-sk`: Unix sockets connected outside the app (syslog, the launcher) are allowed.
 //! - `--file-locks`: flock/fcntl locks are dumped and restored.
 //! - `--leave-stopped` at dump: the tree stays frozen so nothing changes until the launcher
@@ -17,9 +21,10 @@
 //!   launcher (PID 1 or subreaper), which then supervises it.
 //! - `--inherit-fd fd[N]:pipe:[INODE]`: the app's stdout/stderr pipes, whose other end was
 //!   the source launcher, are replaced by the restoring launcher's new pipes.
-//! - `--unprivileged` when the launcher lacks CAP_SYS_ADMIN (a least-privilege pod): without
-//!   it criu's kernel probes try to create namespaces and fail with EPERM before dumping
-//!   anything (measured here: `kerndat_has_nftables_concat ... Operation not permitted`).
+//! - `--unprivileged` unless the launcher is root with every capability criu's privileged mode
+//!   uses ([`privileged`]): without it criu's kernel probes try to create namespaces and fail
+//!   with EPERM before dumping anything (measured here: `kerndat_has_nftables_concat ...
+//!   Operation not permitted`).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd as _, BorrowedFd};
@@ -28,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+
+use crate::creds::Creds;
 
 /// Environment variable naming the criu binary (default: `criu` from PATH).
 pub const CRIU_ENV: &str = "RESTORE_LAUNCHER_CRIU";
@@ -54,7 +61,9 @@ pub enum CriuError {
     },
     #[error("`{} --version` printed no version (`{output}`); is it really CRIU?", path.display())]
     NoVersion { path: PathBuf, output: String },
-    #[error("criu {action} needs {missing}, which this container lacks; {fix} (docs/security.md, section Capabilities)")]
+    #[error(
+        "criu {action} needs {missing}, which this container lacks; {fix} (docs/security.md, section Capabilities)"
+    )]
     Capabilities {
         action: &'static str,
         missing: String,
@@ -66,12 +75,13 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
-    #[error("criu {action} failed ({status}): {excerpt} (full log: {})", log.display())]
+    #[error("criu {action} failed ({status}): {excerpt} ({})", log.as_ref().map_or_else(|| "criu wrote no log".to_string(), |l| format!("full log: {}", l.display())))]
     Failed {
         action: &'static str,
         status: String,
         excerpt: String,
-        log: PathBuf,
+        /// The log as kept for reading after the job, if criu wrote one.
+        log: Option<PathBuf>,
     },
 }
 
@@ -113,7 +123,9 @@ impl Criu {
         Ok(Criu { path, version })
     }
 
-    /// `criu dump` of the tree rooted at `pid`, images into `images`, leaving it frozen.
+    /// `criu dump` of the tree rooted at `pid`, images into `images`, leaving it frozen; as
+    /// user `run_as` when given (crate::creds says why), which must be able to write `images`
+    /// and `log`'s directory. The log is copied to `keep` afterwards.
     ///
     /// # Errors
     /// [`CriuError::Failed`] with the error lines of the log (written to `log`).
@@ -121,13 +133,15 @@ impl Criu {
         &self,
         pid: i32,
         images: &Path,
-        log: &Path,
+        log: &Log<'_>,
         original_mask: &SigSet,
+        run_as: Option<&Creds>,
     ) -> Result<(), CriuError> {
         let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
-        args.extend(common_args(images, log));
+        args.extend(common_args(images, log.path));
         args.push("--leave-stopped".into());
-        self.run("dump", &args, log, original_mask, &[])
+        args.push("--skip-in-flight".into());
+        self.run("dump", &args, log, original_mask, &[], run_as)
     }
 
     /// `criu restore` from `images`, re-attaching `stdout`/`stderr` in place of the source's
@@ -144,8 +158,12 @@ impl Criu {
         pipes: &[(Option<u64>, BorrowedFd<'_>)],
         original_mask: &SigSet,
     ) -> Result<i32, CriuError> {
+        let log = Log {
+            path: log,
+            keep: log,
+        };
         let mut args: Vec<OsString> = vec!["restore".into()];
-        args.extend(common_args(images, log));
+        args.extend(common_args(images, log.path));
         args.extend(["--restore-detached".into(), "--restore-sibling".into()]);
         args.extend(["--pidfile".into(), pidfile.as_os_str().to_owned()]);
         let mut inherited = Vec::new();
@@ -156,7 +174,7 @@ impl Criu {
                 inherited.push(fd.as_raw_fd());
             }
         }
-        self.run("restore", &args, log, original_mask, &inherited)?;
+        self.run("restore", &args, &log, original_mask, &inherited, None)?;
         let text = std::fs::read_to_string(pidfile).unwrap_or_default();
         text.trim().parse().map_err(|_| CriuError::Failed {
             action: "restore",
@@ -165,7 +183,7 @@ impl Criu {
                 "criu reported success but wrote no PID to {}",
                 pidfile.display()
             ),
-            log: log.to_path_buf(),
+            log: Some(log.keep.to_path_buf()),
         })
     }
 
@@ -173,13 +191,16 @@ impl Criu {
         &self,
         action: &'static str,
         args: &[OsString],
-        log: &Path,
+        log: &Log<'_>,
         original_mask: &SigSet,
         inherit: &[i32],
+        run_as: Option<&Creds>,
     ) -> Result<(), CriuError> {
         check_capabilities(action)?;
         let mask = *original_mask;
         let inherit = inherit.to_vec();
+        let switch_to = run_as.cloned();
+        let keep_caps = crate::creds::effective_mask();
         let mut cmd = Command::new(&self.path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -205,17 +226,28 @@ impl Criu {
                         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
                     )?;
                 }
+                if let Some(creds) = &switch_to {
+                    crate::creds::become_user_keeping(creds, keep_caps)?;
+                }
                 Ok(())
             });
         }
         let output = cmd
             .output()
             .map_err(|source| CriuError::Spawn { action, source })?;
+        if run_as.is_some() {
+            if let Some(dir) = log.path.parent() {
+                if let Err(error) = crate::creds::take_back(dir) {
+                    tracing::warn!(%error, "cannot read criu's log");
+                }
+            }
+        }
+        let kept = log.keep();
         if output.status.success() {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let mut excerpt = log_excerpt(log, &stderr);
+        let mut excerpt = log_excerpt(log.path, &stderr);
         if let Some(cause) = known_cause(&excerpt) {
             excerpt = format!("{excerpt} -- {cause}");
         }
@@ -223,8 +255,36 @@ impl Criu {
             action,
             status: output.status.to_string(),
             excerpt,
-            log: log.to_path_buf(),
+            log: kept,
         })
+    }
+}
+
+/// Where criu writes its log, and where the launcher keeps it for reading after the job (the
+/// job's directory is removed; the state directory keeps the last dump's and restore's log).
+#[derive(Debug, Clone, Copy)]
+pub struct Log<'a> {
+    pub path: &'a Path,
+    pub keep: &'a Path,
+}
+
+impl Log<'_> {
+    /// Copies the log to where it is kept (0600); returns that path if a log exists there.
+    fn keep(&self) -> Option<PathBuf> {
+        if self.path != self.keep {
+            let _ = std::fs::remove_file(self.keep);
+            if let Ok(text) = std::fs::read(self.path) {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let _ = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(self.keep)
+                    .and_then(|mut f| f.write_all(&text));
+            }
+        }
+        self.keep.exists().then(|| self.keep.to_path_buf())
     }
 }
 
@@ -250,10 +310,27 @@ fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
         .into_iter()
         .map(OsString::from),
     );
-    if !has_effective_capability(CAP_SYS_ADMIN) {
+    if !privileged() {
         args.push("--unprivileged".into());
     }
     args
+}
+
+/// Whether criu may run in its privileged mode: as root holding the capabilities that mode
+/// uses beyond CAP_SYS_ADMIN. Anything less gets `--unprivileged`: measured under the kubelet,
+/// a root container with SYS_ADMIN but not NET_ADMIN failed its restore in privileged mode
+/// (`net: Unable to create a veth pair`, `Unable to set socket SO_SNDBUFFORCE/SO_RCVBUFFORCE:
+/// Operation not permitted`), and a non-root criu must always say `--unprivileged`.
+fn privileged() -> bool {
+    nix::unistd::geteuid().is_root()
+        && [
+            CAP_SYS_ADMIN,
+            CAP_NET_ADMIN,
+            CAP_SYS_RESOURCE,
+            CAP_SYS_PTRACE,
+        ]
+        .into_iter()
+        .all(has_effective_capability)
 }
 
 /// Capability numbers (linux/capability.h).
@@ -263,7 +340,10 @@ pub fn has_sys_admin() -> bool {
 }
 
 const CAP_SETPCAP: u32 = 8;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Checks, before running criu, that this container has the capabilities `action` needs

@@ -5,13 +5,20 @@
 //!
 //! An archive may only write into paths the restoring launcher was itself told to include:
 //! the manifest cannot choose where files land.
+//!
+//! Metadata travels exactly: the permission bits, the numeric owner and group, and the extended
+//! attributes (POSIX ACLs are the `system.posix_acl_*` ones) of every file are taken from the
+//! original at snapshot time ([`Attributes`]), listed in the manifest, applied after the
+//! contents are put back, and read back to check them, as the contents' hashes are checked.
+//! File capabilities (`security.capability`) and setuid/setgid bits are never carried.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use migrate_format::{EntryKind, Manifest};
+use migrate_format::{Entry, EntryKind, Manifest, REFUSED_XATTRS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncludeError {
@@ -25,15 +32,106 @@ pub enum IncludeError {
         "the archive carries `{0}`, which this launcher was not told to include; start it with the same --include options as the source"
     )]
     NotAllowed(String),
+    #[error("`{}` of an included path cannot get its owner {uid}:{gid} back: {fix}", path.display())]
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        fix: String,
+    },
+    #[error("`{}` of an included path arrived with {what}; the checkpoint recorded {expected}", path.display())]
+    Mismatch {
+        path: PathBuf,
+        what: String,
+        expected: String,
+    },
 }
 
-/// Copies each of `paths` to `dest/include/N` (N its index), keeping modes and symlinks.
-/// A path that does not exist is recorded as absent (nothing copied).
+/// Owner, group and extended attributes of one file of an included path, as the snapshot
+/// found them on the original.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    pub uid: u32,
+    pub gid: u32,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// [`Attributes`] by archive path (`include/N/...`).
+pub type Recorded = BTreeMap<String, Attributes>;
+
+/// Reads `path`'s owner, group and extended attributes (not following a symlink). A file
+/// system without extended attributes has none; file capabilities are left out, and said so.
+fn read_attributes(path: &Path) -> io::Result<Attributes> {
+    let meta = path.symlink_metadata()?;
+    Ok(Attributes {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        xattrs: read_xattrs(path)?,
+    })
+}
+
+fn read_xattrs(path: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
+    let mut xattrs = BTreeMap::new();
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(xattrs),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
+        if REFUSED_XATTRS.contains(&name.as_str()) {
+            tracing::warn!(path = %path.display(), %name, "included file loses its file capabilities in the checkpoint");
+            continue;
+        }
+        if let Some(value) = xattr::get(path, &name)? {
+            xattrs.insert(name, value);
+        }
+    }
+    Ok(xattrs)
+}
+
+/// Records the attributes of `src` and everything below it under archive path `at`.
+fn record(src: &Path, at: &str, recorded: &mut Recorded) -> io::Result<()> {
+    recorded.insert(at.to_string(), read_attributes(src)?);
+    let meta = src.symlink_metadata()?;
+    if meta.is_dir() {
+        for child in fs::read_dir(src)? {
+            let child = child?;
+            let name = child.file_name();
+            record(
+                &child.path(),
+                &format!("{at}/{}", name.to_string_lossy()),
+                recorded,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the recorded attributes into the manifest's entries.
+pub fn annotate(entries: &mut [Entry], recorded: &Recorded) {
+    for entry in entries {
+        if let Some(attributes) = recorded.get(&entry.path) {
+            entry.uid = Some(attributes.uid);
+            entry.gid = Some(attributes.gid);
+            entry.xattrs = attributes
+                .xattrs
+                .iter()
+                .map(|(name, value)| (name.clone(), hex::encode(value)))
+                .collect();
+        }
+    }
+}
+
+/// Copies each of `paths` to `dest/include/N` (N its index), keeping modes and symlinks, and
+/// records every file's owner, group and extended attributes. A path that does not exist is
+/// recorded as absent (nothing copied).
 ///
 /// # Errors
 /// [`IncludeError::Copy`] naming the path that failed.
-pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<u64, IncludeError> {
+pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<(u64, Recorded), IncludeError> {
     let mut bytes = 0;
+    let mut recorded = Recorded::new();
     for (index, path) in paths.iter().enumerate() {
         if path.symlink_metadata().is_err() {
             tracing::warn!(path = %path.display(), "included path does not exist; nothing of it is checkpointed");
@@ -44,8 +142,14 @@ pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<u64, IncludeError> {
             path: path.clone(),
             source,
         })?;
+        record(path, &format!("include/{index}"), &mut recorded).map_err(|source| {
+            IncludeError::Copy {
+                path: path.clone(),
+                source,
+            }
+        })?;
     }
-    Ok(bytes)
+    Ok((bytes, recorded))
 }
 
 /// Copies `src` to `dst` recursively (files, directories with their modes, symlinks as links,
@@ -184,9 +288,147 @@ pub fn put_back(manifest: &Manifest, staging: &Path) -> Result<(), IncludeError>
                         .map_err(fail)?;
                 }
                 EntryKind::File | EntryKind::Dir | EntryKind::Fifo => {
-                    fs::set_permissions(&target, fs::Permissions::from_mode(entry.mode))
-                        .map_err(fail)?;
+                    // Unchanged modes are left alone: the included path itself may be a
+                    // mount point (an emptyDir) this user may not chmod.
+                    let current = target.symlink_metadata().map_err(fail)?.mode() & 0o7777;
+                    if current != entry.mode {
+                        fs::set_permissions(&target, fs::Permissions::from_mode(entry.mode))
+                            .map_err(fail)?;
+                    }
                 }
+            }
+        }
+        let entries: Vec<(&Entry, PathBuf)> = manifest
+            .entries
+            .iter()
+            .filter(|e| e.path == prefix || e.path.starts_with(&format!("{prefix}/")))
+            .map(|entry| {
+                let relative = entry.path[prefix.len()..].trim_start_matches('/');
+                let target = if relative.is_empty() {
+                    path.clone()
+                } else {
+                    path.join(relative)
+                };
+                (entry, target)
+            })
+            .collect();
+        for (entry, target) in &entries {
+            apply_xattrs(entry, target).map_err(fail)?;
+        }
+        verify_attributes(&entries, false)?;
+        // Owners last and deepest first: a directory handed to another user (mode 0700) may
+        // no longer be entered by a launcher without CAP_DAC_OVERRIDE.
+        for (entry, target) in entries.iter().rev() {
+            apply_owner(entry, target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives `target` exactly the manifest's extended attributes (symlinks carry none): removes
+/// others (a parent's default ACL puts one on every new file), sets the listed ones.
+fn apply_xattrs(entry: &Entry, target: &Path) -> io::Result<()> {
+    if entry.kind == EntryKind::Symlink {
+        return Ok(());
+    }
+    for name in read_xattrs(target)?.keys() {
+        if !entry.xattrs.contains_key(name) {
+            xattr::remove(target, name)?;
+        }
+    }
+    for (name, value) in &entry.xattrs {
+        // validated as hex by Manifest::validate before anything is put back
+        let value = hex::decode(value).map_err(io::Error::other)?;
+        xattr::set(target, name, &value).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot set extended attribute `{name}` on `{}`: {e}",
+                    target.display()
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Gives `target` the manifest's owner and group, and checks that it has them.
+fn apply_owner(entry: &Entry, target: &Path) -> Result<(), IncludeError> {
+    let (Some(uid), Some(gid)) = (entry.uid, entry.gid) else {
+        return Ok(());
+    };
+    let meta = target
+        .symlink_metadata()
+        .map_err(|source| IncludeError::Copy {
+            path: target.to_path_buf(),
+            source,
+        })?;
+    if (meta.uid(), meta.gid()) == (uid, gid) {
+        return Ok(());
+    }
+    let changed = std::os::unix::fs::lchown(target, Some(uid), Some(gid));
+    if let Err(error) = changed {
+        let euid = nix::unistd::geteuid().as_raw();
+        let fix = if euid == 0 {
+            format!(
+                "{error}; the launcher runs as root without CAP_CHOWN: add CHOWN to the container's securityContext.capabilities.add"
+            )
+        } else {
+            format!(
+                "{error}; the launcher runs as uid {euid}, which cannot give files to another user: run the container as uid {uid} (the user that owns the files at the source) or as root with CAP_CHOWN"
+            )
+        };
+        return Err(IncludeError::Owner {
+            path: target.to_path_buf(),
+            uid,
+            gid,
+            fix,
+        });
+    }
+    verify_attributes(&[(entry, target.to_path_buf())], true)
+}
+
+/// Reads back mode and extended attributes (and, with `owners`, owner and group) of each
+/// entry's file and compares them with the manifest.
+fn verify_attributes(entries: &[(&Entry, PathBuf)], owners: bool) -> Result<(), IncludeError> {
+    for (entry, target) in entries {
+        let read = |source| IncludeError::Copy {
+            path: target.clone(),
+            source,
+        };
+        let meta = target.symlink_metadata().map_err(read)?;
+        let mismatch = |what: String, expected: String| IncludeError::Mismatch {
+            path: target.clone(),
+            what,
+            expected,
+        };
+        if entry.kind != EntryKind::Symlink && meta.mode() & 0o7777 != entry.mode {
+            return Err(mismatch(
+                format!("mode {:o}", meta.mode() & 0o7777),
+                format!("{:o}", entry.mode),
+            ));
+        }
+        if owners {
+            if let (Some(uid), Some(gid)) = (entry.uid, entry.gid) {
+                if (meta.uid(), meta.gid()) != (uid, gid) {
+                    return Err(mismatch(
+                        format!("owner {}:{}", meta.uid(), meta.gid()),
+                        format!("{uid}:{gid}"),
+                    ));
+                }
+            }
+        }
+        if entry.kind != EntryKind::Symlink {
+            let found: BTreeMap<String, String> = read_xattrs(target)
+                .map_err(read)?
+                .into_iter()
+                .map(|(name, value)| (name, hex::encode(value)))
+                .collect();
+            if found != entry.xattrs {
+                return Err(mismatch(
+                    format!("extended attributes {:?}", found.keys().collect::<Vec<_>>()),
+                    format!("{:?}", entry.xattrs.keys().collect::<Vec<_>>()),
+                ));
             }
         }
     }

@@ -23,6 +23,7 @@ mod checkpoint;
 mod cli;
 mod client;
 mod control;
+mod creds;
 mod criu;
 mod exit_status;
 mod include;
@@ -54,13 +55,18 @@ enum StartError {
     Spawn(#[from] spawn::SpawnError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    User(#[from] creds::CredsError),
 }
 
 impl StartError {
     fn exit_code(&self) -> u8 {
         match self {
             StartError::Spawn(error) => error.exit_code(),
-            StartError::Signals(_) | StartError::Subreaper(_) | StartError::Control(_) => 1,
+            StartError::Signals(_)
+            | StartError::Subreaper(_)
+            | StartError::Control(_)
+            | StartError::User(_) => 1,
         }
     }
 }
@@ -104,6 +110,7 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
     if !adopted.held.is_empty() {
         tracing::info!(uid = adopted.euid, capabilities = ?adopted.held, "running as a non-root user with the launcher's file capabilities");
     }
+    let user = options.user.as_deref().map(creds::resolve).transpose()?;
     let config = supervisor::Config {
         pid_floor: options.pid_floor,
         state_dir: cli.state_dir(),
@@ -122,6 +129,8 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
         input_stall_timeout: std::time::Duration::from_secs(options.input_stall_timeout),
         on_restore_failure: options.on_restore_failure,
         command: options.command.clone(),
+        ipc_namespace: options.ipc_namespace,
+        user: user.clone(),
     };
     let start = if let Some(path) = &options.restore_from {
         // No PID burning before a restore: criu and its helpers must get PIDs below the
@@ -136,7 +145,12 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
             last_pid = floor.last_pid,
             "advanced the PID counter"
         );
-        let app = spawn::spawn(&options.command, &signals.original_mask)?;
+        let app = spawn::spawn(
+            &options.command,
+            &signals.original_mask,
+            options.ipc_namespace,
+            user.as_ref(),
+        )?;
         tracing::info!(pid = app.pid.as_raw(), "started the app");
         supervisor::Start::Fresh(app)
     };

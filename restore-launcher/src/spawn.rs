@@ -69,6 +69,10 @@ pub enum SpawnError {
     },
     #[error("no command given to run")]
     Empty,
+    #[error(
+        "RESTORE_LAUNCHER_IPC_NAMESPACE (--ipc-namespace) needs CAP_SYS_ADMIN to give the app an IPC namespace of its own: add SYS_ADMIN to the container's securityContext.capabilities.add, or turn the option off if the app holds no SysV IPC objects"
+    )]
+    IpcNamespace,
 }
 
 impl SpawnError {
@@ -77,7 +81,7 @@ impl SpawnError {
         match self {
             SpawnError::NotFound { .. } => exit_status::NOT_FOUND,
             SpawnError::CannotExecute { .. } => exit_status::CANNOT_EXECUTE,
-            SpawnError::Burn { .. } | SpawnError::Empty => 1,
+            SpawnError::Burn { .. } | SpawnError::Empty | SpawnError::IpcNamespace => 1,
         }
     }
 }
@@ -184,8 +188,17 @@ fn burn_one() -> nix::Result<Pid> {
 /// # Errors
 /// [`SpawnError::NotFound`] / [`SpawnError::CannotExecute`] when exec fails; the child never
 /// ran any app code then.
-pub fn spawn(command: &[OsString], original_mask: &SigSet) -> Result<App, SpawnError> {
+pub fn spawn(
+    command: &[OsString],
+    original_mask: &SigSet,
+    ipc_namespace: bool,
+    user: Option<&crate::creds::Creds>,
+) -> Result<App, SpawnError> {
+    let user = user.cloned();
     let (program, args) = command.split_first().ok_or(SpawnError::Empty)?;
+    if ipc_namespace && !crate::criu::has_sys_admin() {
+        return Err(SpawnError::IpcNamespace);
+    }
     let mask = *original_mask;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -204,8 +217,16 @@ pub fn spawn(command: &[OsString], original_mask: &SigSet) -> Result<App, SpawnE
             setsid()?;
             // The launcher blocks nearly every signal; exec keeps the mask, so give it back.
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
+            // --ipc-namespace: SysV objects the app creates live in a namespace CRIU carries.
+            if ipc_namespace {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)?;
+            }
             // The launcher's capabilities are for criu, not the app (crate::caps).
             crate::caps::drop_ambient()?;
+            // --user: the app runs as that user from its first instruction.
+            if let Some(creds) = &user {
+                crate::creds::become_user(creds)?;
+            }
             Ok(())
         });
     }

@@ -63,6 +63,10 @@ pub struct Config {
     pub input_stall_timeout: Duration,
     pub on_restore_failure: OnRestoreFailure,
     pub command: Vec<OsString>,
+    /// Start the app in an IPC namespace of its own (`--ipc-namespace`).
+    pub ipc_namespace: bool,
+    /// Start the app as this user (`--user`).
+    pub user: Option<crate::creds::Creds>,
 }
 
 /// How the app comes to life.
@@ -333,7 +337,12 @@ impl Supervisor {
         if let Err(error) = spawn::advance_pid_counter(self.config.pid_floor) {
             tracing::warn!(error = %chain(&error), "cannot advance the PID counter");
         }
-        match spawn::spawn(&self.config.command, &self.signals.original_mask) {
+        match spawn::spawn(
+            &self.config.command,
+            &self.signals.original_mask,
+            self.config.ipc_namespace,
+            self.config.user.as_ref(),
+        ) {
             Ok(app) => {
                 tracing::info!(pid = app.pid.as_raw(), "started the app fresh");
                 self.adopt(app.pid, app.stdout, app.stderr);
@@ -744,6 +753,7 @@ impl Supervisor {
                 .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
             committed: self.state.committed(),
             boot_time: sysinfo::boot_time(),
+            sysv_ipc: self.app.and_then(crate::checkpoint::uncarried_sysv_ipc),
         }
     }
 

@@ -134,7 +134,7 @@ pub fn stop(root: Pid) -> Result<Vec<i32>, StopError> {
 /// Why [`stop`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {
-    #[error("cannot stop the app")]
+    #[error("cannot stop the app{}", if *.0 == nix::Error::EPERM { " (the app runs as another user than the launcher, and signalling it needs CAP_KILL: add KILL to the container's securityContext.capabilities.add)" } else { "" })]
     Signal(#[source] nix::Error),
     #[error("processes {0:?} of the app's tree did not stop within 2 s")]
     StillRunning(Vec<i32>),

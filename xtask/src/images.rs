@@ -127,6 +127,83 @@ pub(crate) fn build() -> Result<PathBuf> {
         )
     })?;
     umoci_config(&image("web"), &["--config.cmd=nginx"])?;
+
+    eprintln!("xtask: images: sysv (perl, sysv.pl)");
+    derived_image(&image("base"), &image("sysv"), &bundle, &[], |root| {
+        copy(
+            &examples.join("sysv/sysv.pl"),
+            &root.join("app/sysv.pl"),
+            0o644,
+        )
+    })?;
+    umoci_config(
+        &image("sysv"),
+        &["--config.cmd=perl", "--config.cmd=/app/sysv.pl"],
+    )?;
+
+    eprintln!("xtask: images: postgres (Debian's PostgreSQL 17, run as postgres, uid 999)");
+    derived_image_with(
+        &image("base"),
+        &image("postgres"),
+        &bundle,
+        &[
+            &["groupadd", "-r", "postgres", "--gid=999"],
+            &[
+                "useradd",
+                "-r",
+                "-g",
+                "postgres",
+                "--uid=999",
+                "--home-dir=/var/lib/postgresql",
+                "--shell=/bin/bash",
+                "postgres",
+            ],
+            &[
+                "install",
+                "-d",
+                "-o",
+                "postgres",
+                "-g",
+                "postgres",
+                "/var/lib/postgresql",
+            ],
+            // as the official image: no cluster made at package install (start.sh makes one)
+            &["install", "-d", "/etc/postgresql-common"],
+            &[
+                "sh",
+                "-c",
+                "echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.conf",
+            ],
+        ],
+        &["postgresql-17", "postgresql-client-17"],
+        &[&[
+            "install",
+            "-d",
+            "-o",
+            "postgres",
+            "-g",
+            "postgres",
+            "-m",
+            "2775",
+            "/var/run/postgresql",
+        ]],
+        |root| {
+            copy(
+                &examples.join("postgres/start.sh"),
+                &root.join("app/start.sh"),
+                0o755,
+            )
+        },
+    )?;
+    umoci_config(
+        &image("postgres"),
+        &[
+            "--config.cmd=/app/start.sh",
+            "--config.env=RESTORE_LAUNCHER_USER=postgres",
+            "--config.env=PGDATA=/var/lib/postgresql/data/pgdata",
+            &format!("--config.env={IMAGE_PATH}:/usr/lib/postgresql/17/bin"),
+        ],
+    )?;
     let _ = std::fs::remove_dir_all(&bundle);
 
     name_images(&layout)?;
@@ -265,11 +342,33 @@ fn derived_image(
     packages: &[&str],
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
+    derived_image_with(base, image, bundle, &[], packages, &[], fill)
+}
+
+/// [`derived_image`] with commands run in the root before (`RUN groupadd …`) and after
+/// (`RUN install -d …`) the packages, as a Dockerfile's `RUN` steps would.
+fn derived_image_with(
+    base: &str,
+    image: &str,
+    bundle: &Path,
+    before: &[&[&str]],
+    packages: &[&str],
+    after: &[&[&str]],
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let _ = std::fs::remove_dir_all(bundle);
     umoci(&["unpack", "--image", base], &[bundle])?;
     let root = bundle.join("rootfs");
-    apt_install(&root, packages)?;
-    apt_clean(&root)?;
+    for command in before {
+        run(Command::new("chroot").arg(&root).args(*command))?;
+    }
+    if !packages.is_empty() {
+        apt_install(&root, packages)?;
+        apt_clean(&root)?;
+    }
+    for command in after {
+        run(Command::new("chroot").arg(&root).args(*command))?;
+    }
     std::fs::create_dir_all(root.join("app"))?;
     fill(&root)?;
     umoci(&["repack", "--image", image], &[bundle])?;

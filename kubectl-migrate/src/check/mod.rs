@@ -173,6 +173,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::controller_owned(facts));
     found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));
+    found.extend(pod::sysv_ipc_left_behind(facts));
     found.extend(pod::probes_too_tight(facts));
     found.extend(pod::kept_source_with_probes(facts));
     let Some(target) = &facts.target_node else {

@@ -194,10 +194,50 @@ pub fn launchers_missing(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// An app holding SysV IPC objects in the container's IPC namespace (which it shares with the
+/// launcher) would be restored without them: its launcher must give it a namespace of its own.
+pub fn sysv_ipc_left_behind(facts: &Facts) -> Vec<Problem> {
+    facts
+        .launchers
+        .iter()
+        .filter_map(|(container, status)| {
+            let objects = status.as_ref().ok()?.sysv_ipc.as_ref()?;
+            Some(Problem::new(
+                format!(
+                    "container {container}'s app uses {objects} in the container's IPC namespace, which a checkpoint taken inside the container cannot carry"
+                ),
+                "give the app an IPC namespace of its own: set RESTORE_LAUNCHER_IPC_NAMESPACE=true in the container's env and add SYS_ADMIN to its securityContext.capabilities.add (CRIU then carries the namespace), and recreate the pod",
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fixture::{facts, status};
     use super::*;
+
+    #[test]
+    fn sysv_ipc_in_the_shared_namespace_names_the_option() {
+        let mut f = facts();
+        assert!(sysv_ipc_left_behind(&f).is_empty());
+        let mut held = status();
+        held.sysv_ipc = Some("1 SysV semaphore set (key 0x0)".into());
+        f.launchers.insert("counter".into(), Ok(held));
+        let found = sysv_ipc_left_behind(&f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].what.contains("1 SysV semaphore set"),
+            "{}",
+            found[0]
+        );
+        assert!(
+            found[0].fix.contains("RESTORE_LAUNCHER_IPC_NAMESPACE=true"),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].fix.contains("SYS_ADMIN"), "{}", found[0]);
+    }
 
     #[test]
     fn a_pod_that_does_not_run_is_refused() {

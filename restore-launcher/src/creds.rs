@@ -1,0 +1,245 @@
+//! Users: the app's user when the launcher starts it as another one (`--user`, as gosu or
+//! `setpriv` would), and criu run as the app's user to dump it.
+//!
+//! Why criu dumps as the app's user: a root criu dumping a tree of another user needs
+//! CAP_SYS_PTRACE (ptrace across users) and CAP_SYS_RESOURCE (`prlimit` of another user's
+//! process: `Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted`). Pods
+//! rarely have those, and this machine's root has no CAP_SYS_RESOURCE at all. criu running as
+//! the app's own user, holding only CAP_CHECKPOINT_RESTORE (kept across the user switch and
+//! passed on as an ambient capability), needs neither. The restore then runs as root, which
+//! sets the app's credentials back (CAP_SETUID/CAP_SETGID) and may write an IPC namespace's
+//! sysctls (the kernel lets only uid 0 or CAP_SYS_RESOURCE write those).
+
+use std::ffi::CString;
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+/// A user, group and supplementary groups, numeric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredsError {
+    #[error(
+        "--user (RESTORE_LAUNCHER_USER) `{0}`: no such user in the image's /etc/passwd; give a name from it or a numeric UID[:GID]"
+    )]
+    NoUser(String),
+    #[error("--user (RESTORE_LAUNCHER_USER) `{0}`: no such group in the image's /etc/group")]
+    NoGroup(String),
+    #[error(
+        "--user (RESTORE_LAUNCHER_USER) needs the launcher to run as root, to start the app as that user; the container runs as uid {0}: drop runAsUser, or drop --user and let the whole container run as the app's user"
+    )]
+    NotRoot(u32),
+}
+
+/// Resolves `spec` (`NAME`, `UID`, `NAME:GROUP` or `UID:GID`) with the image's passwd and
+/// group files, supplementary groups included, as `setpriv --init-groups` would.
+///
+/// # Errors
+/// [`CredsError`] naming what is not found.
+pub fn resolve(spec: &str) -> Result<Creds, CredsError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Err(CredsError::NotRoot(euid));
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    let entry = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)).ok().flatten(),
+        Err(_) => User::from_name(user).ok().flatten(),
+    };
+    let uid = match (&entry, user.parse::<u32>()) {
+        (Some(entry), _) => entry.uid.as_raw(),
+        (None, Ok(uid)) => uid,
+        (None, Err(_)) => return Err(CredsError::NoUser(user.to_string())),
+    };
+    let gid = match group {
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(group)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+                .ok_or_else(|| CredsError::NoGroup(group.to_string()))?,
+        },
+        None => entry.as_ref().map_or(uid, |e| e.gid.as_raw()),
+    };
+    let mut groups = vec![gid];
+    if let Some(entry) = &entry {
+        if let Ok(name) = CString::new(entry.name.as_str()) {
+            if let Ok(list) = nix::unistd::getgrouplist(&name, Gid::from_raw(gid)) {
+                groups = list.into_iter().map(Gid::as_raw).collect();
+            }
+        }
+    }
+    groups.sort_unstable();
+    groups.dedup();
+    Ok(Creds { uid, gid, groups })
+}
+
+/// The credentials of process `pid` (effective uid and gid, supplementary groups), from
+/// /proc/PID/status.
+pub fn of_process(pid: i32) -> Option<Creds> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<Vec<u32>> {
+        let line = status.lines().find_map(|l| l.strip_prefix(name))?;
+        Some(
+            line.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect(),
+        )
+    };
+    let uids = field("Uid:")?;
+    let gids = field("Gid:")?;
+    let mut groups = field("Groups:").unwrap_or_default();
+    groups.sort_unstable();
+    Some(Creds {
+        uid: *uids.get(1)?,
+        gid: *gids.get(1)?,
+        groups,
+    })
+}
+
+/// Switches the calling process (the app's child before exec) to `creds`: groups, then
+/// group, then user, all of real, effective and saved.
+///
+/// Async-signal-safe: system calls on data prepared before the fork.
+pub fn become_user(creds: &Creds) -> nix::Result<()> {
+    set_groups(&creds.groups)?;
+    let gid = Gid::from_raw(creds.gid);
+    nix::unistd::setresgid(gid, gid, gid)?;
+    let uid = Uid::from_raw(creds.uid);
+    nix::unistd::setresuid(uid, uid, uid)
+}
+
+fn set_groups(groups: &[u32]) -> nix::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: `groups` is a valid slice of gid_t (u32) for the duration of the call.
+    let rc = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Like [`become_user`], keeping the capabilities in `keep` (a mask of capability numbers the
+/// process holds) effective and passing them on as ambient ones through the exec that
+/// follows: criu dumping as the app's user with CAP_CHECKPOINT_RESTORE.
+///
+/// Async-signal-safe: prctl, setgroups, setres[ug]id and capset on prepared data.
+pub fn become_user_keeping(creds: &Creds, keep: u64) -> nix::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    nix::errno::Errno::result(rc)?;
+    become_user(creds)?;
+    // After the switch KEEPCAPS left the permitted set; effective and ambient were cleared.
+    capset(keep, keep, keep)?;
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            #[allow(unsafe_code)]
+            // SAFETY: integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                )
+            };
+            nix::errno::Errno::result(rc)?;
+        }
+    }
+    Ok(())
+}
+
+/// capset(2) with version 3 structures, all three sets given as 64-bit masks.
+fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let low = |mask: u64| mask as u32;
+    let high = |mask: u64| (mask >> 32) as u32;
+    let data = [
+        Data {
+            effective: low(effective),
+            permitted: low(permitted),
+            inheritable: low(inheritable),
+        },
+        Data {
+            effective: high(effective),
+            permitted: high(permitted),
+            inheritable: high(inheritable),
+        },
+    ];
+    #[allow(unsafe_code)]
+    // SAFETY: header and data are valid repr(C) structures of the layout capset(2) expects
+    // for _LINUX_CAPABILITY_VERSION_3 (two data elements).
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Gives directory `dir` and the files in it, which criu wrote as the app's user, back to the
+/// launcher's user, so that a root launcher without CAP_DAC_OVERRIDE can read them.
+///
+/// # Errors
+/// A message naming the file and CAP_CHOWN.
+pub fn take_back(dir: &std::path::Path) -> Result<(), String> {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let mut paths = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        paths.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    for path in paths {
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| {
+            format!(
+                "cannot take back {} from the app's user: {e}; add CHOWN to the container's securityContext.capabilities.add",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// This process's effective capabilities as a mask.
+pub fn effective_mask() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_credentials_of_this_process_are_read_from_proc() {
+        let creds = of_process(std::process::id() as i32).unwrap();
+        assert_eq!(creds.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(creds.gid, nix::unistd::getegid().as_raw());
+    }
+}
