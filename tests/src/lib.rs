@@ -185,10 +185,11 @@ impl Node {
         std::fs::copy(&launcher, root.join("usr/local/bin/restore-launcher"))?;
         let apps = root.join("opt/apps");
         std::fs::create_dir_all(&apps)?;
-        std::fs::copy(
-            workspace().join("images/examples/counter/counter.py"),
-            apps.join("counter.py"),
-        )?;
+        for example in ["counter/counter.py", "sysv/sysv.pl"] {
+            let from = workspace().join("images/examples").join(example);
+            let name = from.file_name().context("an example without a name")?;
+            std::fs::copy(&from, apps.join(name))?;
+        }
         for entry in std::fs::read_dir(workspace().join("tests/apps"))? {
             let entry = entry?;
             std::fs::copy(entry.path(), apps.join(entry.file_name()))?;
