@@ -21,6 +21,9 @@ use migrate_tests::{counter_values, expected_revenue, workspace, workspace_binar
 
 const WAIT: Duration = Duration::from_secs(90);
 
+#[path = "e2e/servers.rs"]
+mod servers;
+
 /// One end-to-end test, run against the shared cluster.
 type Scenario = fn(&Cluster) -> Result<()>;
 
@@ -102,6 +105,18 @@ fn main() {
         (
             "plugin_memory_stays_flat_across_real_exec_streams",
             plugin_memory_flat,
+        ),
+        (
+            "a_run_as_non_root_pod_moves_with_its_count_and_no_new_privs_is_named",
+            servers::non_root_pod_moves,
+        ),
+        (
+            "a_sysv_ipc_app_moves_in_its_own_ipc_namespace_and_is_refused_without_it",
+            servers::sysv_app_moves_in_its_ipc_namespace,
+        ),
+        (
+            "postgres_moves_as_the_postgres_user_with_its_memory_while_clients_reconnect",
+            servers::postgres_moves_with_clients,
         ),
     ];
     let cluster: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));

@@ -1,0 +1,417 @@
+//! Real servers as their images run them, on the same cluster: a non-root pod, an app holding
+//! SysV IPC objects, and PostgreSQL run as its own user with a client load during the move.
+
+use super::*;
+
+/// A pod from `images/examples/FILE` (see [`example_pod`]) with `edit` applied to its YAML.
+fn edited_pod(
+    file: &str,
+    name: &str,
+    node: &str,
+    env: &[(&str, &str)],
+    edit: impl FnOnce(&mut serde_yaml::Value),
+) -> Result<String> {
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(file, name, node, env)?)?;
+    edit(&mut pod);
+    Ok(serde_yaml::to_string(&pod)?)
+}
+
+/// The counter as uid 1000 in a `runAsNonRoot` pod that keeps the two capabilities, with
+/// `allowPrivilegeEscalation` as given (None: unset).
+fn non_root_counter(name: &str, escalation: Option<bool>) -> Result<String> {
+    edited_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.5")],
+        |pod| {
+            pod["spec"]["securityContext"] = serde_yaml::from_str(
+                "{runAsUser: 1000, runAsGroup: 1000, runAsNonRoot: true}",
+            )
+            .expect("static YAML");
+            let security = &mut pod["spec"]["containers"][0]["securityContext"];
+            match escalation {
+                Some(value) => security["allowPrivilegeEscalation"] = value.into(),
+                None => {
+                    if let Some(map) = security.as_mapping_mut() {
+                        map.remove("allowPrivilegeEscalation");
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// A `runAsNonRoot` pod (uid 1000) migrates with its count continuing: the launcher gets its
+/// two capabilities from the image's file capabilities, criu gets them as ambient ones, and
+/// the app none. With `allowPrivilegeEscalation: false` (no_new_privs switches file
+/// capabilities off) the move fails naming that setting, and the source counts on.
+pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
+    cluster.apply(&non_root_counter("nonroot", None)?)?;
+    cluster.wait_running("nonroot", WAIT)?;
+    wait_until("nonroot counts", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot", None)).len() >= 4).then_some(()))
+    })?;
+    let follow = Follow::start(cluster, "nonroot")?;
+    migrate_ok(cluster, &["nonroot", "--to", "node-b"], &[])?;
+    cluster.wait_running("nonroot-m1", WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_until("3 counts on nonroot-m1", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot-m1", None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, "nonroot-m1", None))?;
+    let ids = cluster.kubectl_ok(&[
+        "exec",
+        "nonroot-m1",
+        "--",
+        "sh",
+        "-c",
+        "stat -c %u /proc/1 /proc/1000; grep ^CapEff: /proc/1000/status",
+    ])?;
+    let lines: Vec<&str> = ids.lines().collect();
+    ensure!(
+        lines.len() == 3 && lines[0] == "1000" && lines[1] == "1000",
+        "the launcher and the restored app do not both run as uid 1000: {ids}"
+    );
+    ensure!(
+        lines[2].split_whitespace().nth(1) == Some("0000000000000000"),
+        "the restored app holds capabilities: {}",
+        lines[2]
+    );
+
+    cluster.apply(&non_root_counter("nonroot-nnp", Some(false))?)?;
+    cluster.wait_running("nonroot-nnp", WAIT)?;
+    wait_until("nonroot-nnp counts", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot-nnp", None)).len() >= 4).then_some(()))
+    })?;
+    let out = migrate(cluster, &["nonroot-nnp", "--to", "node-b"], &[])?;
+    ensure!(
+        out.code != Some(0) && out.stderr.contains("allowPrivilegeEscalation"),
+        "the move was not refused naming allowPrivilegeEscalation: {:?}\n{}",
+        out.code,
+        out.stderr
+    );
+    wait_gone(cluster, "nonroot-nnp-m1")?;
+    let seen = counter_values(&logs(cluster, "nonroot-nnp", None)).len();
+    wait_until("nonroot-nnp counting on", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot-nnp", None)).len() >= seen + 2).then_some(()))
+    })?;
+    for pod in ["nonroot-m1", "nonroot-nnp"] {
+        cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
+    }
+    Ok(())
+}
+
+/// What `sysv.pl` prints each tick: (events, semaphore 0, semaphore 1, message received,
+/// shared-memory contents).
+fn sysv_ticks(text: &str) -> Vec<(u64, u64, u64, String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            Some((
+                field("events=")?.parse().ok()?,
+                field("sem=")?.parse().ok()?,
+                field("mark=")?.parse().ok()?,
+                field("msg=")?,
+                field("shm=")?,
+            ))
+        })
+        .collect()
+}
+
+/// The SysV app with `RESTORE_LAUNCHER_IPC_NAMESPACE` (its pod.yaml) moves with its semaphore
+/// set, message queue and shared memory intact; the same app without the option is refused
+/// by the preflight and by the move, both naming the option, and keeps running.
+pub fn sysv_app_moves_in_its_ipc_namespace(cluster: &Cluster) -> Result<()> {
+    cluster.apply(&example_pod("sysv/pod.yaml", "sysv", "node-a", &[])?)?;
+    cluster.wait_running("sysv", WAIT)?;
+    wait_until("sysv ticks", WAIT, || {
+        Ok((sysv_ticks(&logs(cluster, "sysv", None)).len() >= 5).then_some(()))
+    })?;
+    let follow = Follow::start(cluster, "sysv")?;
+    migrate_ok(cluster, &["sysv", "--to", "node-b"], &[])?;
+    cluster.wait_running("sysv-m1", WAIT)?;
+    let before = follow.finish(WAIT);
+    let last = sysv_ticks(&before).last().cloned().context("no tick")?;
+    let after = wait_until("3 ticks on sysv-m1", WAIT, || {
+        let ticks = sysv_ticks(&logs(cluster, "sysv-m1", None));
+        Ok((ticks.len() >= 3).then_some(ticks))
+    })?;
+    for (i, (events, sem, mark, msg, shm)) in after.iter().enumerate() {
+        let expected = last.0 + 1 + i as u64;
+        ensure!(
+            *events == expected && *sem == expected && *mark == 41,
+            "the semaphores did not travel: last on the source {last:?}, target {after:?}"
+        );
+        ensure!(
+            *msg == format!("m{}", expected - 3) && *shm == expected.to_string(),
+            "the message queue or shared memory did not travel: {after:?}"
+        );
+    }
+
+    // Without the option: named by the preflight and the move; nothing changes.
+    let plain = edited_pod("sysv/pod.yaml", "sysv-plain", "node-a", &[], |pod| {
+        let container = &mut pod["spec"]["containers"][0];
+        if let Some(map) = container.as_mapping_mut() {
+            map.remove("env");
+        }
+        container["securityContext"]["capabilities"]["add"] =
+            serde_yaml::from_str("[CHECKPOINT_RESTORE, SETPCAP]").expect("static YAML");
+    })?;
+    cluster.apply(&plain)?;
+    cluster.wait_running("sysv-plain", WAIT)?;
+    wait_until("sysv-plain ticks", WAIT, || {
+        Ok((sysv_ticks(&logs(cluster, "sysv-plain", None)).len() >= 2).then_some(()))
+    })?;
+    let check = migrate(cluster, &["check", "sysv-plain", "--to", "node-b"], &[])?;
+    let said = format!("{}{}", check.stdout, check.stderr);
+    ensure!(
+        check.code != Some(0)
+            && said.contains("SysV semaphore set")
+            && said.contains("RESTORE_LAUNCHER_IPC_NAMESPACE=true"),
+        "the preflight did not name the SysV objects and the option: {:?}\n{}{}",
+        check.code,
+        check.stdout,
+        check.stderr
+    );
+    let out = migrate(cluster, &["sysv-plain", "--to", "node-b"], &[])?;
+    ensure!(
+        out.code != Some(0) && out.stderr.contains("RESTORE_LAUNCHER_IPC_NAMESPACE=true"),
+        "the move was not refused naming the option: {:?}\n{}",
+        out.code,
+        out.stderr
+    );
+    let missing = cluster.kubectl(&["get", "pod", "sysv-plain-m1"]).output()?;
+    ensure!(!missing.status.success(), "a target pod was created");
+    let seen = sysv_ticks(&logs(cluster, "sysv-plain", None)).len();
+    wait_until("sysv-plain ticking on", WAIT, || {
+        Ok((sysv_ticks(&logs(cluster, "sysv-plain", None)).len() >= seen + 2).then_some(()))
+    })?;
+    for pod in ["sysv-m1", "sysv-plain"] {
+        cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
+    }
+    Ok(())
+}
+
+/// `psql` in `pod` against its own server, as the postgres database user; one value per line.
+fn psql(cluster: &Cluster, pod: &str, sql: &str) -> Result<String> {
+    cluster.kubectl_ok(&[
+        "exec", pod, "--", "psql", "-qAt", "-h", "127.0.0.1", "-U", "postgres", "-c", sql,
+    ])
+}
+
+/// What only the running server holds, and the data: the postmaster's start time (a restart
+/// changes it), the rows of an unlogged table (crash recovery over the copied data directory
+/// empties it), and the table's checksum.
+const STATE: &str = "select pg_postmaster_start_time(), (select count(*) from unlogged_notes), \
+     (select md5(string_agg(v, ',' order by id)) from rows)";
+
+/// The client pod's loops. `probe`: one new connection and one INSERT per attempt, each
+/// logged `ok|fail EPOCH_MS`; `pgbench`: 4 clients over persistent connections, runs that end
+/// when their connections do, restarted against the current address. The address is in
+/// /tmp/host, which the test rewrites once the target is Ready, as a Service's endpoints would
+/// change. Both set libpq timeouts, as a client of a database that can move must: without
+/// `tcp_user_timeout` a connection to the deleted source's address hangs for TCP's
+/// retransmission limit (about 15 minutes), since nothing is left there to reset it.
+const CLIENT: &str = r#"
+touch /tmp/probe /tmp/runs
+while [ ! -s /tmp/host ]; do sleep 0.1; done
+opts="user=postgres dbname=postgres connect_timeout=2 tcp_user_timeout=3000 keepalives_idle=1 keepalives_interval=1 keepalives_count=2"
+(while :; do
+   h=$(cat /tmp/host)
+   if psql -qAt "host=$h $opts" -c "insert into acked(at) values (now())" \
+        -v ON_ERROR_STOP=1 >/dev/null 2>&1 </dev/null; then
+     echo "ok $(date +%s%3N)" >>/tmp/probe
+   else
+     echo "fail $(date +%s%3N)" >>/tmp/probe
+   fi
+   sleep 0.05
+ done) &
+n=0
+while :; do
+  n=$((n+1))
+  pgbench -n -c 4 -j 2 -T 600 "host=$(cat /tmp/host) $opts" >/tmp/pgbench.$n 2>&1 </dev/null
+  echo "run $n exit $? $(date +%s%3N)" >>/tmp/runs
+  sleep 0.2
+done
+"#;
+
+/// PostgreSQL (Debian's 17, the server run as the postgres user, data in a carried emptyDir,
+/// SysV shared memory in its own IPC namespace) moves node-a → node-b while a client pod
+/// runs pgbench and a reconnecting probe against it: the rows and their checksum are the
+/// same, state only the running server holds survives (same postmaster start time, the
+/// unlogged table's rows, which crash recovery would have emptied), the target's log shows
+/// no recovery, every INSERT acknowledged before the freeze is there, and the database takes
+/// writes afterwards. Prints what clients saw: pgbench's failed transactions and aborted
+/// clients, and the probe's reconnect gap.
+pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
+    cluster.apply(&example_pod("postgres/pod.yaml", "pg", "node-a", &[])?)?;
+    cluster.wait_running("pg", WAIT)?;
+    wait_until("PostgreSQL accepting connections", WAIT, || {
+        Ok(psql(cluster, "pg", "select 1").ok().filter(|v| v == "1"))
+    })?;
+    psql(
+        cluster,
+        "pg",
+        "create table rows(id int primary key, v text); \
+         insert into rows select g, md5(g::text) from generate_series(1, 20000) g; \
+         create unlogged table unlogged_notes(id int); \
+         insert into unlogged_notes select generate_series(1, 500); \
+         create table acked(id bigserial primary key, at timestamptz)",
+    )?;
+    cluster.kubectl_ok(&[
+        "exec", "pg", "--", "pgbench", "-i", "-q", "-s", "2", "-h", "127.0.0.1", "-U",
+        "postgres", "postgres",
+    ])?;
+    let users = cluster.kubectl_ok(&["exec", "pg", "--", "stat", "-c", "%U", "/proc/1000"])?;
+    ensure!(users == "postgres", "the server runs as {users}, not postgres");
+    let state_before = psql(cluster, "pg", STATE)?;
+
+    // The client pod: the same image, its own command (no launcher), on node-a.
+    let client = edited_pod("postgres/pod.yaml", "pgclient", "node-a", &[], |pod| {
+        let container = &mut pod["spec"]["containers"][0];
+        container["command"] = serde_yaml::from_str("[sh, -c]").expect("static YAML");
+        container["args"] = vec![CLIENT].into();
+        for key in ["env", "readinessProbe", "ports", "volumeMounts"] {
+            if let Some(map) = container.as_mapping_mut() {
+                map.remove(key);
+            }
+        }
+        container["securityContext"] = serde_yaml::from_str("{capabilities: {drop: [ALL]}}")
+            .expect("static YAML");
+        if let Some(map) = pod["spec"].as_mapping_mut() {
+            map.remove("volumes");
+        }
+    })?;
+    let source_ip = pod_field(cluster, "pg", "{.status.podIP}")?;
+    cluster.apply(&client)?;
+    cluster.wait_running("pgclient", WAIT)?;
+    cluster.kubectl_ok(&[
+        "exec",
+        "pgclient",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {source_ip} >/tmp/host"),
+    ])?;
+    let probe = |cluster: &Cluster| -> Result<Vec<(bool, u64)>> {
+        let text = cluster.kubectl_ok(&["exec", "pgclient", "--", "cat", "/tmp/probe"])?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let (kind, at) = l.split_once(' ')?;
+                Some((kind == "ok", at.parse().ok()?))
+            })
+            .collect())
+    };
+    wait_until("the probe's first acknowledged inserts", WAIT, || {
+        Ok((probe(cluster)?.iter().filter(|(ok, _)| *ok).count() >= 20).then_some(()))
+    })?;
+
+    let out = migrate_ok(cluster, &["pg", "--to", "node-b"], &[])?;
+    cluster.wait_running("pg-m1", WAIT)?;
+    // What the cluster's Service would do once the target is Ready: new connections go there.
+    let target_ip = pod_field(cluster, "pg-m1", "{.status.podIP}")?;
+    let switched_at = cluster.kubectl_ok(&[
+        "exec",
+        "pgclient",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {target_ip} >/tmp/host; date +%s%3N"),
+    ])?;
+    let switched_at: u64 = switched_at.trim().parse()?;
+    wait_until("the probe inserting into the target", WAIT, || {
+        Ok(probe(cluster)?
+            .iter()
+            .any(|(ok, at)| *ok && *at > switched_at)
+            .then_some(()))
+    })?;
+    wait_until("a pgbench run against the target", WAIT, || {
+        let runs = cluster.kubectl_ok(&["exec", "pgclient", "--", "cat", "/tmp/runs"])?;
+        Ok((!runs.trim().is_empty()).then_some(()))
+    })?;
+
+    // The server's state, as only the running server had it.
+    let state_after = psql(cluster, "pg-m1", STATE)?;
+    ensure!(
+        state_after == state_before,
+        "the server's state changed: before {state_before:?}, after {state_after:?}"
+    );
+    let server_log = logs(cluster, "pg-m1", None);
+    for recovery in ["was interrupted", "automatic recovery", "redo starts", "not properly shut down"] {
+        ensure!(
+            !server_log.contains(recovery),
+            "the target's server log shows crash recovery ({recovery}):\n{server_log}"
+        );
+    }
+    let owner = cluster.kubectl_ok(&[
+        "exec",
+        "pg-m1",
+        "--",
+        "stat",
+        "-c",
+        "%u:%g %a",
+        "/var/lib/postgresql/data/pgdata",
+        "/proc/1000",
+    ])?;
+    ensure!(
+        owner.lines().next() == Some("999:999 700"),
+        "the data directory arrived as {owner}"
+    );
+    ensure!(
+        owner.lines().nth(1).is_some_and(|l| l.starts_with("999:999")),
+        "the restored server does not run as postgres: {owner}"
+    );
+    // Every INSERT the probe saw acknowledged is in the table.
+    let attempts = probe(cluster)?;
+    let acked = attempts.iter().filter(|(ok, _)| *ok).count() as u64;
+    let rows: u64 = psql(cluster, "pg-m1", "select count(*) from acked")?.parse()?;
+    ensure!(
+        rows >= acked,
+        "{acked} inserts were acknowledged but only {rows} rows are there"
+    );
+    psql(cluster, "pg-m1", "insert into rows values (20001, 'after the move')")?;
+
+    // What clients saw.
+    let failed = attempts.iter().filter(|(ok, _)| !*ok).count();
+    let gap = attempts
+        .iter()
+        .filter(|(ok, _)| *ok)
+        .map(|(_, at)| *at)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0);
+    let first_run = cluster.kubectl_ok(&["exec", "pgclient", "--", "cat", "/tmp/pgbench.1"])?;
+    let figure = |prefix: &str| {
+        first_run
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    let aborted = first_run
+        .lines()
+        .filter(|l| l.contains("client") && l.contains("aborted in command"))
+        .count();
+    let downtime = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("downtime"))
+        .unwrap_or("downtime ?");
+    eprintln!(
+        "postgres clients: pgbench (4 clients, persistent connections) run 1: processed {}, failed {}, {aborted} client(s) aborted when the move closed their connections; \
+         probe (new connection per INSERT, client pod's wall clock): longest gap between acknowledged inserts {gap} ms, {failed} failed attempts, {acked} acknowledged, all {rows} rows present; plugin {downtime}",
+        figure("number of transactions actually processed:"),
+        figure("number of failed transactions:"),
+    );
+    for pod in ["pg-m1", "pgclient"] {
+        cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
+    }
+    Ok(())
+}
