@@ -113,12 +113,13 @@ pub fn non_root_hint() -> Option<String> {
         .collect();
     Some(if !absent.is_empty() {
         format!(
-            "the container runs as uid {euid} and its pod does not grant {}: add them to securityContext.capabilities.add",
-            absent.join(", ")
+            "the container runs as uid {euid} and its pod does not grant {}: add {} to securityContext.capabilities.add",
+            absent.join(", "),
+            if absent.len() == 1 { "it" } else { "them" }
         )
     } else if no_new_privs {
         format!(
-            "the container runs as uid {euid}, and a non-root process gets capabilities only from the launcher binary's file capabilities, which the kernel ignores under no_new_privs: remove `allowPrivilegeEscalation: false` from the container's securityContext"
+            "the container runs as uid {euid}, and a non-root process gets capabilities only from the launcher binary's file capabilities; under no_new_privs (`allowPrivilegeEscalation: false`) the kernel grants them only up to what the runtime put in the permitted set before exec (runc and containerd do), which this runtime did not: remove `allowPrivilegeEscalation: false`"
         )
     } else {
         format!(

@@ -34,6 +34,10 @@ pub enum CredsError {
         "--user (RESTORE_LAUNCHER_USER) needs the launcher to run as root, to start the app as that user; the container runs as uid {0}: drop runAsUser, or drop --user and let the whole container run as the app's user"
     )]
     NotRoot(u32),
+    #[error(
+        "--user (RESTORE_LAUNCHER_USER) needs {0}, which this container lacks (SETUID and SETGID start the app as that user, KILL signals it): add them to the container's securityContext.capabilities.add"
+    )]
+    Capabilities(String),
 }
 
 /// Resolves `spec` (`NAME`, `UID`, `NAME:GROUP` or `UID:GID`) with the image's passwd and
@@ -45,6 +49,14 @@ pub fn resolve(spec: &str) -> Result<Creds, CredsError> {
     let euid = nix::unistd::geteuid().as_raw();
     if euid != 0 {
         return Err(CredsError::NotRoot(euid));
+    }
+    let missing: Vec<&str> = [(7, "SETUID"), (6, "SETGID"), (5, "KILL")]
+        .into_iter()
+        .filter(|(cap, _)| !crate::criu::has_effective_capability(*cap))
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(CredsError::Capabilities(missing.join(", ")));
     }
     let (user, group) = match spec.split_once(':') {
         Some((user, group)) => (user, Some(group)),

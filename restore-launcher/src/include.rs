@@ -22,7 +22,7 @@ use migrate_format::{Entry, EntryKind, Manifest, REFUSED_XATTRS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncludeError {
-    #[error("included path `{}` cannot be copied", path.display())]
+    #[error("included path `{}` cannot be copied{}", path.display(), unreadable_hint(source))]
     Copy {
         path: PathBuf,
         #[source]
@@ -45,6 +45,15 @@ pub enum IncludeError {
         what: String,
         expected: String,
     },
+}
+
+/// What to add when a root launcher without CAP_DAC_OVERRIDE meets a file of another user.
+fn unreadable_hint(error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied && nix::unistd::geteuid().is_root() {
+        " (the launcher runs as root without CAP_DAC_OVERRIDE, and the files belong to the app's user with modes that keep others out: add DAC_OVERRIDE to the container's securityContext.capabilities.add)"
+    } else {
+        ""
+    }
 }
 
 /// Owner, group and extended attributes of one file of an included path, as the snapshot

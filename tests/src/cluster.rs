@@ -39,6 +39,9 @@ pub const PAUSE_IMAGE: &str = "localhost/pause:3.10";
 pub const KUBELET_PORT: u16 = 10250;
 const LOCK: &str = "/run/kubectl-migrate-cluster.lock";
 const CNI_BIN: &str = "/usr/lib/cni";
+/// The pods' addresses: node N's pods get `10.88.N.0/24` on its bridge `migbr(N-1)`, whose
+/// gateway address is the host's; pods reach the other nodes' pods through it.
+const POD_NETWORK: &str = "10.88.0.0/16";
 
 /// Where `cargo xtask images` works and leaves its archive.
 pub fn images_dir() -> PathBuf {
@@ -120,6 +123,7 @@ impl ClusterNode {
     fn bridge(&self) -> String {
         format!("migbr{}", self.index)
     }
+    /// This node's slice of [`POD_NETWORK`].
     fn subnet(&self) -> String {
         format!("10.88.{}.0/24", self.index + 1)
     }
@@ -169,6 +173,10 @@ impl Cluster {
             keep: false,
             _lock: Some(lock),
         };
+        // Pod to pod across nodes goes through the host, from one node's bridge to another's
+        // (a fresh machine may have forwarding off).
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("turn on IPv4 forwarding between the nodes' bridges")?;
         cluster.start_control_plane()?;
         for node in cluster.nodes.clone() {
             cluster.start_node(&node)?;
@@ -568,6 +576,9 @@ state = "{state}"
                 "plugins": [
                     {"type": "bridge", "bridge": node.bridge(), "isGateway": true, "ipMasq": false, "hairpinMode": true,
                      "ipam": {"type": "host-local", "ranges": [[{"subnet": node.subnet()}]],
+                              // pods reach the other nodes' pods through their bridge's
+                              // gateway (routed by the host, ip_forward on): nothing else
+                              "routes": [{"dst": POD_NETWORK}],
                               "dataDir": nd.join("cni-ipam").display().to_string()}},
                     {"type": "loopback"}
                 ]

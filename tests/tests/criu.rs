@@ -1224,7 +1224,9 @@ fn sysv_objects_travel_in_the_apps_own_ipc_namespace() -> Result<()> {
     }
     let app = ["--ipc-namespace", "--", "perl", "/opt/apps/sysv.pl"];
     let a = Node::prepare("node-a")?.start(&options("node-a", &app))?;
-    a.wait_for("5 ticks", LIMIT, |n| (sysv_ticks(&n.stdout()).len() >= 5).then_some(()))?;
+    a.wait_for("5 ticks", LIMIT, |n| {
+        (sysv_ticks(&n.stdout()).len() >= 5).then_some(())
+    })?;
     // The launcher's own IPC namespace stays empty: the objects are the app's.
     let listed = a.exec(&["cat", "/proc/sysvipc/sem"]).output()?;
     ensure!(
@@ -1238,7 +1240,13 @@ fn sysv_objects_travel_in_the_apps_own_ipc_namespace() -> Result<()> {
     std::fs::copy(a.path("/tmp/sysv.tar.zst"), b.path("/tmp/sysv.tar.zst"))?;
     let b = b.start(&options(
         "node-b",
-        &["--restore-from", "/tmp/sysv.tar.zst", "--", "perl", "/opt/apps/sysv.pl"],
+        &[
+            "--restore-from",
+            "/tmp/sysv.tar.zst",
+            "--",
+            "perl",
+            "/opt/apps/sysv.pl",
+        ],
     ))?;
     let ticks = b.wait_for("3 ticks on B", LIMIT, |n| {
         let t = sysv_ticks(&n.stdout());
@@ -1251,13 +1259,19 @@ fn sysv_objects_travel_in_the_apps_own_ipc_namespace() -> Result<()> {
             "B's tick {events} does not continue A's last {}",
             last.0
         );
-        ensure!(*sem == expected, "semaphore 0 is {sem}, expected {expected}: {ticks:?}");
+        ensure!(
+            *sem == expected,
+            "semaphore 0 is {sem}, expected {expected}: {ticks:?}"
+        );
         ensure!(*mark == 41, "semaphore 1 lost its value 41: {ticks:?}");
         ensure!(
             *msg == format!("m{}", expected - 3),
             "the queue did not keep its messages in order: got {msg} at tick {expected}"
         );
-        ensure!(*shm == expected.to_string(), "shared memory holds {shm} at tick {expected}");
+        ensure!(
+            *shm == expected.to_string(),
+            "shared memory holds {shm} at tick {expected}"
+        );
     }
     Ok(())
 }
@@ -1300,7 +1314,11 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
     std::fs::write(&file, "only for 1000 and group 1001\n")?;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640))?;
     xattr::set(&file, "user.origin", b"node-a")?;
-    xattr::set(&file, "system.posix_acl_access", &acl_granting_read_to_1234())?;
+    xattr::set(
+        &file,
+        "system.posix_acl_access",
+        &acl_granting_read_to_1234(),
+    )?;
     std::os::unix::fs::chown(&file, Some(1000), Some(1001))?;
     std::os::unix::fs::chown(&dir, Some(1000), Some(1000))?;
     let source_acl = xattr::get(&file, "system.posix_acl_access")?.context("no ACL on A")?;
@@ -1355,4 +1373,3 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
     );
     Ok(())
 }
-

@@ -107,7 +107,7 @@ fn main() {
             plugin_memory_flat,
         ),
         (
-            "a_run_as_non_root_pod_moves_with_its_count_and_no_new_privs_is_named",
+            "a_run_as_non_root_pod_moves_with_its_count_and_a_missing_capability_is_named",
             servers::non_root_pod_moves,
         ),
         (

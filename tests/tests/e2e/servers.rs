@@ -16,38 +16,34 @@ fn edited_pod(
     Ok(serde_yaml::to_string(&pod)?)
 }
 
-/// The counter as uid 1000 in a `runAsNonRoot` pod that keeps the two capabilities, with
-/// `allowPrivilegeEscalation` as given (None: unset).
-fn non_root_counter(name: &str, escalation: Option<bool>) -> Result<String> {
+/// The counter as uid 1000 in a `runAsNonRoot` pod, its container as in the example (drop
+/// ALL, `allowPrivilegeEscalation: false`) adding the capabilities `add`.
+fn non_root_counter(name: &str, add: &str) -> Result<String> {
     edited_pod(
         "counter/pod.yaml",
         name,
         "node-a",
         &[("COUNTER_INTERVAL", "0.5")],
         |pod| {
-            pod["spec"]["securityContext"] = serde_yaml::from_str(
-                "{runAsUser: 1000, runAsGroup: 1000, runAsNonRoot: true}",
-            )
-            .expect("static YAML");
-            let security = &mut pod["spec"]["containers"][0]["securityContext"];
-            match escalation {
-                Some(value) => security["allowPrivilegeEscalation"] = value.into(),
-                None => {
-                    if let Some(map) = security.as_mapping_mut() {
-                        map.remove("allowPrivilegeEscalation");
-                    }
-                }
-            }
+            pod["spec"]["securityContext"] =
+                serde_yaml::from_str("{runAsUser: 1000, runAsGroup: 1000, runAsNonRoot: true}")
+                    .expect("static YAML");
+            pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+                serde_yaml::from_str(add).expect("static YAML");
         },
     )
 }
 
-/// A `runAsNonRoot` pod (uid 1000) migrates with its count continuing: the launcher gets its
-/// two capabilities from the image's file capabilities, criu gets them as ambient ones, and
-/// the app none. With `allowPrivilegeEscalation: false` (no_new_privs switches file
-/// capabilities off) the move fails naming that setting, and the source counts on.
+/// A `runAsNonRoot` pod (uid 1000, `allowPrivilegeEscalation: false`) migrates with its count
+/// continuing: the launcher gets its two capabilities from the image's file capabilities
+/// (runc grants them to the permitted set before exec, so no_new_privs keeps them), criu gets
+/// them as ambient ones, and the app none. Without CHECKPOINT_RESTORE the move fails naming
+/// it, and the source counts on.
 pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
-    cluster.apply(&non_root_counter("nonroot", None)?)?;
+    cluster.apply(&non_root_counter(
+        "nonroot",
+        "[CHECKPOINT_RESTORE, SETPCAP]",
+    )?)?;
     cluster.wait_running("nonroot", WAIT)?;
     wait_until("nonroot counts", WAIT, || {
         Ok((counter_values(&logs(cluster, "nonroot", None)).len() >= 4).then_some(()))
@@ -66,11 +62,11 @@ pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
         "--",
         "sh",
         "-c",
-        "stat -c %u /proc/1 /proc/1000; grep ^CapEff: /proc/1000/status",
+        "stat -c %u /proc/1 /proc/1000; grep ^CapEff: /proc/1000/status; grep ^NoNewPrivs: /proc/1/status",
     ])?;
     let lines: Vec<&str> = ids.lines().collect();
     ensure!(
-        lines.len() == 3 && lines[0] == "1000" && lines[1] == "1000",
+        lines.len() == 4 && lines[0] == "1000" && lines[1] == "1000",
         "the launcher and the restored app do not both run as uid 1000: {ids}"
     );
     ensure!(
@@ -78,25 +74,33 @@ pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
         "the restored app holds capabilities: {}",
         lines[2]
     );
-
-    cluster.apply(&non_root_counter("nonroot-nnp", Some(false))?)?;
-    cluster.wait_running("nonroot-nnp", WAIT)?;
-    wait_until("nonroot-nnp counts", WAIT, || {
-        Ok((counter_values(&logs(cluster, "nonroot-nnp", None)).len() >= 4).then_some(()))
-    })?;
-    let out = migrate(cluster, &["nonroot-nnp", "--to", "node-b"], &[])?;
     ensure!(
-        out.code != Some(0) && out.stderr.contains("allowPrivilegeEscalation"),
-        "the move was not refused naming allowPrivilegeEscalation: {:?}\n{}",
+        lines[3].ends_with('1'),
+        "the target does not run under no_new_privs: {}",
+        lines[3]
+    );
+
+    cluster.apply(&non_root_counter("nonroot-nocr", "[SETPCAP]")?)?;
+    cluster.wait_running("nonroot-nocr", WAIT)?;
+    wait_until("nonroot-nocr counts", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot-nocr", None)).len() >= 4).then_some(()))
+    })?;
+    let out = migrate(cluster, &["nonroot-nocr", "--to", "node-b"], &[])?;
+    ensure!(
+        out.code != Some(0)
+            && out
+                .stderr
+                .contains("runs as uid 1000 and its pod does not grant CHECKPOINT_RESTORE"),
+        "the move was not refused naming the capability: {:?}\n{}",
         out.code,
         out.stderr
     );
-    wait_gone(cluster, "nonroot-nnp-m1")?;
-    let seen = counter_values(&logs(cluster, "nonroot-nnp", None)).len();
-    wait_until("nonroot-nnp counting on", WAIT, || {
-        Ok((counter_values(&logs(cluster, "nonroot-nnp", None)).len() >= seen + 2).then_some(()))
+    wait_gone(cluster, "nonroot-nocr-m1")?;
+    let seen = counter_values(&logs(cluster, "nonroot-nocr", None)).len();
+    wait_until("nonroot-nocr counting on", WAIT, || {
+        Ok((counter_values(&logs(cluster, "nonroot-nocr", None)).len() >= seen + 2).then_some(()))
     })?;
-    for pod in ["nonroot-m1", "nonroot-nnp"] {
+    for pod in ["nonroot-m1", "nonroot-nocr"] {
         cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
     }
     Ok(())
@@ -199,9 +203,22 @@ pub fn sysv_app_moves_in_its_ipc_namespace(cluster: &Cluster) -> Result<()> {
 
 /// `psql` in `pod` against its own server, as the postgres database user; one value per line.
 fn psql(cluster: &Cluster, pod: &str, sql: &str) -> Result<String> {
-    cluster.kubectl_ok(&[
-        "exec", pod, "--", "psql", "-qAt", "-h", "127.0.0.1", "-U", "postgres", "-c", sql,
-    ])
+    Ok(cluster
+        .kubectl_ok(&[
+            "exec",
+            pod,
+            "--",
+            "psql",
+            "-qAt",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-c",
+            sql,
+        ])?
+        .trim()
+        .to_string())
 }
 
 /// What only the running server holds, and the data: the postmaster's start time (a restart
@@ -264,11 +281,25 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
          create table acked(id bigserial primary key, at timestamptz)",
     )?;
     cluster.kubectl_ok(&[
-        "exec", "pg", "--", "pgbench", "-i", "-q", "-s", "2", "-h", "127.0.0.1", "-U",
-        "postgres", "postgres",
+        "exec",
+        "pg",
+        "--",
+        "pgbench",
+        "-i",
+        "-q",
+        "-s",
+        "2",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "postgres",
     ])?;
     let users = cluster.kubectl_ok(&["exec", "pg", "--", "stat", "-c", "%U", "/proc/1000"])?;
-    ensure!(users == "postgres", "the server runs as {users}, not postgres");
+    ensure!(
+        users.trim() == "postgres",
+        "the server runs as {users}, not postgres"
+    );
     let state_before = psql(cluster, "pg", STATE)?;
 
     // The client pod: the same image, its own command (no launcher), on node-a.
@@ -281,8 +312,8 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
                 map.remove(key);
             }
         }
-        container["securityContext"] = serde_yaml::from_str("{capabilities: {drop: [ALL]}}")
-            .expect("static YAML");
+        container["securityContext"] =
+            serde_yaml::from_str("{capabilities: {drop: [ALL]}}").expect("static YAML");
         if let Some(map) = pod["spec"].as_mapping_mut() {
             map.remove("volumes");
         }
@@ -343,7 +374,12 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
         "the server's state changed: before {state_before:?}, after {state_after:?}"
     );
     let server_log = logs(cluster, "pg-m1", None);
-    for recovery in ["was interrupted", "automatic recovery", "redo starts", "not properly shut down"] {
+    for recovery in [
+        "was interrupted",
+        "automatic recovery",
+        "redo starts",
+        "not properly shut down",
+    ] {
         ensure!(
             !server_log.contains(recovery),
             "the target's server log shows crash recovery ({recovery}):\n{server_log}"
@@ -364,7 +400,10 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
         "the data directory arrived as {owner}"
     );
     ensure!(
-        owner.lines().nth(1).is_some_and(|l| l.starts_with("999:999")),
+        owner
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("999:999")),
         "the restored server does not run as postgres: {owner}"
     );
     // Every INSERT the probe saw acknowledged is in the table.
@@ -375,7 +414,11 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
         rows >= acked,
         "{acked} inserts were acknowledged but only {rows} rows are there"
     );
-    psql(cluster, "pg-m1", "insert into rows values (20001, 'after the move')")?;
+    psql(
+        cluster,
+        "pg-m1",
+        "insert into rows values (20001, 'after the move')",
+    )?;
 
     // What clients saw.
     let failed = attempts.iter().filter(|(ok, _)| !*ok).count();
