@@ -219,17 +219,22 @@ pub fn take_back(dir: &std::path::Path) -> Result<(), String> {
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
     );
-    let mut paths = vec![dir.to_path_buf()];
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        paths.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
-    }
-    for path in paths {
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| {
+    let take = |path: &std::path::Path| {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| {
             format!(
                 "cannot take back {} from the app's user: {e}; add CHOWN to the container's securityContext.capabilities.add",
                 path.display()
             )
-        })?;
+        })
+    };
+    // The directory first: until it is the launcher's again, a launcher without
+    // CAP_DAC_READ_SEARCH cannot list it.
+    take(dir)?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        take(&entry.path())?;
     }
     Ok(())
 }

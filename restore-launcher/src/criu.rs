@@ -415,6 +415,13 @@ pub fn known_cause(excerpt: &str) -> Option<&'static str> {
             "criu restores a file of the app's user and needs CAP_FOWNER to set its mode: add FOWNER to the container's securityContext.capabilities.add",
         );
     }
+    if excerpt.contains("Can't open file") && excerpt.contains("Permission denied") {
+        // criu/files-reg.c: a root launcher restoring files (a working directory, data files)
+        // that only the app's user may open.
+        return Some(
+            "criu restores files that only the app's user may open and needs CAP_DAC_OVERRIDE to open them: add DAC_OVERRIDE to the container's securityContext.capabilities.add",
+        );
+    }
     if excerpt.contains("Effective capability 40 missing") {
         return Some("add CHECKPOINT_RESTORE to the container's securityContext.capabilities.add");
     }

@@ -63,14 +63,6 @@ pub fn web_image() -> String {
     format!("localhost/migrate-web:{IMAGE_VERSION}")
 }
 
-pub fn sysv_image() -> String {
-    format!("localhost/migrate-sysv:{IMAGE_VERSION}")
-}
-
-pub fn postgres_image() -> String {
-    format!("localhost/migrate-postgres:{IMAGE_VERSION}")
-}
-
 /// Whether a cluster can start here; skips loudly outside CI, fails in CI.
 pub fn cluster_tests_can_run(test: &str) -> bool {
     let mut missing = Vec::new();

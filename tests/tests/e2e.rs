@@ -118,6 +118,10 @@ fn main() {
             "postgres_moves_as_the_postgres_user_with_its_memory_while_clients_reconnect",
             servers::postgres_moves_with_clients,
         ),
+        (
+            "redis_moves_as_the_redis_user_with_the_keys_it_holds_only_in_memory",
+            servers::redis_moves_with_its_keys,
+        ),
     ];
     let cluster: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));

@@ -5,8 +5,8 @@
 //!
 //! - `localhost/restore-launcher:VERSION`: the base image (trixie, CRIU >= 4.2, the launcher as
 //!   ENTRYPOINT);
-//! - `localhost/migrate-counter:VERSION` and `localhost/migrate-web:VERSION`: the examples,
-//!   each the base's layers plus its own;
+//! - `localhost/migrate-counter:VERSION`, `…-web`, `…-sysv`, `…-postgres` and `…-redis`:
+//!   the examples (images/examples), each the base's layers plus its own;
 //! - `localhost/pause:3.10`: the pod sandbox image, Debian's static catatonit in pause mode
 //!   (`-P`), since the usual pause image comes from a registry.
 //!
@@ -202,6 +202,29 @@ pub(crate) fn build() -> Result<PathBuf> {
             "--config.env=RESTORE_LAUNCHER_USER=postgres",
             "--config.env=PGDATA=/var/lib/postgresql/data/pgdata",
             &format!("--config.env={IMAGE_PATH}:/usr/lib/postgresql/17/bin"),
+        ],
+    )?;
+
+    eprintln!("xtask: images: redis (Debian's redis-server, run as redis)");
+    derived_image(
+        &image("base"),
+        &image("redis"),
+        &bundle,
+        &["redis-server"],
+        |root| {
+            copy(
+                &examples.join("redis/redis.conf"),
+                &root.join("etc/redis/migrate.conf"),
+                0o644,
+            )
+        },
+    )?;
+    umoci_config(
+        &image("redis"),
+        &[
+            "--config.cmd=redis-server",
+            "--config.cmd=/etc/redis/migrate.conf",
+            "--config.env=RESTORE_LAUNCHER_USER=redis",
         ],
     )?;
     let _ = std::fs::remove_dir_all(&bundle);

@@ -458,3 +458,50 @@ pub fn postgres_moves_with_clients(cluster: &Cluster) -> Result<()> {
     }
     Ok(())
 }
+
+/// `redis-cli` in `pod`; its answers, one per line.
+fn redis(cluster: &Cluster, pod: &str, command: &str) -> Result<String> {
+    Ok(cluster
+        .kubectl_ok(&["exec", pod, "--", "sh", "-c", command])?
+        .trim()
+        .to_string())
+}
+
+/// Redis (Debian's, run as the redis user, persistence off) moves with keys it holds only in
+/// memory, as the same server process (its run_id), and answers writes afterwards.
+pub fn redis_moves_with_its_keys(cluster: &Cluster) -> Result<()> {
+    cluster.apply(&example_pod("redis/pod.yaml", "cache", "node-a", &[])?)?;
+    cluster.wait_running("cache", WAIT)?;
+    wait_until("Redis answering", WAIT, || {
+        Ok(redis(cluster, "cache", "redis-cli ping")
+            .ok()
+            .filter(|v| v == "PONG"))
+    })?;
+    redis(
+        cluster,
+        "cache",
+        "redis-cli set greeting hello && redis-cli incrby visits 41 && \
+         redis-cli rpush recent a b c && redis-cli config get save",
+    )?;
+    let state = "redis-cli info server | grep -E '^run_id:' | tr -d '\\r'; \
+                 redis-cli get greeting; redis-cli lrange recent 0 -1; stat -c %U /proc/1000";
+    let before = redis(cluster, "cache", state)?;
+    ensure!(
+        before.ends_with("redis"),
+        "Redis does not run as redis: {before}"
+    );
+    migrate_ok(cluster, &["cache", "--to", "node-b"], &[])?;
+    cluster.wait_running("cache-m1", WAIT)?;
+    let after = redis(cluster, "cache-m1", state)?;
+    ensure!(
+        after == before,
+        "the server's memory did not travel: before {before:?}, after {after:?}"
+    );
+    let visits = redis(cluster, "cache-m1", "redis-cli incr visits")?;
+    ensure!(
+        visits == "42",
+        "the counter kept in memory is {visits}, not 42"
+    );
+    cluster.kubectl_ok(&["delete", "pod", "cache-m1", "--wait=false"])?;
+    Ok(())
+}
