@@ -545,6 +545,44 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_extended_attributes_of_included_files_are_accepted() {
+        let with = |path: &str, name: &str, value: &str| {
+            let mut m = manifest();
+            m.entries.push(Entry {
+                path: path.into(),
+                kind: EntryKind::File,
+                size: 0,
+                sha256: String::new(),
+                mode: 0o640,
+                link: None,
+                uid: Some(1000),
+                gid: Some(1000),
+                xattrs: [(name.to_string(), value.to_string())].into(),
+            });
+            m.validate("x86_64")
+        };
+        assert!(with("include/0/f", "user.origin", "6e6f64652d61").is_ok());
+        assert!(with("include/0/f", "system.posix_acl_access", "02000000").is_ok());
+        let refused = |result: Result<(), ManifestError>, says: &str| {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        };
+        refused(
+            with("include/0/f", "security.capability", "00"),
+            "grants privileges",
+        );
+        refused(
+            with("criu/pages-1.img", "user.x", "00"),
+            "only files of included paths",
+        );
+        refused(with("include/0/f", "user.x", "zz"), "not hex");
+        refused(
+            with("include/0/f", "user.x", &"00".repeat(XATTR_VALUE_LIMIT + 1)),
+            "not hex of at most 64 KiB",
+        );
+    }
+
+    #[test]
     fn setid_bits_entries_below_a_symlink_and_too_many_entries_are_refused() {
         let mut setuid = manifest();
         setuid.entries[0].mode = 0o4755;
