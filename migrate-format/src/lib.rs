@@ -15,7 +15,7 @@ pub mod report;
 
 pub use manifest::{
     ARCHIVE_FORMAT_VERSION, Entry, EntryKind, MANIFEST_NAME, MANIFEST_SIZE_LIMIT, Manifest,
-    ManifestError, PathError, REFUSED_XATTRS, XATTR_VALUE_LIMIT, validate_entry_path,
+    ManifestError, PathError, XATTR_VALUE_LIMIT, is_carried_xattr, validate_entry_path,
 };
 pub use report::{Answer, CheckpointReport, LauncherState, Refusal, RestoreReport, StatusReport};
 

@@ -78,9 +78,15 @@ pub struct Entry {
     pub xattrs: BTreeMap<String, String>,
 }
 
-/// Extended attributes a checkpoint never carries: file capabilities grant privileges the way
-/// setuid bits do.
-pub const REFUSED_XATTRS: &[&str] = &["security.capability"];
+/// Whether a checkpoint carries extended attribute `name`: the app's own (`user.*`) and POSIX
+/// ACLs. Never `security.*` (file capabilities grant privileges as setuid bits do; SELinux and
+/// other LSM labels belong to the node and the pod, and setting them needs privileges a pod
+/// must not have) nor `trusted.*` (privileged).
+pub fn is_carried_xattr(name: &str) -> bool {
+    name.starts_with("user.")
+        || name == "system.posix_acl_access"
+        || name == "system.posix_acl_default"
+}
 /// Longest extended attribute value the kernel accepts (XATTR_SIZE_MAX).
 pub const XATTR_VALUE_LIMIT: usize = 65_536;
 
@@ -319,17 +325,33 @@ impl Manifest {
             .collect();
         let mut seen = std::collections::BTreeSet::new();
         for entry in &self.entries {
-            if entry.mode & 0o6000 != 0 {
+            // A directory's setgid bit only makes new files inherit its group (fsGroup
+            // emptyDirs have it): kept. Set-id bits on anything else grant privileges.
+            let set_id = if entry.kind == EntryKind::Dir {
+                0o4000
+            } else {
+                0o6000
+            };
+            if entry.mode & set_id != 0 {
                 return Err(ManifestError::SetId {
                     path: entry.path.clone(),
                     mode: entry.mode,
                 });
             }
+            if !entry.path.starts_with("include/") && (entry.uid.is_some() || entry.gid.is_some()) {
+                return Err(ManifestError::Xattr {
+                    path: entry.path.clone(),
+                    name: "(owner)".into(),
+                    why: "only files of included paths may carry",
+                });
+            }
             for (name, value) in &entry.xattrs {
-                let why = if REFUSED_XATTRS.contains(&name.as_str()) {
-                    Some("grants privileges, and a checkpoint never carries it")
+                let why = if !is_carried_xattr(name) {
+                    Some("is not one a checkpoint carries (user.* and POSIX ACLs only)")
                 } else if !entry.path.starts_with("include/") {
                     Some("only files of included paths may carry")
+                } else if entry.kind == EntryKind::Symlink {
+                    Some("a symlink cannot carry")
                 } else if name.is_empty() || name.len() > 255 || name.contains('\0') {
                     Some("is not a valid attribute name")
                 } else if value.len() > 2 * XATTR_VALUE_LIMIT || hex::decode(value).is_err() {
@@ -567,10 +589,16 @@ mod tests {
             let error = result.unwrap_err().to_string();
             assert!(error.contains(says), "{error}");
         };
-        refused(
-            with("include/0/f", "security.capability", "00"),
-            "grants privileges",
-        );
+        for name in [
+            "security.capability",
+            "security.selinux",
+            "trusted.overlay.opaque",
+        ] {
+            refused(
+                with("include/0/f", name, "00"),
+                "not one a checkpoint carries",
+            );
+        }
         refused(
             with("criu/pages-1.img", "user.x", "00"),
             "only files of included paths",

@@ -141,12 +141,13 @@ fn walk(root: &Path, path: &Path, entries: &mut Vec<Entry>) -> Result<(), Archiv
     let meta = path.symlink_metadata().map_err(read_error)?;
     let relative = relative(root, path);
     let mode = meta.permissions().mode() & 0o7777;
-    // A checkpoint never carries setuid/setgid bits (a restore refuses them): dropped here,
-    // and said so.
-    if mode & 0o6000 != 0 {
+    // A checkpoint never carries setuid/setgid bits of files (a restore refuses them): dropped
+    // here, and said so. A directory's setgid bit (group inheritance, fsGroup) is kept.
+    let set_id = if meta.is_dir() { 0o4000 } else { 0o6000 };
+    if mode & set_id != 0 {
         tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "included file loses its setuid/setgid bits in the checkpoint");
     }
-    let mode = mode & 0o1777;
+    let mode = mode & !set_id;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(path)
             .map_err(read_error)?

@@ -11,13 +11,17 @@
 //! `CapPrm`/`CapEff` all zero. The one way in is a *file capability* on the launcher binary:
 //! the base image marks `/usr/local/bin/restore-launcher` with `cap_checkpoint_restore,
 //! cap_setpcap,cap_sys_admin+p` (permitted only, no effective bit, so a pod whose bounding set
-//! lacks one still starts; it gets what both allow: file ∩ bounding). The kernel ignores file
-//! capabilities under `no_new_privs`, which `allowPrivilegeEscalation: false` sets.
+//! lacks one still starts; it gets what both allow: file ∩ bounding). Under `no_new_privs`
+//! (`allowPrivilegeEscalation: false`) the kernel caps what an exec gains at the permitted set
+//! the process had before; runc puts the granted capabilities there before it switches to the
+//! container's user and execs, so they survive (measured: a uid-1000 pod with
+//! `allowPrivilegeEscalation: false` migrates).
 //!
 //! [`adopt`] then makes the permitted capabilities effective (for clone3 `set_tid`), inheritable
 //! and ambient, so that criu -- an ordinary binary exec'd by the launcher -- receives them.
-//! The app must not: [`drop_ambient`] runs in the app's child before exec, so a non-root app
-//! starts with no capability at all, as it would without the launcher.
+//! The app must not: [`drop_for_app`] runs in the app's child before exec and clears the
+//! ambient and inheritable sets, so a non-root app starts with no capability at all, as it
+//! would without the launcher.
 
 use caps::{CapSet, Capability};
 
@@ -68,10 +72,33 @@ pub fn adopt() -> Adopted {
     adopted
 }
 
-/// Clears the ambient set in the app's child before exec, so the app gets none of the
-/// launcher's capabilities. Async-signal-safe (one prctl); an old kernel without ambient
-/// capabilities (EINVAL) has nothing to clear.
-pub fn drop_ambient() -> std::io::Result<()> {
+/// The launcher's (effective, permitted) capability masks, read before forking the app, for
+/// [`drop_for_app`].
+pub fn own_masks() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("CapEff:"), mask("CapPrm:"))
+}
+
+/// Clears the ambient and inheritable sets in the app's child before exec (keeping
+/// `masks`, the effective and permitted sets, which exec recomputes), so the app gets none of
+/// the launcher's capabilities, not even through a binary with inheritable file capabilities.
+/// Async-signal-safe (prctl, capset).
+pub fn drop_for_app(masks: (u64, u64)) -> std::io::Result<()> {
+    drop_ambient()?;
+    crate::creds::capset(masks.0, masks.1, 0)?;
+    Ok(())
+}
+
+/// Clears the ambient set. An old kernel without ambient capabilities (EINVAL) has nothing to
+/// clear.
+fn drop_ambient() -> std::io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: prctl with integer arguments only; no memory is touched.
     let rc = unsafe {

@@ -151,10 +151,15 @@ fn checkpoint(
     );
     if run_as.is_some() {
         if let Err(error) = crate::creds::take_back(&dir.join("criu")) {
-            if dumped.is_ok() {
+            // A tree `freeze` stopped stays stopped: only thaw or rollback resume it.
+            if dumped.is_ok() && !plan.was_frozen {
                 crate::tree::resume(plan.app);
             }
-            return Err(format!("{error}; the app keeps running"));
+            let dump = dumped
+                .err()
+                .map(|e| format!("{}; ", chain(&e)))
+                .unwrap_or_default();
+            return Err(format!("{dump}{error}; the app keeps running"));
         }
     }
     if let Err(error) = dumped {

@@ -130,10 +130,11 @@ impl Server {
             })?;
         // The directory holds the socket and the app's checkpoints: one made in advance by
         // another user (a shared /tmp) must not be used.
-        let meta = std::fs::metadata(state_dir).map_err(|source| ControlError::StateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
+        let meta =
+            std::fs::symlink_metadata(state_dir).map_err(|source| ControlError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
         let own = nix::unistd::geteuid().as_raw();
         let owner = std::os::unix::fs::MetadataExt::uid(&meta);
         if owner != own {

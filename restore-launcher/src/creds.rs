@@ -4,11 +4,12 @@
 //! Why criu dumps as the app's user: a root criu dumping a tree of another user needs
 //! CAP_SYS_PTRACE (ptrace across users) and CAP_SYS_RESOURCE (`prlimit` of another user's
 //! process: `Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted`). Pods
-//! rarely have those, and this machine's root has no CAP_SYS_RESOURCE at all. criu running as
-//! the app's own user, holding only CAP_CHECKPOINT_RESTORE (kept across the user switch and
-//! passed on as an ambient capability), needs neither. The restore then runs as root, which
-//! sets the app's credentials back (CAP_SETUID/CAP_SETGID) and may write an IPC namespace's
-//! sysctls (the kernel lets only uid 0 or CAP_SYS_RESOURCE write those).
+//! rarely have those (and some nodes' root has no CAP_SYS_RESOURCE at all). criu running as
+//! the app's own user, keeping CAP_CHECKPOINT_RESTORE (and SYS_ADMIN, SYS_PTRACE when held)
+//! across the user switch as ambient capabilities, needs neither. The restore then runs as
+//! root, which sets the app's credentials back (CAP_SETUID/CAP_SETGID) and may write an IPC
+//! namespace's sysctls (the kernel's `ipc_permissions` lets only the namespace's root uid
+//! write those, whatever capability another uid holds).
 
 use std::ffi::CString;
 
@@ -41,13 +42,19 @@ pub enum CredsError {
 }
 
 /// Resolves `spec` (`NAME`, `UID`, `NAME:GROUP` or `UID:GID`) with the image's passwd and
-/// group files, supplementary groups included, as `setpriv --init-groups` would.
+/// group files, supplementary groups included, as `setpriv --init-groups` would. `None` when
+/// the launcher already runs as that user (an image that sets RESTORE_LAUNCHER_USER, run by a
+/// pod that sets the same `runAsUser`): there is nothing to switch.
 ///
 /// # Errors
-/// [`CredsError`] naming what is not found.
-pub fn resolve(spec: &str) -> Result<Creds, CredsError> {
+/// [`CredsError`] naming what is not found or missing.
+pub fn resolve(spec: &str) -> Result<Option<Creds>, CredsError> {
     let euid = nix::unistd::geteuid().as_raw();
     if euid != 0 {
+        let wanted = lookup(spec)?;
+        if wanted.uid == euid {
+            return Ok(None);
+        }
         return Err(CredsError::NotRoot(euid));
     }
     let missing: Vec<&str> = [(7, "SETUID"), (6, "SETGID"), (5, "KILL")]
@@ -58,6 +65,10 @@ pub fn resolve(spec: &str) -> Result<Creds, CredsError> {
     if !missing.is_empty() {
         return Err(CredsError::Capabilities(missing.join(", ")));
     }
+    lookup(spec).map(Some)
+}
+
+fn lookup(spec: &str) -> Result<Creds, CredsError> {
     let (user, group) = match spec.split_once(':') {
         Some((user, group)) => (user, Some(group)),
         None => (spec, None),
@@ -118,6 +129,39 @@ pub fn of_process(pid: i32) -> Option<Creds> {
     })
 }
 
+/// Checks that every process of the restored tree rooted at `root` runs as `creds` (uid, gid,
+/// groups) and holds no capability (permitted, effective, ambient).
+///
+/// # Errors
+/// A message naming the first process that does not.
+pub fn check_restored(root: i32, creds: &Creds) -> Result<(), String> {
+    for pid in crate::tree::pids(nix::unistd::Pid::from_raw(root)) {
+        let found = of_process(pid)
+            .ok_or_else(|| format!("cannot read the credentials of restored process {pid}"))?;
+        if found.uid != creds.uid || found.gid != creds.gid || found.groups != creds.groups {
+            return Err(format!(
+                "restored process {pid} runs as uid {} gid {} groups {:?}, not as RESTORE_LAUNCHER_USER's uid {} gid {} groups {:?}: the archive comes from a container that ran the app as another user",
+                found.uid, found.gid, found.groups, creds.uid, creds.gid, creds.groups
+            ));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
+            let held = status
+                .lines()
+                .find_map(|l| l.strip_prefix(set))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or(u64::MAX);
+            if held != 0 {
+                return Err(format!(
+                    "restored process {pid} holds capabilities ({} {held:#x}), which an app run as RESTORE_LAUNCHER_USER never has: the archive does not match this container",
+                    set.trim_end_matches(':')
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Switches the calling process (the app's child before exec) to `creds`: groups, then
 /// group, then user, all of real, effective and saved.
 ///
@@ -170,7 +214,7 @@ pub fn become_user_keeping(creds: &Creds, keep: u64) -> nix::Result<()> {
 }
 
 /// capset(2) with version 3 structures, all three sets given as 64-bit masks.
-fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
+pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,

@@ -139,6 +139,11 @@ impl Criu {
     ) -> Result<(), CriuError> {
         let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
         args.extend(common_args(images, log.path));
+        // criu as a non-root user always needs it ("Running as non-root requires
+        // '--unprivileged'"), even when the launcher itself is fully privileged.
+        if run_as.is_some() && !args.iter().any(|a| a == "--unprivileged") {
+            args.push("--unprivileged".into());
+        }
         args.push("--leave-stopped".into());
         args.push("--skip-in-flight".into());
         self.run("dump", &args, log, original_mask, &[], run_as)
@@ -200,7 +205,11 @@ impl Criu {
         let mask = *original_mask;
         let inherit = inherit.to_vec();
         let switch_to = run_as.cloned();
-        let keep_caps = crate::creds::effective_mask();
+        // What criu keeps as the app's user: CHECKPOINT_RESTORE, and SYS_ADMIN (entering the
+        // app's IPC namespace) and SYS_PTRACE (Yama nodes) when the launcher holds them.
+        let keep_caps = crate::creds::effective_mask()
+            & ((1 << CAP_CHECKPOINT_RESTORE) | (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE));
+        let parent = nix::unistd::getpid();
         let mut cmd = Command::new(&self.path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -209,15 +218,14 @@ impl Criu {
             .stderr(Stdio::piped());
         #[allow(unsafe_code)]
         // SAFETY: between fork and exec only async-signal-safe system calls are made
-        // (sigprocmask, umask, prctl, fcntl) and nothing is allocated.
+        // (sigprocmask, umask, prctl, fcntl, getppid, _exit, and for `run_as` setgroups,
+        // setres[ug]id and capset on data prepared before the fork) and nothing is allocated.
         unsafe {
             cmd.pre_exec(move || {
                 // criu inherits the launcher's nearly-full blocked mask; it must not run deaf.
                 sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)?;
                 // Images hold the app's memory (secrets): created 0600, not criu's 0644.
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-                // If the job driving criu dies, criu must not carry on alone.
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 for fd in &inherit {
                     // SAFETY: these fds stay open in the parent for the duration of the call.
                     let fd = BorrowedFd::borrow_raw(*fd);
@@ -228,6 +236,12 @@ impl Criu {
                 }
                 if let Some(creds) = &switch_to {
                     crate::creds::become_user_keeping(creds, keep_caps)?;
+                }
+                // If the job driving criu dies, criu must not carry on alone. Set after the
+                // user switch, which clears it; a parent already gone is caught by getppid.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });

@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use migrate_format::{Entry, EntryKind, Manifest, REFUSED_XATTRS};
+use migrate_format::{Entry, EntryKind, Manifest, is_carried_xattr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncludeError {
@@ -88,8 +88,14 @@ fn read_xattrs(path: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
     };
     for name in names {
         let name = name.to_string_lossy().into_owned();
-        if REFUSED_XATTRS.contains(&name.as_str()) {
-            tracing::warn!(path = %path.display(), %name, "included file loses its file capabilities in the checkpoint");
+        if !is_carried_xattr(&name) {
+            // Node- and pod-owned labels (security.selinux) are the target's to set; others
+            // (file capabilities, trusted.*) grant privileges: named in the log, not carried.
+            if name == "security.selinux" {
+                tracing::debug!(path = %path.display(), %name, "extended attribute left to the target");
+            } else {
+                tracing::warn!(path = %path.display(), %name, "included file's extended attribute is not carried (only user.* and POSIX ACLs are)");
+            }
             continue;
         }
         if let Some(value) = xattr::get(path, &name)? {

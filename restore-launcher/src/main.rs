@@ -110,7 +110,16 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
     if !adopted.held.is_empty() {
         tracing::info!(uid = adopted.euid, capabilities = ?adopted.held, "running as a non-root user with the launcher's file capabilities");
     }
-    let user = options.user.as_deref().map(creds::resolve).transpose()?;
+    let user = options
+        .user
+        .as_deref()
+        .map(creds::resolve)
+        .transpose()?
+        .flatten();
+    // Also when restoring: a target that could not hold the namespace must say so at start.
+    if options.ipc_namespace {
+        spawn::check_ipc_namespace()?;
+    }
     let config = supervisor::Config {
         pid_floor: options.pid_floor,
         state_dir: cli.state_dir(),

@@ -45,6 +45,8 @@ pub struct Plan {
     pub input_stall_timeout: std::time::Duration,
     /// Take only archives sealed with this key (`crate::seal`).
     pub key: Option<crate::seal::KeySource>,
+    /// `--user`: the restored app must run as this user, with no capability.
+    pub user: Option<crate::creds::Creds>,
 }
 
 /// The write ends of the launcher's new stdout/stderr pipes, handed to CRIU.
@@ -168,6 +170,14 @@ fn restore(
         )
         .map_err(|e| chain(&e))?;
     let resumed_at = sysinfo::now_ms();
+    // criu (as root) gave the app the credentials its images hold: with --user they must be
+    // that user's, capability-free, whatever the archive says.
+    if let Some(creds) = &plan.user {
+        if let Err(error) = crate::creds::check_restored(pid, creds) {
+            crate::tree::kill_all(nix::unistd::Pid::from_raw(pid));
+            return Err(format!("{error}; the restored app was killed"));
+        }
+    }
     report
         .timings_ms
         .insert("restore".into(), phase.elapsed().as_millis() as u64);

@@ -69,10 +69,8 @@ pub enum SpawnError {
     },
     #[error("no command given to run")]
     Empty,
-    #[error(
-        "RESTORE_LAUNCHER_IPC_NAMESPACE (--ipc-namespace) needs CAP_SYS_ADMIN to give the app an IPC namespace of its own: add SYS_ADMIN to the container's securityContext.capabilities.add, or turn the option off if the app holds no SysV IPC objects"
-    )]
-    IpcNamespace,
+    #[error("RESTORE_LAUNCHER_IPC_NAMESPACE (--ipc-namespace) needs {0}")]
+    IpcNamespace(String),
 }
 
 impl SpawnError {
@@ -81,7 +79,7 @@ impl SpawnError {
         match self {
             SpawnError::NotFound { .. } => exit_status::NOT_FOUND,
             SpawnError::CannotExecute { .. } => exit_status::CANNOT_EXECUTE,
-            SpawnError::Burn { .. } | SpawnError::Empty | SpawnError::IpcNamespace => 1,
+            SpawnError::Burn { .. } | SpawnError::Empty | SpawnError::IpcNamespace(_) => 1,
         }
     }
 }
@@ -153,6 +151,27 @@ pub fn advance_pid_counter(floor: i32) -> Result<FloorReport, SpawnError> {
     Ok(report)
 }
 
+/// Whether `--ipc-namespace` can work here: a root launcher (criu must write the new
+/// namespace's sysctls at restore, which the kernel lets only uid 0 do) with CAP_SYS_ADMIN
+/// (to create it).
+///
+/// # Errors
+/// [`SpawnError::IpcNamespace`] saying which is missing.
+pub fn check_ipc_namespace() -> Result<(), SpawnError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Err(SpawnError::IpcNamespace(format!(
+            "the launcher to run as root, since restoring the namespace writes its sysctls, which the kernel lets only uid 0 do; the container runs as uid {euid}: run it as root and start the app as its user with RESTORE_LAUNCHER_USER"
+        )));
+    }
+    if !crate::criu::has_sys_admin() {
+        return Err(SpawnError::IpcNamespace(
+            "CAP_SYS_ADMIN to give the app an IPC namespace of its own: add SYS_ADMIN to the container's securityContext.capabilities.add, or turn the option off if the app holds no SysV IPC objects".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Forks a child that exits at once, reaps it, and returns its PID.
 fn burn_one() -> nix::Result<Pid> {
     #[allow(unsafe_code)]
@@ -195,9 +214,10 @@ pub fn spawn(
     user: Option<&crate::creds::Creds>,
 ) -> Result<App, SpawnError> {
     let user = user.cloned();
+    let masks = crate::caps::own_masks();
     let (program, args) = command.split_first().ok_or(SpawnError::Empty)?;
-    if ipc_namespace && !crate::criu::has_sys_admin() {
-        return Err(SpawnError::IpcNamespace);
+    if ipc_namespace {
+        check_ipc_namespace()?;
     }
     let mask = *original_mask;
     let mut cmd = Command::new(program);
@@ -207,9 +227,19 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(creds) = &user {
+        // As gosu and su do: the app finds its own home and name.
+        if let Ok(Some(entry)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(creds.uid))
+        {
+            cmd.env("HOME", &entry.dir)
+                .env("USER", &entry.name)
+                .env("LOGNAME", &entry.name);
+        }
+    }
     #[allow(unsafe_code)]
-    // SAFETY: runs in the forked child before exec; setsid and sigprocmask are async-signal-safe
-    // system calls and no memory is allocated.
+    // SAFETY: runs in the forked child before exec; setsid, sigprocmask, unshare, prctl,
+    // capset, setgroups and setres[ug]id are async-signal-safe system calls on data prepared
+    // before the fork, and no memory is allocated.
     unsafe {
         cmd.pre_exec(move || {
             // Own session and process group: the app's group is what signals are forwarded to,
@@ -222,7 +252,7 @@ pub fn spawn(
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)?;
             }
             // The launcher's capabilities are for criu, not the app (crate::caps).
-            crate::caps::drop_ambient()?;
+            crate::caps::drop_for_app(masks)?;
             // --user: the app runs as that user from its first instruction.
             if let Some(creds) = &user {
                 crate::creds::become_user(creds)?;

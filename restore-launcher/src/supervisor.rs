@@ -843,6 +843,7 @@ impl Supervisor {
             original_mask: self.signals.original_mask,
             input_stall_timeout: self.config.input_stall_timeout,
             key: self.config.key.clone(),
+            user: self.config.user.clone(),
         };
         let job = Job::start(move || {
             let pipes = restore::Pipes {
