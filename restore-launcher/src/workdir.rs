@@ -88,8 +88,19 @@ pub fn clean_leftovers(work_dir: &Path) -> Vec<String> {
         else {
             continue;
         };
-        if fs::remove_dir_all(&path).is_ok() {
+        // A job killed mid-dump as the app's user (crate::creds) left directories of that
+        // user, which a root launcher without CAP_DAC_OVERRIDE cannot empty: taken back first.
+        if fs::remove_dir_all(&path).is_err() {
+            for sub in ["criu", "log"] {
+                if path.join(sub).exists() {
+                    let _ = crate::creds::take_back(&path.join(sub));
+                }
+            }
+        }
+        if !path.exists() || fs::remove_dir_all(&path).is_ok() {
             removed.push(name);
+        } else {
+            tracing::warn!(path = %path.display(), "cannot remove a leftover job directory (it holds an app's memory): remove it by hand");
         }
         drop(lock);
     }

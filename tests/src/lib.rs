@@ -493,6 +493,28 @@ pub fn counter_values(stdout: &str) -> Vec<(u64, u64)> {
 }
 
 /// Revenue in cents after `events` events, as the counter app computes it.
+/// What `images/examples/sysv/sysv.pl` prints each tick: (events, semaphore 0, semaphore 1,
+/// the message it received, the shared-memory contents).
+pub fn sysv_ticks(stdout: &str) -> Vec<(u64, u64, u64, String, String)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            Some((
+                field("events=")?.parse().ok()?,
+                field("sem=")?.parse().ok()?,
+                field("mark=")?.parse().ok()?,
+                field("msg=")?,
+                field("shm=")?,
+            ))
+        })
+        .collect()
+}
+
 pub fn expected_revenue(events: u64) -> u64 {
     const PRICES_CENTS: [u64; 5] = [199, 1250, 75, 499, 2999];
     (1..=events).map(|e| PRICES_CENTS[(e % 5) as usize]).sum()

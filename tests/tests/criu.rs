@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use migrate_tests::{
-    LEAST_CAPS, Node, NodeOptions, counter_values, criu_tests_can_run, expected_revenue,
+    LEAST_CAPS, Node, NodeOptions, counter_values, criu_tests_can_run, expected_revenue, sysv_ticks,
 };
 use nix::sys::signal::Signal;
 use sha2::{Digest as _, Sha256};
@@ -59,6 +59,24 @@ fn checkpoint(node: &Node, extra: &[&str]) -> Result<serde_json::Value> {
         node.stderr()
     );
     Ok(report)
+}
+
+/// Copies archive `archive` (a path inside the nodes) from `a` to a new node-b started with
+/// `--restore-from` it and `launcher_args`, and waits until B has restored the app.
+fn restore_on_b(a: &Node, archive: &str, launcher_args: &[&str]) -> Result<Node> {
+    let b = Node::prepare("node-b")?;
+    std::fs::copy(a.path(archive), b.path(archive))?;
+    let b = b.start(&options(
+        "node-b",
+        &args(&["--restore-from", archive], launcher_args),
+    ))?;
+    b.wait_for("B restored", LIMIT, |n| {
+        n.status()
+            .ok()
+            .filter(|s| s["state"] == "restored")
+            .map(drop)
+    })?;
+    Ok(b)
 }
 
 fn sha256(path: &std::path::Path) -> Result<String> {
@@ -874,18 +892,7 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
     )?);
     checkpoint(&a, &["--output", "/tmp/fifo.tar.zst"])?;
 
-    let b = Node::prepare("node-b")?;
-    std::fs::copy(a.path("/tmp/fifo.tar.zst"), b.path("/tmp/fifo.tar.zst"))?;
-    let b = b.start(&options(
-        "node-b",
-        &args(&["--restore-from", "/tmp/fifo.tar.zst"], &launcher_args),
-    ))?;
-    b.wait_for("B restored", LIMIT, |n| {
-        n.status()
-            .ok()
-            .filter(|s| s["state"] == "restored")
-            .map(drop)
-    })?;
+    let b = restore_on_b(&a, "/tmp/fifo.tar.zst", &launcher_args)?;
     ensure!(
         run(&b, "test -p /data/pipe")?,
         "/data/pipe is not a FIFO on B"
@@ -1191,28 +1198,6 @@ fn an_app_watching_files_is_refused_before_it_is_touched() -> Result<()> {
     Ok(())
 }
 
-/// The values `sysv.pl` prints each tick: (events, semaphore 0, semaphore 1, the message it
-/// received, the shared-memory contents).
-fn sysv_ticks(stdout: &str) -> Vec<(u64, u64, u64, String, String)> {
-    stdout
-        .lines()
-        .filter_map(|line| {
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|f| f.strip_prefix(name))
-                    .map(str::to_string)
-            };
-            Some((
-                field("events=")?.parse().ok()?,
-                field("sem=")?.parse().ok()?,
-                field("mark=")?.parse().ok()?,
-                field("msg=")?,
-                field("shm=")?,
-            ))
-        })
-        .collect()
-}
-
 /// `--ipc-namespace`: an app holding a SysV semaphore set, a message queue and a
 /// shared-memory segment in an IPC namespace of its own is restored on another node with all
 /// three intact (semaphore values, queued messages in order, segment contents), continuing
@@ -1325,18 +1310,7 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
     let source_mode = std::fs::metadata(&file)?.mode() & 0o7777;
     checkpoint(&a, &["--output", "/tmp/owned.tar.zst"])?;
 
-    let b = Node::prepare("node-b")?;
-    std::fs::copy(a.path("/tmp/owned.tar.zst"), b.path("/tmp/owned.tar.zst"))?;
-    let b = b.start(&options(
-        "node-b",
-        &args(&["--restore-from", "/tmp/owned.tar.zst"], &launcher_args),
-    ))?;
-    b.wait_for("B restored", LIMIT, |n| {
-        n.status()
-            .ok()
-            .filter(|s| s["state"] == "restored")
-            .map(drop)
-    })?;
+    let b = restore_on_b(&a, "/tmp/owned.tar.zst", &launcher_args)?;
     let dir = b.path("/data/owned");
     let file = dir.join("secret");
     let meta = std::fs::metadata(&file)?;

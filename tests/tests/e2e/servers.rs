@@ -1,6 +1,8 @@
 //! Real servers as their images run them, on the same cluster: a non-root pod, an app holding
 //! SysV IPC objects, and PostgreSQL run as its own user with a client load during the move.
 
+use migrate_tests::sysv_ticks;
+
 use super::*;
 
 /// A pod from `images/examples/FILE` (see [`example_pod`]) with `edit` applied to its YAML.
@@ -105,27 +107,6 @@ pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
         cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
     }
     Ok(())
-}
-
-/// What `sysv.pl` prints each tick: (events, semaphore 0, semaphore 1, message received,
-/// shared-memory contents).
-fn sysv_ticks(text: &str) -> Vec<(u64, u64, u64, String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|f| f.strip_prefix(name))
-                    .map(str::to_string)
-            };
-            Some((
-                field("events=")?.parse().ok()?,
-                field("sem=")?.parse().ok()?,
-                field("mark=")?.parse().ok()?,
-                field("msg=")?,
-                field("shm=")?,
-            ))
-        })
-        .collect()
 }
 
 /// The SysV app with `RESTORE_LAUNCHER_IPC_NAMESPACE` (its pod.yaml) moves with its semaphore
