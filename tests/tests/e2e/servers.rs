@@ -19,22 +19,46 @@ fn edited_pod(
 }
 
 /// The counter as uid 1000 in a `runAsNonRoot` pod, its container as in the example (drop
-/// ALL, `allowPrivilegeEscalation: false`) adding the capabilities `add`.
+/// ALL, `allowPrivilegeEscalation: false`) adding the capabilities `add`, with an emptyDir at
+/// /data that travels (`RESTORE_LAUNCHER_INCLUDE`).
 fn non_root_counter(name: &str, add: &str) -> Result<String> {
     edited_pod(
         "counter/pod.yaml",
         name,
         "node-a",
-        &[("COUNTER_INTERVAL", "0.5")],
+        &[
+            ("COUNTER_INTERVAL", "0.5"),
+            ("RESTORE_LAUNCHER_INCLUDE", "/data"),
+        ],
         |pod| {
             pod["spec"]["securityContext"] =
                 serde_yaml::from_str("{runAsUser: 1000, runAsGroup: 1000, runAsNonRoot: true}")
                     .expect("static YAML");
-            pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+            pod["spec"]["volumes"] =
+                serde_yaml::from_str("[{name: data, emptyDir: {}}]").expect("static YAML");
+            let container = &mut pod["spec"]["containers"][0];
+            container["volumeMounts"] =
+                serde_yaml::from_str("[{name: data, mountPath: /data}]").expect("static YAML");
+            container["securityContext"]["capabilities"]["add"] =
                 serde_yaml::from_str(add).expect("static YAML");
         },
     )
 }
+
+/// Makes /data/owned (0750) with a file `note` of mode 0640 carrying the xattr
+/// `user.origin=node-a`, as the container's user; prints `uid:gid mode` of both and the
+/// attribute's value.
+const OWNED_FILES: &str = "import os
+if not os.path.exists('/data/owned'):
+    os.makedirs('/data/owned', 0o750)
+    with open('/data/owned/note', 'w') as f:
+        f.write('kept by uid 1000\\n')
+    os.chmod('/data/owned/note', 0o640)
+    os.setxattr('/data/owned/note', 'user.origin', b'node-a')
+for p in ['/data/owned', '/data/owned/note']:
+    s = os.stat(p)
+    print('%d:%d %o' % (s.st_uid, s.st_gid, s.st_mode & 0o7777))
+print(os.getxattr('/data/owned/note', 'user.origin').decode(), open('/data/owned/note').read().strip())";
 
 /// A `runAsNonRoot` pod (uid 1000, `allowPrivilegeEscalation: false`) migrates with its count
 /// continuing: the launcher gets its two capabilities from the image's file capabilities
@@ -50,9 +74,21 @@ pub fn non_root_pod_moves(cluster: &Cluster) -> Result<()> {
     wait_until("nonroot counts", WAIT, || {
         Ok((counter_values(&logs(cluster, "nonroot", None)).len() >= 4).then_some(()))
     })?;
+    // An included directory of the non-root user: owner, modes and xattr must arrive.
+    let owned = cluster.kubectl_ok(&["exec", "nonroot", "--", "python3", "-c", OWNED_FILES])?;
+    ensure!(
+        owned == "1000:1000 750\n1000:1000 640\nnode-a kept by uid 1000\n",
+        "the source's files are not as made: {owned:?}"
+    );
     let follow = Follow::start(cluster, "nonroot")?;
     migrate_ok(cluster, &["nonroot", "--to", "node-b"], &[])?;
     cluster.wait_running("nonroot-m1", WAIT)?;
+    let arrived =
+        cluster.kubectl_ok(&["exec", "nonroot-m1", "--", "python3", "-c", OWNED_FILES])?;
+    ensure!(
+        arrived == owned,
+        "the included files arrived as {arrived:?}, not {owned:?}"
+    );
     let before = follow.finish(WAIT);
     wait_until("3 counts on nonroot-m1", WAIT, || {
         Ok((counter_values(&logs(cluster, "nonroot-m1", None)).len() >= 3).then_some(()))
