@@ -76,14 +76,19 @@ pub fn adopt() -> Adopted {
 /// [`drop_for_app`].
 pub fn own_masks() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let mask = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .unwrap_or(0)
-    };
-    (mask("CapEff:"), mask("CapPrm:"))
+    (
+        status_mask(&status, "CapEff:").unwrap_or(0),
+        status_mask(&status, "CapPrm:").unwrap_or(0),
+    )
+}
+
+/// The capability set `field` (`CapEff:`, `CapPrm:`, `CapAmb:` …) of a /proc/PID/status text
+/// as a mask; `None` when the line is missing or unreadable.
+pub fn status_mask(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
 /// Clears the ambient and inheritable sets in the app's child before exec (keeping

@@ -146,11 +146,7 @@ pub fn check_restored(root: i32, creds: &Creds) -> Result<(), String> {
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
-            let held = status
-                .lines()
-                .find_map(|l| l.strip_prefix(set))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-                .unwrap_or(u64::MAX);
+            let held = crate::caps::status_mask(&status, set).unwrap_or(u64::MAX);
             if held != 0 {
                 return Err(format!(
                     "restored process {pid} holds capabilities ({} {held:#x}), which an app run as RESTORE_LAUNCHER_USER never has: the archive does not match this container",
@@ -281,16 +277,6 @@ pub fn take_back(dir: &std::path::Path) -> Result<(), String> {
         take(&entry.path())?;
     }
     Ok(())
-}
-
-/// This process's effective capabilities as a mask.
-pub fn effective_mask() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ impl Criu {
         let switch_to = run_as.cloned();
         // What criu keeps as the app's user: CHECKPOINT_RESTORE, and SYS_ADMIN (entering the
         // app's IPC namespace) and SYS_PTRACE (Yama nodes) when the launcher holds them.
-        let keep_caps = crate::creds::effective_mask()
+        let keep_caps = crate::caps::own_masks().0
             & ((1 << CAP_CHECKPOINT_RESTORE) | (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE));
         let parent = nix::unistd::getpid();
         let mut cmd = Command::new(&self.path);
@@ -395,12 +395,7 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
 
 /// Whether capability `cap` is in this process's effective set (from /proc/self/status).
 pub fn has_effective_capability(cap: u32) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << cap) != 0)
+    crate::caps::own_masks().0 & (1u64 << cap) != 0
 }
 
 /// What a CRIU error with a known cause means, and what to change in the pod spec.

@@ -61,6 +61,18 @@ fn checkpoint(node: &Node, extra: &[&str]) -> Result<serde_json::Value> {
     Ok(report)
 }
 
+/// The appender app with /data included: it appends numbered lines to /data/log.
+const APPENDER: [&str; 4] = ["--include", "/data", "--", "/opt/apps/appender.sh"];
+
+/// Starts node `name` running the appender and waits for `lines` lines of its output.
+fn appender_node(name: &str, lines: usize) -> Result<Node> {
+    let node = Node::prepare(name)?.start(&options(name, &APPENDER))?;
+    node.wait_for(&format!("{lines} appended lines"), LIMIT, |n| {
+        (n.stdout().lines().count() >= lines).then_some(())
+    })?;
+    Ok(node)
+}
+
 /// Copies archive `archive` (a path inside the nodes) from `a` to a new node-b started with
 /// `--restore-from` it and `launcher_args`, and waits until B has restored the app.
 fn restore_on_b(a: &Node, archive: &str, launcher_args: &[&str]) -> Result<Node> {
@@ -442,11 +454,8 @@ fn damaged_or_hostile_archives_are_refused_and_nothing_is_touched() -> Result<()
     if !criu_tests_can_run("damaged_or_hostile_archives_are_refused_and_nothing_is_touched") {
         return Ok(());
     }
-    let launcher_args = ["--include", "/data", "--", "/opt/apps/appender.sh"];
-    let a = Node::prepare("node-a")?.start(&options("node-a", &launcher_args))?;
-    a.wait_for("appender output", LIMIT, |n| {
-        (n.stdout().lines().count() >= 5).then_some(())
-    })?;
+    let launcher_args = APPENDER;
+    let a = appender_node("node-a", 5)?;
     checkpoint(&a, &["--leave-running", "--output", "/tmp/good.tar.zst"])?;
     let good = std::fs::read(a.path("/tmp/good.tar.zst"))?;
     drop(a);
@@ -878,11 +887,8 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
     ) {
         return Ok(());
     }
-    let launcher_args = ["--include", "/data", "--", "/opt/apps/appender.sh"];
-    let a = Node::prepare("node-a")?.start(&options("node-a", &launcher_args))?;
-    a.wait_for("appended lines", LIMIT, |n| {
-        (n.stdout().lines().count() >= 3).then_some(())
-    })?;
+    let launcher_args = APPENDER;
+    let a = appender_node("node-a", 3)?;
     let run = |node: &Node, script: &str| -> Result<bool> {
         Ok(node.exec(&["sh", "-c", script]).status()?.success())
     };
@@ -907,10 +913,7 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
     );
 
     // A socket file cannot be carried: refused by name, the app resumed.
-    let c = Node::prepare("node-c")?.start(&options("node-c", &launcher_args))?;
-    c.wait_for("appended lines", LIMIT, |n| {
-        (n.stdout().lines().count() >= 3).then_some(())
-    })?;
+    let c = appender_node("node-c", 3)?;
     ensure!(run(
         &c,
         "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('/data/sock')\""
@@ -1287,11 +1290,8 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
         return Ok(());
     }
     use std::os::unix::fs::MetadataExt as _;
-    let launcher_args = ["--include", "/data", "--", "/opt/apps/appender.sh"];
-    let a = Node::prepare("node-a")?.start(&options("node-a", &launcher_args))?;
-    a.wait_for("appended lines", LIMIT, |n| {
-        (n.stdout().lines().count() >= 3).then_some(())
-    })?;
+    let launcher_args = APPENDER;
+    let a = appender_node("node-a", 3)?;
     let dir = a.path("/data/owned");
     std::fs::create_dir(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
