@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::launchers::TransferMode;
+
 /// Live-migrate a running pod to another node: its memory, open files and counters continue
 /// there as if nothing happened. The pod's containers must run restore-launcher (images built
 /// FROM the restore-launcher base image).
@@ -79,6 +81,13 @@ pub struct MigrateArgs {
     /// else no limit.
     #[arg(long, value_parser = parse_duration)]
     pub max_downtime: Option<Duration>,
+    /// How the checkpoint travels. direct: from the source pod to the target pod over TCP,
+    /// encrypted and mutually authenticated (TLS 1.3 with a fresh secret per migration, handed
+    /// to both launchers over exec stdin); relay: through this plugin and the API server's exec
+    /// streams (slower: every byte crosses your connection twice); auto: direct, and the relay
+    /// when the pods cannot reach each other (a NetworkPolicy, separate networks), saying so.
+    #[arg(long, value_enum, default_value_t = TransferMode::Auto)]
+    pub transfer: TransferMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

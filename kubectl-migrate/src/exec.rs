@@ -15,7 +15,8 @@ use kube::{Api, Client};
 use migrate_format::{Answer, CheckpointReport, LauncherState, RestoreReport, StatusReport};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::launchers::{LauncherError, Launchers};
+use crate::direct::Direct;
+use crate::launchers::{LauncherError, Launchers, Route, TransferMode, Transferred};
 
 /// Bytes copied per read in a transfer.
 const CHUNK: usize = 64 * 1024;
@@ -33,7 +34,7 @@ impl std::fmt::Debug for ExecLaunchers {
 }
 
 impl ExecLaunchers {
-    fn pods(&self, pod: &Pod) -> (Api<Pod>, String) {
+    pub(crate) fn pods(&self, pod: &Pod) -> (Api<Pod>, String) {
         let namespace = pod
             .metadata
             .namespace
@@ -104,17 +105,19 @@ impl ExecLaunchers {
         container: &str,
         args: &[&str],
         took_effect: fn(&StatusReport) -> bool,
-    ) -> Result<(), LauncherError> {
+    ) -> Result<Option<u64>, LauncherError> {
         let verb = args.first().copied().unwrap_or_default();
         match self.run(pod, container, args).await {
-            Reply::Succeeded(_) => Ok(()),
+            // When it took effect, by the launcher's clock (older launchers do not say).
+            Reply::Succeeded(stdout) => Ok(last_json::<Answer>(&stdout).and_then(|a| a.at_ms)),
             Reply::Failed(why) => Err(why),
             Reply::Unknown { detail, .. } => settle(
                 verb,
                 &detail,
                 self.status(pod, container).await,
                 took_effect,
-            ),
+            )
+            .map(|()| None),
         }
     }
 }
@@ -222,7 +225,7 @@ pub fn is_running(status: &StatusReport) -> bool {
     ) && !status.app_stopped
 }
 
-async fn read_all(stream: Option<impl AsyncRead + Unpin>) -> Result<String, String> {
+pub(crate) async fn read_all(stream: Option<impl AsyncRead + Unpin>) -> Result<String, String> {
     let mut text = String::new();
     if let Some(mut stream) = stream {
         stream
@@ -301,7 +304,7 @@ async fn forward_count<T>(
 }
 
 /// Runs `copy`, failing it when `moved` stops growing (see [`NEXT_BYTE_PATIENCE`]).
-async fn watched(
+pub(crate) async fn watched(
     copy: impl std::future::Future<Output = std::io::Result<u64>>,
     moved: &AtomicU64,
 ) -> std::io::Result<u64> {
@@ -340,7 +343,7 @@ async fn watched(
 
 /// How long the archive copy may go on after the target answered, and the checkpoint's
 /// summary may take after the copy ended.
-const TARGET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const TARGET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Fault injection for the end-to-end rollback test (tests/tests/e2e.rs): with
 /// `KUBECTL_MIGRATE_FAULT_FLIP_BYTE=N` set, the byte at offset N of every archive is flipped on
@@ -363,7 +366,7 @@ fn fault_flip_byte() -> Option<u64> {
 }
 
 /// The last line of `text` that parses as `T` (reports are one JSON line among log lines).
-fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
+pub(crate) fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
     text.lines()
         .rev()
         .find_map(|line| serde_json::from_str(line.trim()).ok())
@@ -400,7 +403,7 @@ impl ExecLaunchers {
     /// Waits for `receive`'s answer (its stdout and stderr), checking the target's launcher
     /// every few seconds: once it is no longer restoring, or cannot be reached, for
     /// [`ANSWER_PATIENCE`], its `status` (the last restore report) is the answer.
-    async fn await_answer(
+    pub(crate) async fn await_answer(
         &self,
         target: &Pod,
         container: &str,
@@ -448,24 +451,10 @@ impl ExecLaunchers {
             };
         }
     }
-}
 
-impl Launchers for ExecLaunchers {
-    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
-        // `status` changes nothing: its answer is what counts, whatever the stream's end said.
-        let stdout = match self.run(pod, container, &["status"]).await {
-            Reply::Succeeded(stdout) | Reply::Unknown { stdout, .. } => stdout,
-            Reply::Failed(why) => return Err(why),
-        };
-        last_json(&stdout).ok_or_else(|| {
-            LauncherError::Failed(format!(
-                "restore-launcher status printed no status (`{}`)",
-                stdout.trim()
-            ))
-        })
-    }
-
-    async fn transfer(
+    /// The relay: the source's `checkpoint --output -` streamed through this plugin into the
+    /// target's `receive --input -`.
+    async fn relay(
         &self,
         source: &Pod,
         target: &Pod,
@@ -552,6 +541,36 @@ impl Launchers for ExecLaunchers {
             .await
             .unwrap_or_else(|_| Ok(String::new()))
             .map_err(LauncherError::Failed)?;
+        self.conclude(
+            target,
+            container,
+            Ended {
+                copied,
+                summary,
+                answer,
+                target_first,
+                moved: own.load(Ordering::Relaxed),
+            },
+        )
+        .await
+    }
+
+    /// Decides one container's transfer from how it ended: both reports when both succeeded,
+    /// else the most telling reason (the target's refusal, the checkpoint's failure, a cut
+    /// stream). A report a broken stream did not deliver is read from the launcher's status.
+    pub(crate) async fn conclude(
+        &self,
+        target: &Pod,
+        container: &str,
+        ended: Ended,
+    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
+        let Ended {
+            copied,
+            summary,
+            answer,
+            target_first,
+            moved,
+        } = ended;
         let checkpoint: Option<CheckpointReport> = last_json(&summary);
         let (answer, target_log) = match answer {
             Ok(answer) => answer,
@@ -572,7 +591,6 @@ impl Launchers for ExecLaunchers {
                     .await
             }
         };
-        let moved = own.load(Ordering::Relaxed);
         tracing::debug!(
             moved,
             written = checkpoint.as_ref().map(|c| c.archive_bytes),
@@ -621,9 +639,85 @@ impl Launchers for ExecLaunchers {
         };
         Err(LauncherError::Failed(failed))
     }
+}
+
+/// How a transfer's streams ended, for [`ExecLaunchers::conclude`].
+pub(crate) struct Ended {
+    /// The archive copy: bytes, or why it stopped.
+    pub(crate) copied: std::io::Result<u64>,
+    /// What the source printed after the archive (its checkpoint summary is the last JSON line).
+    pub(crate) summary: String,
+    /// The target's answer and log, or why they never came.
+    pub(crate) answer: Result<(String, String), String>,
+    /// The target answered before the archive was all sent (it refused it).
+    pub(crate) target_first: bool,
+    /// Archive bytes that reached the target's side.
+    pub(crate) moved: u64,
+}
+
+impl Launchers for ExecLaunchers {
+    async fn status(&self, pod: &Pod, container: &str) -> Result<StatusReport, LauncherError> {
+        // `status` changes nothing: its answer is what counts, whatever the stream's end said.
+        let stdout = match self.run(pod, container, &["status"]).await {
+            Reply::Succeeded(stdout) | Reply::Unknown { stdout, .. } => stdout,
+            Reply::Failed(why) => return Err(why),
+        };
+        last_json(&stdout).ok_or_else(|| {
+            LauncherError::Failed(format!(
+                "restore-launcher status printed no status (`{}`)",
+                stdout.trim()
+            ))
+        })
+    }
+
+    async fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        mode: TransferMode,
+        moved: Arc<AtomicU64>,
+    ) -> Result<Transferred, LauncherError> {
+        let direct = match mode {
+            TransferMode::Relay => None,
+            TransferMode::Direct | TransferMode::Auto => {
+                Some(self.direct(source, target, container, &moved).await)
+            }
+        };
+        let (reports, route) = match direct {
+            None => (
+                self.relay(source, target, container, moved).await,
+                Route::Relay,
+            ),
+            Some(Err(Direct::Unavailable(why))) if mode == TransferMode::Auto => {
+                tracing::warn!(
+                    "container {container}: the direct transfer is not possible ({why}); relaying the checkpoint through the API server instead"
+                );
+                (
+                    self.relay(source, target, container, moved).await,
+                    Route::Relay,
+                )
+            }
+            Some(Err(Direct::Unavailable(why))) => {
+                return Err(LauncherError::Failed(format!(
+                    "the direct transfer is not possible: {why} (--transfer auto would relay through the API server instead)"
+                )));
+            }
+            Some(Err(Direct::Failed(error))) => return Err(error),
+            Some(Ok(reports)) => (Ok(reports), Route::Direct),
+        };
+        let (checkpoint, restore) = reports?;
+        Ok(Transferred {
+            checkpoint,
+            restore,
+            route,
+        })
+    }
 
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
-        self.act(pod, container, &["rollback"], is_running).await
+        self.act(pod, container, &["rollback"], is_running)
+            .await
+            .map(drop)
     }
 
     async fn freeze(
@@ -631,7 +725,7 @@ impl Launchers for ExecLaunchers {
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
-    ) -> Result<(), LauncherError> {
+    ) -> Result<Option<u64>, LauncherError> {
         let lease = seconds(lease);
         self.act(pod, container, &["freeze", "--lease", &lease], is_frozen)
             .await
@@ -651,13 +745,16 @@ impl Launchers for ExecLaunchers {
             is_frozen_or_dumped,
         )
         .await
+        .map(drop)
     }
 
     async fn commit(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
-        self.act(pod, container, &["commit"], |s| s.committed).await
+        self.act(pod, container, &["commit"], |s| s.committed)
+            .await
+            .map(drop)
     }
 
-    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<Option<u64>, LauncherError> {
         self.act(pod, container, &["thaw"], is_running).await
     }
 }

@@ -51,6 +51,35 @@ impl From<&str> for LauncherError {
     }
 }
 
+/// How the archive goes from the source's launcher to the target's (`--transfer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferMode {
+    /// Direct, and the relay when the target's port cannot be reached (saying so).
+    #[default]
+    Auto,
+    /// Pod to pod over mutually authenticated TLS, or fail.
+    Direct,
+    /// Through this plugin and the API server (`kubectl exec` streams).
+    Relay,
+}
+
+/// The way one container's archive actually went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    Direct,
+    Relay,
+}
+
+/// One container's transfer, done: both launchers' reports and the way the archive went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Transferred {
+    pub checkpoint: migrate_format::CheckpointReport,
+    pub restore: migrate_format::RestoreReport,
+    pub route: Route,
+}
+
 /// What the plugin does inside containers, through `restore-launcher` sub-commands.
 pub trait Launchers {
     /// The launcher's status in `container`, or why it could not be read.
@@ -60,23 +89,16 @@ pub trait Launchers {
         container: &str,
     ) -> impl std::future::Future<Output = Result<StatusReport, LauncherError>> + Send;
 
-    /// Streams `checkpoint --output -` of `container` in `source` into `receive --input -` of
-    /// the same container in `target`, adding the bytes moved to `moved`. Returns both reports.
+    /// Moves the checkpoint of `container` in `source` into the same container in `target`
+    /// (`checkpoint` into `receive`), the way `mode` says, adding the bytes moved to `moved`.
     fn transfer(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
+        mode: TransferMode,
         moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) -> impl std::future::Future<
-        Output = Result<
-            (
-                migrate_format::CheckpointReport,
-                migrate_format::RestoreReport,
-            ),
-            LauncherError,
-        >,
-    > + Send;
+    ) -> impl std::future::Future<Output = Result<Transferred, LauncherError>> + Send;
 
     /// `rollback` in `container`: resume the app frozen by a checkpoint.
     fn rollback(
@@ -86,13 +108,14 @@ pub trait Launchers {
     ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
 
     /// `freeze --lease` in `container`: stop the app, so all containers are frozen before any
-    /// is dumped; it resumes by itself after `lease` unless renewed or committed.
+    /// is dumped; it resumes by itself after `lease` unless renewed or committed. When the app
+    /// stopped, by the node's clock (ms since the epoch), if the launcher said.
     fn freeze(
         &self,
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
-    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Option<u64>, LauncherError>> + Send;
 
     /// `renew --lease` in `container`: the migration is still working; extend the lease.
     fn renew(
@@ -109,10 +132,12 @@ pub trait Launchers {
         container: &str,
     ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
 
-    /// `thaw` in `container`: resume the app (on the target, once every container is restored).
+    /// `thaw` in `container`: resume the app (on the target, once every container is
+    /// restored). When the app resumed, by the node's clock (ms since the epoch), if the
+    /// launcher said.
     fn thaw(
         &self,
         pod: &Pod,
         container: &str,
-    ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Option<u64>, LauncherError>> + Send;
 }

@@ -15,6 +15,7 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod direct;
 pub mod exec;
 pub mod launchers;
 pub mod migrate;

@@ -161,6 +161,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         lease: cli.migrate.lease,
         max_downtime: cli.migrate.max_downtime,
         moved: Default::default(),
+        transfer: cli.migrate.transfer,
     };
     let progress = show_progress(options.moved.clone());
     let interrupted = async {
@@ -262,11 +263,39 @@ fn print_report(done: &migrate::Report, format: Option<OutputFormat>) -> Result<
             for (phase, ms) in &done.phases {
                 println!("{phase:<30} {ms:>10}");
             }
+            let ms = |d: Option<u64>| d.map_or("?".into(), |d| d.to_string());
             println!(
-                "{:<30} {:>10}",
+                "{:<30} {:>10}  (freeze → thaw, the nodes' realtime clocks)",
                 "downtime",
-                done.downtime_ms.map_or("?".into(), |d| d.to_string())
+                ms(done.downtime_ms)
             );
+            if done.containers.len() > 1 {
+                for (container, d) in &done.container_downtime_ms {
+                    println!("{:<30} {d:>10}", format!("  container {container}"));
+                }
+            }
+            println!(
+                "{:<30} {:>10}  (freeze asked → thaw answered, this plugin's monotonic clock)",
+                "downtime, upper bound",
+                ms(done.downtime_bound_ms)
+            );
+            for (container, moved) in &done.containers {
+                let t = |map: &std::collections::BTreeMap<String, u64>, key: &str| {
+                    ms(map.get(key).copied())
+                };
+                println!(
+                    "container {container}: {} transfer, {} archive bytes; dump {} ms, archive written {} ms; verify {} ms, restore {} ms",
+                    match moved.route {
+                        kubectl_migrate::launchers::Route::Direct => "direct",
+                        kubectl_migrate::launchers::Route::Relay => "relayed",
+                    },
+                    moved.checkpoint.archive_bytes,
+                    t(&moved.checkpoint.timings_ms, "dump"),
+                    t(&moved.checkpoint.timings_ms, "write"),
+                    t(&moved.restore.timings_ms, "verify"),
+                    t(&moved.restore.timings_ms, "restore"),
+                );
+            }
             println!("{:<30} {:>10}", "bytes moved", done.bytes_moved);
             if !done.source_deleted {
                 println!(

@@ -388,5 +388,6 @@ fn options_for(source: &str, node: &str) -> Options {
         lease: std::time::Duration::from_secs(120),
         max_downtime: None,
         moved: Default::default(),
+        transfer: Default::default(),
     }
 }

@@ -17,7 +17,10 @@ pub use manifest::{
     ARCHIVE_FORMAT_VERSION, Entry, EntryKind, MANIFEST_NAME, MANIFEST_SIZE_LIMIT, Manifest,
     ManifestError, PathError, XATTR_VALUE_LIMIT, is_carried_xattr, validate_entry_path,
 };
-pub use report::{Answer, CheckpointReport, LauncherState, Refusal, RestoreReport, StatusReport};
+pub use report::{
+    Answer, CheckpointReport, DirectSecret, LauncherState, Progress, Refusal, RestoreReport,
+    StatusReport, unix_ms,
+};
 
 /// Annotation keys the plugin writes on source and target pods.
 pub mod annotations {

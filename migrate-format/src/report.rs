@@ -58,6 +58,9 @@ pub enum Refusal {
     /// The launcher tried and failed (a process could not be stopped, a job not started,
     /// CRIU not found); the error says what.
     Failed,
+    /// `checkpoint --to`: the target's address could not be reached (no route, refused, timed
+    /// out). Nothing was dumped and the app is as it was: the exec relay may be tried instead.
+    Unreachable,
 }
 
 /// PID 1's answer to `freeze`, `renew`, `commit`, `thaw` and `rollback`, and to any refused
@@ -76,6 +79,10 @@ pub struct Answer {
     /// What went wrong and what to do, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When the request took effect (the app stopped for `freeze`, resumed for `thaw`), in
+    /// milliseconds since the Unix epoch by this node's CLOCK_REALTIME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 impl Answer {
@@ -87,6 +94,7 @@ impl Answer {
             app_pid,
             refusal: None,
             error: None,
+            at_ms: Some(unix_ms()),
         }
     }
 
@@ -98,7 +106,47 @@ impl Answer {
             app_pid: None,
             refusal: Some(refusal),
             error: Some(error),
+            at_ms: None,
         }
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's CLOCK_REALTIME.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The lines a direct transfer prints on stdout before its final report (one JSON object per
+/// line): the target's `receive --listen` says where it listens, the source's `checkpoint
+/// --to` how many archive bytes it has sent so far (every quarter of a second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Progress {
+    /// `receive --listen`: the TCP port it accepts the source's connection on.
+    Listening { port: u16 },
+    /// `checkpoint --to`: archive bytes sent so far (the whole stream, after encryption's
+    /// framing is taken off).
+    Sent { bytes: u64 },
+}
+
+/// The per-migration secret of a direct transfer, handed to both launchers as one JSON line on
+/// their stdin (never in argv, the environment, a pod spec or a log): a self-signed
+/// certificate and its private key, made fresh for one container's transfer. Each side
+/// presents it and accepts only a peer presenting the same certificate and proving it holds
+/// the key (mutual TLS 1.3 with the certificate pinned).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectSecret {
+    /// The certificate, DER, hex.
+    pub cert: String,
+    /// Its private key, PKCS#8 DER, hex.
+    pub key: String,
+}
+
+impl std::fmt::Debug for DirectSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectSecret(..)")
     }
 }
 

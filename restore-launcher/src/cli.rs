@@ -189,8 +189,20 @@ pub enum Command {
         /// Where to write the archive: a file (written to a temporary name, mode 0600, renamed
         /// when complete) or `-` for stdout. The JSON summary goes to stdout, or to stderr
         /// when the archive does.
-        #[arg(long, short, default_value = "-", value_name = "FILE|-")]
+        #[arg(
+            long,
+            short,
+            default_value = "-",
+            value_name = "FILE|-",
+            conflicts_with = "to"
+        )]
         output: String,
+        /// Send the archive straight to the target's `receive --listen` at HOST:PORT, over
+        /// mutually authenticated TLS 1.3; the transfer's secret is read as one JSON line from
+        /// stdin. Prints the bytes sent as it goes, then the JSON summary, on stdout. When the
+        /// target cannot be reached nothing is dumped and the answer's refusal is `unreachable`.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: Option<String>,
         /// Resume the app right after the dump instead of leaving it frozen.
         #[arg(long)]
         leave_running: bool,
@@ -199,8 +211,20 @@ pub enum Command {
     /// result as JSON and exits non-zero if the restore failed.
     Receive {
         /// The archive file, or `-` for stdin.
-        #[arg(long, short, default_value = "-", value_name = "FILE|-")]
+        #[arg(
+            long,
+            short,
+            default_value = "-",
+            value_name = "FILE|-",
+            conflicts_with = "listen"
+        )]
         input: String,
+        /// Take the archive from a `checkpoint --to` over TCP on this port instead (0: any
+        /// free port), over mutually authenticated TLS 1.3; the transfer's secret is read as
+        /// one JSON line from stdin. Prints the port it listens on first. Connections without
+        /// the secret are turned away and the wait goes on; it ends when stdin ends.
+        #[arg(long, value_name = "PORT")]
+        listen: Option<u16>,
     },
     /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
     Rollback,

@@ -11,6 +11,7 @@ use migrate_format::{CheckpointReport, RestoreReport};
 
 use crate::cli::Command;
 use crate::control::{self, ControlError, Request};
+use crate::direct;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,6 +35,8 @@ pub enum ClientError {
     },
     #[error("the launcher's answer is not valid JSON: {0}")]
     Answer(String),
+    #[error(transparent)]
+    Direct(#[from] direct::DirectError),
 }
 
 /// Runs a sub-command; returns the process exit code (0 success, 1 failure reported by PID 1).
@@ -67,10 +70,22 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
         Command::Commit => simple(state_dir, &Request::Commit),
         Command::Thaw => simple(state_dir, &Request::Thaw),
         Command::Checkpoint {
+            to: Some(to),
+            leave_running,
+            ..
+        } => checkpoint_to(state_dir, to, *leave_running),
+        Command::Checkpoint {
             output,
             leave_running,
+            to: None,
         } => checkpoint(state_dir, output, *leave_running),
-        Command::Receive { input } => receive(state_dir, input),
+        Command::Receive {
+            listen: Some(port), ..
+        } => receive_listening(state_dir, *port),
+        Command::Receive {
+            input,
+            listen: None,
+        } => receive(state_dir, input),
     }
 }
 
@@ -148,6 +163,87 @@ fn receive(state_dir: &Path, input: &str) -> Result<u8, ClientError> {
         drain_stdin();
     }
     Ok(code)
+}
+
+/// How long a direct transfer's connection may carry nothing before it is given up. PID 1's
+/// own stall timeouts (checkpoint output, receive input) are shorter and act first.
+const DIRECT_STALL: std::time::Duration = std::time::Duration::from_secs(150);
+/// How long `receive --listen` waits for the source's authenticated connection.
+const DIRECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `checkpoint --to`: connect and authenticate first (nothing is dumped if the target cannot
+/// be reached: the answer's refusal is then `unreachable`), then stream PID 1's checkpoint
+/// into the channel, printing the bytes sent; the summary is the last line.
+fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, ClientError> {
+    let keys = direct::read_secret(io::stdin().lock())?;
+    let config = direct::client_config(&keys)?;
+    let channel = match direct::connect(to, &config) {
+        Ok(channel) => channel,
+        Err(error @ direct::DirectError::Connect { .. }) => {
+            let answer = migrate_format::Answer::refused(
+                migrate_format::Refusal::Unreachable,
+                None,
+                crate::checkpoint::chain(&error),
+            );
+            println!("{}", serde_json::to_string(&answer).unwrap_or_default());
+            return Ok(1);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let (reader, writer) =
+        nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
+    let state_dir = state_dir.to_path_buf();
+    let job = std::thread::spawn(move || {
+        control::hand_over(&state_dir, &Request::Checkpoint { leave_running }, writer)
+    });
+    let pumped = direct::pump_out(reader, channel, DIRECT_STALL);
+    let answer = job
+        .join()
+        .map_err(|_| ClientError::Answer("the checkpoint's thread panicked".into()))??;
+    if let Err(error) = pumped {
+        // PID 1's summary says what the job saw; the channel's side is logged beside it.
+        tracing::warn!(
+            "the direct transfer failed: {}",
+            crate::checkpoint::chain(&error)
+        );
+    }
+    print!("{answer}");
+    let _ = io::stdout().flush();
+    report_ok::<CheckpointReport>(&answer, |r| r.ok)
+}
+
+/// `receive --listen`: print the port, wait for the source's authenticated connection (others
+/// are turned away), then hand the decrypted stream to PID 1's `receive`, which verifies all of
+/// it before restoring anything.
+fn receive_listening(state_dir: &Path, port: u16) -> Result<u8, ClientError> {
+    let stdin = io::stdin();
+    let keys = direct::read_secret(stdin.lock())?;
+    let config = direct::server_config(&keys)?;
+    let listener = direct::listen(port)?;
+    let port = listener
+        .local_addr()
+        .map_err(direct::DirectError::Io)?
+        .port();
+    direct::say(migrate_format::Progress::Listening { port });
+    let channel = direct::accept(&listener, &config, &stdin, DIRECT_PATIENCE)?;
+    drop(listener);
+    let (reader, writer) =
+        nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
+    let state_dir = state_dir.to_path_buf();
+    let job = std::thread::spawn(move || control::hand_over(&state_dir, &Request::Receive, reader));
+    let pumped = direct::pump_in(channel, writer, DIRECT_STALL);
+    let answer = job
+        .join()
+        .map_err(|_| ClientError::Answer("the receive's thread panicked".into()))??;
+    if let Err(error) = pumped {
+        tracing::warn!(
+            "the direct transfer failed: {}",
+            crate::checkpoint::chain(&error)
+        );
+    }
+    print!("{answer}");
+    let _ = io::stdout().flush();
+    report_ok::<RestoreReport>(&answer, |r| r.ok)
 }
 
 /// Reads stdin to its end, discarding it. After a refusal PID 1 stops reading the archive,

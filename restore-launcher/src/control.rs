@@ -427,6 +427,31 @@ pub fn call(
     request: &Request,
     fd: Option<RawFd>,
 ) -> Result<String, ControlError> {
+    let stream = send(state_dir, request, fd)?;
+    read_answer(&stream)
+}
+
+/// [`call`] that hands `fd` over: this process's copy is closed as soon as PID 1 has it, so
+/// the other end of a pipe sees its end when PID 1's job is done with it.
+///
+/// # Errors
+/// As [`call`].
+pub fn hand_over(
+    state_dir: &Path,
+    request: &Request,
+    fd: std::os::fd::OwnedFd,
+) -> Result<String, ControlError> {
+    let stream = send(state_dir, request, Some(fd.as_raw_fd()))?;
+    drop(fd);
+    read_answer(&stream)
+}
+
+/// Connects to PID 1 and sends `request` with `fd`.
+fn send(
+    state_dir: &Path,
+    request: &Request,
+    fd: Option<RawFd>,
+) -> Result<UnixStream, ControlError> {
     let path = state_dir.join(SOCKET_NAME);
     let stream = UnixStream::connect(&path).map_err(|source| ControlError::Connect {
         path: path.clone(),
@@ -452,8 +477,13 @@ pub fn call(
     while sent < line.len() {
         sent += (&stream).write(&line[sent..]).map_err(ControlError::Io)?;
     }
+    Ok(stream)
+}
+
+/// PID 1's answer line.
+fn read_answer(stream: &UnixStream) -> Result<String, ControlError> {
     let mut answer = String::new();
-    BufReader::new(&stream)
+    BufReader::new(stream)
         .read_line(&mut answer)
         .map_err(ControlError::Io)?;
     if answer.trim().is_empty() {

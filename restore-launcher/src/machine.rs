@@ -437,7 +437,7 @@ pub fn explain(refusal: Refusal, request: &str, state: State) -> String {
         Refusal::NotWaiting => format!(
             "cannot {request}: this launcher is {state} and not waiting for a checkpoint; start the target container with --wait-for-checkpoint"
         ),
-        Refusal::BadRequest | Refusal::NotAllowed | Refusal::Failed => {
+        Refusal::BadRequest | Refusal::NotAllowed | Refusal::Failed | Refusal::Unreachable => {
             format!("cannot {request}: the launcher is {state}")
         }
     }

@@ -10,6 +10,7 @@
 //! - [`relay`]: copying the app's output to the container's streams;
 //! - [`supervisor`]: PID 1's loop and state machine (forward, reap, relay, control, jobs);
 //! - [`control`] / [`client`]: the Unix socket between PID 1 and its sub-commands;
+//! - [`direct`]: the direct transfer's encrypted channel between two pods' sub-commands;
 //! - [`job`]: forked workers for checkpoint and restore;
 //! - [`checkpoint`] / [`restore`]: those two jobs; [`criu`]: the CRIU command lines;
 //! - [`archive`]: the `.tar.zst` format, written and verified; [`include`]: `--include` paths;
@@ -25,6 +26,7 @@ mod client;
 mod control;
 mod creds;
 mod criu;
+mod direct;
 mod exit_status;
 mod include;
 mod job;

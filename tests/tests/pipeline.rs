@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kubectl_migrate::check::{self, Launchers};
 use kubectl_migrate::client::Connection;
-use kubectl_migrate::launchers::LauncherError;
+use kubectl_migrate::launchers::{LauncherError, Route, TransferMode, Transferred};
 use kubectl_migrate::migrate::{self, MigrateError, Options};
 use kubectl_migrate::recover;
 use migrate_format::{CheckpointReport, RestoreReport, StatusReport};
@@ -63,6 +63,9 @@ impl StandIn {
     }
 }
 
+/// When the stand-in's apps "stop", by the source node's clock.
+const FROZEN_AT_MS: u64 = 1_795_000_000_000;
+
 fn status(state: &str) -> StatusReport {
     serde_json::from_value(
         serde_json::json!({"state": state, "app_pid": 1000, "launcher_version": "0.1.0",
@@ -106,8 +109,9 @@ impl Launchers for StandIn {
         source: &Pod,
         target: &Pod,
         container: &str,
+        _mode: TransferMode,
         moved: Arc<AtomicU64>,
-    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
+    ) -> Result<Transferred, LauncherError> {
         self.call(format!(
             "transfer {}/{container} -> {}",
             name(source),
@@ -128,8 +132,11 @@ impl Launchers for StandIn {
         let mut restore = RestoreReport::new();
         restore.ok = true;
         restore.app_pid = Some(1000);
-        restore.downtime_ms = Some(84);
-        Ok((checkpoint, restore))
+        Ok(Transferred {
+            checkpoint,
+            restore,
+            route: Route::Direct,
+        })
     }
 
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
@@ -142,12 +149,12 @@ impl Launchers for StandIn {
         pod: &Pod,
         container: &str,
         lease: Duration,
-    ) -> Result<(), LauncherError> {
+    ) -> Result<Option<u64>, LauncherError> {
         self.call(format!("freeze {}/{container}", name(pod)));
         if lease.is_zero() {
             return Err("a freeze without a lease".into());
         }
-        Ok(())
+        Ok(Some(FROZEN_AT_MS))
     }
 
     async fn renew(
@@ -165,12 +172,13 @@ impl Launchers for StandIn {
         Ok(())
     }
 
-    async fn thaw(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
+    async fn thaw(&self, pod: &Pod, container: &str) -> Result<Option<u64>, LauncherError> {
         self.call(format!("thaw {}/{container}", name(pod)));
         if self.thaw_hangs {
             std::future::pending::<()>().await;
         }
-        Ok(())
+        // The launchers' stamps: the report's downtime is thaw minus freeze.
+        Ok(Some(FROZEN_AT_MS + 84))
     }
 }
 
@@ -261,6 +269,7 @@ fn options(timeout: Duration) -> Options {
         force: false,
         lease: Duration::from_secs(120),
         max_downtime: None,
+        transfer: TransferMode::Auto,
         moved: Default::default(),
     }
 }

@@ -35,14 +35,9 @@ impl Launchers for StandIn {
         _source: &Pod,
         _target: &Pod,
         _container: &str,
+        _mode: kubectl_migrate::launchers::TransferMode,
         _moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) -> Result<
-        (
-            migrate_format::CheckpointReport,
-            migrate_format::RestoreReport,
-        ),
-        LauncherError,
-    > {
+    ) -> Result<kubectl_migrate::launchers::Transferred, LauncherError> {
         Err("the preflight never transfers".into())
     }
 
@@ -55,7 +50,7 @@ impl Launchers for StandIn {
         _pod: &Pod,
         _container: &str,
         _lease: Duration,
-    ) -> Result<(), LauncherError> {
+    ) -> Result<Option<u64>, LauncherError> {
         Err("the preflight never freezes".into())
     }
 
@@ -72,7 +67,7 @@ impl Launchers for StandIn {
         Err("the preflight never commits".into())
     }
 
-    async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<(), LauncherError> {
+    async fn thaw(&self, _pod: &Pod, _container: &str) -> Result<Option<u64>, LauncherError> {
         Err("the preflight never thaws".into())
     }
 }

@@ -19,6 +19,11 @@ use crate::launchers::Launchers;
 pub struct Finished {
     pub source_deleted: bool,
     pub warnings: Vec<String>,
+    /// When each target container's app resumed, by the target node's CLOCK_REALTIME (ms since
+    /// the epoch), as its launcher reported it.
+    pub thawed_at: std::collections::BTreeMap<String, Option<u64>>,
+    /// When the last thaw was answered (this plugin's monotonic clock).
+    pub thaw_answered: Option<std::time::Instant>,
 }
 
 /// How often each step of [`finish`] is tried before it is reported.
@@ -78,12 +83,14 @@ pub async fn finish<L: Launchers + Sync>(
     };
     fault::stage("source-deleted");
     for container in &progress.containers {
-        retry(|| launchers.thaw(&target, container))
+        let at = retry(|| launchers.thaw(&target, container))
             .await
             .map_err(|error| MigrateError::AfterCommit {
                 what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
             })?;
+        finished.thawed_at.insert(container.clone(), at);
     }
+    finished.thaw_answered = Some(std::time::Instant::now());
     finished
         .warnings
         .extend(end_wait(&pods, &target_name).await);
@@ -132,15 +139,15 @@ async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
 }
 
 /// Runs `step` up to [`FINISH_TRIES`] times, half a second apart; the last error if none worked.
-pub(super) async fn retry<F, Fut, E>(mut step: F) -> Result<(), E>
+pub(super) async fn retry<F, Fut, T, E>(mut step: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut attempt = 1;
     loop {
         match step().await {
-            Ok(()) => return Ok(()),
+            Ok(done) => return Ok(done),
             Err(error) if attempt >= FINISH_TRIES => return Err(error),
             Err(_) => {
                 attempt += 1;

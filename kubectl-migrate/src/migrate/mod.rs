@@ -36,12 +36,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Resource as _};
-use migrate_format::{CheckpointReport, RestoreReport, annotations};
+use migrate_format::annotations;
 use serde::Serialize;
 
 use crate::check::{self, Problem};
 use crate::client::Connection;
-use crate::launchers::{LauncherError, Launchers};
+use crate::launchers::{LauncherError, Launchers, TransferMode, Transferred};
 
 mod commit;
 mod finish;
@@ -69,6 +69,8 @@ pub struct Options {
     pub max_downtime: Option<Duration>,
     /// Archive bytes moved so far, for a progress display (shared with the caller).
     pub moved: Arc<AtomicU64>,
+    /// `--transfer`: pod to pod, through the plugin, or the first that works.
+    pub transfer: TransferMode,
 }
 
 /// What a successful migration did.
@@ -80,9 +82,17 @@ pub struct Report {
     pub node: String,
     /// Phase name and duration in milliseconds, in order.
     pub phases: Vec<(String, u64)>,
-    pub containers: BTreeMap<String, (CheckpointReport, RestoreReport)>,
-    /// Longest container downtime (frozen at the source → running at the target).
+    /// Each container's transfer: both launchers' reports and the way its archive went.
+    pub containers: BTreeMap<String, Transferred>,
+    /// The pod's downtime as its users see it: from the first container's app stopping on the
+    /// source (`freeze`) to the last one's resuming on the target (`thaw`), by the two nodes'
+    /// CLOCK_REALTIME as their launchers stamp it. `None` when a launcher did not say.
     pub downtime_ms: Option<u64>,
+    /// Each container's freeze → thaw, by the same clocks.
+    pub container_downtime_ms: BTreeMap<String, u64>,
+    /// The same span by this plugin's monotonic clock, from asking the first freeze to the last
+    /// thaw's answer: an upper bound (it includes the exec round trips), with no clock skew.
+    pub downtime_bound_ms: Option<u64>,
     pub bytes_moved: u64,
     pub source_deleted: bool,
     /// What went wrong after the app ran on the target, with the command that fixes it.
@@ -347,7 +357,7 @@ async fn run<L: Launchers + Sync>(
     laps.done("thaw+cleanup");
 
     let target_name = target.metadata.name.clone().unwrap_or_default();
-    let downtime_ms = reports.values().filter_map(|(_, r)| r.downtime_ms).max();
+    let downtime = Downtime::of(&cut, &finished);
     let timings = serde_json::to_string(&laps.phases).unwrap_or_default();
     annotate_timings(&ctx.pods, &target_name, &timings).await;
     record(
@@ -355,9 +365,12 @@ async fn run<L: Launchers + Sync>(
         &target,
         "MigrationDone",
         format!(
-            "restored from {} in {} ms of downtime",
+            "restored from {} in {} ms of downtime (freeze → thaw)",
             options.pod,
-            downtime_ms.unwrap_or(0)
+            downtime
+                .pod_ms
+                .or(downtime.bound_ms)
+                .map_or("?".into(), |d| d.to_string())
         ),
     )
     .await;
@@ -368,11 +381,48 @@ async fn run<L: Launchers + Sync>(
         node: options.target_node.clone(),
         phases: laps.phases,
         containers: reports,
-        downtime_ms,
+        downtime_ms: downtime.pod_ms,
+        container_downtime_ms: downtime.containers,
+        downtime_bound_ms: downtime.bound_ms,
         bytes_moved: options.moved.load(Ordering::Relaxed),
         source_deleted: finished.source_deleted,
         warnings: finished.warnings,
     })
+}
+
+/// Freeze → thaw, per container and for the pod (see [`Report::downtime_ms`]).
+struct Downtime {
+    pod_ms: Option<u64>,
+    containers: BTreeMap<String, u64>,
+    bound_ms: Option<u64>,
+}
+
+impl Downtime {
+    fn of(cut: &transfer::Cut, finished: &Finished) -> Downtime {
+        let mut containers = BTreeMap::new();
+        for (container, frozen) in &cut.frozen_at {
+            let thawed = finished.thawed_at.get(container).copied().flatten();
+            if let (Some(frozen), Some(thawed)) = (frozen, thawed) {
+                containers.insert(container.clone(), thawed.saturating_sub(*frozen));
+            }
+        }
+        let all_stamped = !cut.frozen_at.is_empty()
+            && containers.len() == cut.frozen_at.len()
+            && finished.thawed_at.len() == cut.frozen_at.len();
+        let first_frozen = cut.frozen_at.values().flatten().min();
+        let last_thawed = finished.thawed_at.values().flatten().max();
+        let pod_ms = match (all_stamped, first_frozen, last_thawed) {
+            (true, Some(frozen), Some(thawed)) => Some(thawed.saturating_sub(*frozen)),
+            _ => None,
+        };
+        Downtime {
+            pod_ms,
+            containers,
+            bound_ms: finished
+                .thaw_answered
+                .map(|at| at.duration_since(cut.freeze_asked).as_millis() as u64),
+        }
+    }
 }
 
 /// What the preflight established for the steps after it.

@@ -1,18 +1,18 @@
 //! Step 3, the cut and the transfer: every source container's app is frozen first (`freeze`,
 //! under a lease the plugin renews while it works), so the cut is consistent across
 //! containers; then, per container and all at once, the source launcher's `checkpoint` streams
-//! into the target launcher's `receive`, which verifies and restores (frozen).
+//! into the target launcher's `receive` (pod to pod, or relayed through the plugin: `--transfer`),
+//! which verifies and restores (frozen).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use migrate_format::{CheckpointReport, RestoreReport};
 
 use super::commit::{Claim, claim};
 use super::{Ctx, MigrateError, Progress};
-use crate::launchers::Launchers;
+use crate::launchers::{Launchers, Transferred};
 use crate::rewrite;
 
 /// The frozen cut: the containers moved, and until when (and why) the app may stay frozen.
@@ -20,6 +20,11 @@ use crate::rewrite;
 pub(super) struct Cut {
     pub containers: Vec<String>,
     pub thaw_by: Option<(tokio::time::Instant, Duration)>,
+    /// When each container's app stopped, by the source node's CLOCK_REALTIME (ms since the
+    /// epoch), as its launcher reported it.
+    pub frozen_at: BTreeMap<String, Option<u64>>,
+    /// When this plugin asked for the first freeze (its monotonic clock).
+    pub freeze_asked: std::time::Instant,
 }
 
 /// Freezes every container's app, each under a lease (if this plugin dies, the sources
@@ -55,8 +60,11 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     // a frozen app restores frozen; all targets are thawed together after verification).
     // The freeze is bounded from before the first container stops.
     let thaw_by = freeze_limit.map(|limit| (tokio::time::Instant::now() + limit, limit));
+    let freeze_asked = std::time::Instant::now();
+    let mut frozen_at = BTreeMap::new();
     for container in &containers {
-        ctx.launchers
+        let at = ctx
+            .launchers
             .freeze(source, container, options.lease)
             .await
             .map_err(|error| MigrateError::Launcher {
@@ -64,10 +72,13 @@ pub(super) async fn freeze<L: Launchers + Sync>(
                 step: "cannot freeze",
                 error,
             })?;
+        frozen_at.insert(container.clone(), at);
     }
     Ok(Cut {
         containers,
         thaw_by,
+        frozen_at,
+        freeze_asked,
     })
 }
 
@@ -77,13 +88,15 @@ pub(super) async fn stream<L: Launchers + Sync>(
     source: &Pod,
     target: &Pod,
     cut: &Cut,
-) -> Result<BTreeMap<String, (CheckpointReport, RestoreReport)>, MigrateError> {
+) -> Result<BTreeMap<String, Transferred>, MigrateError> {
     let transfers = cut.containers.iter().map(|c| {
         let moved = ctx.options.moved.clone();
         async move {
             (
                 c.clone(),
-                ctx.launchers.transfer(source, target, c, moved).await,
+                ctx.launchers
+                    .transfer(source, target, c, ctx.options.transfer, moved)
+                    .await,
             )
         }
     });
@@ -97,11 +110,11 @@ pub(super) async fn stream<L: Launchers + Sync>(
     .await??;
     let mut reports = BTreeMap::new();
     for (container, result) in results {
-        let (checkpoint, restore) = result.map_err(|error| MigrateError::Transfer {
+        let transferred = result.map_err(|error| MigrateError::Transfer {
             container: container.clone(),
             error,
         })?;
-        reports.insert(container, (checkpoint, restore));
+        reports.insert(container, transferred);
     }
     Ok(reports)
 }

@@ -1,0 +1,344 @@
+//! The direct transfer (`--transfer direct`, and `auto`'s first choice): the archive goes from
+//! the source pod to the target pod over one TCP connection between them, and this plugin
+//! only orchestrates through exec sessions.
+//!
+//! 1. A fresh secret per container's transfer ([`new_secret`]): a self-signed certificate and
+//!    its key. It reaches the two launchers only as one line on their exec stdin: never in
+//!    argv, a pod spec, an annotation, an Event or a log.
+//! 2. The target's `restore-launcher receive --listen 0` prints the port it listens on; it
+//!    turns away any connection that does not authenticate with the secret and keeps waiting.
+//! 3. The source's `restore-launcher checkpoint --to POD_IP:PORT` connects, authenticates
+//!    (mutual TLS 1.3, the certificate pinned on both sides) and only then dumps, streaming
+//!    straight into the channel; it prints the bytes sent, which feed the progress bar.
+//! 4. Both answers are read as in the relay ([`ExecLaunchers::conclude`]).
+//!
+//! When the target cannot be reached (a NetworkPolicy, separate networks), nothing has been
+//! dumped: [`Direct::Unavailable`] lets `--transfer auto` fall back to the relay.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::AttachParams;
+use migrate_format::{Answer, CheckpointReport, DirectSecret, Progress, Refusal, RestoreReport};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
+
+use crate::exec::{Ended, ExecLaunchers, last_json, read_all, watched};
+use crate::launchers::LauncherError;
+
+/// How long the target's launcher may take to say where it listens.
+const LISTEN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Why a direct transfer did not happen.
+#[derive(Debug)]
+pub enum Direct {
+    /// It could not start, and nothing was dumped: the target could not listen or could not
+    /// be reached. The relay may be tried.
+    Unavailable(String),
+    /// It started and failed.
+    Failed(LauncherError),
+}
+
+/// A fresh secret for one transfer: a self-signed ECDSA P-256 certificate and its key.
+///
+/// # Errors
+/// When the key cannot be generated (no randomness).
+pub fn new_secret() -> Result<DirectSecret, rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec!["restore-launcher.migration".to_string()])?;
+    let cert = params.self_signed(&key)?;
+    Ok(DirectSecret {
+        cert: hex::encode(cert.der()),
+        key: hex::encode(key.serialize_der()),
+    })
+}
+
+/// The secret as the launchers read it: one JSON line.
+fn secret_line(secret: &DirectSecret) -> String {
+    let mut line = serde_json::to_string(secret).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
+/// The pod's IP, read fresh (the object the plugin holds may predate it).
+async fn pod_ip(launchers: &ExecLaunchers, pod: &Pod) -> Result<IpAddr, String> {
+    let (pods, name) = launchers.pods(pod);
+    let pod = pods
+        .get(&name)
+        .await
+        .map_err(|e| format!("cannot read pod {name}: {e}"))?;
+    let ip = pod
+        .status
+        .and_then(|s| s.pod_ip)
+        .ok_or_else(|| format!("pod {name} has no IP"))?;
+    ip.parse()
+        .map_err(|e| format!("pod {name}'s IP {ip:?} is not an address: {e}"))
+}
+
+/// Reads `stream` to its end in a task of its own (an exec session stalls while one of its
+/// output pipes is full, so every one is drained).
+fn drain(
+    stream: Option<impl AsyncRead + Unpin + Send + 'static>,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move { read_all(stream).await.unwrap_or_default() })
+}
+
+impl ExecLaunchers {
+    /// One container's direct transfer (see the module's documentation).
+    pub(crate) async fn direct(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<(CheckpointReport, RestoreReport), Direct> {
+        let ip = pod_ip(self, target).await.map_err(Direct::Unavailable)?;
+        let secret = new_secret().map_err(|e| {
+            Direct::Failed(LauncherError::Failed(format!(
+                "cannot make the transfer's secret: {e}"
+            )))
+        })?;
+        let source_secret = fault::source_secret(&secret);
+
+        // The target listens first, and says where.
+        let (target_pods, target_name) = self.pods(target);
+        let params = AttachParams::default()
+            .container(container)
+            .stdin(true)
+            .stdout(true)
+            .stderr(true);
+        let mut receive = target_pods
+            .exec(
+                &target_name,
+                ["restore-launcher", "receive", "--listen", "0"],
+                &params,
+            )
+            .await
+            .map_err(|e| {
+                Direct::Unavailable(format!(
+                    "cannot start `restore-launcher receive --listen` in the target: {e}"
+                ))
+            })?;
+        let (Some(mut to_target), Some(target_out)) = (receive.stdin(), receive.stdout()) else {
+            return Err(Direct::Unavailable(
+                "the target's exec streams did not open".into(),
+            ));
+        };
+        let target_log = drain(receive.stderr());
+        to_target
+            .write_all(secret_line(&secret).as_bytes())
+            .await
+            .map_err(|e| Direct::Unavailable(format!("cannot hand the target its secret: {e}")))?;
+        to_target.flush().await.ok();
+        let mut target_lines = BufReader::new(target_out).lines();
+        let mut target_said = String::new();
+        let port = loop {
+            match tokio::time::timeout(LISTEN_PATIENCE, target_lines.next_line()).await {
+                Ok(Ok(Some(line))) => match serde_json::from_str::<Progress>(&line) {
+                    Ok(Progress::Listening { port }) => break port,
+                    _ => {
+                        target_said.push_str(&line);
+                        target_said.push('\n');
+                    }
+                },
+                Ok(Ok(None) | Err(_)) => {
+                    let log = tokio::time::timeout(Duration::from_secs(5), target_log)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                    return Err(Direct::Unavailable(format!(
+                        "the target's launcher did not listen ({})",
+                        [target_said.trim(), log.trim()].join(" ").trim()
+                    )));
+                }
+                Err(_) => {
+                    return Err(Direct::Unavailable(format!(
+                        "the target's launcher did not say where it listens within {} s",
+                        LISTEN_PATIENCE.as_secs()
+                    )));
+                }
+            }
+        };
+        let address = SocketAddr::new(ip, port).to_string();
+        tracing::debug!(container, %address, "the target listens");
+        fault::hold("target-listening", &address).await;
+
+        // The source connects, authenticates, then dumps into the channel.
+        let (source_pods, source_name) = self.pods(source);
+        let mut dump = source_pods
+            .exec(
+                &source_name,
+                ["restore-launcher", "checkpoint", "--to", address.as_str()],
+                &params,
+            )
+            .await
+            .map_err(|e| {
+                Direct::Unavailable(format!(
+                    "cannot start `restore-launcher checkpoint --to` in the source: {e}"
+                ))
+            })?;
+        let (Some(mut to_source), Some(source_out)) = (dump.stdin(), dump.stdout()) else {
+            return Err(Direct::Unavailable(
+                "the source's exec streams did not open".into(),
+            ));
+        };
+        let source_log = drain(dump.stderr());
+        to_source
+            .write_all(secret_line(&source_secret).as_bytes())
+            .await
+            .map_err(|e| Direct::Unavailable(format!("cannot hand the source its secret: {e}")))?;
+        to_source.flush().await.ok();
+        drop(to_source);
+
+        // The source's lines: progress (bytes sent, for the bar and the stall watchdog), then
+        // its answer.
+        let own = AtomicU64::new(0);
+        let mut summary = String::new();
+        let follow = async {
+            let mut lines = BufReader::new(source_out).lines();
+            while let Some(line) = lines.next_line().await? {
+                match serde_json::from_str::<Progress>(&line) {
+                    Ok(Progress::Sent { bytes }) => {
+                        let before = own.swap(bytes, Ordering::Relaxed);
+                        moved.fetch_add(bytes.saturating_sub(before), Ordering::Relaxed);
+                    }
+                    _ => {
+                        summary.push_str(&line);
+                        summary.push('\n');
+                    }
+                }
+            }
+            Ok(own.load(Ordering::Relaxed))
+        };
+        let mut copy = Box::pin(watched(follow, &own));
+        let mut answer = Box::pin(async {
+            let mut answer = target_said.clone();
+            while let Ok(Some(line)) = target_lines.next_line().await {
+                answer.push_str(&line);
+                answer.push('\n');
+            }
+            Ok((answer, String::new()))
+        });
+        let (copied, answer, target_first) = tokio::select! {
+            copied = &mut copy => {
+                // The source is done. If it never reached the target, nothing was dumped: the
+                // target's wait is ended (stdin closed) and the relay may take over.
+                let sent = own.load(Ordering::Relaxed);
+                drop(copy);
+                if let Some(unreachable) = unreachable(&summary, sent) {
+                    drop(to_target);
+                    let log = source_log.await.unwrap_or_default();
+                    return Err(Direct::Unavailable(if log.trim().is_empty() {
+                        unreachable
+                    } else {
+                        format!("{unreachable}; {}", log.trim())
+                    }));
+                }
+                let answer = self.await_answer(target, container, &mut answer).await;
+                (copied, answer, false)
+            }
+            answer = &mut answer => {
+                let copied = tokio::time::timeout(crate::exec::TARGET_GRACE, &mut copy)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the target stopped reading the archive")));
+                drop(copy);
+                (copied, answer, true)
+            }
+        };
+        drop(to_target);
+        let log = tokio::time::timeout(Duration::from_secs(5), target_log)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let answer = answer.map(|(answer, _)| (answer, log));
+        let source_log = tokio::time::timeout(Duration::from_secs(5), source_log)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        if !source_log.trim().is_empty() {
+            summary.push_str(&source_log);
+        }
+        self.conclude(
+            target,
+            container,
+            Ended {
+                copied,
+                summary,
+                answer,
+                target_first,
+                moved: own.load(Ordering::Relaxed),
+            },
+        )
+        .await
+        .map_err(Direct::Failed)
+    }
+}
+
+/// Whether the source's `checkpoint --to` ended without dumping because it could not reach the
+/// target: its answer's refusal is `unreachable`, or (an older launcher that has no `--to`)
+/// it printed no checkpoint report and sent nothing. What it said, if so.
+fn unreachable(summary: &str, sent: u64) -> Option<String> {
+    if let Some(Answer {
+        refusal: Some(Refusal::Unreachable),
+        error,
+        ..
+    }) = last_json::<Answer>(summary)
+    {
+        return Some(error.unwrap_or_else(|| "the target cannot be reached".into()));
+    }
+    (sent == 0 && last_json::<CheckpointReport>(summary).is_none()).then(|| {
+        format!(
+            "the source's launcher did not take the checkpoint ({})",
+            summary.trim()
+        )
+    })
+}
+
+/// Fault injection for the end-to-end tests of the direct path, only in builds with the
+/// `fault-injection` feature (release builds never have it):
+/// - `KUBECTL_MIGRATE_FAULT_WRONG_SECRET=1` hands the source a secret of its own, not the
+///   target's: "a source without the secret", which no real part produces on demand.
+/// - `KUBECTL_MIGRATE_FAULT_HOLD_AT=target-listening` with `KUBECTL_MIGRATE_FAULT_HOLD_FILE=F`
+///   stops once the target listens, prints its address on stderr, and goes on when F is
+///   removed: the moment a test connects from another pod without the secret.
+mod fault {
+    use migrate_format::DirectSecret;
+
+    #[cfg(feature = "fault-injection")]
+    pub fn source_secret(secret: &DirectSecret) -> DirectSecret {
+        if std::env::var("KUBECTL_MIGRATE_FAULT_WRONG_SECRET").is_ok_and(|v| v == "1") {
+            eprintln!("fault injection: the source gets a secret other than the target's");
+            if let Ok(other) = super::new_secret() {
+                return other;
+            }
+        }
+        secret.clone()
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn source_secret(secret: &DirectSecret) -> DirectSecret {
+        secret.clone()
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub async fn hold(stage: &str, detail: &str) {
+        if !std::env::var("KUBECTL_MIGRATE_FAULT_HOLD_AT").is_ok_and(|at| at == stage) {
+            return;
+        }
+        let Some(file) = std::env::var_os("KUBECTL_MIGRATE_FAULT_HOLD_FILE") else {
+            return;
+        };
+        eprintln!("fault injection: holding at {stage} ({detail}) until the hold file is removed");
+        while std::path::Path::new(&file).exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub async fn hold(_stage: &str, _detail: &str) {}
+}

@@ -1,0 +1,513 @@
+//! Direct transfers: the archive goes from the source's launcher to the target's over one TCP
+//! connection between the two pods, not through the plugin and the API server.
+//!
+//! The channel is TLS 1.3 (rustls, ring), mutually authenticated with a certificate pinned on
+//! both sides: the plugin makes a fresh self-signed certificate and key for each container's
+//! transfer ([`DirectSecret`]) and hands both to both launchers as one JSON line on their
+//! stdin. Each side presents it and accepts only a peer that presents the same certificate and
+//! proves, in the handshake, that it holds the key. A peer without the secret learns nothing of
+//! the archive and cannot inject a byte of it; the target turns it away and keeps waiting.
+//!
+//! Both ends run in the `kubectl exec` sub-commands, next to PID 1: the receiving side
+//! (`receive --listen`) pipes the decrypted stream into PID 1's usual `receive` (which verifies
+//! all of it before restoring anything), the sending side (`checkpoint --to`) pipes PID 1's
+//! usual checkpoint stream into the connection. PID 1 sees a pipe, as with the exec relay, so
+//! the leases, stall timeouts and cancellation of a checkpoint work the same way.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use migrate_format::{DirectSecret, Progress};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    ServerConnection, SignatureScheme, StreamOwned,
+};
+
+/// How long the source may take to reach the target's port.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a handshake may take, on either side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes moved per read: large records keep TLS's per-record cost small.
+const CHUNK: usize = 256 * 1024;
+/// The longest secret line read from stdin.
+const SECRET_LINE_LIMIT: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    #[error("reading the transfer's secret (one JSON line on stdin) failed: {0}")]
+    Secret(String),
+    #[error("the transfer's secret was refused by TLS")]
+    Config(#[source] rustls::Error),
+    #[error("cannot listen on port {port}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot connect to the target at {to} (blocked by a NetworkPolicy or firewall, or not routed between the nodes?)"
+    )]
+    Connect {
+        to: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the encrypted channel with {peer} could not be set up (its secret differs, or it is not a restore-launcher of this migration)"
+    )]
+    Handshake {
+        peer: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no source connected with the secret within {0} s")]
+    NoPeer(u64),
+    #[error("the plugin went away (stdin closed) before the source connected")]
+    Cancelled,
+    #[error("the transfer broke off after {bytes} bytes")]
+    Stream {
+        bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// The certificate and key of one transfer, decoded.
+pub struct Keys {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+/// Reads the secret: one JSON line ([`DirectSecret`]) from `input`.
+///
+/// # Errors
+/// [`DirectError::Secret`] when the line is missing, too long or not a secret.
+pub fn read_secret(input: impl BufRead) -> Result<Keys, DirectError> {
+    let mut line = String::new();
+    input
+        .take(SECRET_LINE_LIMIT)
+        .read_line(&mut line)
+        .map_err(|e| DirectError::Secret(e.to_string()))?;
+    if !line.ends_with('\n') {
+        return Err(DirectError::Secret(
+            "no complete line (stdin ended, or the line is too long)".into(),
+        ));
+    }
+    let secret: DirectSecret =
+        serde_json::from_str(&line).map_err(|e| DirectError::Secret(e.to_string()))?;
+    let cert = hex::decode(&secret.cert).map_err(|e| DirectError::Secret(e.to_string()))?;
+    let key = hex::decode(&secret.key).map_err(|e| DirectError::Secret(e.to_string()))?;
+    Ok(Keys {
+        cert: CertificateDer::from(cert),
+        key: PrivatePkcs8KeyDer::from(key),
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts exactly one certificate, with no chain, and checks the handshake's signatures with
+/// the provider's algorithms: a peer passes only if it holds the pinned certificate's key.
+#[derive(Debug)]
+struct Pinned {
+    cert: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Pinned {
+    fn new(cert: &CertificateDer<'static>, provider: &CryptoProvider) -> Self {
+        Pinned {
+            cert: cert.clone(),
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        if intermediates.is_empty() && end_entity.as_ref() == self.cert.as_ref() {
+            Ok(())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The receiving side's TLS: TLS 1.3 only, the client's certificate required and pinned.
+///
+/// # Errors
+/// When rustls refuses the key or certificate.
+pub fn server_config(keys: &Keys) -> Result<Arc<ServerConfig>, DirectError> {
+    let provider = provider();
+    let pinned = Arc::new(Pinned::new(&keys.cert, &provider));
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(DirectError::Config)?
+        .with_client_cert_verifier(pinned)
+        .with_single_cert(
+            vec![keys.cert.clone()],
+            PrivateKeyDer::Pkcs8(keys.key.clone_key()),
+        )
+        .map_err(DirectError::Config)?;
+    Ok(Arc::new(config))
+}
+
+/// The sending side's TLS: TLS 1.3 only, the server's certificate pinned, the same certificate
+/// presented as the client's.
+///
+/// # Errors
+/// When rustls refuses the key or certificate.
+pub fn client_config(keys: &Keys) -> Result<Arc<ClientConfig>, DirectError> {
+    let provider = provider();
+    let pinned = Arc::new(Pinned::new(&keys.cert, &provider));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(DirectError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(pinned)
+        .with_client_auth_cert(
+            vec![keys.cert.clone()],
+            PrivateKeyDer::Pkcs8(keys.key.clone_key()),
+        )
+        .map_err(DirectError::Config)?;
+    Ok(Arc::new(config))
+}
+
+/// The name the source asks for; the certificate is pinned, so the name is not what is checked.
+fn server_name() -> ServerName<'static> {
+    ServerName::try_from("restore-launcher.migration")
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into()))
+}
+
+/// An authenticated connection from the source.
+pub type Inbound = StreamOwned<ServerConnection, TcpStream>;
+/// An authenticated connection to the target.
+pub type Outbound = StreamOwned<ClientConnection, TcpStream>;
+
+/// Runs the handshake to its end, within [`HANDSHAKE_TIMEOUT`].
+fn handshake<C, S>(
+    mut stream: StreamOwned<C, TcpStream>,
+    peer: &str,
+) -> Result<StreamOwned<C, TcpStream>, DirectError>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    let fail = |source| DirectError::Handshake {
+        peer: peer.to_string(),
+        source,
+    };
+    stream
+        .sock
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(fail)?;
+    stream
+        .sock
+        .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(fail)?;
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).map_err(fail)?;
+    }
+    Ok(stream)
+}
+
+/// A listening socket on every address of the pod, on `port` (0: any free port).
+///
+/// # Errors
+/// [`DirectError::Listen`].
+pub fn listen(port: u16) -> Result<TcpListener, DirectError> {
+    // `[::]` takes IPv4 too where the pod has IPv6; an IPv4-only pod gets 0.0.0.0.
+    TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .map_err(|source| DirectError::Listen { port, source })
+}
+
+/// Prints one progress line on stdout, flushed (the plugin reads it as it comes).
+pub fn say(progress: Progress) {
+    if let Ok(line) = serde_json::to_string(&progress) {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// Waits for the source: each connection gets its own handshake; one that fails (no secret, a
+/// wrong one, a port scanner) is logged on stderr and turned away, and the wait goes on. Ends
+/// with the first authenticated connection, or when `stdin` ends (the plugin went away or gave
+/// up on the direct path) or `patience` passes with none.
+///
+/// # Errors
+/// [`DirectError::Cancelled`], [`DirectError::NoPeer`], or an accept error.
+pub fn accept(
+    listener: &TcpListener,
+    config: &Arc<ServerConfig>,
+    stdin: &impl std::os::fd::AsFd,
+    patience: Duration,
+) -> Result<Inbound, DirectError> {
+    listener.set_nonblocking(true)?;
+    let (done, handshakes) = mpsc::channel();
+    let started = Instant::now();
+    let mut stdin_open = true;
+    loop {
+        if let Ok(stream) = handshakes.try_recv() {
+            return Ok(stream);
+        }
+        if started.elapsed() >= patience {
+            return Err(DirectError::NoPeer(patience.as_secs()));
+        }
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(errno) => return Err(io::Error::from(errno).into()),
+        }
+        let stdin_event = fds.get(1).and_then(PollFd::revents);
+        if stdin_event.is_some_and(|r| !r.is_empty()) {
+            // Nothing more is sent on stdin after the secret: readable means its end.
+            let mut byte = [0u8; 1];
+            match nix::unistd::read(stdin.as_fd(), &mut byte) {
+                Ok(0) | Err(_) => return Err(DirectError::Cancelled),
+                Ok(_) => {}
+            }
+        }
+        if stdin_event.is_some_and(|r| r.contains(PollFlags::POLLNVAL)) {
+            stdin_open = false;
+        }
+        loop {
+            match listener.accept() {
+                Ok((socket, peer)) => {
+                    let config = Arc::clone(config);
+                    let done = done.clone();
+                    std::thread::spawn(move || {
+                        let peer = peer.to_string();
+                        let attempt = ServerConnection::new(config)
+                            .map_err(DirectError::Config)
+                            .and_then(|conn| {
+                                socket.set_nonblocking(false)?;
+                                handshake(StreamOwned::new(conn, socket), &peer)
+                            });
+                        match attempt {
+                            Ok(stream) => {
+                                tracing::info!(peer, "the source connected with the secret");
+                                let _ = done.send(stream);
+                            }
+                            Err(error) => {
+                                tracing::warn!(
+                                    peer,
+                                    "turned a connection away: {}",
+                                    crate::checkpoint::chain(&error)
+                                );
+                            }
+                        }
+                    });
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Connects to the target and authenticates it.
+///
+/// # Errors
+/// [`DirectError::Connect`] when no address of `to` can be reached (nothing was sent; the
+/// relay may be tried), [`DirectError::Handshake`] when the peer is not the target of this
+/// migration.
+pub fn connect(to: &str, config: &Arc<ClientConfig>) -> Result<Outbound, DirectError> {
+    let unreachable = |source| DirectError::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let addresses: Vec<SocketAddr> = to.to_socket_addrs().map_err(unreachable)?.collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+            Ok(socket) => {
+                let _ = socket.set_nodelay(true);
+                let conn = ClientConnection::new(Arc::clone(config), server_name())
+                    .map_err(DirectError::Config)?;
+                return handshake(StreamOwned::new(conn, socket), to);
+            }
+            Err(error) => last = error,
+        }
+    }
+    Err(unreachable(last))
+}
+
+/// Copies the decrypted stream from the source into `into` (the pipe PID 1 reads) until the
+/// source closes the channel properly; how many bytes.
+///
+/// # Errors
+/// [`DirectError::Stream`] when the connection breaks, stalls for `stall`, or ends without the
+/// TLS close (a truncated stream; PID 1 refuses the archive anyway).
+pub fn pump_in(mut from: Inbound, into: OwnedFd, stall: Duration) -> Result<u64, DirectError> {
+    from.sock.set_read_timeout(Some(stall))?;
+    from.sock.set_write_timeout(Some(stall))?;
+    let mut into = std::fs::File::from(into);
+    let mut buffer = vec![0u8; CHUNK];
+    let mut bytes = 0u64;
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(DirectError::Stream { bytes, source }),
+        };
+        into.write_all(&buffer[..n])
+            .map_err(|source| DirectError::Stream { bytes, source })?;
+        bytes += n as u64;
+    }
+    // Tell the source everything arrived; it may already be gone, which is fine.
+    from.conn.send_close_notify();
+    let _ = from.flush();
+    Ok(bytes)
+}
+
+/// Copies PID 1's checkpoint stream (`from`, a pipe) to the target, printing how far it got
+/// every quarter of a second; then closes the channel properly and waits (up to `stall`) for
+/// the target's close in turn. How many bytes.
+///
+/// # Errors
+/// [`DirectError::Stream`] when the connection breaks or the target stops reading for `stall`.
+pub fn pump_out(from: OwnedFd, mut to: Outbound, stall: Duration) -> Result<u64, DirectError> {
+    to.sock.set_write_timeout(Some(stall))?;
+    to.sock.set_read_timeout(Some(stall))?;
+    let mut from = std::fs::File::from(from);
+    let mut buffer = vec![0u8; CHUNK];
+    let mut bytes = 0u64;
+    let mut told = Instant::now();
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(DirectError::Stream { bytes, source }),
+        };
+        to.write_all(&buffer[..n])
+            .map_err(|source| DirectError::Stream { bytes, source })?;
+        bytes += n as u64;
+        if told.elapsed() >= Duration::from_millis(250) {
+            say(Progress::Sent { bytes });
+            told = Instant::now();
+        }
+    }
+    to.conn.send_close_notify();
+    to.flush()
+        .map_err(|source| DirectError::Stream { bytes, source })?;
+    say(Progress::Sent { bytes });
+    // The target's close_notify says it read to the end; then the socket is shut.
+    let mut rest = [0u8; 1024];
+    while let Ok(n) = to.read(&mut rest) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = to.sock.shutdown(Shutdown::Both);
+    Ok(bytes)
+}
