@@ -5,11 +5,20 @@
 //! two objects the controller-manager would create (the `default` ServiceAccount and the
 //! `kube-root-ca.crt` ConfigMap) are created here.
 //!
-//! Several nodes share the machine the way kind's do, kept apart by: a node IP each on `lo`
-//! (`10.77.0.N`, where the kubelet listens on 10250), a containerd each (own root, state and
-//! socket, so one kubelet never sees, or garbage-collects, the other's containers), a CNI
-//! bridge and pod subnet each (`migbrN`, `10.88.N.0/24`), a cgroup root each
-//! (`/migrate-NODE`), and a pod log directory each.
+//! Several nodes share the machine the way kind's do, kept apart by: a network namespace each
+//! (`mig-NODE`, as kind gives each node a container), holding the node's IP (`10.77.0.N` on its
+//! `eth0`, where the kubelet listens on 10250), its kubelet, containerd, CNI bridge and pods; a
+//! containerd each (own root, state and socket, so one kubelet never sees, or garbage-collects,
+//! the other's containers); a CNI bridge and pod subnet each (`migbrN`, `10.88.N.0/24`); a
+//! cgroup root each (`/migrate-NODE`), and a pod log directory each.
+//!
+//! The network is made here and lives only in namespaces made here: the control plane (etcd,
+//! kube-apiserver) has a namespace of its own (`mig-cp`) with a bridge, `migsw`, that every
+//! node's `eth0` is joined to by a veth pair; the API server listens there on `10.77.0.254`.
+//! Each node routes the other nodes' pod subnets to them over that bridge, so pods reach pods
+//! on every node. Nothing is added to the machine's own interfaces: `kubectl` on the machine
+//! reaches the API server on 127.0.0.1 through `netns-forward`, and a test reaches a pod
+//! through [`Cluster::connect`], from inside a node's namespace.
 //!
 //! Security as a real cluster has it: TLS with a CA made here, token authentication for the
 //! admin and for each node (`system:node:NAME`), the Node and RBAC authorizers with
@@ -40,8 +49,13 @@ pub const KUBELET_PORT: u16 = 10250;
 const LOCK: &str = "/run/kubectl-migrate-cluster.lock";
 const CNI_BIN: &str = "/usr/lib/cni";
 /// The pods' addresses: node N's pods get `10.88.N.0/24` on its bridge `migbr(N-1)`, whose
-/// gateway address is the host's; pods reach the other nodes' pods through it.
+/// gateway address is the node's; pods reach the other nodes' pods through it.
 const POD_NETWORK: &str = "10.88.0.0/16";
+/// The control plane's network namespace, and the bridge in it that joins the nodes.
+const CONTROL_NETNS: &str = "mig-cp";
+const SWITCH: &str = "migsw";
+/// The API server's address on that bridge (the nodes are `10.77.0.1`, `10.77.0.2`, …).
+const CONTROL_IP: &str = "10.77.0.254";
 
 /// Where `cargo xtask images` works and leaves its archive.
 pub fn images_dir() -> PathBuf {
@@ -122,6 +136,85 @@ impl ClusterNode {
     fn cgroup_root(&self) -> String {
         format!("migrate-{}", self.name)
     }
+    /// The node's network namespace (`/run/netns/NAME`).
+    pub fn netns(&self) -> String {
+        format!("mig-{}", self.name)
+    }
+}
+
+/// `program` run inside network namespace `netns` (only the network namespace changes: the
+/// daemon keeps the machine's mounts, cgroups and PID namespace, and its PID).
+fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}"))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// `ip ARGS`, failing with its message.
+fn ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip").args(args).output().context("run ip")?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The cluster's network: the control plane's namespace with its bridge, a namespace per node
+/// joined to it by a veth pair, forwarding on in each node, and routes between the nodes' pod
+/// subnets.
+fn create_network(nodes: &[ClusterNode]) -> Result<()> {
+    // What a killed run left under the same names (one cluster runs at a time: the lock).
+    remove_network(nodes);
+    let cp = CONTROL_NETNS;
+    ip(&["netns", "add", cp])?;
+    ip(&["-n", cp, "link", "set", "lo", "up"])?;
+    ip(&["-n", cp, "link", "add", SWITCH, "type", "bridge"])?;
+    ip(&["-n", cp, "addr", "add", &format!("{CONTROL_IP}/24"), "dev", SWITCH])?;
+    ip(&["-n", cp, "link", "set", SWITCH, "up"])?;
+    for node in nodes {
+        let ns = node.netns();
+        let port = format!("mv-{}", node.name);
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", cp, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["-n", cp, "link", "set", &port, "master", SWITCH, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        // Pod to pod across nodes: this node forwards between its pods' bridge and eth0.
+        let sysctl = Command::new("ip")
+            .args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .status()
+            .context("run sysctl in the node's namespace")?;
+        if !sysctl.success() {
+            bail!("cannot turn on forwarding in {ns}");
+        }
+        for other in nodes.iter().filter(|o| o.index != node.index) {
+            ip(&["-n", &ns, "route", "add", &other.subnet(), "via", &other.ip])?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the cluster's network namespaces (their bridges and veth pairs go with them).
+fn remove_network(nodes: &[ClusterNode]) {
+    for ns in nodes
+        .iter()
+        .map(ClusterNode::netns)
+        .chain([CONTROL_NETNS.to_string()])
+    {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// A running cluster; dropping it tears it down unless [`Cluster::keep_running`] was called.
@@ -165,10 +258,7 @@ impl Cluster {
             keep: false,
             _lock: Some(lock),
         };
-        // Pod to pod across nodes goes through the host, from one node's bridge to another's
-        // (a fresh machine may have forwarding off).
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .context("turn on IPv4 forwarding between the nodes' bridges")?;
+        create_network(&cluster.nodes)?;
         cluster.start_control_plane()?;
         for node in cluster.nodes.clone() {
             cluster.start_node(&node)?;
@@ -187,6 +277,33 @@ impl Cluster {
     /// The cluster's state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A TCP connection to `address` (a pod's IP and port) made from inside the first node's
+    /// network namespace, from where every pod is routed: the machine itself has no route into
+    /// the cluster's network.
+    ///
+    /// # Errors
+    /// When the namespace cannot be entered or the connection fails within `timeout`.
+    pub fn connect(&self, address: &str, timeout: Duration) -> Result<std::net::TcpStream> {
+        let node = self.nodes.first().context("a cluster without nodes")?;
+        let netns = std::fs::File::open(format!("/run/netns/{}", node.netns()))
+            .with_context(|| format!("open {}'s network namespace", node.name))?;
+        let address: std::net::SocketAddr = address.parse().context("a pod address")?;
+        // A thread of its own enters the namespace; the socket it makes keeps it.
+        std::thread::spawn(move || -> Result<std::net::TcpStream> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("enter the node's network namespace")?;
+            Ok(std::net::TcpStream::connect_timeout(&address, timeout)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+    }
+
+    /// `program` run in node `node`'s network namespace (for example `nft`, to block a port
+    /// there).
+    pub fn node_command(&self, node: &str, program: &str) -> Command {
+        in_netns(&format!("mig-{node}"), program)
     }
 
     /// `kubectl` (the one built with the cluster) as the admin.
@@ -397,7 +514,7 @@ impl Cluster {
             &pki,
             "apiserver",
             "/CN=kube-apiserver",
-            Some("IP:127.0.0.1,DNS:localhost"),
+            Some(&format!("IP:127.0.0.1,IP:{CONTROL_IP},DNS:localhost")),
         )?;
         // The API server's client certificate towards kubelets (exec, logs): the kubelets'
         // webhook authorizer asks the API server, where system:masters may do anything.
@@ -424,7 +541,7 @@ impl Cluster {
                 &d.join(format!("{}.kubeconfig", node.name)),
                 &node.name,
                 &t,
-                secure,
+                &format!("{CONTROL_IP}:{secure}"),
             )?;
         }
         write_private(&pki.join("tokens.csv"), &tokens)?;
@@ -432,7 +549,7 @@ impl Cluster {
         let bin = k8s_bin_dir();
         self.daemon(
             "etcd",
-            Command::new(bin.join("etcd"))
+            in_netns(CONTROL_NETNS, bin.join("etcd"))
                 .args(["--name", "e2e", "--data-dir"])
                 .arg(d.join("etcd"))
                 .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
@@ -448,9 +565,10 @@ impl Cluster {
         let p = |name: &str| pki.join(name).display().to_string();
         self.daemon(
             "kube-apiserver",
-            Command::new(bin.join("kube-apiserver"))
+            in_netns(CONTROL_NETNS, bin.join("kube-apiserver"))
                 .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
-                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg("--bind-address=0.0.0.0")
+                .arg(format!("--advertise-address={CONTROL_IP}"))
                 .arg(format!("--secure-port={secure}"))
                 .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
                 .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
@@ -479,7 +597,20 @@ impl Cluster {
                     "-v=1",
                 ]),
         )?;
-        self.write_kubeconfig(&self.kubeconfig, "admin", &admin, secure)?;
+        // kubectl and the plugin on this machine: 127.0.0.1, forwarded into the namespace.
+        self.daemon(
+            "apiserver-forward",
+            Command::new(crate::apiserver::workspace_binary("netns-forward"))
+                .arg(format!("127.0.0.1:{secure}"))
+                .arg(format!("/run/netns/{CONTROL_NETNS}"))
+                .arg(format!("127.0.0.1:{secure}")),
+        )?;
+        self.write_kubeconfig(
+            &self.kubeconfig,
+            "admin",
+            &admin,
+            &format!("127.0.0.1:{secure}"),
+        )?;
 
         let start = Instant::now();
         while self.kubectl_ok(&["get", "--raw", "/readyz"]).is_err() {
@@ -503,12 +634,12 @@ impl Cluster {
         Ok(())
     }
 
-    fn write_kubeconfig(&self, path: &Path, user: &str, token: &str, port: u16) -> Result<()> {
+    fn write_kubeconfig(&self, path: &Path, user: &str, token: &str, server: &str) -> Result<()> {
         let ca = self.dir.join("pki/ca.crt");
         write_private(
             path,
             &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\n\
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{server}\n    certificate-authority: {ca}\n\
                  users:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: {user}\n  context:\n    cluster: local\n    user: {user}\n    namespace: default\n\
                  current-context: {user}\n",
                 ca = ca.display()
@@ -521,11 +652,6 @@ impl Cluster {
         for sub in ["cni", "kubelet", "pod-logs"] {
             std::fs::create_dir_all(nd.join(sub))?;
         }
-        // The node's IP, where its kubelet listens and the API server reaches it.
-        let _ = Command::new("ip")
-            .args(["addr", "add", &format!("{}/32", node.ip), "dev", "lo"])
-            .stderr(Stdio::null())
-            .status();
         for hierarchy in cgroup_hierarchies() {
             std::fs::create_dir_all(hierarchy.join(node.cgroup_root()))?;
         }
@@ -579,7 +705,7 @@ state = "{state}"
         )?;
         self.daemon(
             &format!("containerd-{}", node.name),
-            Command::new("containerd")
+            in_netns(&node.netns(), "containerd")
                 .arg("--config")
                 .arg(nd.join("containerd.toml")),
         )?;
@@ -629,7 +755,7 @@ state = "{state}"
         )?;
         self.daemon(
             &format!("kubelet-{}", node.name),
-            Command::new(k8s_bin_dir().join("kubelet"))
+            in_netns(&node.netns(), k8s_bin_dir().join("kubelet"))
                 .arg("--config")
                 .arg(nd.join("kubelet.yaml"))
                 .arg("--kubeconfig")
@@ -712,20 +838,14 @@ state = "{state}"
             }
             stop_pid(pid_of(&format!("containerd-{}", node.name)));
         }
+        stop_pid(pid_of("apiserver-forward"));
         stop_pid(pid_of("kube-apiserver"));
         stop_pid(pid_of("etcd"));
         unmount_under(&dir)?;
         for node in &nodes {
             remove_cgroup_tree(&node.cgroup_root());
-            let _ = Command::new("ip")
-                .args(["link", "del", &node.bridge()])
-                .stderr(Stdio::null())
-                .status();
-            let _ = Command::new("ip")
-                .args(["addr", "del", &format!("{}/32", node.ip), "dev", "lo"])
-                .stderr(Stdio::null())
-                .status();
         }
+        remove_network(&nodes);
         std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))
     }
 }

@@ -461,11 +461,8 @@ fn counter_moves_within_its_node(cluster: &Cluster) -> Result<()> {
 }
 
 /// GET http://IP:8080/PATH with a plain HTTP/1.0 request; the status code and body.
-fn http_get(ip: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect_timeout(
-        &format!("{ip}:8080").parse()?,
-        Duration::from_secs(5),
-    )?;
+fn http_get(cluster: &Cluster, ip: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = cluster.connect(&format!("{ip}:8080"), Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
     let mut response = String::new();
@@ -509,7 +506,7 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
     cluster.wait_running("web", WAIT)?;
     let ip = pod_field(cluster, "web", "{.status.podIP}")?;
     let before = wait_until("3 stamps served by nginx", WAIT, || {
-        Ok(http_get(&ip, "/stamps.log")
+        Ok(http_get(cluster, &ip, "/stamps.log")
             .ok()
             .filter(|(code, body)| *code == 200 && body.lines().count() >= 3))
     })?;
@@ -531,7 +528,7 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
     );
     // Two more stamps after the move, served by the restored nginx on the new pod's IP.
     let after = wait_until("nginx on the new pod serving new stamps", WAIT, || {
-        Ok(http_get(&new_ip, "/stamps.log")
+        Ok(http_get(cluster, &new_ip, "/stamps.log")
             .ok()
             .filter(|(code, body)| {
                 *code == 200 && body.lines().count() >= before_numbers.len() + 4

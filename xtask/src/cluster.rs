@@ -21,6 +21,15 @@ fn prepare() -> Result<PathBuf> {
     k8s()?;
     images::build()?;
     run(cargo().args(["build", "--quiet", "--package", "kubectl-migrate"]))?;
+    // What forwards the API server's port from the control plane's network namespace.
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "migrate-tests",
+        "--bin",
+        "netns-forward",
+    ]))?;
     Ok(target_dir().join("debug"))
 }
 
