@@ -101,6 +101,7 @@ impl ExecLaunchers {
             )))
         })?;
         let source_secret = fault::source_secret(&secret);
+        fault::record_secret(&secret);
 
         // The target listens first, and says where.
         let (target_pods, target_name) = self.pods(target);
@@ -228,15 +229,16 @@ impl ExecLaunchers {
                 // target's wait is ended (stdin closed) and the relay may take over.
                 let sent = own.load(Ordering::Relaxed);
                 drop(copy);
-                if let Some(unreachable) = unreachable(&summary, sent) {
+                let log = tokio::time::timeout(Duration::from_secs(5), source_log)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                if let Some(unreachable) = unreachable(&summary, &log, sent) {
                     drop(to_target);
-                    let log = source_log.await.unwrap_or_default();
-                    return Err(Direct::Unavailable(if log.trim().is_empty() {
-                        unreachable
-                    } else {
-                        format!("{unreachable}; {}", log.trim())
-                    }));
+                    return Err(Direct::Unavailable(unreachable));
                 }
+                summary.push_str(&log);
                 let answer = self.await_answer(target, container, &mut answer).await;
                 (copied, answer, false)
             }
@@ -255,14 +257,6 @@ impl ExecLaunchers {
             .and_then(Result::ok)
             .unwrap_or_default();
         let answer = answer.map(|(answer, _)| (answer, log));
-        let source_log = tokio::time::timeout(Duration::from_secs(5), source_log)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        if !source_log.trim().is_empty() {
-            summary.push_str(&source_log);
-        }
         self.conclude(
             target,
             container,
@@ -280,9 +274,10 @@ impl ExecLaunchers {
 }
 
 /// Whether the source's `checkpoint --to` ended without dumping because it could not reach the
-/// target: its answer's refusal is `unreachable`, or (an older launcher that has no `--to`)
-/// it printed no checkpoint report and sent nothing. What it said, if so.
-fn unreachable(summary: &str, sent: u64) -> Option<String> {
+/// target (its answer's refusal is `unreachable`) or because its launcher predates direct
+/// transfers (clap refused `--to`, so nothing ran). What it said, if so. A stream that was
+/// merely cut says neither: its outcome is settled like the relay's, never retried.
+fn unreachable(summary: &str, log: &str, sent: u64) -> Option<String> {
     if let Some(Answer {
         refusal: Some(Refusal::Unreachable),
         error,
@@ -291,18 +286,18 @@ fn unreachable(summary: &str, sent: u64) -> Option<String> {
     {
         return Some(error.unwrap_or_else(|| "the target cannot be reached".into()));
     }
-    (sent == 0 && last_json::<CheckpointReport>(summary).is_none()).then(|| {
-        format!(
-            "the source's launcher did not take the checkpoint ({})",
-            summary.trim()
-        )
-    })
+    (sent == 0
+        && last_json::<CheckpointReport>(summary).is_none()
+        && log.contains("unexpected argument '--to'"))
+    .then(|| "the source's restore-launcher is too old for direct transfers".to_string())
 }
 
 /// Fault injection for the end-to-end tests of the direct path, only in builds with the
 /// `fault-injection` feature (release builds never have it):
 /// - `KUBECTL_MIGRATE_FAULT_WRONG_SECRET=1` hands the source a secret of its own, not the
 ///   target's: "a source without the secret", which no real part produces on demand.
+/// - `KUBECTL_MIGRATE_FAULT_SECRET_FILE=F` appends each secret to F (mode 0600), so a test can
+///   search pods, Events and logs for it.
 /// - `KUBECTL_MIGRATE_FAULT_HOLD_AT=target-listening` with `KUBECTL_MIGRATE_FAULT_HOLD_FILE=F`
 ///   stops once the target listens, prints its address on stderr, and goes on when F is
 ///   removed: the moment a test connects from another pod without the secret.
@@ -324,6 +319,30 @@ mod fault {
     pub fn source_secret(secret: &DirectSecret) -> DirectSecret {
         secret.clone()
     }
+
+    #[cfg(feature = "fault-injection")]
+    pub fn record_secret(secret: &DirectSecret) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let Some(path) = std::env::var_os("KUBECTL_MIGRATE_FAULT_SECRET_FILE") else {
+            return;
+        };
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+        {
+            let _ = writeln!(
+                file,
+                "{}",
+                serde_json::to_string(secret).unwrap_or_default()
+            );
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn record_secret(_secret: &DirectSecret) {}
 
     #[cfg(feature = "fault-injection")]
     pub async fn hold(stage: &str, detail: &str) {

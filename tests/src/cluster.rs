@@ -175,7 +175,15 @@ fn create_network(nodes: &[ClusterNode]) -> Result<()> {
     ip(&["netns", "add", cp])?;
     ip(&["-n", cp, "link", "set", "lo", "up"])?;
     ip(&["-n", cp, "link", "add", SWITCH, "type", "bridge"])?;
-    ip(&["-n", cp, "addr", "add", &format!("{CONTROL_IP}/24"), "dev", SWITCH])?;
+    ip(&[
+        "-n",
+        cp,
+        "addr",
+        "add",
+        &format!("{CONTROL_IP}/24"),
+        "dev",
+        SWITCH,
+    ])?;
     ip(&["-n", cp, "link", "set", SWITCH, "up"])?;
     for node in nodes {
         let ns = node.netns();
@@ -186,11 +194,26 @@ fn create_network(nodes: &[ClusterNode]) -> Result<()> {
             "-n", cp, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
         ip(&["-n", cp, "link", "set", &port, "master", SWITCH, "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.ip),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         // Pod to pod across nodes: this node forwards between its pods' bridge and eth0.
         let sysctl = Command::new("ip")
-            .args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
             .status()
             .context("run sysctl in the node's namespace")?;
         if !sysctl.success() {

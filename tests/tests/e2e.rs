@@ -23,6 +23,8 @@ const WAIT: Duration = Duration::from_secs(90);
 
 #[path = "e2e/servers.rs"]
 mod servers;
+#[path = "e2e/transfer.rs"]
+mod transfer;
 
 /// One end-to-end test, run against the shared cluster.
 type Scenario = fn(&Cluster) -> Result<()>;
@@ -33,6 +35,18 @@ fn main() {
         (
             "counter_moves_to_another_node_and_keeps_counting",
             counter_moves_to_another_node,
+        ),
+        (
+            "a_direct_transfer_moves_the_counter_and_its_downtime_matches_the_logs",
+            transfer::direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs,
+        ),
+        (
+            "a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes",
+            transfer::a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes,
+        ),
+        (
+            "a_blocked_direct_path_fails_direct_and_falls_back_to_the_relay_with_auto",
+            transfer::a_blocked_direct_path_fails_direct_and_falls_back_with_auto,
         ),
         (
             "counter_moves_within_its_node",
@@ -386,10 +400,24 @@ fn move_counter(
     to: &str,
     env: &[(&str, &str)],
 ) -> Result<(Outcome, u64, u64)> {
+    move_counter_with(cluster, name, from, to, &[], env)
+}
+
+/// [`move_counter`] with more arguments for the plugin.
+fn move_counter_with(
+    cluster: &Cluster,
+    name: &str,
+    from: &str,
+    to: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Outcome, u64, u64)> {
     let target = format!("{name}-m1");
     run_counter(cluster, name, from, &[])?;
     let follow = Follow::start(cluster, name)?;
-    let out = migrate_ok(cluster, &[name, "--to", to], env)?;
+    let mut all = vec![name, "--to", to];
+    all.extend_from_slice(args);
+    let out = migrate_ok(cluster, &all, env)?;
     ensure!(
         pod_field(cluster, &target, "{.spec.nodeName}")? == to,
         "{target} is not on {to}"
@@ -512,7 +540,13 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
     })?;
     let before_numbers = stamp_numbers(&before.1)?;
 
-    migrate_ok(cluster, &["web", "--to", "node-b"], &[])?;
+    let out = migrate_ok(cluster, &["web", "--to", "node-b"], &[])?;
+    // Both containers' archives went pod to pod (the default), one consistent cut.
+    ensure!(
+        out.stdout.matches(": direct transfer").count() == 2,
+        "not both containers moved directly:\n{}",
+        out.stdout
+    );
     cluster.wait_running("web-m1", WAIT)?;
     wait_gone(cluster, "web")?;
     let new_ip = pod_field(cluster, "web-m1", "{.status.podIP}")?;
@@ -556,9 +590,10 @@ fn web_pod_moves(cluster: &Cluster) -> Result<()> {
 fn damaged_archive_rolls_back(cluster: &Cluster) -> Result<()> {
     run_counter(cluster, "fragile", "node-a", &[])?;
     let follow = Follow::start(cluster, "fragile")?;
+    // The relay: the archive passes through the plugin, where the hook damages it.
     let out = migrate(
         cluster,
-        &["fragile", "--to", "node-b"],
+        &["fragile", "--to", "node-b", "--transfer", "relay"],
         &[("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
     )?;
     ensure!(
@@ -713,11 +748,14 @@ fn release_plugin_ignores_the_fault_variable(cluster: &Cluster) -> Result<()> {
     let plugin = migrate_tests::release_plugin()?;
     let path = plugin_path_with(&plugin);
     let path = path.to_str().context("PATH is not UTF-8")?;
-    let (out, last, first) = move_counter(
+    // The relay: the archive passes through the plugin, where the test build's hook would
+    // damage it.
+    let (out, last, first) = move_counter_with(
         cluster,
         "sealed",
         "node-a",
         "node-b",
+        &["--transfer", "relay"],
         &[("PATH", path), ("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
     )?;
     ensure!(
@@ -1174,11 +1212,12 @@ fn launcher_in(cluster: &Cluster, pod: &str, state: &str) -> bool {
 
 /// Starts `kubectl-migrate NAME --to node-b` in the background and waits until the source's
 /// checkpoint streams (a big app, so the stream lasts).
-fn plugin_streaming(cluster: &Cluster, name: &str) -> Result<(Child, Follow)> {
+fn plugin_streaming(cluster: &Cluster, name: &str, args: &[&str]) -> Result<(Child, Follow)> {
     run_counter(cluster, name, "node-a", &[("COUNTER_BALLAST_MB", "384")])?;
     let follow = Follow::start(cluster, name)?;
     let plugin = Command::new(workspace_binary("kubectl-migrate"))
         .args([name, "--to", "node-b"])
+        .args(args)
         .env("KUBECONFIG", &cluster.kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1239,7 +1278,8 @@ fn undone_with_source_counting(
 /// `kubectl migrate abort`); one copy, the source, counts on.
 fn apiserver_restarted_mid_stream(cluster: &Cluster) -> Result<()> {
     let name = "apiserver-cut";
-    let (plugin, follow) = plugin_streaming(cluster, name)?;
+    // The relay: the archive itself streams through the API server.
+    let (plugin, follow) = plugin_streaming(cluster, name, &["--transfer", "relay"])?;
     cluster.stop_daemon("kube-apiserver");
     std::thread::sleep(Duration::from_secs(2)); // down for a moment, as in a restart
     cluster.start_daemon("kube-apiserver")?;
@@ -1265,7 +1305,7 @@ fn apiserver_restarted_mid_stream(cluster: &Cluster) -> Result<()> {
 /// back); one copy, the source, counts on.
 fn target_kubelet_stopped_mid_restore(cluster: &Cluster) -> Result<()> {
     let name = "kubelet-cut";
-    let (plugin, follow) = plugin_streaming(cluster, name)?;
+    let (plugin, follow) = plugin_streaming(cluster, name, &[])?;
     wait_until("the target restoring", WAIT, || {
         Ok(launcher_in(cluster, &format!("{name}-m1"), "restoring").then_some(()))
     })?;
@@ -1287,7 +1327,7 @@ fn target_kubelet_stopped_mid_restore(cluster: &Cluster) -> Result<()> {
 /// migration and says the source restarted fresh; exactly one copy runs, the restarted source.
 fn source_container_killed_mid_checkpoint(cluster: &Cluster) -> Result<()> {
     let name = "source-killed";
-    let (plugin, _follow) = plugin_streaming(cluster, name)?;
+    let (plugin, _follow) = plugin_streaming(cluster, name, &[])?;
     cluster.kill_container(name)?;
     let (code, stderr) = plugin_ended(plugin)?;
     ensure!(code == Some(1), "the plugin exited {code:?}:\n{stderr}");
@@ -1445,9 +1485,21 @@ fn bytes_moved(stdout: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The plugin's peak RSS stays flat with the archive's size, the relay (every byte through the
+/// plugin) and the direct transfer (only the launchers' byte counts) alike.
 fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
-    run_counter(cluster, "small", "node-a", &[])?;
-    let (small, small_peak) = migrate_measuring(cluster, &["small", "--to", "node-b"])?;
+    plugin_memory_flat_with(cluster, "relay")?;
+    plugin_memory_flat_with(cluster, "direct")
+}
+
+fn plugin_memory_flat_with(cluster: &Cluster, transfer: &str) -> Result<()> {
+    let (small_pod, ballast_pod) = (format!("small-{transfer}"), format!("ballast-{transfer}"));
+    let (small_target, ballast_target) = (format!("{small_pod}-m1"), format!("{ballast_pod}-m1"));
+    run_counter(cluster, &small_pod, "node-a", &[])?;
+    let (small, small_peak) = migrate_measuring(
+        cluster,
+        &[&small_pod, "--to", "node-b", "--transfer", transfer],
+    )?;
     ensure!(
         small.code == Some(0),
         "small migration failed:\n{}",
@@ -1455,7 +1507,7 @@ fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
     );
     run_counter(
         cluster,
-        "ballast",
+        &ballast_pod,
         "node-a",
         &[("COUNTER_BALLAST_MB", "384")],
     )?;
@@ -1465,16 +1517,19 @@ fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
             .and_then(|l| l.split("ballast=").nth(1))
             .map(str::to_string)
     };
-    let before = checksum(&logs(cluster, "ballast", None)).context("no ballast checksum")?;
-    let (big, big_peak) = migrate_measuring(cluster, &["ballast", "--to", "node-b"])?;
+    let before = checksum(&logs(cluster, &ballast_pod, None)).context("no ballast checksum")?;
+    let (big, big_peak) = migrate_measuring(
+        cluster,
+        &[&ballast_pod, "--to", "node-b", "--transfer", transfer],
+    )?;
     ensure!(
         big.code == Some(0),
         "ballast migration failed:\n{}",
         big.stderr
     );
-    cluster.wait_running("ballast-m1", WAIT)?;
-    wait_until("a count on ballast-m1", WAIT, || {
-        Ok(checksum(&logs(cluster, "ballast-m1", None)))
+    cluster.wait_running(&ballast_target, WAIT)?;
+    wait_until("a count on the ballast's target", WAIT, || {
+        Ok(checksum(&logs(cluster, &ballast_target, None)))
     })
     .and_then(|after| {
         ensure!(
@@ -1485,7 +1540,7 @@ fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
     })?;
     let (small_bytes, big_bytes) = (bytes_moved(&small.stdout), bytes_moved(&big.stdout));
     eprintln!(
-        "plugin peak RSS over real exec streams: {small_peak} KiB moving {} KiB; {big_peak} KiB moving {} KiB \
+        "plugin peak RSS, {transfer}: {small_peak} KiB moving {} KiB; {big_peak} KiB moving {} KiB \
          (growth {} KiB for {} MiB more, ratio {:.2})",
         small_bytes / 1024,
         big_bytes / 1024,
@@ -1502,7 +1557,7 @@ fn plugin_memory_flat(cluster: &Cluster) -> Result<()> {
         big_peak < small_peak + 32 * 1024,
         "the plugin grew from {small_peak} KiB to {big_peak} KiB while moving {big_bytes} bytes"
     );
-    for pod in ["small-m1", "ballast-m1"] {
+    for pod in [&small_target, &ballast_target] {
         cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false"])?;
     }
     Ok(())

@@ -1,0 +1,397 @@
+//! The direct transfer on the real cluster (each node in its own network namespace): the
+//! archive goes pod to pod over mutually authenticated TLS; the downtime the plugin prints is
+//! checked against the gap users see in the container logs' own time stamps; a connection
+//! without the secret is turned away; a wrong secret, a blocked path, and the relay fallback.
+
+use super::*;
+
+/// Milliseconds since the epoch of a CRI log time stamp (`2026-11-23T19:30:48.453986146Z`,
+/// what `kubectl logs --timestamps` prints first on each line).
+fn stamp_ms(stamp: &str) -> Option<u64> {
+    let (date, time) = stamp.trim_end_matches('Z').split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (parts.next()??, parts.next()??, parts.next()??);
+    let millis: i64 = format!("{fraction:0<3}").get(..3)?.parse().ok()?;
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 24 + hh) * 60 + mm) * 60 * 1000 + ss * 1000 + millis).ok()
+}
+
+/// The time stamp of the first (or last) counter line of `kubectl logs --timestamps POD`.
+fn count_stamp(cluster: &Cluster, pod: &str, last: bool) -> Result<u64> {
+    let text = cluster.kubectl_ok(&["logs", "--timestamps", pod])?;
+    let mut lines = text.lines().filter(|l| l.contains("events="));
+    let line = if last { lines.last() } else { lines.next() }
+        .with_context(|| format!("{pod} printed no count"))?;
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    stamp_ms(stamp).with_context(|| format!("not a time stamp: {stamp}"))
+}
+
+/// The ballast checksum of the last line in `text`.
+fn ballast(text: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.split("ballast=").nth(1))
+        .map(str::to_string)
+}
+
+/// The counter's tick in these tests: the log's resolution (the app prints at most this long
+/// before its freeze, and at most this long after its thaw).
+const TICK_MS: u64 = 20;
+
+/// The counter with 64 MiB of random ballast, ticking every 20 ms, moves node-a → node-b with
+/// the default transfer: pod to pod. Its count continues, its ballast checksum is unchanged,
+/// and the report's downtime (freeze → thaw, the launchers' stamps) agrees with the gap
+/// between the source's last log line and the target's first, by the CRI log's time stamps.
+/// The transfer's secret appears nowhere: not in either pod, not in any Event, not in any log.
+pub fn direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs(
+    cluster: &Cluster,
+) -> Result<()> {
+    let name = "direct";
+    cluster.apply(&example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "64")],
+    )?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until("the counter ticking", WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
+    })?;
+    let secrets = tempfile::NamedTempFile::new()?;
+    let secret_file = secrets.path().to_str().context("temp path")?.to_string();
+    // --keep-source: the frozen source stays, so its pod, Events and log can be searched too.
+    let out = migrate_ok(
+        cluster,
+        &[name, "--to", "node-b", "--keep-source", "-o", "json"],
+        &[("KUBECTL_MIGRATE_FAULT_SECRET_FILE", &secret_file)],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)
+        .with_context(|| format!("the report is not JSON: {}", out.stdout))?;
+    let target = format!("{name}-m1");
+    ensure!(
+        report["containers"]["counter"]["route"] == "direct",
+        "the archive did not go pod to pod: {}",
+        report["containers"]["counter"]["route"]
+    );
+    let downtime = report["downtime_ms"]
+        .as_u64()
+        .context("the report has no freeze → thaw downtime")?;
+    let bound = report["downtime_bound_ms"].as_u64().unwrap_or_default();
+    cluster.wait_running(&target, WAIT)?;
+    wait_until(&format!("counts on {target}"), WAIT, || {
+        Ok((counter_values(&logs(cluster, &target, None)).len() >= 10).then_some(()))
+    })?;
+    let (source_log, target_log) = (logs(cluster, name, None), logs(cluster, &target, None));
+    let (last, first) = assert_continued(&source_log, &target_log)?;
+    let (before, after) = (ballast(&source_log), ballast(&target_log));
+    ensure!(
+        before.is_some() && before == after,
+        "the ballast changed: {before:?} → {after:?}"
+    );
+    let gap =
+        count_stamp(cluster, &target, false)?.saturating_sub(count_stamp(cluster, name, true)?);
+    eprintln!(
+        "direct, 64 MiB ballast: count {last} → {first}; downtime {downtime} ms (freeze → thaw, nodes' clocks), \
+         log gap {gap} ms (CRI time stamps), plugin's bound {bound} ms; {} archive bytes",
+        report["bytes_moved"]
+    );
+    // The app prints up to a tick before its freeze and right after its thaw: the gap is the
+    // downtime plus at most a tick (and the log pipe's few ms), never less than the downtime
+    // (less a few ms: the freeze is stamped once every process has stopped).
+    ensure!(
+        gap + 30 >= downtime && gap <= downtime + TICK_MS + 150,
+        "the printed downtime {downtime} ms disagrees with the log gap {gap} ms"
+    );
+    ensure!(
+        bound >= downtime,
+        "the plugin's bound {bound} ms is below the downtime {downtime} ms"
+    );
+
+    // The secret: nowhere.
+    let secrets = std::fs::read_to_string(secrets.path())?;
+    let mut needles = Vec::new();
+    for line in secrets.lines() {
+        let secret: serde_json::Value = serde_json::from_str(line)?;
+        for part in ["key", "cert"] {
+            let hex = secret[part].as_str().context("a secret part")?;
+            // The hex, and a stretch of the key's bytes as any tool would print them.
+            needles.push(hex.to_string());
+            needles.push(hex[hex.len() / 2..hex.len() / 2 + 32].to_string());
+        }
+    }
+    ensure!(!needles.is_empty(), "the plugin recorded no secret");
+    let haystacks = [
+        (
+            "the plugin's output",
+            format!("{}{}", out.stdout, out.stderr),
+        ),
+        (
+            "the source pod",
+            cluster.kubectl_ok(&["get", "pod", name, "-o", "yaml"])?,
+        ),
+        (
+            "the target pod",
+            cluster.kubectl_ok(&["get", "pod", &target, "-o", "yaml"])?,
+        ),
+        (
+            "the Events",
+            cluster.kubectl_ok(&["get", "events", "-o", "yaml"])?,
+        ),
+        ("the source's log", source_log),
+        ("the target's log", target_log),
+    ];
+    for (what, text) in &haystacks {
+        for needle in &needles {
+            ensure!(
+                !text.contains(needle.as_str()),
+                "the transfer's secret appears in {what}"
+            );
+        }
+    }
+    cluster.kubectl_ok(&["delete", "pod", name, &target, "--wait=false"])?;
+    Ok(())
+}
+
+/// Runs `kubectl-migrate ARGS` in the background with `env`; its stderr lines arrive on the
+/// returned channel as they come.
+fn plugin_in_background(
+    cluster: &Cluster,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Child, std::sync::mpsc::Receiver<String>)> {
+    let mut plugin = Command::new(workspace_binary("kubectl-migrate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = plugin.stderr.take().context("stderr")?;
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((plugin, received))
+}
+
+/// While the target waits for the source, another pod connects to its port, once with plain
+/// bytes and once with TLS but no certificate: both are turned away, nothing of the archive
+/// reaches them, and the target goes on waiting and takes the real source's archive. Then a
+/// source handed a wrong secret: the migration fails cleanly, the target is deleted and the
+/// source counts on.
+pub fn a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes(
+    cluster: &Cluster,
+) -> Result<()> {
+    let name = "guarded";
+    run_counter(cluster, name, "node-a", &[])?;
+    run_counter(cluster, "intruder", "node-a", &[])?;
+    let follow = Follow::start(cluster, name)?;
+    let hold = tempfile::NamedTempFile::new()?;
+    let hold_path = hold.path().to_str().context("temp path")?.to_string();
+    let (plugin, lines) = plugin_in_background(
+        cluster,
+        &[name, "--to", "node-b"],
+        &[
+            ("KUBECTL_MIGRATE_FAULT_HOLD_AT", "target-listening"),
+            ("KUBECTL_MIGRATE_FAULT_HOLD_FILE", &hold_path),
+        ],
+    )?;
+    let address = wait_until("the target listening", WAIT, || {
+        Ok(lines.try_recv().ok().and_then(|line| {
+            line.split("holding at target-listening (")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(str::to_string)
+        }))
+    })?;
+    let (ip, port) = address.rsplit_once(':').context("an address")?;
+    // From another pod: plain bytes, then a TLS client with no certificate.
+    let probe = format!(
+        "import socket, ssl\n\
+         s = socket.create_connection(('{ip}', {port}), 5); s.settimeout(15)\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         try: print('plain got', len(s.recv(65536)), 'bytes')\n\
+         except Exception as e: print('plain refused:', type(e).__name__)\n\
+         c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE\n\
+         t = c.wrap_socket(socket.create_connection(('{ip}', {port}), 5)); t.settimeout(15)\n\
+         try: print('tls got', len(t.recv(65536)), 'bytes')\n\
+         except Exception as e: print('tls refused:', type(e).__name__, e)\n"
+    );
+    let intruder = cluster
+        .kubectl(&["exec", "intruder", "--", "python3", "-c", &probe])
+        .output()?;
+    let said = String::from_utf8_lossy(&intruder.stdout).into_owned()
+        + &String::from_utf8_lossy(&intruder.stderr);
+    eprintln!(
+        "a pod without the secret: {}",
+        said.trim().replace('\n', "; ")
+    );
+    ensure!(
+        said.contains("plain got 0 bytes") || said.contains("plain refused"),
+        "plain bytes got an answer: {said}"
+    );
+    ensure!(
+        said.contains("tls refused") || said.contains("tls got 0 bytes"),
+        "a TLS client without the certificate was not turned away: {said}"
+    );
+    ensure!(
+        launcher_in(cluster, &format!("{name}-m1"), "waiting"),
+        "the target stopped waiting after the intruder"
+    );
+    drop(hold); // the plugin goes on
+    let (code, stderr) = plugin_ended(plugin)?;
+    ensure!(
+        code == Some(0),
+        "the migration failed after the intruder:\n{stderr}"
+    );
+    cluster.wait_running(&format!("{name}-m1"), WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_until("counts on the target", WAIT, || {
+        Ok((counter_values(&logs(cluster, &format!("{name}-m1"), None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, &format!("{name}-m1"), None))?;
+
+    // A source with the wrong secret.
+    let wrong = "wrong-secret";
+    run_counter(cluster, wrong, "node-a", &[])?;
+    let follow = Follow::start(cluster, wrong)?;
+    let out = migrate(
+        cluster,
+        &[wrong, "--to", "node-b"],
+        &[("KUBECTL_MIGRATE_FAULT_WRONG_SECRET", "1")],
+    )?;
+    ensure!(
+        out.stderr.contains("could not be set up"),
+        "the failure does not say the encrypted channel could not be set up:\n{}",
+        out.stderr
+    );
+    undone_with_source_counting(
+        cluster,
+        wrong,
+        follow,
+        out.code,
+        &out.stderr,
+        "wrong secret",
+    )?;
+    cluster.kubectl_ok(&[
+        "delete",
+        "pod",
+        &format!("{name}-m1"),
+        "intruder",
+        "--wait=false",
+    ])?;
+    Ok(())
+}
+
+/// Drops TCP from node-a's pods to node-b's in node-b's network namespace (as a NetworkPolicy
+/// would), and takes the rule away when dropped.
+struct Wall<'a> {
+    cluster: &'a Cluster,
+}
+
+impl<'a> Wall<'a> {
+    fn raise(cluster: &'a Cluster) -> Result<Wall<'a>> {
+        let rules = "table inet migrate-test {\n\
+                       chain forward { type filter hook forward priority 0; ip saddr 10.88.1.0/24 ip daddr 10.88.2.0/24 meta l4proto tcp drop; }\n\
+                     }\n";
+        let mut nft = cluster
+            .node_command("node-b", "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("run nft (apt-get install nftables)")?;
+        nft.stdin
+            .take()
+            .context("stdin")?
+            .write_all(rules.as_bytes())?;
+        ensure!(nft.wait()?.success(), "nft refused the rule");
+        Ok(Wall { cluster })
+    }
+}
+
+impl Drop for Wall<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .node_command("node-b", "nft")
+            .args(["delete", "table", "inet", "migrate-test"])
+            .status();
+    }
+}
+
+/// With TCP from node-a's pods to node-b's dropped in node-b's namespace: `--transfer direct`
+/// fails cleanly naming the connection it could not make (target deleted, source counting),
+/// and `--transfer auto` says it falls back to the relay and moves the counter.
+pub fn a_blocked_direct_path_fails_direct_and_falls_back_with_auto(
+    cluster: &Cluster,
+) -> Result<()> {
+    let wall = Wall::raise(cluster)?;
+    let name = "walled";
+    run_counter(cluster, name, "node-a", &[])?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate(
+        cluster,
+        &[name, "--to", "node-b", "--transfer", "direct"],
+        &[],
+    )?;
+    ensure!(
+        out.stderr
+            .contains("cannot connect to the target at 10.88.2."),
+        "the failure does not name the blocked connection:\n{}",
+        out.stderr
+    );
+    undone_with_source_counting(
+        cluster,
+        name,
+        follow,
+        out.code,
+        &out.stderr,
+        "blocked, --transfer direct",
+    )?;
+
+    let name = "walled-auto";
+    run_counter(cluster, name, "node-a", &[])?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate_ok(cluster, &[name, "--to", "node-b"], &[])?;
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("relaying the checkpoint through the API server"))
+        .collect();
+    ensure!(
+        said.len() == 1 && said[0].contains("cannot connect"),
+        "auto did not say, in one line, that it falls back and why:\n{}",
+        out.stderr
+    );
+    ensure!(
+        out.stdout.contains("counter: relayed transfer"),
+        "the report does not say the archive was relayed:\n{}",
+        out.stdout
+    );
+    drop(wall);
+    cluster.wait_running(&format!("{name}-m1"), WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_until("counts on the target", WAIT, || {
+        Ok((counter_values(&logs(cluster, &format!("{name}-m1"), None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, &format!("{name}-m1"), None))?;
+    eprintln!(
+        "blocked path: direct refused, auto relayed: {}",
+        said[0].trim()
+    );
+    cluster.kubectl_ok(&["delete", "pod", &format!("{name}-m1"), "--wait=false"])?;
+    Ok(())
+}
