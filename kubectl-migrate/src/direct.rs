@@ -122,17 +122,22 @@ impl ExecLaunchers {
                     "cannot start `restore-launcher receive --listen` in the target: {e}"
                 ))
             })?;
-        let (Some(mut to_target), Some(target_out)) = (receive.stdin(), receive.stdout()) else {
+        let (Some(to_target), Some(target_out)) = (receive.stdin(), receive.stdout()) else {
             return Err(Direct::Unavailable(
                 "the target's exec streams did not open".into(),
             ));
         };
         let target_log = drain(receive.stderr());
+        let mut to_target = Some(to_target);
         to_target
+            .as_mut()
+            .ok_or_else(|| Direct::Unavailable("no stdin".into()))?
             .write_all(secret_line(&secret).as_bytes())
             .await
             .map_err(|e| Direct::Unavailable(format!("cannot hand the target its secret: {e}")))?;
-        to_target.flush().await.ok();
+        if let Some(stdin) = to_target.as_mut() {
+            stdin.flush().await.ok();
+        }
         let mut target_lines = BufReader::new(target_out).lines();
         let mut target_said = String::new();
         let port = loop {
@@ -235,10 +240,23 @@ impl ExecLaunchers {
                     .and_then(Result::ok)
                     .unwrap_or_default();
                 if let Some(unreachable) = unreachable(&summary, &log, sent) {
-                    drop(to_target);
+                    cancel(&mut to_target).await;
                     return Err(Direct::Unavailable(unreachable));
                 }
                 summary.push_str(&log);
+                let checkpoint = last_json::<CheckpointReport>(&summary);
+                if let Some(CheckpointReport { ok: false, error, .. }) = &checkpoint
+                    && sent == 0
+                {
+                    // The source failed before sending a byte (its channel, its dump): the
+                    // target, still waiting, is told to stop, and the source's reason is the
+                    // failure.
+                    cancel(&mut to_target).await;
+                    return Err(Direct::Failed(LauncherError::Failed(format!(
+                        "checkpoint failed: {}",
+                        error.as_deref().unwrap_or("(no reason given)")
+                    ))));
+                }
                 let answer = self.await_answer(target, container, &mut answer).await;
                 (copied, answer, false)
             }
@@ -250,7 +268,7 @@ impl ExecLaunchers {
                 (copied, answer, true)
             }
         };
-        drop(to_target);
+        to_target.take();
         let log = tokio::time::timeout(Duration::from_secs(5), target_log)
             .await
             .ok()
@@ -270,6 +288,15 @@ impl ExecLaunchers {
         )
         .await
         .map_err(Direct::Failed)
+    }
+}
+
+/// Ends the target's wait for the source (`receive --listen` stops at any further input): the
+/// exec protocol may not carry the end of stdin, so a line is sent.
+async fn cancel(to_target: &mut Option<impl tokio::io::AsyncWrite + Unpin>) {
+    if let Some(mut stdin) = to_target.take() {
+        let _ = stdin.write_all(b"cancel\n").await;
+        let _ = stdin.flush().await;
     }
 }
 

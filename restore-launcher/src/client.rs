@@ -171,11 +171,21 @@ const DIRECT_STALL: std::time::Duration = std::time::Duration::from_secs(150);
 /// How long `receive --listen` waits for the source's authenticated connection.
 const DIRECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Stdin as a plain file: reads take exactly what they ask for (std's stdin reads ahead).
+fn unbuffered_stdin() -> Result<fs::File, ClientError> {
+    use std::os::fd::AsFd as _;
+    let fd = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(direct::DirectError::Io)?;
+    Ok(fs::File::from(fd))
+}
+
 /// `checkpoint --to`: connect and authenticate first (nothing is dumped if the target cannot
 /// be reached: the answer's refusal is then `unreachable`), then stream PID 1's checkpoint
 /// into the channel, printing the bytes sent; the summary is the last line.
 fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, ClientError> {
-    let keys = direct::read_secret(io::stdin().lock())?;
+    let keys = direct::read_secret(unbuffered_stdin()?)?;
     let config = direct::client_config(&keys)?;
     let channel = match direct::connect(to, &config) {
         Ok(channel) => channel,
@@ -188,7 +198,12 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
             println!("{}", serde_json::to_string(&answer).unwrap_or_default());
             return Ok(1);
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => {
+            // Nothing was dumped; the app is as it was (frozen by `freeze`, or running).
+            let report = CheckpointReport::failed(crate::checkpoint::chain(&error));
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            return Ok(1);
+        }
     };
     let (reader, writer) =
         nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
@@ -216,8 +231,8 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
 /// are turned away), then hand the decrypted stream to PID 1's `receive`, which verifies all of
 /// it before restoring anything.
 fn receive_listening(state_dir: &Path, port: u16) -> Result<u8, ClientError> {
-    let stdin = io::stdin();
-    let keys = direct::read_secret(stdin.lock())?;
+    let stdin = unbuffered_stdin()?;
+    let keys = direct::read_secret(&stdin)?;
     let config = direct::server_config(&keys)?;
     let listener = direct::listen(port)?;
     let port = listener

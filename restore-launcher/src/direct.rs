@@ -14,7 +14,7 @@
 //! usual checkpoint stream into the connection. PID 1 sees a pipe, as with the exec relay, so
 //! the leases, stall timeouts and cancellation of a checkpoint work the same way.
 
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
@@ -71,7 +71,7 @@ pub enum DirectError {
     },
     #[error("no source connected with the secret within {0} s")]
     NoPeer(u64),
-    #[error("the plugin went away (stdin closed) before the source connected")]
+    #[error("the plugin stopped the wait (or went away) before the source connected")]
     Cancelled,
     #[error("the transfer broke off after {bytes} bytes")]
     Stream {
@@ -95,23 +95,28 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-/// Reads the secret: one JSON line ([`DirectSecret`]) from `input`.
+/// Reads the secret: one JSON line ([`DirectSecret`]) from `input`, byte by byte, so nothing
+/// after the line is consumed (a later line on stdin is the plugin's "stop waiting").
 ///
 /// # Errors
 /// [`DirectError::Secret`] when the line is missing, too long or not a secret.
-pub fn read_secret(input: impl BufRead) -> Result<Keys, DirectError> {
-    let mut line = String::new();
-    input
-        .take(SECRET_LINE_LIMIT)
-        .read_line(&mut line)
-        .map_err(|e| DirectError::Secret(e.to_string()))?;
-    if !line.ends_with('\n') {
-        return Err(DirectError::Secret(
-            "no complete line (stdin ended, or the line is too long)".into(),
-        ));
+pub fn read_secret(input: impl Read) -> Result<Keys, DirectError> {
+    let mut line = Vec::new();
+    for byte in input.bytes() {
+        let byte = byte.map_err(|e| DirectError::Secret(e.to_string()))?;
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+        if line.len() as u64 > SECRET_LINE_LIMIT {
+            return Err(DirectError::Secret("the line is too long".into()));
+        }
+    }
+    if line.is_empty() {
+        return Err(DirectError::Secret("stdin ended before the secret".into()));
     }
     let secret: DirectSecret =
-        serde_json::from_str(&line).map_err(|e| DirectError::Secret(e.to_string()))?;
+        serde_json::from_slice(&line).map_err(|e| DirectError::Secret(e.to_string()))?;
     let cert = hex::decode(&secret.cert).map_err(|e| DirectError::Secret(e.to_string()))?;
     let key = hex::decode(&secret.key).map_err(|e| DirectError::Secret(e.to_string()))?;
     Ok(Keys {
@@ -332,8 +337,8 @@ pub fn say(progress: Progress) {
 
 /// Waits for the source: each connection gets its own handshake; one that fails (no secret, a
 /// wrong one, a port scanner) is logged on stderr and turned away, and the wait goes on. Ends
-/// with the first authenticated connection, or when `stdin` ends (the plugin went away or gave
-/// up on the direct path) or `patience` passes with none.
+/// with the first authenticated connection, or when anything more arrives on `stdin`, or it
+/// ends (the plugin gave up on the direct path, or went away), or `patience` passes with none.
 ///
 /// # Errors
 /// [`DirectError::Cancelled`], [`DirectError::NoPeer`], or an accept error.
@@ -363,17 +368,15 @@ pub fn accept(
             Err(errno) => return Err(io::Error::from(errno).into()),
         }
         let stdin_event = fds.get(1).and_then(PollFd::revents);
-        if stdin_event.is_some_and(|r| !r.is_empty()) {
-            // Nothing more is sent on stdin after the secret: readable means its end.
-            let mut byte = [0u8; 1];
-            match nix::unistd::read(stdin.as_fd(), &mut byte) {
-                Ok(0) | Err(_) => return Err(DirectError::Cancelled),
-                Ok(_) => {}
-            }
-        }
         if stdin_event.is_some_and(|r| r.contains(PollFlags::POLLNVAL)) {
+            // No stdin at all (not run through exec): only the patience ends the wait.
             stdin_open = false;
+        } else if stdin_event.is_some_and(|r| !r.is_empty()) {
+            // After the secret, stdin carries only the plugin's "stop waiting" (a line, or its
+            // end).
+            return Err(DirectError::Cancelled);
         }
+
         loop {
             match listener.accept() {
                 Ok((socket, peer)) => {
