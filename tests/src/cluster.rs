@@ -88,10 +88,10 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
             missing.push(format!("{binary} (run `cargo xtask k8s`)"));
         }
     }
-    for tool in ["containerd", "ctr", "runc", "openssl", "ip"] {
+    for tool in ["containerd", "ctr", "runc", "openssl", "ip", "nsenter"] {
         if which(tool).is_none() {
             missing.push(format!(
-                "{tool} (apt-get install containerd runc openssl iproute2)"
+                "{tool} (apt-get install containerd runc openssl iproute2 util-linux)"
             ));
         }
     }
@@ -302,17 +302,28 @@ impl Cluster {
         &self.dir
     }
 
-    /// A TCP connection to `address` (a pod's IP and port) made from inside the first node's
-    /// network namespace, from where every pod is routed: the machine itself has no route into
-    /// the cluster's network.
+    /// A TCP connection to `address` (a pod's IP and port) made from inside the network
+    /// namespace of the node that holds the pod (found by its pod subnet), as the kubelet's
+    /// probes come: the machine itself has no route into the cluster's network, and pods route
+    /// only the pod network back.
     ///
     /// # Errors
     /// When the namespace cannot be entered or the connection fails within `timeout`.
     pub fn connect(&self, address: &str, timeout: Duration) -> Result<std::net::TcpStream> {
-        let node = self.nodes.first().context("a cluster without nodes")?;
+        let address: std::net::SocketAddr = address.parse().context("a pod address")?;
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| {
+                address
+                    .ip()
+                    .to_string()
+                    .starts_with(&format!("10.88.{}.", n.index + 1))
+            })
+            .or(self.nodes.first())
+            .context("a cluster without nodes")?;
         let netns = std::fs::File::open(format!("/run/netns/{}", node.netns()))
             .with_context(|| format!("open {}'s network namespace", node.name))?;
-        let address: std::net::SocketAddr = address.parse().context("a pod address")?;
         // A thread of its own enters the namespace; the socket it makes keeps it.
         std::thread::spawn(move || -> Result<std::net::TcpStream> {
             nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)

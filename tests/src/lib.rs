@@ -492,6 +492,34 @@ pub fn counter_values(stdout: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Milliseconds since the Unix epoch of a CRI log time stamp (`2026-11-23T19:30:48.453986146Z`,
+/// what `kubectl logs --timestamps` prints first on each line).
+pub fn log_stamp_ms(stamp: &str) -> Option<u64> {
+    let (date, time) = stamp.trim_end_matches('Z').split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (parts.next()??, parts.next()??, parts.next()??);
+    let millis: i64 = format!("{fraction:0<3}").get(..3)?.parse().ok()?;
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 24 + hh) * 60 + mm) * 60 * 1000 + ss * 1000 + millis).ok()
+}
+
+/// The time stamp (ms since the epoch) of the first, or the last, counter line of `kubectl
+/// logs --timestamps` output.
+pub fn count_stamp_ms(timestamped_log: &str, last: bool) -> Option<u64> {
+    let mut lines = timestamped_log.lines().filter(|l| l.contains("events="));
+    let line = if last { lines.last() } else { lines.next() }?;
+    log_stamp_ms(line.split_whitespace().next()?)
+}
+
 /// Revenue in cents after `events` events, as the counter app computes it.
 /// What `images/examples/sysv/sysv.pl` prints each tick: (events, semaphore 0, semaphore 1,
 /// the message it received, the shared-memory contents).
@@ -518,4 +546,24 @@ pub fn sysv_ticks(stdout: &str) -> Vec<(u64, u64, u64, String, String)> {
 pub fn expected_revenue(events: u64) -> u64 {
     const PRICES_CENTS: [u64; 5] = [199, 1250, 75, 499, 2999];
     (1..=events).map(|e| PRICES_CENTS[(e % 5) as usize]).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_time_stamps_read_as_epoch_milliseconds() {
+        assert_eq!(super::log_stamp_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(
+            super::log_stamp_ms("2026-11-23T19:30:48.453986146Z"),
+            Some(1_795_462_248_453)
+        );
+        assert_eq!(
+            super::log_stamp_ms("2024-02-29T23:59:59.999Z"),
+            Some(1_709_251_199_999)
+        );
+        assert_eq!(super::log_stamp_ms("yesterday"), None);
+        let log = "2026-11-23T19:30:48.453986146Z events=1 revenue=0.75\n\
+                   2026-11-23T19:30:48.474807189Z events=2 revenue=2.74\n";
+        assert_eq!(super::count_stamp_ms(log, true), Some(1_795_462_248_474));
+    }
 }

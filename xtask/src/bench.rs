@@ -145,8 +145,49 @@ fn timed(cmd: &mut Command) -> Result<(Duration, Option<f64>, std::process::Outp
 }
 
 fn raw_criu(size: u64) -> Result<Row> {
-    let a = memhog("raw-a", size, false)?;
-    let b = memhog("raw-b", size, true)?;
+    raw_criu_between(
+        &memhog("raw-a", size, false)?,
+        &memhog("raw-b", size, true)?,
+    )
+}
+
+/// The raw CRIU floor for the cluster benchmark: the counter app itself, with `size` MiB of
+/// ballast and a 20 ms tick as the cluster's pods run it, dumped in one sandboxed node, its
+/// images copied, restored in another. Dump + copy + restore, by this machine's monotonic clock.
+pub(crate) fn raw_criu_floor(size: u64) -> Result<Duration> {
+    let a = counter_node("floor-a", size, false)?;
+    let b = counter_node("floor-b", size, true)?;
+    Ok(raw_criu_between(&a, &b)?.downtime)
+}
+
+/// A sandboxed node running the counter with `size` MiB of ballast (or waiting for one).
+fn counter_node(name: &str, size: u64, wait: bool) -> Result<Node> {
+    let mut launcher_args = vec!["--work-dir".to_string(), "/tmp/work".into()];
+    if wait {
+        launcher_args.push("--wait-for-checkpoint".into());
+    }
+    launcher_args.extend(["--".into(), "python3".into(), "/opt/apps/counter.py".into()]);
+    let node = Node::prepare(name)?.start(&NodeOptions {
+        name: name.into(),
+        launcher_args,
+        env: vec![
+            "COUNTER_INTERVAL=0.02".into(),
+            format!("COUNTER_BALLAST_MB={size}"),
+        ],
+        keep_caps: None,
+    })?;
+    if !wait {
+        node.wait_for(
+            "the counter to fill its ballast",
+            Duration::from_secs(300),
+            |n| n.stdout().contains("ballast=").then_some(()),
+        )?;
+    }
+    Ok(node)
+}
+
+/// `criu dump` of the app in `a`, its images copied to `b`, `criu restore` there.
+fn raw_criu_between(a: &Node, b: &Node) -> Result<Row> {
     let mut dump = a.exec(&[
         "criu",
         "dump",

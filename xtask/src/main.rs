@@ -6,7 +6,8 @@
 //!   is the launcher alone between two sandboxed nodes.
 //! - `cluster up|down`: that local cluster, left running for a person.
 //! - `images`: the images of `images/`, built without Docker (debootstrap + umoci).
-//! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test).
+//! - `bench`: dump/restore downtime, throughput and memory against raw CRIU (not a test);
+//!   `bench --cluster`: relay against direct on the local cluster, against the same floor.
 //! - `release`: the krew archives of `kubectl-migrate` and the manifest with their sha256.
 //! - `docs`: rewrite the `--help` blocks of `docs/reference.md` from the built binaries.
 //! - `static-launcher`: build the statically linked `restore-launcher` and print its path.
@@ -23,6 +24,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod bench_cluster;
 mod cluster;
 mod demo;
 mod images;
@@ -40,6 +42,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") if args.get(1).map(String::as_str) == Some("--sandbox") => demo::sandbox(),
         Some("demo") => cluster::demo(),
+        Some("bench") if args.get(1).is_some_and(|a| a == "--cluster") => {
+            bench_cluster::run(&args[2..])
+        }
         Some("bench") => bench::run(&args[1..]),
         Some("static-launcher") => static_launcher().map(|path| println!("{}", path.display())),
         Some("rootfs") => rootfs().map(|path| println!("{}", path.display())),
@@ -50,7 +55,7 @@ fn main() -> ExitCode {
         Some("docs") => docs(),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [SIZES_MIB]|release [--out DIR] [--allow-missing]|docs|static-launcher|rootfs|k8s|images>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [--cluster] [SIZES_MIB]|release [--out DIR] [--allow-missing]|docs|static-launcher|rootfs|k8s|images>"
             );
             Ok(())
         }

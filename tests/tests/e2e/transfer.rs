@@ -5,34 +5,11 @@
 
 use super::*;
 
-/// Milliseconds since the epoch of a CRI log time stamp (`2026-11-23T19:30:48.453986146Z`,
-/// what `kubectl logs --timestamps` prints first on each line).
-fn stamp_ms(stamp: &str) -> Option<u64> {
-    let (date, time) = stamp.trim_end_matches('Z').split_once('T')?;
-    let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
-    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (parts.next()??, parts.next()??, parts.next()??);
-    let millis: i64 = format!("{fraction:0<3}").get(..3)?.parse().ok()?;
-    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(((days * 24 + hh) * 60 + mm) * 60 * 1000 + ss * 1000 + millis).ok()
-}
-
 /// The time stamp of the first (or last) counter line of `kubectl logs --timestamps POD`.
 fn count_stamp(cluster: &Cluster, pod: &str, last: bool) -> Result<u64> {
     let text = cluster.kubectl_ok(&["logs", "--timestamps", pod])?;
-    let mut lines = text.lines().filter(|l| l.contains("events="));
-    let line = if last { lines.last() } else { lines.next() }
-        .with_context(|| format!("{pod} printed no count"))?;
-    let stamp = line.split_whitespace().next().unwrap_or_default();
-    stamp_ms(stamp).with_context(|| format!("not a time stamp: {stamp}"))
+    migrate_tests::count_stamp_ms(&text, last)
+        .with_context(|| format!("no time-stamped count in {pod}'s log"))
 }
 
 /// The ballast checksum of the last line in `text`.

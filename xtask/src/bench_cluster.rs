@@ -1,0 +1,321 @@
+//! `cargo xtask bench --cluster [SIZES_MIB]` (a command, not a test): the counter holding 64,
+//! 512 and 2048 MiB of random (incompressible) ballast, ticking every 20 ms, moved node-a →
+//! node-b on the real local cluster by the release plugin, each way in one run:
+//!
+//! - `relay`: through the plugin and the API server's exec streams;
+//! - `direct`: pod to pod over mutually authenticated TLS;
+//! - and the raw CRIU floor of the same size (dump, copy, restore in two sandboxed nodes, with
+//!   the launcher's CRIU options; see `bench.rs`), measured in the same run.
+//!
+//! For each: the downtime the plugin reports (freeze → thaw, the launchers' CLOCK_REALTIME
+//! stamps), the app-visible gap between the source's last log line and the target's first (the
+//! CRI log's own time stamps, `kubectl logs --timestamps`), the plugin's whole run (the
+//! machine's monotonic clock), MB/s of archive over the checkpoint + transfer + restore phase,
+//! archive bytes, and peak RSS of the plugin and of each launcher job (checkpoint, restore).
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use migrate_tests::cluster::Cluster;
+
+use crate::{build_sandbox, cargo, images, is_root, k8s, rootfs, run, static_launcher};
+
+/// One move on the cluster.
+struct Move {
+    transfer: &'static str,
+    downtime_ms: u64,
+    log_gap_ms: u64,
+    total: Duration,
+    phase_ms: u64,
+    archive_bytes: u64,
+    plugin_rss_kib: u64,
+    checkpoint_job_kib: u64,
+    restore_job_kib: u64,
+}
+
+const SIZES: [u64; 3] = [64, 512, 2048];
+const WAIT: Duration = Duration::from_secs(300);
+
+pub fn run(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the cluster benchmark runs containerd and kubelets: run it as root");
+    }
+    let sizes: Vec<u64> = match args.first() {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().parse().context("sizes are MiB, comma separated"))
+            .collect::<Result<_>>()?,
+        None => SIZES.to_vec(),
+    };
+    k8s()?;
+    images::build()?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "migrate-tests",
+        "--bin",
+        "netns-forward",
+    ]))?;
+    let plugin = migrate_tests::release_plugin()?;
+    migrate_tests::use_launcher(&static_launcher()?);
+    rootfs()?;
+    build_sandbox()?;
+    let dir = std::env::temp_dir().join(format!("bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cluster = Cluster::start(&dir, 2)?;
+    println!(
+        "cluster benchmark: the counter with random ballast, node-a → node-b, release plugin {}",
+        plugin.display()
+    );
+    println!(
+        "downtime: freeze → thaw by the launchers' CLOCK_REALTIME stamps; log gap: the source's last \
+         line → the target's first, by the CRI log's time stamps; total: the plugin's run, monotonic; \
+         MB/s: archive bytes over the checkpoint+transfer+restore phase"
+    );
+    println!(
+        "{:>6}  {:<18} {:>10} {:>10} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>8}",
+        "MiB",
+        "method",
+        "downtime",
+        "log gap",
+        "total",
+        "MB/s",
+        "archive",
+        "plugin RSS",
+        "ckpt job",
+        "rest. job",
+        "vs raw"
+    );
+    let mut figures = Vec::new();
+    for size in sizes {
+        let raw = crate::bench::raw_criu_floor(size)?;
+        let raw_ms = raw.as_millis() as u64;
+        println!(
+            "{:>6}  {:<18} {:>8}ms {:>10} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>7.2}x",
+            size, "raw criu (floor)", raw_ms, "", "", "", "", "", "", "", 1.0
+        );
+        let mut moves = Vec::new();
+        for transfer in ["relay", "direct"] {
+            let moved = move_once(&cluster, &plugin, size, transfer)?;
+            println!(
+                "{:>6}  {:<18} {:>8}ms {:>8}ms {:>8.1}s {:>8.0} {:>8.1}Mi {:>9}Mi {:>9}Mi {:>9}Mi {:>7.2}x",
+                size,
+                moved.transfer,
+                moved.downtime_ms,
+                moved.log_gap_ms,
+                moved.total.as_secs_f64(),
+                mb_per_s(&moved),
+                moved.archive_bytes as f64 / 1048576.0,
+                moved.plugin_rss_kib / 1024,
+                moved.checkpoint_job_kib / 1024,
+                moved.restore_job_kib / 1024,
+                moved.downtime_ms as f64 / raw_ms.max(1) as f64
+            );
+            moves.push(moved);
+        }
+        figures.push((size, raw_ms, moves));
+    }
+    println!("targets (ratios of figures from this run):");
+    for (size, raw_ms, moves) in &figures {
+        let by = |t: &str| moves.iter().find(|m| m.transfer == t);
+        if let (Some(relay), Some(direct)) = (by("relay"), by("direct")) {
+            println!(
+                "  {size:>5} MiB: direct MB/s ÷ relay MB/s = {:.1} (target ≥ 5 at 512 MiB); \
+                 direct downtime ÷ raw CRIU floor = {:.2} (target ≤ 1.3 at 512 MiB and 2 GiB)",
+                mb_per_s(direct) / mb_per_s(relay).max(0.001),
+                direct.downtime_ms as f64 / (*raw_ms).max(1) as f64
+            );
+        }
+    }
+    println!("post-copy (--lazy) is not built yet: no row for it");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn mb_per_s(moved: &Move) -> f64 {
+    moved.archive_bytes as f64 / 1e6 / (moved.phase_ms.max(1) as f64 / 1000.0)
+}
+
+/// The counter pod `name` on node-a with `size` MiB of ballast, ticking every 20 ms.
+fn counter_pod(name: &str, size: u64) -> Result<String> {
+    let yaml = std::fs::read_to_string(
+        migrate_tests::workspace().join("images/examples/counter/pod.yaml"),
+    )?;
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    pod["metadata"]["name"] = name.into();
+    pod["metadata"]["labels"]["app"] = name.into();
+    pod["spec"]["nodeName"] = "node-a".into();
+    let env: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "[{{name: COUNTER_INTERVAL, value: '0.02'}}, {{name: COUNTER_BALLAST_MB, value: '{size}'}}]"
+    ))?;
+    pod["spec"]["containers"][0]["env"] = env;
+    Ok(serde_yaml::to_string(&pod)?)
+}
+
+fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        ensure!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Moves a fresh counter of `size` MiB node-a → node-b with `--transfer transfer`.
+fn move_once(cluster: &Cluster, plugin: &Path, size: u64, transfer: &'static str) -> Result<Move> {
+    let name = format!("bench-{transfer}-{size}");
+    let target = format!("{name}-m1");
+    cluster.apply(&counter_pod(&name, size)?)?;
+    cluster.wait_running(&name, WAIT)?;
+    let checksum = |log: &str| {
+        log.lines()
+            .rev()
+            .find_map(|l| l.split("ballast=").nth(1))
+            .map(str::to_string)
+    };
+    let before = wait_until("the ballast in memory", || {
+        checksum(&cluster.kubectl_ok(&["logs", "--tail", "1", &name]).ok()?)
+    })?;
+    // The source's log, followed until its container ends (the pod is deleted after the move).
+    let mut follow = cluster
+        .kubectl(&["logs", "--follow", "--timestamps", "--tail", "20", &name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let source_log = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&source_log);
+    let stdout = follow.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(mut text) = sink.lock() {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+    });
+    let (report, total, plugin_rss_kib) = run_plugin(
+        cluster,
+        plugin,
+        &[
+            &name,
+            "--to",
+            "node-b",
+            "--transfer",
+            transfer,
+            "--timeout",
+            "15m",
+            "-o",
+            "json",
+        ],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .with_context(|| format!("the plugin's report is not JSON: {report}"))?;
+    cluster.wait_running(&target, WAIT)?;
+    let target_log = wait_until("the target's first lines", || {
+        let log = cluster
+            .kubectl_ok(&["logs", "--timestamps", &target])
+            .ok()?;
+        (log.lines().filter(|l| l.contains("events=")).count() >= 3).then_some(log)
+    })?;
+    let after = checksum(&target_log);
+    ensure!(
+        after.as_deref() == Some(before.as_str()),
+        "the ballast changed across the move: {before} → {after:?}"
+    );
+    let start = Instant::now();
+    while follow.try_wait()?.is_none() && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let _ = reader.join();
+    let source_log = source_log.lock().map(|t| t.clone()).unwrap_or_default();
+    let last = migrate_tests::count_stamp_ms(&source_log, true)
+        .context("no time-stamped count from the source")?;
+    let first = migrate_tests::count_stamp_ms(&target_log, false)
+        .context("no time-stamped count from the target")?;
+    let container = &report["containers"]["counter"];
+    ensure!(
+        container["route"] == transfer,
+        "asked for {transfer}, the archive went {}",
+        container["route"]
+    );
+    let phase_ms = report["phases"]
+        .as_array()
+        .and_then(|phases| {
+            phases.iter().find_map(|p| {
+                (p[0] == "checkpoint+transfer+restore")
+                    .then(|| p[1].as_u64())
+                    .flatten()
+            })
+        })
+        .unwrap_or_default();
+    let kib = |side: &str, what: &str| container[side]["peak_rss_kib"][what].as_u64().unwrap_or(0);
+    cluster.kubectl_ok(&["delete", "pod", &target, "--wait=true"])?;
+    Ok(Move {
+        transfer,
+        downtime_ms: report["downtime_ms"].as_u64().unwrap_or_default(),
+        log_gap_ms: first.saturating_sub(last),
+        total,
+        phase_ms,
+        archive_bytes: container["checkpoint"]["archive_bytes"]
+            .as_u64()
+            .unwrap_or(0),
+        plugin_rss_kib,
+        checkpoint_job_kib: kib("checkpoint", "job").max(kib("checkpoint", "criu")),
+        restore_job_kib: kib("restore", "job").max(kib("restore", "criu")),
+    })
+}
+
+/// Runs the plugin, polling its peak RSS (VmHWM); its stdout, run time and peak RSS in KiB.
+fn run_plugin(cluster: &Cluster, plugin: &Path, args: &[&str]) -> Result<(String, Duration, u64)> {
+    let started = Instant::now();
+    let mut child = Command::new(plugin)
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut peak = 0;
+    while child.try_wait()?.is_none() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(kib) = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait()?;
+    let total = started.elapsed();
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    ensure!(status.success(), "the plugin failed ({status}):\n{err}");
+    Ok((out, total, peak))
+}
