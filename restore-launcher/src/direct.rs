@@ -100,14 +100,18 @@ impl std::fmt::Debug for Keys {
 ///
 /// # Errors
 /// [`DirectError::Secret`] when the line is missing, too long or not a secret.
-pub fn read_secret(input: impl Read) -> Result<Keys, DirectError> {
+pub fn read_secret(mut input: impl Read) -> Result<Keys, DirectError> {
     let mut line = Vec::new();
-    for byte in input.bytes() {
-        let byte = byte.map_err(|e| DirectError::Secret(e.to_string()))?;
-        if byte == b'\n' {
-            break;
+    let mut byte = [0u8; 1];
+    loop {
+        // One byte per read on purpose: a buffered reader would swallow what follows.
+        match input.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(DirectError::Secret(error.to_string())),
         }
-        line.push(byte);
         if line.len() as u64 > SECRET_LINE_LIMIT {
             return Err(DirectError::Secret("the line is too long".into()));
         }
@@ -513,4 +517,102 @@ pub fn pump_out(from: OwnedFd, mut to: Outbound, stall: Duration) -> Result<u64,
     }
     let _ = to.sock.shutdown(Shutdown::Both);
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A secret as the plugin makes one (`kubectl-migrate/src/direct.rs`).
+    fn keys() -> Keys {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = rcgen::CertificateParams::new(vec!["restore-launcher.migration".into()])
+            .and_then(|p| p.self_signed(&key))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let line = serde_json::to_string(&DirectSecret {
+            cert: hex::encode(cert.der()),
+            key: hex::encode(key.serialize_der()),
+        })
+        .unwrap_or_default();
+        read_secret(format!("{line}\nnext line").as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ok<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn only_a_peer_holding_the_secret_gets_through_and_the_wait_survives_the_others() {
+        let (good, other) = (keys(), keys());
+        let listener = ok(listen(0));
+        let port = ok(listener.local_addr()).port();
+        let server = ok(server_config(&good));
+        let (stdin, _keep_open) = ok(nix::unistd::pipe());
+        let waiting = std::thread::spawn(move || {
+            accept(&listener, &server, &stdin, Duration::from_secs(30)).and_then(|mut inbound| {
+                let mut got = Vec::new();
+                let read = inbound.read_to_end(&mut got).map(|_| got);
+                read.map_err(DirectError::Io)
+            })
+        });
+        let address = format!("127.0.0.1:{port}");
+
+        // Plain bytes: a TLS alert at most, never data.
+        let mut plain = ok(TcpStream::connect(&address));
+        ok(plain.write_all(b"GET / HTTP/1.0\r\n\r\n"));
+        ok(plain.set_read_timeout(Some(Duration::from_secs(15))));
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer);
+        assert!(
+            answer.is_empty() || (answer.len() <= 7 && answer[0] == 0x15),
+            "plain bytes got {answer:?}"
+        );
+
+        // Another migration's secret: refused.
+        let refused = connect(&address, &ok(client_config(&other)));
+        assert!(
+            matches!(refused, Err(DirectError::Handshake { .. })),
+            "{refused:?}"
+        );
+
+        // The secret: through, and the bytes arrive whole.
+        let mut real = ok(connect(&address, &ok(client_config(&good))));
+        ok(real.write_all(b"the archive"));
+        real.conn.send_close_notify();
+        ok(real.flush());
+        let got = ok(ok(waiting
+            .join()
+            .map_err(|_| "the waiting thread panicked")));
+        assert_eq!(got, b"the archive");
+    }
+
+    #[test]
+    fn a_line_on_stdin_ends_the_wait() {
+        let listener = ok(listen(0));
+        let server = ok(server_config(&keys()));
+        let (stdin, writer) = ok(nix::unistd::pipe());
+        ok(nix::unistd::write(&writer, b"cancel\n"));
+        let waited = accept(&listener, &server, &stdin, Duration::from_secs(30));
+        assert!(matches!(waited, Err(DirectError::Cancelled)), "{waited:?}");
+    }
+
+    #[test]
+    fn a_target_nobody_listens_on_is_unreachable_not_a_handshake_failure() {
+        // A port that was just free: connection refused.
+        let port = ok(ok(listen(0)).local_addr()).port();
+        let result = connect(&format!("127.0.0.1:{port}"), &ok(client_config(&keys())));
+        assert!(
+            matches!(result, Err(DirectError::Connect { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn a_secret_line_that_is_not_one_is_refused() {
+        assert!(matches!(read_secret(&b""[..]), Err(DirectError::Secret(_))));
+        assert!(matches!(
+            read_secret(&b"{\"cert\":\"zz\",\"key\":\"00\"}\n"[..]),
+            Err(DirectError::Secret(_))
+        ));
+    }
 }

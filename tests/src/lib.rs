@@ -516,7 +516,11 @@ pub fn log_stamp_ms(stamp: &str) -> Option<u64> {
 /// logs --timestamps` output.
 pub fn count_stamp_ms(timestamped_log: &str, last: bool) -> Option<u64> {
     let mut lines = timestamped_log.lines().filter(|l| l.contains("events="));
-    let line = if last { lines.last() } else { lines.next() }?;
+    let line = if last {
+        lines.next_back()
+    } else {
+        lines.next()
+    }?;
     log_stamp_ms(line.split_whitespace().next()?)
 }
 

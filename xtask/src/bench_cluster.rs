@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use migrate_tests::cluster::Cluster;
 
-use crate::{build_sandbox, cargo, images, is_root, k8s, rootfs, run, static_launcher};
+use crate::{build_sandbox, cargo, images, is_root, k8s, rootfs, static_launcher};
 
 /// One move on the cluster.
 struct Move {
@@ -53,7 +53,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     k8s()?;
     images::build()?;
-    run(cargo().args([
+    crate::run(cargo().args([
         "build",
         "--quiet",
         "--package",
