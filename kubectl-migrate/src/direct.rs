@@ -150,6 +150,7 @@ impl ExecLaunchers {
                     }
                 },
                 Ok(Ok(None) | Err(_)) => {
+                    cancel(&mut to_target).await;
                     let log = tokio::time::timeout(Duration::from_secs(5), target_log)
                         .await
                         .ok()
@@ -161,6 +162,7 @@ impl ExecLaunchers {
                     )));
                 }
                 Err(_) => {
+                    cancel(&mut to_target).await;
                     return Err(Direct::Unavailable(format!(
                         "the target's launcher did not say where it listens within {} s",
                         LISTEN_PATIENCE.as_secs()
@@ -174,30 +176,42 @@ impl ExecLaunchers {
 
         // The source connects, authenticates, then dumps into the channel.
         let (source_pods, source_name) = self.pods(source);
-        let mut dump = source_pods
+        let started = source_pods
             .exec(
                 &source_name,
                 ["restore-launcher", "checkpoint", "--to", address.as_str()],
                 &params,
             )
-            .await
-            .map_err(|e| {
-                Direct::Unavailable(format!(
+            .await;
+        let mut dump = match started {
+            Ok(dump) => dump,
+            Err(e) => {
+                cancel(&mut to_target).await;
+                return Err(Direct::Unavailable(format!(
                     "cannot start `restore-launcher checkpoint --to` in the source: {e}"
-                ))
-            })?;
+                )));
+            }
+        };
         let (Some(mut to_source), Some(source_out)) = (dump.stdin(), dump.stdout()) else {
+            cancel(&mut to_target).await;
             return Err(Direct::Unavailable(
                 "the source's exec streams did not open".into(),
             ));
         };
         let source_log = drain(dump.stderr());
-        to_source
+        if let Err(e) = to_source
             .write_all(secret_line(&source_secret).as_bytes())
             .await
-            .map_err(|e| Direct::Unavailable(format!("cannot hand the source its secret: {e}")))?;
+        {
+            cancel(&mut to_target).await;
+            return Err(Direct::Unavailable(format!(
+                "cannot hand the source its secret: {e}"
+            )));
+        }
         to_source.flush().await.ok();
-        drop(to_source);
+        // Kept open until the end: with exec protocols before v5, closing stdin closes the
+        // whole session, and the source's progress and answer with it.
+        let _source_stdin = to_source;
 
         // The source's lines: progress (bytes sent, for the bar and the stall watchdog), then
         // its answer.
@@ -244,6 +258,14 @@ impl ExecLaunchers {
                     return Err(Direct::Unavailable(unreachable));
                 }
                 summary.push_str(&log);
+                // PID 1 refused the checkpoint itself (busy, wrong state, …): its code decides.
+                if let Some(Answer { refusal: Some(refusal), error, .. }) = last_json::<Answer>(&summary) {
+                    cancel(&mut to_target).await;
+                    return Err(Direct::Failed(LauncherError::Refused {
+                        refusal,
+                        message: error.unwrap_or_default(),
+                    }));
+                }
                 let checkpoint = last_json::<CheckpointReport>(&summary);
                 if let Some(CheckpointReport { ok: false, error, .. }) = &checkpoint
                     && sent == 0

@@ -216,7 +216,10 @@ pub struct RestoreReport {
     pub archive_bytes: u64,
     /// Per-phase durations in milliseconds: verify, put_back, restore, total.
     pub timings_ms: BTreeMap<String, u64>,
-    /// From the source's freeze to the app running here, in milliseconds (clocks must agree).
+    /// From the source's freeze (the manifest's freeze time) to the end of this restore, in
+    /// milliseconds (the two nodes' clocks must agree). In a migration the app stays frozen
+    /// until every container is restored and thawed: the plugin's report gives that span,
+    /// freeze → thaw, as the migration's downtime.
     pub downtime_ms: Option<u64>,
     /// Peak resident memory in KiB of the launcher's restore job and of criu.
     #[serde(default)]

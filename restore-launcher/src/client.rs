@@ -215,12 +215,24 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
     let answer = job
         .join()
         .map_err(|_| ClientError::Answer("the checkpoint's thread panicked".into()))??;
-    if let Err(error) = pumped {
+    let checkpointed = serde_json::from_str::<CheckpointReport>(&answer).is_ok_and(|r| r.ok);
+    match pumped {
+        Ok((_, channel)) if checkpointed => {
+            if let Err(error) = direct::finish_out(channel) {
+                tracing::warn!(
+                    "closing the direct transfer failed: {}",
+                    crate::checkpoint::chain(&error)
+                );
+            }
+        }
+        Ok((_, channel)) => direct::abandon(channel),
         // PID 1's summary says what the job saw; the channel's side is logged beside it.
-        tracing::warn!(
-            "the direct transfer failed: {}",
-            crate::checkpoint::chain(&error)
-        );
+        Err(error) => {
+            tracing::warn!(
+                "the direct transfer failed: {}",
+                crate::checkpoint::chain(&error)
+            );
+        }
     }
     print!("{answer}");
     let _ = io::stdout().flush();

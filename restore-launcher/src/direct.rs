@@ -34,8 +34,16 @@ use rustls::{
 
 /// How long the source may take to reach the target's port.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a handshake may take, on either side.
+/// How long a handshake may take, on either side, in all (a peer trickling bytes cannot stretch
+/// it).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once on the target; further connections are closed at once (the
+/// port is open to the pod network while the target waits).
+const MAX_HANDSHAKES: usize = 16;
+/// The byte the target sends once it has taken the source's connection: the source dumps only
+/// after it (in TLS 1.3 the client's handshake ends before the server has checked its
+/// certificate, and the target may have given up meanwhile).
+const GO: u8 = b'G';
 /// Bytes moved per read: large records keep TLS's per-record cost small.
 const CHUNK: usize = 256 * 1024;
 /// The longest secret line read from stdin.
@@ -121,8 +129,11 @@ pub fn read_secret(mut input: impl Read) -> Result<Keys, DirectError> {
     }
     let secret: DirectSecret =
         serde_json::from_slice(&line).map_err(|e| DirectError::Secret(e.to_string()))?;
-    let cert = hex::decode(&secret.cert).map_err(|e| DirectError::Secret(e.to_string()))?;
-    let key = hex::decode(&secret.key).map_err(|e| DirectError::Secret(e.to_string()))?;
+    // Fixed words: a decoding error would quote a character of the key.
+    let cert = hex::decode(&secret.cert)
+        .map_err(|_| DirectError::Secret("the certificate is not hex".into()))?;
+    let key =
+        hex::decode(&secret.key).map_err(|_| DirectError::Secret("the key is not hex".into()))?;
     Ok(Keys {
         cert: CertificateDer::from(cert),
         key: PrivatePkcs8KeyDer::from(key),
@@ -305,6 +316,20 @@ where
         peer: peer.to_string(),
         source,
     };
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    while stream.conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+            )));
+        }
+        stream.sock.set_read_timeout(Some(left)).map_err(fail)?;
+        stream.sock.set_write_timeout(Some(left)).map_err(fail)?;
+        stream.conn.complete_io(&mut stream.sock).map_err(fail)?;
+    }
+    // What is left of the deadline must not bound what comes next.
     stream
         .sock
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
@@ -313,9 +338,6 @@ where
         .sock
         .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(fail)?;
-    while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock).map_err(fail)?;
-    }
     Ok(stream)
 }
 
@@ -339,10 +361,12 @@ pub fn say(progress: Progress) {
     }
 }
 
-/// Waits for the source: each connection gets its own handshake; one that fails (no secret, a
-/// wrong one, a port scanner) is logged on stderr and turned away, and the wait goes on. Ends
-/// with the first authenticated connection, or when anything more arrives on `stdin`, or it
-/// ends (the plugin gave up on the direct path, or went away), or `patience` passes with none.
+/// Waits for the source: each connection gets its own handshake (at most [`MAX_HANDSHAKES`]
+/// at once, each within [`HANDSHAKE_TIMEOUT`]); one that fails (no secret, a wrong one, a port
+/// scanner) is logged on stderr and turned away, and the wait goes on. The first authenticated
+/// connection is taken and told so ([`GO`]). Ends with it, or when anything more arrives on
+/// `stdin`, or it ends (the plugin gave up on the direct path, or went away), or `patience`
+/// passes with none.
 ///
 /// # Errors
 /// [`DirectError::Cancelled`], [`DirectError::NoPeer`], or an accept error.
@@ -353,25 +377,40 @@ pub fn accept(
     patience: Duration,
 ) -> Result<Inbound, DirectError> {
     listener.set_nonblocking(true)?;
-    let (done, handshakes) = mpsc::channel();
+    let (done, handshakes) = mpsc::channel::<Inbound>();
+    // A finished handshake wakes the wait at once (the app is frozen meanwhile).
+    let (wake, woken) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let woken = Arc::new(woken);
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut stdin_open = true;
     loop {
-        if let Ok(stream) = handshakes.try_recv() {
-            return Ok(stream);
+        while let Ok(mut stream) = handshakes.try_recv() {
+            // Taken: the source may dump now. A source gone meanwhile is one more failure.
+            match stream.write_all(&[GO]).and_then(|()| stream.flush()) {
+                Ok(()) => return Ok(stream),
+                Err(error) => tracing::warn!(%error, "the source went away after its handshake"),
+            }
         }
         if started.elapsed() >= patience {
             return Err(DirectError::NoPeer(patience.as_secs()));
         }
-        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
         if stdin_open {
             fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
         }
-        match poll(&mut fds, PollTimeout::from(200u16)) {
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(errno) => return Err(io::Error::from(errno).into()),
         }
-        let stdin_event = fds.get(1).and_then(PollFd::revents);
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            let mut drained = [0u8; 64];
+            let _ = nix::unistd::read(wake.as_fd(), &mut drained);
+        }
+        let stdin_event = fds.get(2).and_then(PollFd::revents);
         if stdin_event.is_some_and(|r| r.contains(PollFlags::POLLNVAL)) {
             // No stdin at all (not run through exec): only the patience ends the wait.
             stdin_open = false;
@@ -380,12 +419,16 @@ pub fn accept(
             // end).
             return Err(DirectError::Cancelled);
         }
-
         loop {
             match listener.accept() {
                 Ok((socket, peer)) => {
-                    let config = Arc::clone(config);
-                    let done = done.clone();
+                    if in_flight.load(std::sync::atomic::Ordering::SeqCst) >= MAX_HANDSHAKES {
+                        tracing::warn!(%peer, "turned a connection away: too many handshakes at once");
+                        continue;
+                    }
+                    in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (config, done) = (Arc::clone(config), done.clone());
+                    let (woken, in_flight) = (Arc::clone(&woken), Arc::clone(&in_flight));
                     std::thread::spawn(move || {
                         let peer = peer.to_string();
                         let attempt = ServerConnection::new(config)
@@ -394,10 +437,14 @@ pub fn accept(
                                 socket.set_nonblocking(false)?;
                                 handshake(StreamOwned::new(conn, socket), &peer)
                             });
+                        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                         match attempt {
                             Ok(stream) => {
                                 tracing::info!(peer, "the source connected with the secret");
-                                let _ = done.send(stream);
+                                // Once the wait is over nobody receives it, and it is dropped.
+                                if done.send(stream).is_ok() {
+                                    let _ = nix::unistd::write(&*woken, b"!");
+                                }
                             }
                             Err(error) => {
                                 tracing::warn!(
@@ -439,7 +486,25 @@ pub fn connect(to: &str, config: &Arc<ClientConfig>) -> Result<Outbound, DirectE
                 let _ = socket.set_nodelay(true);
                 let conn = ClientConnection::new(Arc::clone(config), server_name())
                     .map_err(DirectError::Config)?;
-                return handshake(StreamOwned::new(conn, socket), to);
+                let mut stream = handshake(StreamOwned::new(conn, socket), to)?;
+                // The target's word that it took this connection (it checks our certificate
+                // after our side of the handshake is over).
+                let mut go = [0u8; 1];
+                let taken = stream
+                    .sock
+                    .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+                    .and_then(|()| stream.read_exact(&mut go));
+                return match taken {
+                    Ok(()) if go[0] == GO => Ok(stream),
+                    Ok(()) => Err(DirectError::Handshake {
+                        peer: to.to_string(),
+                        source: io::Error::other("the target answered something else"),
+                    }),
+                    Err(source) => Err(DirectError::Handshake {
+                        peer: to.to_string(),
+                        source,
+                    }),
+                };
             }
             Err(error) => last = error,
         }
@@ -477,12 +542,17 @@ pub fn pump_in(mut from: Inbound, into: OwnedFd, stall: Duration) -> Result<u64,
 }
 
 /// Copies PID 1's checkpoint stream (`from`, a pipe) to the target, printing how far it got
-/// every quarter of a second; then closes the channel properly and waits (up to `stall`) for
-/// the target's close in turn. How many bytes.
+/// every quarter of a second. Returns the bytes and the channel, still open: it is closed
+/// properly ([`finish_out`]) only if the checkpoint succeeded, so a stream that PID 1 ended
+/// early never looks complete to the target.
 ///
 /// # Errors
 /// [`DirectError::Stream`] when the connection breaks or the target stops reading for `stall`.
-pub fn pump_out(from: OwnedFd, mut to: Outbound, stall: Duration) -> Result<u64, DirectError> {
+pub fn pump_out(
+    from: OwnedFd,
+    mut to: Outbound,
+    stall: Duration,
+) -> Result<(u64, Outbound), DirectError> {
     to.sock.set_write_timeout(Some(stall))?;
     to.sock.set_read_timeout(Some(stall))?;
     let mut from = std::fs::File::from(from);
@@ -504,11 +574,20 @@ pub fn pump_out(from: OwnedFd, mut to: Outbound, stall: Duration) -> Result<u64,
             told = Instant::now();
         }
     }
-    to.conn.send_close_notify();
     to.flush()
         .map_err(|source| DirectError::Stream { bytes, source })?;
     say(Progress::Sent { bytes });
-    // The target's close_notify says it read to the end; then the socket is shut.
+    Ok((bytes, to))
+}
+
+/// Closes the channel properly after a successful checkpoint, and waits (up to the socket's
+/// timeout) for the target's close in turn, which says it read to the end.
+///
+/// # Errors
+/// When the close cannot be sent.
+pub fn finish_out(mut to: Outbound) -> Result<(), DirectError> {
+    to.conn.send_close_notify();
+    to.flush()?;
     let mut rest = [0u8; 1024];
     while let Ok(n) = to.read(&mut rest) {
         if n == 0 {
@@ -516,7 +595,13 @@ pub fn pump_out(from: OwnedFd, mut to: Outbound, stall: Duration) -> Result<u64,
         }
     }
     let _ = to.sock.shutdown(Shutdown::Both);
-    Ok(bytes)
+    Ok(())
+}
+
+/// Ends the channel without the TLS close, so the target sees a broken stream, never a
+/// complete one.
+pub fn abandon(to: Outbound) {
+    let _ = to.sock.shutdown(Shutdown::Both);
 }
 
 #[cfg(test)]
@@ -575,8 +660,16 @@ mod tests {
             "{refused:?}"
         );
 
-        // The secret: through, and the bytes arrive whole.
+        // A connection that says nothing holds no one up.
+        let _silent = ok(TcpStream::connect(&address));
+        // The secret: through at once, and the bytes arrive whole.
+        let started = Instant::now();
         let mut real = ok(connect(&address, &ok(client_config(&good))));
+        assert!(
+            started.elapsed() < HANDSHAKE_TIMEOUT / 2,
+            "the real source waited {:?} behind a silent connection",
+            started.elapsed()
+        );
         ok(real.write_all(b"the archive"));
         real.conn.send_close_notify();
         ok(real.flush());

@@ -2,7 +2,6 @@
 //! architecture, a digest of the CPU flags, wall-clock time, random ids.
 
 use std::io::Read as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
@@ -66,10 +65,7 @@ pub fn boot_time() -> Option<u64> {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    migrate_format::unix_ms()
 }
 
 /// RFC 3339 UTC timestamp of now, second precision.

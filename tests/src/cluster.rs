@@ -320,8 +320,7 @@ impl Cluster {
                     .to_string()
                     .starts_with(&format!("10.88.{}.", n.index + 1))
             })
-            .or(self.nodes.first())
-            .context("a cluster without nodes")?;
+            .with_context(|| format!("{address} is not a pod address of this cluster"))?;
         let netns = std::fs::File::open(format!("/run/netns/{}", node.netns()))
             .with_context(|| format!("open {}'s network namespace", node.name))?;
         // A thread of its own enters the namespace; the socket it makes keeps it.
@@ -337,7 +336,20 @@ impl Cluster {
     /// `program` run in node `node`'s network namespace (for example `nft`, to block a port
     /// there).
     pub fn node_command(&self, node: &str, program: &str) -> Command {
-        in_netns(&format!("mig-{node}"), program)
+        let netns = self
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map_or_else(|| format!("mig-{node}"), ClusterNode::netns);
+        in_netns(&netns, program)
+    }
+
+    /// Node `node`'s pod subnet (`10.88.N.0/24`).
+    pub fn pod_subnet(&self, node: &str) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(ClusterNode::subnet)
     }
 
     /// `kubectl` (the one built with the cluster) as the admin.
@@ -729,7 +741,7 @@ state = "{state}"
                     {"type": "bridge", "bridge": node.bridge(), "isGateway": true, "ipMasq": false, "hairpinMode": true,
                      "ipam": {"type": "host-local", "ranges": [[{"subnet": node.subnet()}]],
                               // pods reach the other nodes' pods through their bridge's
-                              // gateway (routed by the host, ip_forward on): nothing else
+                              // gateway (routed by their node's namespace): nothing else
                               "routes": [{"dst": POD_NETWORK}],
                               "dataDir": nd.join("cni-ipam").display().to_string()}},
                     {"type": "loopback"}

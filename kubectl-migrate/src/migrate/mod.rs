@@ -411,16 +411,37 @@ impl Downtime {
             && finished.thawed_at.len() == cut.frozen_at.len();
         let first_frozen = cut.frozen_at.values().flatten().min();
         let last_thawed = finished.thawed_at.values().flatten().max();
+        let bound_ms = finished
+            .thaw_answered
+            .map(|at| at.duration_since(cut.freeze_asked).as_millis() as u64);
         let pod_ms = match (all_stamped, first_frozen, last_thawed) {
-            (true, Some(frozen), Some(thawed)) => Some(thawed.saturating_sub(*frozen)),
+            (true, Some(frozen), Some(thawed)) if thawed >= frozen => Some(thawed - frozen),
             _ => None,
+        };
+        // The stamps come from two nodes' clocks; the plugin's own span bounds them. Stamps
+        // that disagree with it (a thaw before the freeze, a span longer than the bracket)
+        // say the nodes' clocks are apart: the bound is the honest figure then.
+        let pod_ms = match (pod_ms, bound_ms) {
+            (Some(stamped), Some(bound)) if stamped > bound => {
+                tracing::warn!(
+                    stamped,
+                    bound,
+                    "the nodes' clocks disagree (freeze → thaw is longer than the plugin saw); reporting the plugin's span"
+                );
+                Some(bound)
+            }
+            (None, Some(bound)) if all_stamped => {
+                tracing::warn!(
+                    "the nodes' clocks disagree (a thaw stamped before its freeze); reporting the plugin's span"
+                );
+                Some(bound)
+            }
+            (stamped, _) => stamped,
         };
         Downtime {
             pod_ms,
             containers,
-            bound_ms: finished
-                .thaw_answered
-                .map(|at| at.duration_since(cut.freeze_asked).as_millis() as u64),
+            bound_ms,
         }
     }
 }

@@ -35,7 +35,15 @@ fn main() {
         }
     };
     for client in listener.incoming() {
-        let Ok(client) = client else { continue };
+        let client = match client {
+            Ok(client) => client,
+            Err(error) => {
+                // Out of descriptors, say: wait a moment rather than spin.
+                eprintln!("netns-forward: accept: {error}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
         let Ok(namespace) = namespace.try_clone() else {
             continue;
         };

@@ -284,9 +284,15 @@ struct Wall<'a> {
 
 impl<'a> Wall<'a> {
     fn raise(cluster: &'a Cluster) -> Result<Wall<'a>> {
-        let rules = "table inet migrate-test {\n\
-                       chain forward { type filter hook forward priority 0; ip saddr 10.88.1.0/24 ip daddr 10.88.2.0/24 meta l4proto tcp drop; }\n\
-                     }\n";
+        let (from, to) = (
+            cluster.pod_subnet("node-a").context("node-a")?,
+            cluster.pod_subnet("node-b").context("node-b")?,
+        );
+        let rules = format!(
+            "table inet migrate-test {{\n\
+               chain forward {{ type filter hook forward priority 0; ip saddr {from} ip daddr {to} meta l4proto tcp drop; }}\n\
+             }}\n"
+        );
         let mut nft = cluster
             .node_command("node-b", "nft")
             .args(["-f", "-"])
