@@ -85,6 +85,16 @@ fn drain(
     tokio::spawn(async move { read_all(stream).await.unwrap_or_default() })
 }
 
+/// What a [`drain`] task read, given a few seconds to finish (an exec stream a fault left open
+/// must not hold the transfer's outcome up).
+async fn collected(task: tokio::task::JoinHandle<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
 impl ExecLaunchers {
     /// One container's direct transfer (see the module's documentation).
     pub(crate) async fn direct(
@@ -151,11 +161,7 @@ impl ExecLaunchers {
                 },
                 Ok(Ok(None) | Err(_)) => {
                     cancel(&mut to_target).await;
-                    let log = tokio::time::timeout(Duration::from_secs(5), target_log)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
+                    let log = collected(target_log).await;
                     return Err(Direct::Unavailable(format!(
                         "the target's launcher did not listen ({})",
                         [target_said.trim(), log.trim()].join(" ").trim()
@@ -248,11 +254,7 @@ impl ExecLaunchers {
                 // target's wait is ended (stdin closed) and the relay may take over.
                 let sent = own.load(Ordering::Relaxed);
                 drop(copy);
-                let log = tokio::time::timeout(Duration::from_secs(5), source_log)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let log = collected(source_log).await;
                 if let Some(unreachable) = unreachable(&summary, &log, sent) {
                     cancel(&mut to_target).await;
                     return Err(Direct::Unavailable(unreachable));
@@ -291,11 +293,7 @@ impl ExecLaunchers {
             }
         };
         to_target.take();
-        let log = tokio::time::timeout(Duration::from_secs(5), target_log)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let log = collected(target_log).await;
         let answer = answer.map(|(answer, _)| (answer, log));
         self.conclude(
             target,

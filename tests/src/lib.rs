@@ -492,6 +492,62 @@ pub fn counter_values(stdout: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// What [`run_measuring_rss`] saw of a finished command.
+#[derive(Debug)]
+pub struct Measured {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// The process's peak resident memory (VmHWM), KiB, polled every 20 ms.
+    pub peak_rss_kib: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs `cmd` to its end with its output collected, polling its peak RSS (the process itself,
+/// not a wrapper: run the binary directly).
+///
+/// # Errors
+/// When it cannot be started.
+pub fn run_measuring_rss(cmd: &mut Command) -> Result<Measured> {
+    use std::io::Read as _;
+    let started = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stderr = child.stderr.take().context("stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut peak = 0;
+    while child.try_wait()?.is_none() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(kib) = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait()?;
+    Ok(Measured {
+        status,
+        elapsed: started.elapsed(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        peak_rss_kib: peak,
+    })
+}
+
 /// Milliseconds since the Unix epoch of a CRI log time stamp (`2026-11-23T19:30:48.453986146Z`,
 /// what `kubectl logs --timestamps` prints first on each line).
 pub fn log_stamp_ms(stamp: &str) -> Option<u64> {

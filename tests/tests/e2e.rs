@@ -1433,46 +1433,18 @@ fn least_capabilities(cluster: &Cluster) -> Result<()> {
 /// Peak RSS (VmHWM) of the plugin while it runs, sampled until it exits.
 fn migrate_measuring(cluster: &Cluster, args: &[&str]) -> Result<(Outcome, u64)> {
     // The plugin itself (not kubectl in front of it), so /proc/PID is the plugin's.
-    let mut child = Command::new(workspace_binary("kubectl-migrate"))
-        .args(args)
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let mut stdout = child.stdout.take().context("stdout")?;
-    let mut stderr = child.stderr.take().context("stderr")?;
-    let out_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut peak = 0;
-    while child.try_wait()?.is_none() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if let Some(kib) = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            peak = peak.max(kib);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let code = child.wait()?.code();
+    let run = migrate_tests::run_measuring_rss(
+        Command::new(workspace_binary("kubectl-migrate"))
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig),
+    )?;
     Ok((
         Outcome {
-            code,
-            stdout: out_thread.join().unwrap_or_default(),
-            stderr: err_thread.join().unwrap_or_default(),
+            code: run.status.code(),
+            stdout: run.stdout,
+            stderr: run.stderr,
         },
-        peak,
+        run.peak_rss_kib,
     ))
 }
 

@@ -14,7 +14,7 @@
 //! phase) and over the whole checkpoint + transfer + restore phase, archive bytes, and peak RSS
 //! of the plugin and of each launcher job (checkpoint, restore).
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use migrate_tests::cluster::Cluster;
 
-use crate::{build_sandbox, cargo, images, is_root, k8s, rootfs, static_launcher};
+use crate::{build_sandbox, images, is_root, k8s, rootfs, static_launcher};
 
 /// One move on the cluster.
 struct Move {
@@ -58,14 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     k8s()?;
     images::build()?;
-    crate::run(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "migrate-tests",
-        "--bin",
-        "netns-forward",
-    ]))?;
+    crate::build_forwarder()?;
     let plugin = migrate_tests::release_plugin()?;
     migrate_tests::use_launcher(&static_launcher()?);
     rootfs()?;
@@ -296,45 +289,16 @@ fn move_once(cluster: &Cluster, plugin: &Path, size: u64, transfer: &'static str
 
 /// Runs the plugin, polling its peak RSS (VmHWM); its stdout, run time and peak RSS in KiB.
 fn run_plugin(cluster: &Cluster, plugin: &Path, args: &[&str]) -> Result<(String, Duration, u64)> {
-    let started = Instant::now();
-    let mut child = Command::new(plugin)
-        .args(args)
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let mut stdout = child.stdout.take().context("stdout")?;
-    let mut stderr = child.stderr.take().context("stderr")?;
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut peak = 0;
-    while child.try_wait()?.is_none() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if let Some(kib) = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            peak = peak.max(kib);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = child.wait()?;
-    let total = started.elapsed();
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
+    let run = migrate_tests::run_measuring_rss(
+        Command::new(plugin)
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig),
+    )?;
+    ensure!(
+        run.status.success(),
+        "the plugin failed ({}):\n{}",
+        run.status,
+        run.stderr
     );
-    ensure!(status.success(), "the plugin failed ({status}):\n{err}");
-    Ok((out, total, peak))
+    Ok((run.stdout, run.elapsed, run.peak_rss_kib))
 }

@@ -21,15 +21,7 @@ fn prepare() -> Result<PathBuf> {
     k8s()?;
     images::build()?;
     run(cargo().args(["build", "--quiet", "--package", "kubectl-migrate"]))?;
-    // What forwards the API server's port from the control plane's network namespace.
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "migrate-tests",
-        "--bin",
-        "netns-forward",
-    ]))?;
+    crate::build_forwarder()?;
     Ok(target_dir().join("debug"))
 }
 

@@ -141,13 +141,23 @@ pub(crate) fn target_dir() -> PathBuf {
 
 /// Builds `node-sandbox`, the harness binary that runs a node (for the demo and benchmark).
 pub(crate) fn build_sandbox() -> Result<()> {
+    build_harness_binary("node-sandbox")
+}
+
+/// Builds `netns-forward`, which forwards the local cluster's API server port from the control
+/// plane's network namespace to 127.0.0.1.
+pub(crate) fn build_forwarder() -> Result<()> {
+    build_harness_binary("netns-forward")
+}
+
+fn build_harness_binary(name: &str) -> Result<()> {
     run(cargo().args([
         "build",
         "--quiet",
         "--package",
         "migrate-tests",
         "--bin",
-        "node-sandbox",
+        name,
     ]))
 }
 

@@ -138,6 +138,18 @@ pub fn direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs(
     Ok(())
 }
 
+/// The moved counter `NAME-m1` runs and its count continues from the source's last (the
+/// source's log followed by `follow` until it ended).
+fn target_continues(cluster: &Cluster, name: &str, follow: Follow) -> Result<()> {
+    let target = format!("{name}-m1");
+    cluster.wait_running(&target, WAIT)?;
+    let before = follow.finish(WAIT);
+    wait_until("counts on the target", WAIT, || {
+        Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, &target, None)).map(drop)
+}
+
 /// Runs `kubectl-migrate ARGS` in the background with `env`; its stderr lines arrive on the
 /// returned channel as they come.
 fn plugin_in_background(
@@ -237,12 +249,7 @@ pub fn a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes(
         code == Some(0),
         "the migration failed after the intruder:\n{stderr}"
     );
-    cluster.wait_running(&format!("{name}-m1"), WAIT)?;
-    let before = follow.finish(WAIT);
-    wait_until("counts on the target", WAIT, || {
-        Ok((counter_values(&logs(cluster, &format!("{name}-m1"), None)).len() >= 3).then_some(()))
-    })?;
-    assert_continued(&before, &logs(cluster, &format!("{name}-m1"), None))?;
+    target_continues(cluster, name, follow)?;
 
     // A source with the wrong secret.
     let wrong = "wrong-secret";
@@ -368,12 +375,7 @@ pub fn a_blocked_direct_path_fails_direct_and_falls_back_with_auto(
         out.stdout
     );
     drop(wall);
-    cluster.wait_running(&format!("{name}-m1"), WAIT)?;
-    let before = follow.finish(WAIT);
-    wait_until("counts on the target", WAIT, || {
-        Ok((counter_values(&logs(cluster, &format!("{name}-m1"), None)).len() >= 3).then_some(()))
-    })?;
-    assert_continued(&before, &logs(cluster, &format!("{name}-m1"), None))?;
+    target_continues(cluster, name, follow)?;
     eprintln!(
         "blocked path: direct refused, auto relayed: {}",
         said[0].trim()
