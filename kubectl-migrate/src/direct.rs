@@ -7,13 +7,17 @@
 //!    argv, a pod spec, an annotation, an Event or a log.
 //! 2. The target's `restore-launcher receive --listen 0` prints the port it listens on; it
 //!    turns away any connection that does not authenticate with the secret and keeps waiting.
-//! 3. The source's `restore-launcher checkpoint --to POD_IP:PORT` connects, authenticates
-//!    (mutual TLS 1.3, the certificate pinned on both sides) and only then dumps, streaming
-//!    straight into the channel; it prints the bytes sent, which feed the progress bar.
-//! 4. Both answers are read as in the relay ([`ExecLaunchers::conclude`]).
+//! 3. The source's `restore-launcher checkpoint --to POD_IP:PORT` connects and authenticates
+//!    (mutual TLS 1.3, the certificate pinned on both sides), says `connected`, and waits.
+//!    Steps 1–3 ([`ExecLaunchers::connect_direct`]) run *before* the app is frozen: the exec
+//!    round trips, the handshake and any connect timeout are not downtime.
+//! 4. Once every container is frozen, `go` on the source's stdin
+//!    ([`ExecLaunchers::run_direct`]): it dumps straight into the channel and prints the bytes
+//!    sent, which feed the progress bar; both answers are read as in the relay
+//!    ([`ExecLaunchers::conclude`]).
 //!
 //! When the target cannot be reached (a NetworkPolicy, separate networks), nothing has been
-//! dumped: [`Direct::Unavailable`] lets `--transfer auto` fall back to the relay.
+//! dumped or frozen: [`Direct::Unavailable`] lets `--transfer auto` fall back to the relay.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 use migrate_format::{Answer, CheckpointReport, DirectSecret, Progress, Refusal, RestoreReport};
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 
 use crate::exec::{Ended, ExecLaunchers, last_json, read_all, watched};
 use crate::launchers::LauncherError;
@@ -95,15 +99,52 @@ async fn collected(task: tokio::task::JoinHandle<String>) -> String {
         .unwrap_or_default()
 }
 
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+type Lines = tokio::io::Lines<BufReader<Box<dyn AsyncRead + Unpin + Send>>>;
+
+/// A direct transfer made ready before the app is frozen: the target listens, the source's
+/// channel to it stands (authenticated, taken by the target), and the source waits for `go`
+/// on its stdin before it dumps.
+pub struct Channel {
+    // The exec sessions, kept alive with their streams.
+    _receive: kube::api::AttachedProcess,
+    _dump: kube::api::AttachedProcess,
+    to_target: Option<Writer>,
+    target_lines: Lines,
+    target_said: String,
+    target_log: tokio::task::JoinHandle<String>,
+    to_source: Writer,
+    source_lines: Lines,
+    source_log: tokio::task::JoinHandle<String>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Channel(..)")
+    }
+}
+
+fn boxed_writer(w: impl AsyncWrite + Unpin + Send + 'static) -> Writer {
+    Box::new(w)
+}
+
+fn lines(r: impl AsyncRead + Unpin + Send + 'static) -> Lines {
+    let boxed: Box<dyn AsyncRead + Unpin + Send> = Box::new(r);
+    BufReader::new(boxed).lines()
+}
+
+/// How long the source may take to stand its channel (connect, handshake, the target's GO).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
 impl ExecLaunchers {
-    /// One container's direct transfer (see the module's documentation).
-    pub(crate) async fn direct(
+    /// Stands the direct channel for one container (see the module's documentation), before
+    /// anything is frozen: nothing is dumped until [`ExecLaunchers::run_direct`] says `go`.
+    pub(crate) async fn connect_direct(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
-        moved: &Arc<AtomicU64>,
-    ) -> Result<(CheckpointReport, RestoreReport), Direct> {
+    ) -> Result<Channel, Direct> {
         let ip = pod_ip(self, target).await.map_err(Direct::Unavailable)?;
         let secret = new_secret().map_err(|e| {
             Direct::Failed(LauncherError::Failed(format!(
@@ -138,17 +179,17 @@ impl ExecLaunchers {
             ));
         };
         let target_log = drain(receive.stderr());
-        let mut to_target = Some(to_target);
-        to_target
-            .as_mut()
-            .ok_or_else(|| Direct::Unavailable("no stdin".into()))?
-            .write_all(secret_line(&secret).as_bytes())
-            .await
-            .map_err(|e| Direct::Unavailable(format!("cannot hand the target its secret: {e}")))?;
+        let mut to_target = Some(boxed_writer(to_target));
         if let Some(stdin) = to_target.as_mut() {
+            stdin
+                .write_all(secret_line(&secret).as_bytes())
+                .await
+                .map_err(|e| {
+                    Direct::Unavailable(format!("cannot hand the target its secret: {e}"))
+                })?;
             stdin.flush().await.ok();
         }
-        let mut target_lines = BufReader::new(target_out).lines();
+        let mut target_lines = lines(target_out);
         let mut target_said = String::new();
         let port = loop {
             match tokio::time::timeout(LISTEN_PATIENCE, target_lines.next_line()).await {
@@ -180,7 +221,7 @@ impl ExecLaunchers {
         tracing::debug!(container, %address, "the target listens");
         fault::hold("target-listening", &address).await;
 
-        // The source connects, authenticates, then dumps into the channel.
+        // The source connects and authenticates; it dumps only on `go`.
         let (source_pods, source_name) = self.pods(source);
         let started = source_pods
             .exec(
@@ -198,13 +239,16 @@ impl ExecLaunchers {
                 )));
             }
         };
-        let (Some(mut to_source), Some(source_out)) = (dump.stdin(), dump.stdout()) else {
+        let (Some(to_source), Some(source_out)) = (dump.stdin(), dump.stdout()) else {
             cancel(&mut to_target).await;
             return Err(Direct::Unavailable(
                 "the source's exec streams did not open".into(),
             ));
         };
         let source_log = drain(dump.stderr());
+        // Kept open until the end: with exec protocols before v5, closing stdin closes the
+        // whole session, and the source's progress and answer with it.
+        let mut to_source = boxed_writer(to_source);
         if let Err(e) = to_source
             .write_all(secret_line(&source_secret).as_bytes())
             .await
@@ -215,17 +259,87 @@ impl ExecLaunchers {
             )));
         }
         to_source.flush().await.ok();
-        // Kept open until the end: with exec protocols before v5, closing stdin closes the
-        // whole session, and the source's progress and answer with it.
-        let _source_stdin = to_source;
+        let mut source_lines = lines(source_out);
+        let mut said = String::new();
+        let connected = tokio::time::timeout(CONNECT_PATIENCE, async {
+            while let Ok(Some(line)) = source_lines.next_line().await {
+                if matches!(
+                    serde_json::from_str::<Progress>(&line),
+                    Ok(Progress::Connected)
+                ) {
+                    return true;
+                }
+                said.push_str(&line);
+                said.push('\n');
+            }
+            false
+        })
+        .await;
+        if connected == Ok(true) {
+            return Ok(Channel {
+                _receive: receive,
+                _dump: dump,
+                to_target,
+                target_lines,
+                target_said,
+                target_log,
+                to_source,
+                source_lines,
+                source_log,
+            });
+        }
+        // Nothing was dumped: the source waits for `go` or has ended.
+        cancel(&mut to_target).await;
+        let log = collected(source_log).await;
+        if let Some(unreachable) = unreachable(&said, &log, 0) {
+            return Err(Direct::Unavailable(unreachable));
+        }
+        Err(Direct::Failed(LauncherError::Failed(
+            match last_json::<CheckpointReport>(&said) {
+                Some(CheckpointReport { error, .. }) => format!(
+                    "checkpoint failed: {}",
+                    error.as_deref().unwrap_or("(no reason given)")
+                ),
+                None => format!(
+                    "the source's channel to the target did not stand within {} s ({})",
+                    CONNECT_PATIENCE.as_secs(),
+                    [said.trim(), log.trim()].join(" ").trim()
+                ),
+            },
+        )))
+    }
+
+    /// Runs a direct transfer whose channel stands: `go` to the source, which dumps into the
+    /// channel; its progress feeds `moved`; both answers are read as in the relay.
+    pub(crate) async fn run_direct(
+        &self,
+        target: &Pod,
+        container: &str,
+        channel: Channel,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
+        let Channel {
+            mut to_target,
+            mut target_lines,
+            target_said,
+            target_log,
+            mut to_source,
+            mut source_lines,
+            source_log,
+            ..
+        } = channel;
+        to_source
+            .write_all(b"go\n")
+            .await
+            .map_err(|e| format!("cannot tell the source to dump: {e}"))?;
+        to_source.flush().await.ok();
 
         // The source's lines: progress (bytes sent, for the bar and the stall watchdog), then
         // its answer.
         let own = AtomicU64::new(0);
         let mut summary = String::new();
         let follow = async {
-            let mut lines = BufReader::new(source_out).lines();
-            while let Some(line) = lines.next_line().await? {
+            while let Some(line) = source_lines.next_line().await? {
                 match serde_json::from_str::<Progress>(&line) {
                     Ok(Progress::Sent { bytes }) => {
                         let before = own.swap(bytes, Ordering::Relaxed);
@@ -250,36 +364,26 @@ impl ExecLaunchers {
         });
         let (copied, answer, target_first) = tokio::select! {
             copied = &mut copy => {
-                // The source is done. If it never reached the target, nothing was dumped: the
-                // target's wait is ended (stdin closed) and the relay may take over.
                 let sent = own.load(Ordering::Relaxed);
                 drop(copy);
-                let log = collected(source_log).await;
-                if let Some(unreachable) = unreachable(&summary, &log, sent) {
-                    cancel(&mut to_target).await;
-                    return Err(Direct::Unavailable(unreachable));
-                }
-                summary.push_str(&log);
+                summary.push_str(&collected(source_log).await);
                 // PID 1 refused the checkpoint itself (busy, wrong state, …): its code decides.
                 if let Some(Answer { refusal: Some(refusal), error, .. }) = last_json::<Answer>(&summary) {
                     cancel(&mut to_target).await;
-                    return Err(Direct::Failed(LauncherError::Refused {
+                    return Err(LauncherError::Refused {
                         refusal,
                         message: error.unwrap_or_default(),
-                    }));
+                    });
                 }
-                let checkpoint = last_json::<CheckpointReport>(&summary);
-                if let Some(CheckpointReport { ok: false, error, .. }) = &checkpoint
+                if let Some(CheckpointReport { ok: false, error, .. }) = last_json::<CheckpointReport>(&summary)
                     && sent == 0
                 {
-                    // The source failed before sending a byte (its channel, its dump): the
-                    // target, still waiting, is told to stop, and the source's reason is the
-                    // failure.
+                    // The source failed before sending a byte: its reason is the failure.
                     cancel(&mut to_target).await;
-                    return Err(Direct::Failed(LauncherError::Failed(format!(
+                    return Err(LauncherError::Failed(format!(
                         "checkpoint failed: {}",
                         error.as_deref().unwrap_or("(no reason given)")
-                    ))));
+                    )));
                 }
                 let answer = self.await_answer(target, container, &mut answer).await;
                 (copied, answer, false)
@@ -307,13 +411,12 @@ impl ExecLaunchers {
             },
         )
         .await
-        .map_err(Direct::Failed)
     }
 }
 
 /// Ends the target's wait for the source (`receive --listen` stops at any further input): the
 /// exec protocol may not carry the end of stdin, so a line is sent.
-async fn cancel(to_target: &mut Option<impl tokio::io::AsyncWrite + Unpin>) {
+async fn cancel(to_target: &mut Option<Writer>) {
     if let Some(mut stdin) = to_target.take() {
         let _ = stdin.write_all(b"cancel\n").await;
         let _ = stdin.flush().await;

@@ -641,6 +641,13 @@ impl ExecLaunchers {
     }
 }
 
+/// A transfer made ready before the freeze: relayed, or direct with its channel standing.
+#[derive(Debug)]
+pub enum Ready {
+    Relay,
+    Direct(Box<crate::direct::Channel>),
+}
+
 /// How a transfer's streams ended, for [`ExecLaunchers::conclude`].
 pub(crate) struct Ended {
     /// The archive copy: bytes, or why it stopped.
@@ -670,41 +677,50 @@ impl Launchers for ExecLaunchers {
         })
     }
 
-    async fn transfer(
+    type Ready = Ready;
+
+    async fn prepare(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
         mode: TransferMode,
-        moved: Arc<AtomicU64>,
-    ) -> Result<Transferred, LauncherError> {
-        let direct = match mode {
-            TransferMode::Relay => None,
-            TransferMode::Direct | TransferMode::Auto => {
-                Some(self.direct(source, target, container, &moved).await)
-            }
-        };
-        let (reports, route) = match direct {
-            None => (
-                self.relay(source, target, container, moved).await,
-                Route::Relay,
-            ),
-            Some(Err(Direct::Unavailable(why))) if mode == TransferMode::Auto => {
+    ) -> Result<Ready, LauncherError> {
+        if mode == TransferMode::Relay {
+            return Ok(Ready::Relay);
+        }
+        match self.connect_direct(source, target, container).await {
+            Ok(channel) => Ok(Ready::Direct(Box::new(channel))),
+            Err(Direct::Unavailable(why)) if mode == TransferMode::Auto => {
                 tracing::warn!(
                     "container {container}: the direct transfer is not possible ({why}); relaying the checkpoint through the API server instead"
                 );
-                (
-                    self.relay(source, target, container, moved).await,
-                    Route::Relay,
-                )
+                Ok(Ready::Relay)
             }
-            Some(Err(Direct::Unavailable(why))) => {
-                return Err(LauncherError::Failed(format!(
-                    "the direct transfer is not possible: {why} (--transfer auto would relay through the API server instead)"
-                )));
-            }
-            Some(Err(Direct::Failed(error))) => return Err(error),
-            Some(Ok(reports)) => (Ok(reports), Route::Direct),
+            Err(Direct::Unavailable(why)) => Err(LauncherError::Failed(format!(
+                "the direct transfer is not possible: {why} (--transfer auto would relay through the API server instead)"
+            ))),
+            Err(Direct::Failed(error)) => Err(error),
+        }
+    }
+
+    async fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        ready: Ready,
+        moved: Arc<AtomicU64>,
+    ) -> Result<Transferred, LauncherError> {
+        let (reports, route) = match ready {
+            Ready::Relay => (
+                self.relay(source, target, container, moved).await,
+                Route::Relay,
+            ),
+            Ready::Direct(channel) => (
+                self.run_direct(target, container, *channel, &moved).await,
+                Route::Direct,
+            ),
         };
         let (checkpoint, restore) = reports?;
         Ok(Transferred {

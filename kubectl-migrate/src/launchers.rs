@@ -89,14 +89,30 @@ pub trait Launchers {
         container: &str,
     ) -> impl std::future::Future<Output = Result<StatusReport, LauncherError>> + Send;
 
-    /// Moves the checkpoint of `container` in `source` into the same container in `target`
-    /// (`checkpoint` into `receive`), the way `mode` says, adding the bytes moved to `moved`.
-    fn transfer(
+    /// A transfer made ready before the freeze ([`Launchers::prepare`]).
+    type Ready: Send;
+
+    /// Makes one container's transfer ready before anything is frozen, the way `mode` says:
+    /// for the direct path the channel between the pods stands (so its setup, and finding
+    /// that the pods cannot reach each other, are not downtime); `auto` settles on the relay
+    /// here, saying so, when they cannot.
+    fn prepare(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
         mode: TransferMode,
+    ) -> impl std::future::Future<Output = Result<Self::Ready, LauncherError>> + Send;
+
+    /// Moves the checkpoint of `container` in `source` into the same container in `target`
+    /// (`checkpoint` into `receive`) the way `ready` was made, adding the bytes moved to
+    /// `moved`.
+    fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        ready: Self::Ready,
         moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> impl std::future::Future<Output = Result<Transferred, LauncherError>> + Send;
 

@@ -118,14 +118,18 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The lines a direct transfer prints on stdout before its final report (one JSON object per
+/// The lines a direct transfer prints on stdout before its final report (one JSON value per
 /// line): the target's `receive --listen` says where it listens, the source's `checkpoint
-/// --to` how many archive bytes it has sent so far (every quarter of a second).
+/// --to` that its channel stands and then how many archive bytes it has sent so far (every
+/// quarter of a second).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Progress {
     /// `receive --listen`: the TCP port it accepts the source's connection on.
     Listening { port: u16 },
+    /// `checkpoint --to`: the channel to the target stands (authenticated, taken by the
+    /// target); nothing is dumped until a line `go` arrives on stdin.
+    Connected,
     /// `checkpoint --to`: archive bytes sent so far (the whole stream, after encryption's
     /// framing is taken off).
     Sent { bytes: u64 },

@@ -185,7 +185,8 @@ fn unbuffered_stdin() -> Result<fs::File, ClientError> {
 /// be reached: the answer's refusal is then `unreachable`), then stream PID 1's checkpoint
 /// into the channel, printing the bytes sent; the summary is the last line.
 fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, ClientError> {
-    let keys = direct::read_secret(unbuffered_stdin()?)?;
+    let stdin = unbuffered_stdin()?;
+    let keys = direct::read_secret(&stdin)?;
     let config = direct::client_config(&keys)?;
     let channel = match direct::connect(to, &config) {
         Ok(channel) => channel,
@@ -205,6 +206,15 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
             return Ok(1);
         }
     };
+    // The channel stands before the app is frozen: the plugin says `go` once it is.
+    direct::say(migrate_format::Progress::Connected);
+    if let Err(error) = direct::wait_for_go(&stdin, DIRECT_PATIENCE) {
+        direct::abandon(channel);
+        let report =
+            CheckpointReport::failed(format!("not dumped: {}", crate::checkpoint::chain(&error)));
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        return Ok(1);
+    }
     let (reader, writer) =
         nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
     let state_dir = state_dir.to_path_buf();

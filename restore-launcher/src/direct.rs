@@ -79,8 +79,10 @@ pub enum DirectError {
     },
     #[error("no source connected with the secret within {0} s")]
     NoPeer(u64),
-    #[error("the plugin stopped the wait (or went away) before the source connected")]
+    #[error("the plugin called the transfer off (or went away) before it began")]
     Cancelled,
+    #[error("no word from the plugin to start the dump within {0} s")]
+    NoGo(u64),
     #[error("the transfer broke off after {bytes} bytes")]
     Stream {
         bytes: u64,
@@ -467,6 +469,45 @@ pub fn accept(
     }
 }
 
+/// Waits for the plugin's word on `stdin` (one line): `go` to dump, anything else or the end
+/// of stdin to call the transfer off; at most `patience`.
+///
+/// # Errors
+/// [`DirectError::Cancelled`] when called off, [`DirectError::NoGo`] when nothing came.
+pub fn wait_for_go(stdin: &impl std::os::fd::AsFd, patience: Duration) -> Result<(), DirectError> {
+    let deadline = Instant::now() + patience;
+    let mut line = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(DirectError::NoGo(patience.as_secs()));
+        }
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        let wait =
+            PollTimeout::try_from(left.min(Duration::from_secs(1))).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, wait) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(errno) => return Err(io::Error::from(errno).into()),
+        }
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(stdin.as_fd(), &mut byte) {
+            Ok(0) => return Err(DirectError::Cancelled),
+            Ok(_) if byte[0] == b'\n' => {
+                return if line == b"go" {
+                    Ok(())
+                } else {
+                    Err(DirectError::Cancelled)
+                };
+            }
+            Ok(_) if line.len() < 16 => line.push(byte[0]),
+            Ok(_) => return Err(DirectError::Cancelled),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(errno) => return Err(io::Error::from(errno).into()),
+        }
+    }
+}
+
 /// Connects to the target and authenticates it.
 ///
 /// # Errors
@@ -677,6 +718,31 @@ mod tests {
             .join()
             .map_err(|_| "the waiting thread panicked")));
         assert_eq!(got, b"the archive");
+    }
+
+    #[test]
+    fn the_source_dumps_on_go_only() {
+        let word = |line: Option<&[u8]>| {
+            let (stdin, writer) = ok(nix::unistd::pipe());
+            if let Some(line) = line {
+                ok(nix::unistd::write(&writer, line));
+            } else {
+                drop(writer);
+                return wait_for_go(&stdin, Duration::from_secs(5));
+            }
+            wait_for_go(&stdin, Duration::from_secs(5))
+        };
+        assert!(matches!(word(Some(b"go\n")), Ok(())));
+        assert!(matches!(word(Some(b"stop\n")), Err(DirectError::Cancelled)));
+        assert!(
+            matches!(word(None), Err(DirectError::Cancelled)),
+            "stdin ended"
+        );
+        let (stdin, _silent) = ok(nix::unistd::pipe());
+        assert!(matches!(
+            wait_for_go(&stdin, Duration::from_millis(300)),
+            Err(DirectError::NoGo(_))
+        ));
     }
 
     #[test]

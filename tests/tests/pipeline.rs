@@ -104,12 +104,29 @@ impl Launchers for StandIn {
         }))
     }
 
-    async fn transfer(
+    type Ready = ();
+
+    async fn prepare(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
         _mode: TransferMode,
+    ) -> Result<(), LauncherError> {
+        self.call(format!(
+            "prepare {}/{container} -> {}",
+            name(source),
+            name(target)
+        ));
+        Ok(())
+    }
+
+    async fn transfer(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        container: &str,
+        _ready: (),
         moved: Arc<AtomicU64>,
     ) -> Result<Transferred, LauncherError> {
         self.call(format!(
@@ -387,6 +404,12 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
         .position(|c| c == "thaw counter-m1/counter")
         .context("no thaw")?;
     ensure!(freeze < transfer && verify < thaw, "{calls:?}");
+    // The transfer is made ready before anything is frozen (its setup is not downtime).
+    let prepare = calls
+        .iter()
+        .position(|c| c.starts_with("prepare counter/counter"))
+        .context("no prepare")?;
+    ensure!(prepare < freeze, "{calls:?}");
     let commit = calls
         .iter()
         .position(|c| c == "commit counter/counter")

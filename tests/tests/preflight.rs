@@ -30,12 +30,24 @@ impl Launchers for StandIn {
         .map_err(|e| LauncherError::Failed(e.to_string()))
     }
 
-    async fn transfer(
+    type Ready = ();
+
+    async fn prepare(
         &self,
         _source: &Pod,
         _target: &Pod,
         _container: &str,
         _mode: kubectl_migrate::launchers::TransferMode,
+    ) -> Result<(), LauncherError> {
+        Err("the preflight never transfers".into())
+    }
+
+    async fn transfer(
+        &self,
+        _source: &Pod,
+        _target: &Pod,
+        _container: &str,
+        _ready: (),
         _moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<kubectl_migrate::launchers::Transferred, LauncherError> {
         Err("the preflight never transfers".into())

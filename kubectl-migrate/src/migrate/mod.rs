@@ -9,10 +9,12 @@
 //! 2. **target**: the target pod is created first and waited for (image pulled, launcher
 //!    waiting), *before* the source is frozen, so none of that counts as downtime. The wait
 //!    fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
-//! 3. **transfer**: every source container's app is frozen first (`freeze`), so the cut is
-//!    consistent across containers; then per container, the source launcher's `checkpoint
-//!    --output -` is streamed through the plugin into the target launcher's `receive --input
-//!    -` (bounded buffer, never the whole archive in memory); all containers at once.
+//! 3. **transfer**: made ready first, before anything is frozen (`--transfer`: the direct
+//!    channels between the pods stand, or the relay is settled on); then every source
+//!    container's app is frozen (`freeze`), so the cut is consistent across containers; then
+//!    per container and all at once, the source launcher's `checkpoint` goes into the target
+//!    launcher's `receive`, pod to pod or relayed through the plugin (bounded buffer, never
+//!    the whole archive in memory).
 //! 4. **verify**: every target container reports `restored` (its app restored, still frozen).
 //! 5. **commit**: one durable write, `migrate.kubectl.io/phase: committed` with the id on the
 //!    source pod. Before it, any failure, deadline or interruption *undoes*: the target is
@@ -328,10 +330,15 @@ async fn run<L: Launchers + Sync>(
     laps.done("target");
     fault::stage("target-running");
 
+    // Before anything is frozen: the direct channels stand (or the relay is settled on).
+    progress.phase = "preparing the transfer".into();
+    let ready = transfer::prepare(&ctx, &source, &target).await?;
+    laps.done("transfer setup");
+
     progress.phase = "checkpoint and transfer".into();
     let cut = transfer::freeze(&ctx, progress, &source, checked.freeze_limit).await?;
     fault::stage("frozen");
-    let reports = transfer::stream(&ctx, &source, &target, &cut).await?;
+    let reports = transfer::stream(&ctx, &source, &target, &cut, ready).await?;
     laps.done("checkpoint+transfer+restore");
 
     progress.phase = "verify".into();

@@ -82,24 +82,57 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     })
 }
 
+/// Makes every container's transfer ready, at once, before anything is frozen (`--transfer`:
+/// the direct channels stand, or `auto` settled on the relay, saying so).
+pub(super) async fn prepare<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    source: &Pod,
+    target: &Pod,
+) -> Result<BTreeMap<String, L::Ready>, MigrateError> {
+    let containers = rewrite::migrated_containers(source);
+    let preparing = containers.iter().map(|c| async move {
+        (
+            c.clone(),
+            ctx.launchers
+                .prepare(source, target, c, ctx.options.transfer)
+                .await,
+        )
+    });
+    let mut ready = BTreeMap::new();
+    for (container, result) in futures::future::join_all(preparing).await {
+        let prepared = result.map_err(|error| MigrateError::Transfer {
+            container: container.clone(),
+            error,
+        })?;
+        ready.insert(container, prepared);
+    }
+    Ok(ready)
+}
+
 /// Streams every container's checkpoint into the target at once, renewing the lease.
 pub(super) async fn stream<L: Launchers + Sync>(
     ctx: &Ctx<'_, L>,
     source: &Pod,
     target: &Pod,
     cut: &Cut,
+    mut ready: BTreeMap<String, L::Ready>,
 ) -> Result<BTreeMap<String, Transferred>, MigrateError> {
-    let transfers = cut.containers.iter().map(|c| {
+    let mut transfers = Vec::new();
+    for c in &cut.containers {
+        let prepared = ready.remove(c).ok_or_else(|| MigrateError::Transfer {
+            container: c.clone(),
+            error: "its transfer was not made ready".into(),
+        })?;
         let moved = ctx.options.moved.clone();
-        async move {
+        transfers.push(async move {
             (
                 c.clone(),
                 ctx.launchers
-                    .transfer(source, target, c, ctx.options.transfer, moved)
+                    .transfer(source, target, c, prepared, moved)
                     .await,
             )
-        }
-    });
+        });
+    }
     let results = within(
         cut.thaw_by,
         leased(
