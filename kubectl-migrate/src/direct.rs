@@ -396,6 +396,19 @@ impl ExecLaunchers {
                 (copied, answer, true)
             }
         };
+        // The target answered first, but the source failed before sending a byte (its dump
+        // failed): the target only saw the channel end, and the source's reason is the cause.
+        if target_first
+            && own.load(Ordering::Relaxed) == 0
+            && let Some(CheckpointReport {
+                ok: false, error, ..
+            }) = last_json::<CheckpointReport>(&summary)
+        {
+            return Err(LauncherError::Failed(format!(
+                "checkpoint failed: {}",
+                error.as_deref().unwrap_or("(no reason given)")
+            )));
+        }
         to_target.take();
         let log = collected(target_log).await;
         let answer = answer.map(|(answer, _)| (answer, log));
