@@ -600,24 +600,26 @@ pub fn pump_out(
     let mut buffer = vec![0u8; CHUNK];
     let mut bytes = 0u64;
     let mut told = Instant::now();
-    loop {
+    let ended = loop {
         let n = match from.read(&mut buffer) {
-            Ok(0) => break,
+            Ok(0) => break to.flush(),
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(DirectError::Stream { bytes, source }),
+            Err(error) => break Err(error),
         };
-        to.write_all(&buffer[..n])
-            .map_err(|source| DirectError::Stream { bytes, source })?;
+        if let Err(error) = to.write_all(&buffer[..n]) {
+            break Err(error);
+        }
         bytes += n as u64;
         if told.elapsed() >= Duration::from_millis(250) {
             say(Progress::Sent { bytes });
             told = Instant::now();
         }
-    }
-    to.flush()
-        .map_err(|source| DirectError::Stream { bytes, source })?;
+    };
+    // The last count, also when the stream broke: how far it got tells the plugin whose
+    // failure came first (nothing sent: the source's own).
     say(Progress::Sent { bytes });
+    ended.map_err(|source| DirectError::Stream { bytes, source })?;
     Ok((bytes, to))
 }
 
