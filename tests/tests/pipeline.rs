@@ -63,9 +63,6 @@ impl StandIn {
     }
 }
 
-/// When the stand-in's apps "stop", by the source node's clock.
-const FROZEN_AT_MS: u64 = 1_795_000_000_000;
-
 fn status(state: &str) -> StatusReport {
     serde_json::from_value(
         serde_json::json!({"state": state, "app_pid": 1000, "launcher_version": "0.1.0",
@@ -171,7 +168,8 @@ impl Launchers for StandIn {
         if lease.is_zero() {
             return Err("a freeze without a lease".into());
         }
-        Ok(Some(FROZEN_AT_MS))
+        // The launcher's stamp: this machine's realtime clock, as a node's would be.
+        Ok(Some(migrate_format::unix_ms()))
     }
 
     async fn renew(
@@ -195,7 +193,7 @@ impl Launchers for StandIn {
             std::future::pending::<()>().await;
         }
         // The launchers' stamps: the report's downtime is thaw minus freeze.
-        Ok(Some(FROZEN_AT_MS + 84))
+        Ok(Some(migrate_format::unix_ms()))
     }
 }
 
@@ -421,6 +419,7 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
             == [
                 "check",
                 "target",
+                "transfer setup",
                 "checkpoint+transfer+restore",
                 "verify",
                 "commit",
@@ -430,7 +429,13 @@ async fn success_creates_the_target_on_the_node_and_deletes_the_source_only_afte
         "{phases:?}"
     );
     ensure!(
-        report.downtime_ms == Some(84) && report.bytes_moved == 611_447,
+        // Freeze → thaw from the stamps, within the plugin's own bracket of it.
+        report
+            .downtime_ms
+            .zip(report.downtime_bound_ms)
+            .is_some_and(|(stamped, bound)| stamped <= bound)
+            && report.container_downtime_ms.contains_key("counter")
+            && report.bytes_moved == 611_447,
         "{report:?}"
     );
 
