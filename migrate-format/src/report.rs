@@ -154,6 +154,31 @@ impl std::fmt::Debug for DirectSecret {
     }
 }
 
+/// Post-copy (`--lazy`): where the app's memory stands after a restore that did not wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostCopy {
+    pub state: PostCopyState,
+    /// When it ended (every page arrived or was served, or it failed), by this node's
+    /// CLOCK_REALTIME in ms since the epoch.
+    #[serde(default)]
+    pub ended_at_ms: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// See [`PostCopy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostCopyState {
+    /// Pages are still coming (target) or being served (source).
+    Moving,
+    /// Every page arrived (target) or was served (source).
+    Complete,
+    /// The page transfer broke off: on the target the app was killed (it cannot go on
+    /// without its memory); the source still holds the app, frozen.
+    Failed,
+}
+
 /// What `status` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -186,6 +211,9 @@ pub struct StatusReport {
     /// those of the container's IPC namespace, when the app shares it with the launcher.
     #[serde(default)]
     pub sysv_ipc: Option<String>,
+    /// After a post-copy restore (`--lazy`): whether every page of the app's memory arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<PostCopy>,
 }
 
 /// What `checkpoint` prints.
@@ -208,6 +236,10 @@ pub struct CheckpointReport {
     /// Peak resident memory in KiB of the launcher's checkpoint job and of criu.
     #[serde(default)]
     pub peak_rss_kib: BTreeMap<String, u64>,
+    /// A post-copy checkpoint (`checkpoint --to --lazy`): the memory was served after the
+    /// archive, and this report comes once every page was (or the serving failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<PostCopy>,
 }
 
 /// What `receive` (and a `--restore-from` start) reports.
@@ -228,6 +260,10 @@ pub struct RestoreReport {
     /// Peak resident memory in KiB of the launcher's restore job and of criu.
     #[serde(default)]
     pub peak_rss_kib: BTreeMap<String, u64>,
+    /// A post-copy restore: the PID of the `criu lazy-pages` daemon still fetching the app's
+    /// memory (its end is in `status`'s `post_copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_pages_pid: Option<i32>,
 }
 
 impl CheckpointReport {
@@ -245,6 +281,7 @@ impl CheckpointReport {
             timings_ms: BTreeMap::new(),
             frozen_ms: None,
             peak_rss_kib: BTreeMap::new(),
+            post_copy: None,
         }
     }
 
@@ -269,6 +306,7 @@ impl RestoreReport {
             timings_ms: BTreeMap::new(),
             downtime_ms: None,
             peak_rss_kib: BTreeMap::new(),
+            lazy_pages_pid: None,
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,12 +48,20 @@ pub struct Plan {
 
 /// Runs the checkpoint, writing the archive to `output`. Never panics on bad input; every
 /// failure is in the report.
-pub fn run(plan: &Plan, output: OwnedFd, cancel: &OwnedFd) -> CheckpointReport {
+/// With `pages` (post-copy, `--lazy`): the archive carries everything but the app's memory,
+/// which CRIU then serves over `pages` (its end of the page-server connection); the report
+/// comes once every page was served.
+pub fn run(
+    plan: &Plan,
+    output: OwnedFd,
+    cancel: &OwnedFd,
+    pages: Option<OwnedFd>,
+) -> CheckpointReport {
     let id = sysinfo::new_id("ck");
     let mut report = CheckpointReport::new(id.clone(), plan.leave_running);
     // The images are the app's memory: the job's directory is removed when it ends.
     let result = match JobDir::create(&plan.work_dir, &id) {
-        Ok(dir) => checkpoint(plan, &id, dir.path(), output, cancel, &mut report),
+        Ok(dir) => checkpoint(plan, &id, dir.path(), output, cancel, pages, &mut report),
         Err(error) => Err(format!(
             "cannot create the work directory {}: {error}; set --work-dir to a writable path; the app keeps running",
             plan.work_dir.join(&id).display()
@@ -73,6 +81,7 @@ fn checkpoint(
     dir: &Path,
     output: OwnedFd,
     cancel: &OwnedFd,
+    pages: Option<OwnedFd>,
     report: &mut CheckpointReport,
 ) -> Result<(), String> {
     let start = Instant::now();
@@ -142,13 +151,29 @@ fn checkpoint(
         keep: &plan.state_dir.join("last-dump.log"),
     };
     let frozen_at_ms = sysinfo::now_ms();
-    let dumped = plan.criu.dump(
-        plan.app.as_raw(),
-        &dir.join("criu"),
-        &log,
-        &plan.original_mask,
-        run_as.as_ref(),
-    );
+    let mut serving = None;
+    let dumped = match &pages {
+        None => plan.criu.dump(
+            plan.app.as_raw(),
+            &dir.join("criu"),
+            &log,
+            &plan.original_mask,
+            run_as.as_ref(),
+        ),
+        Some(pages) => plan
+            .criu
+            .dump_lazy(
+                plan.app.as_raw(),
+                &dir.join("criu"),
+                &log,
+                &plan.original_mask,
+                run_as.as_ref(),
+                pages.as_fd(),
+            )
+            .map(|s| serving = Some(s)),
+    };
+    // CRIU has its own copy of the page-server connection now.
+    drop(pages);
     if run_as.is_some() {
         if let Err(error) = crate::creds::take_back(&dir.join("criu")) {
             // A tree `freeze` stopped stays stopped: only thaw or rollback resume it.
@@ -240,6 +265,28 @@ fn checkpoint(
         ));
     }
     lap("write", report);
+    if let Some(serving) = serving {
+        // The archive is complete: its reader sees the end now, while CRIU serves the memory
+        // to the restored app until every page went. Only then is this checkpoint done.
+        drop(file);
+        let served = serving.wait(Some(cancel.as_fd()));
+        report.post_copy = Some(migrate_format::PostCopy {
+            state: if served.is_ok() {
+                migrate_format::PostCopyState::Complete
+            } else {
+                migrate_format::PostCopyState::Failed
+            },
+            ended_at_ms: Some(sysinfo::now_ms()),
+            error: served.as_ref().err().map(|e| chain(e)),
+        });
+        lap("serve pages", report);
+        served.map_err(|e| {
+            format!(
+                "post-copy: not every page of the app's memory was served ({}); the app here keeps its state, frozen",
+                chain(&e)
+            )
+        })?;
+    }
     report
         .timings_ms
         .insert("total".into(), start.elapsed().as_millis() as u64);

@@ -206,6 +206,11 @@ pub enum Command {
         /// Resume the app right after the dump instead of leaving it frozen.
         #[arg(long)]
         leave_running: bool,
+        /// Post-copy: send everything but the app's memory, then serve the memory page by page
+        /// to the target's `criu lazy-pages` over a second authenticated connection, until it
+        /// has every page; the summary comes then. The app stays frozen here throughout.
+        #[arg(long, requires = "to", conflicts_with = "leave_running")]
+        lazy: bool,
     },
     /// Hand an archive to a PID 1 started with --wait-for-checkpoint; prints the restore
     /// result as JSON and exits non-zero if the restore failed.
@@ -225,6 +230,12 @@ pub enum Command {
         /// the secret are turned away and the wait goes on; it ends when stdin ends.
         #[arg(long, value_name = "PORT")]
         listen: Option<u16>,
+        /// Post-copy: the source sends everything but the app's memory; the app is restored
+        /// at once and `criu lazy-pages` fetches its memory over a second connection from the
+        /// same source while it runs. Prints the restore result as soon as it is known, then
+        /// stays until every page arrived (`status` says `post_copy`).
+        #[arg(long, requires = "listen")]
+        lazy: bool,
     },
     /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
     Rollback,

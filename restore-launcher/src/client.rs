@@ -72,19 +72,24 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
         Command::Checkpoint {
             to: Some(to),
             leave_running,
+            lazy,
             ..
-        } => checkpoint_to(state_dir, to, *leave_running),
+        } => checkpoint_to(state_dir, to, *leave_running, *lazy),
         Command::Checkpoint {
             output,
             leave_running,
             to: None,
+            ..
         } => checkpoint(state_dir, output, *leave_running),
         Command::Receive {
-            listen: Some(port), ..
-        } => receive_listening(state_dir, *port),
+            listen: Some(port),
+            lazy,
+            ..
+        } => receive_listening(state_dir, *port, *lazy),
         Command::Receive {
             input,
             listen: None,
+            ..
         } => receive(state_dir, input),
     }
 }
@@ -184,11 +189,29 @@ fn unbuffered_stdin() -> Result<fs::File, ClientError> {
 /// `checkpoint --to`: connect and authenticate first (nothing is dumped if the target cannot
 /// be reached: the answer's refusal is then `unreachable`), then stream PID 1's checkpoint
 /// into the channel, printing the bytes sent; the summary is the last line.
-fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, ClientError> {
+///
+/// With `lazy` (post-copy) a second connection carries CRIU's page server: PID 1 gets its end
+/// of a socket pair as `--ps-socket`, and a thread here relays it to the target both ways.
+/// The archive's channel is closed properly as soon as the archive ends (the target verifies
+/// it in full before restoring); the summary comes once every page was served.
+fn checkpoint_to(
+    state_dir: &Path,
+    to: &str,
+    leave_running: bool,
+    lazy: bool,
+) -> Result<u8, ClientError> {
     let stdin = unbuffered_stdin()?;
     let keys = direct::read_secret(&stdin)?;
     let config = direct::client_config(&keys)?;
-    let channel = match direct::connect(to, &config) {
+    let connected = direct::connect(to, &config).and_then(|channel| {
+        let pages = if lazy {
+            Some(direct::connect(to, &config).inspect_err(|_| direct::abandon_ref(&channel))?)
+        } else {
+            None
+        };
+        Ok((channel, pages))
+    });
+    let (channel, pages) = match connected {
         Ok(channel) => channel,
         Err(error @ direct::DirectError::Connect { .. }) => {
             let answer = migrate_format::Answer::refused(
@@ -210,6 +233,9 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
     direct::say(migrate_format::Progress::Connected);
     if let Err(error) = direct::wait_for_go(&stdin, DIRECT_PATIENCE) {
         direct::abandon(channel);
+        if let Some(pages) = pages {
+            direct::abandon(pages);
+        }
         let report =
             CheckpointReport::failed(format!("not dumped: {}", crate::checkpoint::chain(&error)));
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -217,17 +243,43 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
     }
     let (reader, writer) =
         nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
+    let (relay, criu_end) = relay_pages(pages, direct::relay_pages)?;
     let state_dir = state_dir.to_path_buf();
     let job = std::thread::spawn(move || {
-        control::hand_over(&state_dir, &Request::Checkpoint { leave_running }, writer)
+        control::hand_over(
+            &state_dir,
+            &Request::Checkpoint { leave_running },
+            writer,
+            criu_end,
+        )
     });
     let pumped = direct::pump_out(reader, channel, DIRECT_STALL);
+    // Post-copy: the archive is whole when its pipe ends (a job that failed midway leaves
+    // it short, which the target's verification refuses): close it properly now, so the
+    // target restores while the memory is still to come.
+    let pumped = match pumped {
+        Ok((bytes, channel)) if relay.is_some() => match direct::finish_out(channel) {
+            Ok(()) => Ok(None),
+            Err(error) => {
+                tracing::warn!(
+                    "closing the archive's channel failed: {}",
+                    crate::checkpoint::chain(&error)
+                );
+                Ok(None)
+            }
+        }
+        .map(|none: Option<direct::Outbound>| (bytes, none)),
+        Ok((bytes, channel)) => Ok((bytes, Some(channel))),
+        Err(error) => Err(error),
+    };
     let answer = job
         .join()
         .map_err(|_| ClientError::Answer("the checkpoint's thread panicked".into()))??;
     let checkpointed = serde_json::from_str::<CheckpointReport>(&answer).is_ok_and(|r| r.ok);
+    finish_relay(relay);
     match pumped {
-        Ok((_, channel)) if checkpointed => {
+        Ok((_, None)) => {}
+        Ok((_, Some(channel))) if checkpointed => {
             if let Err(error) = direct::finish_out(channel) {
                 tracing::warn!(
                     "closing the direct transfer failed: {}",
@@ -235,7 +287,7 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
                 );
             }
         }
-        Ok((_, channel)) => direct::abandon(channel),
+        Ok((_, Some(channel))) => direct::abandon(channel),
         // PID 1's summary says what the job saw; the channel's side is logged beside it.
         Err(error) => {
             tracing::warn!(
@@ -252,7 +304,12 @@ fn checkpoint_to(state_dir: &Path, to: &str, leave_running: bool) -> Result<u8, 
 /// `receive --listen`: print the port, wait for the source's authenticated connection (others
 /// are turned away), then hand the decrypted stream to PID 1's `receive`, which verifies all of
 /// it before restoring anything.
-fn receive_listening(state_dir: &Path, port: u16) -> Result<u8, ClientError> {
+///
+/// With `lazy` (post-copy) the source's second connection carries CRIU's page server: PID 1
+/// gets its end of a socket pair for `criu lazy-pages --ps-socket`, and a thread here relays
+/// it. The restore's answer is printed as soon as it comes; this command then stays until
+/// the daemon has every page (or the channel broke).
+fn receive_listening(state_dir: &Path, port: u16, lazy: bool) -> Result<u8, ClientError> {
     let stdin = unbuffered_stdin()?;
     let keys = direct::read_secret(&stdin)?;
     let config = direct::server_config(&keys)?;
@@ -263,11 +320,19 @@ fn receive_listening(state_dir: &Path, port: u16) -> Result<u8, ClientError> {
         .port();
     direct::say(migrate_format::Progress::Listening { port });
     let channel = direct::accept(&listener, &config, &stdin, DIRECT_PATIENCE)?;
+    let pages = if lazy {
+        Some(direct::accept(&listener, &config, &stdin, DIRECT_PATIENCE)?)
+    } else {
+        None
+    };
     drop(listener);
     let (reader, writer) =
         nix::unistd::pipe().map_err(|e| ClientError::Direct(io::Error::from(e).into()))?;
+    let (relay, criu_end) = relay_pages(pages, direct::relay_pages)?;
     let state_dir = state_dir.to_path_buf();
-    let job = std::thread::spawn(move || control::hand_over(&state_dir, &Request::Receive, reader));
+    let job = std::thread::spawn(move || {
+        control::hand_over(&state_dir, &Request::Receive, reader, criu_end)
+    });
     let pumped = direct::pump_in(channel, writer, DIRECT_STALL);
     let answer = job
         .join()
@@ -280,7 +345,48 @@ fn receive_listening(state_dir: &Path, port: u16) -> Result<u8, ClientError> {
     }
     print!("{answer}");
     let _ = io::stdout().flush();
+    let restored = serde_json::from_str::<RestoreReport>(&answer).is_ok_and(|r| r.ok);
+    if restored {
+        // The app's memory is still coming: relay until the daemon has all of it.
+        finish_relay(relay);
+    }
     report_ok::<RestoreReport>(&answer, |r| r.ok)
+}
+
+/// The relay thread of a post-copy's page-server connection, if there is one, and PID 1's end
+/// of the socket pair it relays (for CRIU's `--ps-socket`).
+type PagesRelay = Option<std::thread::JoinHandle<Result<(u64, u64), direct::DirectError>>>;
+
+fn relay_pages<T: Send + 'static>(
+    channel: Option<T>,
+    relay: fn(T, std::os::unix::net::UnixStream) -> Result<(u64, u64), direct::DirectError>,
+) -> Result<(PagesRelay, Option<std::os::fd::OwnedFd>), ClientError> {
+    let Some(channel) = channel else {
+        return Ok((None, None));
+    };
+    let (ours, criu) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| ClientError::Direct(direct::DirectError::Io(e)))?;
+    let thread = std::thread::spawn(move || relay(channel, ours));
+    Ok((Some(thread), Some(std::os::fd::OwnedFd::from(criu))))
+}
+
+/// Waits for the page relay to end, logging how it went.
+fn finish_relay(relay: PagesRelay) {
+    let Some(thread) = relay else { return };
+    match thread.join() {
+        Ok(Ok((inbound, outbound))) => {
+            tracing::info!(
+                inbound,
+                outbound,
+                "post-copy: the page-server connection ended"
+            );
+        }
+        Ok(Err(error)) => tracing::warn!(
+            "post-copy: the page-server connection failed: {}",
+            crate::checkpoint::chain(&error)
+        ),
+        Err(_) => tracing::warn!("post-copy: the page relay panicked"),
+    }
 }
 
 /// Reads stdin to its end, discarding it. After a refusal PID 1 stops reading the archive,

@@ -12,7 +12,7 @@
 //! with one JSON line (the report) before closing.
 
 use std::io::{self, BufRead as _, BufReader, IoSlice, IoSliceMut, Write as _};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -242,6 +242,7 @@ impl Server {
             stream,
             line: Vec::new(),
             fd: None,
+            pages: None,
             since: std::time::Instant::now(),
             gone: false,
         }))
@@ -256,6 +257,7 @@ pub struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
     fd: Option<OwnedFd>,
+    pages: Option<OwnedFd>,
     since: std::time::Instant,
     /// Answered already (refused): to be dropped.
     gone: bool,
@@ -278,6 +280,7 @@ impl Pending {
             stream,
             line: Vec::new(),
             fd: None,
+            pages: None,
             since: std::time::Instant::now(),
             gone: true,
         }
@@ -319,11 +322,13 @@ impl Pending {
                     if let ControlMessageOwned::ScmRights(fds) = cmsg {
                         for raw in fds {
                             // SAFETY: the kernel just installed this fd in our table for us; we
-                            // own it (and close any beyond the first).
+                            // own it (and close any beyond the second).
                             #[allow(unsafe_code)]
                             let owned = unsafe { OwnedFd::from_raw_fd(raw) };
                             if self.fd.is_none() {
                                 self.fd = Some(owned);
+                            } else if self.pages.is_none() {
+                                self.pages = Some(owned);
                             }
                         }
                     }
@@ -373,6 +378,7 @@ impl Pending {
             stream,
             request,
             fd: self.fd.take(),
+            pages: self.pages.take(),
         })
     }
 
@@ -403,6 +409,10 @@ pub struct Incoming {
     pub request: Result<Request, String>,
     /// The stream fd that came with it, if any.
     pub fd: Option<OwnedFd>,
+    /// A second fd with `checkpoint` or `receive`: post-copy (`--lazy`). It is this side's
+    /// end of CRIU's page-server connection (`--ps-socket`), which the client relays to the
+    /// other launcher.
+    pub pages: Option<OwnedFd>,
 }
 
 /// Sends `value` as one JSON line and closes the write side.
@@ -427,12 +437,13 @@ pub fn call(
     request: &Request,
     fd: Option<RawFd>,
 ) -> Result<String, ControlError> {
-    let stream = send(state_dir, request, fd)?;
+    let stream = send(state_dir, request, &fd.into_iter().collect::<Vec<_>>())?;
     read_answer(&stream)
 }
 
 /// [`call`] that hands `fd` over: this process's copy is closed as soon as PID 1 has it, so
-/// the other end of a pipe sees its end when PID 1's job is done with it.
+/// the other end of a pipe sees its end when PID 1's job is done with it. For post-copy,
+/// `pages` is PID 1's end of the page-server connection, handed over with it.
 ///
 /// # Errors
 /// As [`call`].
@@ -440,18 +451,18 @@ pub fn hand_over(
     state_dir: &Path,
     request: &Request,
     fd: std::os::fd::OwnedFd,
+    pages: Option<std::os::fd::OwnedFd>,
 ) -> Result<String, ControlError> {
-    let stream = send(state_dir, request, Some(fd.as_raw_fd()))?;
+    let mut fds = vec![fd.as_raw_fd()];
+    fds.extend(pages.as_ref().map(AsRawFd::as_raw_fd));
+    let stream = send(state_dir, request, &fds)?;
     drop(fd);
+    drop(pages);
     read_answer(&stream)
 }
 
 /// Connects to PID 1 and sends `request` with `fd`.
-fn send(
-    state_dir: &Path,
-    request: &Request,
-    fd: Option<RawFd>,
-) -> Result<UnixStream, ControlError> {
+fn send(state_dir: &Path, request: &Request, fds: &[RawFd]) -> Result<UnixStream, ControlError> {
     let path = state_dir.join(SOCKET_NAME);
     let stream = UnixStream::connect(&path).map_err(|source| ControlError::Connect {
         path: path.clone(),
@@ -460,11 +471,10 @@ fn send(
     let mut line =
         serde_json::to_vec(request).map_err(|e| ControlError::Io(io::Error::other(e)))?;
     line.push(b'\n');
-    let fds: Vec<RawFd> = fd.into_iter().collect();
     let cmsgs = if fds.is_empty() {
         vec![]
     } else {
-        vec![ControlMessage::ScmRights(&fds)]
+        vec![ControlMessage::ScmRights(fds)]
     };
     let mut sent = sendmsg::<()>(
         stream.as_raw_fd(),

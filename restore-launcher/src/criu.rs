@@ -137,16 +137,132 @@ impl Criu {
         original_mask: &SigSet,
         run_as: Option<&Creds>,
     ) -> Result<(), CriuError> {
-        let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
-        args.extend(common_args(images, log.path));
-        // criu as a non-root user always needs it ("Running as non-root requires
-        // '--unprivileged'"), even when the launcher itself is fully privileged.
-        if run_as.is_some() && !args.iter().any(|a| a == "--unprivileged") {
-            args.push("--unprivileged".into());
-        }
-        args.push("--leave-stopped".into());
-        args.push("--skip-in-flight".into());
+        let args = dump_args(pid, images, log.path, run_as);
         self.run("dump", &args, log, original_mask, &[], run_as)
+    }
+
+    /// `criu dump --lazy-pages` (post-copy): dumps everything but the app's memory into
+    /// `images`, says it is ready, then serves the memory page by page over `pages` (its end of
+    /// the page-server connection, `--ps-socket`) until the target's `criu lazy-pages` has all
+    /// of it. The tree stays seized (frozen) all that time, and stopped after it.
+    ///
+    /// # Errors
+    /// [`CriuError::Failed`] when criu ends before it is ready (the dump failed).
+    pub fn dump_lazy(
+        &self,
+        pid: i32,
+        images: &Path,
+        log: &Log<'_>,
+        original_mask: &SigSet,
+        run_as: Option<&Creds>,
+        pages: BorrowedFd<'_>,
+    ) -> Result<Serving, CriuError> {
+        let mut args = dump_args(pid, images, log.path, run_as);
+        args.extend(["--lazy-pages".into(), "--ps-socket".into()]);
+        args.push(pages.as_raw_fd().to_string().into());
+        self.serve(
+            "dump",
+            args,
+            log,
+            original_mask,
+            &[pages.as_raw_fd()],
+            run_as,
+            true,
+        )
+    }
+
+    /// `criu lazy-pages --page-server` (post-copy, on the target): the daemon that takes the
+    /// restored app's userfaultfd, fetches each page the app touches from the source (over
+    /// `pages`, `--ps-socket`) and pushes the rest in the background until all arrived; then
+    /// it exits 0. It outlives the restore job (PID 1 reaps it), and keeps the fds in `keep`.
+    ///
+    /// # Errors
+    /// [`CriuError::Failed`] when it ends before it is ready.
+    pub fn lazy_pages(
+        &self,
+        images: &Path,
+        log: &Log<'_>,
+        original_mask: &SigSet,
+        pages: BorrowedFd<'_>,
+        keep: &[i32],
+    ) -> Result<Serving, CriuError> {
+        let mut args: Vec<OsString> = vec!["lazy-pages".into(), "--page-server".into()];
+        args.extend(common_args(images, log.path));
+        args.extend(["--ps-socket".into(), pages.as_raw_fd().to_string().into()]);
+        let mut inherit = vec![pages.as_raw_fd()];
+        inherit.extend_from_slice(keep);
+        self.serve(
+            "lazy-pages",
+            args,
+            log,
+            original_mask,
+            &inherit,
+            None,
+            false,
+        )
+    }
+
+    /// Starts criu with `--status-fd` and returns once it says it is ready.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &self,
+        action: &'static str,
+        mut args: Vec<OsString>,
+        log: &Log<'_>,
+        original_mask: &SigSet,
+        inherit: &[i32],
+        run_as: Option<&Creds>,
+        die_with_parent: bool,
+    ) -> Result<Serving, CriuError> {
+        use std::io::Read as _;
+        let (ready_read, ready_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| CriuError::Spawn {
+                action,
+                source: e.into(),
+            })?;
+        args.extend([
+            "--status-fd".into(),
+            ready_write.as_raw_fd().to_string().into(),
+        ]);
+        let mut inherit = inherit.to_vec();
+        inherit.push(ready_write.as_raw_fd());
+        let mut cmd = self.command(
+            action,
+            &args,
+            original_mask,
+            &inherit,
+            run_as,
+            die_with_parent,
+        )?;
+        // It runs long after this call: nobody would read a stderr pipe. The log has it all.
+        cmd.stderr(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| CriuError::Spawn { action, source })?;
+        drop(ready_write);
+        let mut byte = [0u8; 1];
+        let said = std::fs::File::from(ready_read).read(&mut byte).unwrap_or(0);
+        if said == 1 {
+            return Ok(Serving {
+                child,
+                action,
+                log: log.path.to_path_buf(),
+            });
+        }
+        let status = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let kept = log.keep();
+        let mut excerpt = log_excerpt(log.path, "");
+        if let Some(cause) = known_cause(&excerpt) {
+            excerpt = format!("{excerpt} -- {cause}");
+        }
+        Err(CriuError::Failed {
+            action,
+            status,
+            excerpt,
+            log: kept,
+        })
     }
 
     /// `criu restore` from `images`, re-attaching `stdout`/`stderr` in place of the source's
@@ -162,6 +278,7 @@ impl Criu {
         pidfile: &Path,
         pipes: &[(Option<u64>, BorrowedFd<'_>)],
         original_mask: &SigSet,
+        lazy: bool,
     ) -> Result<i32, CriuError> {
         let log = Log {
             path: log,
@@ -171,6 +288,10 @@ impl Criu {
         args.extend(common_args(images, log.path));
         args.extend(["--restore-detached".into(), "--restore-sibling".into()]);
         args.extend(["--pidfile".into(), pidfile.as_os_str().to_owned()]);
+        if lazy {
+            // The memory comes from the `criu lazy-pages` daemon already running.
+            args.push("--lazy-pages".into());
+        }
         let mut inherited = Vec::new();
         for (inode, fd) in pipes {
             if let Some(inode) = inode {
@@ -192,15 +313,18 @@ impl Criu {
         })
     }
 
-    fn run(
+    /// The criu command line for `action`, set up to run as the launcher needs (see the SAFETY
+    /// note); `die_with_parent`: criu is killed when the process that started it dies.
+    #[allow(clippy::too_many_arguments)]
+    fn command(
         &self,
         action: &'static str,
         args: &[OsString],
-        log: &Log<'_>,
         original_mask: &SigSet,
         inherit: &[i32],
         run_as: Option<&Creds>,
-    ) -> Result<(), CriuError> {
+        die_with_parent: bool,
+    ) -> Result<Command, CriuError> {
         check_capabilities(action)?;
         let mask = *original_mask;
         let inherit = inherit.to_vec();
@@ -239,13 +363,28 @@ impl Criu {
                 }
                 // If the job driving criu dies, criu must not carry on alone. Set after the
                 // user switch, which clears it; a parent already gone is caught by getppid.
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                if nix::unistd::getppid() != parent {
-                    libc::_exit(1);
+                if die_with_parent {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                    if nix::unistd::getppid() != parent {
+                        libc::_exit(1);
+                    }
                 }
                 Ok(())
             });
         }
+        Ok(cmd)
+    }
+
+    fn run(
+        &self,
+        action: &'static str,
+        args: &[OsString],
+        log: &Log<'_>,
+        original_mask: &SigSet,
+        inherit: &[i32],
+        run_as: Option<&Creds>,
+    ) -> Result<(), CriuError> {
+        let mut cmd = self.command(action, args, original_mask, inherit, run_as, true)?;
         let output = cmd
             .output()
             .map_err(|source| CriuError::Spawn { action, source })?;
@@ -300,6 +439,76 @@ impl Log<'_> {
         }
         self.keep.exists().then(|| self.keep.to_path_buf())
     }
+}
+
+/// A criu that goes on after saying it is ready: a lazy dump serving pages, or the lazy-pages
+/// daemon fetching them.
+#[derive(Debug)]
+pub struct Serving {
+    pub child: std::process::Child,
+    action: &'static str,
+    log: PathBuf,
+}
+
+impl Serving {
+    /// Waits for it to end, polling `cancel` (readable: kill it); Ok when it exited 0.
+    ///
+    /// # Errors
+    /// [`CriuError::Failed`] with its log's error lines.
+    pub fn wait(mut self, cancel: Option<BorrowedFd<'_>>) -> Result<(), CriuError> {
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(CriuError::Spawn {
+                        action: self.action,
+                        source,
+                    });
+                }
+            }
+            let cancelled = cancel.is_some_and(|fd| {
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).is_ok_and(|n| n > 0)
+            });
+            if cancel.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if cancelled {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(CriuError::Failed {
+                    action: self.action,
+                    status: "killed".into(),
+                    excerpt: "called off (rollback) before every page was served".into(),
+                    log: Some(self.log.clone()),
+                });
+            }
+        };
+        if status.success() {
+            return Ok(());
+        }
+        Err(CriuError::Failed {
+            action: self.action,
+            status: status.to_string(),
+            excerpt: log_excerpt(&self.log, ""),
+            log: Some(self.log.clone()),
+        })
+    }
+}
+
+/// `criu dump` of the tree at `pid`: the arguments of every dump.
+fn dump_args(pid: i32, images: &Path, log: &Path, run_as: Option<&Creds>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
+    args.extend(common_args(images, log));
+    // criu as a non-root user always needs it ("Running as non-root requires
+    // '--unprivileged'"), even when the launcher itself is fully privileged.
+    if run_as.is_some() && !args.iter().any(|a| a == "--unprivileged") {
+        args.push("--unprivileged".into());
+    }
+    args.push("--leave-stopped".into());
+    args.push("--skip-in-flight".into());
+    args
 }
 
 fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
@@ -379,6 +588,26 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
     }
     if action == "restore" && !has_effective_capability(CAP_SETPCAP) {
         missing.push("CAP_SETPCAP");
+    }
+    // Post-copy: the restored app opens a userfaultfd, which needs CAP_SYS_PTRACE while
+    // vm.unprivileged_userfaultfd is 0 (the default), and CRIU's userfaultfd probe needed
+    // CAP_SYS_ADMIN too (measured).
+    if action == "lazy-pages" {
+        let lazy: Vec<&str> = [
+            (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        ]
+        .into_iter()
+        .filter(|(cap, _)| !has_effective_capability(*cap))
+        .map(|(_, name)| name)
+        .collect();
+        if !lazy.is_empty() {
+            return Err(CriuError::Capabilities {
+                action,
+                missing: lazy.join(", "),
+                fix: "post-copy (kubectl migrate --lazy) adds SYS_PTRACE and SYS_ADMIN to the target pod's containers; a container running as a non-root user cannot get them from the base image: migrate it without --lazy".into(),
+            });
+        }
     }
     if missing.is_empty() {
         Ok(())

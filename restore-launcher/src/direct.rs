@@ -641,9 +641,135 @@ pub fn finish_out(mut to: Outbound) -> Result<(), DirectError> {
     Ok(())
 }
 
+/// How long the pages channel may carry nothing, either way, before it is taken as dead: the
+/// target's CRIU asks for the next pages as soon as the last arrived, so silence means a
+/// peer is gone.
+const PAGES_SILENCE: Duration = Duration::from_secs(60);
+
+/// Relays CRIU's page-server connection for post-copy (`--lazy`): `local` is this side's end
+/// of the socket pair whose other end CRIU has (`--ps-socket`), `channel` the authenticated
+/// connection to the other launcher. Runs both ways until either side ends: CRIU closing its
+/// socket (every page went) ends the channel with a proper TLS close; the peer's close ends
+/// `local`. Returns the bytes that came in from the peer and went out to it.
+///
+/// # Errors
+/// [`DirectError::Stream`] when the channel breaks, ends without its TLS close, or carries
+/// nothing for [`PAGES_SILENCE`].
+pub fn relay_pages<C, S>(
+    mut channel: StreamOwned<C, TcpStream>,
+    mut local: std::os::unix::net::UnixStream,
+) -> Result<(u64, u64), DirectError>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    let mut inbound = 0u64;
+    let mut outbound = 0u64;
+    let broke = |bytes: u64, source: io::Error| DirectError::Stream { bytes, source };
+    channel.sock.set_read_timeout(None)?;
+    channel.sock.set_write_timeout(Some(PAGES_SILENCE))?;
+    let mut buffer = vec![0u8; CHUNK];
+    loop {
+        while channel.conn.wants_write() {
+            channel
+                .conn
+                .write_tls(&mut channel.sock)
+                .map_err(|e| broke(inbound, e))?;
+        }
+        let mut fds = [
+            PollFd::new(channel.sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(local.as_fd(), PollFlags::POLLIN),
+        ];
+        let silence = PollTimeout::try_from(PAGES_SILENCE).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, silence) {
+            Ok(0) => {
+                return Err(broke(
+                    inbound,
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("nothing moved for {} s", PAGES_SILENCE.as_secs()),
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(error) => return Err(broke(inbound, error.into())),
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let (from_peer, from_local) = (ready(&fds[0]), ready(&fds[1]));
+        if from_peer {
+            let n = channel
+                .conn
+                .read_tls(&mut channel.sock)
+                .map_err(|e| broke(inbound, e))?;
+            let state = channel
+                .conn
+                .process_new_packets()
+                .map_err(|e| broke(inbound, io::Error::other(e)))?;
+            loop {
+                match channel.conn.reader().read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(m) => {
+                        local
+                            .write_all(&buffer[..m])
+                            .map_err(|e| broke(inbound, e))?;
+                        inbound += m as u64;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) => return Err(broke(inbound, error)),
+                }
+            }
+            if state.peer_has_closed() {
+                let _ = local.shutdown(Shutdown::Both);
+                return Ok((inbound, outbound));
+            }
+            if n == 0 {
+                return Err(broke(
+                    inbound,
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the other launcher's channel ended without its TLS close",
+                    ),
+                ));
+            }
+        }
+        if from_local {
+            match local.read(&mut buffer) {
+                Ok(0) => {
+                    // CRIU is done with the pages: close the channel properly.
+                    channel.conn.send_close_notify();
+                    while channel.conn.wants_write() {
+                        channel
+                            .conn
+                            .write_tls(&mut channel.sock)
+                            .map_err(|e| broke(inbound, e))?;
+                    }
+                    let _ = channel.sock.shutdown(Shutdown::Write);
+                    return Ok((inbound, outbound));
+                }
+                Ok(m) => {
+                    channel
+                        .conn
+                        .writer()
+                        .write_all(&buffer[..m])
+                        .map_err(|e| broke(inbound, e))?;
+                    outbound += m as u64;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(broke(inbound, error)),
+            }
+        }
+    }
+}
+
 /// Ends the channel without the TLS close, so the target sees a broken stream, never a
 /// complete one.
 pub fn abandon(to: Outbound) {
+    let _ = to.sock.shutdown(Shutdown::Both);
+}
+
+/// [`abandon`] for a channel still in use elsewhere.
+pub fn abandon_ref(to: &Outbound) {
     let _ = to.sock.shutdown(Shutdown::Both);
 }
 

@@ -289,6 +289,28 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                 vec![],
             )
         }
+        // Post-copy (`--lazy`): the checkpoint job serves the app's memory until the target
+        // has all of it, which is after the migration commits.
+        (
+            S::Checkpointing {
+                origin,
+                frozen: Some(hold),
+                leave_running,
+            },
+            Input::Commit,
+        ) => {
+            if expired(hold, now) {
+                return Step::refuse(state, Refusal::LeaseExpired);
+            }
+            Step::to(
+                S::Checkpointing {
+                    origin,
+                    frozen: Some(Hold::Committed),
+                    leave_running,
+                },
+                vec![],
+            )
+        }
         (
             S::Frozen {
                 hold: Hold::Committed,
@@ -592,6 +614,46 @@ mod tests {
     }
 
     #[test]
+    fn a_post_copy_checkpoint_takes_the_commit_and_a_failure_after_it_stays_frozen() {
+        let now = Instant::now();
+        let lease = Hold::Lease(now + Duration::from_secs(30));
+        let serving = checkpointing(Some(lease), false);
+        let step = step(serving, Input::Commit, now);
+        assert_eq!(step.answer, Ok(()));
+        assert_eq!(step.next, checkpointing(Some(Hold::Committed), false));
+        // Every page served: a committed, checkpointed copy.
+        let ok = super::step(
+            step.next,
+            Input::CheckpointEnded {
+                ok: true,
+                died: false,
+            },
+            now,
+        );
+        assert_eq!(ok.next, checkpointed(Hold::Committed));
+        // The serving failed: still frozen and committed; only an explicit rollback resumes.
+        let failed = super::step(
+            step.next,
+            Input::CheckpointEnded {
+                ok: false,
+                died: false,
+            },
+            now,
+        );
+        assert_eq!(failed.next, frozen(Hold::Committed));
+        assert!(failed.effects.is_empty());
+        // No commit without a freeze's hold (busy), nor after its lease ran out.
+        refused(
+            checkpointing(None, false),
+            Input::Commit,
+            Refusal::Busy,
+            now,
+        );
+        let expired = checkpointing(Some(Hold::Lease(now)), false);
+        refused(expired, Input::Commit, Refusal::LeaseExpired, now);
+    }
+
+    #[test]
     fn commit_ends_the_lease_for_good() {
         let now = Instant::now();
         let committed = step(frozen(Hold::Lease(now + MINUTE)), Input::Commit, now);
@@ -609,12 +671,6 @@ mod tests {
         let after_checkpoint = step(checkpointed(Hold::Lease(now + MINUTE)), Input::Commit, now);
         assert_eq!(after_checkpoint.next, checkpointed(Hold::Committed));
         refused(FRESH, Input::Commit, Refusal::WrongState, now);
-        refused(
-            checkpointing(Some(Hold::Lease(now + MINUTE)), false),
-            Input::Commit,
-            Refusal::Busy,
-            now,
-        );
     }
 
     #[test]

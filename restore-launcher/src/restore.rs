@@ -57,12 +57,28 @@ pub struct Pipes<'a> {
 }
 
 /// Verifies and restores. Every failure is in the report.
-pub fn run(plan: &Plan, source: Source, pipes: &Pipes<'_>) -> RestoreReport {
+/// With `pages` (post-copy, `--lazy`): the archive holds everything but the app's memory; a
+/// `criu lazy-pages` daemon fetches it over `pages` (this side's end of the page-server
+/// connection) while the app runs, and outlives this job (its PID is in the report).
+pub fn run(
+    plan: &Plan,
+    source: Source,
+    pipes: &Pipes<'_>,
+    pages: Option<OwnedFd>,
+) -> RestoreReport {
     let mut report = RestoreReport::new();
     let id = sysinfo::new_id("rs");
     // Staged images are the app's memory: the job's directory is removed when it ends.
     let outcome = match crate::workdir::JobDir::create(&plan.work_dir, &id) {
-        Ok(dir) => restore(plan, source, pipes, dir.path(), &mut report),
+        Ok(dir) => {
+            let lazy = pages.map(|fd| (fd, dir.lock_fd()));
+            let restored = restore(plan, source, pipes, dir.path(), lazy, &mut report);
+            if report.lazy_pages_pid.is_some() {
+                // The daemon reads the staged images and holds the directory's lock.
+                dir.hand_on();
+            }
+            restored
+        }
         Err(error) => Err(format!(
             "cannot create the work directory {}: {error}; set --work-dir to a writable path",
             plan.work_dir.join(&id).display()
@@ -84,6 +100,7 @@ fn restore(
     source: Source,
     pipes: &Pipes<'_>,
     dir: &Path,
+    lazy: Option<(OwnedFd, std::os::fd::RawFd)>,
     report: &mut RestoreReport,
 ) -> Result<i32, String> {
     let start = Instant::now();
@@ -157,6 +174,28 @@ fn restore(
 
     let phase = Instant::now();
     let log = plan.state_dir.join("last-restore.log");
+    // Post-copy: the daemon that will take the app's userfaultfd must stand first. It talks
+    // to `criu restore` over a socket in their shared work directory (the state directory).
+    let mut daemon = None;
+    if let Some((pages, lock)) = &lazy {
+        let _ = fs::remove_file(plan.state_dir.join("lazy-pages.socket"));
+        let lazy_log = plan.state_dir.join("last-lazy-pages.log");
+        let serving = criu
+            .lazy_pages(
+                &images_root.join("criu"),
+                &crate::criu::Log {
+                    path: &lazy_log,
+                    keep: &lazy_log,
+                },
+                &plan.original_mask,
+                pages.as_fd(),
+                &[*lock],
+            )
+            .map_err(|e| format!("post-copy: {}", chain(&e)))?;
+        report.lazy_pages_pid = Some(serving.child.id() as i32);
+        daemon = Some(serving);
+    }
+    drop(lazy);
     let pid = criu
         .restore(
             &images_root.join("criu"),
@@ -167,8 +206,20 @@ fn restore(
                 (manifest.stderr_pipe, pipes.stderr.as_fd()),
             ],
             &plan.original_mask,
+            daemon.is_some(),
         )
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| {
+            // Nothing was restored: the daemon has nothing to serve.
+            if let Some(mut daemon) = daemon.take() {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+            }
+            chain(&e)
+        });
+    if pid.is_err() {
+        report.lazy_pages_pid = None;
+    }
+    let pid = pid?;
     let resumed_at = sysinfo::now_ms();
     // criu (as root) gave the app the credentials its images hold: with --user they must be
     // that user's, capability-free, whatever the archive says.

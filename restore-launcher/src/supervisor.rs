@@ -125,6 +125,10 @@ pub struct Supervisor {
     last_checkpoint: Option<CheckpointReport>,
     last_restore: Option<RestoreReport>,
     error: Option<String>,
+    /// After a post-copy restore: the `criu lazy-pages` daemon still fetching the app's
+    /// memory, and where that stands.
+    lazy_pages: Option<Pid>,
+    post_copy: Option<migrate_format::PostCopy>,
 }
 
 impl Supervisor {
@@ -177,13 +181,15 @@ impl Supervisor {
             last_checkpoint: None,
             last_restore: None,
             error: None,
+            lazy_pages: None,
+            post_copy: None,
         };
         match start {
             Start::Fresh(app) => supervisor.adopt(app.pid, app.stdout, app.stderr),
             Start::Wait => supervisor.state = State::Waiting,
             Start::RestoreFrom(path) => {
                 supervisor.state = State::Restoring { at_start: true };
-                supervisor.start_restore(restore::Source::Path(path), None);
+                supervisor.start_restore(restore::Source::Path(path), None, None);
             }
         }
         Ok(supervisor)
@@ -467,6 +473,8 @@ impl Supervisor {
             if let Some(running) = self.running.take() {
                 self.job_done(running, status);
             }
+        } else if Some(pid) == self.lazy_pages {
+            self.post_copy_ended(status);
         } else {
             tracing::debug!(?status, "reaped a child");
             if self.unclaimed.len() >= 64 {
@@ -540,6 +548,7 @@ impl Supervisor {
             stream,
             request,
             fd,
+            pages,
         } = incoming;
         let request = match request {
             Ok(request) => request,
@@ -586,12 +595,19 @@ impl Supervisor {
             }
             Request::Receive => (Input::Receive, "receive"),
         };
-        self.request(stream, fd, input, verb);
+        self.request(stream, fd, pages, input, verb);
     }
 
     /// A client's request: asks the state machine, performs its effects, answers. A job's
     /// client is answered when the job ends.
-    fn request(&mut self, stream: UnixStream, fd: Option<OwnedFd>, input: Input, verb: &str) {
+    fn request(
+        &mut self,
+        stream: UnixStream,
+        fd: Option<OwnedFd>,
+        mut pages: Option<OwnedFd>,
+        input: Input,
+        verb: &str,
+    ) {
         let previous = self.state;
         let step = machine::step(previous, input, Instant::now());
         if let Err(refusal) = step.answer {
@@ -615,14 +631,22 @@ impl Supervisor {
                 } => match fd.take() {
                     // The client is taken only once the job runs (it answers it when it
                     // ends): a checkpoint that cannot start is refused to it here.
-                    Some(output) => {
-                        self.start_checkpoint(&mut client, output, leave_running, was_frozen)
-                    }
+                    Some(output) => self.start_checkpoint(
+                        &mut client,
+                        output,
+                        pages.take(),
+                        leave_running,
+                        was_frozen,
+                    ),
                     None => Err("no stream".into()),
                 },
                 Effect::StartRestore => match (client.take(), fd.take()) {
                     (Some(stream), Some(input)) => {
-                        self.start_restore(restore::Source::Stream(input), Some(stream));
+                        self.start_restore(
+                            restore::Source::Stream(input),
+                            Some(stream),
+                            pages.take(),
+                        );
                         Ok(())
                     }
                     _ => Err("no stream".into()),
@@ -754,6 +778,7 @@ impl Supervisor {
             committed: self.state.committed(),
             boot_time: sysinfo::boot_time(),
             sysv_ipc: self.app.and_then(crate::checkpoint::uncarried_sysv_ipc),
+            post_copy: self.post_copy.clone(),
         }
     }
 
@@ -763,6 +788,7 @@ impl Supervisor {
         &mut self,
         client: &mut Option<UnixStream>,
         output: OwnedFd,
+        pages: Option<OwnedFd>,
         leave_running: bool,
         was_frozen: bool,
     ) -> Result<(), String> {
@@ -798,9 +824,10 @@ impl Supervisor {
         let (cancel_read, cancel_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
-        let job =
-            Job::start(move || Outcome::Checkpoint(checkpoint::run(&plan, output, &cancel_read)))
-                .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
+        let job = Job::start(move || {
+            Outcome::Checkpoint(checkpoint::run(&plan, output, &cancel_read, pages))
+        })
+        .map_err(|e| format!("cannot start the checkpoint: {e}"))?;
         self.running = Some(Running {
             job,
             client: client.take(),
@@ -812,8 +839,13 @@ impl Supervisor {
 
     /// Starts a restore job (the state is `restoring` already); if it cannot even start, that
     /// is a failed restore (answered to the client, if any).
-    fn start_restore(&mut self, source: restore::Source, client: Option<UnixStream>) {
-        if let Err(error) = self.try_start_restore(source, &client) {
+    fn start_restore(
+        &mut self,
+        source: restore::Source,
+        client: Option<UnixStream>,
+        pages: Option<OwnedFd>,
+    ) {
+        if let Err(error) = self.try_start_restore(source, &client, pages) {
             let error = format!("cannot start the restore: {error}");
             if let Some(client) = &client {
                 let _ = control::answer(client, &RestoreReport::failed(error.clone()));
@@ -826,6 +858,7 @@ impl Supervisor {
         &mut self,
         source: restore::Source,
         client: &Option<UnixStream>,
+        pages: Option<OwnedFd>,
     ) -> nix::Result<()> {
         let client = client
             .as_ref()
@@ -850,7 +883,7 @@ impl Supervisor {
                 stdout: &stdout_write,
                 stderr: &stderr_write,
             };
-            Outcome::Restore(restore::run(&plan, source, &pipes))
+            Outcome::Restore(restore::run(&plan, source, &pipes, pages))
         })?;
         self.running = Some(Running {
             job,
@@ -914,6 +947,14 @@ impl Supervisor {
                 if let Some(client) = &client {
                     let _ = control::answer(client, &report);
                 }
+                if let Some(daemon) = report.lazy_pages_pid.filter(|_| report.ok) {
+                    self.lazy_pages = Some(Pid::from_raw(daemon));
+                    self.post_copy = Some(migrate_format::PostCopy {
+                        state: migrate_format::PostCopyState::Moving,
+                        ended_at_ms: None,
+                        error: None,
+                    });
+                }
                 match report.app_pid.filter(|_| report.ok) {
                     Some(pid) => {
                         tracing::info!(
@@ -928,6 +969,13 @@ impl Supervisor {
                             fresh_on_failure: false,
                         });
                         self.adopt(Pid::from_raw(pid), stdout, stderr);
+                        // A daemon that ended before its PID was known.
+                        if let Some(status) = self
+                            .lazy_pages
+                            .and_then(|daemon| self.unclaimed.remove(&daemon.as_raw()))
+                        {
+                            self.post_copy_ended(status);
+                        }
                         // Restored frozen, the app would not see a forwarded signal
                         // until the runtime's SIGKILL: terminate as the state says.
                         if let Some(signo) = self.deferred_terminate.take() {
@@ -944,6 +992,43 @@ impl Supervisor {
                     }
                 }
             }
+        }
+    }
+
+    /// The `criu lazy-pages` daemon ended: every page arrived (exit 0), or the app can never
+    /// have the rest of its memory. A page it lacks would read as zeros once the daemon's
+    /// userfaultfd is gone, so it is killed at once; its container then restarts waiting for
+    /// a checkpoint (the plugin has not ended that wait), and the plugin rolls back to the
+    /// source, which still holds the app frozen.
+    fn post_copy_ended(&mut self, status: WaitStatus) {
+        self.lazy_pages = None;
+        let complete = matches!(status, WaitStatus::Exited(_, 0));
+        let error = (!complete).then(|| {
+            format!(
+                "post-copy failed: criu lazy-pages ended ({status:?}) before every page of the app's memory arrived; the app was killed (see {})",
+                self.config.state_dir.join("last-lazy-pages.log").display()
+            )
+        });
+        if complete {
+            tracing::info!("post-copy: every page of the app's memory arrived");
+        } else {
+            tracing::error!(error = error.as_deref().unwrap_or(""), "post-copy failed");
+            if let Some(app) = self.app {
+                tree::kill_all(app);
+            }
+            self.error = error.clone();
+        }
+        self.post_copy = Some(migrate_format::PostCopy {
+            state: if complete {
+                migrate_format::PostCopyState::Complete
+            } else {
+                migrate_format::PostCopyState::Failed
+            },
+            ended_at_ms: Some(sysinfo::now_ms()),
+            error,
+        });
+        for left in crate::workdir::clean_leftovers(&self.config.work_dir) {
+            tracing::info!(dir = %left, "removed the post-copy's staged images");
         }
     }
 

@@ -53,6 +53,23 @@ impl JobDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The fd of the lock that keeps the directory: a process that inherits it keeps the
+    /// directory from [`clean_leftovers`] for as long as it lives.
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd as _;
+        self.lock_file().as_raw_fd()
+    }
+
+    fn lock_file(&self) -> &File {
+        &self._lock
+    }
+
+    /// Leaves the directory in place when this job ends: a process that inherited the lock
+    /// ([`JobDir::lock_fd`]) still uses it, and PID 1 removes it after that process ends.
+    pub fn hand_on(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for JobDir {
