@@ -88,6 +88,18 @@ pub struct MigrateArgs {
     /// when the pods cannot reach each other (a NetworkPolicy, separate networks), saying so.
     #[arg(long, value_enum, default_value_t = TransferMode::Auto)]
     pub transfer: TransferMode,
+    /// Post-copy: resume the app on the target before its memory has arrived. The source sends
+    /// everything but the memory; the target's CRIU fetches each page the app touches from the
+    /// source, over a second authenticated connection, and pushes the rest in the background.
+    /// The source pod is kept, frozen, until every page arrived, and deleted only then. The
+    /// risk: until the last page, the app on the target needs the source. If the source pod,
+    /// its node or the connection fails before then, the app on the target cannot go on: its
+    /// launcher kills it and this command says so and how to go back to the source, which
+    /// still holds the app as of the freeze (the target's work since the thaw is lost). Needs
+    /// the direct transfer, and gives the target pod's containers SYS_PTRACE and SYS_ADMIN
+    /// (CRIU's userfaultfd needs them; the app gets its own capabilities back).
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -30,7 +30,7 @@ use migrate_format::{Answer, CheckpointReport, DirectSecret, Progress, Refusal, 
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 
 use crate::exec::{Ended, ExecLaunchers, last_json, read_all, watched};
-use crate::launchers::LauncherError;
+use crate::launchers::{LauncherError, Launchers as _, PostCopyDone};
 
 /// How long the target's launcher may take to say where it listens.
 const LISTEN_PATIENCE: Duration = Duration::from_secs(30);
@@ -161,12 +161,12 @@ impl ExecLaunchers {
             .stdin(true)
             .stdout(true)
             .stderr(true);
+        let mut receive_args = vec!["restore-launcher", "receive", "--listen", "0"];
+        if self.lazy {
+            receive_args.push("--lazy");
+        }
         let mut receive = target_pods
-            .exec(
-                &target_name,
-                ["restore-launcher", "receive", "--listen", "0"],
-                &params,
-            )
+            .exec(&target_name, receive_args, &params)
             .await
             .map_err(|e| {
                 Direct::Unavailable(format!(
@@ -223,13 +223,11 @@ impl ExecLaunchers {
 
         // The source connects and authenticates; it dumps only on `go`.
         let (source_pods, source_name) = self.pods(source);
-        let started = source_pods
-            .exec(
-                &source_name,
-                ["restore-launcher", "checkpoint", "--to", address.as_str()],
-                &params,
-            )
-            .await;
+        let mut dump_args = vec!["restore-launcher", "checkpoint", "--to", address.as_str()];
+        if self.lazy {
+            dump_args.push("--lazy");
+        }
+        let started = source_pods.exec(&source_name, dump_args, &params).await;
         let mut dump = match started {
             Ok(dump) => dump,
             Err(e) => {
@@ -424,6 +422,186 @@ impl ExecLaunchers {
             },
         )
         .await
+    }
+}
+
+/// A post-copy transfer whose app runs on the target while its memory still moves: the exec
+/// sessions (their launchers relay the pages) and what their output will tell.
+pub struct PostCopyTask {
+    _receive: kube::api::AttachedProcess,
+    _dump: kube::api::AttachedProcess,
+    _to_target: Option<Writer>,
+    _target_rest: tokio::task::JoinHandle<()>,
+    /// The source's remaining lines and log: its checkpoint report comes when every page was
+    /// served.
+    source: tokio::task::JoinHandle<String>,
+}
+
+impl std::fmt::Debug for PostCopyTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostCopyTask(..)")
+    }
+}
+
+/// How often the target's launcher is asked whether every page arrived.
+const POST_COPY_POLL: Duration = Duration::from_millis(250);
+/// How long the source's report may lag behind the target's last page.
+const SOURCE_REPORT_GRACE: Duration = Duration::from_secs(30);
+
+impl ExecLaunchers {
+    /// A post-copy transfer (`--lazy`) over a channel that stands: `go` to the source, which
+    /// sends everything but the app's memory; the answer is the target's restore, which comes
+    /// before the memory has moved. The exec sessions stay open (their launchers relay the
+    /// pages) until [`ExecLaunchers::await_post_copy`].
+    pub(crate) async fn run_post_copy(
+        &self,
+        container: &str,
+        channel: Channel,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
+        let Channel {
+            _receive,
+            _dump,
+            to_target,
+            mut target_lines,
+            target_said,
+            target_log,
+            mut to_source,
+            mut source_lines,
+            source_log,
+        } = channel;
+        to_source
+            .write_all(b"go\n")
+            .await
+            .map_err(|e| format!("cannot tell the source to dump: {e}"))?;
+        to_source.flush().await.ok();
+        let counter = Arc::clone(moved);
+        let source = tokio::spawn(async move {
+            // Keeps the source's stdin open: its launcher reads nothing more from it.
+            let _stdin = to_source;
+            let mut own = 0u64;
+            let mut summary = String::new();
+            while let Ok(Some(line)) = source_lines.next_line().await {
+                match serde_json::from_str::<Progress>(&line) {
+                    Ok(Progress::Sent { bytes }) => {
+                        counter.fetch_add(bytes.saturating_sub(own), Ordering::Relaxed);
+                        own = bytes;
+                    }
+                    _ => {
+                        summary.push_str(&line);
+                        summary.push('\n');
+                    }
+                }
+            }
+            summary.push_str(&collected(source_log).await);
+            summary
+        });
+        let mut said = target_said;
+        let restored = loop {
+            match target_lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str::<RestoreReport>(&line) {
+                    Ok(report) => break Some(report),
+                    Err(_) => {
+                        said.push_str(&line);
+                        said.push('\n');
+                    }
+                },
+                _ => break None,
+            }
+        };
+        match restored {
+            Some(report) if report.ok => {
+                let rest = tokio::spawn(async move {
+                    while let Ok(Some(_)) = target_lines.next_line().await {}
+                    let _ = target_log.await;
+                });
+                let sent = moved.load(Ordering::Relaxed);
+                self.post_copies.lock().await.insert(
+                    container.to_string(),
+                    PostCopyTask {
+                        _receive,
+                        _dump,
+                        _to_target: to_target,
+                        _target_rest: rest,
+                        source,
+                    },
+                );
+                // The source's own report comes once every page was served.
+                let mut checkpoint =
+                    CheckpointReport::new(report.id.clone().unwrap_or_default(), false);
+                checkpoint.ok = true;
+                checkpoint.archive_bytes = sent;
+                checkpoint.post_copy = Some(migrate_format::PostCopy {
+                    state: migrate_format::PostCopyState::Moving,
+                    ended_at_ms: None,
+                    error: None,
+                });
+                Ok((checkpoint, report))
+            }
+            Some(report) => {
+                source.abort();
+                Err(LauncherError::Failed(format!(
+                    "restore failed: {}",
+                    report.error.as_deref().unwrap_or("(no reason given)")
+                )))
+            }
+            None => {
+                let log = collected(target_log).await;
+                let summary = tokio::time::timeout(SOURCE_REPORT_GRACE, source)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let source_said = last_json::<CheckpointReport>(&summary)
+                    .and_then(|r| r.error)
+                    .map(|e| format!("; the source said: {e}"))
+                    .unwrap_or_default();
+                Err(LauncherError::Failed(format!(
+                    "the target's launcher ended without a restore answer ({}){source_said}",
+                    [said.trim(), log.trim()].join(" ").trim()
+                )))
+            }
+        }
+    }
+
+    /// Waits until the target has every page of a post-copy transfer of `container`, or it
+    /// failed (the target's launcher then killed the app); then reads the source's report.
+    pub(crate) async fn await_post_copy(
+        &self,
+        target: &Pod,
+        container: &str,
+    ) -> Result<Option<PostCopyDone>, LauncherError> {
+        let Some(task) = self.post_copies.lock().await.remove(container) else {
+            return Ok(None);
+        };
+        let arrived = loop {
+            let status = self.status(target, container).await?;
+            match status.post_copy {
+                Some(state) if state.state != migrate_format::PostCopyState::Moving => break state,
+                Some(_) => tokio::time::sleep(POST_COPY_POLL).await,
+                None => {
+                    break migrate_format::PostCopy {
+                        state: migrate_format::PostCopyState::Failed,
+                        ended_at_ms: None,
+                        error: Some(format!(
+                            "the target's launcher knows of no post-copy (state {:?}{})",
+                            status.state,
+                            status.error.map(|e| format!(": {e}")).unwrap_or_default()
+                        )),
+                    };
+                }
+            }
+        };
+        let summary = tokio::time::timeout(SOURCE_REPORT_GRACE, task.source)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        Ok(Some(PostCopyDone {
+            container: container.to_string(),
+            arrived,
+            served: last_json::<CheckpointReport>(&summary),
+        }))
     }
 }
 

@@ -25,6 +25,13 @@ const CHUNK: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ExecLaunchers {
     pub client: Client,
+    /// `--lazy`: direct transfers are post-copy.
+    pub lazy: bool,
+    /// Post-copy transfers whose memory is still moving, by container (see
+    /// [`crate::direct`]).
+    pub post_copies: std::sync::Arc<
+        tokio::sync::Mutex<std::collections::BTreeMap<String, crate::direct::PostCopyTask>>,
+    >,
 }
 
 impl std::fmt::Debug for ExecLaunchers {
@@ -687,9 +694,17 @@ impl Launchers for ExecLaunchers {
         mode: TransferMode,
     ) -> Result<Ready, LauncherError> {
         if mode == TransferMode::Relay {
+            if self.lazy {
+                return Err(LauncherError::Failed(
+                    "post-copy (--lazy) needs the direct transfer: drop --transfer relay, or drop --lazy".into(),
+                ));
+            }
             return Ok(Ready::Relay);
         }
         match self.connect_direct(source, target, container).await {
+            Err(Direct::Unavailable(why)) if self.lazy => Err(LauncherError::Failed(format!(
+                "post-copy (--lazy) needs the direct transfer, which is not possible: {why}; migrate without --lazy (the relay is then used)"
+            ))),
             Ok(channel) => Ok(Ready::Direct(Box::new(channel))),
             Err(Direct::Unavailable(why)) if mode == TransferMode::Auto => {
                 tracing::warn!(
@@ -716,6 +731,10 @@ impl Launchers for ExecLaunchers {
             Ready::Relay => (
                 self.relay(source, target, container, moved).await,
                 Route::Relay,
+            ),
+            Ready::Direct(channel) if self.lazy => (
+                self.run_post_copy(container, *channel, &moved).await,
+                Route::Direct,
             ),
             Ready::Direct(channel) => (
                 self.run_direct(target, container, *channel, &moved).await,
@@ -768,6 +787,14 @@ impl Launchers for ExecLaunchers {
         self.act(pod, container, &["commit"], |s| s.committed)
             .await
             .map(drop)
+    }
+
+    async fn complete_post_copy(
+        &self,
+        target: &Pod,
+        container: &str,
+    ) -> Result<Option<crate::launchers::PostCopyDone>, LauncherError> {
+        self.await_post_copy(target, container).await
     }
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<Option<u64>, LauncherError> {

@@ -80,6 +80,16 @@ pub struct Transferred {
     pub route: Route,
 }
 
+/// A post-copy transfer (`--lazy`) that ended: the target launcher's word on the app's memory,
+/// and the source's checkpoint report, which comes once every page was served.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PostCopyDone {
+    pub container: String,
+    /// Every page arrived (or not), with when, by the target node's CLOCK_REALTIME.
+    pub arrived: migrate_format::PostCopy,
+    pub served: Option<migrate_format::CheckpointReport>,
+}
+
 /// What the plugin does inside containers, through `restore-launcher` sub-commands.
 pub trait Launchers {
     /// The launcher's status in `container`, or why it could not be read.
@@ -147,6 +157,17 @@ pub trait Launchers {
         pod: &Pod,
         container: &str,
     ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
+
+    /// After a post-copy transfer of `container` (`--lazy`) and the thaw: waits until the
+    /// target has every page of the app's memory, or the transfer failed. `None` when the
+    /// transfer was not post-copy.
+    fn complete_post_copy(
+        &self,
+        _target: &Pod,
+        _container: &str,
+    ) -> impl std::future::Future<Output = Result<Option<PostCopyDone>, LauncherError>> + Send {
+        async { Ok(None) }
+    }
 
     /// `thaw` in `container`: resume the app (on the target, once every container is
     /// restored). When the app resumed, by the node's clock (ms since the epoch), if the

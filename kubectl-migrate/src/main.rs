@@ -76,6 +76,8 @@ async fn preflight(
 ) -> Result<(Vec<Problem>, Vec<String>)> {
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
+        lazy: false,
+        post_copies: Default::default(),
     };
     let facts = check::gather(
         &connection.client,
@@ -114,6 +116,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
     let launchers = ExecLaunchers {
         client: connection.client.clone(),
+        lazy: cli.migrate.lazy,
+        post_copies: Default::default(),
     };
     match &cli.command {
         Some(Command::Status { pod }) => {
@@ -162,6 +166,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         max_downtime: cli.migrate.max_downtime,
         moved: Default::default(),
         transfer: cli.migrate.transfer,
+        lazy: cli.migrate.lazy,
     };
     let progress = show_progress(options.moved.clone());
     let interrupted = async {
@@ -294,6 +299,19 @@ fn print_report(done: &migrate::Report, format: Option<OutputFormat>) -> Result<
                     t(&moved.checkpoint.timings_ms, "write"),
                     t(&moved.restore.timings_ms, "verify"),
                     t(&moved.restore.timings_ms, "restore"),
+                );
+            }
+            for done in &done.post_copy {
+                let served = done
+                    .served
+                    .as_ref()
+                    .and_then(|r| r.timings_ms.get("serve pages").copied());
+                println!(
+                    "container {}: post-copy {:?}: every page arrived at {} (target node's CLOCK_REALTIME, ms since the epoch); the source served pages for {} ms",
+                    done.container,
+                    done.arrived.state,
+                    ms(done.arrived.ended_at_ms),
+                    ms(served)
                 );
             }
             println!("{:<30} {:>10}", "bytes moved", done.bytes_moved);

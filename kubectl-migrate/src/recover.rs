@@ -389,5 +389,6 @@ fn options_for(source: &str, node: &str) -> Options {
         max_downtime: None,
         moved: Default::default(),
         transfer: Default::default(),
+        lazy: false,
     }
 }

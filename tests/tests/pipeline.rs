@@ -285,6 +285,7 @@ fn options(timeout: Duration) -> Options {
         lease: Duration::from_secs(120),
         max_downtime: None,
         transfer: TransferMode::Auto,
+        lazy: false,
         moved: Default::default(),
     }
 }

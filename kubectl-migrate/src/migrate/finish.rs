@@ -24,6 +24,11 @@ pub struct Finished {
     pub thawed_at: std::collections::BTreeMap<String, Option<u64>>,
     /// When the last thaw was answered (this plugin's monotonic clock).
     pub thaw_answered: Option<std::time::Instant>,
+    /// Post-copy (`--lazy`): each container's memory transfer, ended.
+    pub post_copy: Vec<crate::launchers::PostCopyDone>,
+    /// When the source pod's deletion was asked, by this plugin's CLOCK_REALTIME (ms since
+    /// the epoch).
+    pub source_deleted_at_ms: Option<u64>,
 }
 
 /// How often each step of [`finish`] is tried before it is reported.
@@ -49,6 +54,35 @@ pub async fn finish<L: Launchers + Sync>(
     let target = progress.target.clone().unwrap_or_default();
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let mut finished = Finished::default();
+    // Post-copy: the app resumes on the target first, while its memory still comes from the
+    // source, which is deleted only once every page arrived.
+    if options.lazy {
+        thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
+        for container in &progress.containers {
+            let done = launchers
+                .complete_post_copy(&target, container)
+                .await
+                .map_err(|error| MigrateError::AfterCommit {
+                    what: format!(
+                        "cannot learn whether every page of container {container}'s memory arrived in pod {target_name}: {error}; the source pod {} is kept: delete it once `kubectl exec {target_name} -c {container} -- restore-launcher status` says post_copy complete",
+                        options.pod
+                    ),
+                })?;
+            if let Some(done) = done {
+                if done.arrived.state != migrate_format::PostCopyState::Complete {
+                    return Err(MigrateError::AfterCommit {
+                        what: format!(
+                            "post-copy failed: not every page of container {container}'s memory reached pod {target_name} ({}). Its launcher killed the app there (it cannot run without the rest of its memory). The source pod {} still holds the app, frozen as it was at the freeze (what the target did since the thaw is lost). To go back to it: kubectl delete pod {target_name} --wait && kubectl exec {} -c {container} -- restore-launcher rollback",
+                            done.arrived.error.as_deref().unwrap_or("no reason given"),
+                            options.pod,
+                            options.pod
+                        ),
+                    });
+                }
+                finished.post_copy.push(done);
+            }
+        }
+    }
     let deleted = if options.keep_source {
         annotate(
             &pods,
@@ -72,6 +106,7 @@ pub async fn finish<L: Launchers + Sync>(
             )
             .await;
         }
+        finished.source_deleted_at_ms = Some(migrate_format::unix_ms());
         retry(|| async {
             match pods.delete(&options.pod, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),
@@ -82,15 +117,9 @@ pub async fn finish<L: Launchers + Sync>(
         .await
     };
     fault::stage("source-deleted");
-    for container in &progress.containers {
-        let at = retry(|| launchers.thaw(&target, container))
-            .await
-            .map_err(|error| MigrateError::AfterCommit {
-                what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
-            })?;
-        finished.thawed_at.insert(container.clone(), at);
+    if !options.lazy {
+        thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
     }
-    finished.thaw_answered = Some(std::time::Instant::now());
     finished
         .warnings
         .extend(end_wait(&pods, &target_name).await);
@@ -114,6 +143,26 @@ pub async fn finish<L: Launchers + Sync>(
     })?;
     finished.source_deleted = !options.keep_source;
     Ok(finished)
+}
+
+/// Thaws every target container, noting when each app resumed.
+async fn thaw_all<L: Launchers + Sync>(
+    launchers: &L,
+    progress: &Progress,
+    target: &Pod,
+    target_name: &str,
+    finished: &mut Finished,
+) -> Result<(), MigrateError> {
+    for container in &progress.containers {
+        let at = retry(|| launchers.thaw(target, container))
+            .await
+            .map_err(|error| MigrateError::AfterCommit {
+                what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
+            })?;
+        finished.thawed_at.insert(container.clone(), at);
+    }
+    finished.thaw_answered = Some(std::time::Instant::now());
+    Ok(())
 }
 
 /// Ends the target's wait for a checkpoint (`annotations::WAIT_FOR_CHECKPOINT`, read by its

@@ -73,6 +73,8 @@ pub struct Options {
     pub moved: Arc<AtomicU64>,
     /// `--transfer`: pod to pod, through the plugin, or the first that works.
     pub transfer: TransferMode,
+    /// `--lazy`: post-copy (the launchers were made with it too).
+    pub lazy: bool,
 }
 
 /// What a successful migration did.
@@ -97,6 +99,14 @@ pub struct Report {
     pub downtime_bound_ms: Option<u64>,
     pub bytes_moved: u64,
     pub source_deleted: bool,
+    /// When the source pod's deletion was asked, by this plugin's CLOCK_REALTIME (ms since
+    /// the epoch): with `--lazy`, after every container's last page arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_deleted_at_ms: Option<u64>,
+    /// Post-copy (`--lazy`): each container's memory transfer after the thaw, as the target's
+    /// launcher (every page arrived, when) and the source's (every page served) reported it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub post_copy: Vec<crate::launchers::PostCopyDone>,
     /// What went wrong after the app ran on the target, with the command that fixes it.
     pub warnings: Vec<String>,
 }
@@ -393,6 +403,8 @@ async fn run<L: Launchers + Sync>(
         downtime_bound_ms: downtime.bound_ms,
         bytes_moved: options.moved.load(Ordering::Relaxed),
         source_deleted: finished.source_deleted,
+        source_deleted_at_ms: finished.source_deleted_at_ms,
+        post_copy: finished.post_copy,
         warnings: finished.warnings,
     })
 }

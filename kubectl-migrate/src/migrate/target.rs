@@ -24,6 +24,9 @@ pub(super) async fn create<L: Launchers + Sync>(
     let options = ctx.options;
     let pods = &ctx.pods;
     let mut target = rewrite::target_pod(source, &options.target_node, &progress.id);
+    if options.lazy {
+        rewrite::allow_post_copy(&mut target);
+    }
     // The target's name never collides: a taken `NAME-mN` (a leftover, or anyone's pod) moves
     // on to the next N.
     let created = loop {
