@@ -138,6 +138,101 @@ pub fn direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs(
     Ok(())
 }
 
+/// Post-copy (`--lazy`): the counter with 64 MiB of random ballast moves node-a → node-b with
+/// its memory following after the thaw. Its count continues and its ballast checksum (which
+/// reads a byte of every page, so every page must have arrived intact) is unchanged. The
+/// source is deleted only after the last page arrived: the target launcher's stamp of its last
+/// page and the source launcher's report of every page served both precede the deletion.
+pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
+    cluster: &Cluster,
+) -> Result<()> {
+    let name = "lazy";
+    cluster.apply(&example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "64")],
+    )?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until("the counter ticking", WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
+    })?;
+    let follow = Follow::start(cluster, name)?;
+    let out = migrate_ok(
+        cluster,
+        &[name, "--to", "node-b", "--lazy", "-o", "json"],
+        &[],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)
+        .with_context(|| format!("the report is not JSON: {}", out.stdout))?;
+    let target = format!("{name}-m1");
+    ensure!(
+        report["containers"]["counter"]["route"] == "direct",
+        "post-copy did not go pod to pod: {}",
+        report["containers"]["counter"]["route"]
+    );
+    let post_copy = report["post_copy"]
+        .as_array()
+        .and_then(|all| all.first())
+        .with_context(|| format!("the report has no post-copy: {}", out.stdout))?;
+    ensure!(
+        post_copy["arrived"]["state"] == "complete",
+        "the target's launcher did not report every page arrived: {post_copy}"
+    );
+    let served = &post_copy["served"];
+    ensure!(
+        served["ok"] == true && served["post_copy"]["state"] == "complete",
+        "the source's launcher did not report every page served: {served}"
+    );
+    let arrived_at = post_copy["arrived"]["ended_at_ms"]
+        .as_u64()
+        .context("no time for the last page")?;
+    let served_at = served["post_copy"]["ended_at_ms"]
+        .as_u64()
+        .context("no time for the last page served")?;
+    let deleted_at = report["source_deleted_at_ms"]
+        .as_u64()
+        .context("no time for the source's deletion")?;
+    ensure!(
+        report["source_deleted"] == true,
+        "the source was not deleted: {}",
+        out.stdout
+    );
+    ensure!(
+        arrived_at <= deleted_at && served_at <= deleted_at,
+        "the source was deleted at {deleted_at} before the last page arrived ({arrived_at}) or was served ({served_at})"
+    );
+    let downtime = report["downtime_ms"].as_u64().unwrap_or_default();
+    let before = follow.finish(WAIT);
+    cluster.wait_running(&target, WAIT)?;
+    wait_until(&format!("counts on {target}"), WAIT, || {
+        Ok((counter_values(&logs(cluster, &target, None)).len() >= 10).then_some(()))
+    })?;
+    let target_log = logs(cluster, &target, None);
+    let (last, first) = assert_continued(&before, &target_log)?;
+    let (sum_before, sum_after) = (ballast(&before), ballast(&target_log));
+    ensure!(
+        sum_before.is_some() && sum_before == sum_after,
+        "the ballast changed: {sum_before:?} → {sum_after:?}"
+    );
+    // Every page came, and the target's launcher kept nothing back.
+    let status = cluster.kubectl_ok(&[
+        "exec", &target, "-c", "counter", "--", "restore-launcher", "status",
+    ])?;
+    ensure!(
+        status.contains("\"post_copy\"") && status.contains("\"complete\""),
+        "the target's status does not say every page arrived: {status}"
+    );
+    eprintln!(
+        "post-copy, 64 MiB ballast: count {last} → {first}; downtime {downtime} ms (freeze → thaw); \
+         the last page arrived {} ms before the source's deletion was asked; {} archive bytes",
+        deleted_at - arrived_at,
+        report["bytes_moved"]
+    );
+    cluster.kubectl_ok(&["delete", "pod", &target, "--wait=false"])?;
+    Ok(())
+}
+
 /// The moved counter `NAME-m1` runs and its count continues from the source's last (the
 /// source's log followed by `follow` until it ended).
 fn target_continues(cluster: &Cluster, name: &str, follow: Follow) -> Result<()> {
