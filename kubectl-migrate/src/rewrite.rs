@@ -114,12 +114,11 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
 /// The containers a migration moves, in `pod` (source or target): the native sidecars (init
 /// containers with `restartPolicy: Always`, which run beside the app for the pod's life) and
 /// the app containers, in start order. Plain init containers have finished: they stay behind.
-/// Post-copy (`--lazy`): the target's migrated containers get what CRIU's userfaultfd needs.
-/// `criu lazy-pages` refuses to start in CRIU's `--unprivileged` mode (its kernel probe skips
-/// userfaultfd there, and the daemon then exits 1 without a word), so the target must run CRIU
-/// privileged: root with SYS_ADMIN, NET_ADMIN, SYS_RESOURCE and SYS_PTRACE (SYS_PTRACE is
-/// also what the userfaultfd system call asks while `vm.unprivileged_userfaultfd` is 0). CRIU
-/// gives the restored app its own capability sets back; the launcher keeps these.
+/// Post-copy (`--lazy`): the target's migrated containers get SYS_PTRACE and SYS_ADMIN, which
+/// `criu restore --lazy-pages` and `criu lazy-pages` need for the app's userfaultfd (with
+/// `vm.unprivileged_userfaultfd` 0, the default; measured: CHECKPOINT_RESTORE and SETPCAP with
+/// only one of the two is "UFFD is not supported"). CRIU gives the restored app its own
+/// capability sets back; the launcher keeps these two.
 pub fn allow_post_copy(target: &mut Pod) {
     let migrated = migrated_containers(target);
     let Some(spec) = target.spec.as_mut() else {
@@ -138,7 +137,7 @@ pub fn allow_post_copy(target: &mut Pod) {
             .get_or_insert_with(Default::default)
             .add
             .get_or_insert_with(Vec::new);
-        for cap in ["SYS_PTRACE", "SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"] {
+        for cap in ["SYS_PTRACE", "SYS_ADMIN"] {
             if !add.iter().any(|c| c.trim_start_matches("CAP_") == cap) {
                 add.push(cap.into());
             }
