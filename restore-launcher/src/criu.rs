@@ -589,25 +589,30 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
     if action == "restore" && !has_effective_capability(CAP_SETPCAP) {
         missing.push("CAP_SETPCAP");
     }
-    // Post-copy: the restored app opens a userfaultfd, which needs CAP_SYS_PTRACE while
-    // vm.unprivileged_userfaultfd is 0 (the default), and CRIU's userfaultfd probe needed
-    // CAP_SYS_ADMIN too (measured).
-    if action == "lazy-pages" {
+    // Post-copy: `criu lazy-pages` works only in CRIU's privileged mode: under
+    // `--unprivileged` its kernel probe skips userfaultfd and the daemon exits 1 without a
+    // word in its log (read in CRIU's kerndat.c, and measured). The userfaultfd system call
+    // itself needs CAP_SYS_PTRACE while vm.unprivileged_userfaultfd is 0.
+    if action == "lazy-pages" && !privileged() {
         let lazy: Vec<&str> = [
-            (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
             (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+            (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+            (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
+            (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
         ]
         .into_iter()
         .filter(|(cap, _)| !has_effective_capability(*cap))
         .map(|(_, name)| name)
         .collect();
-        if !lazy.is_empty() {
-            return Err(CriuError::Capabilities {
-                action,
-                missing: lazy.join(", "),
-                fix: "post-copy (kubectl migrate --lazy) adds SYS_PTRACE and SYS_ADMIN to the target pod's containers; a container running as a non-root user cannot get them from the base image: migrate it without --lazy".into(),
-            });
-        }
+        return Err(CriuError::Capabilities {
+            action,
+            missing: if nix::unistd::geteuid().is_root() {
+                lazy.join(", ")
+            } else {
+                "root".into()
+            },
+            fix: "post-copy needs CRIU's privileged mode in the target container (root, with SYS_ADMIN, NET_ADMIN, SYS_RESOURCE and SYS_PTRACE); migrate without --lazy".into(),
+        });
     }
     if missing.is_empty() {
         Ok(())

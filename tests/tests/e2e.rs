@@ -41,10 +41,6 @@ fn main() {
             transfer::direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs,
         ),
         (
-            "post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page",
-            transfer::post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page,
-        ),
-        (
             "a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes",
             transfer::a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes,
         ),
