@@ -96,8 +96,9 @@ pub struct MigrateArgs {
     /// its node or the connection fails before then, the app on the target cannot go on: its
     /// launcher kills it and this command says so and how to go back to the source, which
     /// still holds the app as of the freeze (the target's work since the thaw is lost). Needs
-    /// the direct transfer, and gives the target pod's containers SYS_PTRACE and SYS_ADMIN
-    /// (CRIU's userfaultfd needs them; the app gets its own capabilities back).
+    /// the direct transfer, and gives the target pod's containers SYS_PTRACE, SYS_ADMIN,
+    /// NET_ADMIN and SYS_CHROOT (CRIU's privileged mode and its userfaultfd need them; the app
+    /// gets its own capabilities back).
     #[arg(long)]
     pub lazy: bool,
 }

@@ -566,19 +566,20 @@ impl ExecLaunchers {
 
     /// Waits until the target has every page of a post-copy transfer of `container`, or it
     /// failed (the target's launcher then killed the app); then reads the source's report.
+    /// Without a transfer run by this plugin (`kubectl migrate resume` after an interrupted
+    /// one), the target's launcher alone says: `None` when it knows of no post-copy.
     pub(crate) async fn await_post_copy(
         &self,
         target: &Pod,
         container: &str,
     ) -> Result<Option<PostCopyDone>, LauncherError> {
-        let Some(task) = self.post_copies.lock().await.remove(container) else {
-            return Ok(None);
-        };
+        let task = self.post_copies.lock().await.remove(container);
         let arrived = loop {
             let status = self.status(target, container).await?;
             match status.post_copy {
                 Some(state) if state.state != migrate_format::PostCopyState::Moving => break state,
                 Some(_) => tokio::time::sleep(POST_COPY_POLL).await,
+                None if task.is_none() => return Ok(None),
                 None => {
                     break migrate_format::PostCopy {
                         state: migrate_format::PostCopyState::Failed,
@@ -592,15 +593,21 @@ impl ExecLaunchers {
                 }
             }
         };
-        let summary = tokio::time::timeout(SOURCE_REPORT_GRACE, task.source)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let served = match task {
+            Some(task) => {
+                let summary = tokio::time::timeout(SOURCE_REPORT_GRACE, task.source)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                last_json::<CheckpointReport>(&summary)
+            }
+            None => None,
+        };
         Ok(Some(PostCopyDone {
             container: container.to_string(),
             arrived,
-            served: last_json::<CheckpointReport>(&summary),
+            served,
         }))
     }
 }

@@ -341,7 +341,18 @@ pub async fn resume<L: Launchers + Sync>(
         committed: true,
         ..Progress::default()
     };
-    let options = options_for(&found.source, &node);
+    let mut options = options_for(&found.source, &node);
+    // A post-copy migration finishes in its own order (thaw, every page, then the source's
+    // deletion): its target's launchers say whether the app's memory still comes from the
+    // source. One that cannot be asked is taken as post-copy: thawing before the deletion is
+    // the order that never cuts an app off its memory.
+    for container in &progress.containers {
+        let target = progress.target.as_ref().expect("set above");
+        options.lazy |= launchers
+            .status(target, container)
+            .await
+            .map_or(true, |status| status.post_copy.is_some());
+    }
     let finished = migrate::finish(connection, launchers, &options, &progress)
         .await
         .map_err(|e| RecoverError::Finish(Box::new(e)))?;

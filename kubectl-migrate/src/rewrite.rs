@@ -111,14 +111,13 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     pod
 }
 
-/// The containers a migration moves, in `pod` (source or target): the native sidecars (init
-/// containers with `restartPolicy: Always`, which run beside the app for the pod's life) and
-/// the app containers, in start order. Plain init containers have finished: they stay behind.
-/// Post-copy (`--lazy`): the target's migrated containers get SYS_PTRACE and SYS_ADMIN, which
-/// `criu restore --lazy-pages` and `criu lazy-pages` need for the app's userfaultfd (with
-/// `vm.unprivileged_userfaultfd` 0, the default; measured: CHECKPOINT_RESTORE and SETPCAP with
-/// only one of the two is "UFFD is not supported"). CRIU gives the restored app its own
-/// capability sets back; the launcher keeps these two.
+/// Post-copy (`--lazy`): the target's migrated containers get SYS_PTRACE, SYS_ADMIN, NET_ADMIN
+/// and SYS_CHROOT. `criu restore --lazy-pages` and `criu lazy-pages` run in CRIU's privileged
+/// mode (under `--unprivileged` CRIU never probes userfaultfd and the daemon exits 1), which
+/// needs SYS_ADMIN, NET_ADMIN to restore sockets and SYS_CHROOT for its chroot; the
+/// userfaultfd itself needs SYS_PTRACE while
+/// `vm.unprivileged_userfaultfd` is 0, the default. CRIU gives the restored app its own
+/// capability sets back; only the launcher keeps these.
 pub fn allow_post_copy(target: &mut Pod) {
     let migrated = migrated_containers(target);
     let Some(spec) = target.spec.as_mut() else {
@@ -137,7 +136,7 @@ pub fn allow_post_copy(target: &mut Pod) {
             .get_or_insert_with(Default::default)
             .add
             .get_or_insert_with(Vec::new);
-        for cap in ["SYS_PTRACE", "SYS_ADMIN"] {
+        for cap in ["SYS_PTRACE", "SYS_ADMIN", "NET_ADMIN", "SYS_CHROOT"] {
             if !add.iter().any(|c| c.trim_start_matches("CAP_") == cap) {
                 add.push(cap.into());
             }
@@ -145,6 +144,9 @@ pub fn allow_post_copy(target: &mut Pod) {
     }
 }
 
+/// The containers a migration moves, in `pod` (source or target): the native sidecars (init
+/// containers with `restartPolicy: Always`, which run beside the app for the pod's life) and
+/// the app containers, in start order. Plain init containers have finished: they stay behind.
 pub fn migrated_containers(pod: &Pod) -> Vec<String> {
     pod.spec
         .iter()

@@ -187,7 +187,7 @@ impl Criu {
         keep: &[i32],
     ) -> Result<Serving, CriuError> {
         let mut args: Vec<OsString> = vec!["lazy-pages".into(), "--page-server".into()];
-        args.extend(common_args(images, log.path));
+        args.extend(common_args(images, log.path, true));
         args.extend(["--ps-socket".into(), pages.as_raw_fd().to_string().into()]);
         let mut inherit = vec![pages.as_raw_fd()];
         inherit.extend_from_slice(keep);
@@ -285,7 +285,7 @@ impl Criu {
             keep: log,
         };
         let mut args: Vec<OsString> = vec!["restore".into()];
-        args.extend(common_args(images, log.path));
+        args.extend(common_args(images, log.path, lazy));
         args.extend(["--restore-detached".into(), "--restore-sibling".into()]);
         args.extend(["--pidfile".into(), pidfile.as_os_str().to_owned()]);
         if lazy {
@@ -500,7 +500,7 @@ impl Serving {
 /// `criu dump` of the tree at `pid`: the arguments of every dump.
 fn dump_args(pid: i32, images: &Path, log: &Path, run_as: Option<&Creds>) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["dump".into(), "--tree".into(), pid.to_string().into()];
-    args.extend(common_args(images, log));
+    args.extend(common_args(images, log, false));
     // criu as a non-root user always needs it ("Running as non-root requires
     // '--unprivileged'"), even when the launcher itself is fully privileged.
     if run_as.is_some() && !args.iter().any(|a| a == "--unprivileged") {
@@ -511,7 +511,9 @@ fn dump_args(pid: i32, images: &Path, log: &Path, run_as: Option<&Creds>) -> Vec
     args
 }
 
-fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
+/// `post_copy`: the target's lazy restore and its lazy-pages daemon, which need CRIU's
+/// privileged mode ([`post_copy_privileged`]).
+fn common_args(images: &Path, log: &Path, post_copy: bool) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--images-dir".into(), images.as_os_str().to_owned()];
     args.extend([
         "--log-file".into(),
@@ -533,7 +535,12 @@ fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
         .into_iter()
         .map(OsString::from),
     );
-    if !privileged() {
+    let privileged = if post_copy {
+        post_copy_privileged()
+    } else {
+        privileged()
+    };
+    if !privileged {
         args.push("--unprivileged".into());
     }
     args
@@ -556,6 +563,22 @@ fn privileged() -> bool {
         .all(has_effective_capability)
 }
 
+/// Whether criu may run privileged for post-copy (the lazy restore and `criu lazy-pages`).
+/// Under `--unprivileged` criu skips its userfaultfd probe (CRIU's kerndat.c): the daemon
+/// then exits 1 without a word, and the restore would open the app's userfaultfd without the
+/// non-cooperative events (fork, mremap, munmap) the daemon relies on. So post-copy needs the
+/// privileged mode: root, SYS_ADMIN, NET_ADMIN (sockets are restored with SO_SNDBUFFORCE),
+/// SYS_CHROOT (the restore always chroots there: "Can't change root: Operation not
+/// permitted" without it), and SYS_PTRACE (userfaultfd while vm.unprivileged_userfaultfd is
+/// 0). Not SYS_RESOURCE, which privileged criu uses only to raise its own RLIMIT_NOFILE (a
+/// warning without it).
+fn post_copy_privileged() -> bool {
+    nix::unistd::geteuid().is_root()
+        && [CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_CHROOT]
+            .into_iter()
+            .all(has_effective_capability)
+}
+
 /// Capability numbers (linux/capability.h).
 /// Whether the launcher runs with CAP_SYS_ADMIN (CRIU's privileged mode).
 pub fn has_sys_admin() -> bool {
@@ -564,6 +587,7 @@ pub fn has_sys_admin() -> bool {
 
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_CHROOT: u32 = 18;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_RESOURCE: u32 = 24;
@@ -593,12 +617,12 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
     // `--unprivileged` its kernel probe skips userfaultfd and the daemon exits 1 without a
     // word in its log (read in CRIU's kerndat.c, and measured). The userfaultfd system call
     // itself needs CAP_SYS_PTRACE while vm.unprivileged_userfaultfd is 0.
-    if action == "lazy-pages" && !privileged() {
+    if action == "lazy-pages" && !post_copy_privileged() {
         let lazy: Vec<&str> = [
             (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
             (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-            (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
             (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+            (CAP_SYS_CHROOT, "CAP_SYS_CHROOT"),
         ]
         .into_iter()
         .filter(|(cap, _)| !has_effective_capability(*cap))
@@ -611,7 +635,7 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
             } else {
                 "root".into()
             },
-            fix: "post-copy needs CRIU's privileged mode in the target container (root, with SYS_ADMIN, NET_ADMIN, SYS_RESOURCE and SYS_PTRACE); migrate without --lazy".into(),
+            fix: "post-copy needs CRIU's privileged mode in the target container (root, with SYS_ADMIN, NET_ADMIN, SYS_CHROOT and SYS_PTRACE); migrate without --lazy".into(),
         });
     }
     if missing.is_empty() {

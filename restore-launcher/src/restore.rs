@@ -178,6 +178,19 @@ fn restore(
     // to `criu restore` over a socket in their shared work directory (the state directory).
     let mut daemon = None;
     if let Some((pages, lock)) = &lazy {
+        // Post-copy restores in CRIU's privileged mode, which would also put the app in a new
+        // time namespace with the source's clock offsets; writing them needs CAP_SYS_TIME
+        // (measured: `timens.c: Unable to set a monotonic clock offset: Operation not
+        // permitted`), which a pod must never hold. Without the clocks' image CRIU skips that
+        // step ("Clocks values have not been dumped"), as every `--unprivileged` restore does:
+        // the app reads this node's monotonic clock, exactly as after a migration without
+        // `--lazy`. The images are this job's own staging copy of the verified archive.
+        match fs::remove_file(images_root.join("criu").join("timens-0.img")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("post-copy: cannot leave out the clocks' image: {e}"));
+            }
+            _ => {}
+        }
         let _ = fs::remove_file(plan.state_dir.join("lazy-pages.socket"));
         let lazy_log = plan.state_dir.join("last-lazy-pages.log");
         let serving = criu
@@ -209,12 +222,20 @@ fn restore(
             daemon.is_some(),
         )
         .map_err(|e| {
-            // Nothing was restored: the daemon has nothing to serve.
+            // Nothing was restored: the daemon has nothing to serve. One that ended first is
+            // often why the restore failed: its own error lines say.
+            let mut said = String::new();
             if let Some(mut daemon) = daemon.take() {
+                if let Ok(Some(status)) = daemon.child.try_wait() {
+                    said = format!(
+                        "; criu lazy-pages had ended ({status}): {}",
+                        crate::criu::log_excerpt(&plan.state_dir.join("last-lazy-pages.log"), "")
+                    );
+                }
                 let _ = daemon.child.kill();
                 let _ = daemon.child.wait();
             }
-            chain(&e)
+            format!("{}{said}", chain(&e))
         });
     if pid.is_err() {
         report.lazy_pages_pid = None;

@@ -1004,9 +1004,11 @@ impl Supervisor {
         self.lazy_pages = None;
         let complete = matches!(status, WaitStatus::Exited(_, 0));
         let error = (!complete).then(|| {
+            let log = self.config.state_dir.join("last-lazy-pages.log");
             format!(
-                "post-copy failed: criu lazy-pages ended ({status:?}) before every page of the app's memory arrived; the app was killed (see {})",
-                self.config.state_dir.join("last-lazy-pages.log").display()
+                "post-copy failed: criu lazy-pages ended ({status:?}) before every page of the app's memory arrived: {}; the app was killed (full log: {})",
+                crate::criu::log_excerpt(&log, ""),
+                log.display()
             )
         });
         if complete {

@@ -49,6 +49,10 @@ fn main() {
             transfer::a_blocked_direct_path_fails_direct_and_falls_back_with_auto,
         ),
         (
+            "post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page",
+            transfer::post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page,
+        ),
+        (
             "counter_moves_within_its_node",
             counter_moves_within_its_node,
         ),

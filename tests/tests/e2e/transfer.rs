@@ -143,11 +143,6 @@ pub fn direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs(
 /// reads a byte of every page, so every page must have arrived intact) is unchanged. The
 /// source is deleted only after the last page arrived: the target launcher's stamp of its last
 /// page and the source launcher's report of every page served both precede the deletion.
-///
-/// NOT REGISTERED in the e2e list yet: on this machine it fails (cleanly rolled back) because
-/// `criu lazy-pages` needs CRIU's privileged mode, which needs CAP_SYS_RESOURCE, and this
-/// machine's capability bounding set lacks it (runc: "unable to apply caps").
-#[allow(dead_code)]
 pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
     cluster: &Cluster,
 ) -> Result<()> {
