@@ -214,6 +214,10 @@ pub struct StatusReport {
     /// After a post-copy restore (`--lazy`): whether every page of the app's memory arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy: Option<PostCopy>,
+    /// Why this container cannot be the source of a post-copy (`--lazy`), if it cannot: what
+    /// it lacks and how to give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_source: Option<String>,
 }
 
 /// What `checkpoint` prints.

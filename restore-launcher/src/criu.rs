@@ -69,6 +69,8 @@ pub enum CriuError {
         missing: String,
         fix: String,
     },
+    #[error("this container cannot serve post-copy (--lazy): {0}")]
+    PostCopySource(String),
     #[error("cannot start criu {action}")]
     Spawn {
         action: &'static str,
@@ -157,6 +159,9 @@ impl Criu {
         run_as: Option<&Creds>,
         pages: BorrowedFd<'_>,
     ) -> Result<Serving, CriuError> {
+        if let Some(reason) = post_copy_source_blocked(run_as.is_some()) {
+            return Err(CriuError::PostCopySource(reason));
+        }
         let mut args = dump_args(pid, images, log.path, run_as);
         args.extend(["--lazy-pages".into(), "--ps-socket".into()]);
         args.push(pages.as_raw_fd().to_string().into());
@@ -577,6 +582,46 @@ fn post_copy_privileged() -> bool {
         && [CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_CHROOT]
             .into_iter()
             .all(has_effective_capability)
+}
+
+/// The pipe size CRIU's page server asks for (`F_SETPIPE_SZ` of `PIPE_MAX_SIZE` pages, 819,
+/// which the kernel rounds up to a power of two): its lazy dump reads each run of pages
+/// through such a pipe. Above `fs.pipe-max-size` the kernel wants CAP_SYS_RESOURCE; without
+/// either the pipe keeps its 16 pages and the dump fails on the first longer run (measured:
+/// `page-pipe: tee: 65536`).
+const LAZY_DUMP_PIPE_BYTES: u64 = 4 << 20;
+
+/// Why this container cannot be the source of a post-copy (`--lazy`), if it cannot; None
+/// when it can. A lazy dump keeps all of the app's memory in pipes until the target has it:
+/// - the page server's pipe must be [`LAZY_DUMP_PIPE_BYTES`]: `fs.pipe-max-size` at least
+///   that, or CAP_SYS_RESOURCE (which a criu run as the app's user, `as_app_user`, does not
+///   keep);
+/// - without CAP_SYS_ADMIN (or SYS_RESOURCE) the kernel limits one user's pipes, across the
+///   whole node, to `fs.pipe-user-pages-soft` pages (16384 = 64 MiB by default) and then
+///   gives out 2-page pipes (measured: `page-pipe: tee: 8192`).
+pub fn post_copy_source_blocked(as_app_user: bool) -> Option<String> {
+    let sysctl = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/sys/fs/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let resource = !as_app_user && has_effective_capability(CAP_SYS_RESOURCE);
+    let mut reasons = Vec::new();
+    let max = sysctl("pipe-max-size").unwrap_or(0);
+    if !resource && max < LAZY_DUMP_PIPE_BYTES {
+        reasons.push(format!(
+            "CRIU's lazy dump needs pipes of {LAZY_DUMP_PIPE_BYTES} bytes and this node's fs.pipe-max-size is {max}: raise it on the source node (`sysctl -w fs.pipe-max-size={LAZY_DUMP_PIPE_BYTES}`), or add SYS_RESOURCE to the container's capabilities"
+        ));
+    }
+    let soft = sysctl("pipe-user-pages-soft").unwrap_or(0);
+    if !resource && !has_effective_capability(CAP_SYS_ADMIN) && soft != 0 {
+        reasons.push(format!(
+            "a lazy dump holds the app's memory in pipes until the target has it, and without SYS_ADMIN the kernel limits a user's pipes across the node to fs.pipe-user-pages-soft ({soft} pages): add SYS_ADMIN to the container's capabilities, or set fs.pipe-user-pages-soft=0 on the source node"
+        ));
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
 /// Capability numbers (linux/capability.h).

@@ -778,6 +778,7 @@ impl Supervisor {
             committed: self.state.committed(),
             boot_time: sysinfo::boot_time(),
             sysv_ipc: self.app.and_then(crate::checkpoint::uncarried_sysv_ipc),
+            post_copy_source: crate::criu::post_copy_source_blocked(self.config.user.is_some()),
             post_copy: self.post_copy.clone(),
         }
     }

@@ -47,6 +47,8 @@ pub struct Facts {
     pub max_downtime: Option<std::time::Duration>,
     /// `--keep-source`: the source stays, frozen, after the migration.
     pub keep_source: bool,
+    /// `--lazy`: post-copy, which the source's containers must be able to serve.
+    pub lazy: bool,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -153,6 +155,7 @@ pub async fn gather(
         unfinished,
         max_downtime: None,
         keep_source: false,
+        lazy: false,
     }))
 }
 
@@ -174,6 +177,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));
     found.extend(pod::sysv_ipc_left_behind(facts));
+    found.extend(pod::cannot_serve_post_copy(facts));
     found.extend(pod::probes_too_tight(facts));
     found.extend(pod::kept_source_with_probes(facts));
     let Some(target) = &facts.target_node else {
@@ -255,6 +259,7 @@ pub(crate) mod fixture {
             unfinished: Vec::new(),
             max_downtime: None,
             keep_source: false,
+            lazy: false,
         }
     }
 

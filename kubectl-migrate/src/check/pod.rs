@@ -212,10 +212,50 @@ pub fn sysv_ipc_left_behind(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// With `--lazy`, a source container whose launcher says it cannot serve post-copy: the
+/// node's pipe limits or the container's capabilities (its status names which and the fix).
+pub fn cannot_serve_post_copy(facts: &Facts) -> Vec<Problem> {
+    if !facts.lazy {
+        return Vec::new();
+    }
+    facts
+        .launchers
+        .iter()
+        .filter_map(|(container, status)| {
+            // The launcher's reason says what is missing and how to give it.
+            let reason = status.as_ref().ok()?.post_copy_source.as_ref()?;
+            Some(Problem::new(
+                format!(
+                    "container {container} of pod {} cannot be the source of a post-copy (--lazy)",
+                    pod_name(facts)
+                ),
+                format!("{reason}; or migrate without --lazy"),
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fixture::{facts, status};
     use super::*;
+
+    #[test]
+    fn a_source_that_cannot_serve_post_copy_is_refused_only_with_lazy() {
+        let mut f = facts();
+        let mut limited = status();
+        limited.post_copy_source = Some(
+            "CRIU's lazy dump needs pipes of 4194304 bytes and this node's fs.pipe-max-size is 1048576: raise it on the source node".into(),
+        );
+        f.launchers.insert("counter".into(), Ok(limited));
+        assert!(cannot_serve_post_copy(&f).is_empty(), "refused without --lazy");
+        f.lazy = true;
+        let found = cannot_serve_post_copy(&f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(found[0].what.contains("container counter"), "{}", found[0]);
+        assert!(found[0].fix.contains("fs.pipe-max-size"), "{}", found[0]);
+        assert!(found[0].fix.contains("without --lazy"), "{}", found[0]);
+    }
 
     #[test]
     fn sysv_ipc_in_the_shared_namespace_names_the_option() {

@@ -493,6 +493,7 @@ async fn check_step<L: Launchers + Sync>(ctx: &Ctx<'_, L>) -> Result<Checked, Mi
     let mut facts = facts.map_err(|problem| MigrateError::Preflight(vec![problem]))?;
     facts.max_downtime = options.max_downtime;
     facts.keep_source = options.keep_source;
+    facts.lazy = options.lazy;
     for note in check::notes(&facts) {
         tracing::warn!("{note}");
     }

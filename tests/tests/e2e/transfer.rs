@@ -143,20 +143,45 @@ pub fn direct_transfer_moves_the_counter_and_the_downtime_matches_the_logs(
 /// reads a byte of every page, so every page must have arrived intact) is unchanged. The
 /// source is deleted only after the last page arrived: the target launcher's stamp of its last
 /// page and the source launcher's report of every page served both precede the deletion.
+///
+/// A lazy dump holds the app's memory in pipes until the target has it, which needs the
+/// source container to hold SYS_ADMIN (the kernel's per-user pipe limit) and the node's
+/// `fs.pipe-max-size` at 4 MiB (CRIU's page-server pipe). The nodes of the local cluster share
+/// this machine's kernel: first, with the default 1 MiB, the preflight refuses and names the
+/// setting, and nothing changes; then the node is set up as the docs say (restored after).
 pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
     cluster: &Cluster,
 ) -> Result<()> {
     let name = "lazy";
-    cluster.apply(&example_pod(
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(
         "counter/pod.yaml",
         name,
         "node-a",
         &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "64")],
     )?)?;
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_sequence_mut()
+        .context("the counter's capabilities")?
+        .push("SYS_ADMIN".into());
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
     cluster.wait_running(name, WAIT)?;
     wait_until("the counter ticking", WAIT, || {
         Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
     })?;
+
+    let pipe_max = Sysctl::set("fs/pipe-max-size", "1048576")?;
+    let refused = migrate(cluster, &[name, "--to", "node-b", "--lazy"], &[])?;
+    ensure!(
+        refused.code == Some(1)
+            && refused.stderr.contains("cannot be the source of a post-copy")
+            && refused.stderr.contains("fs.pipe-max-size=4194304")
+            && refused.stderr.contains("nothing was changed"),
+        "with a 1 MiB fs.pipe-max-size --lazy was not refused up front naming the setting:\n{}",
+        refused.stderr
+    );
+    cluster.wait_running(name, WAIT)?;
+    pipe_max.write("4194304")?;
+
     let follow = Follow::start(cluster, name)?;
     let out = migrate_ok(
         cluster,
@@ -236,7 +261,36 @@ pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
         report["bytes_moved"]
     );
     cluster.kubectl_ok(&["delete", "pod", &target, "--wait=false"])?;
+    drop(pipe_max);
     Ok(())
+}
+
+/// A kernel setting under /proc/sys, put back as it was when dropped.
+struct Sysctl {
+    path: PathBuf,
+    was: String,
+}
+
+impl Sysctl {
+    fn set(name: &str, value: &str) -> Result<Self> {
+        let path = PathBuf::from("/proc/sys").join(name);
+        let was = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let sysctl = Self { path, was };
+        sysctl.write(value)?;
+        Ok(sysctl)
+    }
+
+    fn write(&self, value: &str) -> Result<()> {
+        std::fs::write(&self.path, value)
+            .with_context(|| format!("setting {} to {value}", self.path.display()))
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.was.trim());
+    }
 }
 
 /// The moved counter `NAME-m1` runs and its count continues from the source's last (the
