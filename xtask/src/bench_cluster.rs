@@ -106,14 +106,14 @@ pub fn run(args: &[String]) -> Result<()> {
         for transfer in ["relay", "direct", LAZY] {
             let moved = move_once(&cluster, &plugin, size, transfer)?;
             println!(
-                "{:>6}  {:<18} {:>8}ms {:>8}ms {:>8.1}s {:>8.0} {:>8.0} {:>8.1}Mi {:>9}Mi {:>9}Mi {:>9}Mi {:>7.2}x",
+                "{:>6}  {:<18} {:>8}ms {:>8}ms {:>8.1}s {:>8} {:>8} {:>8.1}Mi {:>9}Mi {:>9}Mi {:>9}Mi {:>7.2}x",
                 size,
                 moved.transfer,
                 moved.downtime_ms,
                 moved.log_gap_ms,
                 moved.total.as_secs_f64(),
-                mb_per_s(moved.archive_bytes, moved.stream_ms),
-                mb_per_s(moved.archive_bytes, moved.phase_ms),
+                rate(moved.archive_bytes, moved.stream_ms),
+                rate(moved.archive_bytes, moved.phase_ms),
                 moved.archive_bytes as f64 / 1048576.0,
                 moved.plugin_rss_kib / 1024,
                 moved.checkpoint_job_kib / 1024,
@@ -157,6 +157,16 @@ pub fn run(args: &[String]) -> Result<()> {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// MB/s for the table; "-" where the phase was not timed (a post-copy's checkpoint reports
+/// its timings only once every page was served, after the plugin's report).
+fn rate(bytes: u64, ms: u64) -> String {
+    if ms == 0 {
+        "-".into()
+    } else {
+        format!("{:.0}", mb_per_s(bytes, ms))
+    }
 }
 
 fn mb_per_s(bytes: u64, ms: u64) -> f64 {
