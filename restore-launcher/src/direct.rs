@@ -903,7 +903,12 @@ mod tests {
         });
         let mut got = Vec::new();
         ok(lazy_daemon.read_to_end(&mut got));
-        assert!(got == pages, "{} bytes arrived of {}", got.len(), pages.len());
+        assert!(
+            got == pages,
+            "{} bytes arrived of {}",
+            got.len(),
+            pages.len()
+        );
         ok(server.join().map_err(|_| "the page server panicked"));
         let (source_in, source_out) = ok(ok(source.join().map_err(|_| "relay panicked")));
         let (target_in, target_out) = ok(ok(target.join().map_err(|_| "relay panicked")));

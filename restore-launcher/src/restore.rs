@@ -187,7 +187,9 @@ fn restore(
         // `--lazy`. The images are this job's own staging copy of the verified archive.
         match fs::remove_file(images_root.join("criu").join("timens-0.img")) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(format!("post-copy: cannot leave out the clocks' image: {e}"));
+                return Err(format!(
+                    "post-copy: cannot leave out the clocks' image: {e}"
+                ));
             }
             _ => {}
         }

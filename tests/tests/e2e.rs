@@ -53,6 +53,10 @@ fn main() {
             transfer::post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page,
         ),
         (
+            "a_post_copy_cut_before_the_last_page_goes_back_to_the_source",
+            transfer::a_post_copy_cut_before_the_last_page_goes_back_to_the_source,
+        ),
+        (
             "counter_moves_within_its_node",
             counter_moves_within_its_node,
         ),

@@ -141,12 +141,15 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let lazy = |size: u64| {
-        figures.iter().find(|(s, _, _)| *s == size).and_then(|(_, _, moves)| {
-            moves
-                .iter()
-                .find(|m| m.transfer == LAZY)
-                .map(|m| m.downtime_ms)
-        })
+        figures
+            .iter()
+            .find(|(s, _, _)| *s == size)
+            .and_then(|(_, _, moves)| {
+                moves
+                    .iter()
+                    .find(|m| m.transfer == LAZY)
+                    .map(|m| m.downtime_ms)
+            })
     };
     if let (Some(small), Some(large)) = (lazy(64), lazy(2048)) {
         println!(
@@ -216,7 +219,10 @@ fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> 
 fn move_once(cluster: &Cluster, plugin: &Path, size: u64, transfer: &'static str) -> Result<Move> {
     let lazy = transfer == LAZY;
     let route = if lazy { "direct" } else { transfer };
-    let name = format!("bench-{}-{size}", route.to_owned() + if lazy { "-lazy" } else { "" });
+    let name = format!(
+        "bench-{}-{size}",
+        route.to_owned() + if lazy { "-lazy" } else { "" }
+    );
     let target = format!("{name}-m1");
     // CRIU's lazy dump asks for 4 MiB pipes: the node must allow them (put back after).
     let _pipes = lazy.then(|| PipeMaxSize::raise(4 << 20)).transpose()?;

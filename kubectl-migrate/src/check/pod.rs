@@ -248,7 +248,10 @@ mod tests {
             "CRIU's lazy dump needs pipes of 4194304 bytes and this node's fs.pipe-max-size is 1048576: raise it on the source node".into(),
         );
         f.launchers.insert("counter".into(), Ok(limited));
-        assert!(cannot_serve_post_copy(&f).is_empty(), "refused without --lazy");
+        assert!(
+            cannot_serve_post_copy(&f).is_empty(),
+            "refused without --lazy"
+        );
         f.lazy = true;
         let found = cannot_serve_post_copy(&f);
         assert_eq!(found.len(), 1, "{found:#?}");

@@ -173,7 +173,9 @@ pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
     let refused = migrate(cluster, &[name, "--to", "node-b", "--lazy"], &[])?;
     ensure!(
         refused.code == Some(1)
-            && refused.stderr.contains("cannot be the source of a post-copy")
+            && refused
+                .stderr
+                .contains("cannot be the source of a post-copy")
             && refused.stderr.contains("fs.pipe-max-size=4194304")
             && refused.stderr.contains("nothing was changed"),
         "with a 1 MiB fs.pipe-max-size --lazy was not refused up front naming the setting:\n{}",
@@ -262,6 +264,100 @@ pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
     );
     cluster.kubectl_ok(&["delete", "pod", &target, "--wait=false"])?;
     drop(pipe_max);
+    Ok(())
+}
+
+/// Post-copy's risk, injected: the page channel goes silent once 256 MiB of a 1 GiB memory
+/// has crossed (node-b's namespace drops the source pod's further packets; the archive, about
+/// 85 KB, went first). After 60 s of silence both launchers give up. The target's launcher
+/// kills the app, which cannot run without the rest of its memory, and the plugin exits 1
+/// naming the post-copy failure and the two commands that go back to the source. Run as
+/// given, they delete the target and resume the source: its count continues from the freeze
+/// with no reset, and exactly one copy runs.
+pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
+    cluster: &Cluster,
+) -> Result<()> {
+    let name = "lazycut";
+    let target = format!("{name}-m1");
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "1024")],
+    )?)?;
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_sequence_mut()
+        .context("the counter's capabilities")?
+        .push("SYS_ADMIN".into());
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until("the counter ticking", WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
+    })?;
+    let source_ip = cluster.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.podIP}"])?;
+    let _pipes = Sysctl::set("fs/pipe-max-size", "4194304")?;
+    let wall = Wall::raise_after(cluster, source_ip.trim(), 256 << 20)?;
+    let out = migrate(cluster, &[name, "--to", "node-b", "--lazy"], &[])?;
+    drop(wall);
+    let back = format!(
+        "kubectl delete pod {target} --wait && kubectl exec {name} -c counter -- restore-launcher rollback"
+    );
+    ensure!(
+        out.code == Some(1)
+            && out.stderr.contains("post-copy failed")
+            && out.stderr.contains("killed the app")
+            && out.stderr.contains(&back),
+        "a post-copy cut midway did not fail naming the way back ({back}):\n{}",
+        out.stderr
+    );
+    // The way back, as the message gives it.
+    cluster.kubectl_ok(&["delete", "pod", &target, "--wait"])?;
+    cluster.kubectl_ok(&[
+        "exec",
+        name,
+        "-c",
+        "counter",
+        "--",
+        "restore-launcher",
+        "rollback",
+    ])?;
+    let frozen_at = counter_values(&logs(cluster, name, None))
+        .last()
+        .map(|v| v.0)
+        .context("the source printed no count")?;
+    wait_until("the source counting again", WAIT, || {
+        let values = counter_values(&logs(cluster, name, None));
+        Ok((values.last().map(|v| v.0) > Some(frozen_at + 5)).then_some(()))
+    })?;
+    let values: Vec<u64> = counter_values(&logs(cluster, name, None))
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
+    ensure!(
+        values.windows(2).all(|w| w[1] == w[0] + 1),
+        "the source's count did not continue unbroken: {:?}",
+        values.windows(2).find(|w| w[1] != w[0] + 1)
+    );
+    let restarts = cluster.kubectl_ok(&[
+        "get",
+        "pod",
+        name,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].restartCount}",
+    ])?;
+    ensure!(
+        restarts.trim() == "0",
+        "the source restarted {restarts} times"
+    );
+    let pods = cluster.kubectl_ok(&["get", "pods", "-o", "name"])?;
+    ensure!(
+        !pods.lines().any(|p| p.trim() == format!("pod/{target}")),
+        "the target still exists: {pods}"
+    );
+    eprintln!(
+        "post-copy cut after 256 MiB of 1 GiB: the plugin named the way back; after it the source counts on from {frozen_at}, one copy"
+    );
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
 }
 
@@ -450,9 +546,29 @@ impl<'a> Wall<'a> {
             cluster.pod_subnet("node-a").context("node-a")?,
             cluster.pod_subnet("node-b").context("node-b")?,
         );
+        Self::rule(
+            cluster,
+            &format!("ip saddr {from} ip daddr {to} meta l4proto tcp drop"),
+        )
+    }
+
+    /// Lets the first `bytes` of TCP from the pod at `from` to node-b's pods through, then
+    /// drops every further packet (an nftables quota on the rule): a channel that goes silent
+    /// mid-stream, as a failed node or network leaves it.
+    fn raise_after(cluster: &'a Cluster, from: &str, bytes: u64) -> Result<Wall<'a>> {
+        let to = cluster.pod_subnet("node-b").context("node-b")?;
+        Self::rule(
+            cluster,
+            &format!(
+                "ip saddr {from} ip daddr {to} meta l4proto tcp quota over {bytes} bytes drop"
+            ),
+        )
+    }
+
+    fn rule(cluster: &'a Cluster, rule: &str) -> Result<Wall<'a>> {
         let rules = format!(
             "table inet migrate-test {{\n\
-               chain forward {{ type filter hook forward priority 0; ip saddr {from} ip daddr {to} meta l4proto tcp drop; }}\n\
+               chain forward {{ type filter hook forward priority 0; {rule}; }}\n\
              }}\n"
         );
         let mut nft = cluster
