@@ -567,7 +567,8 @@ impl ExecLaunchers {
     /// Waits until the target has every page of a post-copy transfer of `container`, or it
     /// failed (the target's launcher then killed the app); then reads the source's report.
     /// Without a transfer run by this plugin (`kubectl migrate resume` after an interrupted
-    /// one), the target's launcher alone says: `None` when it knows of no post-copy.
+    /// one), the target's launcher alone says; one that knows of no post-copy (its container
+    /// restarted) cannot say every page arrived: that is a failure, never a go-ahead.
     pub(crate) async fn await_post_copy(
         &self,
         target: &Pod,
@@ -579,7 +580,6 @@ impl ExecLaunchers {
             match status.post_copy {
                 Some(state) if state.state != migrate_format::PostCopyState::Moving => break state,
                 Some(_) => tokio::time::sleep(POST_COPY_POLL).await,
-                None if task.is_none() => return Ok(None),
                 None => {
                     break migrate_format::PostCopy {
                         state: migrate_format::PostCopyState::Failed,

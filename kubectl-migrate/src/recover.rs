@@ -343,9 +343,15 @@ pub async fn resume<L: Launchers + Sync>(
     };
     let mut options = options_for(&found.source, &node);
     // A post-copy migration finishes in its own order (thaw, every page, then the source's
-    // deletion): its target's launchers say whether the app's memory still comes from the
-    // source. One that cannot be asked is taken as post-copy: thawing before the deletion is
-    // the order that never cuts an app off its memory.
+    // deletion): the target pod says so, and so do its launchers. One that cannot be asked is
+    // taken as post-copy: thawing before the deletion is the order that never cuts an app off
+    // its memory, and a post-copy target that lost its app fails there, keeping the source.
+    options.lazy = progress.target.as_ref().is_some_and(|t| {
+        t.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.get(annotations::POST_COPY).is_some_and(|v| v == "true"))
+    });
     for container in &progress.containers {
         let target = progress.target.as_ref().expect("set above");
         options.lazy |= launchers

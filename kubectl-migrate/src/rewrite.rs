@@ -119,6 +119,11 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
 /// `vm.unprivileged_userfaultfd` is 0, the default. CRIU gives the restored app its own
 /// capability sets back; only the launcher keeps these.
 pub fn allow_post_copy(target: &mut Pod) {
+    target
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(annotations::POST_COPY.into(), "true".into());
     let migrated = migrated_containers(target);
     let Some(spec) = target.spec.as_mut() else {
         return;

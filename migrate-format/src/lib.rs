@@ -45,4 +45,8 @@ pub mod annotations {
     /// it waits for a checkpoint or is frozen for a migration. The kubelet counts the pod
     /// Ready only when it is `True`, so Services send it no traffic before the thaw.
     pub const SERVING: &str = "migrate.kubectl.io/serving";
+    /// On the target of a post-copy (`--lazy`): `true`. The source may be deleted only once
+    /// every page arrived, which `kubectl migrate resume` must know even when the target's
+    /// launcher no longer does (its container restarted).
+    pub const POST_COPY: &str = "migrate.kubectl.io/post-copy";
 }

@@ -575,8 +575,9 @@ fn privileged() -> bool {
 /// privileged mode: root, SYS_ADMIN, NET_ADMIN (sockets are restored with SO_SNDBUFFORCE),
 /// SYS_CHROOT (the restore always chroots there: "Can't change root: Operation not
 /// permitted" without it), and SYS_PTRACE (userfaultfd while vm.unprivileged_userfaultfd is
-/// 0). Not SYS_RESOURCE, which privileged criu uses only to raise its own RLIMIT_NOFILE (a
-/// warning without it).
+/// 0). Not SYS_RESOURCE: without it privileged criu cannot raise its own RLIMIT_NOFILE (a
+/// warning) nor give the app a hard limit above the target container's (CRIU ignores that
+/// setrlimit's failure, as under `--unprivileged`).
 fn post_copy_privileged() -> bool {
     nix::unistd::geteuid().is_root()
         && [CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_CHROOT]
@@ -609,13 +610,14 @@ pub fn post_copy_source_blocked(as_app_user: bool) -> Option<String> {
     };
     let resource = !as_app_user && has_effective_capability(CAP_SYS_RESOURCE);
     let mut reasons = Vec::new();
-    let max = sysctl("pipe-max-size").unwrap_or(0);
+    // Unreadable settings are taken as the kernel's defaults.
+    let max = sysctl("pipe-max-size").unwrap_or(1 << 20);
     if !resource && max < LAZY_DUMP_PIPE_BYTES {
         reasons.push(format!(
             "CRIU's lazy dump needs pipes of {LAZY_DUMP_PIPE_BYTES} bytes and this node's fs.pipe-max-size is {max}: raise it on the source node (`sysctl -w fs.pipe-max-size={LAZY_DUMP_PIPE_BYTES}`), or add SYS_RESOURCE to the container's capabilities"
         ));
     }
-    let soft = sysctl("pipe-user-pages-soft").unwrap_or(0);
+    let soft = sysctl("pipe-user-pages-soft").unwrap_or(16384);
     if !resource && !has_effective_capability(CAP_SYS_ADMIN) && soft != 0 {
         reasons.push(format!(
             "a lazy dump holds the app's memory in pipes until the target has it, and without SYS_ADMIN the kernel limits a user's pipes across the node to fs.pipe-user-pages-soft ({soft} pages): add SYS_ADMIN to the container's capabilities, or set fs.pipe-user-pages-soft=0 on the source node"

@@ -122,6 +122,9 @@ fn restore(
                 dir.display()
             )
         })?;
+    // A directory given as the source is the user's and stays untouched; every other source
+    // is unpacked into this job's own staging directory.
+    let staged = !matches!(&source, Source::Path(path) if path.is_dir());
     let (manifest, images_root) = match source {
         Source::Path(path) if path.is_dir() => {
             let manifest = archive::verify_dir(&path, sysinfo::arch()).map_err(|e| refused(&e))?;
@@ -184,7 +187,11 @@ fn restore(
         // permitted`), which a pod must never hold. Without the clocks' image CRIU skips that
         // step ("Clocks values have not been dumped"), as every `--unprivileged` restore does:
         // the app reads this node's monotonic clock, exactly as after a migration without
-        // `--lazy`. The images are this job's own staging copy of the verified archive.
+        // `--lazy`. The images are this job's own staging copy of the verified archive (a
+        // post-copy's archive always comes over the channel).
+        if !staged {
+            return Err("post-copy restores only an archive received from the source".into());
+        }
         match fs::remove_file(images_root.join("criu").join("timens-0.img")) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(format!(

@@ -35,6 +35,8 @@ struct StandIn {
     transfer: Transfer,
     /// `thaw` never answers (the plugin is killed while it waits).
     thaw_hangs: bool,
+    /// Post-copy (`--lazy`): the target reports that not every page arrived.
+    post_copy_fails: bool,
     calls: Mutex<Vec<String>>,
     restored: Mutex<BTreeSet<String>>,
     source_gone_too_early: AtomicBool,
@@ -46,6 +48,7 @@ impl StandIn {
             client,
             transfer,
             thaw_hangs: false,
+            post_copy_fails: false,
             calls: Mutex::default(),
             restored: Mutex::default(),
             source_gone_too_early: AtomicBool::new(false),
@@ -185,6 +188,30 @@ impl Launchers for StandIn {
     async fn commit(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
         self.call(format!("commit {}/{container}", name(pod)));
         Ok(())
+    }
+
+    async fn complete_post_copy(
+        &self,
+        target: &Pod,
+        container: &str,
+    ) -> Result<Option<kubectl_migrate::launchers::PostCopyDone>, LauncherError> {
+        self.call(format!("complete_post_copy {}/{container}", name(target)));
+        let state = if self.post_copy_fails {
+            migrate_format::PostCopyState::Failed
+        } else {
+            migrate_format::PostCopyState::Complete
+        };
+        Ok(Some(kubectl_migrate::launchers::PostCopyDone {
+            container: container.into(),
+            arrived: migrate_format::PostCopy {
+                state,
+                ended_at_ms: Some(migrate_format::unix_ms()),
+                error: self
+                    .post_copy_fails
+                    .then(|| "page-xfer: Remote side closed connection".into()),
+            },
+            served: None,
+        }))
     }
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<Option<u64>, LauncherError> {
@@ -695,6 +722,57 @@ async fn the_shipped_rbac_is_enough_and_a_missing_verb_is_named() -> Result<()> 
 /// A real admission fault: a ValidatingAdmissionPolicy (no webhook server: CEL in the API
 /// server itself) refusing to delete pods labelled `protect=yes`.
 const NO_DELETES: &str = "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata:\n  name: no-pod-deletes\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules:\n    - apiGroups: [\"\"]\n      apiVersions: [v1]\n      operations: [DELETE]\n      resources: [pods]\n  validations:\n  - expression: 'false'\n    message: pods labelled protect=yes cannot be deleted (test fault)\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata:\n  name: no-pod-deletes\nspec:\n  policyName: no-pod-deletes\n  validationActions: [Deny]\n  matchResources:\n    objectSelector:\n      matchLabels: {protect: \"yes\"}\n";
+
+/// Post-copy (`--lazy`) failing after the commit: the target reports that not every page
+/// arrived (its launcher killed the app). The migration fails naming the post-copy, the
+/// daemon's reason and the two commands that go back to the source; the source is kept, and
+/// nothing advises deleting it or calls it stale. The target was thawed before the wait for
+/// its pages, as post-copy needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_post_copy_keeps_the_source_and_never_advises_deleting_it() -> Result<()> {
+    if !apiserver_tests_can_run("a_failed_post_copy_keeps_the_source_and_never_advises_deleting_it")
+    {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let mut launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    launchers.post_copy_fails = true;
+    let driver = kubelet(&server, Kubelet::Runs);
+    let mut lazy = options(Duration::from_secs(60));
+    lazy.lazy = true;
+    let failed = migrate::migrate(&connection, &launchers, &lazy, std::future::pending())
+        .await
+        .err()
+        .context("a failed post-copy should fail the migration")?;
+    let _ = driver.join();
+    let text = failed.to_string();
+    for needle in [
+        "post-copy failed",
+        "Remote side closed connection",
+        "kubectl delete pod counter-m1 --wait && kubectl exec counter -c counter -- restore-launcher rollback",
+        "the source pod counter is kept",
+    ] {
+        ensure!(text.contains(needle), "`{needle}` not in: {text}");
+    }
+    for needle in ["never resume it", "kubectl delete pod -n apps counter"] {
+        ensure!(!text.contains(needle), "`{needle}` in: {text}");
+    }
+    let source = pod(&connection, "counter").await?;
+    ensure!(
+        source.is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "the source of a failed post-copy was deleted"
+    );
+    let calls = launchers.calls();
+    let thawed = calls.iter().position(|c| c == "thaw counter-m1/counter");
+    let completed = calls
+        .iter()
+        .position(|c| c == "complete_post_copy counter-m1/counter");
+    ensure!(
+        thawed.is_some() && thawed < completed,
+        "post-copy thaws the target before waiting for its pages: {calls:?}"
+    );
+    Ok(())
+}
 
 /// Past the commit point nothing undoes. The source's delete refused by the API server leaves
 /// the target thawed and running, the source frozen with the commit recorded on it, no

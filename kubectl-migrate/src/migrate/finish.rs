@@ -70,7 +70,7 @@ pub async fn finish<L: Launchers + Sync>(
                 })?;
             if let Some(done) = done {
                 if done.arrived.state != migrate_format::PostCopyState::Complete {
-                    return Err(MigrateError::AfterCommit {
+                    return Err(MigrateError::PostCopyFailed {
                         what: format!(
                             "post-copy failed: not every page of container {container}'s memory reached pod {target_name} ({}). Its launcher killed the app there (it cannot run without the rest of its memory). The source pod {} still holds the app, frozen as it was at the freeze (what the target did since the thaw is lost). To go back to it: kubectl delete pod {target_name} --wait && kubectl exec {} -c {container} -- restore-launcher rollback",
                             done.arrived.error.as_deref().unwrap_or("no reason given"),
@@ -213,6 +213,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
     launchers: &L,
     options: &Options,
     progress: &Progress,
+    error: &MigrateError,
 ) -> String {
     let target = progress
         .target
@@ -220,6 +221,13 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
         .and_then(|t| t.metadata.name.clone())
         .unwrap_or_default();
     let ns = &connection.namespace;
+    // The error names the way back to the source: finishing would delete it.
+    if matches!(error, MigrateError::PostCopyFailed { .. }) {
+        return format!(
+            "nothing was finished: the source pod {} is kept, frozen, holding the app as of the freeze; go back to it with the commands above",
+            options.pod
+        );
+    }
     let head = format!(
         "the migration was committed before this (the target pod {target} holds the app's state), so nothing was undone"
     );
@@ -247,6 +255,15 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 Ok(Err(error)) => error.to_string(),
                 _ => "finishing took over a minute".into(),
             };
+            if options.lazy {
+                // The source may still hold memory the target lacks: never advise deleting
+                // it before the target says every page arrived.
+                let c = progress.containers.first().map_or("C", String::as_str);
+                return format!(
+                    "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback",
+                    src = options.pod
+                );
+            }
             let mut commands: Vec<String> = progress
                 .containers
                 .iter()
@@ -271,13 +288,14 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
 /// What a restored app sees of its monotonic clocks when the nodes booted at different times
 /// (`from` and `to`, seconds since the epoch): CLOCK_MONOTONIC and CLOCK_BOOTTIME are the
 /// target kernel's, so they jump by the difference of the two nodes' uptimes. CRIU keeps them
-/// continuous only in a time namespace, which needs CAP_SYS_ADMIN (a pod does not have it).
+/// continuous only in a time namespace, whose clock offsets need CAP_SYS_TIME (a pod must not
+/// have it).
 /// Nothing to say for one second or less.
 pub fn clock_jump(from: u64, to: u64) -> Option<String> {
     let jump = i128::from(from) - i128::from(to);
     (jump.abs() > 1).then(|| {
         format!(
-            "the app's CLOCK_MONOTONIC and CLOCK_BOOTTIME jumped {} by {} s: the target node booted {} s {} the source's, and a restore inside the container cannot keep them continuous (a time namespace needs CAP_SYS_ADMIN). Wall-clock time is unaffected; timers and timeouts the app measures with them fire early or late once",
+            "the app's CLOCK_MONOTONIC and CLOCK_BOOTTIME jumped {} by {} s: the target node booted {} s {} the source's, and a restore inside the container cannot keep them continuous (a time namespace's clock offsets need CAP_SYS_TIME). Wall-clock time is unaffected; timers and timeouts the app measures with them fire early or late once",
             if jump > 0 { "forward" } else { "backward" },
             jump.abs(),
             jump.abs(),

@@ -161,6 +161,10 @@ pub enum MigrateError {
     },
     #[error("{what}")]
     AfterCommit { what: String },
+    /// Post-copy failed past the commit: the target's app was killed, and the source, which
+    /// still holds the app as of the freeze, must be resumed, never deleted.
+    #[error("{what}")]
+    PostCopyFailed { what: String },
     #[error("aborted with `kubectl migrate abort`")]
     Aborted,
     #[error("the source's lease could not be renewed in container {container}: {error}")]
@@ -277,7 +281,7 @@ pub async fn migrate<L: Launchers + Sync>(
                 _ => {}
             }
             let aftermath = if progress.committed {
-                finish::after_commit(connection, launchers, options, &progress).await
+                finish::after_commit(connection, launchers, options, &progress, &error).await
             } else if matches!(error, MigrateError::CommitUnknown { .. }) {
                 commit::commit_unknown(connection, options, &progress)
             } else {

@@ -297,7 +297,9 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
     let source_ip = cluster.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.podIP}"])?;
     let _pipes = Sysctl::set("fs/pipe-max-size", "4194304")?;
     let wall = Wall::raise_after(cluster, source_ip.trim(), 256 << 20)?;
+    let started = Instant::now();
     let out = migrate(cluster, &[name, "--to", "node-b", "--lazy"], &[])?;
+    let took = started.elapsed();
     drop(wall);
     let back = format!(
         "kubectl delete pod {target} --wait && kubectl exec {name} -c counter -- restore-launcher rollback"
@@ -310,8 +312,40 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
         "a post-copy cut midway did not fail naming the way back ({back}):\n{}",
         out.stderr
     );
-    // The way back, as the message gives it.
+    // Nothing may advise deleting the source, which alone still holds all of the app.
+    let deletes_source = out
+        .stderr
+        .split(['\n', ';', '&'])
+        .map(|c| c.trim().trim_end_matches('.'))
+        .any(|c| {
+            c == format!("kubectl delete pod {name}")
+                || c == format!("kubectl delete pod -n default {name}")
+        });
+    ensure!(
+        !deletes_source && !out.stderr.contains("never resume it"),
+        "the plugin advised deleting the source of a failed post-copy:\n{}",
+        out.stderr
+    );
+    // It failed because the channel went silent (the relays give up after 60 s of it), not
+    // for a cause of its own: the page daemon's CRIU error is quoted.
+    ensure!(
+        took >= Duration::from_secs(60) && out.stderr.contains("page-xfer"),
+        "the post-copy failed after {took:?}, not after the channel's 60 s of silence:\n{}",
+        out.stderr
+    );
+    // The way back, as the message gives it. Until it, the source stays frozen.
+    let frozen_at = counter_values(&logs(cluster, name, None))
+        .last()
+        .map(|v| v.0)
+        .context("the source printed no count")?;
     cluster.kubectl_ok(&["delete", "pod", &target, "--wait"])?;
+    let still = counter_values(&logs(cluster, name, None))
+        .last()
+        .map(|v| v.0);
+    ensure!(
+        still == Some(frozen_at),
+        "the source ran on before the rollback: {frozen_at} → {still:?}"
+    );
     cluster.kubectl_ok(&[
         "exec",
         name,
@@ -321,10 +355,6 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
         "restore-launcher",
         "rollback",
     ])?;
-    let frozen_at = counter_values(&logs(cluster, name, None))
-        .last()
-        .map(|v| v.0)
-        .context("the source printed no count")?;
     wait_until("the source counting again", WAIT, || {
         let values = counter_values(&logs(cluster, name, None));
         Ok((values.last().map(|v| v.0) > Some(frozen_at + 5)).then_some(()))
