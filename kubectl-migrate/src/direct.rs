@@ -445,6 +445,9 @@ impl std::fmt::Debug for PostCopyTask {
 
 /// How often the target's launcher is asked whether every page arrived.
 const POST_COPY_POLL: Duration = Duration::from_millis(250);
+/// How long the target's launcher may stay unreachable while post-copy runs (its container
+/// restarting after a failure takes a few seconds) before the wait gives up.
+const POST_COPY_STATUS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long the source's report may lag behind the target's last page.
 const SOURCE_REPORT_GRACE: Duration = Duration::from_secs(30);
 
@@ -575,8 +578,24 @@ impl ExecLaunchers {
         container: &str,
     ) -> Result<Option<PostCopyDone>, LauncherError> {
         let task = self.post_copies.lock().await.remove(container);
+        // When post-copy fails the target's launcher kills the app and its container restarts:
+        // exec fails for a moment then. Only a launcher that stays unreachable is an error.
+        let mut unreachable_since: Option<std::time::Instant> = None;
         let arrived = loop {
-            let status = self.status(target, container).await?;
+            let status = match self.status(target, container).await {
+                Ok(status) => {
+                    unreachable_since = None;
+                    status
+                }
+                Err(error) => {
+                    let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > POST_COPY_STATUS_PATIENCE {
+                        return Err(error);
+                    }
+                    tokio::time::sleep(POST_COPY_POLL).await;
+                    continue;
+                }
+            };
             match status.post_copy {
                 Some(state) if state.state != migrate_format::PostCopyState::Moving => break state,
                 Some(_) => tokio::time::sleep(POST_COPY_POLL).await,
@@ -585,7 +604,7 @@ impl ExecLaunchers {
                         state: migrate_format::PostCopyState::Failed,
                         ended_at_ms: None,
                         error: Some(format!(
-                            "the target's launcher knows of no post-copy (state {:?}{})",
+                            "the target's container restarted and its launcher knows of no post-copy (state {:?}{}): the app there was lost with the rest of its memory",
                             status.state,
                             status.error.map(|e| format!(": {e}")).unwrap_or_default()
                         )),
