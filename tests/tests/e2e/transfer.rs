@@ -153,21 +153,7 @@ pub fn post_copy_moves_the_counter_and_deletes_the_source_after_the_last_page(
     cluster: &Cluster,
 ) -> Result<()> {
     let name = "lazy";
-    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(
-        "counter/pod.yaml",
-        name,
-        "node-a",
-        &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "64")],
-    )?)?;
-    pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-        .as_sequence_mut()
-        .context("the counter's capabilities")?
-        .push("SYS_ADMIN".into());
-    cluster.apply(&serde_yaml::to_string(&pod)?)?;
-    cluster.wait_running(name, WAIT)?;
-    wait_until("the counter ticking", WAIT, || {
-        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
-    })?;
+    post_copy_source(cluster, name, "64")?;
 
     let pipe_max = Sysctl::set("fs/pipe-max-size", "1048576")?;
     let refused = migrate(cluster, &[name, "--to", "node-b", "--lazy"], &[])?;
@@ -279,21 +265,7 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
 ) -> Result<()> {
     let name = "lazycut";
     let target = format!("{name}-m1");
-    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(
-        "counter/pod.yaml",
-        name,
-        "node-a",
-        &[("COUNTER_INTERVAL", "0.02"), ("COUNTER_BALLAST_MB", "1024")],
-    )?)?;
-    pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-        .as_sequence_mut()
-        .context("the counter's capabilities")?
-        .push("SYS_ADMIN".into());
-    cluster.apply(&serde_yaml::to_string(&pod)?)?;
-    cluster.wait_running(name, WAIT)?;
-    wait_until("the counter ticking", WAIT, || {
-        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
-    })?;
+    post_copy_source(cluster, name, "1024")?;
     let source_ip = cluster.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.podIP}"])?;
     let _pipes = Sysctl::set("fs/pipe-max-size", "4194304")?;
     let wall = Wall::raise_after(cluster, source_ip.trim(), 256 << 20)?;
@@ -390,6 +362,31 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
         "post-copy cut after 256 MiB of 1 GiB: the plugin named the way back; after it the source counts on from {frozen_at}, one copy"
     );
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// The counter `name` on node-a, ticking every 20 ms with `ballast_mb` MiB of random memory,
+/// able to serve post-copy (SYS_ADMIN: a lazy dump holds all of its memory in pipes, beyond
+/// the kernel's per-user limit); returns once it counts.
+fn post_copy_source(cluster: &Cluster, name: &str, ballast_mb: &str) -> Result<()> {
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[
+            ("COUNTER_INTERVAL", "0.02"),
+            ("COUNTER_BALLAST_MB", ballast_mb),
+        ],
+    )?)?;
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_sequence_mut()
+        .context("the counter's capabilities")?
+        .push("SYS_ADMIN".into());
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)?;
+    wait_until("the counter ticking", WAIT, || {
+        Ok((counter_values(&logs(cluster, name, None)).len() >= 10).then_some(()))
+    })?;
     Ok(())
 }
 
