@@ -59,19 +59,23 @@ fn keys(value: impl serde::Serialize) -> BTreeSet<String> {
 #[test]
 fn the_json_tables_list_every_key_of_the_reports() {
     let doc = doc();
+    // Every optional key set, so that the keys left out when empty are listed too.
+    let post_copy = serde_json::json!({"state": "complete", "ended_at_ms": 1, "error": null});
     let status: StatusReport = serde_json::from_value(serde_json::json!({
         "state": "running", "app_pid": 1000, "launcher_version": "0.1.0", "criu_version": null,
         "kernel": "6.18", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
-        "error": null
+        "error": null, "post_copy": post_copy, "post_copy_source": "why not"
     }))
     .unwrap_or_else(|e| panic!("{e}"));
+    let mut checkpoint = CheckpointReport::new("id".into(), false);
+    checkpoint.post_copy =
+        Some(serde_json::from_value(post_copy).unwrap_or_else(|e| panic!("{e}")));
+    let mut receive = RestoreReport::new();
+    receive.lazy_pages_pid = Some(1);
     for (name, serialized) in [
         ("status", keys(status)),
-        (
-            "checkpoint",
-            keys(CheckpointReport::new("id".into(), false)),
-        ),
-        ("receive", keys(RestoreReport::new())),
+        ("checkpoint", keys(checkpoint)),
+        ("receive", keys(receive)),
     ] {
         let documented = reference::documented_keys(&doc, name).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(
