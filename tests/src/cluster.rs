@@ -1,9 +1,16 @@
 //! A real local Kubernetes cluster on this machine, for the end-to-end tests, the demo and
-//! `cargo xtask cluster up`: etcd, kube-apiserver and one kubelet per node (all built from the
-//! `k8s.io/kubernetes` Go module), each node with its own containerd (Debian's, with runc and
-//! the CNI bridge plugin). No scheduler or controller-manager: pods name their node, and the
-//! two objects the controller-manager would create (the `default` ServiceAccount and the
-//! `kube-root-ca.crt` ConfigMap) are created here.
+//! `cargo xtask cluster up`: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+//! one kubelet per node (all built from the `k8s.io/kubernetes` Go module), each node with its
+//! own containerd (Debian's, with the CNI bridge plugin). The controller-manager runs the
+//! controllers a workload needs (ReplicaSet, Deployment, StatefulSet, DaemonSet, Job, garbage
+//! collector, disruption for PodDisruptionBudgets, EndpointSlices, ServiceAccounts and their
+//! tokens, the root CA ConfigMap), each under its own ServiceAccount; pods they create are
+//! placed by the scheduler. The node lifecycle controller runs with a 10-minute grace period
+//! and no taint eviction controller: the fault tests stop kubelets on purpose and must not
+//! see their nodes declared lost or their pods evicted meanwhile.
+//!
+//! The nodes run different runtime stacks, so every move from node-a to node-b crosses them:
+//! node-a's containerd runs containers with runc, node-b's with crun (both from Debian).
 //!
 //! Several nodes share the machine the way kind's do, kept apart by: a network namespace each
 //! (`mig-NODE`, as kind gives each node a container), holding the node's IP (`10.77.0.N` on its
@@ -56,6 +63,29 @@ const CONTROL_NETNS: &str = "mig-cp";
 const SWITCH: &str = "migsw";
 /// The API server's address on that bridge (the nodes are `10.77.0.1`, `10.77.0.2`, …).
 const CONTROL_IP: &str = "10.77.0.254";
+/// The controllers kube-controller-manager runs (see the module's documentation).
+const CONTROLLERS: &[&str] = &[
+    "replicaset-controller",
+    "deployment-controller",
+    "statefulset-controller",
+    "daemonset-controller",
+    "job-controller",
+    "garbage-collector-controller",
+    "disruption-controller",
+    "endpointslice-controller",
+    "endpoints-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "root-ca-certificate-publisher-controller",
+    "namespace-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
+    // It takes away the `node.kubernetes.io/not-ready` taint a kubelet registers its node
+    // with; its grace period is long (see `--node-monitor-grace-period`) so that a kubelet a
+    // fault test stops is not declared lost.
+    "node-lifecycle-controller",
+];
 
 /// Where `cargo xtask images` works and leaves its archive.
 pub fn images_dir() -> PathBuf {
@@ -88,10 +118,15 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
             missing.push(format!("{binary} (run `cargo xtask k8s`)"));
         }
     }
-    for tool in ["containerd", "ctr", "runc", "openssl", "ip", "nsenter"] {
+    for binary in ["kube-controller-manager", "kube-scheduler"] {
+        if !k8s_bin_dir().join(binary).exists() {
+            missing.push(format!("{binary} (run `cargo xtask k8s`)"));
+        }
+    }
+    for tool in ["containerd", "ctr", "runc", "crun", "openssl", "ip", "nsenter"] {
         if which(tool).is_none() {
             missing.push(format!(
-                "{tool} (apt-get install containerd runc openssl iproute2 util-linux)"
+                "{tool} (apt-get install containerd runc crun openssl iproute2 util-linux)"
             ));
         }
     }
@@ -135,6 +170,11 @@ impl ClusterNode {
     }
     fn cgroup_root(&self) -> String {
         format!("migrate-{}", self.name)
+    }
+    /// The OCI runtime this node's containerd runs containers with: runc on node-a, crun on
+    /// the others, so a move between node-a and node-b crosses runtime stacks.
+    pub fn oci_runtime(&self) -> &'static str {
+        if self.index == 0 { "runc" } else { "crun" }
     }
     /// The node's network namespace (`/run/netns/NAME`).
     pub fn netns(&self) -> String {
@@ -282,6 +322,7 @@ impl Cluster {
             _lock: Some(lock),
         };
         create_network(&cluster.nodes)?;
+        hybrid_cgroups_for_crun()?;
         cluster.start_control_plane()?;
         for node in cluster.nodes.clone() {
             cluster.start_node(&node)?;
@@ -577,6 +618,18 @@ impl Cluster {
         let token = |who: &str| format!("{who}-{:016x}", rand_u64());
         let admin = token("admin");
         let mut tokens = format!("{admin},admin,admin-uid,\"system:masters\"\n");
+        // The controller-manager and the scheduler as the users Kubernetes' bootstrap RBAC
+        // roles are bound to.
+        for component in ["kube-controller-manager", "kube-scheduler"] {
+            let t = token(component);
+            tokens.push_str(&format!("{t},system:{component},{component}-uid\n"));
+            self.write_kubeconfig(
+                &d.join(format!("{component}.kubeconfig")),
+                &format!("system:{component}"),
+                &t,
+                &format!("{CONTROL_IP}:{secure}"),
+            )?;
+        }
         for node in &self.nodes {
             let t = token(&node.name);
             tokens.push_str(&format!(
@@ -668,15 +721,57 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        // What kube-controller-manager would create: the namespace's default ServiceAccount
-        // (admission needs it) and the root CA ConfigMap that service-account token volumes project.
-        self.kubectl_ok(&["create", "serviceaccount", "default"])?;
-        self.kubectl_ok(&[
-            "create",
-            "configmap",
-            "kube-root-ca.crt",
-            &format!("--from-file=ca.crt={}", p("ca.crt")),
-        ])?;
+        self.daemon(
+            "kube-controller-manager",
+            in_netns(CONTROL_NETNS, bin.join("kube-controller-manager"))
+                .arg("--kubeconfig")
+                .arg(d.join("kube-controller-manager.kubeconfig"))
+                .arg(format!("--controllers={}", CONTROLLERS.join(",")))
+                .arg("--use-service-account-credentials")
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    p("sa.key")
+                ))
+                .arg(format!("--root-ca-file={}", p("ca.crt")))
+                .args([
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    "--concurrent-replicaset-syncs=2",
+                    "--node-monitor-grace-period=10m",
+                    "-v=1",
+                ]),
+        )?;
+        self.daemon(
+            "kube-scheduler",
+            in_netns(CONTROL_NETNS, bin.join("kube-scheduler"))
+                .arg("--kubeconfig")
+                .arg(d.join("kube-scheduler.kubeconfig"))
+                .args([
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    "-v=1",
+                ]),
+        )?;
+        // Pods need the namespace's default ServiceAccount (admission) and the root CA
+        // ConfigMap their token volumes project: the controller-manager makes both.
+        let start = Instant::now();
+        while self
+            .kubectl_ok(&["get", "serviceaccount", "default"])
+            .is_err()
+            || self
+                .kubectl_ok(&["get", "configmap", "kube-root-ca.crt"])
+                .is_err()
+        {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "kube-controller-manager made no default ServiceAccount and root CA ConfigMap within 120 s\n{}",
+                    self.diagnose()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
         Ok(())
     }
 
@@ -721,12 +816,17 @@ state = "{state}"
     conf_dir = "{cni}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    default_runtime_name = "{runtime}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{runtime}]
       runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{runtime}.options]
+        BinaryName = "{binary}"
         SystemdCgroup = false
 "#,
+                runtime = node.oci_runtime(),
+                binary = which(node.oci_runtime())
+                    .with_context(|| format!("{} is not installed", node.oci_runtime()))?
+                    .display(),
                 root = nd.join("containerd-root").display(),
                 state = nd.join("containerd-state").display(),
                 socket = socket.display(),
@@ -871,8 +971,11 @@ state = "{state}"
             .filter_map(|l| l.parse().ok())
             .map(ClusterNode::new)
             .collect();
-        // Kubelets first, so none restarts what is killed next; then every container (all
-        // processes in the node's cgroups), the shims, containerd and the control plane.
+        // The controllers first, so none replaces what is stopped next; then the kubelets, so
+        // none restarts what is killed next; then every container (all processes in the
+        // node's cgroups), the shims, containerd and the control plane.
+        stop_pid(pid_of("kube-scheduler"));
+        stop_pid(pid_of("kube-controller-manager"));
         for node in &nodes {
             stop_pid(pid_of(&format!("kubelet-{}", node.name)));
         }
@@ -1067,6 +1170,36 @@ fn dirs_below(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// crun refuses a hybrid cgroup machine (v1 controllers, a v2 hierarchy at
+/// `/sys/fs/cgroup/unified`) while any controller is left on the v2 side: `cgroups in hybrid
+/// mode not supported, drop all controllers from cgroupv2`. On such a machine (this one had
+/// `hugetlb` there, enabled in no v2 group) each such controller gets its v1 hierarchy, as
+/// systemd's hybrid mode mounts them, which moves it off the v2 side. The mount stays, like
+/// the machine's other v1 hierarchies; nothing changes on a pure v1 or v2 machine.
+fn hybrid_cgroups_for_crun() -> Result<()> {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let Ok(controllers) = std::fs::read_to_string(unified.join("cgroup.controllers")) else {
+        return Ok(());
+    };
+    for controller in controllers.split_whitespace() {
+        let mountpoint = Path::new("/sys/fs/cgroup").join(controller);
+        std::fs::create_dir_all(&mountpoint)
+            .with_context(|| format!("create {}", mountpoint.display()))?;
+        let status = Command::new("mount")
+            .args(["-t", "cgroup", "-o", controller, "cgroup"])
+            .arg(&mountpoint)
+            .status()
+            .context("run mount")?;
+        if !status.success() {
+            bail!(
+                "crun (node-b's runtime) needs every cgroup controller off the v2 hierarchy of this hybrid machine, and mounting {controller}'s v1 hierarchy at {} failed",
+                mountpoint.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// PIDs of processes with `arg` among their arguments (containerd's shims name its socket).

@@ -197,7 +197,7 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Builds kube-apiserver, kubectl and etcd from the Go module recipe in `tests/k8s/go.mod` (upstream
+/// Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd from the Go module recipe in `tests/k8s/go.mod` (upstream
 /// packages only, through the Go module proxy) into `.cache/k8s/bin`, once. A cold build takes
 /// about six minutes on two cores.
 pub(crate) fn k8s() -> Result<PathBuf> {
@@ -207,6 +207,11 @@ pub(crate) fn k8s() -> Result<PathBuf> {
         ("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"),
         ("k8s.io/kubernetes/cmd/kubectl", "kubectl"),
         ("k8s.io/kubernetes/cmd/kubelet", "kubelet"),
+        (
+            "k8s.io/kubernetes/cmd/kube-controller-manager",
+            "kube-controller-manager",
+        ),
+        ("k8s.io/kubernetes/cmd/kube-scheduler", "kube-scheduler"),
         ("go.etcd.io/etcd/server/v3", "etcd"),
     ];
     if parts.iter().all(|(_, name)| bin.join(name).exists()) {
@@ -214,7 +219,7 @@ pub(crate) fn k8s() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&bin)?;
     eprintln!(
-        "xtask: building kube-apiserver, kubelet and kubectl {version} and etcd from Go modules into {} (minutes)",
+        "xtask: building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl {version} and etcd from Go modules into {} (minutes)",
         bin.display()
     );
     let ldflags = format!(
