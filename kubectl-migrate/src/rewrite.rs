@@ -5,9 +5,13 @@
 //! Policy, and why:
 //! - identity and history go: uid, resourceVersion, creationTimestamp, generation,
 //!   managedFields, deletion fields, status, generateName (the name is set);
-//! - ownerReferences and finalizers go: they belong to the source's controllers (the
-//!   preflight refuses controller-owned pods, since the controller would fight the copy);
-//! - labels stay, so Services and NetworkPolicies select the new pod as they did the old;
+//! - ownerReferences and finalizers go: they belong to the source's controllers;
+//! - labels stay, so Services and NetworkPolicies select the new pod as they did the old --
+//!   except on the target of a pod a controller owns (a ReplicaSet's): it is created with no
+//!   labels, so it matches no controller's selector (the ReplicaSet neither counts nor adopts
+//!   it) and no Service, and carries the labels and the controller's ownerReference in two
+//!   annotations (`held-labels`, `owner`) for the handoff after the commit
+//!   (`migrate::handoff`);
 //! - the name is predictable: `NAME-mN`, N counting migrations (`counter` → `counter-m1` →
 //!   `counter-m2`), at most 63 characters (the pod's hostname);
 //! - `spec.nodeName` pins the target node (no scheduler round);
@@ -53,9 +57,30 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     meta.deletion_grace_period_seconds = None;
     meta.generation = None;
     meta.managed_fields = None;
-    meta.owner_references = None;
+    let controller = meta
+        .owner_references
+        .take()
+        .into_iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
     meta.finalizers = None;
+    let held = controller
+        .is_some()
+        .then(|| meta.labels.take())
+        .flatten()
+        .unwrap_or_default();
     let notes = meta.annotations.get_or_insert_with(BTreeMap::new);
+    if let Some(owner) = controller {
+        notes.insert(
+            annotations::OWNER.into(),
+            serde_json::to_string(&owner).unwrap_or_default(),
+        );
+        notes.insert(
+            annotations::HELD_LABELS.into(),
+            serde_json::to_string(&held).unwrap_or_default(),
+        );
+    }
+    notes.remove(annotations::DELETION_COST);
     notes.insert(annotations::MIGRATION_ID.into(), migration_id.into());
     notes.insert(annotations::PEER.into(), source_name);
     notes.insert(annotations::GENERATION.into(), generation.to_string());

@@ -59,10 +59,31 @@ fn every_fixture_rewrites_to_its_golden_target() {
                 && target.metadata.resource_version.is_none(),
             "{name}"
         );
-        assert_eq!(
-            target.metadata.labels, source.metadata.labels,
-            "{name}: labels must stay for Services"
-        );
+        let owned = source
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true));
+        let notes = target.metadata.annotations.clone().unwrap_or_default();
+        if owned {
+            // Held back until the handoff: the controller must neither count nor adopt the
+            // target, and no Service select it, before then.
+            assert_eq!(target.metadata.labels, None, "{name}: labels held back");
+            let held: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(&notes[annotations::HELD_LABELS]).unwrap();
+            assert_eq!(
+                Some(held),
+                source.metadata.labels,
+                "{name}: every label comes back at the handoff"
+            );
+            assert!(notes.contains_key(annotations::OWNER), "{name}");
+        } else {
+            assert_eq!(
+                target.metadata.labels, source.metadata.labels,
+                "{name}: labels must stay for Services"
+            );
+        }
         assert_eq!(
             target
                 .metadata

@@ -49,4 +49,14 @@ pub mod annotations {
     /// every page arrived, which `kubectl migrate resume` must know even when the target's
     /// launcher no longer does (its container restarted).
     pub const POST_COPY: &str = "migrate.kubectl.io/post-copy";
+    /// On the target of a pod a controller owns (a ReplicaSet's): the source's labels, as a
+    /// JSON object. The target is created without them, so that it matches no controller's
+    /// selector and no Service before the handoff, which gives them back.
+    pub const HELD_LABELS: &str = "migrate.kubectl.io/held-labels";
+    /// On the same target: the source's controller `ownerReference`, as JSON, which the
+    /// handoff makes the target's.
+    pub const OWNER: &str = "migrate.kubectl.io/owner";
+    /// Kubernetes' own: which of a ReplicaSet's pods it deletes first when it has too many
+    /// (lowest first, among pods equally ready).
+    pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 }

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -49,6 +50,8 @@ pub struct Facts {
     pub keep_source: bool,
     /// `--lazy`: post-copy, which the source's containers must be able to serve.
     pub lazy: bool,
+    /// The ReplicaSet that controls the pod, when one does (None also when it is gone).
+    pub replica_set: Option<ReplicaSet>,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -134,6 +137,15 @@ pub async fn gather(
         Err(crate::recover::RecoverError::Api(error)) => return Err(error),
         Err(_) => Vec::new(),
     };
+    let replica_set = match pod::controller(&pod) {
+        Some(owner) if owner.kind == "ReplicaSet" => {
+            Api::<ReplicaSet>::namespaced(client.clone(), namespace)
+                .get_opt(&owner.name)
+                .await?
+                .filter(|rs| rs.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+        }
+        _ => None,
+    };
     let mut statuses = BTreeMap::new();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     if running {
@@ -156,6 +168,7 @@ pub async fn gather(
         max_downtime: None,
         keep_source: false,
         lazy: false,
+        replica_set,
     }))
 }
 
@@ -260,6 +273,7 @@ pub(crate) mod fixture {
             max_downtime: None,
             keep_source: false,
             lazy: false,
+            replica_set: None,
         }
     }
 

@@ -2,6 +2,8 @@
 //! unfinished, every container runs a restore-launcher with CRIU, and no liveness probe would
 //! kill the frozen app before the migration may end.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
 use super::{Facts, Problem, pod_name};
 
 /// Only a running pod has a state to move.
@@ -20,25 +22,93 @@ pub fn not_running(facts: &Facts) -> Option<Problem> {
     })
 }
 
-/// A controller (ReplicaSet, StatefulSet, Job…) would replace or count the moved copy.
-pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
-    facts
-        .pod
-        .metadata
+/// The pod's controller (the ownerReference with `controller: true`), if any.
+pub fn controller(pod: &k8s_openapi::api::core::v1::Pod) -> Option<&OwnerReference> {
+    pod.metadata
         .owner_references
         .iter()
         .flatten()
-        .filter(|o| o.controller == Some(true))
-        .map(|owner| {
-            Problem::new(
-                format!("pod {} is managed by {} {}", pod_name(facts), owner.kind, owner.name),
-                format!(
-                    "its controller would fight the moved copy (a {} counts and replaces its pods); migrate pods you created directly, or scale the {} down and run the pod on its own",
-                    owner.kind, owner.kind
-                ),
-            )
-        })
-        .collect()
+        .find(|o| o.controller == Some(true))
+}
+
+/// A static pod: the kubelet runs it from a file on its node, and the API shows a mirror.
+fn is_mirror(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
+        || controller(pod).is_some_and(|o| o.kind == "Node")
+}
+
+/// Pods whose controller cannot hand them over: a DaemonSet's (bound to its node), a Job's, a
+/// StatefulSet's (not yet), static pods, and any controller this plugin does not know. A
+/// ReplicaSet's pod moves with a handoff (`migrate::handoff`), when the ReplicaSet is steady
+/// and the source is not to be kept.
+pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
+    let pod = pod_name(facts);
+    if is_mirror(&facts.pod) {
+        return vec![Problem::new(
+            format!("pod {pod} is a static pod: its node's kubelet runs it from a file on that node (the API shows a mirror of it)"),
+            "a static pod cannot move: the kubelet of its node would start it again; move the manifest to the other node's static pod directory instead",
+        )];
+    }
+    let Some(owner) = controller(&facts.pod) else {
+        return Vec::new();
+    };
+    let managed = format!("pod {pod} is managed by {} {}", owner.kind, owner.name);
+    let problem = match owner.kind.as_str() {
+        "ReplicaSet" => return replica_set_problems(facts, owner),
+        "DaemonSet" => Problem::new(
+            format!("{managed}, which runs one pod on each node: this pod is bound to its node"),
+            "there is nothing to move: the DaemonSet runs its own pod on the target node (`kubectl migrate drain` leaves DaemonSet pods in place)",
+        ),
+        "Job" => Problem::new(
+            format!("{managed}: the Job controller starts a fresh pod as soon as this one goes, and chooses which of two running pods to delete with no regard for which one holds the moved state"),
+            "let the Job's pod finish where it runs, or delete it and let the Job start it again (`--force` does not help: the Job would run the app twice)",
+        ),
+        "StatefulSet" => Problem::new(
+            format!("{managed}: its identity (name, hostname, volumes) must survive the move, and that handoff is not supported yet"),
+            "not yet possible with kubectl migrate; `kubectl delete pod` restarts it fresh on a node the scheduler picks",
+        ),
+        kind => Problem::new(
+            format!("{managed}, a controller kubectl migrate cannot hand a pod over to"),
+            format!("migrate pods that a ReplicaSet (a Deployment) owns or that no controller owns; a {kind} would replace or fight the moved copy"),
+        ),
+    };
+    vec![problem]
+}
+
+/// A ReplicaSet's pod moves when the ReplicaSet is steady (no scale or rollout under way, which
+/// could delete the frozen source before the commit) and the source is not to be kept (the
+/// ReplicaSet deletes its surplus pod).
+fn replica_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> {
+    let pod = pod_name(facts);
+    let Some(rs) = &facts.replica_set else {
+        return vec![Problem::new(
+            format!("the ReplicaSet {} that manages pod {pod} no longer exists", owner.name),
+            "the garbage collector is deleting the pod; migrate another pod of the Deployment",
+        )];
+    };
+    let mut found = Vec::new();
+    let wanted = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let has = rs.status.as_ref().map_or(0, |s| s.replicas);
+    if rs.metadata.deletion_timestamp.is_some() || wanted != has {
+        found.push(Problem::new(
+            format!(
+                "ReplicaSet {} is changing (it wants {wanted} pods and has {has}{})",
+                owner.name,
+                if rs.metadata.deletion_timestamp.is_some() { ", and is being deleted" } else { "" }
+            ),
+            "it could delete the frozen pod mid-move; wait until it is steady (`kubectl rollout status deployment/NAME`), then migrate",
+        ));
+    }
+    if facts.keep_source {
+        found.push(Problem::new(
+            format!("--keep-source keeps the source pod {pod}, but its ReplicaSet {} deletes its surplus pod once the moved one joins it", owner.name),
+            "migrate without --keep-source",
+        ));
+    }
+    found
 }
 
 /// A migration of this pod that started and did not finish (the plugin was killed, a
@@ -301,17 +371,76 @@ mod tests {
     fn a_controller_owned_pod_names_its_controller() {
         let mut f = facts();
         assert!(controller_owned(&f).is_empty());
+        let owned_by = |f: &mut Facts, kind: &str| {
+            f.pod.metadata.owner_references = Some(
+                serde_json::from_value(serde_json::json!([
+                    {"apiVersion": "apps/v1", "kind": kind, "name": "web-1", "uid": "u", "controller": true},
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "not-a-controller", "uid": "v"}
+                ]))
+                .unwrap(),
+            );
+        };
+        for (kind, says, fix) in [
+            ("DaemonSet", "one pod on each node", "drain` leaves DaemonSet pods"),
+            ("Job", "starts a fresh pod", "the Job would run the app twice"),
+            ("StatefulSet", "not supported yet", "kubectl delete pod"),
+            ("CronTab", "cannot hand a pod over to", "a CronTab would replace"),
+        ] {
+            owned_by(&mut f, kind);
+            let found = controller_owned(&f);
+            assert_eq!(found.len(), 1, "{kind}: {found:#?}");
+            assert!(
+                found[0].what.contains(&format!("managed by {kind} web-1"))
+                    && found[0].what.contains(says)
+                    && found[0].fix.contains(fix),
+                "{kind}: {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_replica_set_pod_moves_only_while_its_replica_set_is_steady_and_without_keep_source() {
+        let mut f = facts();
         f.pod.metadata.owner_references = Some(
             serde_json::from_value(serde_json::json!([
-                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u", "controller": true},
-                {"apiVersion": "v1", "kind": "ConfigMap", "name": "not-a-controller", "uid": "v"}
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u", "controller": true}
             ]))
             .unwrap(),
         );
+        let gone = controller_owned(&f);
+        assert!(gone.len() == 1 && gone[0].what.contains("no longer exists"), "{gone:#?}");
+        let rs = |wanted: i32, has: i32| {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "uid": "u"},
+                "spec": {"replicas": wanted, "selector": {"matchLabels": {"app": "web"}}},
+                "status": {"replicas": has}
+            }))
+            .unwrap()
+        };
+        f.replica_set = Some(rs(2, 2));
+        assert_eq!(controller_owned(&f), Vec::new());
+        f.replica_set = Some(rs(2, 3));
+        let scaling = controller_owned(&f);
+        assert!(
+            scaling.len() == 1
+                && scaling[0].what.contains("wants 2 pods and has 3")
+                && scaling[0].fix.contains("rollout status"),
+            "{scaling:#?}"
+        );
+        f.replica_set = Some(rs(2, 2));
+        f.keep_source = true;
+        let kept = controller_owned(&f);
+        assert!(kept.len() == 1 && kept[0].what.contains("--keep-source"), "{kept:#?}");
+    }
+
+    #[test]
+    fn a_static_pod_is_refused() {
+        let mut f = facts();
+        f.pod.metadata.annotations = Some(
+            [("kubernetes.io/config.mirror".to_string(), "abc".to_string())].into(),
+        );
         let found = controller_owned(&f);
-        assert_eq!(found.len(), 1, "{found:#?}");
-        assert!(found[0].what.contains("managed by ReplicaSet web-1"));
-        assert!(found[0].fix.contains("scale the ReplicaSet down"));
+        assert!(found.len() == 1 && found[0].what.contains("static pod"), "{found:#?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use migrate_format::annotations;
 
-use super::{MigrateError, Options, Progress, annotate, fault, record};
+use super::{MigrateError, Options, Progress, annotate, fault, handoff, record};
 use crate::client::Connection;
 use crate::launchers::Launchers;
 
@@ -38,7 +38,10 @@ const FINISH_TRIES: u32 = 3;
 /// interruption past the commit): delete the source first (its frozen copy is stale, and a
 /// restart of its container -- a liveness probe, a node reboot -- would start a second copy
 /// fresh), then thaw every target container, end the target's wait for a checkpoint and mark
-/// it done. With `--keep-source` the source is kept, frozen.
+/// it done. With `--keep-source` the source is kept, frozen. Two orders differ: with `--lazy`
+/// the target is thawed first and the source deleted once every page arrived; for a pod a
+/// ReplicaSet owns the target is thawed, made Ready and handed to the ReplicaSet
+/// ([`handoff`]) before the source is deleted, so the ReplicaSet never starts a fresh replica.
 ///
 /// # Errors
 /// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone. A
@@ -54,10 +57,16 @@ pub async fn finish<L: Launchers + Sync>(
     let target = progress.target.clone().unwrap_or_default();
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let mut finished = Finished::default();
+    // The target of a pod a ReplicaSet owns is handed to it before the source goes (else the
+    // ReplicaSet starts a fresh replica), which needs its app running and the pod Ready.
+    let owned = handoff::owner_of(&target).is_some();
     // Post-copy: the app resumes on the target first, while its memory still comes from the
     // source, which is deleted only once every page arrived.
-    if options.lazy {
+    let thaw_first = options.lazy || owned;
+    if thaw_first {
         thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
+    }
+    if options.lazy {
         for container in &progress.containers {
             let done = launchers
                 .complete_post_copy(&target, container)
@@ -82,6 +91,16 @@ pub async fn finish<L: Launchers + Sync>(
                 finished.post_copy.push(done);
             }
         }
+    }
+    if owned {
+        finished
+            .warnings
+            .extend(end_wait(&pods, &target_name).await);
+        mark_serving(&pods, &target_name, &mut finished).await;
+        handoff::hand_off(&pods, &options.pod, &target_name)
+            .await
+            .map_err(|what| MigrateError::AfterCommit { what })?;
+        fault::stage("handed-off");
     }
     let deleted = if options.keep_source {
         annotate(
@@ -117,18 +136,21 @@ pub async fn finish<L: Launchers + Sync>(
         .await
     };
     fault::stage("source-deleted");
-    if !options.lazy {
+    if owned && deleted.is_ok() {
+        if let Err(warning) =
+            retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await
+        {
+            finished.warnings.push(warning);
+        }
+    }
+    if !thaw_first {
         thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
     }
-    finished
-        .warnings
-        .extend(end_wait(&pods, &target_name).await);
-    // Now that its app runs, the target may take Service traffic.
-    if let Err(error) = retry(|| set_serving(&pods, &target_name, true)).await {
-        finished.warnings.push(format!(
-            "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
-            annotations::SERVING
-        ));
+    if !owned {
+        finished
+            .warnings
+            .extend(end_wait(&pods, &target_name).await);
+        mark_serving(&pods, &target_name, &mut finished).await;
     }
     annotate(
         &pods,
@@ -143,6 +165,16 @@ pub async fn finish<L: Launchers + Sync>(
     })?;
     finished.source_deleted = !options.keep_source;
     Ok(finished)
+}
+
+/// Now that its app runs, the target may take Service traffic (its readiness gate).
+async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finished) {
+    if let Err(error) = retry(|| set_serving(pods, target_name, true)).await {
+        finished.warnings.push(format!(
+            "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
+            annotations::SERVING
+        ));
+    }
 }
 
 /// Thaws every target container, noting when each app resumed.
@@ -261,6 +293,19 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 let c = progress.containers.first().map_or("C", String::as_str);
                 return format!(
                     "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback",
+                    src = options.pod
+                );
+            }
+            if progress
+                .target
+                .as_ref()
+                .and_then(handoff::owner_of)
+                .is_some()
+            {
+                // The source is its controller's pod until the handoff: deleting it by hand
+                // would make the controller start a fresh replica beside the restored one.
+                return format!(
+                    "{head}; finishing failed too ({why}); the source pod {src} is frozen and holds a stale copy, but it is still its ReplicaSet's pod until the target is handed over: never delete it by hand (a fresh replica would start) and never resume it. `kubectl migrate resume -n {ns} {src}` finishes (thaw, handoff, then the source's deletion)",
                     src = options.pod
                 );
             }

@@ -47,6 +47,7 @@ use crate::launchers::{LauncherError, Launchers, TransferMode, Transferred};
 
 mod commit;
 mod finish;
+pub mod handoff;
 mod target;
 mod transfer;
 mod undo;
