@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::apiserver::{free_port, k8s_bin_dir, kubectl, which};
 use crate::{ready_or_skip, tail, workspace};
@@ -123,7 +123,15 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
             missing.push(format!("{binary} (run `cargo xtask k8s`)"));
         }
     }
-    for tool in ["containerd", "ctr", "runc", "crun", "openssl", "ip", "nsenter"] {
+    for tool in [
+        "containerd",
+        "ctr",
+        "runc",
+        "crun",
+        "openssl",
+        "ip",
+        "nsenter",
+    ] {
         if which(tool).is_none() {
             missing.push(format!(
                 "{tool} (apt-get install containerd runc crun openssl iproute2 util-linux)"
@@ -554,6 +562,54 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// The OCI runtime (`runc`, `crun`) that runs the first container of `pod`, as its node's
+    /// containerd recorded it (the runc shim's `BinaryName` option).
+    ///
+    /// # Errors
+    /// When the pod, its container or the record cannot be read.
+    pub fn oci_runtime_of(&self, pod: &str) -> Result<String> {
+        let fields = self.kubectl_ok(&[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.spec.nodeName} {.status.containerStatuses[0].containerID}",
+        ])?;
+        let (node, id) = fields
+            .split_once(' ')
+            .with_context(|| format!("pod {pod}: no node or container ({fields})"))?;
+        let id = id.trim().trim_start_matches("containerd://");
+        let socket = self.dir.join(node).join("containerd.sock");
+        let output = ctr(&socket, &["containers", "info", id])?;
+        ensure!(
+            output.status.success(),
+            "ctr containers info {id}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        // The options are a protobuf message; the binary's path is a string field in it.
+        let options = info["Runtime"]["Options"]["value"]
+            .as_str()
+            .unwrap_or_default();
+        let mut decode = Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("run base64")?;
+        decode
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(options.as_bytes())?;
+        let decoded = String::from_utf8_lossy(&decode.wait_with_output()?.stdout).into_owned();
+        ["crun", "runc"]
+            .into_iter()
+            .find(|r| decoded.contains(&format!("/{r}")))
+            .map(String::from)
+            .with_context(|| format!("no OCI runtime named in {info}"))
     }
 
     /// Starts daemon `name` again with the command line it was first started with.

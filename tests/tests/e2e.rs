@@ -1,5 +1,6 @@
-//! End to end, as a user runs it: a real local cluster (etcd, kube-apiserver, two kubelets
-//! with containerd and runc; `migrate_tests::cluster`), the example images built by `cargo
+//! End to end, as a user runs it: a real local cluster (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, two kubelets with containerd, node-a's running
+//! containers with runc and node-b's with crun; `migrate_tests::cluster`), the example images built by `cargo
 //! xtask images`, and `kubectl migrate` -- the built plugin found by kubectl on PATH -- moving
 //! running pods while the tests watch what a user would: `kubectl logs`, `kubectl get`, the
 //! pod's IP answering, the exit code and the message.
@@ -25,6 +26,8 @@ const WAIT: Duration = Duration::from_secs(90);
 mod servers;
 #[path = "e2e/transfer.rs"]
 mod transfer;
+#[path = "e2e/workloads.rs"]
+mod workloads;
 
 /// One end-to-end test, run against the shared cluster.
 type Scenario = fn(&Cluster) -> Result<()>;
@@ -55,6 +58,18 @@ fn main() {
         (
             "a_post_copy_cut_before_the_last_page_goes_back_to_the_source",
             transfer::a_post_copy_cut_before_the_last_page_goes_back_to_the_source,
+        ),
+        (
+            "a_deployment_pod_moves_and_its_replica_set_never_makes_or_deletes_a_replica",
+            workloads::deployment_pod_moves_with_a_handoff,
+        ),
+        (
+            "a_deployment_pod_with_a_damaged_archive_rolls_back_and_its_replica_set_is_unchanged",
+            workloads::deployment_pod_rolls_back_on_a_damaged_archive,
+        ),
+        (
+            "daemon_set_and_job_pods_are_refused_by_check_with_their_reasons",
+            workloads::daemon_set_and_job_pods_are_refused_with_their_reasons,
         ),
         (
             "counter_moves_within_its_node",
@@ -486,8 +501,14 @@ fn counter_moves_to_another_node(cluster: &Cluster) -> Result<()> {
         "{.status.containerStatuses[0].restartCount}",
     )?;
     ensure!(restarts == "0", "hop-m1 restarted {restarts} times");
+    // The move crossed runtime stacks (the Deployment test checks the source's side: runc).
+    let runtime = cluster.oci_runtime_of("hop-m1")?;
+    ensure!(
+        runtime == "crun",
+        "node-b's container did not run under crun but {runtime}"
+    );
     eprintln!(
-        "node-a → node-b: last count on the source {last}, first on the target {first}; {downtime}"
+        "node-a → node-b ({runtime}): last count on the source {last}, first on the target {first}; {downtime}"
     );
     Ok(())
 }

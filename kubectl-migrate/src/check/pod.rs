@@ -48,7 +48,9 @@ pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
     let pod = pod_name(facts);
     if is_mirror(&facts.pod) {
         return vec![Problem::new(
-            format!("pod {pod} is a static pod: its node's kubelet runs it from a file on that node (the API shows a mirror of it)"),
+            format!(
+                "pod {pod} is a static pod: its node's kubelet runs it from a file on that node (the API shows a mirror of it)"
+            ),
             "a static pod cannot move: the kubelet of its node would start it again; move the manifest to the other node's static pod directory instead",
         )];
     }
@@ -63,16 +65,22 @@ pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
             "there is nothing to move: the DaemonSet runs its own pod on the target node (`kubectl migrate drain` leaves DaemonSet pods in place)",
         ),
         "Job" => Problem::new(
-            format!("{managed}: the Job controller starts a fresh pod as soon as this one goes, and chooses which of two running pods to delete with no regard for which one holds the moved state"),
+            format!(
+                "{managed}: the Job controller starts a fresh pod as soon as this one goes, and chooses which of two running pods to delete with no regard for which one holds the moved state"
+            ),
             "let the Job's pod finish where it runs, or delete it and let the Job start it again (`--force` does not help: the Job would run the app twice)",
         ),
         "StatefulSet" => Problem::new(
-            format!("{managed}: its identity (name, hostname, volumes) must survive the move, and that handoff is not supported yet"),
+            format!(
+                "{managed}: its identity (name, hostname, volumes) must survive the move, and that handoff is not supported yet"
+            ),
             "not yet possible with kubectl migrate; `kubectl delete pod` restarts it fresh on a node the scheduler picks",
         ),
         kind => Problem::new(
             format!("{managed}, a controller kubectl migrate cannot hand a pod over to"),
-            format!("migrate pods that a ReplicaSet (a Deployment) owns or that no controller owns; a {kind} would replace or fight the moved copy"),
+            format!(
+                "migrate pods that a ReplicaSet (a Deployment) owns or that no controller owns; a {kind} would replace or fight the moved copy"
+            ),
         ),
     };
     vec![problem]
@@ -85,7 +93,10 @@ fn replica_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> {
     let pod = pod_name(facts);
     let Some(rs) = &facts.replica_set else {
         return vec![Problem::new(
-            format!("the ReplicaSet {} that manages pod {pod} no longer exists", owner.name),
+            format!(
+                "the ReplicaSet {} that manages pod {pod} no longer exists",
+                owner.name
+            ),
             "the garbage collector is deleting the pod; migrate another pod of the Deployment",
         )];
     };
@@ -381,10 +392,22 @@ mod tests {
             );
         };
         for (kind, says, fix) in [
-            ("DaemonSet", "one pod on each node", "drain` leaves DaemonSet pods"),
-            ("Job", "starts a fresh pod", "the Job would run the app twice"),
+            (
+                "DaemonSet",
+                "one pod on each node",
+                "drain` leaves DaemonSet pods",
+            ),
+            (
+                "Job",
+                "starts a fresh pod",
+                "the Job would run the app twice",
+            ),
             ("StatefulSet", "not supported yet", "kubectl delete pod"),
-            ("CronTab", "cannot hand a pod over to", "a CronTab would replace"),
+            (
+                "CronTab",
+                "cannot hand a pod over to",
+                "a CronTab would replace",
+            ),
         ] {
             owned_by(&mut f, kind);
             let found = controller_owned(&f);
@@ -408,7 +431,10 @@ mod tests {
             .unwrap(),
         );
         let gone = controller_owned(&f);
-        assert!(gone.len() == 1 && gone[0].what.contains("no longer exists"), "{gone:#?}");
+        assert!(
+            gone.len() == 1 && gone[0].what.contains("no longer exists"),
+            "{gone:#?}"
+        );
         let rs = |wanted: i32, has: i32| {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "web-1", "uid": "u"},
@@ -430,17 +456,22 @@ mod tests {
         f.replica_set = Some(rs(2, 2));
         f.keep_source = true;
         let kept = controller_owned(&f);
-        assert!(kept.len() == 1 && kept[0].what.contains("--keep-source"), "{kept:#?}");
+        assert!(
+            kept.len() == 1 && kept[0].what.contains("--keep-source"),
+            "{kept:#?}"
+        );
     }
 
     #[test]
     fn a_static_pod_is_refused() {
         let mut f = facts();
-        f.pod.metadata.annotations = Some(
-            [("kubernetes.io/config.mirror".to_string(), "abc".to_string())].into(),
-        );
+        f.pod.metadata.annotations =
+            Some([("kubernetes.io/config.mirror".to_string(), "abc".to_string())].into());
         let found = controller_owned(&f);
-        assert!(found.len() == 1 && found[0].what.contains("static pod"), "{found:#?}");
+        assert!(
+            found.len() == 1 && found[0].what.contains("static pod"),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -137,9 +137,7 @@ pub async fn finish<L: Launchers + Sync>(
     };
     fault::stage("source-deleted");
     if owned && deleted.is_ok() {
-        if let Err(warning) =
-            retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await
-        {
+        if let Err(warning) = retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await {
             finished.warnings.push(warning);
         }
     }

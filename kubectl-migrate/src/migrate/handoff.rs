@@ -93,11 +93,13 @@ pub async fn hand_off(
             .await
             .map_err(|e| format!("cannot read the target pod {target}: {e}"))?;
     }
-    let cost = |value: i32| {
-        serde_json::json!({"metadata": {"annotations": {annotations::DELETION_COST: value.to_string()}}})
-    };
+    let cost = |value: i32| serde_json::json!({"metadata": {"annotations": {annotations::DELETION_COST: value.to_string()}}});
     match pods
-        .patch(source, &PatchParams::default(), &Patch::Merge(&cost(i32::MIN)))
+        .patch(
+            source,
+            &PatchParams::default(),
+            &Patch::Merge(&cost(i32::MIN)),
+        )
         .await
     {
         Ok(_) => {}

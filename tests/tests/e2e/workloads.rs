@@ -1,0 +1,397 @@
+//! The pods people run, against the real controllers (kube-controller-manager and
+//! kube-scheduler of the local cluster): a Deployment's pod handed from its source to its
+//! restored copy without the ReplicaSet ever starting or deleting a replica of its own, its
+//! rollback, and the refusals for pods that cannot move.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+/// A Deployment of `replicas` counters, one per node at most (a topology spread constraint
+/// that the scheduler enforces).
+fn counter_deployment(name: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}, tier: demo}}
+    spec:
+      topologySpreadConstraints:
+      - maxSkew: 1
+        topologyKey: kubernetes.io/hostname
+        whenUnsatisfiable: DoNotSchedule
+        labelSelector:
+          matchLabels: {{app: {name}}}
+      containers:
+      - name: counter
+        image: {image}
+        imagePullPolicy: Never
+        env:
+        - {{name: COUNTER_INTERVAL, value: '0.5'}}
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities:
+            drop: [ALL]
+            add: [CHECKPOINT_RESTORE, SETPCAP]
+",
+        image = migrate_tests::cluster::counter_image()
+    )
+}
+
+/// The pod of Deployment `name` that runs on `node`, once the Deployment is fully available.
+fn deployment_pod_on(cluster: &Cluster, name: &str, node: &str) -> Result<String> {
+    cluster.kubectl_ok(&[
+        "rollout",
+        "status",
+        &format!("deployment/{name}"),
+        "--timeout=120s",
+    ])?;
+    let pods = cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "-l",
+        &format!("app={name}"),
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    pods.split_whitespace()
+        .next()
+        .map(String::from)
+        .with_context(|| format!("no pod of deployment {name} on {node}"))
+}
+
+/// The uid of the ReplicaSet that controls `pod`.
+fn controller_uid(cluster: &Cluster, pod: &str) -> Result<String> {
+    pod_field(
+        cluster,
+        pod,
+        "{.metadata.ownerReferences[?(@.controller==true)].uid}",
+    )
+}
+
+/// What a watch of the namespace's pods saw of one ReplicaSet's pods: every pod name it ever
+/// owned, and the least and most pods it owned at once (all of them, terminating included,
+/// and the active ones, which the ReplicaSet counts).
+#[derive(Debug, Default)]
+struct Census {
+    names: BTreeSet<String>,
+    least_active: usize,
+    most_owned: usize,
+}
+
+/// `kubectl get pods --watch` in the background, counting the pods controlled by `owner_uid`
+/// after every event, from the moment it has seen `replicas` of them (the watch lists the
+/// existing pods one event at a time).
+struct OwnedPodsWatch {
+    child: Child,
+    census: Arc<Mutex<Census>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OwnedPodsWatch {
+    fn start(cluster: &Cluster, owner_uid: &str, replicas: usize) -> Result<OwnedPodsWatch> {
+        let mut child = cluster
+            .kubectl(&[
+                "get",
+                "pods",
+                "--watch",
+                "--output-watch-events",
+                "-o",
+                "json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let census = Arc::new(Mutex::new(Census {
+            least_active: usize::MAX,
+            ..Census::default()
+        }));
+        let sink = Arc::clone(&census);
+        let owner = owner_uid.to_string();
+        let reader = std::thread::spawn(move || {
+            // name → terminating, for the pods the ReplicaSet controls now.
+            let mut owned: BTreeMap<String, bool> = BTreeMap::new();
+            let mut armed = false;
+            let events = serde_json::Deserializer::from_reader(stdout)
+                .into_iter::<serde_json::Value>()
+                .map_while(Result::ok);
+            for event in events {
+                let pod = &event["object"];
+                let name = pod["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let controlled = pod["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|o| o["uid"] == owner.as_str() && o["controller"] == true);
+                if event["type"] == "DELETED" || !controlled {
+                    owned.remove(&name);
+                } else {
+                    owned.insert(
+                        name.clone(),
+                        !pod["metadata"]["deletionTimestamp"].is_null(),
+                    );
+                }
+                let mut census = sink.lock().expect("lock");
+                if controlled {
+                    census.names.insert(name);
+                }
+                let active = owned.values().filter(|terminating| !**terminating).count();
+                armed |= active >= replicas;
+                if !armed {
+                    continue;
+                }
+                census.least_active = census.least_active.min(active);
+                census.most_owned = census.most_owned.max(owned.len());
+            }
+        });
+        Ok(OwnedPodsWatch {
+            child,
+            census,
+            reader: Some(reader),
+        })
+    }
+
+    /// Waits until the watch has listed `replicas` pods.
+    fn wait_listed(&self, replicas: usize) -> Result<()> {
+        wait_until("the watch to list the pods", WAIT, || {
+            Ok((self.census.lock().expect("lock").least_active == replicas).then_some(()))
+        })
+    }
+
+    /// Stops the watch; what it saw.
+    fn finish(mut self) -> Census {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        std::mem::take(&mut *self.census.lock().expect("lock"))
+    }
+}
+
+/// Acceptance: a Deployment of 2 counters; its node-a pod moves to node-b; the count
+/// continues; the ReplicaSet never owns fewer than 2 or more than 3 pods and never makes a pod
+/// of its own; afterwards it owns the restored pod, the Deployment is 2/2 ready, and its
+/// Service's endpoints are the restored pod and the other replica.
+pub fn deployment_pod_moves_with_a_handoff(cluster: &Cluster) -> Result<()> {
+    let name = "shop";
+    cluster.apply(&counter_deployment(name, 2))?;
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector: {{app: {name}}}\n  ports:\n  - port: 80\n"
+    ))?;
+    let source = deployment_pod_on(cluster, name, "node-a")?;
+    let other = deployment_pod_on(cluster, name, "node-b")?;
+    let owner = controller_uid(cluster, &source)?;
+    let source_runtime = cluster.oci_runtime_of(&source)?;
+    let watch = OwnedPodsWatch::start(cluster, &owner, 2)?;
+    let follow = Follow::start(cluster, &source)?;
+    watch.wait_listed(2)?;
+    let out = migrate_ok(cluster, &[&source, "--to", "node-b"], &[])?;
+    let target = format!("{source}-m1");
+    ensure!(
+        out.stdout.contains(&format!("as {target}")),
+        "no summary line: {}",
+        out.stdout
+    );
+    let before = follow.finish(WAIT);
+    wait_gone(cluster, &source)?;
+    wait_until(&format!("3 counts on {target}"), WAIT, || {
+        Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+    })?;
+    let (last, first) = assert_continued(&before, &logs(cluster, &target, None))?;
+    // Let the controllers settle: any fresh replica they were going to make, they make now.
+    cluster.kubectl_ok(&[
+        "rollout",
+        "status",
+        &format!("deployment/{name}"),
+        "--timeout=60s",
+    ])?;
+    std::thread::sleep(Duration::from_secs(3));
+    let census = watch.finish();
+    let expected: BTreeSet<String> = [source.clone(), other.clone(), target.clone()].into();
+    ensure!(
+        census.names == expected,
+        "the ReplicaSet owned other pods than the two replicas and the restored one (a fresh replica was made): {:?}",
+        census.names
+    );
+    ensure!(
+        census.least_active >= 2 && census.most_owned <= 3,
+        "the ReplicaSet's pods went outside 2..=3: {census:?}"
+    );
+    ensure!(
+        controller_uid(cluster, &target)? == owner,
+        "the ReplicaSet does not own the restored pod"
+    );
+    let labels = pod_field(cluster, &target, "{.metadata.labels}")?;
+    let source_hash = cluster.kubectl_ok(&[
+        "get",
+        "rs",
+        "-l",
+        &format!("app={name}"),
+        "-o",
+        "jsonpath={.items[0].metadata.labels.pod-template-hash}",
+    ])?;
+    ensure!(
+        labels.contains(&format!("\"pod-template-hash\":\"{source_hash}\""))
+            && labels.contains("\"tier\":\"demo\""),
+        "the restored pod lacks the Deployment's labels: {labels}"
+    );
+    let notes = pod_field(cluster, &target, "{.metadata.annotations}")?;
+    ensure!(
+        !notes.contains("pod-deletion-cost"),
+        "the restored pod kept a deletion cost: {notes}"
+    );
+    let ready = cluster.kubectl_ok(&[
+        "get",
+        "deployment",
+        name,
+        "-o",
+        "jsonpath={.status.readyReplicas}/{.spec.replicas}",
+    ])?;
+    ensure!(ready == "2/2", "the Deployment is {ready} ready");
+    // The Service routes to the restored pod: its EndpointSlice lists it, ready, beside the
+    // other replica, and no longer the source.
+    let target_ip = pod_field(cluster, &target, "{.status.podIP}")?;
+    let other_ip = pod_field(cluster, &other, "{.status.podIP}")?;
+    let endpoints = wait_until("the Service's endpoints to follow", WAIT, || {
+        let ready = cluster.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            &format!("kubernetes.io/service-name={name}"),
+            "-o",
+            "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]} {end}",
+        ])?;
+        let ips: BTreeSet<&str> = ready.split_whitespace().collect();
+        Ok((ips == [target_ip.as_str(), other_ip.as_str()].into()).then(|| ready.clone()))
+    })?;
+    let restarts = pod_field(
+        cluster,
+        &target,
+        "{.status.containerStatuses[0].restartCount}",
+    )?;
+    ensure!(restarts == "0", "{target} restarted {restarts} times");
+    // The move crossed runtime stacks.
+    let runtimes = (source_runtime, cluster.oci_runtime_of(&target)?);
+    ensure!(
+        runtimes == ("runc".to_string(), "crun".to_string()),
+        "the move did not go from runc to crun: {runtimes:?}"
+    );
+    eprintln!(
+        "deployment {name}: {source} ({}) → {target} ({}) on node-b, count {last} → {first}; the ReplicaSet owned {:?} ({}..={} pods); Service endpoints {endpoints}",
+        runtimes.0, runtimes.1, census.names, census.least_active, census.most_owned
+    );
+    cluster.kubectl_ok(&["delete", "deployment", name, "--wait=false"])?;
+    cluster.kubectl_ok(&["delete", "service", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// Acceptance: the rollback guarantee holds for a Deployment's pod: a damaged archive leaves
+/// the source running (counting on, never restarted), the target deleted, and the ReplicaSet's
+/// pods as they were.
+pub fn deployment_pod_rolls_back_on_a_damaged_archive(cluster: &Cluster) -> Result<()> {
+    let name = "till";
+    cluster.apply(&counter_deployment(name, 2))?;
+    let source = deployment_pod_on(cluster, name, "node-a")?;
+    let owner = controller_uid(cluster, &source)?;
+    let watch = OwnedPodsWatch::start(cluster, &owner, 2)?;
+    let follow = Follow::start(cluster, &source)?;
+    watch.wait_listed(2)?;
+    let out = migrate(
+        cluster,
+        &[&source, "--to", "node-b", "--transfer", "relay"],
+        &[("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
+    )?;
+    ensure!(
+        out.code.is_some_and(|c| c != 0) && out.stderr.contains("keeps running with its state"),
+        "a damaged archive must fail the migration and say the source keeps running: {:?}\n{}",
+        out.code,
+        out.stderr
+    );
+    wait_gone(cluster, &format!("{source}-m1"))?;
+    source_kept_counting(cluster, &source, follow)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let census = watch.finish();
+    ensure!(
+        census.names.len() == 2 && census.least_active == 2 && census.most_owned == 2,
+        "the ReplicaSet's pods changed during a rolled-back move: {census:?}"
+    );
+    let restarts = pod_field(
+        cluster,
+        &source,
+        "{.status.containerStatuses[0].restartCount}",
+    )?;
+    ensure!(restarts == "0", "the source restarted {restarts} times");
+    cluster.kubectl_ok(&["delete", "deployment", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// Acceptance: `check` refuses a DaemonSet's pod and a Job's, each with its reason, and
+/// changes nothing.
+pub fn daemon_set_and_job_pods_are_refused_with_their_reasons(cluster: &Cluster) -> Result<()> {
+    let image = migrate_tests::cluster::counter_image();
+    let container = format!(
+        "      containers:\n      - name: counter\n        image: {image}\n        imagePullPolicy: Never\n        securityContext:\n          allowPrivilegeEscalation: false\n          capabilities: {{drop: [ALL], add: [CHECKPOINT_RESTORE, SETPCAP]}}\n"
+    );
+    cluster.apply(&format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels: {{app: agent}}\n  template:\n    metadata:\n      labels: {{app: agent}}\n    spec:\n{container}"
+    ))?;
+    cluster.apply(&format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: batch\nspec:\n  backoffLimit: 0\n  template:\n    metadata:\n      labels: {{app: batch}}\n    spec:\n      restartPolicy: Never\n{container}"
+    ))?;
+    for (label, reason) in [
+        (
+            "app=agent",
+            "managed by DaemonSet agent, which runs one pod on each node",
+        ),
+        (
+            "app=batch",
+            "managed by Job batch: the Job controller starts a fresh pod",
+        ),
+    ] {
+        let pod = wait_until(&format!("a running pod {label}"), WAIT, || {
+            let pods = cluster.kubectl_ok(&[
+                "get",
+                "pods",
+                "-l",
+                label,
+                "--field-selector",
+                "status.phase=Running,spec.nodeName=node-a",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])?;
+            Ok(pods.split_whitespace().next().map(String::from))
+        })?;
+        let out = migrate(cluster, &["check", &pod, "--to", "node-b"], &[])?;
+        ensure!(
+            out.code.is_some_and(|c| c != 0) && out.stderr.contains(reason),
+            "check of {pod} must refuse with \"{reason}\": {:?}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        ensure!(
+            cluster
+                .kubectl_ok(&["get", "pods", "-o", "name"])?
+                .lines()
+                .all(|l| !l.ends_with("-m1") || !l.contains(&pod)),
+            "check created a target for {pod}"
+        );
+    }
+    cluster.kubectl_ok(&["delete", "daemonset", "agent", "--wait=false"])?;
+    cluster.kubectl_ok(&["delete", "job", "batch", "--wait=false"])?;
+    Ok(())
+}
