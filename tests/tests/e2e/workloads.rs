@@ -350,7 +350,7 @@ pub fn daemon_set_and_job_pods_are_refused_with_their_reasons(cluster: &Cluster)
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels: {{app: agent}}\n  template:\n    metadata:\n      labels: {{app: agent}}\n    spec:\n{container}"
     ))?;
     cluster.apply(&format!(
-        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: batch\nspec:\n  backoffLimit: 0\n  template:\n    metadata:\n      labels: {{app: batch}}\n    spec:\n      restartPolicy: Never\n{container}"
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: batch\nspec:\n  backoffLimit: 0\n  template:\n    metadata:\n      labels: {{app: batch}}\n    spec:\n      restartPolicy: Never\n      nodeSelector: {{kubernetes.io/hostname: node-a}}\n{container}"
     ))?;
     for (label, reason) in [
         (
