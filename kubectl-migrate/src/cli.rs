@@ -143,6 +143,37 @@ pub enum Command {
         /// The pod being migrated (the source).
         pod: String,
     },
+    /// Cordon a node and move every pod off it: migrate each pod that can be migrated (to
+    /// --to, or else to the first node that fits it), evict the rest through the Eviction API
+    /// (which honours PodDisruptionBudgets), leave DaemonSet and static pods. Prints a line per
+    /// pod and a final table; exits 1 if any pod could not leave the node.
+    Drain {
+        /// The node to empty.
+        node: String,
+        /// Move every pod to this node (default: for each pod the first node, by name, that
+        /// the preflight finds fitting: Ready, schedulable, resources, taints, affinity,
+        /// OS/arch, kernel).
+        #[arg(long = "to", value_name = "NODE")]
+        to: Option<String>,
+        /// How many migrations run at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: u16,
+        /// Say what would happen to each pod; change nothing (not even the cordon).
+        #[arg(long)]
+        dry_run: bool,
+        /// Only migrate: pods that cannot be migrated stay on the node.
+        #[arg(long)]
+        migrate_only: bool,
+        /// How long to keep retrying an eviction that a PodDisruptionBudget refuses.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        eviction_timeout: Duration,
+        /// Each migration's deadline, as for `kubectl migrate --timeout`.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// How each checkpoint travels, as for `kubectl migrate --transfer`.
+        #[arg(long, value_enum, default_value_t = TransferMode::Auto)]
+        transfer: TransferMode,
+    },
     /// Print a shell completion script: `source <(kubectl migrate completion bash)`.
     ///
     /// The script completes the `kubectl-migrate` command (how krew puts it on PATH).

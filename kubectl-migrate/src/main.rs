@@ -8,7 +8,7 @@ use kube::Api;
 use kubectl_migrate::check::{self, Problem};
 use kubectl_migrate::cli::{Cli, Command, OutputFormat};
 use kubectl_migrate::exec::ExecLaunchers;
-use kubectl_migrate::{client, migrate, recover, rewrite};
+use kubectl_migrate::{client, drain, migrate, recover, rewrite};
 
 fn main() -> ExitCode {
     let cli = kubectl_migrate::cli::parse();
@@ -133,6 +133,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Resume { pod }) => {
             return Ok(outcome(recover::resume(&connection, &launchers, pod).await));
         }
+        Some(Command::Drain {
+            node,
+            to,
+            parallel,
+            dry_run,
+            migrate_only,
+            eviction_timeout,
+            timeout,
+            transfer,
+        }) => {
+            let options = drain::Options {
+                node: node.clone(),
+                to: to.clone(),
+                parallel: usize::from(*parallel),
+                dry_run: *dry_run,
+                migrate_only: *migrate_only,
+                eviction_timeout: *eviction_timeout,
+                timeout: *timeout,
+                lease: cli.migrate.lease,
+                transfer: *transfer,
+            };
+            return run_drain(&connection, &options).await;
+        }
         _ => {}
     }
     if matches!(cli.command, Some(Command::Completion { .. })) {
@@ -186,6 +209,66 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("error: migration of {pod} to {node} failed: {failed}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// `drain`: a line per pod as it is dealt with (stderr), then the table (stdout); exit 0 when
+/// every pod that was to leave the node left it.
+async fn run_drain(connection: &client::Connection, options: &drain::Options) -> Result<ExitCode> {
+    eprintln!(
+        "{} node {}",
+        if options.dry_run {
+            "dry run: would drain"
+        } else {
+            "draining (cordoned)"
+        },
+        options.node
+    );
+    let rows = drain::drain(&connection.client, &connection.server, options, |row| {
+        let detail = match &row.action {
+            drain::Action::Migrated { target, node, .. } => format!(" as {target} to {node}"),
+            drain::Action::WouldMigrate { node } => format!(" to {node}"),
+            drain::Action::Skipped(why)
+            | drain::Action::Failed(why)
+            | drain::Action::WouldEvict(why) => format!(": {why}"),
+            drain::Action::Evicted => String::new(),
+        };
+        eprintln!(
+            "pod {}/{} {}{detail}",
+            row.namespace,
+            row.pod,
+            row.action.word()
+        );
+    })
+    .await?;
+    println!(
+        "{:<40} {:<32} {:<14} {:<12} {:>10}",
+        "POD", "OWNER", "ACTION", "TARGET NODE", "DOWNTIME"
+    );
+    for row in &rows {
+        let downtime = match &row.action {
+            drain::Action::Migrated { downtime_ms, .. } => {
+                downtime_ms.map_or("?".into(), |ms| format!("{ms} ms"))
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "{:<40} {:<32} {:<14} {:<12} {:>10}",
+            format!("{}/{}", row.namespace, row.pod),
+            row.owner,
+            row.action.word(),
+            row.target_node().unwrap_or("-"),
+            downtime
+        );
+    }
+    if drain::succeeded(&rows) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "error: not every pod left node {} (see the failed rows above); the migrated pods run on their new nodes",
+            options.node
+        );
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -159,6 +159,11 @@ fn main() {
             "redis_moves_as_the_redis_user_with_the_keys_it_holds_only_in_memory",
             servers::redis_moves_with_its_keys,
         ),
+        // Last: it empties node-a of every pod the tests before left.
+        (
+            "drain_migrates_the_counters_evicts_the_rest_and_a_disruption_budget_stops_it",
+            workloads::drain_migrates_what_it_can_and_evicts_the_rest,
+        ),
     ];
     let cluster: Arc<Mutex<Option<Cluster>>> = Arc::new(Mutex::new(None));
     let wanted = |name: &str| args.filter.as_deref().is_none_or(|f| name.contains(f));

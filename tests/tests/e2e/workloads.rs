@@ -395,3 +395,191 @@ pub fn daemon_set_and_job_pods_are_refused_with_their_reasons(cluster: &Cluster)
     cluster.kubectl_ok(&["delete", "job", "batch", "--wait=false"])?;
     Ok(())
 }
+
+/// Pods of earlier tests still on `node` (all of them finished): a drain would move them too.
+fn clear_node(cluster: &Cluster, node: &str) -> Result<()> {
+    let left = cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    for pod in left.split_whitespace() {
+        cluster.kubectl_ok(&["delete", "pod", pod, "--wait=false", "--grace-period=1"])?;
+    }
+    for pod in left.split_whitespace() {
+        wait_gone(cluster, pod)?;
+    }
+    Ok(())
+}
+
+/// Acceptance: `kubectl migrate drain node-a` with a bare counter, a Deployment's counter and
+/// a pod without the launcher: the two counters are migrated with their counts continuing,
+/// the third is evicted, node-a is cordoned, the table is printed, exit 0. Then a pod that a
+/// PodDisruptionBudget protects: the drain reports the refused eviction and exits 1, and the
+/// migrated pods still count.
+pub fn drain_migrates_what_it_can_and_evicts_the_rest(cluster: &Cluster) -> Result<()> {
+    clear_node(cluster, "node-a")?;
+    let result = drain_scenario(cluster);
+    // Later tests schedule onto node-a.
+    cluster.kubectl_ok(&["uncordon", "node-a"])?;
+    result
+}
+
+fn drain_scenario(cluster: &Cluster) -> Result<()> {
+    let start = Instant::now();
+    let step = |what: &str| eprintln!("drain test: {what} at {:?}", start.elapsed());
+    run_counter(cluster, "solo", "node-a", &[])?;
+    let deployment = "depot";
+    cluster.apply(&counter_deployment(deployment, 2))?;
+    let replica = deployment_pod_on(cluster, deployment, "node-a")?;
+    let plain = |name: &str, labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  nodeName: node-a\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: pause\n    image: {}\n    imagePullPolicy: Never\n",
+            migrate_tests::cluster::PAUSE_IMAGE
+        )
+    };
+    cluster.apply(&plain("plain", "app: plain"))?;
+    cluster.wait_running("plain", WAIT)?;
+    let follow_solo = Follow::start(cluster, "solo")?;
+    let follow_replica = Follow::start(cluster, &replica)?;
+
+    step("pods running");
+    let out = migrate(cluster, &["drain", "node-a", "--to", "node-b"], &[])?;
+    step("drained");
+    ensure!(
+        out.code == Some(0),
+        "drain exited {:?}:\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    let row = |pod: &str| row_of(&out.stdout, pod);
+    ensure!(
+        row("solo")[2..].starts_with(&["migrated".into(), "node-b".into()])
+            && row(&replica)[2..].starts_with(&["migrated".into(), "node-b".into()])
+            && row("plain")[2..].starts_with(&["evicted".into()]),
+        "the table does not say solo and {replica} migrated to node-b and plain evicted:\n{}",
+        out.stdout
+    );
+    ensure!(
+        row(&replica)[1].starts_with("ReplicaSet/depot-")
+            && row("solo")[1] == "-"
+            && row("solo")[4].parse::<u64>().is_ok(),
+        "the table lacks the owner or the downtime:\n{}",
+        out.stdout
+    );
+    for line in [
+        "pod default/solo migrated as solo-m1 to node-b",
+        "pod default/plain evicted",
+    ] {
+        ensure!(
+            out.stderr.contains(line),
+            "no progress line \"{line}\":\n{}",
+            out.stderr
+        );
+    }
+    for (source, follow) in [("solo", follow_solo), (replica.as_str(), follow_replica)] {
+        let target = format!("{source}-m1");
+        let before = follow.finish(WAIT);
+        wait_gone(cluster, source)?;
+        wait_until(&format!("3 counts on {target}"), WAIT, || {
+            Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+        })?;
+        assert_continued(&before, &logs(cluster, &target, None))?;
+    }
+    step("counts checked");
+    wait_gone(cluster, "plain")?;
+    ensure!(
+        cluster.kubectl_ok(&[
+            "get",
+            "node",
+            "node-a",
+            "-o",
+            "jsonpath={.spec.unschedulable}"
+        ])? == "true",
+        "node-a is not cordoned"
+    );
+    let left = cluster.kubectl_ok(&[
+        "get",
+        "pods",
+        "--field-selector",
+        "spec.nodeName=node-a",
+        "-o",
+        "name",
+    ])?;
+    ensure!(left.trim().is_empty(), "pods left on node-a: {left}");
+
+    // A PodDisruptionBudget that forbids evicting the one pod it protects.
+    cluster.apply(&plain("guarded", "app: guarded"))?;
+    cluster.wait_running("guarded", WAIT)?;
+    cluster.apply(
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: guarded\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels: {app: guarded}\n",
+    )?;
+    wait_until(
+        "the disruption controller to count the budget",
+        WAIT,
+        || {
+            let expected = cluster.kubectl_ok(&[
+                "get",
+                "pdb",
+                "guarded",
+                "-o",
+                "jsonpath={.status.expectedPods}",
+            ])?;
+            Ok((expected == "1").then_some(()))
+        },
+    )?;
+    step("budget counted");
+    let out = migrate(
+        cluster,
+        &["drain", "node-a", "--eviction-timeout", "6s"],
+        &[],
+    )?;
+    step("drained again");
+    ensure!(
+        out.code == Some(1)
+            && row_of(&out.stdout, "guarded")[2] == "failed"
+            && out
+                .stderr
+                .contains("PodDisruptionBudget allows no disruption"),
+        "a drain that a PodDisruptionBudget stops must say so and exit 1: {:?}\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        pod_field(cluster, "guarded", "{.status.phase}")? == "Running",
+        "the guarded pod was not left running"
+    );
+    for target in ["solo-m1".to_string(), format!("{replica}-m1")] {
+        let before = counter_values(&logs(cluster, &target, None)).len();
+        wait_until(&format!("{target} to count on"), WAIT, || {
+            Ok((counter_values(&logs(cluster, &target, None)).len() > before).then_some(()))
+        })?;
+    }
+    eprintln!("drain: {}", out.stdout.trim());
+    for (kind, name) in [
+        ("pdb", "guarded"),
+        ("pod", "guarded"),
+        ("pod", "solo-m1"),
+        ("deployment", deployment),
+    ] {
+        cluster.kubectl_ok(&["delete", kind, name, "--wait=false"])?;
+    }
+    Ok(())
+}
+
+/// The table row of `pod` (namespace default) in drain's output, split into its columns
+/// (POD OWNER ACTION TARGET DOWNTIME [ms]); blanks when the pod has no row.
+fn row_of(stdout: &str, pod: &str) -> Vec<String> {
+    let mut columns: Vec<String> = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("default/{pod} ")))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    columns.resize(6, String::new());
+    columns
+}
