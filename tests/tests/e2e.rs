@@ -68,6 +68,10 @@ fn main() {
             workloads::deployment_pod_rolls_back_on_a_damaged_archive,
         ),
         (
+            "a_deployment_pod_move_killed_after_its_commit_is_resumed_without_a_fresh_replica",
+            workloads::deployment_pod_move_resumes_after_a_kill,
+        ),
+        (
             "daemon_set_and_job_pods_are_refused_by_check_with_their_reasons",
             workloads::daemon_set_and_job_pods_are_refused_with_their_reasons,
         ),

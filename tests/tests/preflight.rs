@@ -284,7 +284,10 @@ async fn check_names_every_problem_with_its_fix_and_changes_nothing() -> Result<
         (
             "owned",
             "node-b",
-            vec!["managed by ReplicaSet web-1", "controller would fight"],
+            vec![
+                "the ReplicaSet web-1 that manages pod owned no longer exists",
+                "garbage collector",
+            ],
         ),
         (
             "selective",

@@ -93,9 +93,9 @@ pub async fn finish<L: Launchers + Sync>(
         }
     }
     if owned {
-        finished
-            .warnings
-            .extend(end_wait(&pods, &target_name).await);
+        // Ready (the gate) before the handoff; the wait for a checkpoint ends only once the
+        // source is deleted, so that `kubectl migrate status` still finds an interrupted
+        // handoff by its waiting target.
         mark_serving(&pods, &target_name, &mut finished).await;
         handoff::hand_off(&pods, &options.pod, &target_name)
             .await
@@ -144,10 +144,10 @@ pub async fn finish<L: Launchers + Sync>(
     if !thaw_first {
         thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
     }
+    finished
+        .warnings
+        .extend(end_wait(&pods, &target_name).await);
     if !owned {
-        finished
-            .warnings
-            .extend(end_wait(&pods, &target_name).await);
         mark_serving(&pods, &target_name, &mut finished).await;
     }
     annotate(

@@ -583,3 +583,73 @@ fn row_of(stdout: &str, pod: &str) -> Vec<String> {
     columns.resize(6, String::new());
     columns
 }
+
+/// The plugin SIGKILLed past the commit of a Deployment pod's move, before the handoff
+/// (`committed`) and right after it (`handed-off`): `kubectl migrate resume` finishes it, and
+/// the ReplicaSet, watched throughout, never makes a pod of its own nor drops below 2.
+pub fn deployment_pod_move_resumes_after_a_kill(cluster: &Cluster) -> Result<()> {
+    for stage in ["committed", "handed-off"] {
+        let name = format!("kill-{stage}");
+        cluster.apply(&counter_deployment(&name, 2))?;
+        let source = deployment_pod_on(cluster, &name, "node-a")?;
+        let other = deployment_pod_on(cluster, &name, "node-b")?;
+        let owner = controller_uid(cluster, &source)?;
+        let watch = OwnedPodsWatch::start(cluster, &owner, 2)?;
+        let follow = Follow::start(cluster, &source)?;
+        watch.wait_listed(2)?;
+        let out = migrate(
+            cluster,
+            &[&source, "--to", "node-b"],
+            &[("KUBECTL_MIGRATE_FAULT_KILL_AT", stage)],
+        )?;
+        ensure!(
+            out.code.is_none() && out.stderr.contains(&format!("at stage {stage}")),
+            "the plugin was to die by SIGKILL at {stage}: exit {:?}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        let done = kubectl_migrate(cluster, &["resume", &source]).output()?;
+        ensure!(
+            done.status.success(),
+            "`kubectl migrate resume {source}` after a kill at {stage} failed:\n{}{}",
+            String::from_utf8_lossy(&done.stdout),
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let target = format!("{source}-m1");
+        wait_gone(cluster, &source)?;
+        let before = follow.finish(WAIT);
+        wait_until(&format!("3 counts on {target}"), WAIT, || {
+            Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
+        })?;
+        assert_continued(&before, &logs(cluster, &target, None))?;
+        cluster.kubectl_ok(&[
+            "rollout",
+            "status",
+            &format!("deployment/{name}"),
+            "--timeout=60s",
+        ])?;
+        std::thread::sleep(Duration::from_secs(3));
+        let census = watch.finish();
+        let expected: BTreeSet<String> = [source.clone(), other, target.clone()].into();
+        ensure!(
+            census.names == expected && census.least_active >= 2 && census.most_owned <= 3,
+            "killed at {stage}: the ReplicaSet's pods were not the two replicas and the restored one within 2..=3: {census:?}"
+        );
+        ensure!(
+            controller_uid(cluster, &target)? == owner,
+            "killed at {stage}: the ReplicaSet does not own the restored pod"
+        );
+        let notes = pod_field(cluster, &target, "{.metadata.annotations}")?;
+        ensure!(
+            !notes.contains("pod-deletion-cost"),
+            "killed at {stage}: the restored pod kept a deletion cost: {notes}"
+        );
+        eprintln!(
+            "killed at {stage}: resumed; the ReplicaSet owned {:?}",
+            census.names
+        );
+        cluster.kubectl_ok(&["delete", "deployment", &name, "--wait=false"])?;
+    }
+    Ok(())
+}
