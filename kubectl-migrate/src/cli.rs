@@ -145,8 +145,10 @@ pub enum Command {
     },
     /// Cordon a node and move every pod off it: migrate each pod that can be migrated (to
     /// --to, or else to the first node that fits it), evict the rest through the Eviction API
-    /// (which honours PodDisruptionBudgets), leave DaemonSet and static pods. Prints a line per
-    /// pod and a final table; exits 1 if any pod could not leave the node.
+    /// (which honours PodDisruptionBudgets; pods no controller owns and pods with emptyDir
+    /// volumes only with --force and --delete-emptydir-data, as kubectl drain), leave DaemonSet
+    /// and static pods. Prints a line per pod and a final table; exits 1 if any pod could not
+    /// leave the node.
     Drain {
         /// The node to empty.
         node: String,
@@ -164,6 +166,14 @@ pub enum Command {
         /// Only migrate: pods that cannot be migrated stay on the node.
         #[arg(long)]
         migrate_only: bool,
+        /// Evict pods that cannot be migrated even when no controller owns them (nothing
+        /// recreates them), as `kubectl drain --force`.
+        #[arg(long)]
+        force: bool,
+        /// Evict pods that cannot be migrated even when they have emptyDir volumes (their data
+        /// is lost), as `kubectl drain --delete-emptydir-data`.
+        #[arg(long)]
+        delete_emptydir_data: bool,
         /// How long to keep retrying an eviction that a PodDisruptionBudget refuses.
         #[arg(long, default_value = "2m", value_parser = parse_duration)]
         eviction_timeout: Duration,

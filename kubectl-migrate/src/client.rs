@@ -59,6 +59,16 @@ impl std::fmt::Debug for Connection {
 /// # Errors
 /// A [`ClientError`] that names what to fix.
 pub async fn connect(global: &Global) -> Result<Connection, ClientError> {
+    connect_with(global, true).await
+}
+
+/// [`connect`], with the client's own retries of HTTP 429, 503 and 504 on (`retry`) or off:
+/// off for a caller that must see a refusal as it comes (the drain's evictions, which a
+/// PodDisruptionBudget refuses with 429).
+///
+/// # Errors
+/// A [`ClientError`] that names what to fix.
+pub async fn connect_with(global: &Global, retry: bool) -> Result<Connection, ClientError> {
     let kubeconfig = match &global.kubeconfig {
         Some(path) => Some(
             Kubeconfig::read_from(path).map_err(|source| ClientError::Read {
@@ -104,6 +114,7 @@ pub async fn connect(global: &Global) -> Result<Connection, ClientError> {
         None => Config::incluster().map_err(|_| ClientError::NoConfig)?,
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.default_retry = retry;
     let namespace = global
         .namespace
         .clone()

@@ -45,6 +45,12 @@ pub struct Options {
     pub dry_run: bool,
     /// `--migrate-only`: pods that cannot be migrated stay; nothing is evicted.
     pub migrate_only: bool,
+    /// `--force`: evict pods that no controller owns too (nothing recreates them), as
+    /// `kubectl drain --force` does.
+    pub force: bool,
+    /// `--delete-emptydir-data`: evict pods with emptyDir volumes too (their data is lost), as
+    /// `kubectl drain --delete-emptydir-data` does.
+    pub delete_emptydir_data: bool,
     /// `--eviction-timeout`: how long a PodDisruptionBudget may keep refusing an eviction.
     pub eviction_timeout: Duration,
     /// `--timeout`: each migration's deadline.
@@ -135,11 +141,14 @@ enum Plan {
 }
 
 /// Drains `options.node`; `done` hears of each pod as it is dealt with. Returns every pod's row.
+/// `evictions` is a client that does not retry on its own (see [`evict`]). Ctrl-C undoes the
+/// migrations under way (as `kubectl migrate` does), starts no more, and evicts nothing.
 ///
 /// # Errors
 /// When the node does not exist, or it cannot be cordoned or its pods listed.
 pub async fn drain(
     client: &Client,
+    evictions: &Client,
     server: &str,
     options: &Options,
     done: impl Fn(&Row),
@@ -212,28 +221,111 @@ pub async fn drain(
                 Action::Skipped(format!("--migrate-only; cannot migrate: {why}")),
                 &done,
             ),
-            Plan::Evict(why) if options.dry_run => {
-                finish_row(&mut rows, row, Action::WouldEvict(why), &done);
-            }
-            Plan::Evict(why) => to_evict.push((row, why)),
+            Plan::Evict(why) => match eviction_refused(&pod, options) {
+                Some(refusal) => finish_row(&mut rows, row, Action::Failed(refusal), &done),
+                None if options.dry_run => {
+                    finish_row(&mut rows, row, Action::WouldEvict(why), &done);
+                }
+                None => to_evict.push((row, why)),
+            },
         }
     }
 
-    let migrations = futures::stream::iter(to_migrate)
-        .map(|(row, node)| async move {
-            let action = migrate_one(client, server, options, &row, &node).await;
-            (row, action)
-        })
-        .buffer_unordered(options.parallel.max(1));
-    futures::pin_mut!(migrations);
-    while let Some((row, action)) = migrations.next().await {
-        finish_row(&mut rows, row, action, &done);
+    // One Ctrl-C for the whole drain: every migration under way undoes itself, and nothing
+    // new starts.
+    let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: undoing the migrations under way; nothing else starts");
+            let _ = interrupt.send(true);
+        }
+    });
+    let stopped = || *interrupted.borrow();
+    // Pods of one controller move one after another: the handoff needs the controller's other
+    // pods steady, which a frozen sibling is not.
+    let mut chains: Vec<Vec<(Row, String)>> = Vec::new();
+    for (row, node) in to_migrate {
+        let key = (row.namespace.clone(), row.owner.clone());
+        match chains
+            .iter_mut()
+            .find(|c| row.owner != "-" && (c[0].0.namespace.clone(), c[0].0.owner.clone()) == key)
+        {
+            Some(chain) => chain.push((row, node)),
+            None => chains.push(vec![(row, node)]),
+        }
     }
+    let (finished_tx, mut finished_rx) = tokio::sync::mpsc::unbounded_channel();
+    let signal = interrupted.clone();
+    // The stream owns the sender: once every chain is done the reporting loop ends.
+    let migrations = futures::stream::iter(chains)
+        .map(move |chain| {
+            let finished = finished_tx.clone();
+            let interrupted = signal.clone();
+            async move {
+                for (row, node) in chain {
+                    let action = if *interrupted.borrow() {
+                        Action::Skipped("interrupted (Ctrl-C) before its turn".into())
+                    } else {
+                        let mut signal = interrupted.clone();
+                        let cancelled = async move {
+                            let _ = signal.wait_for(|stop| *stop).await;
+                        };
+                        migrate_one(client, server, options, &row, &node, cancelled).await
+                    };
+                    let _ = finished.send((row, action));
+                }
+            }
+        })
+        .buffer_unordered(options.parallel.max(1))
+        .collect::<Vec<()>>();
+    let reporting = async {
+        while let Some((row, action)) = finished_rx.recv().await {
+            finish_row(&mut rows, row, action, &done);
+        }
+    };
+    futures::join!(migrations, reporting);
     for (row, why) in to_evict {
-        let action = evict(client, &row, options.eviction_timeout, &why).await;
+        let action = if stopped() {
+            Action::Skipped("interrupted (Ctrl-C): not evicted".into())
+        } else {
+            evict(evictions, &row, options.eviction_timeout, &why).await
+        };
         finish_row(&mut rows, row, action, &done);
     }
     Ok(rows)
+}
+
+/// Why a pod that cannot be migrated is not evicted either, as `kubectl drain` refuses: no
+/// controller would recreate it (unless `--force`), or its emptyDir data would be lost (unless
+/// `--delete-emptydir-data`).
+fn eviction_refused(pod: &Pod, options: &Options) -> Option<String> {
+    if options.migrate_only {
+        return None;
+    }
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    if check::pod::controller(pod).is_none() && !options.force && !finished {
+        return Some(
+            "it cannot be migrated and no controller owns it, so an eviction deletes it for good: pass --force to evict it anyway".into(),
+        );
+    }
+    let empty_dir = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .find(|v| v.empty_dir.is_some());
+    if let Some(volume) = empty_dir
+        && !options.delete_emptydir_data
+        && !finished
+    {
+        return Some(format!(
+            "it cannot be migrated and its emptyDir volume {} would be lost with an eviction: pass --delete-emptydir-data to evict it anyway",
+            volume.name
+        ));
+    }
+    None
 }
 
 fn finish_row(rows: &mut Vec<Row>, mut row: Row, action: Action, done: &impl Fn(&Row)) {
@@ -267,7 +359,7 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
         .annotations()
         .get(migrate_format::annotations::PHASE)
         .map(String::as_str);
-    if migration.is_some_and(|phase| !matches!(phase, "done" | "failed")) {
+    if migration.is_some_and(|phase| !matches!(phase, "done" | "done-kept" | "failed")) {
         return Plan::Done(Action::Failed(format!(
             "a migration of it has not finished (phase {}): `kubectl migrate status -n {}` says how to finish or undo it; then drain again",
             migration.unwrap_or_default(),
@@ -312,6 +404,7 @@ async fn migrate_one(
     options: &Options,
     row: &Row,
     node: &str,
+    interrupted: impl std::future::Future<Output = ()>,
 ) -> Action {
     let connection = Connection {
         client: client.clone(),
@@ -335,9 +428,6 @@ async fn migrate_one(
         transfer: options.transfer,
         lazy: false,
     };
-    let interrupted = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     match migrate::migrate(&connection, &launchers, &migration, interrupted).await {
         Ok(report) => Action::Migrated {
             target: report.target,
@@ -348,8 +438,10 @@ async fn migrate_one(
     }
 }
 
-/// Evicts one pod through the Eviction API, retrying while a PodDisruptionBudget refuses (HTTP
-/// 429) for up to `patience`, then waits until the pod is gone.
+/// Evicts one pod through the Eviction API, as `kubectl drain` does: while a
+/// PodDisruptionBudget refuses (HTTP 429), again every 5 s for up to `patience`; then waits
+/// until the pod is gone. `client` must not retry on its own: the default client retries a 429
+/// with a backoff growing to minutes, which would hide the refusal and overrun `patience`.
 async fn evict(client: &Client, row: &Row, patience: Duration, why: &str) -> Action {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &row.namespace);
     let uid = match pods.get_opt(&row.pod).await {
@@ -357,21 +449,30 @@ async fn evict(client: &Client, row: &Row, patience: Duration, why: &str) -> Act
         Ok(None) => return Action::Evicted,
         Err(error) => return Action::Failed(format!("cannot read it: {error}")),
     };
-    // The client itself retries a refused eviction (HTTP 429, what the API answers while a
-    // PodDisruptionBudget allows no disruption) with a growing backoff, so patience is a
-    // deadline around the whole call.
-    let refused = || {
-        Action::Failed(format!(
-            "not evicted: the Eviction API kept refusing it for {patience:?} (a PodDisruptionBudget allows no disruption now: `kubectl get pdb -n {}`); it cannot be migrated: {why}. Relax the budget or make room for the pods it protects, then drain again",
-            row.namespace
-        ))
-    };
-    match tokio::time::timeout(patience, pods.evict(&row.pod, &EvictParams::default())).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(kube::Error::Api(status))) if status.is_not_found() => return Action::Evicted,
-        Ok(Err(kube::Error::Api(status))) if status.code == 429 => return refused(),
-        Ok(Err(error)) => return Action::Failed(format!("the eviction failed: {error}")),
-        Err(_) => return refused(),
+    let start = Instant::now();
+    loop {
+        match pods.evict(&row.pod, &EvictParams::default()).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(status)) if status.is_not_found() => return Action::Evicted,
+            Err(kube::Error::Api(status)) if status.code == 429 => {
+                if start.elapsed() >= patience {
+                    let causes: Vec<String> = status
+                        .details
+                        .iter()
+                        .flat_map(|d| d.causes.iter())
+                        .map(|c| c.message.clone())
+                        .collect();
+                    return Action::Failed(format!(
+                        "not evicted: the Eviction API kept refusing it for {patience:?} (HTTP 429: {}{}; `kubectl get pdb -n {}`); it cannot be migrated: {why}. Relax the PodDisruptionBudget or make room for the pods it protects, then drain again",
+                        status.message,
+                        causes.iter().map(|c| format!(" {c}")).collect::<String>(),
+                        row.namespace
+                    ));
+                }
+                tokio::time::sleep(Duration::from_secs(5).min(patience)).await;
+            }
+            Err(error) => return Action::Failed(format!("the eviction failed: {error}")),
+        }
     }
     // Gone, or replaced by a pod of the same name (a StatefulSet's).
     let grace = Duration::from_secs(120);

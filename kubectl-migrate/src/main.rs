@@ -139,6 +139,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parallel,
             dry_run,
             migrate_only,
+            force,
+            delete_emptydir_data,
             eviction_timeout,
             timeout,
             transfer,
@@ -149,12 +151,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 parallel: usize::from(*parallel),
                 dry_run: *dry_run,
                 migrate_only: *migrate_only,
+                force: *force,
+                delete_emptydir_data: *delete_emptydir_data,
                 eviction_timeout: *eviction_timeout,
                 timeout: *timeout,
                 lease: cli.migrate.lease,
                 transfer: *transfer,
             };
-            return run_drain(&connection, &options).await;
+            let evictions = client::connect_with(&cli.global, false).await?;
+            return run_drain(&connection, &evictions.client, &options).await;
         }
         _ => {}
     }
@@ -214,7 +219,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `drain`: a line per pod as it is dealt with (stderr), then the table (stdout); exit 0 when
 /// every pod that was to leave the node left it.
-async fn run_drain(connection: &client::Connection, options: &drain::Options) -> Result<ExitCode> {
+async fn run_drain(
+    connection: &client::Connection,
+    evictions: &kube::Client,
+    options: &drain::Options,
+) -> Result<ExitCode> {
     eprintln!(
         "{} node {}",
         if options.dry_run {
@@ -224,22 +233,28 @@ async fn run_drain(connection: &client::Connection, options: &drain::Options) ->
         },
         options.node
     );
-    let rows = drain::drain(&connection.client, &connection.server, options, |row| {
-        let detail = match &row.action {
-            drain::Action::Migrated { target, node, .. } => format!(" as {target} to {node}"),
-            drain::Action::WouldMigrate { node } => format!(" to {node}"),
-            drain::Action::Skipped(why)
-            | drain::Action::Failed(why)
-            | drain::Action::WouldEvict(why) => format!(": {why}"),
-            drain::Action::Evicted => String::new(),
-        };
-        eprintln!(
-            "pod {}/{} {}{detail}",
-            row.namespace,
-            row.pod,
-            row.action.word()
-        );
-    })
+    let rows = drain::drain(
+        &connection.client,
+        evictions,
+        &connection.server,
+        options,
+        |row| {
+            let detail = match &row.action {
+                drain::Action::Migrated { target, node, .. } => format!(" as {target} to {node}"),
+                drain::Action::WouldMigrate { node } => format!(" to {node}"),
+                drain::Action::Skipped(why)
+                | drain::Action::Failed(why)
+                | drain::Action::WouldEvict(why) => format!(": {why}"),
+                drain::Action::Evicted => String::new(),
+            };
+            eprintln!(
+                "pod {}/{} {}{detail}",
+                row.namespace,
+                row.pod,
+                row.action.word()
+            );
+        },
+    )
     .await?;
     println!(
         "{:<40} {:<32} {:<14} {:<12} {:>10}",

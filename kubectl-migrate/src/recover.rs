@@ -126,9 +126,11 @@ pub async fn list(
     let by_name: BTreeMap<String, &Pod> = all.iter().map(|p| (name(p), p)).collect();
     let mut found: BTreeMap<String, InFlight> = BTreeMap::new();
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    // Targets still waiting for their checkpoint.
+    // Targets still waiting for their checkpoint, and targets of a ReplicaSet's pod whose
+    // handoff has not finished (their app runs; the source may be gone already).
     for target in all.iter().filter(|p| {
-        note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
+        (note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
+            || note(p, annotations::PHASE) == Some("handing-off"))
             && p.metadata.deletion_timestamp.is_none()
     }) {
         let (Some(id), Some(source)) = (

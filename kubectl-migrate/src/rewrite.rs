@@ -70,6 +70,9 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         .flatten()
         .unwrap_or_default();
     let notes = meta.annotations.get_or_insert_with(BTreeMap::new);
+    // Left from an earlier handoff of this pod's lineage: only the source's own owner counts.
+    notes.remove(annotations::OWNER);
+    notes.remove(annotations::HELD_LABELS);
     if let Some(owner) = controller {
         notes.insert(
             annotations::OWNER.into(),

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -52,6 +52,8 @@ pub struct Facts {
     pub lazy: bool,
     /// The ReplicaSet that controls the pod, when one does (None also when it is gone).
     pub replica_set: Option<ReplicaSet>,
+    /// The Deployment that controls that ReplicaSet, when one does.
+    pub deployment: Option<Deployment>,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -146,6 +148,19 @@ pub async fn gather(
         }
         _ => None,
     };
+    let deployment = match replica_set
+        .as_ref()
+        .and_then(|rs| rs.metadata.owner_references.as_ref())
+        .and_then(|refs| refs.iter().find(|o| o.controller == Some(true)))
+    {
+        Some(owner) if owner.kind == "Deployment" => {
+            Api::<Deployment>::namespaced(client.clone(), namespace)
+                .get_opt(&owner.name)
+                .await?
+                .filter(|d| d.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+        }
+        _ => None,
+    };
     let mut statuses = BTreeMap::new();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     if running {
@@ -169,6 +184,7 @@ pub async fn gather(
         keep_source: false,
         lazy: false,
         replica_set,
+        deployment,
     }))
 }
 
@@ -274,6 +290,7 @@ pub(crate) mod fixture {
             keep_source: false,
             lazy: false,
             replica_set: None,
+            deployment: None,
         }
     }
 

@@ -102,16 +102,41 @@ fn replica_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> {
     };
     let mut found = Vec::new();
     let wanted = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let has = rs.status.as_ref().map_or(0, |s| s.replicas);
-    if rs.metadata.deletion_timestamp.is_some() || wanted != has {
+    let status = rs.status.clone().unwrap_or_default();
+    let (has, ready) = (status.replicas, status.ready_replicas.unwrap_or(0));
+    if rs.metadata.deletion_timestamp.is_some() || wanted != has || ready != has {
         found.push(Problem::new(
             format!(
-                "ReplicaSet {} is changing (it wants {wanted} pods and has {has}{})",
+                "ReplicaSet {} is changing (it wants {wanted} pods, has {has}, {ready} of them Ready{})",
                 owner.name,
                 if rs.metadata.deletion_timestamp.is_some() { ", and is being deleted" } else { "" }
             ),
-            "it could delete the frozen pod mid-move; wait until it is steady (`kubectl rollout status deployment/NAME`), then migrate",
+            "it could delete the frozen pod mid-move, and the handoff needs its other pods Ready; wait until it is steady (`kubectl rollout status deployment/NAME`), then migrate",
         ));
+    }
+    if let Some(deployment) = &facts.deployment {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let wanted = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let status = deployment.status.clone().unwrap_or_default();
+        let settled = status.observed_generation == deployment.metadata.generation
+            && status.updated_replicas == Some(wanted)
+            && status.replicas == Some(wanted)
+            && status.available_replicas == Some(wanted);
+        if !settled {
+            found.push(Problem::new(
+                format!(
+                    "Deployment {name} is rolling out (it wants {wanted} pods; {} updated, {} in all, {} available)",
+                    status.updated_replicas.unwrap_or(0),
+                    status.replicas.unwrap_or(0),
+                    status.available_replicas.unwrap_or(0)
+                ),
+                format!("a rollout scales ReplicaSets up and down and could delete the frozen pod mid-move; wait for `kubectl rollout status deployment/{name}`, then migrate"),
+            ));
+        }
     }
     if facts.keep_source {
         found.push(Problem::new(
@@ -439,7 +464,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "web-1", "uid": "u"},
                 "spec": {"replicas": wanted, "selector": {"matchLabels": {"app": "web"}}},
-                "status": {"replicas": has}
+                "status": {"replicas": has, "readyReplicas": has}
             }))
             .unwrap()
         };
@@ -449,7 +474,7 @@ mod tests {
         let scaling = controller_owned(&f);
         assert!(
             scaling.len() == 1
-                && scaling[0].what.contains("wants 2 pods and has 3")
+                && scaling[0].what.contains("wants 2 pods, has 3")
                 && scaling[0].fix.contains("rollout status"),
             "{scaling:#?}"
         );
@@ -459,6 +484,45 @@ mod tests {
         assert!(
             kept.len() == 1 && kept[0].what.contains("--keep-source"),
             "{kept:#?}"
+        );
+    }
+
+    #[test]
+    fn a_deployment_pod_is_refused_while_its_deployment_rolls_out() {
+        let mut f = facts();
+        f.pod.metadata.owner_references = Some(
+            serde_json::from_value(serde_json::json!([
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u", "controller": true}
+            ]))
+            .unwrap(),
+        );
+        f.replica_set = Some(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "uid": "u"},
+                "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}},
+                "status": {"replicas": 2, "readyReplicas": 2}
+            }))
+            .unwrap(),
+        );
+        let deployment = |updated: i32| {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "generation": 3},
+                "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": {}},
+                "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": updated, "availableReplicas": 2}
+            }))
+            .unwrap()
+        };
+        f.deployment = Some(deployment(2));
+        assert_eq!(controller_owned(&f), Vec::new());
+        f.deployment = Some(deployment(1));
+        let rolling = controller_owned(&f);
+        assert!(
+            rolling.len() == 1
+                && rolling[0].what.contains("Deployment web is rolling out")
+                && rolling[0]
+                    .fix
+                    .contains("kubectl rollout status deployment/web"),
+            "{rolling:#?}"
         );
     }
 

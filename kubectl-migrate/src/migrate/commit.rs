@@ -224,6 +224,20 @@ pub(super) fn commit_unknown(
             .collect::<Vec<_>>()
             .join(" && ")
     };
+    if progress
+        .target
+        .as_ref()
+        .and_then(super::handoff::owner_of)
+        .is_some()
+    {
+        // A ReplicaSet's pod: deleting the source by hand would start a fresh replica.
+        return format!(
+            "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume -n {ns} {source}` (never delete the source by hand: it is its ReplicaSet's pod until the handoff, and a fresh replica would start); otherwise abort with `kubectl migrate abort -n {ns} {source}`",
+            source = options.pod,
+            phase = annotations::PHASE,
+            id = progress.id,
+        );
+    }
     format!(
         "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume {source}` (or: kubectl delete pod -n {ns} {source} && {thaw} && kubectl annotate pod -n {ns} {target} {wait}=false --overwrite); otherwise abort with `kubectl migrate abort {source}` (or: {rollback} && kubectl delete pod -n {ns} {target})",
         source = options.pod,

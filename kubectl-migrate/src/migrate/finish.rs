@@ -93,13 +93,24 @@ pub async fn finish<L: Launchers + Sync>(
         }
     }
     if owned {
-        // Ready (the gate) before the handoff; the wait for a checkpoint ends only once the
-        // source is deleted, so that `kubectl migrate status` still finds an interrupted
-        // handoff by its waiting target.
+        // The app runs: a restarted container must start it fresh from now on. The same write
+        // marks the target `handing-off`, by which `kubectl migrate status` finds an
+        // interrupted handoff once the source is gone (the ReplicaSet may delete it itself).
+        // Then Ready (the gate), which the handoff waits for.
+        finished
+            .warnings
+            .extend(end_wait(&pods, &target_name, Some("handing-off")).await);
         mark_serving(&pods, &target_name, &mut finished).await;
-        handoff::hand_off(&pods, &options.pod, &target_name)
-            .await
-            .map_err(|what| MigrateError::AfterCommit { what })?;
+        let replica_sets = Api::namespaced(connection.client.clone(), &connection.namespace);
+        handoff::hand_off(
+            &pods,
+            &replica_sets,
+            &connection.namespace,
+            &options.pod,
+            &target_name,
+        )
+        .await
+        .map_err(|what| MigrateError::AfterCommit { what })?;
         fault::stage("handed-off");
     }
     let deleted = if options.keep_source {
@@ -144,10 +155,10 @@ pub async fn finish<L: Launchers + Sync>(
     if !thaw_first {
         thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
     }
-    finished
-        .warnings
-        .extend(end_wait(&pods, &target_name).await);
     if !owned {
+        finished
+            .warnings
+            .extend(end_wait(&pods, &target_name, None).await);
         mark_serving(&pods, &target_name, &mut finished).await;
     }
     annotate(
@@ -197,10 +208,16 @@ async fn thaw_all<L: Launchers + Sync>(
 
 /// Ends the target's wait for a checkpoint (`annotations::WAIT_FOR_CHECKPOINT`, read by its
 /// launchers through the downward API at every container start): from now on a restarted
-/// container starts its app fresh. If the API server keeps refusing, the migration goes on
+/// container starts its app fresh. `phase`, if given, is written as the target's phase in the
+/// same write. If the API server keeps refusing, the migration goes on
 /// (the app runs) and the returned warning gives the command to run.
-async fn end_wait(pods: &Api<Pod>, name: &str) -> Option<String> {
-    let patch = serde_json::json!({"metadata": {"annotations": {annotations::WAIT_FOR_CHECKPOINT: "false"}}});
+async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -> Option<String> {
+    let mut notes = serde_json::Map::new();
+    notes.insert(annotations::WAIT_FOR_CHECKPOINT.into(), "false".into());
+    if let Some(phase) = phase {
+        notes.insert(annotations::PHASE.into(), phase.into());
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": notes}});
     retry(|| async {
         pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

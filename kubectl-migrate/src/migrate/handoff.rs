@@ -5,9 +5,11 @@
 //! The target was created without the source's labels and owner (see `rewrite`), so until
 //! now the ReplicaSet neither counted nor adopted it and no Service selected it. The handoff,
 //! once the target's app runs:
-//! 1. waits until the target is Ready (its readiness gate is set once the app is thawed): the
-//!    ReplicaSet controller deletes a not-Ready pod before a Ready one whatever its deletion
-//!    cost, so a target adopted before it is Ready could be the one it deletes;
+//! 1. checks that the ReplicaSet is still the source's (same uid, not being deleted) and selects
+//!    the labels the target is to get, then waits until the target and every other pod of the
+//!    ReplicaSet is assigned, Running, Ready and not itself being migrated: the ReplicaSet
+//!    controller deletes such a pod before a Ready one whatever the deletion costs, so with one
+//!    around it could delete that pod, or the target, instead of the source;
 //! 2. gives the source the lowest `controller.kubernetes.io/pod-deletion-cost` and, in one
 //!    write, gives the target the highest with the source's labels and its controller's
 //!    ownerReference: from then the ReplicaSet owns `replicas + 1` pods and, if it acts
@@ -23,10 +25,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt as _};
 use migrate_format::annotations;
 
 /// How long the target may take to become Ready once its app runs.
@@ -65,13 +69,13 @@ fn ready(pod: &Pod) -> bool {
 /// start a fresh replica).
 pub async fn hand_off(
     pods: &Api<Pod>,
+    replica_sets: &Api<ReplicaSet>,
+    namespace: &str,
     source: &str,
     target: &str,
 ) -> Result<Option<String>, String> {
-    let pod = pods
-        .get(target)
-        .await
-        .map_err(|e| format!("cannot read the target pod {target}: {e}"))?;
+    let read = |name: &str, e: kube::Error| format!("cannot read pod {name}: {e}");
+    let pod = pods.get(target).await.map_err(|e| read(target, e))?;
     let Some(owner) = owner_of(&pod) else {
         return Ok(None);
     };
@@ -79,19 +83,75 @@ pub async fn hand_off(
     if adopted(&pod, &owner) {
         return Ok(Some(named));
     }
+    let keep = format!(
+        "the source pod {source} stays the ReplicaSet's, frozen (never delete it by hand: a fresh replica would start)"
+    );
+    let resume = format!("`kubectl migrate resume -n {namespace} {source}`");
+    let labels: BTreeMap<String, String> = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::HELD_LABELS))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| {
+            format!(
+                "the target pod {target} lacks the source's labels (annotation {} missing or damaged), so it cannot join {named}: {keep}",
+                annotations::HELD_LABELS
+            )
+        })?;
+    // The ReplicaSet must still be the one the source belonged to, live, and select the
+    // labels the target is to get: else it would release the target, or the garbage
+    // collector delete it as an orphan of a gone owner.
+    let rs = replica_sets
+        .get_opt(&owner.name)
+        .await
+        .map_err(|e| format!("cannot read {named}: {e}; {keep}; {resume} tries again"))?
+        .filter(|rs| rs.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
+        .ok_or_else(|| {
+            format!(
+                "{named} is gone or being deleted, so the target pod {target} was not handed to it: the target runs the app as a pod no controller owns; {keep}"
+            )
+        })?;
+    let selects = rs
+        .spec
+        .as_ref()
+        .and_then(|s| Selector::try_from(s.selector.clone()).ok())
+        .is_some_and(|selector| !selector.selects_all() && selector.matches(&labels));
+    if !selects {
+        return Err(format!(
+            "{named}'s selector no longer matches the source's labels, so it would not keep the target pod {target}: {keep}"
+        ));
+    }
+    // The ReplicaSet deletes first a pod that is unassigned, not Running or not Ready, before
+    // it looks at deletion costs: the target and every other pod of it must be none of these.
     let start = Instant::now();
-    let mut pod = pod;
-    while !ready(&pod) {
+    loop {
+        let pod = pods.get(target).await.map_err(|e| read(target, e))?;
+        let others = pods
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| {
+                format!("cannot list the pods of {named}: {e}; {keep}; {resume} tries again")
+            })?
+            .items;
+        let unsteady = std::iter::once(&pod)
+            .chain(others.iter().filter(|p| {
+                controlled_by(p, &owner)
+                    && p.metadata.deletion_timestamp.is_none()
+                    && p.metadata.name.as_deref() != Some(source)
+            }))
+            .find(|p| !steady(p))
+            .and_then(|p| p.metadata.name.clone());
+        let Some(unsteady) = unsteady else {
+            break;
+        };
         if start.elapsed() > READY_WITHIN {
             return Err(format!(
-                "the target pod {target} runs the app but was not Ready within {READY_WITHIN:?}, so it was not handed to {named} (the ReplicaSet deletes a pod that is not Ready first); the source pod {source} stays the ReplicaSet's (never delete it by hand: a fresh replica would start). Once `kubectl get pod {target}` shows it Ready, `kubectl migrate resume {source}` finishes"
+                "pod {unsteady} was not Running and Ready (or is itself being migrated) within {READY_WITHIN:?}, so the target pod {target} was not handed to {named}: the ReplicaSet deletes such a pod before the stale source; {keep}. Once `kubectl get pods -n {namespace}` shows it Ready, {resume} finishes"
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        pod = pods
-            .get(target)
-            .await
-            .map_err(|e| format!("cannot read the target pod {target}: {e}"))?;
     }
     let cost = |value: i32| serde_json::json!({"metadata": {"annotations": {annotations::DELETION_COST: value.to_string()}}});
     match pods
@@ -107,17 +167,10 @@ pub async fn hand_off(
         Err(kube::Error::Api(status)) if status.is_not_found() => {}
         Err(e) => {
             return Err(format!(
-                "cannot set the deletion cost of the source pod {source}: {e}; `kubectl migrate resume {source}` finishes"
+                "cannot set the deletion cost of the source pod {source}: {e}; {keep}; {resume} finishes"
             ));
         }
     }
-    let labels: BTreeMap<String, String> = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::HELD_LABELS))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_default();
     let patch = serde_json::json!({"metadata": {
         "labels": labels,
         "ownerReferences": [owner],
@@ -130,19 +183,50 @@ pub async fn hand_off(
         .await
         .map_err(|e| {
             format!(
-                "cannot hand the target pod {target} to {named} (labels and owner): {e}; the source pod {source} stays the ReplicaSet's (never delete it by hand); `kubectl migrate resume {source}` finishes"
+                "cannot hand the target pod {target} to {named} (labels and owner): {e}; {keep}; {resume} finishes"
             )
         })?;
     Ok(Some(named))
 }
 
-/// Step 3's end: the target's deletion cost goes, once the source is deleted.
+/// Whether `pod` is controlled by `owner`.
+fn controlled_by(pod: &Pod, owner: &OwnerReference) -> bool {
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == owner.uid && o.controller == Some(true))
+}
+
+/// A pod the ReplicaSet ranks after a Ready, Running, assigned one only by deletion cost: it
+/// is all three, and no migration of it is under way (a frozen source may turn unready).
+fn steady(pod: &Pod) -> bool {
+    let assigned = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_some();
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let migrating = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::PHASE))
+        .is_some_and(|phase| matches!(phase.as_str(), "checkpointing" | "committed" | "aborting"));
+    assigned && running && ready(pod) && !migrating
+}
+
+/// Step 3's end: the target's deletion cost goes, once the source is deleted, and with it the
+/// `owner` annotation (the target is the ReplicaSet's own pod now: a later migration of it
+/// reads its owner from its ownerReferences).
 ///
 /// # Errors
 /// The API error, as a warning's text with the command that does it.
 pub async fn drop_deletion_cost(pods: &Api<Pod>, target: &str) -> Result<(), String> {
-    let patch =
-        serde_json::json!({"metadata": {"annotations": {annotations::DELETION_COST: null}}});
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        annotations::DELETION_COST: null,
+        annotations::OWNER: null,
+    }}});
     pods.patch(target, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)

@@ -447,7 +447,41 @@ fn drain_scenario(cluster: &Cluster) -> Result<()> {
     let follow_replica = Follow::start(cluster, &replica)?;
 
     step("pods running");
-    let out = migrate(cluster, &["drain", "node-a", "--to", "node-b"], &[])?;
+    // A dry run changes nothing, and without --force a pod no controller owns is not evicted.
+    let dry = migrate(
+        cluster,
+        &["drain", "node-a", "--to", "node-b", "--dry-run"],
+        &[],
+    )?;
+    ensure!(
+        dry.code == Some(1)
+            && row_of(&dry.stdout, "solo")[2] == "would-migrate"
+            && row_of(&dry.stdout, &replica)[2] == "would-migrate"
+            && row_of(&dry.stdout, "plain")[2] == "failed"
+            && dry.stderr.contains("pass --force to evict it anyway"),
+        "the dry run must plan two migrations and refuse to evict a bare pod without --force: {:?}\n{}{}",
+        dry.code,
+        dry.stdout,
+        dry.stderr
+    );
+    ensure!(
+        cluster.kubectl_ok(&[
+            "get",
+            "node",
+            "node-a",
+            "-o",
+            "jsonpath={.spec.unschedulable}"
+        ])? != "true"
+            && pod_field(cluster, "solo", "{.metadata.annotations}")?
+                .find("migrate.kubectl.io/phase")
+                .is_none(),
+        "the dry run changed something"
+    );
+    let out = migrate(
+        cluster,
+        &["drain", "node-a", "--to", "node-b", "--force"],
+        &[],
+    )?;
     step("drained");
     ensure!(
         out.code == Some(0),
@@ -535,7 +569,7 @@ fn drain_scenario(cluster: &Cluster) -> Result<()> {
     step("budget counted");
     let out = migrate(
         cluster,
-        &["drain", "node-a", "--eviction-timeout", "6s"],
+        &["drain", "node-a", "--force", "--eviction-timeout", "6s"],
         &[],
     )?;
     step("drained again");
