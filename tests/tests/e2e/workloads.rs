@@ -578,7 +578,7 @@ fn drain_scenario(cluster: &Cluster) -> Result<()> {
             && row_of(&out.stdout, "guarded")[2] == "failed"
             && out
                 .stderr
-                .contains("PodDisruptionBudget allows no disruption"),
+                .contains("kept refusing it for 6s (HTTP 429: Cannot evict pod as it would violate the pod's disruption budget. The disruption budget guarded needs 1 healthy pods"),
         "a drain that a PodDisruptionBudget stops must say so and exit 1: {:?}\n{}{}",
         out.code,
         out.stdout,
