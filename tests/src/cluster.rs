@@ -536,12 +536,8 @@ impl Cluster {
         stop_pid(pid);
     }
 
-    /// Kills the first container of `pod` with SIGKILL through its node's containerd, as the
-    /// OOM killer or a crash would: the kubelet then restarts it.
-    ///
-    /// # Errors
-    /// When the pod or its container cannot be found, or containerd refuses.
-    pub fn kill_container(&self, pod: &str) -> Result<()> {
+    /// The containerd socket of `pod`'s node and the id of its first container there.
+    fn first_container(&self, pod: &str) -> Result<(PathBuf, String)> {
         let fields = self.kubectl_ok(&[
             "get",
             "pod",
@@ -552,9 +548,18 @@ impl Cluster {
         let (node, id) = fields
             .split_once(' ')
             .with_context(|| format!("pod {pod}: no node or container ({fields})"))?;
-        let id = id.trim().trim_start_matches("containerd://");
-        let socket = self.dir.join(node).join("containerd.sock");
-        let output = ctr(&socket, &["task", "kill", "--signal", "SIGKILL", id])?;
+        let id = id.trim().trim_start_matches("containerd://").to_string();
+        Ok((self.dir.join(node).join("containerd.sock"), id))
+    }
+
+    /// Kills the first container of `pod` with SIGKILL through its node's containerd, as the
+    /// OOM killer or a crash would: the kubelet then restarts it.
+    ///
+    /// # Errors
+    /// When the pod or its container cannot be found, or containerd refuses.
+    pub fn kill_container(&self, pod: &str) -> Result<()> {
+        let (socket, id) = self.first_container(pod)?;
+        let output = ctr(&socket, &["task", "kill", "--signal", "SIGKILL", &id])?;
         if !output.status.success() {
             bail!(
                 "ctr task kill {id}: {}",
@@ -570,19 +575,8 @@ impl Cluster {
     /// # Errors
     /// When the pod, its container or the record cannot be read.
     pub fn oci_runtime_of(&self, pod: &str) -> Result<String> {
-        let fields = self.kubectl_ok(&[
-            "get",
-            "pod",
-            pod,
-            "-o",
-            "jsonpath={.spec.nodeName} {.status.containerStatuses[0].containerID}",
-        ])?;
-        let (node, id) = fields
-            .split_once(' ')
-            .with_context(|| format!("pod {pod}: no node or container ({fields})"))?;
-        let id = id.trim().trim_start_matches("containerd://");
-        let socket = self.dir.join(node).join("containerd.sock");
-        let output = ctr(&socket, &["containers", "info", id])?;
+        let (socket, id) = self.first_container(pod)?;
+        let output = ctr(&socket, &["containers", "info", &id])?;
         ensure!(
             output.status.success(),
             "ctr containers info {id}: {}",

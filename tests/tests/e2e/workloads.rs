@@ -182,6 +182,37 @@ impl OwnedPodsWatch {
     }
 }
 
+/// Once Deployment `name` is steady again, what `watch` saw of its 2-replica ReplicaSet, which
+/// must have owned exactly `pods` (the two replicas and the restored pod: no fresh replica) and
+/// between 2 and 3 of them at any time. The watch runs 3 s past the rollout's end, a window in
+/// which a controller about to make a replica would have made it.
+fn settled_census(
+    cluster: &Cluster,
+    name: &str,
+    watch: OwnedPodsWatch,
+    pods: [&String; 3],
+) -> Result<Census> {
+    cluster.kubectl_ok(&[
+        "rollout",
+        "status",
+        &format!("deployment/{name}"),
+        "--timeout=60s",
+    ])?;
+    std::thread::sleep(Duration::from_secs(3));
+    let census = watch.finish();
+    let expected: BTreeSet<String> = pods.into_iter().cloned().collect();
+    ensure!(
+        census.names == expected,
+        "the ReplicaSet owned other pods than the two replicas and the restored one (a fresh replica was made): {:?}",
+        census.names
+    );
+    ensure!(
+        census.least_active >= 2 && census.most_owned <= 3,
+        "the ReplicaSet's pods went outside 2..=3: {census:?}"
+    );
+    Ok(census)
+}
+
 /// Acceptance: a Deployment of 2 counters; its node-a pod moves to node-b; the count
 /// continues; the ReplicaSet never owns fewer than 2 or more than 3 pods and never makes a pod
 /// of its own; afterwards it owns the restored pod, the Deployment is 2/2 ready, and its
@@ -212,25 +243,7 @@ pub fn deployment_pod_moves_with_a_handoff(cluster: &Cluster) -> Result<()> {
         Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
     })?;
     let (last, first) = assert_continued(&before, &logs(cluster, &target, None))?;
-    // Let the controllers settle: any fresh replica they were going to make, they make now.
-    cluster.kubectl_ok(&[
-        "rollout",
-        "status",
-        &format!("deployment/{name}"),
-        "--timeout=60s",
-    ])?;
-    std::thread::sleep(Duration::from_secs(3));
-    let census = watch.finish();
-    let expected: BTreeSet<String> = [source.clone(), other.clone(), target.clone()].into();
-    ensure!(
-        census.names == expected,
-        "the ReplicaSet owned other pods than the two replicas and the restored one (a fresh replica was made): {:?}",
-        census.names
-    );
-    ensure!(
-        census.least_active >= 2 && census.most_owned <= 3,
-        "the ReplicaSet's pods went outside 2..=3: {census:?}"
-    );
+    let census = settled_census(cluster, name, watch, [&source, &other, &target])?;
     ensure!(
         controller_uid(cluster, &target)? == owner,
         "the ReplicaSet does not own the restored pod"
@@ -657,19 +670,8 @@ pub fn deployment_pod_move_resumes_after_a_kill(cluster: &Cluster) -> Result<()>
             Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
         })?;
         assert_continued(&before, &logs(cluster, &target, None))?;
-        cluster.kubectl_ok(&[
-            "rollout",
-            "status",
-            &format!("deployment/{name}"),
-            "--timeout=60s",
-        ])?;
-        std::thread::sleep(Duration::from_secs(3));
-        let census = watch.finish();
-        let expected: BTreeSet<String> = [source.clone(), other, target.clone()].into();
-        ensure!(
-            census.names == expected && census.least_active >= 2 && census.most_owned <= 3,
-            "killed at {stage}: the ReplicaSet's pods were not the two replicas and the restored one within 2..=3: {census:?}"
-        );
+        let census = settled_census(cluster, &name, watch, [&source, &other, &target])
+            .with_context(|| format!("killed at {stage}"))?;
         ensure!(
             controller_uid(cluster, &target)? == owner,
             "killed at {stage}: the ReplicaSet does not own the restored pod"
