@@ -504,6 +504,57 @@ mod tests {
         }
     }
 
+    fn options() -> Options {
+        Options {
+            node: "a".into(),
+            to: None,
+            parallel: 1,
+            dry_run: false,
+            migrate_only: false,
+            force: false,
+            delete_emptydir_data: false,
+            eviction_timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(300),
+            lease: Duration::from_secs(120),
+            transfer: TransferMode::Auto,
+        }
+    }
+
+    #[test]
+    fn like_kubectl_drain_a_bare_or_empty_dir_pod_is_evicted_only_when_asked() {
+        let pod = |owned: bool, empty_dir: bool| -> Pod {
+            let owners = if owned {
+                serde_json::json!([{"apiVersion": "v1", "kind": "ReplicationController", "name": "r", "uid": "u", "controller": true}])
+            } else {
+                serde_json::json!([])
+            };
+            let volumes = if empty_dir {
+                serde_json::json!([{"name": "scratch", "emptyDir": {}}])
+            } else {
+                serde_json::json!([])
+            };
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "ownerReferences": owners},
+                "spec": {"containers": [], "volumes": volumes},
+                "status": {"phase": "Running"}
+            }))
+            .unwrap()
+        };
+        let mut o = options();
+        assert_eq!(eviction_refused(&pod(true, false), &o), None);
+        let bare = eviction_refused(&pod(false, false), &o).unwrap_or_default();
+        assert!(bare.contains("--force"), "{bare}");
+        let scratch = eviction_refused(&pod(true, true), &o).unwrap_or_default();
+        assert!(
+            scratch.contains("emptyDir volume scratch")
+                && scratch.contains("--delete-emptydir-data"),
+            "{scratch}"
+        );
+        o.force = true;
+        o.delete_emptydir_data = true;
+        assert_eq!(eviction_refused(&pod(false, true), &o), None);
+    }
+
     #[test]
     fn only_a_failed_pod_fails_the_drain() {
         assert!(succeeded(&[

@@ -237,3 +237,66 @@ pub async fn drop_deletion_cost(pods: &Api<Pod>, target: &str) -> Result<(), Str
             )
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(node: Option<&str>, phase: &str, ready: &str, migration: Option<&str>) -> Pod {
+        let mut notes = serde_json::Map::new();
+        if let Some(m) = migration {
+            notes.insert(annotations::PHASE.into(), m.into());
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "annotations": notes},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_an_assigned_running_ready_pod_outside_a_migration_is_steady() {
+        assert!(steady(&pod(Some("a"), "Running", "True", None)));
+        assert!(steady(&pod(Some("a"), "Running", "True", Some("done"))));
+        for (why, p) in [
+            ("unassigned", pod(None, "Running", "True", None)),
+            ("pending", pod(Some("a"), "Pending", "True", None)),
+            ("not ready", pod(Some("a"), "Running", "False", None)),
+            (
+                "a frozen source",
+                pod(Some("a"), "Running", "True", Some("checkpointing")),
+            ),
+            (
+                "a committed source",
+                pod(Some("a"), "Running", "True", Some("committed")),
+            ),
+        ] {
+            assert!(!steady(&p), "{why}");
+        }
+    }
+
+    #[test]
+    fn the_owner_comes_from_the_annotation_and_adoption_from_the_references() {
+        let owner: OwnerReference = serde_json::from_value(serde_json::json!(
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u", "controller": true}
+        ))
+        .unwrap();
+        let mut target = pod(Some("b"), "Running", "True", None);
+        assert!(
+            owner_of(&target).is_none(),
+            "a bare pod's target has no owner"
+        );
+        target.metadata.annotations = Some(
+            [(
+                annotations::OWNER.to_string(),
+                serde_json::to_string(&owner).unwrap(),
+            )]
+            .into(),
+        );
+        assert_eq!(owner_of(&target), Some(owner.clone()));
+        assert!(!adopted(&target, &owner));
+        target.metadata.owner_references = Some(vec![owner.clone()]);
+        assert!(adopted(&target, &owner) && controlled_by(&target, &owner));
+    }
+}
