@@ -1186,3 +1186,173 @@ async fn an_abort_while_the_target_starts_stops_the_plugin_before_the_freeze() -
     );
     Ok(())
 }
+
+/// Sets condition `kind` of pod `name` (strategic merge: the other conditions stay), as the
+/// kubelet would.
+async fn set_condition(connection: &Connection, name: &str, kind: &str, value: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+    let patch = serde_json::json!({"status": {"conditions": [{"type": kind, "status": value}]}});
+    pods.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Strategic(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+/// A ReplicaSet's pod (the ReplicaSet object is real; no controller runs here, so the test
+/// watches the writes themselves): the target is created with no labels and no owner; after
+/// the thaw, the handoff waits while the target or the ReplicaSet's other pod is not Ready
+/// (the ReplicaSet would delete a not-Ready pod before any deletion cost counts); then the
+/// source gets the lowest deletion cost, the target the ReplicaSet as controller with the
+/// source's labels, the source is deleted, and the target keeps no deletion cost and no
+/// handoff annotations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_set_pod_is_handed_over_only_once_every_pod_of_it_is_ready() -> Result<()> {
+    if !apiserver_tests_can_run(
+        "a_replica_set_pod_is_handed_over_only_once_every_pod_of_it_is_ready",
+    ) {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    server.apply(
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: web-1\n  namespace: apps\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: counter}}\n  template:\n    metadata: {labels: {app: counter}}\n    spec: {containers: [{name: counter, image: localhost/migrate/counter:v1}]}\n",
+    )?;
+    server.patch_status(
+        "replicaset",
+        "web-1",
+        Some("apps"),
+        &serde_json::json!({"status": {"replicas": 2, "readyReplicas": 2}}),
+    )?;
+    let replica_sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(connection.client.clone(), "apps");
+    let uid = replica_sets
+        .get("web-1")
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default();
+    let owner = format!(
+        "[{{apiVersion: apps/v1, kind: ReplicaSet, name: web-1, uid: {uid}, controller: true, blockOwnerDeletion: true}}]"
+    );
+    server.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: counter\n  namespace: apps\n  labels: {{app: counter}}\n  ownerReferences: {owner}\nspec:\n  nodeName: node-a\n  containers:\n  - name: counter\n    image: localhost/migrate/counter:v1\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: twin\n  namespace: apps\n  labels: {{app: counter}}\n  ownerReferences: {owner}\nspec:\n  nodeName: node-b\n  containers:\n  - name: counter\n    image: localhost/migrate/counter:v1\n"
+    ))?;
+    server.patch_status(
+        "pod",
+        "twin",
+        Some("apps"),
+        &serde_json::json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+    )?;
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    // The kubelet's part: the target runs; it turns Ready only once the plugin has set its
+    // serving gate; meanwhile the other replica has turned unready and comes back later.
+    let kubelet_part = async {
+        let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+        let mut created = None;
+        for _ in 0..600 {
+            if let Some(target) = pods.get_opt("counter-m1").await? {
+                created = Some(target);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let target = created.context("no target pod")?;
+        ensure!(
+            target.metadata.labels.is_none() && target.metadata.owner_references.is_none(),
+            "the target must be created with no labels and no owner: {:?}",
+            target.metadata
+        );
+        set_condition(&connection, "twin", "Ready", "False").await?;
+        let mut serving = false;
+        for _ in 0..600 {
+            let target = pods.get("counter-m1").await?;
+            if condition(&target, "migrate.kubectl.io/serving").as_deref() == Some("True") {
+                serving = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(serving, "the plugin never set the target's serving gate");
+        set_condition(&connection, "counter-m1", "Ready", "True").await?;
+        // Two seconds with the other replica unready: nothing may be handed over.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let target = pods.get("counter-m1").await?;
+        let source = pods.get("counter").await?;
+        ensure!(
+            target.metadata.owner_references.is_none()
+                && source.metadata.deletion_timestamp.is_none(),
+            "the target was handed over (or the source deleted) while another pod of the ReplicaSet was not Ready"
+        );
+        set_condition(&connection, "twin", "Ready", "True").await?;
+        Ok::<(), anyhow::Error>(())
+    };
+    let driver = kubelet(&server, Kubelet::Runs);
+    let moving = options(Duration::from_secs(60));
+    let (outcome, kubelet_part) = tokio::join!(
+        migrate::migrate(&connection, &launchers, &moving, std::future::pending()),
+        kubelet_part
+    );
+    let _ = driver.join();
+    kubelet_part?;
+    let report =
+        outcome.map_err(|e| anyhow::anyhow!("the migration should have succeeded: {e}"))?;
+    ensure!(report.source_deleted, "{report:?}");
+    let target = pod(&connection, "counter-m1").await?.context("no target")?;
+    let owners = target.metadata.owner_references.clone().unwrap_or_default();
+    ensure!(
+        owners.len() == 1 && owners[0].uid == uid && owners[0].controller == Some(true),
+        "the target is not the ReplicaSet's: {owners:?}"
+    );
+    ensure!(
+        target.metadata.labels.clone().unwrap_or_default()
+            == [("app".to_string(), "counter".to_string())].into(),
+        "the target lacks the source's labels: {:?}",
+        target.metadata.labels
+    );
+    let notes = target.metadata.annotations.clone().unwrap_or_default();
+    for gone in [
+        "controller.kubernetes.io/pod-deletion-cost",
+        "migrate.kubectl.io/owner",
+        "migrate.kubectl.io/held-labels",
+    ] {
+        ensure!(
+            !notes.contains_key(gone),
+            "the target kept {gone}: {notes:?}"
+        );
+    }
+    ensure!(
+        notes.get("migrate.kubectl.io/phase").map(String::as_str) == Some("done")
+            && notes
+                .get("migrate.kubectl.io/wait-for-checkpoint")
+                .map(String::as_str)
+                == Some("false"),
+        "{notes:?}"
+    );
+    // Without a kubelet the deleted source keeps its object: its last writes are readable.
+    let source = pod(&connection, "counter").await?.context("no source")?;
+    ensure!(
+        source.metadata.deletion_timestamp.is_some()
+            && source
+                .metadata
+                .annotations
+                .clone()
+                .unwrap_or_default()
+                .get("controller.kubernetes.io/pod-deletion-cost")
+                .map(String::as_str)
+                == Some("-2147483648"),
+        "the source was not deleted with the lowest deletion cost: {:?}",
+        source.metadata
+    );
+    Ok(())
+}
