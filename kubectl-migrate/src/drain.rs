@@ -340,10 +340,7 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
     if pod.metadata.deletion_timestamp.is_some() {
         return Plan::Done(Action::Skipped("already terminating".into()));
     }
-    if pod
-        .annotations()
-        .contains_key("kubernetes.io/config.mirror")
-    {
+    if check::pod::is_mirror(pod) {
         return Plan::Done(Action::Skipped(
             "static pod: its node's kubelet runs it".into(),
         ));

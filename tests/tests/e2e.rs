@@ -993,22 +993,29 @@ fn plugin_killed_at_each_stage(cluster: &Cluster) -> Result<()> {
         let name = format!("killed-{stage}");
         run_counter(cluster, &name, "node-a", &[])?;
         let follow = Follow::start(cluster, &name)?;
-        let out = migrate(
-            cluster,
-            &[&name, "--to", "node-b"],
-            &[("KUBECTL_MIGRATE_FAULT_KILL_AT", stage)],
-        )?;
-        ensure!(
-            out.code.is_none() && out.stderr.contains(&format!("at stage {stage}")),
-            "the plugin was to die by SIGKILL at {stage}: exit {:?}\n{}{}",
-            out.code,
-            out.stdout,
-            out.stderr
-        );
+        migrate_killed_at(cluster, &name, stage)?;
         recover_after_kill(cluster, &name, follow, committed)
             .with_context(|| format!("killed at stage {stage}"))?;
         eprintln!("killed at {stage}: recovered, one copy runs, the count continued");
     }
+    Ok(())
+}
+
+/// `kubectl migrate POD --to node-b` with the fault hook killing the plugin by SIGKILL at
+/// `stage`; it must have died there.
+fn migrate_killed_at(cluster: &Cluster, pod: &str, stage: &str) -> Result<()> {
+    let out = migrate(
+        cluster,
+        &[pod, "--to", "node-b"],
+        &[("KUBECTL_MIGRATE_FAULT_KILL_AT", stage)],
+    )?;
+    ensure!(
+        out.code.is_none() && out.stderr.contains(&format!("at stage {stage}")),
+        "the plugin was to die by SIGKILL at {stage}: exit {:?}\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
     Ok(())
 }
 

@@ -32,7 +32,7 @@ pub fn controller(pod: &k8s_openapi::api::core::v1::Pod) -> Option<&OwnerReferen
 }
 
 /// A static pod: the kubelet runs it from a file on its node, and the API shows a mirror.
-fn is_mirror(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+pub fn is_mirror(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.metadata
         .annotations
         .as_ref()

@@ -43,16 +43,6 @@ pub fn owner_of(target: &Pod) -> Option<OwnerReference> {
     serde_json::from_str(notes.get(annotations::OWNER)?).ok()
 }
 
-/// Whether `target` already belongs to `owner` (an earlier handoff got that far).
-fn adopted(target: &Pod, owner: &OwnerReference) -> bool {
-    target
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == owner.uid && o.controller == Some(true))
-}
-
 fn ready(pod: &Pod) -> bool {
     pod.status
         .iter()
@@ -80,7 +70,8 @@ pub async fn hand_off(
         return Ok(None);
     };
     let named = format!("{} {}", owner.kind, owner.name);
-    if adopted(&pod, &owner) {
+    // An earlier handoff got that far.
+    if controlled_by(&pod, &owner) {
         return Ok(Some(named));
     }
     let keep = format!(
@@ -295,8 +286,8 @@ mod tests {
             .into(),
         );
         assert_eq!(owner_of(&target), Some(owner.clone()));
-        assert!(!adopted(&target, &owner));
+        assert!(!controlled_by(&target, &owner));
         target.metadata.owner_references = Some(vec![owner.clone()]);
-        assert!(adopted(&target, &owner) && controlled_by(&target, &owner));
+        assert!(controlled_by(&target, &owner));
     }
 }

@@ -644,18 +644,7 @@ pub fn deployment_pod_move_resumes_after_a_kill(cluster: &Cluster) -> Result<()>
         let watch = OwnedPodsWatch::start(cluster, &owner, 2)?;
         let follow = Follow::start(cluster, &source)?;
         watch.wait_listed(2)?;
-        let out = migrate(
-            cluster,
-            &[&source, "--to", "node-b"],
-            &[("KUBECTL_MIGRATE_FAULT_KILL_AT", stage)],
-        )?;
-        ensure!(
-            out.code.is_none() && out.stderr.contains(&format!("at stage {stage}")),
-            "the plugin was to die by SIGKILL at {stage}: exit {:?}\n{}{}",
-            out.code,
-            out.stdout,
-            out.stderr
-        );
+        migrate_killed_at(cluster, &source, stage)?;
         let done = kubectl_migrate(cluster, &["resume", &source]).output()?;
         ensure!(
             done.status.success(),
