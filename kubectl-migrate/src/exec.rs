@@ -460,14 +460,17 @@ impl ExecLaunchers {
     }
 
     /// The relay: the source's `checkpoint --output -` streamed through this plugin into the
-    /// target's `receive --input -`.
+    /// target's `receive --input -` (or, for a StatefulSet's move, into a holder's `park`, and
+    /// from its `unpark`: `leg`).
     async fn relay(
         &self,
         source: &Pod,
         target: &Pod,
         container: &str,
         moved: Arc<AtomicU64>,
+        leg: Leg,
     ) -> Result<(CheckpointReport, RestoreReport), LauncherError> {
+        let (send, take) = leg.commands();
         let (source_pods, source_name) = self.pods(source);
         let (target_pods, target_name) = self.pods(target);
         // kube's exec streams default to 1 KiB pipes: one WebSocket message per KiB, which
@@ -485,22 +488,22 @@ impl ExecLaunchers {
             .stderr(true)
             .max_stdin_buf_size(CHUNK);
         let mut receive = target_pods
-            .exec(
-                &target_name,
-                ["restore-launcher", "receive", "--input", "-"],
-                &receive_params,
-            )
-            .await
-            .map_err(|e| format!("cannot start `restore-launcher receive` in the target: {e}"))?;
-        let mut dump = source_pods
-            .exec(
-                &source_name,
-                ["restore-launcher", "checkpoint", "--output", "-"],
-                &dump_params,
-            )
+            .exec(&target_name, take.to_vec(), &receive_params)
             .await
             .map_err(|e| {
-                format!("cannot start `restore-launcher checkpoint` in the source: {e}")
+                format!(
+                    "cannot start `{}` in pod {target_name}: {e}",
+                    take.join(" ")
+                )
+            })?;
+        let mut dump = source_pods
+            .exec(&source_name, send.to_vec(), &dump_params)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot start `{}` in pod {source_name}: {e}",
+                    send.join(" ")
+                )
             })?;
         let (Some(archive), Some(input)) = (dump.stdout(), receive.stdin()) else {
             return Err(LauncherError::Failed(
@@ -648,6 +651,29 @@ impl ExecLaunchers {
     }
 }
 
+/// Which two sub-commands a relay joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leg {
+    /// `checkpoint` into `receive`: a migration's transfer.
+    Migrate,
+    /// `checkpoint` into a holder's `park`.
+    Park,
+    /// A holder's `unpark` into `receive`.
+    Unpark,
+}
+
+impl Leg {
+    fn commands(self) -> (&'static [&'static str], &'static [&'static str]) {
+        const CHECKPOINT: &[&str] = &["restore-launcher", "checkpoint", "--output", "-"];
+        const RECEIVE: &[&str] = &["restore-launcher", "receive", "--input", "-"];
+        match self {
+            Leg::Migrate => (CHECKPOINT, RECEIVE),
+            Leg::Park => (CHECKPOINT, &["restore-launcher", "park"]),
+            Leg::Unpark => (&["restore-launcher", "unpark"], RECEIVE),
+        }
+    }
+}
+
 /// A transfer made ready before the freeze: relayed, or direct with its channel standing.
 #[derive(Debug)]
 pub enum Ready {
@@ -729,7 +755,8 @@ impl Launchers for ExecLaunchers {
     ) -> Result<Transferred, LauncherError> {
         let (reports, route) = match ready {
             Ready::Relay => (
-                self.relay(source, target, container, moved).await,
+                self.relay(source, target, container, moved, Leg::Migrate)
+                    .await,
                 Route::Relay,
             ),
             Ready::Direct(channel) if self.lazy => (
@@ -746,6 +773,40 @@ impl Launchers for ExecLaunchers {
             checkpoint,
             restore,
             route,
+        })
+    }
+
+    async fn park(
+        &self,
+        source: &Pod,
+        holder: &Pod,
+        container: &str,
+        moved: Arc<AtomicU64>,
+    ) -> Result<Transferred, LauncherError> {
+        let (checkpoint, restore) = self
+            .relay(source, holder, container, moved, Leg::Park)
+            .await?;
+        Ok(Transferred {
+            checkpoint,
+            restore,
+            route: Route::Relay,
+        })
+    }
+
+    async fn unpark(
+        &self,
+        holder: &Pod,
+        target: &Pod,
+        container: &str,
+        moved: Arc<AtomicU64>,
+    ) -> Result<Transferred, LauncherError> {
+        let (checkpoint, restore) = self
+            .relay(holder, target, container, moved, Leg::Unpark)
+            .await?;
+        Ok(Transferred {
+            checkpoint,
+            restore,
+            route: Route::Relay,
         })
     }
 

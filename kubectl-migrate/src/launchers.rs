@@ -126,6 +126,39 @@ pub trait Launchers {
         moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> impl std::future::Future<Output = Result<Transferred, LauncherError>> + Send;
 
+    /// A StatefulSet's move, first leg: the checkpoint of `container` in `source` goes, relayed
+    /// through this plugin, into `park` in the same container of `holder` (verified and kept
+    /// there, restored nowhere). The second report is the holder's.
+    fn park(
+        &self,
+        _source: &Pod,
+        _holder: &Pod,
+        _container: &str,
+        _moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> impl std::future::Future<Output = Result<Transferred, LauncherError>> + Send {
+        async {
+            Err(LauncherError::Failed(
+                "parking an archive is not supported here".into(),
+            ))
+        }
+    }
+
+    /// Second leg: the archive parked in `holder` goes (`unpark`) into `receive` in the same
+    /// container of `target`, which verifies and restores it (frozen).
+    fn unpark(
+        &self,
+        _holder: &Pod,
+        _target: &Pod,
+        _container: &str,
+        _moved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> impl std::future::Future<Output = Result<Transferred, LauncherError>> + Send {
+        async {
+            Err(LauncherError::Failed(
+                "parking an archive is not supported here".into(),
+            ))
+        }
+    }
+
     /// `rollback` in `container`: resume the app frozen by a checkpoint.
     fn rollback(
         &self,

@@ -128,10 +128,13 @@ pub async fn list(
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     // Targets still waiting for their checkpoint, and targets of a ReplicaSet's pod whose
     // handoff has not finished (their app runs; the source may be gone already).
+    // A StatefulSet pod's move is found by its holder (the successor, which has the source's
+    // name, is not a migration of its own).
     for target in all.iter().filter(|p| {
         (note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
             || note(p, annotations::PHASE) == Some("handing-off"))
             && p.metadata.deletion_timestamp.is_none()
+            && !migrate::identity::is_successor(p)
     }) {
         let (Some(id), Some(source)) = (
             note(target, annotations::MIGRATION_ID),
@@ -142,7 +145,11 @@ pub async fn list(
         let source_pod = by_name
             .get(source)
             .filter(|s| s.metadata.deletion_timestamp.is_none());
+        // A holder that recorded the commit holds the app once the source is gone.
+        let holder_committed = migrate::identity::is_holder(target)
+            && note(target, annotations::PHASE) == Some("committed");
         let phase = match source_pod {
+            _ if holder_committed => "committed",
             None => "source-deleted",
             Some(s) => Some(s)
                 .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
@@ -162,7 +169,8 @@ pub async fn list(
                 source: source.to_string(),
                 target: Some(name(target)),
                 // With the source gone the target holds the only copy: only finishing is safe.
-                committed: source_pod.is_none_or(|s| migrate::is_committed(s, id)),
+                committed: holder_committed
+                    || source_pod.is_none_or(|s| migrate::is_committed(s, id)),
                 phase,
                 age_seconds,
             },
@@ -361,15 +369,28 @@ pub async fn resume<L: Launchers + Sync>(
             .await
             .map_or(true, |status| status.post_copy.is_some());
     }
+    let stateful = progress
+        .target
+        .as_ref()
+        .is_some_and(migrate::identity::is_holder);
     let finished = migrate::finish(connection, launchers, &options, &progress)
         .await
         .map_err(|e| RecoverError::Finish(Box::new(e)))?;
-    let mut text = format!(
-        "finished migration {}: pod {} runs the app on node {node}; the source pod {} was deleted",
-        found.id,
-        found.target.unwrap_or_default(),
-        found.source
-    );
+    let mut text = if stateful {
+        format!(
+            "finished migration {}: pod {} runs the app on node {node}, restored from the checkpoint parked in {}",
+            found.id,
+            found.source,
+            found.target.unwrap_or_default()
+        )
+    } else {
+        format!(
+            "finished migration {}: pod {} runs the app on node {node}; the source pod {} was deleted",
+            found.id,
+            found.target.unwrap_or_default(),
+            found.source
+        )
+    };
     for warning in finished.warnings {
         text.push_str(&format!("; warning: {warning}"));
     }

@@ -139,6 +139,83 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     pod
 }
 
+/// A StatefulSet pod's move (`migrate::identity`), the holder: the pod on the target node
+/// whose launchers keep the checkpoint (`restore-launcher park`) while the pod's name changes
+/// hands. Made from [`target_pod`], so it has the source's images, users, environment and
+/// Secret-held key, but it runs no app, so it carries nothing the app needs from its node: no
+/// labels (no Service, no controller selects it), no owner, no claims (each becomes an
+/// emptyDir: a ReadWriteOnce volume stays with the source until it is gone), no ports,
+/// probes, hooks or resource requests (the node keeps its room for the successor), no
+/// hostname.
+pub fn holder_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
+    let mut pod = target_pod(source, node, migration_id);
+    let notes = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    notes.remove(annotations::OWNER);
+    notes.remove(annotations::HELD_LABELS);
+    notes.insert(annotations::ROLE.into(), "holder".into());
+    notes.insert(annotations::PHASE.into(), "parking".into());
+    pod.metadata.labels = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.readiness_gates = None;
+        spec.hostname = None;
+        spec.subdomain = None;
+        spec.priority = None;
+        spec.overhead = None;
+        for volume in spec.volumes.iter_mut().flatten() {
+            let carries_data = volume.persistent_volume_claim.is_some()
+                || volume.ephemeral.is_some()
+                || volume.host_path.is_some()
+                || volume.csi.is_some()
+                || volume.nfs.is_some();
+            if carries_data {
+                *volume = k8s_openapi::api::core::v1::Volume {
+                    name: volume.name.clone(),
+                    empty_dir: Some(Default::default()),
+                    ..Default::default()
+                };
+            }
+        }
+        for container in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            container.ports = None;
+            container.liveness_probe = None;
+            container.readiness_probe = None;
+            container.startup_probe = None;
+            container.lifecycle = None;
+            container.resources = None;
+            container.resize_policy = None;
+        }
+    }
+    pod
+}
+
+/// A StatefulSet pod's move, the successor: the pod that takes the source's name on the
+/// target node once the source is gone, and receives the app from the holder. It is the
+/// source as its StatefulSet made it -- name, labels (`controller-revision-hash`,
+/// `statefulset.kubernetes.io/pod-name`), hostname and subdomain, claims, the StatefulSet as
+/// controller -- so the controller takes it as its own pod and never replaces it; pinned to
+/// the target node, waiting for its checkpoint, behind the readiness gate.
+pub fn successor_pod(source: &Pod, node: &str, migration_id: &str, holder: &str) -> Pod {
+    let mut pod = target_pod(source, node, migration_id);
+    pod.metadata.name.clone_from(&source.metadata.name);
+    pod.metadata.labels.clone_from(&source.metadata.labels);
+    pod.metadata.owner_references = source.metadata.owner_references.as_ref().map(|refs| {
+        refs.iter()
+            .filter(|o| o.controller == Some(true))
+            .cloned()
+            .collect()
+    });
+    let notes = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    notes.remove(annotations::OWNER);
+    notes.remove(annotations::HELD_LABELS);
+    notes.insert(annotations::ROLE.into(), "successor".into());
+    notes.insert(annotations::PEER.into(), holder.into());
+    pod
+}
+
 /// Post-copy (`--lazy`): the target's migrated containers get SYS_PTRACE, SYS_ADMIN, NET_ADMIN
 /// and SYS_CHROOT. `criu restore --lazy-pages` and `criu lazy-pages` run in CRIU's privileged
 /// mode (under `--unprivileged` CRIU never probes userfaultfd and the daemon exits 1), which

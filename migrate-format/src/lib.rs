@@ -56,6 +56,14 @@ pub mod annotations {
     /// On the same target: the source's controller `ownerReference`, as JSON, which the
     /// handoff makes the target's.
     pub const OWNER: &str = "migrate.kubectl.io/owner";
+    /// In a StatefulSet pod's move: `holder` on the pod that keeps the checkpoint on the
+    /// target node while the pod's name changes hands, `successor` on the pod that takes the
+    /// name (and the app) there.
+    pub const ROLE: &str = "migrate.kubectl.io/role";
+    /// On the holder: the successor pod to create once the source is gone, as JSON (the
+    /// source's own spec, pinned to the target node), so that `kubectl migrate resume` can
+    /// create it after the source is gone.
+    pub const SUCCESSOR: &str = "migrate.kubectl.io/successor";
     /// Kubernetes' own: which of a ReplicaSet's pods it deletes first when it has too many
     /// (lowest first, among pods equally ready).
     pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

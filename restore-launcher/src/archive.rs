@@ -356,6 +356,10 @@ impl<R: Read> CountingReader<R> {
     pub fn new(inner: R) -> Self {
         CountingReader { inner, count: 0 }
     }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
 }
 
 impl<R: Read> Read for CountingReader<R> {
@@ -364,6 +368,34 @@ impl<R: Read> Read for CountingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
+}
+
+/// Reads only an archive's manifest (its first entry), checked as [`read_verified`] checks it,
+/// without unpacking anything: what a parked archive is (`crate::park`).
+///
+/// # Errors
+/// Any [`ArchiveError`] about the stream or the manifest.
+pub fn read_manifest<R: Read>(input: R) -> Result<Manifest, ArchiveError> {
+    let decoder = zstd::Decoder::new(input)
+        .map_err(ArchiveError::Stream)?
+        .single_frame();
+    let mut archive = tar::Archive::new(decoder);
+    let mut entries = archive.entries().map_err(ArchiveError::Stream)?.raw(true);
+    let mut headers = Headers::default();
+    let (mut first, name) = headers.next(&mut entries)?.ok_or(ArchiveError::Empty)?;
+    if name != MANIFEST_NAME {
+        return Err(ManifestError::NotFirst(name).into());
+    }
+    let size = first.header().size().map_err(ArchiveError::Stream)?;
+    if size > MANIFEST_SIZE_LIMIT {
+        return Err(ManifestError::TooLarge(size).into());
+    }
+    let mut json = Vec::with_capacity(size as usize);
+    (&mut first)
+        .take(MANIFEST_SIZE_LIMIT)
+        .read_to_end(&mut json)
+        .map_err(ArchiveError::Stream)?;
+    Ok(Manifest::from_json(&json, crate::sysinfo::arch())?)
 }
 
 /// Reads and verifies an archive stream into `staging` (an empty directory of ours). Returns
@@ -937,14 +969,22 @@ mod tests {
 /// directory, and never stage more than the manifest lists. Bounded (256 cases per run) so
 /// it runs with every `cargo test`, in CI.
 #[cfg(test)]
-mod fuzz {
+pub mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
     /// A real archive: CRIU-like images and an included tree with a long name and a symlink.
     fn valid_tar() -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
+        let (manifest, root) = sample(dir.path());
+        let mut compressed = Vec::new();
+        write(&mut compressed, &manifest, &root).unwrap();
+        zstd::decode_all(compressed.as_slice()).unwrap()
+    }
+
+    /// A checkpoint directory under `dir` and its manifest, as a checkpoint makes them.
+    pub fn sample(dir: &Path) -> (Manifest, std::path::PathBuf) {
+        let root = &dir.join("sample");
         fs::create_dir_all(root.join("criu")).unwrap();
         fs::write(root.join("criu/core-1000.img"), vec![7u8; 3000]).unwrap();
         fs::write(root.join("criu/pages-1.img"), b"pages").unwrap();
@@ -962,9 +1002,7 @@ mod fuzz {
             "frozen_at_ms": 0, "timings_ms": {}
         }))
         .unwrap();
-        let mut compressed = Vec::new();
-        write(&mut compressed, &manifest, root).unwrap();
-        zstd::decode_all(compressed.as_slice()).unwrap()
+        (manifest, root.clone())
     }
 
     /// Reads `compressed`; checks what must hold whatever it is.

@@ -237,6 +237,22 @@ pub enum Command {
         #[arg(long, requires = "listen")]
         lazy: bool,
     },
+    /// Keep an archive without restoring it: read it from stdin, verify it in full, and keep it
+    /// (mode 0600) in the work directory for `unpark`. Prints a JSON report; exits non-zero and
+    /// keeps nothing when the archive is refused. Used by the holder pod of a StatefulSet's
+    /// migration, whose launcher waits and runs no app.
+    Park {
+        /// Where the parked archive is kept [default: STATE_DIR/work]
+        #[arg(long, env = "RESTORE_LAUNCHER_WORK_DIR", value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
+    /// Write the archive kept by `park` to stdout (for the moved pod's `receive`); the JSON
+    /// summary goes to stderr.
+    Unpark {
+        /// Where the parked archive is kept [default: STATE_DIR/work]
+        #[arg(long, env = "RESTORE_LAUNCHER_WORK_DIR", value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
     /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
     Rollback,
     /// Stop the app (SIGSTOP to every process of its tree) so that all containers of a pod can

@@ -55,6 +55,31 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             Ok(0)
         }
         Command::Rollback => simple(state_dir, &Request::Rollback),
+        Command::Park { work_dir } => {
+            let work_dir = work_dir.clone().unwrap_or_else(|| state_dir.join("work"));
+            let report = crate::park::park(
+                unbuffered_stdin()?,
+                &work_dir,
+                crate::seal::KeySource::from_env().as_ref(),
+            );
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            let _ = io::stdout().flush();
+            Ok(u8::from(!report.ok))
+        }
+        Command::Unpark { work_dir } => {
+            if io::stdout().is_terminal() {
+                return Err(ClientError::Terminal);
+            }
+            let work_dir = work_dir.clone().unwrap_or_else(|| state_dir.join("work"));
+            let report = crate::park::unpark(
+                io::stdout().lock(),
+                &work_dir,
+                crate::seal::KeySource::from_env().as_ref(),
+            );
+            // stdout carries the archive: the summary goes to stderr.
+            eprintln!("{}", serde_json::to_string(&report).unwrap_or_default());
+            Ok(u8::from(!report.ok))
+        }
         Command::Freeze { lease } => simple(
             state_dir,
             &Request::Freeze {

@@ -14,6 +14,7 @@
 //! - [`job`]: forked workers for checkpoint and restore;
 //! - [`checkpoint`] / [`restore`]: those two jobs; [`criu`]: the CRIU command lines;
 //! - [`archive`]: the `.tar.zst` format, written and verified; [`include`]: `--include` paths;
+//! - [`park`]: an archive kept verified in a holder pod, and sent on (StatefulSet moves);
 //! - [`exit_status`]: how the app's end maps to the launcher's exit code;
 //! - [`sysinfo`]: kernel, architecture, CPU flags, time and ids;
 //! - [`tree`]: the app's process tree, stopped, resumed and killed process by process.
@@ -32,6 +33,7 @@ mod include;
 mod job;
 mod log;
 mod machine;
+mod park;
 mod relay;
 mod restore;
 mod seal;

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use migrate_format::StatusReport;
@@ -54,6 +54,11 @@ pub struct Facts {
     pub replica_set: Option<ReplicaSet>,
     /// The Deployment that controls that ReplicaSet, when one does.
     pub deployment: Option<Deployment>,
+    /// The StatefulSet that controls the pod, when one does (None also when it is gone).
+    pub stateful_set: Option<StatefulSet>,
+    /// For a StatefulSet's pod: the volume bound to each of its claims, by claim name (None
+    /// when unbound or unreadable), whose node affinity says whether it attaches on the target.
+    pub bound_volumes: BTreeMap<String, Option<PersistentVolume>>,
 }
 
 /// One reason the migration would fail: what is wrong and what to do.
@@ -161,6 +166,31 @@ pub async fn gather(
         }
         _ => None,
     };
+    let stateful_set = match pod::controller(&pod) {
+        Some(owner) if owner.kind == "StatefulSet" => {
+            Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                .get_opt(&owner.name)
+                .await?
+                .filter(|set| set.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+        }
+        _ => None,
+    };
+    let mut bound_volumes = BTreeMap::new();
+    if stateful_set.is_some() {
+        let volumes: Api<PersistentVolume> = Api::all(client.clone());
+        for (claim, pvc) in &claims {
+            let bound = pvc
+                .as_ref()
+                .and_then(|c| c.spec.as_ref())
+                .and_then(|s| s.volume_name.clone());
+            let volume = match bound {
+                // Unreadable (no RBAC for persistentvolumes) is said by the rule, not fatal.
+                Some(name) => volumes.get_opt(&name).await.ok().flatten(),
+                None => None,
+            };
+            bound_volumes.insert(claim.clone(), volume);
+        }
+    }
     let mut statuses = BTreeMap::new();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     if running {
@@ -185,6 +215,8 @@ pub async fn gather(
         lazy: false,
         replica_set,
         deployment,
+        stateful_set,
+        bound_volumes,
     }))
 }
 
@@ -291,6 +323,8 @@ pub(crate) mod fixture {
             lazy: false,
             replica_set: None,
             deployment: None,
+            stateful_set: None,
+            bound_volumes: BTreeMap::new(),
         }
     }
 

@@ -214,13 +214,7 @@ pub fn affinity_excludes(facts: &Facts, node: &Node) -> Option<Problem> {
         .required_during_scheduling_ignored_during_execution
         .as_ref()?;
     let labels = node.metadata.labels.clone().unwrap_or_default();
-    let matches = required.node_selector_terms.iter().any(|term| {
-        term.match_expressions
-            .iter()
-            .flatten()
-            .all(|e| requirement_matches(e, &labels))
-    });
-    (!matches).then(|| {
+    (!selector_matches(required, &labels)).then(|| {
         Problem::new(
             format!(
                 "the pod's required node affinity excludes node {}",
@@ -228,6 +222,19 @@ pub fn affinity_excludes(facts: &Facts, node: &Node) -> Option<Problem> {
             ),
             "pick a node its affinity allows, or label this one to match; the kubelet refuses a pod its affinity excludes",
         )
+    })
+}
+
+/// Whether a node with `labels` matches a node selector (any term, every expression).
+pub fn selector_matches(
+    selector: &k8s_openapi::api::core::v1::NodeSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.node_selector_terms.iter().any(|term| {
+        term.match_expressions
+            .iter()
+            .flatten()
+            .all(|e| requirement_matches(e, labels))
     })
 }
 

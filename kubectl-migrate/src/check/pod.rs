@@ -40,10 +40,10 @@ pub fn is_mirror(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
         || controller(pod).is_some_and(|o| o.kind == "Node")
 }
 
-/// Pods whose controller cannot hand them over: a DaemonSet's (bound to its node), a Job's, a
-/// StatefulSet's (not yet), static pods, and any controller this plugin does not know. A
-/// ReplicaSet's pod moves with a handoff (`migrate::handoff`), when the ReplicaSet is steady
-/// and the source is not to be kept.
+/// Pods whose controller cannot hand them over: a DaemonSet's (bound to its node), a Job's,
+/// static pods, and any controller this plugin does not know. A ReplicaSet's pod moves with a
+/// handoff (`migrate::handoff`), when the ReplicaSet is steady and the source is not to be
+/// kept; a StatefulSet's keeps its name (`migrate::identity`), when the StatefulSet is steady.
 pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
     let pod = pod_name(facts);
     if is_mirror(&facts.pod) {
@@ -70,12 +70,7 @@ pub fn controller_owned(facts: &Facts) -> Vec<Problem> {
             ),
             "let the Job's pod finish where it runs, or delete it and let the Job start it again (`--force` does not help: the Job would run the app twice)",
         ),
-        "StatefulSet" => Problem::new(
-            format!(
-                "{managed}: its identity (name, hostname, volumes) must survive the move, and that handoff is not supported yet"
-            ),
-            "not yet possible with kubectl migrate; `kubectl delete pod` restarts it fresh on a node the scheduler picks",
-        ),
+        "StatefulSet" => return stateful_set_problems(facts, owner),
         kind => Problem::new(
             format!("{managed}, a controller kubectl migrate cannot hand a pod over to"),
             format!(
@@ -142,6 +137,72 @@ fn replica_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> {
         found.push(Problem::new(
             format!("--keep-source keeps the source pod {pod}, but its ReplicaSet {} deletes its surplus pod once the moved one joins it", owner.name),
             "migrate without --keep-source",
+        ));
+    }
+    found
+}
+
+/// A StatefulSet's pod moves keeping its name (`migrate::identity`) when the StatefulSet is
+/// steady (no scale or rollout under way, which could delete or replace the pod mid-move), the
+/// source is not to be kept (the name can only be the moved pod's) and the transfer is not
+/// post-copy (the checkpoint is parked on the target node before the pod exists there).
+fn stateful_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> {
+    let pod = pod_name(facts);
+    let Some(set) = &facts.stateful_set else {
+        return vec![Problem::new(
+            format!(
+                "the StatefulSet {} that manages pod {pod} no longer exists",
+                owner.name
+            ),
+            "the garbage collector is deleting the pod; nothing to migrate",
+        )];
+    };
+    let mut found = Vec::new();
+    let wanted = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = set.status.clone().unwrap_or_default();
+    let ready = status.ready_replicas.unwrap_or(0);
+    let rolling = status.current_revision.is_some()
+        && status.update_revision.is_some()
+        && status.current_revision != status.update_revision;
+    if set.metadata.deletion_timestamp.is_some()
+        || status.observed_generation != set.metadata.generation
+        || status.replicas != wanted
+        || ready != wanted
+        || rolling
+    {
+        found.push(Problem::new(
+            format!(
+                "StatefulSet {} is changing (it wants {wanted} pods, has {}, {ready} of them Ready{})",
+                owner.name,
+                status.replicas,
+                if rolling {
+                    ", and is rolling out a new revision"
+                } else if set.metadata.deletion_timestamp.is_some() {
+                    ", and is being deleted"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "it could delete or replace the pod mid-move; wait until it is steady (`kubectl rollout status statefulset/{}`), then migrate",
+                owner.name
+            ),
+        ));
+    }
+    if facts.keep_source {
+        found.push(Problem::new(
+            format!(
+                "--keep-source keeps the source pod {pod}, but a StatefulSet's pod keeps its name when it moves: only one pod can have it"
+            ),
+            "migrate without --keep-source",
+        ));
+    }
+    if facts.lazy {
+        found.push(Problem::new(
+            format!(
+                "pod {pod} is a StatefulSet's: its checkpoint waits on the target node until the pod's name is free there, so its memory cannot be served after the thaw (post-copy)"
+            ),
+            "migrate without --lazy",
         ));
     }
     found
@@ -345,6 +406,7 @@ pub fn cannot_serve_post_copy(facts: &Facts) -> Vec<Problem> {
 mod tests {
     use super::super::fixture::{facts, status};
     use super::*;
+    use k8s_openapi::api::apps::v1::StatefulSet;
 
     #[test]
     fn a_source_that_cannot_serve_post_copy_is_refused_only_with_lazy() {
@@ -427,7 +489,6 @@ mod tests {
                 "starts a fresh pod",
                 "the Job would run the app twice",
             ),
-            ("StatefulSet", "not supported yet", "kubectl delete pod"),
             (
                 "CronTab",
                 "cannot hand a pod over to",
@@ -444,6 +505,61 @@ mod tests {
                 "{kind}: {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_stateful_set_pod_moves_only_while_its_set_is_steady_without_keep_source_or_lazy() {
+        let mut f = facts();
+        f.pod.metadata.owner_references = Some(
+            serde_json::from_value(serde_json::json!([
+                {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "u", "controller": true}
+            ]))
+            .unwrap(),
+        );
+        let set = |replicas: i32, ready: i32, current: &str, update: &str| {
+            serde_json::from_value::<StatefulSet>(serde_json::json!({
+                "metadata": {"name": "web", "uid": "u", "generation": 2},
+                "spec": {"replicas": 1, "selector": {}, "template": {}, "serviceName": "web"},
+                "status": {"replicas": replicas, "readyReplicas": ready, "observedGeneration": 2,
+                           "currentRevision": current, "updateRevision": update}
+            }))
+            .unwrap()
+        };
+        let found = controller_owned(&f);
+        assert!(
+            found[0]
+                .what
+                .contains("the StatefulSet web that manages pod counter no longer exists"),
+            "{found:#?}"
+        );
+        f.stateful_set = Some(set(1, 1, "web-1", "web-1"));
+        assert_eq!(controller_owned(&f), Vec::new(), "a steady set's pod moves");
+        f.stateful_set = Some(set(1, 0, "web-1", "web-1"));
+        let found = controller_owned(&f);
+        assert!(
+            found[0]
+                .what
+                .contains("StatefulSet web is changing (it wants 1 pods, has 1, 0 of them Ready)"),
+            "{found:#?}"
+        );
+        assert!(
+            found[0]
+                .fix
+                .contains("kubectl rollout status statefulset/web")
+        );
+        f.stateful_set = Some(set(1, 1, "web-1", "web-2"));
+        let found = controller_owned(&f);
+        assert!(
+            found[0].what.contains("rolling out a new revision"),
+            "{found:#?}"
+        );
+        f.stateful_set = Some(set(1, 1, "web-1", "web-1"));
+        f.keep_source = true;
+        f.lazy = true;
+        let found = controller_owned(&f);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[0].what.contains("only one pod can have it"));
+        assert!(found[1].fix.contains("without --lazy"));
     }
 
     #[test]

@@ -34,8 +34,13 @@ pub fn host_paths(facts: &Facts) -> Vec<Problem> {
 }
 
 /// A claim must exist, and be attachable on the target while the source still runs
-/// (ReadWriteMany or ReadOnlyMany).
+/// (ReadWriteMany or ReadOnlyMany) -- except a StatefulSet's pod's: its source is gone before
+/// the moved pod starts, so a ReadWriteOnce claim moves when its volume can attach on the
+/// target node (its node affinity allows the node: never a local volume of another node).
 pub fn claims(facts: &Facts) -> Vec<Problem> {
+    if facts.stateful_set.is_some() {
+        return stateful_claims(facts);
+    }
     moving_volumes(facts)
         .filter_map(|volume| {
             let claim = volume.persistent_volume_claim.as_ref()?;
@@ -60,6 +65,50 @@ pub fn claims(facts: &Facts) -> Vec<Problem> {
                 Problem::new(
                     format!("volume {} uses claim {} with access modes {modes:?}", volume.name, claim.claim_name),
                     "a ReadWriteOnce volume can only attach to the target after the source detaches it; use a ReadWriteMany claim",
+                )
+            })
+        })
+        .collect()
+}
+
+/// A StatefulSet's pod's claims: each bound to a volume that can attach on the target.
+fn stateful_claims(facts: &Facts) -> Vec<Problem> {
+    let labels = facts
+        .target_node
+        .as_ref()
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    moving_volumes(facts)
+        .filter_map(|volume| {
+            let claim = volume.persistent_volume_claim.as_ref()?;
+            let name = &claim.claim_name;
+            let Some(Some(_)) = facts.claims.get(name) else {
+                return Some(Problem::new(
+                    format!("claim {name} of volume {} does not exist", volume.name),
+                    "create the claim or fix the pod's volume",
+                ));
+            };
+            let Some(Some(pv)) = facts.bound_volumes.get(name) else {
+                return Some(Problem::new(
+                    format!("the volume bound to claim {name} cannot be read (is the claim bound, and may you get persistentvolumes?)"),
+                    "whether it can attach on the target node is not known; apply config/rbac-statefulset.yaml, or wait until the claim is Bound",
+                ));
+            };
+            let pv_name = pv.metadata.name.clone().unwrap_or_default();
+            let required = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_affinity.as_ref())
+                .and_then(|a| a.required.as_ref());
+            let attaches = required.is_none_or(|r| super::node::selector_matches(r, &labels));
+            (!attaches).then(|| {
+                Problem::new(
+                    format!(
+                        "volume {pv_name} of claim {name} can only attach on nodes its node affinity names, not on node {}{}",
+                        facts.target_name,
+                        if pv.spec.as_ref().is_some_and(|s| s.local.is_some()) { " (a local volume: its data lives on its node's disk)" } else { "" }
+                    ),
+                    "the pod's data cannot follow it there; migrate it to a node the volume can attach on, or move the data first",
                 )
             })
         })

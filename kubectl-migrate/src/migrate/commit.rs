@@ -227,6 +227,19 @@ pub(super) fn commit_unknown(
     if progress
         .target
         .as_ref()
+        .is_some_and(super::identity::is_holder)
+    {
+        // A StatefulSet's pod: its checkpoint is parked in the holder; the source goes first.
+        return format!(
+            "nothing was undone and nothing was resumed: the source is frozen and its checkpoint parked in pod {target}. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume -n {ns} {source}` (never delete {target}: it holds the app); otherwise abort with `kubectl migrate abort -n {ns} {source}`",
+            source = options.pod,
+            phase = annotations::PHASE,
+            id = progress.id,
+        );
+    }
+    if progress
+        .target
+        .as_ref()
         .and_then(super::handoff::owner_of)
         .is_some()
     {

@@ -10,7 +10,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use migrate_format::annotations;
 
-use super::{MigrateError, Options, Progress, annotate, fault, handoff, record};
+use super::{MigrateError, Options, Progress, annotate, fault, handoff, identity, record};
 use crate::client::Connection;
 use crate::launchers::Launchers;
 
@@ -29,6 +29,8 @@ pub struct Finished {
     /// When the source pod's deletion was asked, by this plugin's CLOCK_REALTIME (ms since
     /// the epoch).
     pub source_deleted_at_ms: Option<u64>,
+    /// A StatefulSet pod's move: each container's restore from the parked checkpoint.
+    pub restored: std::collections::BTreeMap<String, migrate_format::RestoreReport>,
 }
 
 /// How often each step of [`finish`] is tried before it is reported.
@@ -55,6 +57,10 @@ pub async fn finish<L: Launchers + Sync>(
 ) -> Result<Finished, MigrateError> {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let target = progress.target.clone().unwrap_or_default();
+    // A StatefulSet's pod: the target is the holder of its parked checkpoint.
+    if identity::is_holder(&target) {
+        return identity::finish(connection, launchers, options, progress).await;
+    }
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let mut finished = Finished::default();
     // The target of a pod a ReplicaSet owns is handed to it before the source goes (else the
@@ -177,7 +183,7 @@ pub async fn finish<L: Launchers + Sync>(
 }
 
 /// Now that its app runs, the target may take Service traffic (its readiness gate).
-async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finished) {
+pub(super) async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finished) {
     if let Err(error) = retry(|| set_serving(pods, target_name, true)).await {
         finished.warnings.push(format!(
             "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
@@ -187,7 +193,7 @@ async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finishe
 }
 
 /// Thaws every target container, noting when each app resumed.
-async fn thaw_all<L: Launchers + Sync>(
+pub(super) async fn thaw_all<L: Launchers + Sync>(
     launchers: &L,
     progress: &Progress,
     target: &Pod,
@@ -211,7 +217,7 @@ async fn thaw_all<L: Launchers + Sync>(
 /// container starts its app fresh. `phase`, if given, is written as the target's phase in the
 /// same write. If the API server keeps refusing, the migration goes on
 /// (the app runs) and the returned warning gives the command to run.
-async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -> Option<String> {
+pub(super) async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -> Option<String> {
     let mut notes = serde_json::Map::new();
     notes.insert(annotations::WAIT_FOR_CHECKPOINT.into(), "false".into());
     if let Some(phase) = phase {
@@ -302,6 +308,9 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 Ok(Err(error)) => error.to_string(),
                 _ => "finishing took over a minute".into(),
             };
+            if progress.target.as_ref().is_some_and(identity::is_holder) {
+                return identity::stuck(connection, options, progress, &why);
+            }
             if options.lazy {
                 // The source may still hold memory the target lacks: never advise deleting
                 // it before the target says every page arrived.

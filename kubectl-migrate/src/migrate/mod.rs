@@ -48,6 +48,7 @@ use crate::launchers::{LauncherError, Launchers, TransferMode, Transferred};
 mod commit;
 mod finish;
 pub mod handoff;
+pub mod identity;
 mod target;
 mod transfer;
 mod undo;
@@ -336,9 +337,13 @@ async fn run<L: Launchers + Sync>(
 
     progress.phase = "check".into();
     let checked = check_step(&ctx).await?;
-    let source = checked.source;
-    progress.source_restarts = restart_counts(&source);
+    progress.source_restarts = restart_counts(&checked.source);
     laps.done("check");
+
+    if checked.stateful {
+        return identity::run(&ctx, progress, laps, checked).await;
+    }
+    let source = checked.source;
 
     progress.phase = "creating the target".into();
     let target = target::create(&ctx, progress, &source).await?;
@@ -477,6 +482,8 @@ struct Checked {
     freeze_limit: Option<Duration>,
     /// The source node's boot time, as its launchers report it.
     boot_times: Vec<u64>,
+    /// A StatefulSet's pod: it moves keeping its name ([`identity`]).
+    stateful: bool,
 }
 
 /// Step 1, the preflight (`crate::check`): any problem stops here, nothing changed.
@@ -513,6 +520,7 @@ async fn check_step<L: Launchers + Sync>(ctx: &Ctx<'_, L>) -> Result<Checked, Mi
             .values()
             .filter_map(|s| s.as_ref().ok().and_then(|s| s.boot_time))
             .collect(),
+        stateful: facts.stateful_set.is_some(),
         source: facts.pod,
     })
 }
@@ -581,7 +589,8 @@ fn new_id() -> String {
 /// Fault injection for the end-to-end fault matrix (`tests/tests/e2e.rs`): with
 /// `KUBECTL_MIGRATE_FAULT_KILL_AT=STAGE` the plugin kills itself with SIGKILL on reaching
 /// STAGE (`target-running`, `frozen`, `restored`, `acknowledged`, `committed`,
-/// `source-deleted`), as a plugin dies whose laptop closed or whose terminal went away, at an
+/// `source-deleted`; for a StatefulSet's pod `guarded`, `frozen`, `parked`, `acknowledged`,
+/// `committed`, `source-gone`, `unparked`), as a plugin dies whose laptop closed or whose terminal went away, at an
 /// exact point no outside signal can hit reliably. Only in builds with the `fault-injection`
 /// feature, which test builds enable and release builds never do.
 mod fault {

@@ -22,11 +22,23 @@ pub(super) async fn create<L: Launchers + Sync>(
     source: &Pod,
 ) -> Result<Pod, MigrateError> {
     let options = ctx.options;
-    let pods = &ctx.pods;
     let mut target = rewrite::target_pod(source, &options.target_node, &progress.id);
     if options.lazy {
         rewrite::allow_post_copy(&mut target);
     }
+    create_pod(ctx, progress, source, target).await
+}
+
+/// Creates `target` (the target, or a StatefulSet pod's holder) under a name that never
+/// collides, and waits until it runs.
+pub(super) async fn create_pod<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    progress: &mut Progress,
+    source: &Pod,
+    mut target: Pod,
+) -> Result<Pod, MigrateError> {
+    let options = ctx.options;
+    let pods = &ctx.pods;
     // The target's name never collides: a taken `NAME-mN` (a leftover, or anyone's pod) moves
     // on to the next N.
     let created = loop {
@@ -100,7 +112,7 @@ pub(super) async fn create<L: Launchers + Sync>(
 }
 
 /// Waits for the target pod to run all its containers, failing fast on terminal states.
-async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateError> {
+pub(super) async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateError> {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut stream = std::pin::pin!(watcher::watcher(pods.clone(), config));
     let mut last_note = Instant::now();

@@ -132,6 +132,20 @@ pub async fn undo<L: Launchers + Sync>(
             )),
         }
     }
+    // A StatefulSet pod's move: its guard goes with the holder.
+    if progress
+        .target
+        .as_ref()
+        .is_some_and(super::identity::is_holder)
+    {
+        let guard = super::identity::guard::name(&progress.id);
+        match super::identity::guard::remove(&connection.client, &progress.id).await {
+            Ok(()) => done.push(format!("deleted the admission policy {guard}")),
+            Err(error) => manual.push(format!(
+                "kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {guard}   ({error})"
+            )),
+        }
+    }
     annotate(&pods, &options.pod, &progress.id, "failed", None).await;
     let mut text = if done.is_empty() {
         "the source pod was not touched".to_string()
