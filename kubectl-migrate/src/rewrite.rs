@@ -70,9 +70,18 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         .flatten()
         .unwrap_or_default();
     let notes = meta.annotations.get_or_insert_with(BTreeMap::new);
-    // Left from an earlier handoff of this pod's lineage: only the source's own owner counts.
-    notes.remove(annotations::OWNER);
-    notes.remove(annotations::HELD_LABELS);
+    // Left from an earlier move of this pod's lineage (a handoff, a StatefulSet pod's move):
+    // only this migration's count.
+    for key in [
+        annotations::OWNER,
+        annotations::HELD_LABELS,
+        annotations::ROLE,
+        annotations::SUCCESSOR,
+        annotations::SOURCE_UID,
+        annotations::TIMINGS,
+    ] {
+        notes.remove(key);
+    }
     if let Some(owner) = controller {
         notes.insert(
             annotations::OWNER.into(),
@@ -153,6 +162,9 @@ pub fn holder_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     notes.remove(annotations::OWNER);
     notes.remove(annotations::HELD_LABELS);
     notes.insert(annotations::ROLE.into(), "holder".into());
+    if let Some(uid) = &source.metadata.uid {
+        notes.insert(annotations::SOURCE_UID.into(), uid.clone());
+    }
     notes.insert(annotations::PHASE.into(), "parking".into());
     pod.metadata.labels = None;
     if let Some(spec) = pod.spec.as_mut() {

@@ -64,6 +64,9 @@ pub mod annotations {
     /// source's own spec, pinned to the target node), so that `kubectl migrate resume` can
     /// create it after the source is gone.
     pub const SUCCESSOR: &str = "migrate.kubectl.io/successor";
+    /// On the holder: the source pod's uid. The source and the successor share a name; the uid
+    /// tells which of them has it.
+    pub const SOURCE_UID: &str = "migrate.kubectl.io/source-uid";
     /// Kubernetes' own: which of a ReplicaSet's pods it deletes first when it has too many
     /// (lowest first, among pods equally ready).
     pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

@@ -247,10 +247,22 @@ pub async fn finish<L: Launchers + Sync>(
             "cannot read the holder pod {holder_name}: {e}; {resume}"
         ))
     })?;
+    // The source and the successor share the name: the successor is the pod with this
+    // migration's id and role that is not the source, whose uid the holder records. (A
+    // successor loses its role once its move is complete, so the source of a later move never
+    // looks like one.)
+    let source_uid = holder
+        .as_ref()
+        .and_then(|h| note(h, annotations::SOURCE_UID))
+        .map(str::to_string);
     let successor_now = retry(|| pods.get_opt(name))
         .await
         .map_err(|e| after(format!("cannot read pod {name}: {e}; {resume}")))?
-        .filter(|p| is_successor(p) && note(p, annotations::MIGRATION_ID) == Some(id.as_str()));
+        .filter(|p| {
+            is_successor(p)
+                && note(p, annotations::MIGRATION_ID) == Some(id.as_str())
+                && (holder.is_none() || (source_uid.is_some() && p.metadata.uid != source_uid))
+        });
     let Some(holder) = holder else {
         // The holder goes last: without it, only a successor that already holds the app can
         // finish.
@@ -381,6 +393,22 @@ async fn complete<L: Launchers + Sync>(
         finished.warnings.push(format!(
             "cannot delete this migration's admission policy ({error}); until it goes, the StatefulSet cannot recreate pod {name} if it is deleted: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
             guard::name(id)
+        ));
+    }
+    // Complete: no longer a successor (the source of a later move must not look like one).
+    let patch = serde_json::json!({"metadata": {"annotations": {annotations::ROLE: null}}});
+    if let Err(error) = retry(|| async {
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    })
+    .await
+    {
+        finished.warnings.push(format!(
+            "cannot clear the annotation {} of pod {name} ({error}): kubectl annotate pod -n {} {name} {}-",
+            annotations::ROLE,
+            connection.namespace,
+            annotations::ROLE
         ));
     }
     Ok(())
