@@ -72,6 +72,10 @@ fn main() {
             workloads::deployment_pod_move_resumes_after_a_kill,
         ),
         (
+            "a_stateful_set_pod_moves_keeping_its_name_and_the_controller_never_starts_it_fresh",
+            workloads::stateful_set_pod_moves_keeping_its_name,
+        ),
+        (
             "daemon_set_and_job_pods_are_refused_by_check_with_their_reasons",
             workloads::daemon_set_and_job_pods_are_refused_with_their_reasons,
         ),

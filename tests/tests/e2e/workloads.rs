@@ -1,7 +1,8 @@
 //! The pods people run, against the real controllers (kube-controller-manager and
 //! kube-scheduler of the local cluster): a Deployment's pod handed from its source to its
 //! restored copy without the ReplicaSet ever starting or deleting a replica of its own, its
-//! rollback, and the refusals for pods that cannot move.
+//! rollback, a StatefulSet's pod moved keeping its name, and the refusals for pods that cannot
+//! move.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -349,6 +350,307 @@ pub fn deployment_pod_rolls_back_on_a_damaged_archive(cluster: &Cluster) -> Resu
     )?;
     ensure!(restarts == "0", "the source restarted {restarts} times");
     cluster.kubectl_ok(&["delete", "deployment", name, "--wait=false"])?;
+    Ok(())
+}
+
+/// A StatefulSet of one counter with a claim from its volumeClaimTemplate, bound to a
+/// statically made volume (no provisioner here) that may attach on any node, preferring
+/// node-a.
+fn counter_stateful_set(name: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {name}-data
+spec:
+  capacity: {{storage: 64Mi}}
+  accessModes: [ReadWriteOnce]
+  storageClassName: {name}-manual
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: /tmp/migrate-e2e-{name}, type: DirectoryOrCreate}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  clusterIP: None
+  selector: {{app: {name}}}
+  ports: [{{port: 80}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: {name}
+spec:
+  serviceName: {name}
+  replicas: 1
+  selector:
+    matchLabels: {{app: {name}}}
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec:
+      accessModes: [ReadWriteOnce]
+      storageClassName: {name}-manual
+      resources: {{requests: {{storage: 64Mi}}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            preference:
+              matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [node-a]}}]
+      containers:
+      - name: counter
+        image: {image}
+        imagePullPolicy: Never
+        env:
+        - {{name: COUNTER_INTERVAL, value: '0.5'}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities:
+            drop: [ALL]
+            add: [CHECKPOINT_RESTORE, SETPCAP]
+",
+        image = migrate_tests::cluster::counter_image()
+    )
+}
+
+/// `kubectl get pods --watch` in the background, noting every pod named `name` that ever
+/// exists: its uid and node. A StatefulSet's replacement started by the controller would
+/// show as a uid more.
+struct NamedPodWatch {
+    child: Child,
+    seen: Arc<Mutex<BTreeMap<String, String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NamedPodWatch {
+    fn start(cluster: &Cluster, name: &str) -> Result<NamedPodWatch> {
+        let mut child = cluster
+            .kubectl(&[
+                "get",
+                "pods",
+                "--watch",
+                "-o",
+                "jsonpath={.metadata.name} {.metadata.uid} {.spec.nodeName}{\"\\n\"}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let sink = Arc::clone(&seen);
+        let wanted = name.to_string();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut fields = line.split_whitespace();
+                if let (Some(pod), Some(uid)) = (fields.next(), fields.next())
+                    && pod == wanted
+                {
+                    let node = fields.next().unwrap_or("").to_string();
+                    sink.lock().expect("lock").insert(uid.to_string(), node);
+                }
+            }
+        });
+        Ok(NamedPodWatch {
+            child,
+            seen,
+            reader: Some(reader),
+        })
+    }
+
+    /// Every uid seen, with its node, once the watch has seen `uid` (the last pod expected).
+    fn finish(mut self, uid: &str) -> Result<BTreeMap<String, String>> {
+        wait_until("the pod watch to see the restored pod", WAIT, || {
+            Ok(self
+                .seen
+                .lock()
+                .expect("lock")
+                .contains_key(uid)
+                .then_some(()))
+        })?;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        Ok(self.seen.lock().expect("lock").clone())
+    }
+}
+
+/// Waits until pod `name` runs on `node` and has printed 3 counts; returns its logs.
+fn counting_on(cluster: &Cluster, name: &str, node: &str) -> Result<String> {
+    wait_until(&format!("pod {name} counting on {node}"), WAIT, || {
+        let output = cluster
+            .kubectl(&["get", "pod", name, "-o", "jsonpath={.spec.nodeName}"])
+            .output()?;
+        if String::from_utf8_lossy(&output.stdout) != node {
+            return Ok(None);
+        }
+        let text = logs(cluster, name, None);
+        Ok((counter_values(&text).len() >= 3).then_some(text))
+    })
+}
+
+/// Acceptance: a StatefulSet's pod moves keeping its identity -- the same name, hostname and
+/// claim, on node-b (runc → crun) -- and its count continues; the StatefulSet controller, which
+/// recreates a missing pod by name, never gets to start it fresh: exactly two pods ever have
+/// the name (the source and the restored one), and the controller's own attempt is seen
+/// refused. Then a move back killed with the source gone (the parked checkpoint the only
+/// copy) is finished by `kubectl migrate resume`, the count continuing again.
+pub fn stateful_set_pod_moves_keeping_its_name(cluster: &Cluster) -> Result<()> {
+    let set = "ledger";
+    let pod = "ledger-0";
+    cluster.apply(&counter_stateful_set(set))?;
+    cluster.kubectl_ok(&[
+        "rollout",
+        "status",
+        &format!("statefulset/{set}"),
+        "--timeout=120s",
+    ])?;
+    let node = pod_field(cluster, pod, "{.spec.nodeName}")?;
+    ensure!(
+        node == "node-a",
+        "the scheduler put {pod} on {node}, not node-a"
+    );
+    let claim = "{.spec.volumes[?(@.name==\"data\")].persistentVolumeClaim.claimName}";
+    ensure!(pod_field(cluster, pod, claim)? == format!("data-{pod}"));
+    let source_uid = pod_field(cluster, pod, "{.metadata.uid}")?;
+    let source_runtime = cluster.oci_runtime_of(pod)?;
+    let watch = NamedPodWatch::start(cluster, pod)?;
+    let follow = Follow::start(cluster, pod)?;
+    wait_until("3 counts on the source", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= 3).then_some(()))
+    })?;
+
+    let out = migrate_ok(cluster, &[pod, "--to", "node-b"], &[])?;
+    ensure!(
+        out.stdout.contains(&format!("as {pod} ")),
+        "no summary line naming the same pod: {}",
+        out.stdout
+    );
+    let before = follow.finish(WAIT);
+    let after = counting_on(cluster, pod, "node-b")?;
+    let (last, first) = assert_continued(&before, &after)?;
+    let uid = pod_field(cluster, pod, "{.metadata.uid}")?;
+    let seen = watch.finish(&uid)?;
+    ensure!(
+        seen.len() == 2
+            && seen.get(&source_uid).map(String::as_str) == Some("node-a")
+            && seen.get(&uid).map(String::as_str) == Some("node-b"),
+        "pods named {pod} other than the source and the restored one existed: {seen:?}"
+    );
+    // The identity: hostname, claim, owner, labels the controller checks.
+    let hostname = cluster.kubectl_ok(&["exec", pod, "--", "hostname"])?;
+    ensure!(
+        hostname.trim() == pod,
+        "the restored pod's hostname is {hostname}"
+    );
+    ensure!(pod_field(cluster, pod, claim)? == format!("data-{pod}"));
+    let owner = pod_field(
+        cluster,
+        pod,
+        "{.metadata.ownerReferences[?(@.controller==true)].kind}/{.metadata.ownerReferences[?(@.controller==true)].name}",
+    )?;
+    ensure!(owner == format!("StatefulSet/{set}"), "owned by {owner}");
+    let restarts = pod_field(cluster, pod, "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "0", "{pod} restarted {restarts} times");
+    wait_until("the StatefulSet 1/1 ready", WAIT, || {
+        let ready = cluster.kubectl_ok(&[
+            "get",
+            "statefulset",
+            set,
+            "-o",
+            "jsonpath={.status.readyReplicas}/{.status.currentReplicas}",
+        ])?;
+        Ok((ready == "1/1").then_some(()))
+    })?;
+    // The controller did try to recreate the pod, and the migration's policy refused it.
+    let refused = cluster.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={set},reason=FailedCreate"),
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])?;
+    ensure!(
+        refused.contains("kubectl-migrate-mig-"),
+        "no refused attempt of the controller seen: {refused:?}"
+    );
+    let leftovers = cluster.kubectl_ok(&[
+        "get",
+        "validatingadmissionpolicies,pods",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])?;
+    ensure!(
+        !leftovers.contains("kubectl-migrate-") && !leftovers.contains(&format!("{pod}-m")),
+        "the policy or the holder pod was left: {leftovers}"
+    );
+    let runtimes = (source_runtime, cluster.oci_runtime_of(pod)?);
+    ensure!(
+        runtimes == ("runc".to_string(), "crun".to_string()),
+        "the move did not go from runc to crun: {runtimes:?}"
+    );
+    eprintln!(
+        "statefulset {set}: {pod} node-a ({}) → node-b ({}), count {last} → {first}; pods named {pod}: {seen:?}",
+        runtimes.0, runtimes.1
+    );
+
+    // Back to node-a, the plugin killed once the source is gone: only the parked checkpoint
+    // holds the app, and `resume` finishes from it.
+    let follow = Follow::start(cluster, pod)?;
+    wait_until("3 counts on node-b", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= 3).then_some(()))
+    })?;
+    let out = migrate(
+        cluster,
+        &[pod, "--to", "node-a"],
+        &[("KUBECTL_MIGRATE_FAULT_KILL_AT", "source-gone")],
+    )?;
+    ensure!(
+        out.code.is_none() && out.stderr.contains("at stage source-gone"),
+        "the plugin was to die at source-gone: exit {:?}\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    let before = follow.finish(WAIT);
+    let status = migrate_ok(cluster, &["status", pod], &[])?;
+    ensure!(
+        status.stdout.contains("committed")
+            && status
+                .stdout
+                .contains(&format!("kubectl migrate resume {pod}")),
+        "status does not name the resume: {}",
+        status.stdout
+    );
+    let resumed = migrate_ok(cluster, &["resume", pod], &[])?;
+    ensure!(
+        resumed
+            .stdout
+            .contains(&format!("pod {pod} runs the app on node node-a")),
+        "{}",
+        resumed.stdout
+    );
+    let after = counting_on(cluster, pod, "node-a")?;
+    let (last, first) = assert_continued(&before, &after)?;
+    let names = cluster.kubectl_ok(&["get", "pods", "-o", "jsonpath={.items[*].metadata.name}"])?;
+    ensure!(
+        !names.contains(&format!("{pod}-m")),
+        "the holder pod was left: {names}"
+    );
+    eprintln!(
+        "statefulset {set}: killed with the source gone, resumed on node-a, count {last} → {first}"
+    );
+    cluster.kubectl_ok(&["delete", "statefulset", set, "--wait=false"])?;
+    cluster.kubectl_ok(&["delete", "service", set, "--wait=false"])?;
     Ok(())
 }
 
