@@ -1,12 +1,13 @@
 //! Golden tests of the pod-spec rewrite: every `tests/fixtures/rewrite/NAME.source.yaml` is
 //! rewritten for node `node-b` and must equal `NAME.target.yaml` byte for byte. Set
-//! `UPDATE_GOLDEN=1` to rewrite the golden files (then review the diff). That the real API
+//! `UPDATE_GOLDEN=1` to rewrite the golden files (then review the diff). A StatefulSet's pod
+//! also has its holder (`NAME.holder.yaml`) and successor (`NAME.successor.yaml`). That the real API
 //! server accepts every golden target is tested in `tests/tests/apiserver.rs`.
 
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Pod;
-use kubectl_migrate::rewrite::{WAIT_ENV, target_pod, wait_field_path};
+use kubectl_migrate::rewrite::{WAIT_ENV, holder_pod, successor_pod, target_pod, wait_field_path};
 use migrate_format::annotations;
 
 fn fixtures() -> PathBuf {
@@ -125,5 +126,113 @@ fn every_fixture_rewrites_to_its_golden_target() {
         }
         cases += 1;
     }
-    assert!(cases >= 7, "expected the 7 fixture cases, found {cases}");
+    assert!(cases >= 8, "expected the 8 fixture cases, found {cases}");
+}
+
+/// Renders `pod` and compares it with (or with UPDATE_GOLDEN, writes) `file`.
+fn golden(pod: &Pod, file: &str) {
+    let rendered = serde_yaml::to_string(pod).unwrap();
+    let path = fixtures().join(file);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!("no golden file {file} (run with UPDATE_GOLDEN=1 and review it)")
+    });
+    assert_eq!(
+        rendered, golden,
+        "{file}: the rewrite differs from its golden file"
+    );
+}
+
+#[test]
+fn a_stateful_set_pod_has_a_holder_without_identity_and_a_successor_with_all_of_it() {
+    let source: Pod = serde_yaml::from_str(
+        &std::fs::read_to_string(fixtures().join("stateful-set.source.yaml")).unwrap(),
+    )
+    .unwrap();
+    let holder = holder_pod(&source, "node-b", "mig-0001");
+    golden(&holder, "stateful-set.holder.yaml");
+    let holder_name = holder.metadata.name.clone().unwrap();
+    let successor = successor_pod(&source, "node-b", "mig-0001", &holder_name);
+    golden(&successor, "stateful-set.successor.yaml");
+
+    // The holder: nothing selects it, nothing owns it, it claims nothing and reserves nothing.
+    assert_eq!(holder_name, "ledger-0-m1");
+    assert_eq!(holder.metadata.labels, None);
+    assert_eq!(holder.metadata.owner_references, None);
+    let notes = holder.metadata.annotations.clone().unwrap();
+    assert_eq!(notes[annotations::ROLE], "holder");
+    assert_eq!(
+        notes[annotations::SOURCE_UID],
+        "5e7a0000-0000-4000-8000-000000000042"
+    );
+    assert!(
+        !notes.contains_key(annotations::OWNER) && !notes.contains_key(annotations::HELD_LABELS)
+    );
+    let spec = holder.spec.as_ref().unwrap();
+    assert_eq!(
+        (spec.hostname.as_deref(), spec.subdomain.as_deref()),
+        (None, None)
+    );
+    assert!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .all(|v| v.persistent_volume_claim.is_none())
+    );
+    let data = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "data")
+        .unwrap();
+    assert!(
+        data.empty_dir.is_some(),
+        "the claim's mount stays, on an emptyDir"
+    );
+    let c = &spec.containers[0];
+    assert!(c.ports.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none());
+    assert!(c.resources.is_none() && c.lifecycle.is_none());
+    assert!(
+        c.env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "RESTORE_LAUNCHER_KEY"),
+        "the key stays"
+    );
+
+    // The successor: the source's identity, pinned, waiting, behind the readiness gate.
+    assert_eq!(successor.metadata.name, source.metadata.name);
+    assert_eq!(successor.metadata.labels, source.metadata.labels);
+    assert_eq!(
+        successor.metadata.owner_references,
+        source.metadata.owner_references
+    );
+    let notes = successor.metadata.annotations.clone().unwrap();
+    assert_eq!(notes[annotations::ROLE], "successor");
+    assert_eq!(notes[annotations::PEER], "ledger-0-m1");
+    assert_eq!(notes[annotations::WAIT_FOR_CHECKPOINT], "true");
+    let spec = successor.spec.as_ref().unwrap();
+    let source_spec = source.spec.as_ref().unwrap();
+    assert_eq!(spec.hostname, source_spec.hostname);
+    assert_eq!(spec.subdomain, source_spec.subdomain);
+    assert_eq!(spec.node_name.as_deref(), Some("node-b"));
+    let claim = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "data")
+        .unwrap();
+    assert_eq!(
+        claim
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str()),
+        Some("data-ledger-0")
+    );
+    assert_eq!(
+        spec.containers[0].liveness_probe,
+        source_spec.containers[0].liveness_probe
+    );
 }

@@ -175,4 +175,59 @@ mod tests {
             "within its node the claim stays attached"
         );
     }
+
+    #[test]
+    fn a_stateful_set_pod_takes_its_read_write_once_claim_where_the_volume_attaches() {
+        let mut f = facts();
+        f.stateful_set = Some(Default::default());
+        f.pod.spec.as_mut().unwrap().volumes = Some(
+            serde_json::from_value(
+                json!([{"name": "data", "persistentVolumeClaim": {"claimName": "data-web-0"}}]),
+            )
+            .unwrap(),
+        );
+        f.claims.insert(
+            "data-web-0".into(),
+            Some(
+                serde_json::from_value(
+                    json!({"spec": {"accessModes": ["ReadWriteOnce"], "volumeName": "pv-1"}}),
+                )
+                .unwrap(),
+            ),
+        );
+        f.bound_volumes.insert("data-web-0".into(), None);
+        assert!(
+            claims(&f)[0].what.contains("cannot be read"),
+            "{:?}",
+            claims(&f)
+        );
+        let volume = |affinity: serde_json::Value| {
+            Some(
+                serde_json::from_value(json!({"metadata": {"name": "pv-1"}, "spec": affinity}))
+                    .unwrap(),
+            )
+        };
+        f.bound_volumes
+            .insert("data-web-0".into(), volume(json!({})));
+        assert_eq!(
+            claims(&f),
+            Vec::new(),
+            "a volume without node affinity attaches anywhere"
+        );
+        let pinned = |zone: &str| {
+            json!({"local": {"path": "/mnt/disk"}, "nodeAffinity": {"required": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": [zone]}]}]}}})
+        };
+        f.bound_volumes
+            .insert("data-web-0".into(), volume(pinned("eu-1a")));
+        assert_eq!(claims(&f), Vec::new(), "the target is in the volume's zone");
+        f.bound_volumes
+            .insert("data-web-0".into(), volume(pinned("us-2b")));
+        let found = claims(&f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].what.contains("volume pv-1 of claim data-web-0 can only attach on nodes its node affinity names, not on node node-b (a local volume"),
+            "{found:?}"
+        );
+    }
 }

@@ -730,3 +730,49 @@ pub mod guard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_denies_only_the_pods_name_without_the_migrations_id_in_its_namespace() {
+        let (policy, binding) = guard::objects("shop", "ledger-0", "mig-17-ab");
+        let name = "kubectl-migrate-mig-17-ab";
+        assert_eq!(policy.metadata.name.as_deref(), Some(name));
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+        let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+        assert_eq!(
+            rules[0].operations.as_deref(),
+            Some(&["CREATE".to_string()][..])
+        );
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["pods".to_string()][..])
+        );
+        let validation = &spec.validations.unwrap()[0];
+        assert_eq!(
+            validation.expression,
+            "object.metadata.name != 'ledger-0' || (has(object.metadata.annotations) && 'migrate.kubectl.io/id' in object.metadata.annotations && object.metadata.annotations['migrate.kubectl.io/id'] == 'mig-17-ab')"
+        );
+        assert!(
+            validation
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("kubectl migrate status -n shop ledger-0")
+        );
+        let spec = binding.spec.unwrap();
+        assert_eq!(spec.policy_name.as_deref(), Some(name));
+        assert_eq!(
+            spec.validation_actions.as_deref(),
+            Some(&["Deny".to_string()][..])
+        );
+        let namespaces = spec.match_resources.unwrap().namespace_selector.unwrap();
+        assert_eq!(
+            namespaces.match_labels.unwrap()["kubernetes.io/metadata.name"],
+            "shop"
+        );
+    }
+}
