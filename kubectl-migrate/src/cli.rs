@@ -56,7 +56,8 @@ pub struct MigrateArgs {
     /// The node to move it to.
     #[arg(long = "to", value_name = "NODE", required = true)]
     pub to: Option<String>,
-    /// Print the target pod that would be created, and change nothing.
+    /// Print the target pod that would be created (for a StatefulSet's pod: its holder, then the pod
+    /// that takes its name), and change nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Output format for --dry-run and the final report.

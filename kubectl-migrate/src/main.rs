@@ -177,10 +177,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 connection.namespace, connection.server
             )
         })?;
-        let target = rewrite::target_pod(&source, node, "dry-run");
-        match cli.migrate.output.unwrap_or(OutputFormat::Yaml) {
-            OutputFormat::Yaml => print!("{}", serde_yaml::to_string(&target)?),
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&target)?),
+        // A StatefulSet's pod makes two pods: the holder of its checkpoint, then the pod that
+        // takes its name (see `migrate::identity`).
+        let made = if kubectl_migrate::check::pod::controller(&source)
+            .is_some_and(|o| o.kind == "StatefulSet")
+        {
+            let holder = rewrite::holder_pod(&source, node, "dry-run");
+            let holder_name = holder.metadata.name.clone().unwrap_or_default();
+            let successor = rewrite::successor_pod(&source, node, "dry-run", &holder_name);
+            vec![holder, successor]
+        } else {
+            vec![rewrite::target_pod(&source, node, "dry-run")]
+        };
+        for (i, pod) in made.iter().enumerate() {
+            match cli.migrate.output.unwrap_or(OutputFormat::Yaml) {
+                OutputFormat::Yaml => {
+                    if i > 0 {
+                        println!("---");
+                    }
+                    print!("{}", serde_yaml::to_string(pod)?);
+                }
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(pod)?),
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
