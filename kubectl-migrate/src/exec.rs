@@ -383,6 +383,10 @@ pub(crate) fn last_json<T: serde::de::DeserializeOwned>(text: &str) -> Option<T>
 /// how long the target may be unreachable, before the restore's outcome is decided without it.
 const ANSWER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a holder's `park` may take to answer once the archive ended (it verifies, writes
+/// and syncs it to disk).
+const PARK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl ExecLaunchers {
     /// The target launcher's report of restoring `checkpoint` (matched by its id), read from its
     /// `status` once it is no longer restoring (waiting up to [`ANSWER_PATIENCE`] for that).
@@ -536,7 +540,19 @@ impl ExecLaunchers {
                 // The copy is over; the target now restores. Its answer comes over a stream
                 // that a fault can leave open and silent: the target's launcher is asked
                 // directly meanwhile, and its word is taken once it has finished.
-                let answer = self.await_answer(target, container, &mut answer).await;
+                let answer = if leg == Leg::Park {
+                    // A holder's launcher only waits, so its status tells nothing of `park`,
+                    // which writes and syncs the archive after the last byte: its own answer
+                    // is the only word.
+                    tokio::time::timeout(PARK_PATIENCE, &mut answer)
+                        .await
+                        .unwrap_or_else(|_| Err(format!(
+                            "`restore-launcher park` gave no answer {} s after the archive ended",
+                            PARK_PATIENCE.as_secs()
+                        )))
+                } else {
+                    self.await_answer(target, container, &mut answer).await
+                };
                 (copied, answer, false)
             }
             answer = &mut answer => {

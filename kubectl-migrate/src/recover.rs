@@ -168,9 +168,15 @@ pub async fn list(
                 id: id.to_string(),
                 source: source.to_string(),
                 target: Some(name(target)),
-                // With the source gone the target holds the only copy: only finishing is safe.
+                // With the source gone the target holds the only copy: only finishing is
+                // safe. Not so for a holder: its checkpoint counts only once committed (a
+                // source that resumed by its lease, then went, left a stale one).
                 committed: holder_committed
-                    || source_pod.is_none_or(|s| migrate::is_committed(s, id)),
+                    || if migrate::identity::is_holder(target) {
+                        source_pod.is_some_and(|s| migrate::is_committed(s, id))
+                    } else {
+                        source_pod.is_none_or(|s| migrate::is_committed(s, id))
+                    },
                 phase,
                 age_seconds,
             },

@@ -33,8 +33,17 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, ResourceRequirements, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use migrate_format::annotations;
+
+/// The launcher's environment twin of `--work-dir`.
+const WORK_DIR_ENV: &str = "RESTORE_LAUNCHER_WORK_DIR";
+/// The holder's emptyDir for its parked archives.
+const PARK_VOLUME: &str = "migrate-parked";
 
 /// The launcher's environment twin of `--wait-for-checkpoint`.
 pub const WAIT_ENV: &str = "RESTORE_LAUNCHER_WAIT_FOR_CHECKPOINT";
@@ -78,6 +87,7 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         annotations::ROLE,
         annotations::SUCCESSOR,
         annotations::SOURCE_UID,
+        annotations::SOURCE_RESTARTS,
         annotations::TIMINGS,
     ] {
         notes.remove(key);
@@ -152,10 +162,12 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
 /// whose launchers keep the checkpoint (`restore-launcher park`) while the pod's name changes
 /// hands. Made from [`target_pod`], so it has the source's images, users, environment and
 /// Secret-held key, but it runs no app, so it carries nothing the app needs from its node: no
-/// labels (no Service, no controller selects it), no owner, no claims (each becomes an
-/// emptyDir: a ReadWriteOnce volume stays with the source until it is gone), no ports,
-/// probes, hooks or resource requests (the node keeps its room for the successor), no
-/// hostname.
+/// labels (no Service, no controller selects it), no owner, no claims or other data volumes
+/// (each becomes an emptyDir: a ReadWriteOnce volume stays with the source until it is gone),
+/// no ports, probes or hooks, no hostname, and small requests instead of the app's (the node
+/// keeps its room for the successor). Its launchers' work directory, where the archive is
+/// parked, is an emptyDir of its own (unless the pod sets one), which outlives a restart of
+/// the holder's container.
 pub fn holder_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
     let mut pod = target_pod(source, node, migration_id);
     let notes = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
@@ -173,20 +185,31 @@ pub fn holder_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         spec.subdomain = None;
         spec.priority = None;
         spec.overhead = None;
+        // Only volumes that are the pod's own configuration stay; every other (claims,
+        // ephemeral and inline disks, hostPath, NFS, CSI...) becomes an emptyDir under the
+        // same name, so the mounts still resolve.
         for volume in spec.volumes.iter_mut().flatten() {
-            let carries_data = volume.persistent_volume_claim.is_some()
-                || volume.ephemeral.is_some()
-                || volume.host_path.is_some()
-                || volume.csi.is_some()
-                || volume.nfs.is_some();
-            if carries_data {
-                *volume = k8s_openapi::api::core::v1::Volume {
+            let configuration = volume.config_map.is_some()
+                || volume.secret.is_some()
+                || volume.projected.is_some()
+                || volume.downward_api.is_some()
+                || volume.empty_dir.is_some();
+            if !configuration {
+                *volume = Volume {
                     name: volume.name.clone(),
                     empty_dir: Some(Default::default()),
                     ..Default::default()
                 };
             }
         }
+        // The parked archive lives in the work directory: on an emptyDir of the holder's own
+        // (unless the pod names its own work directory), it outlives a restart of the
+        // holder's container.
+        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: PARK_VOLUME.into(),
+            empty_dir: Some(Default::default()),
+            ..Default::default()
+        });
         for container in spec
             .containers
             .iter_mut()
@@ -197,8 +220,33 @@ pub fn holder_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
             container.readiness_probe = None;
             container.startup_probe = None;
             container.lifecycle = None;
-            container.resources = None;
             container.resize_policy = None;
+            // Requests, no limits: not the first pod a pressed node evicts (BestEffort), and
+            // no room taken from the pod that follows.
+            container.resources = Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_string(), Quantity("10m".into())),
+                    ("memory".to_string(), Quantity("32Mi".into())),
+                ])),
+                ..Default::default()
+            });
+            let env = container.env.get_or_insert_with(Vec::new);
+            if !env.iter().any(|e| e.name == WORK_DIR_ENV) {
+                let path = format!("/run/{PARK_VOLUME}/{}", container.name);
+                env.push(EnvVar {
+                    name: WORK_DIR_ENV.into(),
+                    value: Some(path),
+                    value_from: None,
+                });
+                container
+                    .volume_mounts
+                    .get_or_insert_with(Vec::new)
+                    .push(VolumeMount {
+                        name: PARK_VOLUME.into(),
+                        mount_path: format!("/run/{PARK_VOLUME}"),
+                        ..Default::default()
+                    });
+            }
         }
     }
     pod

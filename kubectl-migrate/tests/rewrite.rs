@@ -193,7 +193,30 @@ fn a_stateful_set_pod_has_a_holder_without_identity_and_a_successor_with_all_of_
     );
     let c = &spec.containers[0];
     assert!(c.ports.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none());
-    assert!(c.resources.is_none() && c.lifecycle.is_none());
+    assert!(c.lifecycle.is_none());
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(
+        requests["memory"].0, "32Mi",
+        "small requests instead of the app's"
+    );
+    assert!(c.resources.as_ref().unwrap().limits.is_none());
+    let work_dir = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "RESTORE_LAUNCHER_WORK_DIR")
+        .and_then(|e| e.value.clone());
+    assert_eq!(work_dir.as_deref(), Some("/run/migrate-parked/ledger"));
+    let parked = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "migrate-parked")
+        .unwrap();
+    assert!(
+        parked.empty_dir.is_some(),
+        "the parked archive outlives a container restart"
+    );
     assert!(
         c.env
             .iter()

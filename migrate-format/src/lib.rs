@@ -67,6 +67,9 @@ pub mod annotations {
     /// On the holder: the source pod's uid. The source and the successor share a name; the uid
     /// tells which of them has it.
     pub const SOURCE_UID: &str = "migrate.kubectl.io/source-uid";
+    /// On the holder, once committed: the source's containers' restart counts then (JSON). A
+    /// source container that restarted after the commit started its app fresh.
+    pub const SOURCE_RESTARTS: &str = "migrate.kubectl.io/source-restarts";
     /// Kubernetes' own: which of a ReplicaSet's pods it deletes first when it has too many
     /// (lowest first, among pods equally ready).
     pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

@@ -135,8 +135,36 @@ pub(super) async fn run<L: Launchers + Sync>(
     fault::stage("frozen");
     let parked = park_all(ctx, &source, &holder, &cut.containers);
     let parked = within(cut.thaw_by, leased(parked, keep_alive(ctx, &source, &cut))).await???;
+    for (container, done) in &parked {
+        if done.restore.id.as_deref() != Some(done.checkpoint.id.as_str()) {
+            return Err(MigrateError::Transfer {
+                container: container.clone(),
+                error: format!(
+                    "the holder parked checkpoint {:?}, not the one sent ({})",
+                    done.restore.id, done.checkpoint.id
+                )
+                .into(),
+            });
+        }
+    }
     laps.done("checkpoint+park");
     fault::stage("parked");
+    // The parked archive must still be there to be committed to.
+    match ctx.pods.get_opt(&holder_name).await {
+        Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_none() => {}
+        Ok(_) => {
+            return Err(MigrateError::TargetFailed {
+                target: holder_name,
+                reason: "the holder pod was deleted before the commit".into(),
+            });
+        }
+        Err(source) => {
+            return Err(MigrateError::Api {
+                step: "reading the holder pod before the commit",
+                source,
+            });
+        }
+    }
     super::commit::acknowledge(ctx, &source, &cut).await?;
     fault::stage("acknowledged");
 
@@ -255,24 +283,36 @@ pub async fn finish<L: Launchers + Sync>(
         .as_ref()
         .and_then(|h| note(h, annotations::SOURCE_UID))
         .map(str::to_string);
-    let successor_now = retry(|| pods.get_opt(name))
+    let at_name = retry(|| pods.get_opt(name))
         .await
-        .map_err(|e| after(format!("cannot read pod {name}: {e}; {resume}")))?
-        .filter(|p| {
-            is_successor(p)
-                && note(p, annotations::MIGRATION_ID) == Some(id.as_str())
-                && (holder.is_none() || (source_uid.is_some() && p.metadata.uid != source_uid))
-        });
+        .map_err(|e| after(format!("cannot read pod {name}: {e}; {resume}")))?;
+    let ours = |p: &Pod| {
+        is_successor(p)
+            && note(p, annotations::MIGRATION_ID) == Some(id.as_str())
+            && (holder.is_none() || (source_uid.is_some() && p.metadata.uid != source_uid))
+    };
+    let successor_now = at_name.clone().filter(|p| ours(p));
     let Some(holder) = holder else {
-        // The holder goes last: without it, only a successor that already holds the app can
-        // finish.
-        return match successor_now {
-            Some(successor) => {
+        return match (successor_now, at_name) {
+            // The holder goes last: a successor that holds the app finishes.
+            (Some(successor), _) => {
                 complete(connection, launchers, &successor, &mut finished).await?;
                 Ok(finished)
             }
-            None => Err(after(format!(
-                "the holder pod {holder_name}, which kept the app's checkpoint after the commit, is gone and pod {name} was not restored: the app's state since the freeze is lost. Delete the guard (`kubectl delete validatingadmissionpolicy,validatingadmissionpolicybinding {}`) and the StatefulSet starts {name} fresh",
+            // The holder went before the source did: the source still holds the app, frozen.
+            (None, Some(source)) if super::is_committed(&source, id) => Err(after(format!(
+                "the holder pod {holder_name} is gone (deleted, or its node failed) before the source pod {name} was: the source still holds the app, frozen as of the freeze. Resume it with {}, then delete the guard: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
+                rewrite::migrated_containers(&source)
+                    .iter()
+                    .map(|c| format!(
+                        "`kubectl exec -n {ns} {name} -c {c} -- restore-launcher rollback`"
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                guard::name(id)
+            ))),
+            _ => Err(after(format!(
+                "the holder pod {holder_name}, which kept the app's checkpoint after the source was deleted, is gone and pod {name} was not restored: the app's memory since the freeze is lost. Delete the guard (`kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}`) and the StatefulSet starts {name} fresh",
                 guard::name(id)
             ))),
         };
@@ -287,11 +327,23 @@ pub async fn finish<L: Launchers + Sync>(
         })?;
 
     // The holder records the commit before the source goes: with the source gone, it is the
-    // migration's record (`kubectl migrate status` and `resume` read it).
+    // migration's record (`kubectl migrate status` and `resume` read it). Only a source that
+    // is there and committed is recorded: a source gone without a commit (its lease ran out,
+    // it resumed, then went) means the parked checkpoint is stale, and must never be restored.
     if note(&holder, annotations::PHASE) != Some("committed") {
+        let committed_source = at_name.as_ref().filter(|p| {
+            p.metadata.uid.is_some() && p.metadata.uid == source_uid && super::is_committed(p, id)
+        });
+        let Some(source) = committed_source else {
+            return Err(after(format!(
+                "migration {id} of pod {name} is not committed (its source is gone or records no commit): the checkpoint parked in {holder_name} is not the app's state and is never restored. Undo with `kubectl migrate abort -n {ns} {name}`"
+            )));
+        };
+        let restarts = serde_json::to_string(&super::restart_counts(source)).unwrap_or_default();
         retry(|| async {
             let patch = serde_json::json!({"metadata": {"annotations": {
                 annotations::PHASE: "committed", annotations::MIGRATION_ID: id,
+                annotations::SOURCE_RESTARTS: restarts,
             }}});
             pods.patch(&holder_name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
@@ -304,11 +356,22 @@ pub async fn finish<L: Launchers + Sync>(
             ))
         })?;
     }
+    let restarts_at_commit: Option<BTreeMap<String, i32>> = retry(|| pods.get_opt(&holder_name))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|h| {
+            note(&h, annotations::SOURCE_RESTARTS).and_then(|r| serde_json::from_str(r).ok())
+        });
 
     let successor = match successor_now {
         Some(running) => running,
         None => {
-            remove_source(connection, &pods, options, progress, &mut finished).await?;
+            let source = Source {
+                uid: source_uid.as_deref(),
+                restarts_at_commit: restarts_at_commit.as_ref(),
+            };
+            remove_source(connection, &pods, options, progress, source, &mut finished).await?;
             fault::stage("source-gone");
             create_successor(&connection.client, ns, &pods, &successor, id).await?
         }
@@ -378,6 +441,14 @@ async fn complete<L: Launchers + Sync>(
         "restored here with its name, from the checkpoint parked on this node".into(),
     )
     .await;
+    // The guard first: with the holder gone, nothing would find a guard left behind.
+    let id = note(successor, annotations::MIGRATION_ID).unwrap_or_default();
+    if let Err(error) = guard::remove(&connection.client, id).await {
+        finished.warnings.push(format!(
+            "cannot delete this migration's admission policy ({error}); until it goes, the StatefulSet cannot recreate pod {name} if it is deleted: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
+            guard::name(id)
+        ));
+    }
     if let Some(holder) = note(successor, annotations::PEER) {
         match retry(|| async { pods.delete(holder, &DeleteParams::default()).await.map(drop) }).await {
             Ok(_) => {}
@@ -387,13 +458,6 @@ async fn complete<L: Launchers + Sync>(
                 connection.namespace
             )),
         }
-    }
-    let id = note(successor, annotations::MIGRATION_ID).unwrap_or_default();
-    if let Err(error) = guard::remove(&connection.client, id).await {
-        finished.warnings.push(format!(
-            "cannot delete this migration's admission policy ({error}); until it goes, the StatefulSet cannot recreate pod {name} if it is deleted: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
-            guard::name(id)
-        ));
     }
     // Complete: no longer a successor (the source of a later move must not look like one).
     let patch = serde_json::json!({"metadata": {"annotations": {annotations::ROLE: null}}});
@@ -414,6 +478,13 @@ async fn complete<L: Launchers + Sync>(
     Ok(())
 }
 
+/// What the holder knows of the source.
+struct Source<'a> {
+    uid: Option<&'a str>,
+    /// Its containers' restart counts when the commit was recorded on the holder.
+    restarts_at_commit: Option<&'a BTreeMap<String, i32>>,
+}
+
 /// Deletes the committed source (if it is still there) and waits until it is gone: its
 /// containers stopped and its ReadWriteOnce volumes free to attach on the target.
 async fn remove_source(
@@ -421,9 +492,11 @@ async fn remove_source(
     pods: &Api<Pod>,
     options: &Options,
     progress: &Progress,
+    known: Source<'_>,
     finished: &mut Finished,
 ) -> Result<(), MigrateError> {
     let name = &options.pod;
+    let ns = &connection.namespace;
     let after = |what: String| MigrateError::AfterCommit { what };
     let Some(source) = retry(|| pods.get_opt(name))
         .await
@@ -431,15 +504,45 @@ async fn remove_source(
     else {
         return Ok(());
     };
-    if !super::is_committed(&source, &progress.id) {
-        // Not the committed source, not the successor: someone else's pod took the name (the
-        // guard was deleted by hand?). It may have started the app fresh.
+    let is_source = known.uid.is_some() && source.metadata.uid.as_deref() == known.uid;
+    if !is_source {
+        if is_successor(&source)
+            && note(&source, annotations::MIGRATION_ID) == Some(progress.id.as_str())
+        {
+            // Another run of this migration (a concurrent `resume`) created it meanwhile.
+            return Ok(());
+        }
+        // Not the source, not the successor: someone else's pod took the name (the guard
+        // was deleted by hand?). It may have started the app fresh.
         return Err(after(format!(
-            "pod {name} is not this migration's (migration {} is committed, its checkpoint parked in the holder pod): something else created it, maybe the StatefulSet after the admission policy {} was deleted. Delete it (`kubectl delete pod -n {} {name}`), then `kubectl migrate resume -n {} {name}` restores the parked app",
+            "pod {name} is not this migration's (migration {} is committed, its checkpoint parked in the holder pod): something else created it, maybe the StatefulSet after the admission policy {} was deleted, and it may have started the app fresh and written to its volumes. If you want the moved app back, delete that pod (`kubectl delete pod -n {ns} {name}`), then `kubectl migrate resume -n {ns} {name}` restores the parked app",
             progress.id,
             guard::name(&progress.id),
-            connection.namespace,
-            connection.namespace
+        )));
+    }
+    // A source container restarted after the commit (a liveness probe, a node reboot) started
+    // the app fresh: it may have written to the volumes since, which the parked memory knows
+    // nothing about. Restoring over them is the user's call, not this plugin's.
+    let restarted: Vec<String> = super::restart_counts(&source)
+        .into_iter()
+        .filter(|(c, n)| {
+            known
+                .restarts_at_commit
+                .and_then(|at| at.get(c))
+                .is_some_and(|before| n > before)
+        })
+        .map(|(c, _)| c)
+        .collect();
+    if !restarted.is_empty() {
+        return Err(after(format!(
+            "container(s) {} of the source pod {name} restarted after the commit: the app runs there fresh and may have written to its volumes since the checkpoint was taken. Nothing more was done. To keep the fresh app: delete the holder pod and the guard (`kubectl delete pod -n {ns} {}` and `kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}`); to restore the checkpoint over its volumes instead: `kubectl delete pod -n {ns} {name} --wait`, then `kubectl migrate resume -n {ns} {name}`",
+            restarted.join(", "),
+            progress
+                .target
+                .as_ref()
+                .and_then(|t| t.metadata.name.clone())
+                .unwrap_or_default(),
+            guard::name(&progress.id)
         )));
     }
     let uid = source.metadata.uid.clone().unwrap_or_default();
@@ -457,26 +560,32 @@ async fn remove_source(
         finished.source_deleted_at_ms = Some(migrate_format::unix_ms());
         match retry(|| async { pods.delete(name, &DeleteParams::default()).await.map(drop) }).await
         {
-            Ok(_) => {}
+            Ok(()) => {}
             Err(kube::Error::Api(status)) if status.is_not_found() => {}
             Err(error) => {
                 return Err(after(format!(
-                    "cannot delete the source pod {name}: {error}; it is frozen and committed (never resume it): `kubectl migrate resume -n {} {name}` goes on",
-                    connection.namespace
+                    "cannot delete the source pod {name}: {error}; it is frozen and committed (never resume it): `kubectl migrate resume -n {ns} {name}` goes on"
                 )));
             }
         }
     }
+    // Its grace period (preStop hooks run against the frozen app), and some time for the
+    // kubelet to report.
+    let grace = source
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
+    let patience = SOURCE_GONE_PATIENCE.max(Duration::from_secs(grace.max(0) as u64 + 30));
     let gone = tokio::time::timeout(
-        SOURCE_GONE_PATIENCE,
+        patience,
         await_condition(pods.clone(), name, conditions::is_deleted(&uid)),
     )
     .await;
     if !matches!(gone, Ok(Ok(_))) {
         return Err(after(format!(
-            "the source pod {name} was deleted but is not gone after {} s (is its node's kubelet running?); once it is, `kubectl migrate resume -n {} {name}` goes on",
-            SOURCE_GONE_PATIENCE.as_secs(),
-            connection.namespace
+            "the source pod {name} was deleted but is not gone after {} s (a preStop hook still running? its node's kubelet down?); once it is, `kubectl migrate resume -n {ns} {name}` goes on",
+            patience.as_secs()
         )));
     }
     finished.source_deleted = true;
@@ -493,6 +602,26 @@ async fn create_successor(
     id: &str,
 ) -> Result<Pod, MigrateError> {
     let name = successor.metadata.name.clone().unwrap_or_default();
+    // The StatefulSet the successor names as owner must still be the same object: one deleted
+    // and recreated (`--cascade=orphan`) has another uid, and the garbage collector would
+    // delete a pod owned by the old one.
+    if let Some(owner) = crate::check::pod::controller(successor) {
+        let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+            Api::namespaced(client.clone(), namespace);
+        let now = retry(|| sets.get_opt(&owner.name)).await.map_err(|e| {
+            MigrateError::AfterCommit {
+                what: format!("cannot read StatefulSet {}: {e}; the checkpoint stays parked: `kubectl migrate resume -n {namespace} {name}` goes on", owner.name),
+            }
+        })?;
+        if now.as_ref().and_then(|s| s.metadata.uid.as_deref()) != Some(owner.uid.as_str()) {
+            return Err(MigrateError::AfterCommit {
+                what: format!(
+                    "StatefulSet {} was deleted or replaced since the move began: pod {name} cannot be given to it. The checkpoint stays parked; once the StatefulSet is back as it was, `kubectl migrate resume -n {namespace} {name}` goes on",
+                    owner.name
+                ),
+            });
+        }
+    }
     guard::install(client, namespace, &name, id, successor)
         .await
         .map_err(|e| MigrateError::AfterCommit {
@@ -649,14 +778,22 @@ pub mod guard {
         };
         let started = Instant::now();
         let guard = name(id);
+        // Several denials in a row: with more than one API server, each learns of the policy
+        // on its own.
+        let mut denials = 0;
         loop {
             match pods.create(&dry_run, &denied).await {
                 Err(kube::Error::Api(status)) if status.message.contains(&guard) => {
+                    denials += 1;
+                    if denials < IN_FORCE_DENIALS {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     tracing::debug!(
                         ms = started.elapsed().as_millis() as u64,
                         "the admission policy is in force"
                     );
-                    return Ok(());
+                    return successor_admitted(&pods, probe, &dry_run).await;
                 }
                 outcome if started.elapsed() >= IN_FORCE_PATIENCE => {
                     let seen = match outcome {
@@ -678,8 +815,32 @@ pub mod guard {
                         ),
                     });
                 }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => {
+                    denials = 0;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
+        }
+    }
+
+    /// How many denials in a row prove the policy in force.
+    const IN_FORCE_DENIALS: u32 = 3;
+
+    /// The successor itself (with the id) must get through admission: another policy (a
+    /// guard left by an earlier migration of this pod) would deny it after the source is gone.
+    /// Its name is taken while the source exists, so "already exists" is the answer then.
+    async fn successor_admitted(
+        pods: &Api<Pod>,
+        successor: &Pod,
+        dry_run: &PostParams,
+    ) -> Result<(), MigrateError> {
+        match pods.create(dry_run, successor).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => Ok(()),
+            Err(source) => Err(MigrateError::Api {
+                step: "checking that the API server admits the moved pod (a kubectl-migrate policy left by an earlier migration of this pod? `kubectl get validatingadmissionpolicies -l app.kubernetes.io/managed-by=kubectl-migrate`)",
+                source,
+            }),
         }
     }
 

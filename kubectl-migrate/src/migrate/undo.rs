@@ -53,6 +53,10 @@ pub async fn undo<L: Launchers + Sync>(
     } else {
         None
     };
+    let source_owner_kind = source
+        .as_ref()
+        .and_then(crate::check::pod::controller)
+        .map(|o| o.kind.clone());
     let mut restarted = Vec::new();
     if let Some(source) = source {
         let mut nothing_frozen = false;
@@ -132,12 +136,14 @@ pub async fn undo<L: Launchers + Sync>(
             )),
         }
     }
-    // A StatefulSet pod's move: its guard goes with the holder.
-    if progress
+    // A StatefulSet pod's move: its guard goes with the holder (also when the holder is gone
+    // already: a guard left behind keeps the StatefulSet from ever recreating the pod).
+    let stateful = progress
         .target
         .as_ref()
         .is_some_and(super::identity::is_holder)
-    {
+        || source_owner_kind.as_deref() == Some("StatefulSet");
+    if stateful {
         let guard = super::identity::guard::name(&progress.id);
         match super::identity::guard::remove(&connection.client, &progress.id).await {
             Ok(()) => done.push(format!("deleted the admission policy {guard}")),
