@@ -245,6 +245,16 @@ pub enum Command {
         /// Where the parked archive is kept [default: STATE_DIR/work]
         #[arg(long, env = "RESTORE_LAUNCHER_WORK_DIR", value_name = "DIR")]
         work_dir: Option<PathBuf>,
+        /// Give up when the archive stream brings nothing for this many seconds (a damaged
+        /// archive can leave the reader waiting for bytes that never come).
+        #[arg(
+            long,
+            env = "RESTORE_LAUNCHER_INPUT_STALL_TIMEOUT",
+            default_value_t = 120,
+            value_name = "SECONDS",
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
+        input_stall_timeout: u64,
     },
     /// Write the archive kept by `park` to stdout (for the moved pod's `receive`); the JSON
     /// summary goes to stderr.

@@ -55,10 +55,14 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             Ok(0)
         }
         Command::Rollback => simple(state_dir, &Request::Rollback),
-        Command::Park { work_dir } => {
+        Command::Park {
+            work_dir,
+            input_stall_timeout,
+        } => {
             let work_dir = work_dir.clone().unwrap_or_else(|| state_dir.join("work"));
-            let report = crate::park::park(
+            let report = crate::park::park_stdin(
                 unbuffered_stdin()?,
+                std::time::Duration::from_secs(*input_stall_timeout),
                 &work_dir,
                 crate::seal::KeySource::from_env().as_ref(),
             );

@@ -43,9 +43,25 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-/// Reads an archive from `input`, verifies it, and keeps it at `path` (0600, written under a
-/// temporary name and renamed once verified). The report says `ok` only for a kept archive;
-/// its id is the checkpoint's.
+/// `park` from stdin, giving up once it brings nothing for `stall`: a damaged archive can
+/// leave the reader waiting for bytes the sender never sends, and `kubectl exec` does not
+/// always pass the end of stdin on (as `receive`'s `--input-stall-timeout`).
+pub fn park_stdin(
+    stdin: File,
+    stall: std::time::Duration,
+    work_dir: &Path,
+    key: Option<&KeySource>,
+) -> RestoreReport {
+    park(
+        crate::restore::StallReader::new(stdin, stall),
+        work_dir,
+        key,
+    )
+}
+
+/// Reads an archive from `input`, verifies it, and keeps it in the work directory (0600,
+/// written under a temporary name and renamed once verified). The report says `ok` only for a
+/// kept archive; its id is the checkpoint's.
 pub fn park(input: impl Read, work_dir: &Path, key: Option<&KeySource>) -> RestoreReport {
     let mut report = RestoreReport::new();
     let start = Instant::now();
@@ -212,6 +228,27 @@ mod tests {
         assert_eq!(sent.id, id);
         assert_eq!(sent.archive_bytes, bytes.len() as u64);
         assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn an_archive_that_stops_coming_is_given_up_after_the_stall_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, _) = archive_bytes(dir.path());
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        writer.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        let work = dir.path().join("work");
+        // The sender stays connected and sends nothing more, as a cut exec stream does.
+        let report = park_stdin(
+            File::from(std::os::fd::OwnedFd::from(reader)),
+            std::time::Duration::from_millis(300),
+            &work,
+            None,
+        );
+        drop(writer);
+        assert!(!report.ok);
+        let error = report.error.unwrap();
+        assert!(error.contains("brought nothing"), "{error}");
+        assert!(!parked_path(&work).exists());
     }
 
     #[test]

@@ -291,13 +291,13 @@ fn refused(error: &(dyn std::error::Error + 'static)) -> String {
 /// keep the target "restoring" for ever. It waits with poll(2) and reads only what is there,
 /// leaving the stream's flags alone: the `receive` client shares it and drains it after a
 /// refusal with plain blocking reads.
-struct StallReader {
+pub(crate) struct StallReader {
     input: File,
     stall: std::time::Duration,
 }
 
 impl StallReader {
-    fn new(input: File, stall: std::time::Duration) -> Self {
+    pub(crate) fn new(input: File, stall: std::time::Duration) -> Self {
         StallReader { input, stall }
     }
 }

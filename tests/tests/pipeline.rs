@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kubectl_migrate::check::{self, Launchers};
 use kubectl_migrate::client::Connection;
 use kubectl_migrate::launchers::{LauncherError, Route, TransferMode, Transferred};
@@ -1354,5 +1355,84 @@ async fn a_replica_set_pod_is_handed_over_only_once_every_pod_of_it_is_ready() -
         "the source was not deleted with the lowest deletion cost: {:?}",
         source.metadata
     );
+    Ok(())
+}
+
+/// A StatefulSet pod's move is found by its holder, which counts as committed only once the
+/// commit is recorded (on the holder, or on a source that is there): a holder whose source
+/// went without a commit (it resumed by its lease, then was deleted) holds a stale checkpoint,
+/// so `resume` is refused and `abort` deletes the holder, never restoring it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_set_holder_counts_as_committed_only_with_the_commit_recorded() -> Result<()> {
+    if !apiserver_tests_can_run(
+        "a_stateful_set_holder_counts_as_committed_only_with_the_commit_recorded",
+    ) {
+        return Ok(());
+    }
+    let (server, connection) = cluster().await?;
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), "apps");
+    let source: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "apps", "annotations": {
+            "migrate.kubectl.io/id": "mig-7", "migrate.kubectl.io/phase": "checkpointing",
+            "migrate.kubectl.io/peer": "web-0-m1"}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "i"}]}
+    }))?;
+    let source = pods.create(&Default::default(), &source).await?;
+    let holder = kubectl_migrate::rewrite::holder_pod(&source, "node-b", "mig-7");
+    pods.create(&Default::default(), &holder).await?;
+
+    let listed = |committed: bool, phase: &str| {
+        let connection = &connection;
+        let phase = phase.to_string();
+        async move {
+            let found = recover::list(&connection.client, "apps", Some("web-0")).await?;
+            ensure!(
+                found.len() == 1
+                    && found[0].committed == committed
+                    && found[0].phase == phase
+                    && found[0].target.as_deref() == Some("web-0-m1"),
+                "expected committed={committed}, phase {phase}: {found:?}"
+            );
+            Ok::<_, anyhow::Error>(found[0].next_step())
+        }
+    };
+    ensure!(listed(false, "checkpointing").await? == "kubectl migrate abort web-0");
+    let commit =
+        serde_json::json!({"metadata": {"annotations": {"migrate.kubectl.io/phase": "committed"}}});
+    pods.patch("web-0", &PatchParams::default(), &Patch::Merge(&commit))
+        .await?;
+    ensure!(listed(true, "committed").await? == "kubectl migrate resume web-0");
+
+    // The source gone without a commit (back to `checkpointing`, then deleted): stale.
+    let uncommit = serde_json::json!({"metadata": {"annotations": {"migrate.kubectl.io/phase": "checkpointing"}}});
+    pods.patch("web-0", &PatchParams::default(), &Patch::Merge(&uncommit))
+        .await?;
+    pods.delete("web-0", &DeleteParams::default().grace_period(0))
+        .await?;
+    ensure!(
+        deleted(&connection, "web-0").await?,
+        "the source is still there"
+    );
+    ensure!(listed(false, "source-deleted").await? == "kubectl migrate abort web-0");
+    let launchers = StandIn::new(connection.client.clone(), Transfer::Works);
+    let refused = recover::resume(&connection, &launchers, "web-0").await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("is not committed")),
+        "resume of a stale holder: {refused:?}"
+    );
+    let done = recover::abort(&connection, &launchers, "web-0").await?;
+    ensure!(
+        done.contains("deleted the target pod web-0-m1")
+            && done.contains("deleted the admission policy kubectl-migrate-mig-7"),
+        "{done}"
+    );
+    ensure!(
+        !launchers.calls().iter().any(|c| c.starts_with("unpark")),
+        "the stale checkpoint was sent on: {:?}",
+        launchers.calls()
+    );
+    drop(server);
     Ok(())
 }

@@ -409,6 +409,9 @@ spec:
         imagePullPolicy: Never
         env:
         - {{name: COUNTER_INTERVAL, value: '0.5'}}
+        # A damaged archive can leave its reader waiting for bytes that never come: given up
+        # after 20 s instead of 120 (the holder's `park` and the new pod's `receive` alike).
+        - {{name: RESTORE_LAUNCHER_INPUT_STALL_TIMEOUT, value: '20'}}
         volumeMounts: [{{name: data, mountPath: /data}}]
         securityContext:
           allowPrivilegeEscalation: false
@@ -501,8 +504,9 @@ fn counting_on(cluster: &Cluster, name: &str, node: &str) -> Result<String> {
 /// claim, on node-b (runc → crun) -- and its count continues; the StatefulSet controller, which
 /// recreates a missing pod by name, never gets to start it fresh: exactly two pods ever have
 /// the name (the source and the restored one), and the controller's own attempt is seen
-/// refused. Then a move back killed with the source gone (the parked checkpoint the only
-/// copy) is finished by `kubectl migrate resume`, the count continuing again.
+/// refused. Before that, a damaged archive rolls back (the source counts on, the holder and
+/// the policy go); after it, a move back killed with the source gone (the parked checkpoint
+/// the only copy) is finished by `kubectl migrate resume`, the count continuing again.
 pub fn stateful_set_pod_moves_keeping_its_name(cluster: &Cluster) -> Result<()> {
     let set = "ledger";
     let pod = "ledger-0";
@@ -527,6 +531,47 @@ pub fn stateful_set_pod_moves_keeping_its_name(cluster: &Cluster) -> Result<()> 
     wait_until("3 counts on the source", WAIT, || {
         Ok((counter_values(&follow.text()).len() >= 3).then_some(()))
     })?;
+
+    // The rollback guarantee first: a byte damaged on its way to the holder is refused there,
+    // before the commit; the source counts on, never restarted, and the holder and the
+    // policy are gone. (The watch below shows no other pod ever had the name.)
+    let damaged = migrate(
+        cluster,
+        &[pod, "--to", "node-b"],
+        &[("KUBECTL_MIGRATE_FAULT_FLIP_BYTE", "20000")],
+    )?;
+    ensure!(
+        damaged.code == Some(1)
+            && damaged.stderr.contains("archive refused")
+            && damaged.stderr.contains("nothing was parked")
+            && damaged.stderr.contains("deleted the admission policy"),
+        "a damaged archive: exit {:?}\n{}{}",
+        damaged.code,
+        damaged.stdout,
+        damaged.stderr
+    );
+    let counted = counter_values(&follow.text()).len();
+    wait_until("the source counting on after the rollback", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= counted + 2).then_some(()))
+    })?;
+    ensure!(pod_field(cluster, pod, "{.metadata.uid}")? == source_uid);
+    let restarts = pod_field(cluster, pod, "{.status.containerStatuses[0].restartCount}")?;
+    ensure!(restarts == "0", "the source restarted {restarts} times");
+    wait_until(
+        "the holder and the policy to go after the rollback",
+        WAIT,
+        || {
+            let leftovers = cluster.kubectl_ok(&[
+                "get",
+                "validatingadmissionpolicies,pods",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])?;
+            Ok((!leftovers.contains("kubectl-migrate-")
+                && !leftovers.contains(&format!("{pod}-m")))
+            .then_some(()))
+        },
+    )?;
 
     let out = migrate_ok(cluster, &[pod, "--to", "node-b"], &[])?;
     ensure!(
