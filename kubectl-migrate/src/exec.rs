@@ -537,6 +537,7 @@ impl ExecLaunchers {
         // then dropped, which closes the source's stream and ends its checkpoint job.
         let (copied, answer, target_first) = tokio::select! {
             copied = &mut copy => {
+                tracing::debug!(container, ?leg, ok = copied.is_ok(), "the archive's copy ended first");
                 // The copy is over; the target now restores. Its answer comes over a stream
                 // that a fault can leave open and silent: the target's launcher is asked
                 // directly meanwhile, and its word is taken once it has finished.
@@ -556,6 +557,7 @@ impl ExecLaunchers {
                 (copied, answer, false)
             }
             answer = &mut answer => {
+                tracing::debug!(container, ?leg, "the target answered before the copy ended");
                 let copied = tokio::time::timeout(TARGET_GRACE, &mut copy)
                     .await
                     .unwrap_or_else(|_| Err(std::io::Error::other("the target stopped reading the archive")));
@@ -563,6 +565,12 @@ impl ExecLaunchers {
             }
         };
         drop(copy);
+        tracing::debug!(
+            container,
+            ?leg,
+            answered = answer.is_ok(),
+            "waiting for the source's summary"
+        );
         let summary = tokio::time::timeout(TARGET_GRACE, &mut summary)
             .await
             .unwrap_or_else(|_| Ok(String::new()))

@@ -68,6 +68,11 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             );
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
             let _ = io::stdout().flush();
+            if !report.ok {
+                // As after a refused `receive`: a sender blocked on our full stdin could not
+                // take in this answer.
+                drain_stdin();
+            }
             Ok(u8::from(!report.ok))
         }
         Command::Unpark { work_dir } => {
