@@ -94,7 +94,8 @@ pub enum RecoverError {
     },
 }
 
-fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+/// Pod annotation `key`, if set.
+pub(crate) fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
     pod.metadata
         .annotations
         .as_ref()

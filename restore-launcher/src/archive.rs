@@ -381,8 +381,20 @@ pub fn read_manifest<R: Read>(input: R) -> Result<Manifest, ArchiveError> {
         .single_frame();
     let mut archive = tar::Archive::new(decoder);
     let mut entries = archive.entries().map_err(ArchiveError::Stream)?.raw(true);
-    let mut headers = Headers::default();
-    let (mut first, name) = headers.next(&mut entries)?.ok_or(ArchiveError::Empty)?;
+    first_manifest(
+        &mut entries,
+        &mut Headers::default(),
+        crate::sysinfo::arch(),
+    )
+}
+
+/// The manifest, which must be the archive's first entry, bounded in size and checked.
+fn first_manifest<R: Read>(
+    entries: &mut tar::Entries<'_, R>,
+    headers: &mut Headers,
+    arch: &str,
+) -> Result<Manifest, ArchiveError> {
+    let (mut first, name) = headers.next(entries)?.ok_or(ArchiveError::Empty)?;
     if name != MANIFEST_NAME {
         return Err(ManifestError::NotFirst(name).into());
     }
@@ -395,7 +407,7 @@ pub fn read_manifest<R: Read>(input: R) -> Result<Manifest, ArchiveError> {
         .take(MANIFEST_SIZE_LIMIT)
         .read_to_end(&mut json)
         .map_err(ArchiveError::Stream)?;
-    Ok(Manifest::from_json(&json, crate::sysinfo::arch())?)
+    Ok(Manifest::from_json(&json, arch)?)
 }
 
 /// Reads and verifies an archive stream into `staging` (an empty directory of ours). Returns
@@ -419,21 +431,7 @@ pub fn read_verified<R: Read>(
     let mut entries = archive.entries().map_err(ArchiveError::Stream)?.raw(true);
     let mut headers = Headers::default();
 
-    let (mut first, name) = headers.next(&mut entries)?.ok_or(ArchiveError::Empty)?;
-    if name != MANIFEST_NAME {
-        return Err(ManifestError::NotFirst(name).into());
-    }
-    let size = first.header().size().map_err(ArchiveError::Stream)?;
-    if size > MANIFEST_SIZE_LIMIT {
-        return Err(ManifestError::TooLarge(size).into());
-    }
-    let mut json = Vec::with_capacity(size as usize);
-    (&mut first)
-        .take(MANIFEST_SIZE_LIMIT)
-        .read_to_end(&mut json)
-        .map_err(ArchiveError::Stream)?;
-    drop(first);
-    let manifest = Manifest::from_json(&json, arch)?;
+    let manifest = first_manifest(&mut entries, &mut headers, arch)?;
     check_space(staging, manifest.payload_bytes())?;
 
     let mut seen = BTreeSet::new();

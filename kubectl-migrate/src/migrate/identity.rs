@@ -53,6 +53,7 @@ use super::{
 use crate::check::Problem;
 use crate::client::Connection;
 use crate::launchers::{Launchers, TransferMode, Transferred};
+use crate::recover::note;
 use crate::rewrite;
 
 /// Whether `pod` is the holder of a StatefulSet pod's move.
@@ -70,14 +71,6 @@ fn role(pod: &Pod) -> Option<&str> {
         .annotations
         .as_ref()
         .and_then(|a| a.get(annotations::ROLE))
-        .map(String::as_str)
-}
-
-fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
         .map(String::as_str)
 }
 

@@ -486,6 +486,27 @@ impl NamedPodWatch {
     }
 }
 
+/// Waits until no holder pod of `pod` (`POD-mN`) and no migration's admission policy is
+/// left.
+fn holder_and_policy_gone(cluster: &Cluster, pod: &str, when: &str) -> Result<()> {
+    wait_until(
+        &format!("the holder and the policy to go {when}"),
+        WAIT,
+        || {
+            let left = cluster.kubectl_ok(&[
+                "get",
+                "validatingadmissionpolicies,pods",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])?;
+            Ok(
+                (!left.contains("kubectl-migrate-") && !left.contains(&format!("{pod}-m")))
+                    .then_some(()),
+            )
+        },
+    )
+}
+
 /// Waits until pod `name` runs on `node` and has printed 3 counts; returns its logs.
 fn counting_on(cluster: &Cluster, name: &str, node: &str) -> Result<String> {
     wait_until(&format!("pod {name} counting on {node}"), WAIT, || {
@@ -557,21 +578,7 @@ pub fn stateful_set_pod_moves_keeping_its_name(cluster: &Cluster) -> Result<()> 
     ensure!(pod_field(cluster, pod, "{.metadata.uid}")? == source_uid);
     let restarts = pod_field(cluster, pod, "{.status.containerStatuses[0].restartCount}")?;
     ensure!(restarts == "0", "the source restarted {restarts} times");
-    wait_until(
-        "the holder and the policy to go after the rollback",
-        WAIT,
-        || {
-            let leftovers = cluster.kubectl_ok(&[
-                "get",
-                "validatingadmissionpolicies,pods",
-                "-o",
-                "jsonpath={.items[*].metadata.name}",
-            ])?;
-            Ok((!leftovers.contains("kubectl-migrate-")
-                && !leftovers.contains(&format!("{pod}-m")))
-            .then_some(()))
-        },
-    )?;
+    holder_and_policy_gone(cluster, pod, "after the rollback")?;
 
     let out = migrate_ok(cluster, &[pod, "--to", "node-b"], &[])?;
     ensure!(
@@ -628,16 +635,7 @@ pub fn stateful_set_pod_moves_keeping_its_name(cluster: &Cluster) -> Result<()> 
         refused.contains("kubectl-migrate-mig-"),
         "no refused attempt of the controller seen: {refused:?}"
     );
-    let leftovers = cluster.kubectl_ok(&[
-        "get",
-        "validatingadmissionpolicies,pods",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ])?;
-    ensure!(
-        !leftovers.contains("kubectl-migrate-") && !leftovers.contains(&format!("{pod}-m")),
-        "the policy or the holder pod was left: {leftovers}"
-    );
+    holder_and_policy_gone(cluster, pod, "after the move")?;
     let runtimes = (source_runtime, cluster.oci_runtime_of(pod)?);
     ensure!(
         runtimes == ("runc".to_string(), "crun".to_string()),
