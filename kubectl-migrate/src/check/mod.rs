@@ -227,6 +227,7 @@ pub fn notes(facts: &Facts) -> Vec<String> {
         .as_ref()
         .and_then(|target| node::clock_jump(facts, target))
         .into_iter()
+        .chain(pod::stop_hooks_in_downtime(facts))
         .collect()
 }
 

@@ -208,6 +208,28 @@ fn stateful_set_problems(facts: &Facts, owner: &OwnerReference) -> Vec<Problem> 
     found
 }
 
+/// A StatefulSet's pod is deleted while its app is frozen, and the moved pod starts only once
+/// it is gone: a preStop hook (run against the frozen app, which cannot answer) can hold that
+/// up to the grace period, all of it downtime.
+pub fn stop_hooks_in_downtime(facts: &Facts) -> Option<String> {
+    facts.stateful_set.as_ref()?;
+    let spec = facts.pod.spec.as_ref()?;
+    let hooked: Vec<&str> = spec
+        .containers
+        .iter()
+        .filter(|c| c.lifecycle.as_ref().is_some_and(|l| l.pre_stop.is_some()))
+        .map(|c| c.name.as_str())
+        .collect();
+    (!hooked.is_empty()).then(|| {
+        format!(
+            "container(s) {} of pod {} have a preStop hook: it runs against the frozen app when the pod is deleted, and the moved pod starts only once the old one is gone, so a hook that waits for the app adds up to the grace period ({} s) to the downtime",
+            hooked.join(", "),
+            pod_name(facts),
+            spec.termination_grace_period_seconds.unwrap_or(30)
+        )
+    })
+}
+
 /// A migration of this pod that started and did not finish (the plugin was killed, a
 /// connection dropped) leaves a frozen source or a waiting target: clear it first.
 pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
@@ -560,6 +582,29 @@ mod tests {
         assert_eq!(found.len(), 2, "{found:#?}");
         assert!(found[0].what.contains("only one pod can have it"));
         assert!(found[1].fix.contains("without --lazy"));
+    }
+
+    #[test]
+    fn a_stateful_set_pods_pre_stop_hook_is_noted_as_downtime() {
+        let mut f = facts();
+        f.pod.spec.as_mut().unwrap().containers[0].lifecycle = Some(
+            serde_json::from_value(
+                serde_json::json!({"preStop": {"exec": {"command": ["sleep", "5"]}}}),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            stop_hooks_in_downtime(&f),
+            None,
+            "a bare pod's source goes after the thaw"
+        );
+        f.stateful_set = Some(Default::default());
+        let note = stop_hooks_in_downtime(&f).unwrap();
+        assert!(
+            note.contains("container(s) counter of pod counter have a preStop hook"),
+            "{note}"
+        );
+        assert!(note.contains("(30 s)"), "{note}");
     }
 
     #[test]
