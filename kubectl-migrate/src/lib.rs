@@ -8,7 +8,8 @@
 //! - [`migrate`]: the pipeline (check → target → checkpoint+transfer → verify → commit →
 //!   thaw+cleanup; undo before the commit, finish after it);
 //! - [`recover`]: `status`, `abort` and `resume` of migrations that did not finish;
-//! - [`drain`]: `drain NODE`, every pod of a node migrated (or else evicted) by that pipeline.
+//! - [`drain`]: `drain NODE`, every pod of a node migrated (or else evicted) by that pipeline;
+//! - [`crd`]: the declarative API's types (`PodMigration`), which generate `config/crd/`.
 //!
 //! `docs/architecture.md` describes the pipeline and its undo rule; CONTRIBUTING.md maps the
 //! modules of both binaries.
@@ -16,6 +17,7 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod crd;
 pub mod direct;
 pub mod drain;
 pub mod exec;

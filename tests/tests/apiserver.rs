@@ -255,3 +255,73 @@ fn connection_problems_are_clear_errors_without_a_hang() -> Result<()> {
     }
     Ok(())
 }
+
+/// The declarative API's definition (`config/crd/`, generated from the Rust types) is accepted
+/// by the API server, which then takes a PodMigration and refuses one its schema forbids.
+#[test]
+fn the_pod_migration_definition_is_accepted_and_enforces_its_schema() -> Result<()> {
+    if !apiserver_tests_can_run("the_pod_migration_definition_is_accepted_and_enforces_its_schema")
+    {
+        return Ok(());
+    }
+    let server = ApiServer::start()?;
+    server.apply(NAMESPACE)?;
+    let crd = workspace().join("config/crd/podmigrations.yaml");
+    let output = server.kubectl(&["apply", "-f"]).arg(&crd).output()?;
+    ensure!(
+        output.status.success(),
+        "the API server refused the CRD: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = server
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/podmigrations.migrate.kubectl.io",
+        ])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server.apply(
+        "apiVersion: migrate.kubectl.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: counter\n  namespace: apps\nspec:\n  pod: counter\n  targetNode: node-b\n",
+    )?;
+    let stored = server
+        .kubectl(&[
+            "get",
+            "pmig",
+            "-n",
+            "apps",
+            "counter",
+            "-o",
+            "jsonpath={.spec}",
+        ])
+        .output()?;
+    let spec = String::from_utf8_lossy(&stored.stdout);
+    ensure!(
+        spec.contains("\"transfer\":\"auto\"") && spec.contains("\"lazy\":false"),
+        "the schema's defaults were not applied: {spec}"
+    );
+    let refused = server
+        .kubectl(&["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().expect("stdin").write_all(
+                b"apiVersion: migrate.kubectl.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: bad\n  namespace: apps\nspec:\n  pod: counter\n  transfer: teleport\n  timeoutSeconds: 0\n",
+            )?;
+            child.wait_with_output()
+        })?;
+    let why = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && why.contains("teleport") && why.contains("timeoutSeconds"),
+        "a PodMigration with a bad transfer and timeout was not refused: {why}"
+    );
+    Ok(())
+}

@@ -53,9 +53,10 @@ fn main() -> ExitCode {
         Some("cluster") => cluster::run_task(&args[1..]),
         Some("release") => release::run_task(&args[1..]),
         Some("docs") => docs(),
+        Some("crd") => crd(),
         Some("help" | "-h" | "--help") | None => {
             println!(
-                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [--cluster] [SIZES_MIB]|release [--out DIR] [--allow-missing]|docs|static-launcher|rootfs|k8s|images>"
+                "usage: cargo xtask <test [CARGO TEST ARGS]|demo [--sandbox]|cluster up|down|bench [--cluster] [SIZES_MIB]|release [--out DIR] [--allow-missing]|docs|crd|static-launcher|rootfs|k8s|images>"
             );
             Ok(())
         }
@@ -97,6 +98,28 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Rewrites the generated `--help` blocks of `docs/reference.md` (`migrate_tests::reference`).
+/// Regenerates `config/crd/` from the Rust types (`kubectl-migrate/src/crd.rs`): the test
+/// that compares them writes the file when asked to.
+fn crd() -> Result<()> {
+    run(cargo()
+        .args([
+            "test",
+            "--quiet",
+            "--package",
+            "kubectl-migrate",
+            "--lib",
+            "crd::",
+        ])
+        .env("UPDATE_GOLDEN", "1"))?;
+    println!(
+        "{}",
+        workspace_root()
+            .join("config/crd/podmigrations.yaml")
+            .display()
+    );
+    Ok(())
+}
+
 fn docs() -> Result<()> {
     run(cargo().args([
         "build",
