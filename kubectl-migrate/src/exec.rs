@@ -589,6 +589,23 @@ impl ExecLaunchers {
         .await
     }
 
+    /// A holder's leg of a StatefulSet pod's move ([`Leg::Park`], [`Leg::Unpark`]), relayed.
+    async fn relayed(
+        &self,
+        from: &Pod,
+        to: &Pod,
+        container: &str,
+        moved: Arc<AtomicU64>,
+        leg: Leg,
+    ) -> Result<Transferred, LauncherError> {
+        let (checkpoint, restore) = self.relay(from, to, container, moved, leg).await?;
+        Ok(Transferred {
+            checkpoint,
+            restore,
+            route: Route::Relay,
+        })
+    }
+
     /// Decides one container's transfer from how it ended: both reports when both succeeded,
     /// else the most telling reason (the target's refusal, the checkpoint's failure, a cut
     /// stream). A report a broken stream did not deliver is read from the launcher's status.
@@ -807,14 +824,8 @@ impl Launchers for ExecLaunchers {
         container: &str,
         moved: Arc<AtomicU64>,
     ) -> Result<Transferred, LauncherError> {
-        let (checkpoint, restore) = self
-            .relay(source, holder, container, moved, Leg::Park)
-            .await?;
-        Ok(Transferred {
-            checkpoint,
-            restore,
-            route: Route::Relay,
-        })
+        self.relayed(source, holder, container, moved, Leg::Park)
+            .await
     }
 
     async fn unpark(
@@ -824,14 +835,8 @@ impl Launchers for ExecLaunchers {
         container: &str,
         moved: Arc<AtomicU64>,
     ) -> Result<Transferred, LauncherError> {
-        let (checkpoint, restore) = self
-            .relay(holder, target, container, moved, Leg::Unpark)
-            .await?;
-        Ok(Transferred {
-            checkpoint,
-            restore,
-            route: Route::Relay,
-        })
+        self.relayed(holder, target, container, moved, Leg::Unpark)
+            .await
     }
 
     async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {

@@ -32,7 +32,6 @@
 //! lost then (its node failing) loses the app's memory, which the user is told.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{
@@ -190,22 +189,15 @@ pub(super) async fn run<L: Launchers + Sync>(
         .collect();
     let timings = serde_json::to_string(&laps.phases).unwrap_or_default();
     annotate_timings(&ctx.pods, &options.pod, &timings).await;
-    Ok(Report {
-        id: progress.id.clone(),
-        source: options.pod.clone(),
-        target: options.pod.clone(),
-        node: node.clone(),
-        phases: laps.phases,
+    Ok(Report::assemble(
+        progress,
+        options,
+        options.pod.clone(),
+        laps,
         containers,
-        downtime_ms: downtime.pod_ms,
-        container_downtime_ms: downtime.containers,
-        downtime_bound_ms: downtime.bound_ms,
-        bytes_moved: options.moved.load(Ordering::Relaxed),
-        source_deleted: finished.source_deleted,
-        source_deleted_at_ms: finished.source_deleted_at_ms,
-        post_copy: Vec::new(),
-        warnings: finished.warnings,
-    })
+        downtime,
+        finished,
+    ))
 }
 
 /// Every container's checkpoint into the holder's `park`, all at once.

@@ -401,22 +401,46 @@ async fn run<L: Launchers + Sync>(
         ),
     )
     .await;
-    Ok(Report {
-        id: progress.id.clone(),
-        source: options.pod.clone(),
-        target: target_name,
-        node: options.target_node.clone(),
-        phases: laps.phases,
-        containers: reports,
-        downtime_ms: downtime.pod_ms,
-        container_downtime_ms: downtime.containers,
-        downtime_bound_ms: downtime.bound_ms,
-        bytes_moved: options.moved.load(Ordering::Relaxed),
-        source_deleted: finished.source_deleted,
-        source_deleted_at_ms: finished.source_deleted_at_ms,
-        post_copy: finished.post_copy,
-        warnings: finished.warnings,
-    })
+    Ok(Report::assemble(
+        progress,
+        options,
+        target_name,
+        laps,
+        reports,
+        downtime,
+        finished,
+    ))
+}
+
+impl Report {
+    /// The report of a migration that finished: its phases, each container's transfer, the
+    /// downtime, and what finishing did.
+    fn assemble(
+        progress: &Progress,
+        options: &Options,
+        target: String,
+        laps: Laps,
+        containers: BTreeMap<String, Transferred>,
+        downtime: Downtime,
+        finished: Finished,
+    ) -> Report {
+        Report {
+            id: progress.id.clone(),
+            source: options.pod.clone(),
+            target,
+            node: options.target_node.clone(),
+            phases: laps.phases,
+            containers,
+            downtime_ms: downtime.pod_ms,
+            container_downtime_ms: downtime.containers,
+            downtime_bound_ms: downtime.bound_ms,
+            bytes_moved: options.moved.load(Ordering::Relaxed),
+            source_deleted: finished.source_deleted,
+            source_deleted_at_ms: finished.source_deleted_at_ms,
+            post_copy: finished.post_copy,
+            warnings: finished.warnings,
+        }
+    }
 }
 
 /// Freeze → thaw, per container and for the pod (see [`Report::downtime_ms`]).
