@@ -1,6 +1,6 @@
 //! A real local Kubernetes cluster on this machine, for the end-to-end tests, the demo and
 //! `cargo xtask cluster up`: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-//! one kubelet per node (all built from the `k8s.io/kubernetes` Go module), each node with its
+//! one kubelet and kube-proxy per node (all built from the `k8s.io/kubernetes` Go module), each node with its
 //! own containerd (Debian's, with the CNI bridge plugin). The controller-manager runs the
 //! controllers a workload needs (ReplicaSet, Deployment, StatefulSet, DaemonSet, Job, garbage
 //! collector, disruption for PodDisruptionBudgets, EndpointSlices, ServiceAccounts and their
@@ -63,6 +63,9 @@ const CONTROL_NETNS: &str = "mig-cp";
 const SWITCH: &str = "migsw";
 /// The API server's address on that bridge (the nodes are `10.77.0.1`, `10.77.0.2`, …).
 const CONTROL_IP: &str = "10.77.0.254";
+/// The Services' addresses; the API server's own Service, `kubernetes`, takes the first one.
+const SERVICE_NETWORK: &str = "10.96.0.0/16";
+const API_SERVICE_IP: &str = "10.96.0.1";
 /// The controllers kube-controller-manager runs (see the module's documentation).
 const CONTROLLERS: &[&str] = &[
     "replicaset-controller",
@@ -118,7 +121,7 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
             missing.push(format!("{binary} (run `cargo xtask k8s`)"));
         }
     }
-    for binary in ["kube-controller-manager", "kube-scheduler"] {
+    for binary in ["kube-controller-manager", "kube-scheduler", "kube-proxy"] {
         if !k8s_bin_dir().join(binary).exists() {
             missing.push(format!("{binary} (run `cargo xtask k8s`)"));
         }
@@ -131,10 +134,11 @@ pub fn cluster_tests_can_run(test: &str) -> bool {
         "openssl",
         "ip",
         "nsenter",
+        "nft",
     ] {
         if which(tool).is_none() {
             missing.push(format!(
-                "{tool} (apt-get install containerd runc crun openssl iproute2 util-linux)"
+                "{tool} (apt-get install containerd runc crun openssl iproute2 util-linux nftables)"
             ));
         }
     }
@@ -270,6 +274,9 @@ fn create_network(nodes: &[ClusterNode]) -> Result<()> {
         for other in nodes.iter().filter(|o| o.index != node.index) {
             ip(&["-n", &ns, "route", "add", &other.subnet(), "via", &other.ip])?;
         }
+        // Pods reach the API server (through the `kubernetes` Service, which the node's
+        // kube-proxy translates) with their own addresses: its answers go back the same way.
+        ip(&["-n", cp, "route", "add", &node.subnet(), "via", &node.ip])?;
     }
     Ok(())
 }
@@ -651,7 +658,12 @@ impl Cluster {
             &pki,
             "apiserver",
             "/CN=kube-apiserver",
-            Some(&format!("IP:127.0.0.1,IP:{CONTROL_IP},DNS:localhost")),
+            // 127.0.0.1 for kubectl on this machine, CONTROL_IP for the nodes, and the
+            // `kubernetes` Service's address and names for pods (in-cluster clients).
+            Some(&format!(
+                "IP:127.0.0.1,IP:{CONTROL_IP},IP:{API_SERVICE_IP},DNS:localhost,DNS:kubernetes,\
+                 DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+            )),
         )?;
         // The API server's client certificate towards kubelets (exec, logs): the kubelets'
         // webhook authorizer asks the API server, where system:masters may do anything.
@@ -668,9 +680,9 @@ impl Cluster {
         let token = |who: &str| format!("{who}-{:016x}", rand_u64());
         let admin = token("admin");
         let mut tokens = format!("{admin},admin,admin-uid,\"system:masters\"\n");
-        // The controller-manager and the scheduler as the users Kubernetes' bootstrap RBAC
-        // roles are bound to.
-        for component in ["kube-controller-manager", "kube-scheduler"] {
+        // The controller-manager, the scheduler and kube-proxy as the users Kubernetes'
+        // bootstrap RBAC roles are bound to.
+        for component in ["kube-controller-manager", "kube-scheduler", "kube-proxy"] {
             let t = token(component);
             tokens.push_str(&format!("{t},system:{component},{component}-uid\n"));
             self.write_kubeconfig(
@@ -740,11 +752,8 @@ impl Cluster {
                     "--service-account-signing-key-file={}",
                     p("sa.key")
                 ))
-                .args([
-                    "--service-cluster-ip-range=10.96.0.0/16",
-                    "--allow-privileged=false",
-                    "-v=1",
-                ]),
+                .arg(format!("--service-cluster-ip-range={SERVICE_NETWORK}"))
+                .args(["--allow-privileged=false", "-v=1"]),
         )?;
         // kubectl and the plugin on this machine: 127.0.0.1, forwarded into the namespace.
         self.daemon(
@@ -891,8 +900,9 @@ state = "{state}"
                     {"type": "bridge", "bridge": node.bridge(), "isGateway": true, "ipMasq": false, "hairpinMode": true,
                      "ipam": {"type": "host-local", "ranges": [[{"subnet": node.subnet()}]],
                               // pods reach the other nodes' pods through their bridge's
-                              // gateway (routed by their node's namespace): nothing else
-                              "routes": [{"dst": POD_NETWORK}],
+                              // gateway (routed by their node's namespace), and Services
+                              // through it too (kube-proxy translates them there): nothing else
+                              "routes": [{"dst": POD_NETWORK}, {"dst": SERVICE_NETWORK}],
                               "dataDir": nd.join("cni-ipam").display().to_string()}},
                     {"type": "loopback"}
                 ]
@@ -965,6 +975,29 @@ state = "{state}"
                     &node.name,
                     "--node-ip",
                     &node.ip,
+                    "-v=1",
+                ]),
+        )?;
+        // Services for the node's pods (an in-cluster client reaches the API server through
+        // the `kubernetes` Service), in nftables mode, in the node's namespace. The conntrack
+        // limits are the machine's, shared by every node: left as they are.
+        self.daemon(
+            &format!("kube-proxy-{}", node.name),
+            in_netns(&node.netns(), k8s_bin_dir().join("kube-proxy"))
+                .arg("--kubeconfig")
+                .arg(self.dir.join("kube-proxy.kubeconfig"))
+                .args([
+                    "--proxy-mode=nftables",
+                    "--hostname-override",
+                    &node.name,
+                    "--cluster-cidr",
+                    POD_NETWORK,
+                    "--conntrack-max-per-core=0",
+                    "--conntrack-tcp-timeout-established=0",
+                    "--conntrack-tcp-timeout-close-wait=0",
+                    // each node has its own namespace: the usual ports, on its loopback
+                    "--metrics-bind-address=127.0.0.1:10249",
+                    "--healthz-bind-address=127.0.0.1:10256",
                     "-v=1",
                 ]),
         )?;

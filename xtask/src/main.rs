@@ -220,7 +220,7 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd from the Go module recipe in `tests/k8s/go.mod` (upstream
+/// Builds kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubelet, kubectl and etcd from the Go module recipe in `tests/k8s/go.mod` (upstream
 /// packages only, through the Go module proxy) into `.cache/k8s/bin`, once. A cold build takes
 /// about six minutes on two cores.
 pub(crate) fn k8s() -> Result<PathBuf> {
@@ -235,6 +235,7 @@ pub(crate) fn k8s() -> Result<PathBuf> {
             "kube-controller-manager",
         ),
         ("k8s.io/kubernetes/cmd/kube-scheduler", "kube-scheduler"),
+        ("k8s.io/kubernetes/cmd/kube-proxy", "kube-proxy"),
         ("go.etcd.io/etcd/server/v3", "etcd"),
     ];
     if parts.iter().all(|(_, name)| bin.join(name).exists()) {
@@ -242,7 +243,7 @@ pub(crate) fn k8s() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&bin)?;
     eprintln!(
-        "xtask: building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl {version} and etcd from Go modules into {} (minutes)",
+        "xtask: building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubelet and kubectl {version} and etcd from Go modules into {} (minutes)",
         bin.display()
     );
     let ldflags = format!(
