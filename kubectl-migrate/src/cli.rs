@@ -60,6 +60,12 @@ pub struct MigrateArgs {
     /// that takes its name), and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Hand the move to the in-cluster controller and return: create a PodMigration (with
+    /// --timeout, --keep-source, --transfer and --lazy) and print its name; `kubectl migrate
+    /// status` and `kubectl get podmigrations` follow it. Needs the controller installed
+    /// (`kubectl apply -k config/`); without --async this plugin migrates on its own.
+    #[arg(long = "async")]
+    pub submit: bool,
     /// Output format for --dry-run and the final report.
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,
@@ -184,6 +190,22 @@ pub enum Command {
         /// How each checkpoint travels, as for `kubectl migrate --transfer`.
         #[arg(long, value_enum, default_value_t = TransferMode::Auto)]
         transfer: TransferMode,
+    },
+    /// Run the in-cluster controller that carries out PodMigration objects with this plugin's
+    /// pipeline (what `config/controller/` deploys; it also runs outside a cluster against a
+    /// kubeconfig). Stops on SIGTERM, letting migrations under way end.
+    Controller {
+        /// How many migrations run at once; more wait, Pending.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+        max_concurrent: u16,
+        /// Act only while holding this Lease, so that of several replicas one acts (leader
+        /// election); without it, run only one replica.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        leader_lease: Option<String>,
+        /// This replica's name in the Lease and on its Events (default: the host name, which
+        /// is the pod's name in a cluster).
+        #[arg(long)]
+        identity: Option<String>,
     },
     /// Print a shell completion script: `source <(kubectl migrate completion bash)`.
     ///

@@ -56,6 +56,27 @@ pub enum Transfer {
     Relay,
 }
 
+impl From<Transfer> for crate::launchers::TransferMode {
+    fn from(transfer: Transfer) -> Self {
+        match transfer {
+            Transfer::Auto => Self::Auto,
+            Transfer::Direct => Self::Direct,
+            Transfer::Relay => Self::Relay,
+        }
+    }
+}
+
+impl From<crate::launchers::TransferMode> for Transfer {
+    fn from(mode: crate::launchers::TransferMode) -> Self {
+        use crate::launchers::TransferMode;
+        match mode {
+            TransferMode::Auto => Self::Auto,
+            TransferMode::Direct => Self::Direct,
+            TransferMode::Relay => Self::Relay,
+        }
+    }
+}
+
 /// Where a PodMigration stands.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {

@@ -367,6 +367,23 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
     if matches!(phase, Some("Succeeded" | "Failed")) {
         return Plan::Evict(format!("it has finished ({})", phase.unwrap_or_default()));
     }
+    match first_fitting_node(client, pod, candidates).await {
+        Ok(node) => Plan::Migrate(node),
+        Err(reason) => Plan::Evict(reason),
+    }
+}
+
+/// The first of `candidates` the preflight finds no problem with for `pod` (how `drain`, and
+/// the controller for a PodMigration without a target node, pick one), or else the first
+/// reason against the first candidate.
+///
+/// # Errors
+/// That reason, or "there is no other node".
+pub async fn first_fitting_node(
+    client: &Client,
+    pod: &Pod,
+    candidates: &[String],
+) -> Result<String, String> {
     let namespace = pod.namespace().unwrap_or_default();
     let launchers = ExecLaunchers {
         client: client.clone(),
@@ -385,13 +402,13 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
                 Err(error) => Some(format!("the preflight could not read the cluster: {error}")),
             };
         match reason {
-            None => return Plan::Migrate(node.clone()),
+            None => return Ok(node.clone()),
             Some(reason) => {
                 first_reason.get_or_insert(reason);
             }
         }
     }
-    Plan::Evict(first_reason.unwrap_or_else(|| "there is no other node".into()))
+    Err(first_reason.unwrap_or_else(|| "there is no other node".into()))
 }
 
 /// One pod's migration, through the same pipeline as `kubectl migrate`.
@@ -414,6 +431,7 @@ async fn migrate_one(
         post_copies: Default::default(),
     };
     let migration = migrate::Options {
+        id: None,
         pod: row.pod.clone(),
         target_node: node.into(),
         timeout: options.timeout,

@@ -262,13 +262,12 @@ pub async fn copy_counting(
         if n == 0 {
             break;
         }
-        if let Some(at) = corrupt_at.and_then(|at| at.checked_sub(total)) {
-            if let Some(byte) = usize::try_from(at)
+        if let Some(at) = corrupt_at.and_then(|at| at.checked_sub(total))
+            && let Some(byte) = usize::try_from(at)
                 .ok()
                 .and_then(|at| buffer[..n].get_mut(at))
-            {
-                *byte ^= 0xff;
-            }
+        {
+            *byte ^= 0xff;
         }
         to.write_all(&buffer[..n]).await?;
         total += n as u64;

@@ -9,7 +9,9 @@
 //!   thaw+cleanup; undo before the commit, finish after it);
 //! - [`recover`]: `status`, `abort` and `resume` of migrations that did not finish;
 //! - [`drain`]: `drain NODE`, every pod of a node migrated (or else evicted) by that pipeline;
-//! - [`crd`]: the declarative API's types (`PodMigration`), which generate `config/crd/`.
+//! - [`crd`]: the declarative API's types (`PodMigration`), which generate `config/crd/`;
+//! - [`controller`]: the in-cluster controller that carries PodMigrations out with [`migrate`];
+//! - [`submit`]: the plugin as the controller's client (`--async`, `status`, `check`'s mode).
 //!
 //! `docs/architecture.md` describes the pipeline and its undo rule; CONTRIBUTING.md maps the
 //! modules of both binaries.
@@ -17,6 +19,7 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod controller;
 pub mod crd;
 pub mod direct;
 pub mod drain;
@@ -25,3 +28,4 @@ pub mod launchers;
 pub mod migrate;
 pub mod recover;
 pub mod rewrite;
+pub mod submit;

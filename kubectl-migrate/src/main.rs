@@ -8,7 +8,7 @@ use kube::Api;
 use kubectl_migrate::check::{self, Problem};
 use kubectl_migrate::cli::{Cli, Command, OutputFormat};
 use kubectl_migrate::exec::ExecLaunchers;
-use kubectl_migrate::{client, drain, migrate, recover, rewrite};
+use kubectl_migrate::{client, controller, drain, migrate, recover, rewrite, submit};
 
 fn main() -> ExitCode {
     let cli = kubectl_migrate::cli::parse();
@@ -100,6 +100,20 @@ async fn preflight(
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let connection = client::connect(&cli.global).await?;
+    if let Some(Command::Controller {
+        max_concurrent,
+        leader_lease,
+        identity,
+    }) = &cli.command
+    {
+        return run_controller(
+            &connection,
+            *max_concurrent,
+            leader_lease.as_deref(),
+            identity.clone(),
+        )
+        .await;
+    }
     if let Some(Command::Check {
         pod,
         to,
@@ -107,7 +121,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         max_downtime,
     }) = &cli.command
     {
-        let (problems, notes) = preflight(&connection, pod, to, *force, *max_downtime).await?;
+        let (problems, mut notes) = preflight(&connection, pod, to, *force, *max_downtime).await?;
+        notes.push(
+            submit::mode(&connection.client, &connection.namespace)
+                .await
+                .describe(),
+        );
         return Ok(if report(&problems, &notes, pod, to) {
             ExitCode::SUCCESS
         } else {
@@ -125,6 +144,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
             print_unfinished(&found);
+            if let Some(migrations) = submit::list(&connection.client, &connection.namespace).await
+            {
+                print_pod_migrations(&migrations, pod.as_deref());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Abort { pod }) => {
@@ -202,7 +225,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if cli.migrate.submit {
+        let request = submit::Request {
+            pod: pod.into(),
+            node: node.into(),
+            timeout: cli.migrate.timeout,
+            keep_source: cli.migrate.keep_source,
+            transfer: cli.migrate.transfer,
+            lazy: cli.migrate.lazy,
+            force: cli.migrate.force,
+            max_downtime: cli.migrate.max_downtime,
+        };
+        let created = submit::submit(
+            &connection.client,
+            &connection.namespace,
+            &connection.server,
+            &request,
+        )
+        .await?;
+        match cli.migrate.output {
+            Some(OutputFormat::Yaml) => print!("{}", serde_yaml::to_string(&created)?),
+            Some(OutputFormat::Json) => println!("{}", serde_json::to_string_pretty(&created)?),
+            None => {
+                let name = created.metadata.name.unwrap_or_default();
+                println!("podmigration.migrate.kubectl.io/{name} created");
+                eprintln!(
+                    "the in-cluster controller moves pod {pod} to {node}; follow it with `kubectl get podmigration {name} -w` or `kubectl migrate status`"
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let options = migrate::Options {
+        id: None,
         pod: pod.into(),
         target_node: node.into(),
         timeout: cli.migrate.timeout,
@@ -339,6 +394,83 @@ fn print_unfinished(found: &[recover::InFlight]) {
             if m.committed { "yes" } else { "no" },
             m.age_seconds.map_or("?".into(), |s| format!("{s}s")),
             m.next_step()
+        );
+    }
+}
+
+/// `controller`: the in-cluster controller, until SIGTERM.
+async fn run_controller(
+    connection: &client::Connection,
+    max_concurrent: u16,
+    leader_lease: Option<&str>,
+    identity: Option<String>,
+) -> Result<ExitCode> {
+    let leader_lease = match leader_lease {
+        Some(lease) => match lease.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+                Some((namespace.to_string(), name.to_string()))
+            }
+            _ => bail!("--leader-lease takes NAMESPACE/NAME, not `{lease}`"),
+        },
+        None => None,
+    };
+    let identity = identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "kubectl-migrate-controller".into());
+    let settings = controller::Settings {
+        max_concurrent: usize::from(max_concurrent),
+        leader_lease,
+        identity,
+        server: connection.server.clone(),
+    };
+    eprintln!(
+        "kubectl-migrate controller: PodMigrations of every namespace at {}, at most {max_concurrent} at once",
+        connection.server
+    );
+    controller::run(connection.client.clone(), settings).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `status` table of PodMigrations (the controller's), all or `pod`'s.
+fn print_pod_migrations(migrations: &[kubectl_migrate::crd::PodMigration], pod: Option<&str>) {
+    let shown: Vec<_> = migrations
+        .iter()
+        .filter(|m| pod.is_none_or(|p| m.spec.pod == p))
+        .collect();
+    if shown.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<32} {:<20} {:<12} {:<11} {:>9}  MESSAGE",
+        "PODMIGRATION", "POD", "TARGET", "PHASE", "DOWNTIME"
+    );
+    for m in shown {
+        let status = m.status.clone().unwrap_or_default();
+        let mut message = status.message.unwrap_or_default().replace('\n', " ");
+        if message.chars().count() > 100 {
+            message = message
+                .chars()
+                .take(99)
+                .chain(std::iter::once('…'))
+                .collect();
+        }
+        println!(
+            "{:<32} {:<20} {:<12} {:<11} {:>9}  {}",
+            m.metadata.name.as_deref().unwrap_or_default(),
+            m.spec.pod,
+            status
+                .target_node
+                .or(m.spec.target_node.clone())
+                .unwrap_or_else(|| "-".into()),
+            status.phase.map_or("-".into(), |p| format!("{p:?}")),
+            status.downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
+            message
         );
     }
 }

@@ -427,6 +427,7 @@ async fn unfinished(
 /// The options the undo and finish steps read: the source's name and the target's node.
 fn options_for(source: &str, node: &str) -> Options {
     Options {
+        id: None,
         pod: source.into(),
         target_node: node.into(),
         timeout: std::time::Duration::from_secs(300),

@@ -305,6 +305,7 @@ fn kubelet(server: &ApiServer, behaviour: Kubelet) -> std::thread::JoinHandle<()
 
 fn options(timeout: Duration) -> Options {
     Options {
+        id: None,
         pod: "counter".into(),
         target_node: "node-b".into(),
         timeout,

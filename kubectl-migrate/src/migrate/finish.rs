@@ -153,10 +153,11 @@ pub async fn finish<L: Launchers + Sync>(
         .await
     };
     fault::stage("source-deleted");
-    if owned && deleted.is_ok() {
-        if let Err(warning) = retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await {
-            finished.warnings.push(warning);
-        }
+    if owned
+        && deleted.is_ok()
+        && let Err(warning) = retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await
+    {
+        finished.warnings.push(warning);
     }
     if !thaw_first {
         thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;

@@ -60,6 +60,9 @@ pub use undo::undo;
 /// What the user asked for.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The migration's id, when the caller made it (the controller records it on its
+    /// PodMigration before the first step); `None`: a new one ([`new_id`]).
+    pub id: Option<String>,
     pub pod: String,
     pub target_node: String,
     pub timeout: Duration,
@@ -253,7 +256,7 @@ pub async fn migrate<L: Launchers + Sync>(
     interrupted: impl Future<Output = ()>,
 ) -> Result<Report, Failed> {
     let mut progress = Progress {
-        id: new_id(),
+        id: options.id.clone().unwrap_or_else(new_id),
         ..Progress::default()
     };
     let started = Instant::now();
@@ -602,8 +605,8 @@ fn node_of(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
-/// `mig-YYYYMMDD-HHMMSS-xxxx`: unique enough per namespace, sortable.
-fn new_id() -> String {
+/// `mig-SECONDS-xxxx`: unique enough per namespace, sortable.
+pub fn new_id() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -1,0 +1,806 @@
+//! What one PodMigration needs next. The reconcile is idempotent and short; the work runs as a
+//! task per migration ([`carry_out`], or [`recover`] after a restart):
+//!
+//! - no phase, or `Pending`: refused (`Failed`) if another PodMigration of the pod is active
+//!   ([`blocker`]); `Pending` while [`Settings::max_concurrent`](super::Settings) migrations
+//!   run; else the finalizer goes on, the status becomes `Running` with a new migration id,
+//!   and [`carry_out`] runs the pipeline;
+//! - `Running` with no task in this process (the controller restarted, or the pipeline's
+//!   failure left something in flight): [`recover`] asks the pods how far it got and, as
+//!   `kubectl migrate resume`/`abort` do, finishes it past its commit or undoes it before;
+//! - `Succeeded`, `Failed`, `RolledBack`: the finalizer comes off; nothing more;
+//! - deleted while active: the migration is interrupted (undone before its commit, finished
+//!   after it), and the finalizer comes off once it ended.
+//!
+//! Every write that starts work carries the resourceVersion it was decided on, so a stale view
+//! of the object (the cache lags the controller's own writes) never starts a migration twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource as _, ResourceExt};
+use migrate_format::annotations;
+
+use super::Context;
+use crate::client::Connection;
+use crate::crd::{Phase, PhaseTiming, PodMigration, PodMigrationStatus};
+use crate::exec::ExecLaunchers;
+use crate::migrate::{self, MigrateError};
+use crate::recover;
+
+/// Held while a migration of the object is active: deleting the object then first ends it.
+pub const FINALIZER: &str = "migrate.kubectl.io/migration";
+
+/// How long a migration may take when its PodMigration does not say (`--timeout`'s default).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a frozen source waits for the controller before it resumes by itself (`--lease`'s
+/// default).
+const SOURCE_LEASE: Duration = Duration::from_secs(120);
+/// Between two attempts to finish or undo a migration whose recovery failed.
+const RECOVERY_RETRY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{step} failed")]
+    Api {
+        step: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn failed_at(step: &'static str) -> impl FnOnce(kube::Error) -> ReconcileError {
+    move |source| ReconcileError::Api { step, source }
+}
+
+pub(super) fn error_policy(
+    migration: Arc<PodMigration>,
+    error: &ReconcileError,
+    _context: Arc<Context>,
+) -> Action {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(source) = cause {
+        text.push_str(&format!(": {source}"));
+        cause = source.source();
+    }
+    tracing::warn!(migration = %migration.name_any(), error = %text, "reconcile failed; again in 5 s");
+    Action::requeue(Duration::from_secs(5))
+}
+
+pub(super) async fn reconcile(
+    migration: Arc<PodMigration>,
+    context: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let uid = migration.uid().unwrap_or_default();
+    let api: Api<PodMigration> = Api::namespaced(
+        context.client.clone(),
+        &migration.namespace().unwrap_or_default(),
+    );
+    let phase = phase_of(&migration);
+    let here = context.is_active(&uid);
+    if migration.meta().deletion_timestamp.is_some() {
+        if here {
+            context.interrupt(&uid);
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        if phase == Some(Phase::Running) && has_finalizer(&migration) {
+            start_recovery(&api, &migration, &context).await?;
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        remove_finalizer(&api, &migration).await?;
+        return Ok(Action::await_change());
+    }
+    if here {
+        return Ok(Action::await_change());
+    }
+    match phase {
+        Some(Phase::Succeeded | Phase::Failed | Phase::RolledBack) => {
+            remove_finalizer(&api, &migration).await?;
+            Ok(Action::await_change())
+        }
+        Some(Phase::Running) => {
+            start_recovery(&api, &migration, &context).await?;
+            Ok(Action::await_change())
+        }
+        None | Some(Phase::Pending) => start(&api, &migration, &context).await,
+    }
+}
+
+impl Context {
+    fn is_active(&self, uid: &str) -> bool {
+        self.active.lock().is_ok_and(|a| a.contains_key(uid))
+    }
+
+    fn interrupt(&self, uid: &str) {
+        if let Ok(active) = self.active.lock()
+            && let Some(interrupt) = active.get(uid)
+        {
+            let _ = interrupt.send(true);
+        }
+    }
+
+    /// Registers a task for `uid`; the receiver hears of an interruption.
+    fn activate(&self, uid: &str) -> tokio::sync::watch::Receiver<bool> {
+        let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+        if let Ok(mut active) = self.active.lock() {
+            active.insert(uid.to_string(), interrupt);
+        }
+        interrupted
+    }
+
+    fn deactivate(&self, uid: &str) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(uid);
+        }
+    }
+}
+
+fn phase_of(migration: &PodMigration) -> Option<Phase> {
+    migration.status.as_ref().and_then(|s| s.phase)
+}
+
+fn has_finalizer(migration: &PodMigration) -> bool {
+    migration.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Another PodMigration that keeps this one from starting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocker {
+    pub name: String,
+    pub phase: &'static str,
+}
+
+/// The active PodMigration of the same pod that `migration` must yield to: one that runs, or
+/// one that waits and came first (by creation time, then name), so that of two made at once
+/// exactly one goes on. `None`: it may start.
+pub fn blocker(migration: &PodMigration, all: &[PodMigration]) -> Option<Blocker> {
+    let order = |m: &PodMigration| (m.creation_timestamp(), m.name_any());
+    all.iter()
+        .filter(|other| other.uid() != migration.uid() && other.spec.pod == migration.spec.pod)
+        .filter(|other| other.meta().deletion_timestamp.is_none())
+        .find_map(|other| {
+            let phase = match phase_of(other) {
+                Some(Phase::Running) => "Running",
+                None | Some(Phase::Pending) if order(other) < order(migration) => "Pending",
+                _ => return None,
+            };
+            Some(Blocker {
+                name: other.name_any(),
+                phase,
+            })
+        })
+}
+
+/// A new (or waiting) PodMigration: refused, kept waiting, or started.
+async fn start(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+    context: &Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let all = api
+        .list(&ListParams::default())
+        .await
+        .map_err(failed_at("listing the namespace's PodMigrations"))?;
+    if let Some(blocker) = blocker(migration, &all.items) {
+        let message = format!(
+            "refused: pod {} already has an active migration, PodMigration {} ({}); create this one again once that one ended",
+            migration.spec.pod, blocker.name, blocker.phase
+        );
+        let status = PodMigrationStatus {
+            phase: Some(Phase::Failed),
+            conditions: vec![ready(true, "Duplicate", &message)],
+            message: Some(message.clone()),
+            finished_at: Some(now()),
+            ..PodMigrationStatus::default()
+        };
+        write_status(api, migration, &status, true).await?;
+        publish(context, migration, EventType::Warning, "Duplicate", message).await;
+        return Ok(Action::await_change());
+    }
+    let Ok(permit) = context.slots.clone().try_acquire_owned() else {
+        if phase_of(migration) != Some(Phase::Pending) {
+            let message = format!(
+                "waiting: {} migrations run already (the controller's --max-concurrent)",
+                context.settings.max_concurrent
+            );
+            let status = PodMigrationStatus {
+                phase: Some(Phase::Pending),
+                conditions: vec![ready(false, "Queued", &message)],
+                message: Some(message),
+                ..PodMigrationStatus::default()
+            };
+            write_status(api, migration, &status, true).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(3)));
+    };
+    let migration = add_finalizer(api, migration).await?;
+    let id = migrate::new_id();
+    let message = format!("migrating pod {} (migration {id})", migration.spec.pod);
+    let status = PodMigrationStatus {
+        phase: Some(Phase::Running),
+        conditions: vec![ready(false, "Running", &message)],
+        migration_id: Some(id.clone()),
+        target_node: migration.spec.target_node.clone(),
+        message: Some(message.clone()),
+        started_at: Some(now()),
+        ..PodMigrationStatus::default()
+    };
+    let migration = write_status(api, &migration, &status, true).await?;
+    publish(context, &migration, EventType::Normal, "Started", message).await;
+    let uid = migration.uid().unwrap_or_default();
+    let interrupted = context.activate(&uid);
+    let context = context.clone();
+    let api = api.clone();
+    tokio::spawn(async move {
+        let outcome = carry_out(&context, &migration, &id, interrupted).await;
+        drop(permit);
+        let _ = conclude(&api, &migration, &context, outcome).await;
+        context.deactivate(&uid);
+    });
+    Ok(Action::await_change())
+}
+
+/// A `Running` PodMigration that no task of this process runs: [`recover`] it in a task.
+async fn start_recovery(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+    context: &Arc<Context>,
+) -> Result<(), ReconcileError> {
+    let Some(id) = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.migration_id.clone())
+    else {
+        // Running without an id: nothing can have started under it.
+        let message = "the controller stopped before the migration began; nothing changed";
+        let status = terminal(Phase::RolledBack, "Undone", message);
+        write_status(api, migration, &status, true).await?;
+        return Ok(());
+    };
+    // Claims the object as it was read: a stale view (the cache behind this process's own
+    // writes) gets a conflict here, not a second recovery.
+    let claimed = PodMigrationStatus {
+        message: Some(format!(
+            "recovering migration {id}: finishing it if it is committed, else undoing it"
+        )),
+        ..PodMigrationStatus::default()
+    };
+    let migration = write_status(api, migration, &claimed, true).await?;
+    let uid = migration.uid().unwrap_or_default();
+    let _interrupted = context.activate(&uid);
+    let context = context.clone();
+    let api = api.clone();
+    tokio::spawn(async move {
+        let outcome = recover(&context, &migration, &id).await;
+        if matches!(outcome, Outcome::InFlight { .. }) {
+            tokio::time::sleep(RECOVERY_RETRY).await;
+        }
+        let _ = conclude(&api, &migration, &context, outcome).await;
+        context.deactivate(&uid);
+    });
+    Ok(())
+}
+
+/// How a migration ended, or that it has not.
+#[derive(Debug)]
+enum Outcome {
+    Succeeded(Box<migrate::Report>),
+    /// Finished by recovery: the pod that runs the app now.
+    Finished {
+        target: String,
+        message: String,
+    },
+    /// Refused before anything changed.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+    /// Undone: the source runs as before.
+    RolledBack {
+        message: String,
+    },
+    /// Still in flight (committed or not): recovery goes on.
+    InFlight {
+        message: String,
+        committed: bool,
+    },
+}
+
+/// Runs the pipeline for `migration` (the target node picked first when it names none).
+async fn carry_out(
+    context: &Context,
+    migration: &PodMigration,
+    id: &str,
+    mut interrupted: tokio::sync::watch::Receiver<bool>,
+) -> Outcome {
+    let namespace = migration.namespace().unwrap_or_default();
+    let spec = &migration.spec;
+    let node = match &spec.target_node {
+        Some(node) => node.clone(),
+        None => match pick_node(&context.client, &namespace, &spec.pod).await {
+            Ok(node) => {
+                let api: Api<PodMigration> = Api::namespaced(context.client.clone(), &namespace);
+                let status = PodMigrationStatus {
+                    target_node: Some(node.clone()),
+                    ..PodMigrationStatus::default()
+                };
+                let _ = write_status(&api, migration, &status, false).await;
+                node
+            }
+            Err(message) => {
+                return Outcome::Failed {
+                    reason: "NoFittingNode",
+                    message,
+                };
+            }
+        },
+    };
+    let connection = Connection {
+        client: context.client.clone(),
+        namespace,
+        server: context.settings.server.clone(),
+    };
+    let launchers = ExecLaunchers {
+        client: context.client.clone(),
+        lazy: spec.lazy,
+        post_copies: Default::default(),
+    };
+    let options = migrate::Options {
+        id: Some(id.to_string()),
+        pod: spec.pod.clone(),
+        target_node: node.clone(),
+        timeout: spec
+            .timeout_seconds
+            .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(s.into())),
+        keep_source: spec.keep_source,
+        force: false,
+        lease: SOURCE_LEASE,
+        max_downtime: None,
+        moved: Default::default(),
+        transfer: spec.transfer.into(),
+        lazy: spec.lazy,
+    };
+    let stop = async move {
+        let _ = interrupted.wait_for(|stop| *stop).await;
+    };
+    match migrate::migrate(&connection, &launchers, &options, stop).await {
+        Ok(report) => Outcome::Succeeded(Box::new(report)),
+        Err(failed) => match &failed.error {
+            MigrateError::Preflight(problems) => Outcome::Failed {
+                reason: "PreflightFailed",
+                message: format!(
+                    "the preflight refused the move to node {node}; nothing was changed:{}",
+                    problems
+                        .iter()
+                        .map(|p| format!("\n✗ {}; fix: {}", p.what, p.fix))
+                        .collect::<String>()
+                ),
+            },
+            _ => {
+                // The pipeline undid it, or (past its commit, or when the undo failed) left
+                // it in flight: the pods say which.
+                let message = failed.to_string();
+                match in_flight(&connection, &spec.pod, id).await {
+                    Ok(Some(found)) => Outcome::InFlight {
+                        message,
+                        committed: found.committed,
+                    },
+                    Ok(None) => match finished_target(&connection, id).await {
+                        Some(target) => Outcome::Finished { target, message },
+                        None => Outcome::RolledBack { message },
+                    },
+                    Err(error) => Outcome::InFlight {
+                        message: format!("{message}; and cannot read the pods: {error}"),
+                        committed: false,
+                    },
+                }
+            }
+        },
+    }
+}
+
+/// Finishes (committed) or undoes (not committed) migration `id` of `migration`'s pod, as
+/// `kubectl migrate resume`/`abort` do, after a restart of the controller.
+async fn recover(context: &Context, migration: &PodMigration, id: &str) -> Outcome {
+    let connection = Connection {
+        client: context.client.clone(),
+        namespace: migration.namespace().unwrap_or_default(),
+        server: context.settings.server.clone(),
+    };
+    let launchers = ExecLaunchers {
+        client: context.client.clone(),
+        lazy: migration.spec.lazy,
+        post_copies: Default::default(),
+    };
+    let pod = &migration.spec.pod;
+    let found = match in_flight(&connection, pod, id).await {
+        Ok(found) => found,
+        Err(error) => {
+            return Outcome::InFlight {
+                message: format!("cannot read the pods to recover migration {id}: {error}"),
+                committed: false,
+            };
+        }
+    };
+    match found {
+        None => match finished_target(&connection, id).await {
+            Some(target) => Outcome::Finished {
+                target,
+                message: format!("migration {id} had finished"),
+            },
+            None => Outcome::RolledBack {
+                message: format!(
+                    "the controller stopped during migration {id}, before it changed anything (or after it was undone): the source runs as before"
+                ),
+            },
+        },
+        Some(found) if found.committed => match recover::resume(&connection, &launchers, pod).await
+        {
+            Ok(done) => Outcome::Finished {
+                target: found.target.unwrap_or_default(),
+                message: format!(
+                    "the controller stopped after the commit of migration {id}; finished: {done}"
+                ),
+            },
+            Err(error) => Outcome::InFlight {
+                message: format!("finishing migration {id} failed (again soon): {error}"),
+                committed: true,
+            },
+        },
+        Some(_) => match recover::abort(&connection, &launchers, pod).await {
+            Ok(done) => Outcome::RolledBack {
+                message: format!(
+                    "the controller stopped during migration {id}, before its commit; undone: {done}"
+                ),
+            },
+            Err(error) => Outcome::InFlight {
+                message: format!("undoing migration {id} failed (again soon): {error}"),
+                committed: false,
+            },
+        },
+    }
+}
+
+/// Migration `id` of `pod`, if it is in flight.
+async fn in_flight(
+    connection: &Connection,
+    pod: &str,
+    id: &str,
+) -> Result<Option<recover::InFlight>, recover::RecoverError> {
+    Ok(
+        recover::list(&connection.client, &connection.namespace, Some(pod))
+            .await?
+            .into_iter()
+            .find(|found| found.id == id),
+    )
+}
+
+/// The pod that migration `id` restored the app into, if it finished (`done`).
+async fn finished_target(connection: &Connection, id: &str) -> Option<String> {
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let all = pods.list(&ListParams::default()).await.ok()?;
+    all.items.into_iter().find_map(|pod| {
+        let notes = pod.annotations();
+        (notes.get(annotations::MIGRATION_ID).map(String::as_str) == Some(id)
+            && notes.get(annotations::PHASE).map(String::as_str) == Some("done"))
+        .then(|| pod.name_any())
+    })
+}
+
+/// The first node, by name, that the preflight finds fitting for `pod`, as `drain` picks.
+async fn pick_node(client: &kube::Client, namespace: &str, pod: &str) -> Result<String, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let source = match pods.get_opt(pod).await {
+        Ok(Some(source)) => source,
+        Ok(None) => return Err(format!("pod {namespace}/{pod} does not exist")),
+        Err(error) => return Err(format!("cannot read pod {namespace}/{pod}: {error}")),
+    };
+    let here = source.spec.as_ref().and_then(|s| s.node_name.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut candidates: Vec<String> = match nodes.list(&ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .filter(|n| Some(n) != here.as_ref())
+            .collect(),
+        Err(error) => return Err(format!("cannot list the nodes: {error}")),
+    };
+    candidates.sort();
+    crate::drain::first_fitting_node(client, &source, &candidates)
+        .await
+        .map_err(|reason| format!("no node fits pod {pod}: {reason}; name one in spec.targetNode"))
+}
+
+/// Records how it ended (status and an Event), or that it goes on.
+async fn conclude(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+    context: &Context,
+    outcome: Outcome,
+) -> Result<(), ReconcileError> {
+    let (status, event, reason) = match outcome {
+        Outcome::Succeeded(report) => {
+            let message = format!(
+                "pod {} moved to node {} as {} in {} ms of downtime (freeze → thaw)",
+                report.source,
+                report.node,
+                report.target,
+                report
+                    .downtime_ms
+                    .or(report.downtime_bound_ms)
+                    .map_or("?".into(), |d| d.to_string())
+            );
+            let mut status = terminal(Phase::Succeeded, "Succeeded", &message);
+            status.conditions.push(committed(true));
+            status.target_node = Some(report.node.clone());
+            status.target_pod = Some(report.target.clone());
+            status.timings = report
+                .phases
+                .iter()
+                .map(|(name, ms)| PhaseTiming {
+                    name: name.clone(),
+                    ms: *ms,
+                })
+                .collect();
+            status.downtime_ms = report.downtime_ms.or(report.downtime_bound_ms);
+            status.bytes_moved = Some(report.bytes_moved);
+            (status, EventType::Normal, "Succeeded")
+        }
+        Outcome::Finished { target, message } => {
+            let mut status = terminal(Phase::Succeeded, "Succeeded", &message);
+            status.conditions.push(committed(true));
+            status.target_pod = Some(target);
+            (status, EventType::Normal, "Succeeded")
+        }
+        Outcome::Failed { reason, message } => (
+            terminal(Phase::Failed, reason, &message),
+            EventType::Warning,
+            reason,
+        ),
+        Outcome::RolledBack { message } => {
+            let mut status = terminal(Phase::RolledBack, "Undone", &message);
+            status.conditions.push(committed(false));
+            (status, EventType::Warning, "RolledBack")
+        }
+        Outcome::InFlight {
+            message,
+            committed: c,
+        } => {
+            let status = PodMigrationStatus {
+                conditions: vec![ready(false, "Recovering", &message), committed(c)],
+                message: Some(message.clone()),
+                ..PodMigrationStatus::default()
+            };
+            (status, EventType::Warning, "Recovering")
+        }
+    };
+    let note = status.message.clone().unwrap_or_default();
+    write_status(api, migration, &status, false).await?;
+    publish(context, migration, event, reason, note).await;
+    Ok(())
+}
+
+/// The status of an ended migration.
+fn terminal(phase: Phase, reason: &str, message: &str) -> PodMigrationStatus {
+    PodMigrationStatus {
+        phase: Some(phase),
+        conditions: vec![ready(true, reason, message)],
+        message: Some(message.to_string()),
+        finished_at: Some(now()),
+        ..PodMigrationStatus::default()
+    }
+}
+
+/// `Ready`: the migration ended, whichever way (`reason` says which).
+fn ready(done: bool, reason: &str, message: &str) -> Condition {
+    condition("Ready", done, reason, message)
+}
+
+/// `Committed`: past the point of no return (the target holds the app's state).
+fn committed(yes: bool) -> Condition {
+    if yes {
+        condition(
+            "Committed",
+            true,
+            "Committed",
+            "the target holds the app's state",
+        )
+    } else {
+        condition(
+            "Committed",
+            false,
+            "NotCommitted",
+            "the source holds the app's state",
+        )
+    }
+}
+
+fn condition(kind: &str, status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: kind.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.chars().take(32_000).collect(),
+        last_transition_time: now(),
+        observed_generation: None,
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Merge-patches the status. With `guarded`, only if the object is still as `migration` saw it
+/// (its resourceVersion): a conflict means a stale view, and the reconcile runs again.
+async fn write_status(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+    status: &PodMigrationStatus,
+    guarded: bool,
+) -> Result<PodMigration, ReconcileError> {
+    let mut patch = serde_json::json!({ "status": status });
+    if guarded {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": migration.resource_version() });
+    }
+    api.patch_status(
+        &migration.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(failed_at("writing the PodMigration's status"))
+}
+
+async fn add_finalizer(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+) -> Result<PodMigration, ReconcileError> {
+    if has_finalizer(migration) {
+        return Ok(migration.clone());
+    }
+    let mut finalizers = migration.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": migration.resource_version(),
+    }});
+    api.patch(
+        &migration.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(failed_at("adding the PodMigration's finalizer"))
+}
+
+async fn remove_finalizer(
+    api: &Api<PodMigration>,
+    migration: &PodMigration,
+) -> Result<(), ReconcileError> {
+    if !has_finalizer(migration) {
+        return Ok(());
+    }
+    let finalizers: Vec<&String> = migration
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": migration.resource_version(),
+    }});
+    match api
+        .patch(
+            &migration.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(ReconcileError::Api {
+            step: "removing the PodMigration's finalizer",
+            source,
+        }),
+    }
+}
+
+/// Publishes an Event on the PodMigration; a failure is logged, not fatal.
+async fn publish(
+    context: &Context,
+    migration: &PodMigration,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    if let Err(error) = context
+        .recorder
+        .publish(&event, &migration.object_ref(&()))
+        .await
+    {
+        tracing::warn!(%error, "cannot record an Event on the PodMigration");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{PodMigrationSpec, Transfer};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn migration(name: &str, pod: &str, second: i64, phase: Option<Phase>) -> PodMigration {
+        PodMigration {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: Some(format!("uid-{name}")),
+                creation_timestamp: Some(Time(
+                    k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + second).unwrap(),
+                )),
+                ..ObjectMeta::default()
+            },
+            spec: PodMigrationSpec {
+                pod: pod.into(),
+                target_node: None,
+                transfer: Transfer::Auto,
+                lazy: false,
+                keep_source: false,
+                timeout_seconds: None,
+            },
+            status: phase.map(|phase| PodMigrationStatus {
+                phase: Some(phase),
+                ..PodMigrationStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_running_migration_of_the_pod_blocks_a_new_one() {
+        let running = migration("first", "counter", 0, Some(Phase::Running));
+        let new = migration("second", "counter", 5, None);
+        let blocked = blocker(&new, &[running.clone(), new.clone()]).unwrap();
+        assert_eq!(blocked.name, "first");
+        assert_eq!(blocked.phase, "Running");
+        assert_eq!(blocker(&running, &[running.clone(), new]), None);
+    }
+
+    #[test]
+    fn of_two_made_at_once_exactly_one_goes_on() {
+        let a = migration("a", "counter", 0, None);
+        let b = migration("b", "counter", 0, Some(Phase::Pending));
+        let all = [a.clone(), b.clone()];
+        assert_eq!(
+            blocker(&a, &all),
+            None,
+            "same second: the first name goes on"
+        );
+        assert_eq!(blocker(&b, &all).unwrap().name, "a");
+    }
+
+    #[test]
+    fn ended_migrations_and_other_pods_do_not_block() {
+        let new = migration("new", "counter", 9, None);
+        let all = [
+            migration("done", "counter", 0, Some(Phase::Succeeded)),
+            migration("failed", "counter", 1, Some(Phase::Failed)),
+            migration("undone", "counter", 2, Some(Phase::RolledBack)),
+            migration("other", "web", 3, Some(Phase::Running)),
+            new.clone(),
+        ];
+        assert_eq!(blocker(&new, &all), None);
+    }
+}
