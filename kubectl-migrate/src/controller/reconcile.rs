@@ -166,8 +166,10 @@ pub fn blocker(migration: &PodMigration, all: &[PodMigration]) -> Option<Blocker
         .filter(|other| other.meta().deletion_timestamp.is_none())
         .find_map(|other| {
             let phase = match phase_of(other) {
-                Some(Phase::Running) => "Running",
-                None | Some(Phase::Pending) if order(other) < order(migration) => "Pending",
+                Some(Phase::Running) => "running",
+                None | Some(Phase::Pending) if order(other) < order(migration) => {
+                    "made first, waiting to start"
+                }
                 _ => return None,
             };
             Some(Blocker {
@@ -582,8 +584,14 @@ async fn conclude(
         }
     };
     let note = status.message.clone().unwrap_or_default();
-    write_status(api, migration, &status, false).await?;
+    let ended = status.phase.is_some();
+    let written = write_status(api, migration, &status, false).await?;
     publish(context, migration, event, reason, note).await;
+    // The reconcile that the status write wakes sees this task still active and leaves the
+    // object alone: the finalizer comes off here.
+    if ended {
+        remove_finalizer(api, &written).await?;
+    }
     Ok(())
 }
 
@@ -680,6 +688,8 @@ async fn add_finalizer(
     .map_err(failed_at("adding the PodMigration's finalizer"))
 }
 
+/// Takes the finalizer off, read afresh and written with its resourceVersion (again on a
+/// conflict), so that no other finalizer is lost.
 async fn remove_finalizer(
     api: &Api<PodMigration>,
     migration: &PodMigration,
@@ -687,29 +697,42 @@ async fn remove_finalizer(
     if !has_finalizer(migration) {
         return Ok(());
     }
-    let finalizers: Vec<&String> = migration
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
-    let patch = serde_json::json!({"metadata": {
-        "finalizers": finalizers,
-        "resourceVersion": migration.resource_version(),
-    }});
-    match api
-        .patch(
-            &migration.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(ReconcileError::Api {
-            step: "removing the PodMigration's finalizer",
-            source,
-        }),
+    let name = migration.name_any();
+    let mut attempts = 0;
+    loop {
+        let Some(fresh) = api
+            .get_opt(&name)
+            .await
+            .map_err(failed_at("reading the PodMigration"))?
+        else {
+            return Ok(());
+        };
+        if !has_finalizer(&fresh) {
+            return Ok(());
+        }
+        let finalizers: Vec<&String> = fresh
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        let patch = serde_json::json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": fresh.resource_version(),
+        }});
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempts < 3 => attempts += 1,
+            Err(source) => {
+                return Err(ReconcileError::Api {
+                    step: "removing the PodMigration's finalizer",
+                    source,
+                });
+            }
+        }
     }
 }
 
@@ -774,7 +797,7 @@ mod tests {
         let new = migration("second", "counter", 5, None);
         let blocked = blocker(&new, &[running.clone(), new.clone()]).unwrap();
         assert_eq!(blocked.name, "first");
-        assert_eq!(blocked.phase, "Running");
+        assert_eq!(blocked.phase, "running");
         assert_eq!(blocker(&running, &[running.clone(), new]), None);
     }
 
