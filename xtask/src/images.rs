@@ -7,6 +7,8 @@
 //!   ENTRYPOINT);
 //! - `localhost/migrate-counter:VERSION`, `…-web`, `…-sysv`, `…-postgres` and `…-redis`:
 //!   the examples (images/examples), each the base's layers plus its own;
+//! - `localhost/migrate-controller:VERSION`: the in-cluster controller (`config/controller/`),
+//!   the base's layers plus the static `kubectl-migrate`, run as an unprivileged user;
 //! - `localhost/pause:3.10`: the pod sandbox image, Debian's static catatonit in pause mode
 //!   (`-P`), since the usual pause image comes from a registry.
 //!
@@ -20,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 use migrate_tests::cluster::{IMAGE_VERSION, PAUSE_IMAGE, images_archive, images_dir};
 use sha2::{Digest as _, Sha256};
 
-use crate::{is_root, run, static_launcher, workspace_root};
+use crate::{is_root, run, static_launcher, static_plugin, workspace_root};
 
 /// Bump when the base root filesystem's recipe changes.
 const BASE_ROOTFS: &str = "rootfs-trixie-criu42-v1";
@@ -31,13 +33,18 @@ const BASE_ROOTFS: &str = "rootfs-trixie-criu42-v1";
 /// `executable file not found in $PATH`.
 const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The controller image's user (nobody's usual number in distroless images): no root, no
+/// capabilities.
+const CONTROLLER_USER: &str = "65532:65532";
+
 /// Builds the images archive if the launcher or `images/` changed since the last build, and
 /// returns its path.
 pub(crate) fn build() -> Result<PathBuf> {
     let launcher = static_launcher()?;
+    let plugin = static_plugin()?;
     let archive = images_archive();
     let stamp_path = archive.with_extension("stamp");
-    let stamp = fingerprint(&launcher)?;
+    let stamp = fingerprint(&[&launcher, &plugin])?;
     if archive.exists() && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(&stamp) {
         return Ok(archive);
     }
@@ -227,6 +234,18 @@ pub(crate) fn build() -> Result<PathBuf> {
             "--config.env=RESTORE_LAUNCHER_USER=redis",
         ],
     )?;
+    eprintln!("xtask: images: controller (the static kubectl-migrate, unprivileged)");
+    derived_image(&image("base"), &image("controller"), &bundle, &[], |root| {
+        copy(&plugin, &root.join("usr/local/bin/kubectl-migrate"), 0o755)
+    })?;
+    umoci_config(
+        &image("controller"),
+        &[
+            "--config.cmd=kubectl-migrate",
+            "--config.cmd=controller",
+            &format!("--config.user={CONTROLLER_USER}"),
+        ],
+    )?;
     let _ = std::fs::remove_dir_all(&bundle);
 
     name_images(&layout)?;
@@ -244,11 +263,13 @@ pub(crate) fn build() -> Result<PathBuf> {
 }
 
 /// A hash over everything that goes into the images but the cached root filesystem.
-fn fingerprint(launcher: &Path) -> Result<String> {
+fn fingerprint(binaries: &[&Path]) -> Result<String> {
     let mut hash = Sha256::new();
     hash.update(BASE_ROOTFS);
     hash.update(IMAGE_PATH);
-    hash.update(std::fs::read(launcher)?);
+    for binary in binaries {
+        hash.update(std::fs::read(binary)?);
+    }
     let root = workspace_root().join("images");
     let mut files = Vec::new();
     let mut pending = vec![root];

@@ -155,6 +155,27 @@ pub(crate) fn static_launcher() -> Result<PathBuf> {
         .join("restore-launcher"))
 }
 
+/// Builds the release plugin for [`STATIC_TARGET`] (the controller image runs it) and returns
+/// its path.
+pub(crate) fn static_plugin() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "kubectl-migrate",
+        "--target",
+        STATIC_TARGET,
+    ]))
+    .with_context(|| {
+        format!("building the static plugin (needs `rustup target add {STATIC_TARGET}` and musl-tools)")
+    })?;
+    Ok(target_dir()
+        .join(STATIC_TARGET)
+        .join("release")
+        .join("kubectl-migrate"))
+}
+
 /// Cargo's target directory.
 pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
