@@ -545,7 +545,13 @@ impl Cluster {
 
     /// The containerd socket of `pod`'s node and the id of its first container there.
     fn first_container(&self, pod: &str) -> Result<(PathBuf, String)> {
+        self.first_container_in("default", pod)
+    }
+
+    fn first_container_in(&self, namespace: &str, pod: &str) -> Result<(PathBuf, String)> {
         let fields = self.kubectl_ok(&[
+            "-n",
+            namespace,
             "get",
             "pod",
             pod,
@@ -565,7 +571,15 @@ impl Cluster {
     /// # Errors
     /// When the pod or its container cannot be found, or containerd refuses.
     pub fn kill_container(&self, pod: &str) -> Result<()> {
-        let (socket, id) = self.first_container(pod)?;
+        self.kill_container_in("default", pod)
+    }
+
+    /// [`Cluster::kill_container`] for a pod of `namespace`.
+    ///
+    /// # Errors
+    /// When the pod or its container cannot be found, or containerd refuses.
+    pub fn kill_container_in(&self, namespace: &str, pod: &str) -> Result<()> {
+        let (socket, id) = self.first_container_in(namespace, pod)?;
         let output = ctr(&socket, &["task", "kill", "--signal", "SIGKILL", &id])?;
         if !output.status.success() {
             bail!(

@@ -22,6 +22,8 @@ use migrate_tests::{counter_values, expected_revenue, workspace, workspace_binar
 
 const WAIT: Duration = Duration::from_secs(90);
 
+#[path = "e2e/declarative.rs"]
+mod declarative;
 #[path = "e2e/servers.rs"]
 mod servers;
 #[path = "e2e/transfer.rs"]
@@ -166,6 +168,14 @@ fn main() {
         (
             "redis_moves_as_the_redis_user_with_the_keys_it_holds_only_in_memory",
             servers::redis_moves_with_its_keys,
+        ),
+        (
+            "pod_migrations_are_carried_out_by_the_controller_in_the_cluster_and_a_duplicate_is_refused",
+            declarative::the_controller_carries_out_pod_migrations,
+        ),
+        (
+            "a_controller_killed_mid_migration_ends_it_with_one_copy_counting",
+            declarative::a_controller_killed_mid_migration_ends_it_with_one_copy_counting,
         ),
         // Last: it empties node-a of every pod the tests before left.
         (

@@ -168,7 +168,9 @@ pub(crate) fn static_plugin() -> Result<PathBuf> {
         STATIC_TARGET,
     ]))
     .with_context(|| {
-        format!("building the static plugin (needs `rustup target add {STATIC_TARGET}` and musl-tools)")
+        format!(
+            "building the static plugin (needs `rustup target add {STATIC_TARGET}` and musl-tools)"
+        )
     })?;
     Ok(target_dir()
         .join(STATIC_TARGET)
