@@ -337,18 +337,8 @@ fn finish_row(rows: &mut Vec<Row>, mut row: Row, action: Action, done: &impl Fn(
 /// The plan for one pod: left alone, migrated to the first candidate node the preflight finds
 /// no problem with, or evicted (with the preflight's first reason against the first node).
 async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return Plan::Done(Action::Skipped("already terminating".into()));
-    }
-    if check::pod::is_mirror(pod) {
-        return Plan::Done(Action::Skipped(
-            "static pod: its node's kubelet runs it".into(),
-        ));
-    }
-    if check::pod::controller(pod).is_some_and(|o| o.kind == "DaemonSet") {
-        return Plan::Done(Action::Skipped(
-            "DaemonSet pod: the DaemonSet runs one on every node".into(),
-        ));
+    if let Some(why) = left_alone(pod) {
+        return Plan::Done(Action::Skipped(why));
     }
     // A pod in the middle of a migration (a frozen source, a waiting target) is neither moved
     // nor evicted: evicting it could lose the app.
@@ -371,6 +361,21 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
         Ok(node) => Plan::Migrate(node),
         Err(reason) => Plan::Evict(reason),
     }
+}
+
+/// Why a drain leaves `pod` where it is without planning it (the same for `drain` and a
+/// node drained by label): terminating, a static pod, a DaemonSet's.
+pub fn left_alone(pod: &Pod) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some("already terminating".into());
+    }
+    if check::pod::is_mirror(pod) {
+        return Some("static pod: its node's kubelet runs it".into());
+    }
+    if check::pod::controller(pod).is_some_and(|o| o.kind == "DaemonSet") {
+        return Some("DaemonSet pod: the DaemonSet runs one on every node".into());
+    }
+    None
 }
 
 /// The first of `candidates` the preflight finds no problem with for `pod` (how `drain`, and

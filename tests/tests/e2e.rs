@@ -170,12 +170,16 @@ fn main() {
             servers::redis_moves_with_its_keys,
         ),
         (
-            "pod_migrations_are_carried_out_by_the_controller_in_the_cluster_and_a_duplicate_is_refused",
+            "pod_migrations_are_carried_out_by_the_in_cluster_controller_and_a_duplicate_is_refused",
             declarative::the_controller_carries_out_pod_migrations,
         ),
         (
-            "a_controller_killed_mid_migration_ends_it_with_one_copy_counting",
+            "the_in_cluster_controller_killed_mid_migration_ends_it_with_one_copy_counting",
             declarative::a_controller_killed_mid_migration_ends_it_with_one_copy_counting,
+        ),
+        (
+            "a_node_labelled_for_drain_is_emptied_by_the_in_cluster_controller",
+            declarative::a_node_labelled_for_drain_is_emptied,
         ),
         // Last: it empties node-a of every pod the tests before left.
         (

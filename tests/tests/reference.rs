@@ -31,6 +31,7 @@ fn the_reference_shows_what_help_prints() {
         "kubectl-migrate status",
         "kubectl-migrate abort",
         "kubectl-migrate resume",
+        "kubectl-migrate controller",
         "restore-launcher",
         "restore-launcher checkpoint",
         "restore-launcher receive",

@@ -6,7 +6,9 @@
 //! - [`run`]: leader election (a Lease, for more than one replica), then a kube-runtime
 //!   `Controller` over every namespace's PodMigrations, until SIGTERM;
 //! - [`reconcile`](self::reconcile): what one PodMigration needs next (its rules: one active
-//!   migration per pod, a bounded number at once, the finalizer while one is active).
+//!   migration per pod, a bounded number at once, the finalizer while one is active);
+//! - [`drain`](self::drain): a node labelled `migrate.kubectl.io/drain=true` is cordoned and
+//!   its pods get PodMigrations, by `kubectl migrate drain`'s rules.
 //!
 //! The reconcile itself stays short: a migration runs as a task of its own, tracked in
 //! [`Context::active`], and records its outcome in the object's status and Events.
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -24,8 +27,10 @@ use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::crd::PodMigration;
 
+mod drain;
 mod reconcile;
 
+pub use drain::{DRAIN_LABEL, DRAIN_STATUS, DRAINED_NODE_LABEL};
 pub use reconcile::{Blocker, blocker};
 
 /// How the controller runs (`kubectl-migrate controller`'s options).
@@ -147,7 +152,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), ControllerErr
         client,
         settings,
     });
-    let controller = Controller::new(migrations, watcher::Config::default())
+    let migrating = Controller::new(migrations, watcher::Config::default())
         .with_config(Config::default().concurrency(8))
         .shutdown_on_signal()
         .run(
@@ -160,6 +165,18 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), ControllerErr
                 tracing::debug!(%error, "reconcile");
             }
         });
+    let nodes: Api<Node> = Api::all(context.client.clone());
+    let draining = Controller::new(nodes, watcher::Config::default().labels(DRAIN_LABEL))
+        .shutdown_on_signal()
+        .run(drain::reconcile, drain::error_policy, context.clone())
+        .for_each(|outcome| async move {
+            if let Err(error) = outcome {
+                tracing::debug!(%error, "drain");
+            }
+        });
+    let controller = async {
+        futures::join!(migrating, draining);
+    };
     let lost = async {
         match &mut leading {
             Some(leading) => {

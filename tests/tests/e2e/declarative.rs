@@ -166,32 +166,39 @@ pub fn the_controller_carries_out_pod_migrations(cluster: &Cluster) -> Result<()
 }
 
 fn carry_out(cluster: &Cluster) -> Result<()> {
-    // Its rights are those of config/controller/: what the pipeline needs, nothing of a node's
-    // or of a Secret's.
-    for (verb, resource, allowed) in [
-        ("create", "pods", true),
-        ("create", "pods/exec", true),
-        ("patch", "podmigrations.migrate.kubectl.io/status", true),
-        ("patch", "nodes", false),
-        ("create", "pods/eviction", false),
-        ("get", "secrets", false),
-        ("delete", "podmigrations.migrate.kubectl.io", false),
+    // Its rights are those of config/controller/: what the pipeline and the drain need; no
+    // node deleted, no eviction, no Secret, no PodMigration deleted.
+    for (verb, resource, subresource, allowed) in [
+        ("create", "pods", None, true),
+        ("create", "pods", Some("exec"), true),
+        (
+            "patch",
+            "podmigrations.migrate.kubectl.io",
+            Some("status"),
+            true,
+        ),
+        ("patch", "nodes", None, true),
+        ("delete", "nodes", None, false),
+        ("create", "pods", Some("eviction"), false),
+        ("get", "secrets", None, false),
+        ("delete", "podmigrations.migrate.kubectl.io", None, false),
     ] {
-        let answer = cluster
-            .kubectl(&[
-                "auth",
-                "can-i",
-                verb,
-                resource,
-                "-A",
-                "--as",
-                SERVICE_ACCOUNT,
-            ])
-            .output()?;
+        let mut args = vec![
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "-A",
+            "--as",
+            SERVICE_ACCOUNT,
+        ];
+        let flag = subresource.map(|s| format!("--subresource={s}"));
+        args.extend(flag.as_deref());
+        let answer = cluster.kubectl(&args).output()?;
         let said = String::from_utf8_lossy(&answer.stdout).trim().to_string();
         ensure!(
             (said == "yes") == allowed,
-            "the controller may {verb} {resource}: {said} (expected {})",
+            "the controller may {verb} {resource} {subresource:?}: {said} (expected {})",
             if allowed { "yes" } else { "no" }
         );
     }
@@ -396,5 +403,108 @@ fn killed_mid_migration(cluster: &Cluster, leader: &str) -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).contains("no unfinished migrations"))?,
         "a migration is left unfinished"
     );
+    Ok(())
+}
+
+/// Drain by object: `kubectl label node node-a migrate.kubectl.io/drain=true` makes the
+/// controller cordon node-a and migrate the counters on it through PodMigrations of its own;
+/// a pod that cannot be migrated (a hostPath volume) stays, named with its reason on the node.
+pub fn a_node_labelled_for_drain_is_emptied(cluster: &Cluster) -> Result<()> {
+    install(cluster)?;
+    let outcome = drained_by_label(cluster);
+    let _ = cluster
+        .kubectl(&["label", "node", "node-a", "migrate.kubectl.io/drain-"])
+        .output();
+    let _ = cluster.kubectl(&["uncordon", "node-a"]).output();
+    let cleanup = uninstall(cluster);
+    outcome.and(cleanup)
+}
+
+fn drained_by_label(cluster: &Cluster) -> Result<()> {
+    run_counter(cluster, "drl-a", "node-a", &[])?;
+    run_counter(cluster, "drl-b", "node-a", &[])?;
+    let mut stays: serde_yaml::Value = serde_yaml::from_str(&example_pod(
+        "counter/pod.yaml",
+        "drl-host",
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.5")],
+    )?)?;
+    stays["spec"]["volumes"] = serde_yaml::from_str(
+        "[{name: scratch, hostPath: {path: /tmp/migrate-e2e-drl-host, type: DirectoryOrCreate}}]",
+    )?;
+    stays["spec"]["containers"][0]["volumeMounts"] =
+        serde_yaml::from_str("[{name: scratch, mountPath: /scratch}]")?;
+    cluster.apply(&serde_yaml::to_string(&stays)?)?;
+    cluster.wait_running("drl-host", WAIT)?;
+    let follow_a = Follow::start(cluster, "drl-a")?;
+    let follow_b = Follow::start(cluster, "drl-b")?;
+    cluster.kubectl_ok(&["label", "node", "node-a", "migrate.kubectl.io/drain=true"])?;
+    // The drain's own PodMigrations, one per counter, each ending Succeeded.
+    let made_for = |pod: &str| -> Result<Option<String>> {
+        let names = cluster.kubectl_ok(&[
+            "get",
+            "podmigrations",
+            "-l",
+            "migrate.kubectl.io/drained-node=node-a",
+            "-o",
+            &format!("jsonpath={{.items[?(@.spec.pod==\"{pod}\")].metadata.name}}"),
+        ])?;
+        Ok(names.split_whitespace().next().map(String::from))
+    };
+    for (pod, follow) in [("drl-a", follow_a), ("drl-b", follow_b)] {
+        let name = wait_until(&format!("the drain's PodMigration of {pod}"), WAIT, || {
+            made_for(pod)
+        })?;
+        let phase = ended(cluster, &name, Duration::from_secs(180))?;
+        ensure!(
+            phase == "Succeeded",
+            "{name} ended {phase}: {}",
+            field(cluster, &name, "{.status.message}")?
+        );
+        succeeded_with_the_count_continued(cluster, &name, pod, "node-b", follow)?;
+        cluster.kubectl_ok(&["delete", "pod", &format!("{pod}-m1"), "--wait=false"])?;
+    }
+    ensure!(
+        cluster.kubectl_ok(&[
+            "get",
+            "node",
+            "node-a",
+            "-o",
+            "jsonpath={.spec.unschedulable}"
+        ])? == "true",
+        "node-a is not cordoned"
+    );
+    let status = wait_until(
+        "the drain's status to name the pod that stays",
+        WAIT,
+        || {
+            let status = cluster.kubectl_ok(&[
+                "get",
+                "node",
+                "node-a",
+                "-o",
+                "jsonpath={.metadata.annotations.migrate\\.kubectl\\.io/drain-status}",
+            ])?;
+            Ok(
+                (status.contains("default/drl-host") && status.contains("0 migrating"))
+                    .then_some(status),
+            )
+        },
+    )?;
+    ensure!(
+        status.contains("hostPath"),
+        "the drain's status does not give drl-host's reason: {status}"
+    );
+    ensure!(
+        made_for("drl-host")?.is_none(),
+        "a PodMigration was made for drl-host"
+    );
+    ensure!(
+        pod_field(cluster, "drl-host", "{.status.phase}")? == "Running"
+            && pod_field(cluster, "drl-host", "{.spec.nodeName}")? == "node-a",
+        "drl-host did not stay"
+    );
+    eprintln!("node-a: {status}");
+    cluster.kubectl_ok(&["delete", "pod", "drl-host", "--wait=false"])?;
     Ok(())
 }
