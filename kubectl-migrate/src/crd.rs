@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+// A request is carried out as it was made: changing it midway would have the controller look
+// after another pod than the one it moves.
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "a PodMigration's spec cannot be changed; delete it and create another"}]))]
 pub struct PodMigrationSpec {
     /// The pod to move, in the PodMigration's namespace.
     pub pod: String,

@@ -123,9 +123,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     {
         let (problems, mut notes) = preflight(&connection, pod, to, *force, *max_downtime).await?;
         notes.push(
-            submit::mode(&connection.client, &connection.namespace)
-                .await
-                .describe(),
+            match submit::mode(&connection.client, &connection.namespace).await {
+                Ok(mode) => mode.describe(),
+                Err(error) => format!(
+                    "mode: this plugin runs the migration; whether an in-cluster controller is installed cannot be told ({error})"
+                ),
+            },
         );
         return Ok(if report(&problems, &notes, pod, to) {
             ExitCode::SUCCESS
@@ -192,6 +195,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let (Some(pod), Some(node)) = (cli.migrate.pod.as_deref(), cli.migrate.to.as_deref()) else {
         bail!("usage: kubectl migrate POD --to NODE");
     };
+    if cli.migrate.submit && cli.migrate.dry_run {
+        bail!(
+            "--dry-run and --async do not go together: --dry-run prints the pods a move would make, --async hands the move over"
+        );
+    }
     if cli.migrate.dry_run {
         let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
         let source = pods.get(pod).await.with_context(|| {

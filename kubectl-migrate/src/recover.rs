@@ -234,7 +234,20 @@ pub async fn abort<L: Launchers + Sync>(
     launchers: &L,
     pod: &str,
 ) -> Result<String, RecoverError> {
-    let Some((found, target)) = unfinished(connection, pod).await? else {
+    abort_migration(connection, launchers, pod, None).await
+}
+
+/// [`abort`], of migration `id` only when given (the controller knows which one it ran).
+///
+/// # Errors
+/// As [`abort`].
+pub async fn abort_migration<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    pod: &str,
+    id: Option<&str>,
+) -> Result<String, RecoverError> {
+    let Some((found, target)) = unfinished(connection, pod, id).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to abort"
         ));
@@ -328,7 +341,20 @@ pub async fn resume<L: Launchers + Sync>(
     launchers: &L,
     pod: &str,
 ) -> Result<String, RecoverError> {
-    let Some((found, target)) = unfinished(connection, pod).await? else {
+    resume_migration(connection, launchers, pod, None).await
+}
+
+/// [`resume`], of migration `id` only when given (the controller knows which one it ran).
+///
+/// # Errors
+/// As [`resume`].
+pub async fn resume_migration<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    pod: &str,
+    id: Option<&str>,
+) -> Result<String, RecoverError> {
+    let Some((found, target)) = unfinished(connection, pod, id).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to resume"
         ));
@@ -404,15 +430,17 @@ pub async fn resume<L: Launchers + Sync>(
     Ok(text)
 }
 
-/// The unfinished migration of `pod` (as source or target), with its target pod if it exists.
+/// The unfinished migration of `pod` (as source or target; migration `id` if given), with its
+/// target pod if it exists.
 async fn unfinished(
     connection: &Connection,
     pod: &str,
+    id: Option<&str>,
 ) -> Result<Option<(InFlight, Option<Pod>)>, RecoverError> {
     let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
         .await?
         .into_iter()
-        .next()
+        .find(|found| id.is_none_or(|id| found.id == id))
     else {
         return Ok(None);
     };

@@ -31,21 +31,22 @@ impl Mode {
             Mode::Controller { leader: Some(leader) } => format!(
                 "mode: this plugin runs the migration; with --async the in-cluster controller does ({leader} leads)"
             ),
-            Mode::Controller { leader: None } => "mode: this plugin runs the migration; the PodMigration resource is installed, but no controller replica holds its Lease now (--async would wait for one)".into(),
+            Mode::Controller { leader: None } => "mode: this plugin runs the migration; the PodMigration resource is installed (for --async), but no controller replica is seen leading now (none runs, or its Lease in kubectl-migrate-system is not readable to you)".into(),
         }
     }
 }
 
-/// Finds out the [`Mode`]: the resource by listing it, the controller by its Lease (either may
-/// be unreadable with the caller's rights; that reads as absent).
-pub async fn mode(client: &Client, namespace: &str) -> Mode {
+/// Finds out the [`Mode`]: the resource by listing it (not found: not installed), the
+/// controller by its Lease (unreadable with the caller's rights: not known).
+///
+/// # Errors
+/// When the resource cannot be listed for another reason than its absence (rights, network).
+pub async fn mode(client: &Client, namespace: &str) -> Result<Mode, kube::Error> {
     let migrations: Api<PodMigration> = Api::namespaced(client.clone(), namespace);
-    if migrations
-        .list(&ListParams::default().limit(1))
-        .await
-        .is_err()
-    {
-        return Mode::PluginOnly;
+    match migrations.list(&ListParams::default().limit(1)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Mode::PluginOnly),
+        Err(error) => return Err(error),
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), CONTROLLER_NAMESPACE);
     let leader = leases
@@ -62,7 +63,7 @@ pub async fn mode(client: &Client, namespace: &str) -> Mode {
                 .then_some(spec.holder_identity)
                 .flatten()
         });
-    Mode::Controller { leader }
+    Ok(Mode::Controller { leader })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,14 @@ pub enum SubmitError {
     Unsupported { flag: &'static str },
     #[error("creating the PodMigration failed")]
     Create(#[source] kube::Error),
+    #[error(
+        "cannot read PodMigrations in namespace {namespace} (you need list and create on podmigrations.migrate.kubectl.io there)"
+    )]
+    List {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// What `--async` asks for.
@@ -110,7 +119,13 @@ pub async fn submit(
             flag: "--max-downtime",
         });
     }
-    if mode(client, namespace).await == Mode::PluginOnly {
+    let mode = mode(client, namespace)
+        .await
+        .map_err(|source| SubmitError::List {
+            namespace: namespace.into(),
+            source,
+        })?;
+    if mode == Mode::PluginOnly {
         return Err(SubmitError::NotInstalled {
             server: server.into(),
         });

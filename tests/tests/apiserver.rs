@@ -323,5 +323,23 @@ fn the_pod_migration_definition_is_accepted_and_enforces_its_schema() -> Result<
         !refused.status.success() && why.contains("teleport") && why.contains("timeoutSeconds"),
         "a PodMigration with a bad transfer and timeout was not refused: {why}"
     );
+    // A request is carried out as made: its spec cannot change afterwards.
+    let changed = server
+        .kubectl(&[
+            "patch",
+            "pmig",
+            "-n",
+            "apps",
+            "counter",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"pod":"another"}}"#,
+        ])
+        .output()?;
+    let why = String::from_utf8_lossy(&changed.stderr);
+    ensure!(
+        !changed.status.success() && why.contains("cannot be changed"),
+        "a PodMigration's spec was changed: {why}"
+    );
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::controller::{Config, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -122,7 +123,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), ControllerErr
                 .build()
                 .await
                 .map_err(lease)?;
-            let (mut leading, _task) = manager.watch().await;
+            let (mut leading, task) = manager.watch().await;
             tracing::info!(lease = %name, identity = %settings.identity, "waiting to lead");
             while !*leading.borrow_and_update() {
                 if leading.changed().await.is_err() {
@@ -130,7 +131,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), ControllerErr
                 }
             }
             tracing::info!(lease = %name, identity = %settings.identity, "leading");
-            Some(leading)
+            Some((leading, task))
         }
         None => None,
     };
@@ -178,25 +179,74 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), ControllerErr
         futures::join!(migrating, draining);
     };
     let lost = async {
-        match &mut leading {
-            Some(leading) => {
-                let _ = leading.wait_for(|leader| !*leader).await;
+        match (&mut leading, &context.settings.leader_lease) {
+            (Some((leading, _)), Some((namespace, name))) => {
+                let told = async {
+                    let _ = leading.wait_for(|leader| !*leader).await;
+                };
+                tokio::select! {
+                    () = told => {}
+                    () = fence(&context.client, namespace, name, &context.settings.identity) => {}
+                }
             }
-            None => std::future::pending().await,
+            _ => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let outcome = tokio::select! {
         () = controller => {
             tracing::info!("stopping: waiting for the migrations under way");
             stop(&context).await;
             Ok(())
         }
         () = lost => Err(ControllerError::LostLease(lease_name)),
+    };
+    // Hands the Lease over at once (the manager releases it when its channel closes), rather
+    // than after it expires.
+    if let Some((leading, task)) = leading {
+        drop(leading);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    outcome
+}
+
+/// How long a leader acts without having seen its own Lease current: the Lease's duration less
+/// its grace, so that it stops before another replica may take the Lease.
+const FENCE: Duration = Duration::from_secs(10);
+
+/// Returns once this replica cannot be sure it still leads: the Lease names another holder,
+/// its last renewal is older than [`FENCE`], or it could not be read for that long (the API
+/// server out of reach). The lease manager alone would keep a cut-off leader acting until it
+/// reads another holder; this stops it first.
+async fn fence(client: &Client, namespace: &str, name: &str, identity: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let mut confirmed = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        match leases.get(name).await {
+            Ok(lease) => {
+                let spec = lease.spec.unwrap_or_default();
+                if spec.holder_identity.as_deref() != Some(identity) {
+                    tracing::error!(holder = ?spec.holder_identity, "the Lease names another holder");
+                    return;
+                }
+                let renewed = spec.renew_time.map(|t| t.0.as_millisecond());
+                let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+                if renewed.is_some_and(|at| now - at <= FENCE.as_millis() as i64) {
+                    confirmed = tokio::time::Instant::now();
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the Lease"),
+        }
+        if confirmed.elapsed() > FENCE {
+            tracing::error!("the Lease was not seen renewed for {FENCE:?}");
+            return;
+        }
     }
 }
 
-/// Lets the migrations under way end, for [`STOP_PATIENCE`]; then interrupts them and waits
-/// for their undo or finish.
+/// Lets the migrations under way end, for [`STOP_PATIENCE`]; then interrupts them (undone
+/// before their commit, finished after it) and waits for that, for [`STOP_PATIENCE`] again
+/// plus a half. What is still running then is left `Running`, for the next leader to recover.
 async fn stop(context: &Context) {
     let idle = || context.active.lock().map(|a| a.is_empty()).unwrap_or(true);
     let deadline = tokio::time::Instant::now() + STOP_PATIENCE;
@@ -208,7 +258,11 @@ async fn stop(context: &Context) {
             let _ = interrupt.send(true);
         }
     }
-    while !idle() {
+    let deadline = tokio::time::Instant::now() + STOP_PATIENCE * 5 / 2;
+    while !idle() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if !idle() {
+        tracing::warn!("stopping with migrations under way: the next leader recovers them");
     }
 }

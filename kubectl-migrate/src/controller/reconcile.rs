@@ -97,7 +97,9 @@ pub(super) async fn reconcile(
         return Ok(Action::await_change());
     }
     if here {
-        return Ok(Action::await_change());
+        // The task's last status write wakes this reconcile while the task still runs: look
+        // again soon, so that what it left (a migration still in flight) is recovered.
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     match phase {
         Some(Phase::Succeeded | Phase::Failed | Phase::RolledBack) => {
@@ -125,19 +127,36 @@ impl Context {
         }
     }
 
-    /// Registers a task for `uid`; the receiver hears of an interruption.
-    fn activate(&self, uid: &str) -> tokio::sync::watch::Receiver<bool> {
+    /// Registers a task for `uid` until the returned guard drops (even by a panic); the
+    /// receiver hears of an interruption.
+    fn activate(self: &Arc<Self>, uid: &str) -> (Active, tokio::sync::watch::Receiver<bool>) {
         let (interrupt, interrupted) = tokio::sync::watch::channel(false);
         if let Ok(mut active) = self.active.lock() {
             active.insert(uid.to_string(), interrupt);
         }
-        interrupted
+        let guard = Active {
+            context: self.clone(),
+            uid: uid.to_string(),
+        };
+        (guard, interrupted)
     }
 
     fn deactivate(&self, uid: &str) {
         if let Ok(mut active) = self.active.lock() {
             active.remove(uid);
         }
+    }
+}
+
+/// A task's registration in [`Context::active`]: dropped when the task ends.
+struct Active {
+    context: Arc<Context>,
+    uid: String,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.context.deactivate(&self.uid);
     }
 }
 
@@ -196,7 +215,7 @@ async fn start(
         );
         let status = PodMigrationStatus {
             phase: Some(Phase::Failed),
-            conditions: vec![ready(true, "Duplicate", &message)],
+            conditions: vec![ready(false, "Duplicate", &message)],
             message: Some(message.clone()),
             finished_at: Some(now()),
             ..PodMigrationStatus::default()
@@ -236,14 +255,14 @@ async fn start(
     let migration = write_status(api, &migration, &status, true).await?;
     publish(context, &migration, EventType::Normal, "Started", message).await;
     let uid = migration.uid().unwrap_or_default();
-    let interrupted = context.activate(&uid);
+    let (active, interrupted) = context.activate(&uid);
     let context = context.clone();
     let api = api.clone();
     tokio::spawn(async move {
         let outcome = carry_out(&context, &migration, &id, interrupted).await;
         drop(permit);
         let _ = conclude(&api, &migration, &context, outcome).await;
-        context.deactivate(&uid);
+        drop(active);
     });
     Ok(Action::await_change())
 }
@@ -275,7 +294,8 @@ async fn start_recovery(
     };
     let migration = write_status(api, migration, &claimed, true).await?;
     let uid = migration.uid().unwrap_or_default();
-    let _interrupted = context.activate(&uid);
+    // A recovery is not interrupted: it is the undo or the finish an interruption would run.
+    let (active, _interrupted) = context.activate(&uid);
     let context = context.clone();
     let api = api.clone();
     tokio::spawn(async move {
@@ -284,7 +304,7 @@ async fn start_recovery(
             tokio::time::sleep(RECOVERY_RETRY).await;
         }
         let _ = conclude(&api, &migration, &context, outcome).await;
-        context.deactivate(&uid);
+        drop(active);
     });
     Ok(())
 }
@@ -310,7 +330,7 @@ enum Outcome {
     /// Still in flight (committed or not): recovery goes on.
     InFlight {
         message: String,
-        committed: bool,
+        committed: Option<bool>,
     },
 }
 
@@ -391,15 +411,12 @@ async fn carry_out(
                 match in_flight(&connection, &spec.pod, id).await {
                     Ok(Some(found)) => Outcome::InFlight {
                         message,
-                        committed: found.committed,
+                        committed: Some(found.committed),
                     },
-                    Ok(None) => match finished_target(&connection, id).await {
-                        Some(target) => Outcome::Finished { target, message },
-                        None => Outcome::RolledBack { message },
-                    },
+                    Ok(None) => how_it_ended(&connection, &spec.pod, id, message).await,
                     Err(error) => Outcome::InFlight {
                         message: format!("{message}; and cannot read the pods: {error}"),
-                        committed: false,
+                        committed: None,
                     },
                 }
             }
@@ -426,36 +443,32 @@ async fn recover(context: &Context, migration: &PodMigration, id: &str) -> Outco
         Err(error) => {
             return Outcome::InFlight {
                 message: format!("cannot read the pods to recover migration {id}: {error}"),
-                committed: false,
+                committed: None,
             };
         }
     };
     match found {
-        None => match finished_target(&connection, id).await {
-            Some(target) => Outcome::Finished {
-                target,
-                message: format!("migration {id} had finished"),
-            },
-            None => Outcome::RolledBack {
-                message: format!(
-                    "the controller stopped during migration {id}, before it changed anything (or after it was undone): the source runs as before"
-                ),
-            },
-        },
-        Some(found) if found.committed => match recover::resume(&connection, &launchers, pod).await
-        {
-            Ok(done) => Outcome::Finished {
-                target: found.target.unwrap_or_default(),
-                message: format!(
-                    "the controller stopped after the commit of migration {id}; finished: {done}"
-                ),
-            },
-            Err(error) => Outcome::InFlight {
-                message: format!("finishing migration {id} failed (again soon): {error}"),
-                committed: true,
-            },
-        },
-        Some(_) => match recover::abort(&connection, &launchers, pod).await {
+        None => {
+            let message = format!(
+                "the controller stopped during migration {id}, which nothing records as in flight"
+            );
+            how_it_ended(&connection, pod, id, message).await
+        }
+        Some(found) if found.committed => {
+            match recover::resume_migration(&connection, &launchers, pod, Some(id)).await {
+                Ok(done) => Outcome::Finished {
+                    target: found.target.unwrap_or_default(),
+                    message: format!(
+                        "the controller stopped after the commit of migration {id}; finished: {done}"
+                    ),
+                },
+                Err(error) => Outcome::InFlight {
+                    message: format!("finishing migration {id} failed (again soon): {error}"),
+                    committed: Some(true),
+                },
+            }
+        }
+        Some(_) => match recover::abort_migration(&connection, &launchers, pod, Some(id)).await {
             Ok(done) => Outcome::RolledBack {
                 message: format!(
                     "the controller stopped during migration {id}, before its commit; undone: {done}"
@@ -463,7 +476,7 @@ async fn recover(context: &Context, migration: &PodMigration, id: &str) -> Outco
             },
             Err(error) => Outcome::InFlight {
                 message: format!("undoing migration {id} failed (again soon): {error}"),
-                committed: false,
+                committed: Some(false),
             },
         },
     }
@@ -483,16 +496,63 @@ async fn in_flight(
     )
 }
 
-/// The pod that migration `id` restored the app into, if it finished (`done`).
-async fn finished_target(connection: &Connection, id: &str) -> Option<String> {
+/// How migration `id` of `pod` ended, when nothing records it as in flight, from positive
+/// evidence only: a pod it finished (`done`), or else the source still there (undone, or never
+/// touched), or else a running pod of it with the source gone. Anything else stays in flight
+/// for a person to look at, never guessed.
+async fn how_it_ended(connection: &Connection, pod: &str, id: &str, message: String) -> Outcome {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let all = pods.list(&ListParams::default()).await.ok()?;
-    all.items.into_iter().find_map(|pod| {
-        let notes = pod.annotations();
-        (notes.get(annotations::MIGRATION_ID).map(String::as_str) == Some(id)
-            && notes.get(annotations::PHASE).map(String::as_str) == Some("done"))
-        .then(|| pod.name_any())
-    })
+    let all = match pods.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(error) => {
+            return Outcome::InFlight {
+                message: format!("{message}; and cannot read the pods: {error}"),
+                committed: None,
+            };
+        }
+    };
+    let of_it = |p: &&Pod| {
+        p.annotations()
+            .get(annotations::MIGRATION_ID)
+            .map(String::as_str)
+            == Some(id)
+    };
+    let phase = |p: &Pod| {
+        p.annotations()
+            .get(annotations::PHASE)
+            .cloned()
+            .unwrap_or_default()
+    };
+    if let Some(done) = all.iter().filter(of_it).find(|p| phase(p) == "done") {
+        return Outcome::Finished {
+            target: done.name_any(),
+            message: format!("{message}; it had finished"),
+        };
+    }
+    if all.iter().any(|p| p.name_any() == pod) {
+        return Outcome::RolledBack {
+            message: format!("{message}; the source {pod} runs as before"),
+        };
+    }
+    let running = all
+        .iter()
+        .filter(of_it)
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+    match running {
+        Some(target) => Outcome::Finished {
+            target: target.name_any(),
+            message: format!(
+                "{message}; the source is gone and {} runs",
+                target.name_any()
+            ),
+        },
+        None => Outcome::InFlight {
+            message: format!(
+                "{message}; neither the source {pod} nor a pod of the migration runs: `kubectl migrate status` and the pods' Events say what happened"
+            ),
+            committed: None,
+        },
+    }
 }
 
 /// The first node, by name, that the preflight finds fitting for `pod`, as `drain` picks.
@@ -575,8 +635,10 @@ async fn conclude(
             message,
             committed: c,
         } => {
+            let mut conditions = vec![ready(false, "Recovering", &message)];
+            conditions.extend(c.map(committed));
             let status = PodMigrationStatus {
-                conditions: vec![ready(false, "Recovering", &message), committed(c)],
+                conditions,
                 message: Some(message.clone()),
                 ..PodMigrationStatus::default()
             };
@@ -599,14 +661,15 @@ async fn conclude(
 fn terminal(phase: Phase, reason: &str, message: &str) -> PodMigrationStatus {
     PodMigrationStatus {
         phase: Some(phase),
-        conditions: vec![ready(true, reason, message)],
+        conditions: vec![ready(phase == Phase::Succeeded, reason, message)],
         message: Some(message.to_string()),
         finished_at: Some(now()),
         ..PodMigrationStatus::default()
     }
 }
 
-/// `Ready`: the migration ended, whichever way (`reason` says which).
+/// `Ready`: `True` once the app runs on the target; `False` while it moves, and for a move
+/// that was refused or undone (`reason` says which, the phase says that it ended).
 fn ready(done: bool, reason: &str, message: &str) -> Condition {
     condition("Ready", done, reason, message)
 }
@@ -653,6 +716,23 @@ async fn write_status(
     status: &PodMigrationStatus,
     guarded: bool,
 ) -> Result<PodMigration, ReconcileError> {
+    // Conditions as metav1 has them: the generation they speak of, and the time of the last
+    // change of their status (not of each write).
+    let mut status = status.clone();
+    let before = migration
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    for condition in &mut status.conditions {
+        condition.observed_generation = migration.metadata.generation;
+        if let Some(old) = before
+            .iter()
+            .find(|old| old.type_ == condition.type_ && old.status == condition.status)
+        {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
     let mut patch = serde_json::json!({ "status": status });
     if guarded {
         patch["metadata"] = serde_json::json!({ "resourceVersion": migration.resource_version() });
