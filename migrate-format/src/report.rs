@@ -218,6 +218,10 @@ pub struct StatusReport {
     /// it lacks and how to give it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_source: Option<String>,
+    /// Why this container's app cannot be checkpointed at all, if it cannot: the capability it
+    /// lacks and how to give it. The preflight refuses to move it with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_blocked: Option<String>,
 }
 
 /// What `checkpoint` prints.

@@ -779,6 +779,9 @@ impl Supervisor {
             boot_time: sysinfo::boot_time(),
             sysv_ipc: self.app.and_then(crate::checkpoint::uncarried_sysv_ipc),
             post_copy_source: crate::criu::post_copy_source_blocked(self.config.user.is_some()),
+            checkpoint_blocked: crate::criu::check_capabilities("checkpoint")
+                .err()
+                .map(|error| error.to_string()),
             post_copy: self.post_copy.clone(),
         }
     }

@@ -240,6 +240,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::launchers_missing(facts));
     found.extend(pod::sysv_ipc_left_behind(facts));
     found.extend(pod::cannot_serve_post_copy(facts));
+    found.extend(pod::cannot_checkpoint(facts));
     found.extend(pod::probes_too_tight(facts));
     found.extend(pod::kept_source_with_probes(facts));
     let Some(target) = &facts.target_node else {

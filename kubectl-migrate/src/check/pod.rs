@@ -424,11 +424,45 @@ pub fn cannot_serve_post_copy(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// A source container whose launcher says it cannot checkpoint its app (a capability the pod
+/// does not grant): the move would freeze the app only to fail, so it is refused up front.
+pub fn cannot_checkpoint(facts: &Facts) -> Vec<Problem> {
+    facts
+        .launchers
+        .iter()
+        .filter_map(|(container, status)| {
+            let reason = status.as_ref().ok()?.checkpoint_blocked.as_ref()?;
+            Some(Problem::new(
+                format!(
+                    "container {container} of pod {} cannot be checkpointed: {reason}",
+                    pod_name(facts)
+                ),
+                "give the container what is named above in its securityContext, and recreate the pod".to_string(),
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fixture::{facts, status};
     use super::*;
     use k8s_openapi::api::apps::v1::StatefulSet;
+
+    #[test]
+    fn a_source_whose_launcher_cannot_checkpoint_is_refused_naming_what_it_lacks() {
+        let mut f = facts();
+        assert!(cannot_checkpoint(&f).is_empty());
+        let mut blocked = status();
+        blocked.checkpoint_blocked = Some(
+            "criu checkpoint needs CAP_CHECKPOINT_RESTORE, which this container lacks; add it to the container's securityContext.capabilities.add".into(),
+        );
+        f.launchers.insert("counter".into(), Ok(blocked));
+        let found = cannot_checkpoint(&f);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].what.contains("container counter"));
+        assert!(found[0].what.contains("CAP_CHECKPOINT_RESTORE"));
+    }
 
     #[test]
     fn a_source_that_cannot_serve_post_copy_is_refused_only_with_lazy() {

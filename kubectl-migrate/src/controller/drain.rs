@@ -18,7 +18,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource as _, ResourceExt};
 
 use super::Context;
@@ -260,18 +260,6 @@ async fn create(
 }
 
 async fn publish(context: &Context, node: &Node, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Drain".into(),
-        secondary: None,
-    };
-    if let Err(error) = context
-        .recorder
-        .publish(&event, &node.object_ref(&()))
-        .await
-    {
-        tracing::warn!(%error, "cannot record an Event on the node");
-    }
+    let object = node.object_ref(&());
+    context.publish(&object, type_, "Drain", reason, note).await;
 }

@@ -60,6 +60,30 @@ pub(crate) struct Context {
     pub recorder: Recorder,
 }
 
+impl Context {
+    /// Publishes an Event about `object` (a PodMigration, a node); a failure is logged, not
+    /// fatal.
+    pub(crate) async fn publish(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: kube::runtime::events::EventType,
+        action: &str,
+        reason: &str,
+        note: String,
+    ) {
+        let event = kube::runtime::events::Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, object).await {
+            tracing::warn!(%error, object = ?object.name, "cannot record an Event");
+        }
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")

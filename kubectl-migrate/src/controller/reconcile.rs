@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource as _, ResourceExt};
 use migrate_format::annotations;
 
@@ -816,7 +816,7 @@ async fn remove_finalizer(
     }
 }
 
-/// Publishes an Event on the PodMigration; a failure is logged, not fatal.
+/// Publishes an Event on the PodMigration.
 async fn publish(
     context: &Context,
     migration: &PodMigration,
@@ -824,20 +824,10 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Migrate".into(),
-        secondary: None,
-    };
-    if let Err(error) = context
-        .recorder
-        .publish(&event, &migration.object_ref(&()))
-        .await
-    {
-        tracing::warn!(%error, "cannot record an Event on the PodMigration");
-    }
+    let object = migration.object_ref(&());
+    context
+        .publish(&object, type_, "Migrate", reason, note)
+        .await;
 }
 
 #[cfg(test)]

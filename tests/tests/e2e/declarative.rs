@@ -52,6 +52,25 @@ fn uninstall(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// A counter on node-a with a hostPath volume: its files stay on the node, so the preflight
+/// refuses to move it.
+fn run_hostpath_counter(cluster: &Cluster, name: &str) -> Result<()> {
+    let yaml = example_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[("COUNTER_INTERVAL", "0.5")],
+    )?;
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+    pod["spec"]["volumes"] = serde_yaml::from_str(&format!(
+        "[{{name: scratch, hostPath: {{path: /tmp/migrate-e2e-{name}, type: DirectoryOrCreate}}}}]"
+    ))?;
+    pod["spec"]["containers"][0]["volumeMounts"] =
+        serde_yaml::from_str("[{name: scratch, mountPath: /scratch}]")?;
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)
+}
+
 fn pod_migration(name: &str, pod: &str, node: Option<&str>) -> String {
     let target = node.map_or(String::new(), |n| format!(", targetNode: {n}"));
     format!(
@@ -257,20 +276,7 @@ fn carry_out(cluster: &Cluster) -> Result<()> {
 
     // A pod that cannot move: a hostPath volume (its files stay on the node). Refused with the
     // preflight's reason; the pod is as it was.
-    let pod = example_pod(
-        "counter/pod.yaml",
-        "pmig-host",
-        "node-a",
-        &[("COUNTER_INTERVAL", "0.5")],
-    )?;
-    let mut pod: serde_yaml::Value = serde_yaml::from_str(&pod)?;
-    pod["spec"]["volumes"] = serde_yaml::from_str(
-        "[{name: scratch, hostPath: {path: /tmp/migrate-e2e-pmig-host, type: DirectoryOrCreate}}]",
-    )?;
-    pod["spec"]["containers"][0]["volumeMounts"] =
-        serde_yaml::from_str("[{name: scratch, mountPath: /scratch}]")?;
-    cluster.apply(&serde_yaml::to_string(&pod)?)?;
-    cluster.wait_running("pmig-host", WAIT)?;
+    run_hostpath_counter(cluster, "pmig-host")?;
     let uid = pod_field(cluster, "pmig-host", "{.metadata.uid}")?;
     cluster.apply(&pod_migration("move-host", "pmig-host", Some("node-b")))?;
     ensure!(ended(cluster, "move-host", WAIT)? == "Failed");
@@ -435,19 +441,7 @@ pub fn a_node_labelled_for_drain_is_emptied(cluster: &Cluster) -> Result<()> {
 fn drained_by_label(cluster: &Cluster) -> Result<()> {
     run_counter(cluster, "drl-a", "node-a", &[])?;
     run_counter(cluster, "drl-b", "node-a", &[])?;
-    let mut stays: serde_yaml::Value = serde_yaml::from_str(&example_pod(
-        "counter/pod.yaml",
-        "drl-host",
-        "node-a",
-        &[("COUNTER_INTERVAL", "0.5")],
-    )?)?;
-    stays["spec"]["volumes"] = serde_yaml::from_str(
-        "[{name: scratch, hostPath: {path: /tmp/migrate-e2e-drl-host, type: DirectoryOrCreate}}]",
-    )?;
-    stays["spec"]["containers"][0]["volumeMounts"] =
-        serde_yaml::from_str("[{name: scratch, mountPath: /scratch}]")?;
-    cluster.apply(&serde_yaml::to_string(&stays)?)?;
-    cluster.wait_running("drl-host", WAIT)?;
+    run_hostpath_counter(cluster, "drl-host")?;
     let follow_a = Follow::start(cluster, "drl-a")?;
     let follow_b = Follow::start(cluster, "drl-b")?;
     cluster.kubectl_ok(&["label", "node", "node-a", "migrate.kubectl.io/drain=true"])?;
