@@ -176,19 +176,9 @@ pub async fn drain(
     }
     let candidates: Vec<String> = match &options.to {
         Some(to) => vec![to.clone()],
-        None => {
-            let mut names: Vec<String> = nodes
-                .list(&ListParams::default())
-                .await
-                .map_err(api("listing the nodes"))?
-                .items
-                .iter()
-                .map(ResourceExt::name_any)
-                .filter(|n| *n != options.node)
-                .collect();
-            names.sort();
-            names
-        }
+        None => other_nodes(&nodes, Some(&options.node))
+            .await
+            .map_err(api("listing the nodes"))?,
     };
     let pods: Api<Pod> = Api::all(client.clone());
     let mut on_node = pods
@@ -376,6 +366,27 @@ pub fn left_alone(pod: &Pod) -> Option<String> {
         return Some("DaemonSet pod: the DaemonSet runs one on every node".into());
     }
     None
+}
+
+/// The nodes a pod on `this` node may go to, in the order they are tried: every other node,
+/// by name.
+///
+/// # Errors
+/// When the nodes cannot be listed.
+pub async fn other_nodes(
+    nodes: &Api<Node>,
+    this: Option<&str>,
+) -> Result<Vec<String>, kube::Error> {
+    let mut names: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .filter(|n| Some(n.as_str()) != this)
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// The first of `candidates` the preflight finds no problem with for `pod` (how `drain`, and

@@ -399,6 +399,14 @@ fn wait_until<T>(
     }
 }
 
+/// Whether `node` is cordoned (unschedulable).
+fn cordoned(cluster: &Cluster, node: &str) -> Result<bool> {
+    Ok(
+        cluster.kubectl_ok(&["get", "node", node, "-o", "jsonpath={.spec.unschedulable}"])?
+            == "true",
+    )
+}
+
 fn pod_field(cluster: &Cluster, pod: &str, jsonpath: &str) -> Result<String> {
     cluster.kubectl_ok(&["get", "pod", pod, "-o", &format!("jsonpath={jsonpath}")])
 }

@@ -22,7 +22,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource as _, ResourceExt};
 
 use super::Context;
-use super::reconcile::ReconcileError;
+use super::reconcile::{ReconcileError, failed_at};
 use crate::crd::{Phase, PodMigration, PodMigrationSpec};
 
 /// The label that asks for a node's drain (value `true`).
@@ -52,7 +52,6 @@ pub(super) async fn reconcile(
         return Ok(Action::await_change());
     }
     let name = node.name_any();
-    let failed_at = |step| move |source| ReconcileError::Api { step, source };
     let nodes: Api<Node> = Api::all(context.client.clone());
     if !node
         .spec
@@ -110,7 +109,9 @@ pub(super) async fn reconcile(
         .filter(|pod| of_pod(pod).any(active))
         .filter_map(owner_of)
         .collect();
-    let candidates = other_nodes(&nodes, &name).await?;
+    let candidates = crate::drain::other_nodes(&nodes, Some(&name))
+        .await
+        .map_err(failed_at("listing the nodes"))?;
     let (mut moving, mut waiting, mut left) = (0, 0, Vec::new());
     for pod in &on_node {
         let label = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
@@ -204,24 +205,6 @@ pub(super) async fn reconcile(
         // Pods that may land later (a DaemonSet's aside, nothing schedules here: cordoned).
         Action::requeue(Duration::from_secs(60))
     })
-}
-
-/// Every node but `this`, by name.
-async fn other_nodes(nodes: &Api<Node>, this: &str) -> Result<Vec<String>, ReconcileError> {
-    let mut names: Vec<String> = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::Api {
-            step: "listing the nodes",
-            source,
-        })?
-        .items
-        .iter()
-        .map(ResourceExt::name_any)
-        .filter(|n| n != this)
-        .collect();
-    names.sort();
-    Ok(names)
 }
 
 /// The PodMigration of `pod` off `node`, to `target`.

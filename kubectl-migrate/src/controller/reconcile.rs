@@ -54,7 +54,7 @@ pub enum ReconcileError {
     },
 }
 
-fn failed_at(step: &'static str) -> impl FnOnce(kube::Error) -> ReconcileError {
+pub(super) fn failed_at(step: &'static str) -> impl FnOnce(kube::Error) -> ReconcileError {
     move |source| ReconcileError::Api { step, source }
 }
 
@@ -565,16 +565,9 @@ async fn pick_node(client: &kube::Client, namespace: &str, pod: &str) -> Result<
     };
     let here = source.spec.as_ref().and_then(|s| s.node_name.clone());
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut candidates: Vec<String> = match nodes.list(&ListParams::default()).await {
-        Ok(list) => list
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .filter(|n| Some(n) != here.as_ref())
-            .collect(),
-        Err(error) => return Err(format!("cannot list the nodes: {error}")),
-    };
-    candidates.sort();
+    let candidates = crate::drain::other_nodes(&nodes, here.as_deref())
+        .await
+        .map_err(|error| format!("cannot list the nodes: {error}"))?;
     crate::drain::first_fitting_node(client, &source, &candidates)
         .await
         .map_err(|reason| format!("no node fits pod {pod}: {reason}; name one in spec.targetNode"))

@@ -470,16 +470,7 @@ fn drained_by_label(cluster: &Cluster) -> Result<()> {
         succeeded_with_the_count_continued(cluster, &name, pod, "node-b", follow)?;
         cluster.kubectl_ok(&["delete", "pod", &format!("{pod}-m1"), "--wait=false"])?;
     }
-    ensure!(
-        cluster.kubectl_ok(&[
-            "get",
-            "node",
-            "node-a",
-            "-o",
-            "jsonpath={.spec.unschedulable}"
-        ])? == "true",
-        "node-a is not cordoned"
-    );
+    ensure!(cordoned(cluster, "node-a")?, "node-a is not cordoned");
     let status = wait_until(
         "the drain's status to name the pod that stays",
         WAIT,

@@ -884,16 +884,7 @@ fn drain_scenario(cluster: &Cluster) -> Result<()> {
     }
     step("counts checked");
     wait_gone(cluster, "plain")?;
-    ensure!(
-        cluster.kubectl_ok(&[
-            "get",
-            "node",
-            "node-a",
-            "-o",
-            "jsonpath={.spec.unschedulable}"
-        ])? == "true",
-        "node-a is not cordoned"
-    );
+    ensure!(cordoned(cluster, "node-a")?, "node-a is not cordoned");
     let left = cluster.kubectl_ok(&[
         "get",
         "pods",
