@@ -838,10 +838,18 @@ impl Launchers for ExecLaunchers {
             .await
     }
 
-    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
-        self.act(pod, container, &["rollback"], is_running)
-            .await
-            .map(drop)
+    async fn rollback(
+        &self,
+        pod: &Pod,
+        container: &str,
+        committed: bool,
+    ) -> Result<(), LauncherError> {
+        let args: &[&str] = if committed {
+            &["rollback", "--committed"]
+        } else {
+            &["rollback"]
+        };
+        self.act(pod, container, args, is_running).await.map(drop)
     }
 
     async fn freeze(
@@ -849,10 +857,15 @@ impl Launchers for ExecLaunchers {
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
+        limit: Option<std::time::Duration>,
     ) -> Result<Option<u64>, LauncherError> {
         let lease = seconds(lease);
-        self.act(pod, container, &["freeze", "--lease", &lease], is_frozen)
-            .await
+        let mut args = vec!["freeze", "--lease", &lease];
+        let limit = limit.map(|l| l.as_millis().max(1).to_string());
+        if let Some(limit) = &limit {
+            args.extend(["--limit-ms", limit]);
+        }
+        self.act(pod, container, &args, is_frozen).await
     }
 
     async fn renew(

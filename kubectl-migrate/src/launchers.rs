@@ -159,21 +159,26 @@ pub trait Launchers {
         }
     }
 
-    /// `rollback` in `container`: resume the app frozen by a checkpoint.
+    /// `rollback` in `container`: resume the app frozen by a checkpoint; with `committed`
+    /// (`rollback --committed`) also a copy whose migration committed, which the caller asks
+    /// only once the target provably holds no copy.
     fn rollback(
         &self,
         pod: &Pod,
         container: &str,
+        committed: bool,
     ) -> impl std::future::Future<Output = Result<(), LauncherError>> + Send;
 
     /// `freeze --lease` in `container`: stop the app, so all containers are frozen before any
-    /// is dumped; it resumes by itself after `lease` unless renewed or committed. When the app
-    /// stopped, by the node's clock (ms since the epoch), if the launcher said.
+    /// is dumped; it resumes by itself after `lease` unless renewed or committed, and at
+    /// `limit` at the latest whatever the renewals (what the app's liveness probes allow).
+    /// When the app stopped, by the node's clock (ms since the epoch), if the launcher said.
     fn freeze(
         &self,
         pod: &Pod,
         container: &str,
         lease: std::time::Duration,
+        limit: Option<std::time::Duration>,
     ) -> impl std::future::Future<Output = Result<Option<u64>, LauncherError>> + Send;
 
     /// `renew --lease` in `container`: the migration is still working; extend the lease.

@@ -264,7 +264,7 @@ pub async fn abort_migration<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     match migrate::claim(&pods, &found.source, &found.id, "aborting").await {
         Ok(()) => {}
-        Err(migrate::Claim::Taken { phase }) if phase == "committed" || phase == "done-kept" => {
+        Err(migrate::Claim::Taken { phase, .. }) if phase == "committed" || phase == "done-kept" => {
             return Err(RecoverError::Committed {
                 id: found.id,
                 target: found.target.unwrap_or_default(),
@@ -272,8 +272,8 @@ pub async fn abort_migration<L: Launchers + Sync>(
             });
         }
         // An earlier abort, or an undo, got there: going on is idempotent.
-        Err(migrate::Claim::Taken { phase }) if phase == "aborting" || phase == "failed" => {}
-        Err(migrate::Claim::Taken { phase }) => {
+        Err(migrate::Claim::Taken { phase, .. }) if phase == "aborting" || phase == "failed" => {}
+        Err(migrate::Claim::Taken { phase, .. }) => {
             return Err(RecoverError::Superseded {
                 id: found.id,
                 pod: found.source,

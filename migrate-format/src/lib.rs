@@ -70,6 +70,10 @@ pub mod annotations {
     /// On the holder, once committed: the source's containers' restart counts then (JSON). A
     /// source container that restarted after the commit started its app fresh.
     pub const SOURCE_RESTARTS: &str = "migrate.kubectl.io/source-restarts";
+    /// On the source, from its freeze on: its containers' restart counts at the freeze (JSON).
+    /// A container whose count is higher later was restarted: its app started fresh and the
+    /// state at the freeze is gone from it, whatever else says.
+    pub const RESTARTS_AT_FREEZE: &str = "migrate.kubectl.io/restarts-at-freeze";
     /// Kubernetes' own: which of a ReplicaSet's pods it deletes first when it has too many
     /// (lowest first, among pods equally ready).
     pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

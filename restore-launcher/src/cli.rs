@@ -264,7 +264,13 @@ pub enum Command {
         work_dir: Option<PathBuf>,
     },
     /// Resume the app frozen by the last checkpoint or by `freeze` (used when the target failed).
-    Rollback,
+    Rollback {
+        /// Also resume a copy whose migration committed (refused otherwise: the target holds
+        /// the app). Only once the target holds no copy of it, or two would run;
+        /// `kubectl migrate resume --from-source POD` checks that first.
+        #[arg(long)]
+        committed: bool,
+    },
     /// Stop the app (SIGSTOP to every process of its tree) so that all containers of a pod can
     /// be frozen before any is checkpointed: a consistent cut. A checkpoint of a frozen app
     /// restores frozen.
@@ -273,6 +279,11 @@ pub enum Command {
         /// (`renew` extends it): a migration whose driver died never leaves the app frozen.
         #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
         lease: Option<u64>,
+        /// Resume the app by itself after this many milliseconds at the latest, whatever the
+        /// renewals, unless `commit` came first: the longest its liveness probes let it stay
+        /// frozen before the kubelet would restart the container (and its state would be lost).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+        limit_ms: Option<u64>,
     },
     /// Extend the lease of a frozen app to this many seconds from now.
     Renew {
@@ -288,6 +299,17 @@ pub enum Command {
     Thaw,
     /// Print PID 1's state as JSON.
     Status,
+    /// Exit 0 once the app runs, thawed: restored and resumed, or started fresh at least
+    /// --fresh-after seconds ago; else exit 1, saying why. The startup probe of a migration's
+    /// target pod: until it passes, the kubelet runs none of the app's liveness probes, which
+    /// would restart the container while it waits for its checkpoint or holds the restored app
+    /// frozen.
+    Probe {
+        /// After a fresh start (the container restarted later), pass only once the app has run
+        /// this long: the budget of the startup probe the app's own pod had.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        fresh_after: u64,
+    },
     /// Print a new random key for sealing checkpoints (256 random bits; keep it secret), e.g. `kubectl create secret generic migrate-key --from-literal=key="$(restore-launcher keygen)"`.
     Keygen,
 }

@@ -6,6 +6,7 @@ use std::io::{self, IsTerminal as _, Write as _};
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use migrate_format::{CheckpointReport, RestoreReport};
 
@@ -46,6 +47,22 @@ pub enum ClientError {
 pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
     match command {
         Command::Status => simple(state_dir, &Request::Status),
+        Command::Probe { fresh_after } => {
+            let answer = control::call(state_dir, &Request::Status, None)?;
+            let status: migrate_format::StatusReport =
+                serde_json::from_str(&answer).map_err(|e| ClientError::Answer(e.to_string()))?;
+            let age = status.app_pid.and_then(process_age);
+            match probe(&status, age, Duration::from_secs(*fresh_after)) {
+                Ok(()) => {
+                    println!("the app runs");
+                    Ok(0)
+                }
+                Err(why) => {
+                    println!("{why}");
+                    Ok(1)
+                }
+            }
+        }
         Command::Keygen => {
             let key = crate::seal::Key::generate().map_err(|source| ClientError::Open {
                 path: "/dev/urandom".into(),
@@ -54,7 +71,12 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             print!("{key}");
             Ok(0)
         }
-        Command::Rollback => simple(state_dir, &Request::Rollback),
+        Command::Rollback { committed } => simple(
+            state_dir,
+            &Request::Rollback {
+                committed: *committed,
+            },
+        ),
         Command::Park {
             work_dir,
             input_stall_timeout,
@@ -89,10 +111,11 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             eprintln!("{}", serde_json::to_string(&report).unwrap_or_default());
             Ok(u8::from(!report.ok))
         }
-        Command::Freeze { lease } => simple(
+        Command::Freeze { lease, limit_ms } => simple(
             state_dir,
             &Request::Freeze {
                 lease_seconds: *lease,
+                limit_ms: *limit_ms,
             },
         ),
         Command::Renew { lease } => simple(
@@ -126,6 +149,59 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             ..
         } => receive(state_dir, input),
     }
+}
+
+/// Whether the app runs, thawed (see `Command::Probe`): `Err` says why not. `age` is how long
+/// the app's root process has run.
+pub fn probe(
+    status: &migrate_format::StatusReport,
+    age: Option<Duration>,
+    fresh_after: Duration,
+) -> Result<(), String> {
+    use migrate_format::LauncherState as S;
+    match status.state {
+        S::Restored | S::Running if status.app_stopped => {
+            Err("the app is restored and frozen: it waits for its migration's thaw".into())
+        }
+        S::Restored => Ok(()),
+        S::Running if age.is_some_and(|age| age >= fresh_after) => Ok(()),
+        S::Running => Err(format!(
+            "the app started fresh and has run {} s of the {} s its startup allows",
+            age.unwrap_or_default().as_secs(),
+            fresh_after.as_secs()
+        )),
+        S::Waiting => Err("the launcher waits for its checkpoint".into()),
+        S::Restoring => Err("the launcher restores the app".into()),
+        S::Failed => Err(format!(
+            "the restore failed: {}",
+            status.error.as_deref().unwrap_or("no reason given")
+        )),
+        S::Frozen | S::Checkpointing | S::Checkpointed => {
+            Err("the app is frozen for a migration".into())
+        }
+    }
+}
+
+/// How long process `pid` has run, from its start time in `/proc` (in clock ticks since boot)
+/// and the system's uptime.
+fn process_age(pid: i32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let started_ticks: u64 = fields.get(19)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|&t| t > 0)?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = started_ticks as f64 / ticks as f64;
+    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
 }
 
 fn simple(state_dir: &Path, request: &Request) -> Result<u8, ClientError> {
@@ -460,4 +536,57 @@ fn temporary_name(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
     path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: &str, stopped: bool) -> migrate_format::StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "state": state, "app_pid": 1000, "launcher_version": "0.1.0", "criu_version": "4.2",
+            "kernel": "6.18", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
+            "error": null, "app_stopped": stopped
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_startup_probe_passes_only_once_the_app_runs_thawed() {
+        let second = Some(Duration::from_secs(1));
+        let none = Duration::ZERO;
+        // A target: waiting, restoring, restored but frozen, failed: not yet.
+        for (state, stopped) in [
+            ("waiting", false),
+            ("restoring", false),
+            ("restored", true),
+            ("failed", false),
+            ("frozen", true),
+            ("checkpointed", true),
+        ] {
+            assert!(
+                probe(&status(state, stopped), second, none).is_err(),
+                "{state} passed"
+            );
+        }
+        assert_eq!(probe(&status("restored", false), second, none), Ok(()));
+        // Restarted later, fresh: once it ran as long as its own startup probe allowed.
+        let fresh = status("running", false);
+        assert_eq!(probe(&fresh, second, none), Ok(()));
+        let why = probe(&fresh, second, Duration::from_secs(30)).unwrap_err();
+        assert!(why.contains("has run 1 s of the 30 s"), "{why}");
+        assert_eq!(
+            probe(&fresh, Some(Duration::from_secs(31)), Duration::from_secs(30)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_process_age_is_read_from_proc() {
+        let age = process_age(std::process::id() as i32);
+        assert!(
+            age.is_some_and(|a| a < Duration::from_secs(3600)),
+            "{age:?}"
+        );
+    }
 }

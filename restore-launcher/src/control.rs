@@ -36,14 +36,22 @@ pub enum Request {
     Checkpoint { leave_running: bool },
     /// Restore from an archive read from the passed fd.
     Receive,
-    /// Resume the app frozen by the last checkpoint (or by `freeze`).
-    Rollback,
+    /// Resume the app frozen by the last checkpoint (or by `freeze`); with `committed`, also a
+    /// copy whose migration committed (asked only once the target holds no copy).
+    Rollback {
+        #[serde(default)]
+        committed: bool,
+    },
     /// Stop the app's process tree (SIGSTOP) for a consistent multi-container checkpoint.
     /// With a lease, the app resumes by itself unless `commit` comes within it (renewed by
     /// `renew`): a migration whose driver died never leaves the app frozen for ever.
     Freeze {
         #[serde(default)]
         lease_seconds: Option<u64>,
+        /// The longest the app may stay frozen, renewals or not, unless committed: what its
+        /// liveness probes allow.
+        #[serde(default)]
+        limit_ms: Option<u64>,
     },
     /// Extend the lease of a frozen app by this many seconds from now.
     Renew { lease_seconds: u64 },
@@ -513,17 +521,25 @@ mod tests {
         })
         .unwrap_or_default();
         assert_eq!(json, r#"{"op":"checkpoint","leave_running":true}"#);
-        let back: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap_or(Request::Rollback);
+        let back: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap_or(Request::Status);
         let freeze: Request =
-            serde_json::from_str(r#"{"op":"freeze"}"#).unwrap_or(Request::Rollback);
+            serde_json::from_str(r#"{"op":"freeze"}"#).unwrap_or(Request::Status);
         assert_eq!(
             freeze,
             Request::Freeze {
-                lease_seconds: None
+                lease_seconds: None,
+                limit_ms: None
             },
             "an older client's freeze"
         );
         assert_eq!(back, Request::Status);
+        let rollback: Request =
+            serde_json::from_str(r#"{"op":"rollback"}"#).unwrap_or(Request::Status);
+        assert_eq!(
+            rollback,
+            Request::Rollback { committed: false },
+            "an older client's rollback never resumes a committed copy"
+        );
     }
 
     #[test]

@@ -35,8 +35,14 @@ pub enum Origin {
 pub enum Hold {
     /// Until `thaw` or `rollback` (a freeze without a lease, or `checkpoint` alone).
     Open,
-    /// Until this instant, unless renewed or committed: then it resumes by itself.
-    Lease(Instant),
+    /// Until `until`, unless renewed or committed: then it resumes by itself. Renewals never
+    /// carry it past `limit`, the longest the app may stay frozen (what its liveness probes
+    /// allow): a driver that keeps renewing, or that died, cannot keep it frozen until the
+    /// kubelet restarts the container and its state is lost.
+    Lease {
+        until: Instant,
+        limit: Option<Instant>,
+    },
     /// The migration is committed: never resumes on its own.
     Committed,
 }
@@ -69,13 +75,19 @@ pub enum State {
 pub enum Input {
     Freeze {
         lease: Option<Duration>,
+        /// The longest the app may stay frozen, whatever the renewals, unless committed.
+        limit: Option<Duration>,
     },
     Renew {
         lease: Duration,
     },
     Commit,
     Thaw,
-    Rollback,
+    /// `committed`: also resume a copy whose migration committed (`rollback --committed`),
+    /// which the plugin asks only once the target provably holds no copy of the app.
+    Rollback {
+        committed: bool,
+    },
     Checkpoint {
         leave_running: bool,
     },
@@ -176,7 +188,7 @@ impl State {
     /// When the app resumes by itself, if a lease holds it.
     pub fn lease(self) -> Option<Instant> {
         match self.hold() {
-            Some(Hold::Lease(at)) => Some(at),
+            Some(Hold::Lease { until, .. }) => Some(until),
             _ => None,
         }
     }
@@ -197,10 +209,10 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
     use State as S;
     match (state, input) {
         // ----- requests that need a running app -------------------------------------------
-        (S::Running { origin }, Input::Freeze { lease }) => Step::to(
+        (S::Running { origin }, Input::Freeze { lease, limit }) => Step::to(
             S::Frozen {
                 origin,
-                hold: lease.map_or(Hold::Open, |l| Hold::Lease(now + l)),
+                hold: held(lease, limit, now),
             },
             vec![Effect::StopTree],
         ),
@@ -321,10 +333,22 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
         (S::Frozen { origin, .. }, Input::Thaw) | (S::Running { origin }, Input::Thaw) => {
             Step::to(S::Running { origin }, vec![Effect::ResumeTree])
         }
-        (S::Frozen { origin, .. } | S::Checkpointed { origin, .. }, Input::Rollback) => {
+        // A committed copy is stale while the target holds the app: resuming it would make two.
+        (
+            S::Frozen {
+                hold: Hold::Committed,
+                ..
+            }
+            | S::Checkpointed {
+                hold: Hold::Committed,
+                ..
+            },
+            Input::Rollback { committed: false },
+        ) => Step::refuse(state, Refusal::Committed),
+        (S::Frozen { origin, .. } | S::Checkpointed { origin, .. }, Input::Rollback { .. }) => {
             Step::to(S::Running { origin }, vec![Effect::ResumeTree])
         }
-        (S::Checkpointing { .. }, Input::Rollback) => Step {
+        (S::Checkpointing { .. }, Input::Rollback { .. }) => Step {
             next: state,
             effects: vec![Effect::CancelCheckpoint],
             answer: Err(Refusal::Busy),
@@ -404,16 +428,35 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
     }
 }
 
-/// Whether `hold` is a lease that has run out at `now`.
-fn expired(hold: Hold, now: Instant) -> bool {
-    matches!(hold, Hold::Lease(at) if now >= at)
+/// The hold of a freeze at `now`: a lease of `lease`, never past `limit`; open with neither.
+fn held(lease: Option<Duration>, limit: Option<Duration>, now: Instant) -> Hold {
+    let limit = limit.map(|l| now + l);
+    match (lease.map(|l| now + l), limit) {
+        (None, None) => Hold::Open,
+        (Some(until), limit) => Hold::Lease {
+            until: limit.map_or(until, |limit| until.min(limit)),
+            limit,
+        },
+        (None, Some(limit)) => Hold::Lease {
+            until: limit,
+            limit: Some(limit),
+        },
+    }
 }
 
-/// `hold` renewed for `lease` from `now`.
+/// Whether `hold` is a lease that has run out at `now`.
+fn expired(hold: Hold, now: Instant) -> bool {
+    matches!(hold, Hold::Lease { until, .. } if now >= until)
+}
+
+/// `hold` renewed for `lease` from `now`, never past its limit.
 fn renewed(hold: Hold, lease: Duration, now: Instant) -> Result<Hold, Refusal> {
     match hold {
-        Hold::Lease(at) if now >= at => Err(Refusal::LeaseExpired),
-        Hold::Lease(_) => Ok(Hold::Lease(now + lease)),
+        Hold::Lease { until, .. } if now >= until => Err(Refusal::LeaseExpired),
+        Hold::Lease { limit, .. } => Ok(Hold::Lease {
+            until: limit.map_or(now + lease, |limit| (now + lease).min(limit)),
+            limit,
+        }),
         Hold::Open | Hold::Committed => Err(Refusal::NoLease),
     }
 }
@@ -422,7 +465,7 @@ fn renewed(hold: Hold, lease: Duration, now: Instant) -> Result<Hold, Refusal> {
 fn refusal(state: State, input: Input) -> Refusal {
     match input {
         _ if state.busy() => Refusal::Busy,
-        Input::Rollback => Refusal::NothingToRollBack,
+        Input::Rollback { .. } => Refusal::NothingToRollBack,
         Input::Receive => Refusal::NotWaiting,
         Input::Renew { .. } => Refusal::NoLease,
         Input::Thaw if state.committed() => Refusal::Committed,
@@ -454,7 +497,7 @@ pub fn explain(refusal: Refusal, request: &str, state: State) -> String {
             format!("cannot {request}: no lease to renew (the launcher is {state})")
         }
         Refusal::Committed => format!(
-            "cannot {request}: the migration that froze this app is committed, so this copy is stale (the target holds the app's state); only `rollback` resumes it, and only once the target is gone"
+            "cannot {request}: the migration that froze this app is committed, so this copy is stale (the target holds the app's state); only `rollback --committed` resumes it, and only once the target holds no copy (`kubectl migrate resume --from-source POD` checks that and does it)"
         ),
         Refusal::NotWaiting => format!(
             "cannot {request}: this launcher is {state} and not waiting for a checkpoint; start the target container with --wait-for-checkpoint"
@@ -484,6 +527,10 @@ mod tests {
         origin: Origin::Restored,
     };
     const MINUTE: Duration = Duration::from_secs(60);
+
+    fn lease(until: Instant) -> Hold {
+        Hold::Lease { until, limit: None }
+    }
 
     fn frozen(hold: Hold) -> State {
         State::Frozen {
@@ -521,12 +568,16 @@ mod tests {
             FRESH,
             Input::Freeze {
                 lease: Some(MINUTE),
+                limit: None,
             },
             now,
         );
-        assert_eq!(with.next, frozen(Hold::Lease(now + MINUTE)));
+        assert_eq!(with.next, frozen(lease(now + MINUTE)));
         assert_eq!(with.effects, vec![Effect::StopTree]);
-        let without = step(RESTORED, Input::Freeze { lease: None }, now);
+        let without = step(RESTORED, Input::Freeze {
+            lease: None,
+            limit: None,
+        }, now);
         assert_eq!(
             without.next,
             State::Frozen {
@@ -540,7 +591,10 @@ mod tests {
     #[test]
     fn freeze_is_refused_unless_the_app_runs() {
         let now = Instant::now();
-        let freeze = Input::Freeze { lease: None };
+        let freeze = Input::Freeze {
+            lease: None,
+            limit: None,
+        };
         refused(frozen(Hold::Open), freeze, Refusal::WrongState, now);
         refused(frozen(Hold::Committed), freeze, Refusal::Committed, now);
         refused(checkpointing(None, false), freeze, Refusal::Busy, now);
@@ -556,10 +610,10 @@ mod tests {
     #[test]
     fn a_lease_renews_until_it_expires_then_resumes_the_app() {
         let now = Instant::now();
-        let held = frozen(Hold::Lease(now + MINUTE));
+        let held = frozen(lease(now + MINUTE));
         let later = now + Duration::from_secs(30);
         let renewed = step(held, Input::Renew { lease: MINUTE }, later);
-        assert_eq!(renewed.next, frozen(Hold::Lease(later + MINUTE)));
+        assert_eq!(renewed.next, frozen(lease(later + MINUTE)));
         assert!(renewed.effects.is_empty());
         // Not yet expired: a tick changes nothing.
         assert_eq!(step(held, Input::Tick, later).next, held);
@@ -584,9 +638,57 @@ mod tests {
             after,
         );
         // A checkpointed app's lease too.
-        let tick = step(checkpointed(Hold::Lease(now)), Input::Tick, after);
+        let tick = step(checkpointed(lease(now)), Input::Tick, after);
         assert_eq!(tick.next, FRESH);
         assert_eq!(tick.effects, vec![Effect::ResumeTree]);
+    }
+
+    #[test]
+    fn renewals_never_carry_a_lease_past_the_freeze_limit() {
+        let now = Instant::now();
+        let limit = Duration::from_secs(4);
+        let freeze = step(
+            FRESH,
+            Input::Freeze {
+                lease: Some(MINUTE),
+                limit: Some(limit),
+            },
+            now,
+        );
+        let capped = Hold::Lease {
+            until: now + limit,
+            limit: Some(now + limit),
+        };
+        assert_eq!(freeze.next, frozen(capped), "the lease starts capped");
+        let renewed = step(freeze.next, Input::Renew { lease: MINUTE }, now + limit / 2);
+        assert_eq!(renewed.next, frozen(capped), "a renewal does not pass the limit");
+        // A short renewal still shortens it (a driver that stops renewing is noticed).
+        let short = step(
+            freeze.next,
+            Input::Renew {
+                lease: Duration::from_secs(1),
+            },
+            now + Duration::from_secs(1),
+        );
+        assert_eq!(short.next.lease(), Some(now + Duration::from_secs(2)));
+        // At the limit the app resumes by itself, renewed or not; commit is refused.
+        let tick = step(renewed.next, Input::Tick, now + limit);
+        assert_eq!(tick.next, FRESH);
+        assert_eq!(tick.effects, vec![Effect::ResumeTree]);
+        refused(renewed.next, Input::Commit, Refusal::LeaseExpired, now + limit);
+        // A limit alone is a lease of that length; a commit within it ends it for good.
+        let alone = step(
+            FRESH,
+            Input::Freeze {
+                lease: None,
+                limit: Some(limit),
+            },
+            now,
+        );
+        assert_eq!(alone.next, frozen(capped));
+        let committed = step(alone.next, Input::Commit, now + Duration::from_secs(1));
+        assert_eq!(committed.next, frozen(Hold::Committed));
+        assert_eq!(step(committed.next, Input::Tick, now + MINUTE).next, committed.next);
     }
 
     #[test]
@@ -602,11 +704,11 @@ mod tests {
     #[test]
     fn a_lease_is_renewed_during_the_checkpoint_it_holds() {
         let now = Instant::now();
-        let state = checkpointing(Some(Hold::Lease(now + MINUTE)), false);
+        let state = checkpointing(Some(lease(now + MINUTE)), false);
         let step = step(state, Input::Renew { lease: MINUTE }, now + MINUTE / 2);
         assert_eq!(
             step.next,
-            checkpointing(Some(Hold::Lease(now + MINUTE / 2 + MINUTE)), false)
+            checkpointing(Some(lease(now + MINUTE / 2 + MINUTE)), false)
         );
         // A checkpoint's lease is looked at when it ends, not by a tick meanwhile.
         let tick = super::step(state, Input::Tick, now + MINUTE * 2);
@@ -616,8 +718,8 @@ mod tests {
     #[test]
     fn a_post_copy_checkpoint_takes_the_commit_and_a_failure_after_it_stays_frozen() {
         let now = Instant::now();
-        let lease = Hold::Lease(now + Duration::from_secs(30));
-        let serving = checkpointing(Some(lease), false);
+        let hold = lease(now + Duration::from_secs(30));
+        let serving = checkpointing(Some(hold), false);
         let step = step(serving, Input::Commit, now);
         assert_eq!(step.answer, Ok(()));
         assert_eq!(step.next, checkpointing(Some(Hold::Committed), false));
@@ -649,14 +751,14 @@ mod tests {
             Refusal::Busy,
             now,
         );
-        let expired = checkpointing(Some(Hold::Lease(now)), false);
+        let expired = checkpointing(Some(lease(now)), false);
         refused(expired, Input::Commit, Refusal::LeaseExpired, now);
     }
 
     #[test]
     fn commit_ends_the_lease_for_good() {
         let now = Instant::now();
-        let committed = step(frozen(Hold::Lease(now + MINUTE)), Input::Commit, now);
+        let committed = step(frozen(lease(now + MINUTE)), Input::Commit, now);
         assert_eq!(committed.next, frozen(Hold::Committed));
         assert!(committed.next.committed());
         // Idempotent, and no lease expiry resumes it.
@@ -668,7 +770,7 @@ mod tests {
             step(committed.next, Input::Tick, now + MINUTE * 10).next,
             committed.next
         );
-        let after_checkpoint = step(checkpointed(Hold::Lease(now + MINUTE)), Input::Commit, now);
+        let after_checkpoint = step(checkpointed(lease(now + MINUTE)), Input::Commit, now);
         assert_eq!(after_checkpoint.next, checkpointed(Hold::Committed));
         refused(FRESH, Input::Commit, Refusal::WrongState, now);
     }
@@ -701,15 +803,24 @@ mod tests {
             Refusal::Committed,
             now,
         );
-        let rollback = step(frozen(Hold::Committed), Input::Rollback, now);
-        assert_eq!(rollback.next, FRESH);
-        assert_eq!(rollback.effects, vec![Effect::ResumeTree]);
+        // A plain rollback (an undo that lost a race, a user) is refused: two copies would run.
+        for state in [frozen(Hold::Committed), checkpointed(Hold::Committed)] {
+            refused(
+                state,
+                Input::Rollback { committed: false },
+                Refusal::Committed,
+                now,
+            );
+            let rollback = step(state, Input::Rollback { committed: true }, now);
+            assert_eq!(rollback.next, FRESH);
+            assert_eq!(rollback.effects, vec![Effect::ResumeTree]);
+        }
     }
 
     #[test]
     fn thaw_resumes_a_frozen_or_restored_app() {
         let now = Instant::now();
-        let thaw = step(frozen(Hold::Lease(now + MINUTE)), Input::Thaw, now);
+        let thaw = step(frozen(lease(now + MINUTE)), Input::Thaw, now);
         assert_eq!(thaw.next, FRESH);
         assert_eq!(thaw.effects, vec![Effect::ResumeTree]);
         // A restored app (from a frozen checkpoint) is thawed and stays "restored".
@@ -729,15 +840,15 @@ mod tests {
     #[test]
     fn rollback_resumes_what_a_freeze_or_checkpoint_stopped() {
         let now = Instant::now();
-        for state in [frozen(Hold::Open), checkpointed(Hold::Lease(now))] {
-            let step = step(state, Input::Rollback, now);
+        for state in [frozen(Hold::Open), checkpointed(lease(now))] {
+            let step = step(state, Input::Rollback { committed: false }, now);
             assert_eq!(step.next, FRESH);
             assert_eq!(step.effects, vec![Effect::ResumeTree]);
         }
-        refused(FRESH, Input::Rollback, Refusal::NothingToRollBack, now);
+        refused(FRESH, Input::Rollback { committed: false }, Refusal::NothingToRollBack, now);
         refused(
             State::Waiting,
-            Input::Rollback,
+            Input::Rollback { committed: false },
             Refusal::NothingToRollBack,
             now,
         );
@@ -746,8 +857,8 @@ mod tests {
     #[test]
     fn rollback_during_a_checkpoint_cancels_its_writing_and_says_busy() {
         let now = Instant::now();
-        let state = checkpointing(Some(Hold::Lease(now + MINUTE)), false);
-        let step = step(state, Input::Rollback, now);
+        let state = checkpointing(Some(lease(now + MINUTE)), false);
+        let step = step(state, Input::Rollback { committed: false }, now);
         assert_eq!(step.answer, Err(Refusal::Busy));
         assert_eq!(step.next, state);
         assert_eq!(step.effects, vec![Effect::CancelCheckpoint]);
@@ -771,20 +882,20 @@ mod tests {
                 was_frozen: false
             }]
         );
-        let lease = Hold::Lease(now + MINUTE);
+        let hold = lease(now + MINUTE);
         let from_frozen = step(
-            frozen(lease),
+            frozen(hold),
             Input::Checkpoint {
                 leave_running: false,
             },
             now,
         );
-        assert_eq!(from_frozen.next, checkpointing(Some(lease), false));
+        assert_eq!(from_frozen.next, checkpointing(Some(hold), false));
         let ended = |state, ok, died| step(state, Input::CheckpointEnded { ok, died }, now);
         // Success keeps the app frozen, with the freeze's hold.
         assert_eq!(
-            ended(checkpointing(Some(lease), false), true, false).next,
-            checkpointed(lease)
+            ended(checkpointing(Some(hold), false), true, false).next,
+            checkpointed(hold)
         );
         assert_eq!(
             ended(checkpointing(None, false), true, false).next,
@@ -793,11 +904,11 @@ mod tests {
         // --leave-running, or a failure: back where it came from.
         assert_eq!(ended(checkpointing(None, true), true, false).next, FRESH);
         assert_eq!(
-            ended(checkpointing(Some(lease), false), false, false).next,
-            frozen(lease)
+            ended(checkpointing(Some(hold), false), false, false).next,
+            frozen(hold)
         );
         // A job that died without a word: the app is resumed, whatever it was.
-        let died = ended(checkpointing(Some(lease), false), false, true);
+        let died = ended(checkpointing(Some(hold), false), false, true);
         assert_eq!(died.next, FRESH);
         assert_eq!(died.effects, vec![Effect::ResumeTree]);
         refused(

@@ -575,10 +575,14 @@ impl Supervisor {
                 let _ = control::answer(&stream, &self.status());
                 return;
             }
-            Request::Rollback => (Input::Rollback, "rollback"),
-            Request::Freeze { lease_seconds } => (
+            Request::Rollback { committed } => (Input::Rollback { committed }, "rollback"),
+            Request::Freeze {
+                lease_seconds,
+                limit_ms,
+            } => (
                 Input::Freeze {
                     lease: lease_seconds.map(Duration::from_secs),
+                    limit: limit_ms.map(Duration::from_millis),
                 },
                 "freeze",
             ),

@@ -157,8 +157,14 @@ impl Launchers for StandIn {
         })
     }
 
-    async fn rollback(&self, pod: &Pod, container: &str) -> Result<(), LauncherError> {
-        self.call(format!("rollback {}/{container}", name(pod)));
+    async fn rollback(
+        &self,
+        pod: &Pod,
+        container: &str,
+        committed: bool,
+    ) -> Result<(), LauncherError> {
+        let how = if committed { " --committed" } else { "" };
+        self.call(format!("rollback{how} {}/{container}", name(pod)));
         Ok(())
     }
 
@@ -167,6 +173,7 @@ impl Launchers for StandIn {
         pod: &Pod,
         container: &str,
         lease: Duration,
+        _limit: Option<Duration>,
     ) -> Result<Option<u64>, LauncherError> {
         self.call(format!("freeze {}/{container}", name(pod)));
         if lease.is_zero() {

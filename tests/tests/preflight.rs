@@ -53,7 +53,12 @@ impl Launchers for StandIn {
         Err("the preflight never transfers".into())
     }
 
-    async fn rollback(&self, _pod: &Pod, _container: &str) -> Result<(), LauncherError> {
+    async fn rollback(
+        &self,
+        _pod: &Pod,
+        _container: &str,
+        _committed: bool,
+    ) -> Result<(), LauncherError> {
         Err("the preflight never rolls back".into())
     }
 
@@ -62,6 +67,7 @@ impl Launchers for StandIn {
         _pod: &Pod,
         _container: &str,
         _lease: Duration,
+        _limit: Option<Duration>,
     ) -> Result<Option<u64>, LauncherError> {
         Err("the preflight never freezes".into())
     }

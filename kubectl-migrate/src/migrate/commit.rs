@@ -83,7 +83,7 @@ pub(super) async fn acknowledge<L: Launchers + Sync>(
 pub(super) async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateError> {
     let error = match claim(pods, source, id, "committed").await {
         Ok(()) => return Ok(()),
-        Err(Claim::Taken { phase }) => {
+        Err(Claim::Taken { phase, .. }) => {
             return Err(MigrateError::CommitTaken {
                 pod: source.into(),
                 phase,
@@ -120,6 +120,8 @@ pub enum Claim {
     /// records another migration now.
     Taken {
         phase: String,
+        /// The other migration's id, when the pod records another one.
+        by: Option<String>,
     },
     Api(kube::Error),
 }
@@ -133,31 +135,118 @@ pub enum Claim {
 /// [`Claim::Taken`] when the phase is already `committed`, `done-kept`, `aborting` or `failed`
 /// (or another migration's); [`Claim::Api`] on an API error.
 pub async fn claim(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+    claim_with(pods, source, id, to, serde_json::Map::new()).await
+}
+
+/// [`claim`], writing `extra` annotations in the same guarded write.
+pub(super) async fn claim_with(
+    pods: &Api<Pod>,
+    source: &str,
+    id: &str,
+    to: &str,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), Claim> {
+    guarded_write(pods, source, id, to, extra, |phase, same_migration| {
+        if !same_migration
+            || matches!(phase, "committed" | "done-kept" | "aborting" | "failed")
+        {
+            return Err(if same_migration {
+                phase.to_string()
+            } else {
+                "another migration's".into()
+            });
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Phases a pod may carry from an earlier migration and still be taken by a new one: it never
+/// had one, its last one was undone (`failed`), or it is the restored pod of a finished one
+/// (`done`).
+fn settled(phase: &str) -> bool {
+    matches!(phase, "" | "failed" | "done")
+}
+
+/// Takes pod `source` for migration `id`, before anything is created for it: one guarded
+/// write (`migrate.kubectl.io/phase: claimed` with the id) that succeeds only when no other
+/// migration is in flight on it. Of two migrations of one pod (the plugin and a PodMigration,
+/// two drains) exactly one takes it; the other is refused having touched nothing, and never
+/// undoes what it does not own.
+///
+/// # Errors
+/// [`Claim::Taken`] naming the migration in flight and its phase; [`Claim::Api`].
+pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> {
+    guarded_write(
+        pods,
+        source,
+        id,
+        "claimed",
+        serde_json::Map::new(),
+        |phase, same_migration| {
+            if same_migration || settled(phase) {
+                Ok(())
+            } else {
+                Err(phase.to_string())
+            }
+        },
+    )
+    .await
+}
+
+/// Writes migration `id`'s final phase `to` on the source (`failed` after an undo) only while
+/// the pod still records that migration: a write never lands on a pod another migration has
+/// taken since.
+pub(super) async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+    guarded_write(
+        pods,
+        source,
+        id,
+        to,
+        serde_json::Map::new(),
+        |phase, same_migration| {
+            if same_migration {
+                Ok(())
+            } else {
+                Err(phase.to_string())
+            }
+        },
+    )
+    .await
+}
+
+/// Reads the source, asks `allowed(phase, same_migration)`, and writes phase `to` and the id
+/// (with `extra`) carrying the read's resourceVersion, so that a concurrent writer makes it
+/// read and decide again instead of being overwritten.
+async fn guarded_write(
+    pods: &Api<Pod>,
+    source: &str,
+    id: &str,
+    to: &str,
+    extra: serde_json::Map<String, serde_json::Value>,
+    allowed: impl Fn(&str, bool) -> Result<(), String>,
+) -> Result<(), Claim> {
     for _ in 0..10 {
         let pod = pods.get(source).await.map_err(Claim::Api)?;
         let notes = pod.metadata.annotations.clone().unwrap_or_default();
         let phase = notes.get(annotations::PHASE).cloned().unwrap_or_default();
-        let same_migration = notes.get(annotations::MIGRATION_ID).map(String::as_str) == Some(id);
-        if phase == to && same_migration {
+        let recorded = notes.get(annotations::MIGRATION_ID).cloned();
+        let same_migration = recorded.as_deref() == Some(id);
+        if phase == to && same_migration && extra.is_empty() {
             return Ok(());
         }
-        if !same_migration
-            || matches!(
-                phase.as_str(),
-                "committed" | "done-kept" | "aborting" | "failed"
-            )
-        {
+        if let Err(phase) = allowed(&phase, same_migration) {
             return Err(Claim::Taken {
-                phase: if same_migration {
-                    phase
-                } else {
-                    "another migration's".into()
-                },
+                phase,
+                by: recorded.filter(|_| !same_migration),
             });
         }
+        let mut values = extra.clone();
+        values.insert(annotations::PHASE.into(), to.into());
+        values.insert(annotations::MIGRATION_ID.into(), id.into());
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": pod.metadata.resource_version,
-            "annotations": {annotations::PHASE: to, annotations::MIGRATION_ID: id},
+            "annotations": values,
         }});
         match pods
             .patch(source, &PatchParams::default(), &Patch::Merge(&patch))

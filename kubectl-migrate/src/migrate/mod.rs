@@ -53,7 +53,7 @@ mod target;
 mod transfer;
 mod undo;
 
-pub use commit::{Claim, claim, is_committed};
+pub use commit::{Claim, claim, is_committed, take};
 pub use finish::{Finished, clock_jump, finish};
 pub use undo::undo;
 
@@ -120,6 +120,14 @@ pub struct Report {
 pub enum MigrateError {
     #[error("the preflight found {} problem(s); nothing was changed", .0.len())]
     Preflight(Vec<Problem>),
+    #[error(
+        "pod {pod} is being migrated already, by migration {by} (phase {phase}); nothing was changed. `kubectl migrate status {pod}` shows it; once no migration of it runs any more, `kubectl migrate abort {pod}` clears it"
+    )]
+    Claimed {
+        pod: String,
+        by: String,
+        phase: String,
+    },
     #[error("{step} failed")]
     Api {
         step: &'static str,
@@ -220,6 +228,8 @@ pub struct Progress {
     pub transfer_started: bool,
     /// Past the point of no return: the commit is recorded on the source pod.
     pub committed: bool,
+    /// The source pod records this migration ([`take`]): only then may an undo touch it.
+    pub claimed: bool,
     /// The app containers moved (set by the commit, for finishing).
     pub containers: Vec<String>,
     /// The source's containers' restart counts when the migration started: a container that
@@ -242,6 +252,12 @@ fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
         )
         .map(|c| (c.name.clone(), c.restart_count))
         .collect()
+}
+
+/// The source's restart counts recorded at the freeze ([`annotations::RESTARTS_AT_FREEZE`]).
+pub fn restarts_at_freeze(source: &Pod) -> Option<BTreeMap<String, i32>> {
+    let notes = source.metadata.annotations.as_ref()?;
+    serde_json::from_str(notes.get(annotations::RESTARTS_AT_FREEZE)?).ok()
 }
 
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
@@ -341,6 +357,24 @@ async fn run<L: Launchers + Sync>(
     progress.phase = "check".into();
     let checked = check_step(&ctx).await?;
     progress.source_restarts = restart_counts(&checked.source);
+    // One claim per pod, before anything is created: a second migration stops here.
+    match take(&ctx.pods, &options.pod, &progress.id).await {
+        Ok(()) => {}
+        Err(Claim::Taken { phase, by }) => {
+            return Err(MigrateError::Claimed {
+                pod: options.pod.clone(),
+                by: by.unwrap_or_else(|| progress.id.clone()),
+                phase,
+            });
+        }
+        Err(Claim::Api(source)) => {
+            return Err(MigrateError::Api {
+                step: "claiming the pod for the migration",
+                source,
+            });
+        }
+    }
+    progress.claimed = true;
     laps.done("check");
 
     if checked.stateful {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::commit::{Claim, claim};
+use super::commit::{Claim, claim_with};
 use super::{Ctx, MigrateError, Progress};
 use crate::launchers::{Launchers, Transferred};
 use crate::rewrite;
@@ -40,9 +40,18 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     // Claimed, not just written: a `kubectl migrate abort` that already marked the source
     // `aborting` (while this plugin waited for its target) must not be overwritten, or a
     // commit could follow it.
-    match claim(&ctx.pods, &options.pod, &progress.id, "checkpointing").await {
+    // The restart counts at the freeze go with it: every later decision (an undo, an abort
+    // run by hand, a finish) tells a container restarted since, its state lost, by them.
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        migrate_format::annotations::RESTARTS_AT_FREEZE.into(),
+        serde_json::to_string(&progress.source_restarts)
+            .unwrap_or_default()
+            .into(),
+    );
+    match claim_with(&ctx.pods, &options.pod, &progress.id, "checkpointing", extra).await {
         Ok(()) => {}
-        Err(Claim::Taken { phase }) => {
+        Err(Claim::Taken { phase, .. }) => {
             return Err(MigrateError::CommitTaken {
                 pod: options.pod.clone(),
                 phase,
@@ -63,9 +72,11 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     let freeze_asked = std::time::Instant::now();
     let mut frozen_at = BTreeMap::new();
     for container in &containers {
+        // The launcher resumes the app by itself at the freeze limit, renewed or not: a plugin
+        // that dies here never leaves it frozen until its liveness probe restarts it.
         let at = ctx
             .launchers
-            .freeze(source, container, options.lease)
+            .freeze(source, container, options.lease, freeze_limit)
             .await
             .map_err(|error| MigrateError::Launcher {
                 container: container.clone(),

@@ -12,7 +12,7 @@ use kube::api::DeleteParams;
 use migrate_format::Refusal;
 
 use super::commit::retry_get;
-use super::{MigrateError, Options, Progress, annotate, record, restart_counts};
+use super::{MigrateError, Options, Progress, record, restart_counts};
 use crate::client::Connection;
 use crate::launchers::{LauncherError, Launchers};
 use crate::rewrite;
@@ -29,7 +29,9 @@ pub async fn undo<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let mut done = Vec::new();
     let mut manual = Vec::new();
-    if matches!(error, MigrateError::Preflight(_)) {
+    // Never touch what this migration does not hold: refused by the preflight, or the pod
+    // is another migration's.
+    if !progress.claimed || matches!(error, MigrateError::Preflight(_) | MigrateError::Claimed { .. }) {
         return "nothing was changed".into();
     }
     // Reads and deletes are retried for a while: the fault that ended the migration may be the
@@ -77,13 +79,15 @@ pub async fn undo<L: Launchers + Sync>(
         // A source container that restarted meanwhile (killed mid-migration: its launcher
         // has nothing frozen) lost the state at the freeze: say so, never "kept its state".
         // The kubelet reports the restart a moment after the new container runs.
+        // The baseline: the counts recorded on the source at the freeze (an abort run later
+        // knows them only from there), else those the preflight saw.
+        let baseline = super::restarts_at_freeze(&source).unwrap_or_else(|| progress.source_restarts.clone());
         for attempt in 0..6 {
             let now = match pods.get(&options.pod).await {
                 Ok(pod) => restart_counts(&pod),
                 Err(_) => restart_counts(&source),
             };
-            restarted = progress
-                .source_restarts
+            restarted = baseline
                 .iter()
                 .filter(|(c, before)| now.get(*c).is_some_and(|n| n > before))
                 .map(|(c, _)| c.clone())
@@ -152,7 +156,16 @@ pub async fn undo<L: Launchers + Sync>(
             )),
         }
     }
-    annotate(&pods, &options.pod, &progress.id, "failed", None).await;
+    // `failed` ends the migration in `kubectl migrate status`: written only once nothing is
+    // left to do by hand (else the frozen source must stay listed, with its command), and only
+    // while the source still records this migration.
+    if manual.is_empty()
+        && let Err(super::Claim::Api(error)) =
+            super::commit::settle(&pods, &options.pod, &progress.id, "failed").await
+        && !matches!(&error, kube::Error::Api(status) if status.is_not_found())
+    {
+        tracing::warn!(%error, pod = options.pod, "cannot record the undone migration on the source");
+    }
     let mut text = if done.is_empty() {
         "the source pod was not touched".to_string()
     } else {
@@ -199,7 +212,7 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     let unreachable_until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
     loop {
         let now = tokio::time::Instant::now();
-        match launchers.rollback(source, container).await {
+        match launchers.rollback(source, container, false).await {
             Err(error) if error.refusal() == Some(Refusal::Busy) && now < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
