@@ -191,7 +191,13 @@ pub async fn list(
         ) else {
             continue;
         };
-        if !matches!(phase, "checkpointing" | "committed" | "aborting") || found.contains_key(id) {
+        // `claimed` and `creating-target`: a plugin that stopped before its target ran still
+        // holds the pod's claim, which keeps every other migration off it until aborted.
+        if !matches!(
+            phase,
+            "claimed" | "creating-target" | "checkpointing" | "committed" | "aborting"
+        ) || found.contains_key(id)
+        {
             continue;
         }
         if source.metadata.deletion_timestamp.is_some() {
@@ -316,6 +322,7 @@ pub async fn abort_migration<L: Launchers + Sync>(
         id: found.id.clone(),
         target,
         transfer_started: true,
+        claimed: true,
         ..Progress::default()
     };
     let options = options_for(&found.source, "");
@@ -382,6 +389,7 @@ pub async fn resume_migration<L: Launchers + Sync>(
         target: Some(target),
         transfer_started: true,
         committed: true,
+        claimed: true,
         ..Progress::default()
     };
     let mut options = options_for(&found.source, &node);

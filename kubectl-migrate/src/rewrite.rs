@@ -22,6 +22,9 @@
 //!   done. The kubelet resolves it at every container start, so a container restarted later
 //!   (crash, OOM kill, liveness failure, node reboot) starts its app fresh, as any container
 //!   would, instead of waiting for an archive that never comes;
+//! - the app containers get a startup probe their launcher answers, passing only once the app
+//!   runs thawed, so that the app's own liveness probe cannot restart the target while it
+//!   waits for its checkpoint or holds the restored app frozen (see `probe_once_thawed`);
 //! - init containers that already ran on the source are dropped (their effects on volumes
 //!   travel with the checkpoint's `--include` paths; running them again could repeat side
 //!   effects), native sidecars (`restartPolicy: Always`) are kept and migrated like containers;
@@ -34,8 +37,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, ResourceRequirements, Volume,
-    VolumeMount,
+    Container, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector, Pod, Probe,
+    ResourceRequirements, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use migrate_format::annotations;
@@ -140,6 +143,9 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         }
         if spec.volumes.as_ref().is_some_and(Vec::is_empty) {
             spec.volumes = None;
+        }
+        for container in &mut spec.containers {
+            probe_once_thawed(container);
         }
         for container in spec
             .containers
@@ -373,6 +379,48 @@ pub fn target_name(source: &str, generation: u32) -> String {
     let keep = MAX_NAME.saturating_sub(suffix.len()).min(base.len());
     let base = base[..keep].trim_end_matches(['-', '.']);
     format!("{base}{suffix}")
+}
+
+/// How often the kubelet runs the target's startup probe: also the most its Ready condition
+/// lags behind the thaw.
+const STARTUP_PERIOD_SECONDS: i32 = 1;
+/// How many of them may fail: a week of waiting. The probe must outlast every wait a
+/// migration can have before its thaw -- the target's start, the transfer, the verify, a
+/// plugin that died after the commit and the `kubectl migrate resume` that comes later -- since
+/// the container it restarts after them may hold the only copy of the app.
+const STARTUP_FAILURES: i32 = 7 * 24 * 3600 / STARTUP_PERIOD_SECONDS;
+
+/// The target's app containers get a startup probe the launcher answers
+/// (`restore-launcher probe`): it fails while the launcher waits for its checkpoint,
+/// restores, or holds the restored app frozen, and passes once the app runs thawed. The
+/// kubelet runs no liveness or readiness probe of a container before its startup probe has
+/// passed, so the app's own liveness probe -- which a waiting launcher or a frozen app cannot
+/// answer -- never restarts the target before the thaw, and counts from the thaw on. The app's
+/// own startup probe is not needed by an app that already started; should the container
+/// restart later and start the app fresh, the probe passes only once the app has run as long
+/// as that probe allowed it (`--fresh-after`). Native sidecars get none: the kubelet starts the
+/// pod's app containers only once a sidecar's startup probe passed, which would never happen
+/// before the thaw.
+fn probe_once_thawed(container: &mut Container) {
+    let fresh_after = container.startup_probe.as_ref().map_or(0, |p| {
+        i64::from(p.initial_delay_seconds.unwrap_or(0))
+            + i64::from(p.failure_threshold.unwrap_or(3).max(1))
+                * i64::from(p.period_seconds.unwrap_or(10).max(1))
+    });
+    container.startup_probe = Some(Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "restore-launcher".into(),
+                "probe".into(),
+                "--fresh-after".into(),
+                fresh_after.to_string(),
+            ]),
+        }),
+        period_seconds: Some(STARTUP_PERIOD_SECONDS),
+        failure_threshold: Some(STARTUP_FAILURES),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    });
 }
 
 /// Where the launchers' wait setting comes from: the target's own annotation.

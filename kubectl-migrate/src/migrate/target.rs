@@ -11,7 +11,9 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::watcher;
 
-use super::{Ctx, MigrateError, Progress, annotate, node_of, record};
+use super::commit::{Claim, claim_with};
+use super::{Ctx, MigrateError, Progress, node_of, record};
+use migrate_format::annotations;
 use crate::launchers::Launchers;
 use crate::rewrite;
 
@@ -43,14 +45,21 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
     // on to the next N.
     let created = loop {
         let name = target.metadata.name.clone().unwrap_or_default();
-        annotate(
-            pods,
-            &options.pod,
-            &progress.id,
-            "creating-target",
-            Some(&name),
-        )
-        .await;
+        // Through the claim: an abort that ran meanwhile is never overwritten.
+        let mut peer = serde_json::Map::new();
+        peer.insert(annotations::PEER.into(), name.clone().into());
+        match claim_with(pods, &options.pod, &progress.id, "creating-target", peer).await {
+            Ok(()) => {}
+            Err(Claim::Taken { phase, .. }) => {
+                return Err(MigrateError::CommitTaken {
+                    pod: options.pod.clone(),
+                    phase,
+                });
+            }
+            Err(Claim::Api(error)) => {
+                tracing::warn!(%error, "cannot record the target's name on the source");
+            }
+        }
         match pods.create(&PostParams::default(), &target).await {
             Ok(created) => break created,
             Err(kube::Error::Api(status))
