@@ -149,6 +149,12 @@ pub enum Command {
     Resume {
         /// The pod being migrated (the source).
         pod: String,
+        /// Go back to the source instead, when the target lost the app (its container
+        /// restarted after the restore): refused unless the target provably holds no copy and
+        /// the source still holds its frozen one. Deletes the target, resumes the source as
+        /// it was frozen.
+        #[arg(long)]
+        from_source: bool,
     },
     /// Cordon a node and move every pod off it: migrate each pod that can be migrated (to
     /// --to, or else to the first node that fits it), evict the rest through the Eviction API

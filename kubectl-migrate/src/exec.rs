@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::AttachParams;
 use kube::{Api, Client};
-use migrate_format::{Answer, CheckpointReport, LauncherState, RestoreReport, StatusReport};
+use migrate_format::{
+    Answer, CheckpointReport, LauncherState, Refusal, RestoreReport, StatusReport,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::direct::Direct;
@@ -222,6 +224,16 @@ pub fn is_frozen_or_dumped(status: &StatusReport) -> bool {
         status.state,
         LauncherState::Frozen | LauncherState::Checkpointing | LauncherState::Checkpointed
     ) && status.lease_seconds_left.is_some()
+}
+
+/// A thaw that found the app running fresh: refused as the launcher refuses a thaw with no
+/// restored app (waiting, failed), so that callers decide on one code.
+fn not_restored() -> LauncherError {
+    LauncherError::Refused {
+        refusal: Refusal::WrongState,
+        message: "runs its app fresh, not restored (the container restarted after the restore)"
+            .into(),
+    }
 }
 
 /// `thaw` or `rollback` took effect: the app runs.
@@ -900,7 +912,30 @@ impl Launchers for ExecLaunchers {
     }
 
     async fn thaw(&self, pod: &Pod, container: &str) -> Result<Option<u64>, LauncherError> {
-        self.act(pod, container, &["thaw"], is_running).await
+        // Only a restored app is thawed: a launcher that runs its app fresh (its container
+        // restarted after the restore) accepts a thaw too, and must not pass for the target
+        // that holds the app.
+        match self.run(pod, container, &["thaw"]).await {
+            Reply::Succeeded(stdout) => {
+                let answer = last_json::<Answer>(&stdout);
+                if answer
+                    .as_ref()
+                    .is_some_and(|a| a.state == Some(LauncherState::Running))
+                {
+                    return Err(not_restored());
+                }
+                Ok(answer.and_then(|a| a.at_ms))
+            }
+            Reply::Failed(why) => Err(why),
+            Reply::Unknown { detail, .. } => {
+                match self.status(pod, container).await {
+                    Ok(status) if status.state == LauncherState::Running => {
+                        Err(not_restored())
+                    }
+                    status => settle("thaw", &detail, status, is_running).map(|()| None),
+                }
+            }
+        }
     }
 }
 

@@ -156,8 +156,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Abort { pod }) => {
             return Ok(outcome(recover::abort(&connection, &launchers, pod).await));
         }
-        Some(Command::Resume { pod }) => {
-            return Ok(outcome(recover::resume(&connection, &launchers, pod).await));
+        Some(Command::Resume { pod, from_source }) => {
+            let done = if *from_source {
+                recover::resume_from_source(&connection, &launchers, pod).await
+            } else {
+                recover::resume(&connection, &launchers, pod).await
+            };
+            return Ok(outcome(done));
         }
         Some(Command::Drain {
             node,

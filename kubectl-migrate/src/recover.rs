@@ -74,6 +74,8 @@ pub enum RecoverError {
         phase: String,
         target: String,
     },
+    #[error("cannot go back to the source pod {pod}: {why}")]
+    FromSource { pod: String, why: String },
     #[error("finishing the migration failed: {0}")]
     Finish(Box<crate::migrate::MigrateError>),
     #[error(
@@ -436,6 +438,133 @@ pub async fn resume_migration<L: Launchers + Sync>(
         text.push_str(&format!("; warning: {warning}"));
     }
     Ok(text)
+}
+
+/// Goes back to the source of a committed migration whose target lost the app
+/// (`kubectl migrate resume --from-source POD`): only when the target provably holds no copy
+/// of it -- the pod is gone, or every migrated container's launcher waits for a checkpoint,
+/// failed its restore or runs the app fresh -- and the source still does (its containers
+/// frozen by this migration and not restarted since the freeze). Then the target is deleted
+/// and waited for, and the source's app resumed (`rollback --committed`): what the app did on
+/// the target since the thaw is lost, its state at the freeze is not.
+///
+/// # Errors
+/// [`RecoverError::FromSource`] saying which condition does not hold and what to do instead.
+pub async fn resume_from_source<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    pod: &str,
+) -> Result<String, RecoverError> {
+    let refuse = |why: String| RecoverError::FromSource {
+        pod: pod.into(),
+        why,
+    };
+    let Some((found, target)) = unfinished(connection, pod, None).await? else {
+        return Ok(format!(
+            "no unfinished migration of pod {pod}: nothing to resume"
+        ));
+    };
+    if !found.committed {
+        return Err(RecoverError::NotCommitted {
+            id: found.id,
+            pod: found.source,
+        });
+    }
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let source = pods
+        .get_opt(&found.source)
+        .await
+        .map_err(RecoverError::Api)?
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .ok_or_else(|| refuse(format!("the source pod {} is gone", found.source)))?;
+    if target.as_ref().is_some_and(migrate::identity::is_holder) {
+        return Err(refuse(
+            "a StatefulSet pod's move keeps its checkpoint in the holder pod: finish it with `kubectl migrate resume`".into(),
+        ));
+    }
+    // The source must still hold the app: frozen by this migration, never restarted since.
+    let baseline = migrate::restarts_at_freeze(&source).unwrap_or_default();
+    let restarted: Vec<String> = migrate::restart_counts(&source)
+        .into_iter()
+        .filter(|(c, now)| baseline.get(c).is_some_and(|before| now > before))
+        .map(|(c, _)| c)
+        .collect();
+    if !restarted.is_empty() {
+        return Err(refuse(format!(
+            "container(s) {} of the source pod {} restarted after the freeze: its copy of the app is gone too",
+            restarted.join(", "),
+            found.source
+        )));
+    }
+    let containers = crate::rewrite::migrated_containers(&source);
+    for container in &containers {
+        let status = launchers
+            .status(&source, container)
+            .await
+            .map_err(|e| refuse(format!("the source's container {container} cannot be asked: {e}")))?;
+        if !(status.committed && status.app_stopped) {
+            return Err(refuse(format!(
+                "the source's container {container} holds no frozen copy of the app (its launcher is {:?})",
+                status.state
+            )));
+        }
+    }
+    // The target must provably hold none.
+    if let Some(target) = &target {
+        let name = name(target);
+        for container in crate::rewrite::migrated_containers(target) {
+            match launchers.status(target, &container).await {
+                Ok(status)
+                    if matches!(
+                        status.state,
+                        LauncherState::Waiting | LauncherState::Failed | LauncherState::Running
+                    ) => {}
+                Ok(status) => {
+                    return Err(refuse(format!(
+                        "the target pod {name} may hold the app (container {container} is {:?}): finish the migration with `kubectl migrate resume {pod}`",
+                        status.state
+                    )));
+                }
+                Err(error) => {
+                    return Err(refuse(format!(
+                        "the target pod {name} cannot be asked whether it holds the app (container {container}: {error}); try again once it answers"
+                    )));
+                }
+            }
+        }
+        let uid = target.metadata.uid.clone().unwrap_or_default();
+        match pods.delete(&name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(error) => return Err(RecoverError::Api(error)),
+        }
+        let gone = kube::runtime::wait::await_condition(
+            pods.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(120), gone)
+            .await
+            .map_err(|_| refuse(format!("the target pod {name} was not gone within 2 minutes; run this again")))?
+            .map_err(|e| refuse(format!("waiting for the target pod {name} to go failed: {e}")))?;
+    }
+    for container in &containers {
+        launchers
+            .rollback(&source, container, true)
+            .await
+            .map_err(|e| refuse(format!("resuming the source's container {container} failed: {e}")))?;
+    }
+    if let Err(error) = migrate::settle(&pods, &found.source, &found.id, "failed").await {
+        tracing::warn!(?error, "cannot record the migration as undone on the source");
+    }
+    Ok(format!(
+        "went back to the source of migration {}: {}pod {} runs the app again as it was frozen (what it did on the target since the thaw is lost)",
+        found.id,
+        found.target
+            .map(|t| format!("deleted the target pod {t}, which held no copy of the app; "))
+            .unwrap_or_default(),
+        found.source
+    ))
 }
 
 /// The unfinished migration of `pod` (as source or target; migration `id` if given), with its

@@ -462,6 +462,18 @@ async fn recover(context: &Context, migration: &PodMigration, id: &str) -> Outco
                         "the controller stopped after the commit of migration {id}; finished: {done}"
                     ),
                 },
+                // The target lost the app: trying again would fail the same way for ever. The
+                // source is kept; a person decides (`resume --from-source`).
+                Err(recover::RecoverError::Finish(error))
+                    if matches!(*error, migrate::MigrateError::TargetLost { .. }) =>
+                {
+                    Outcome::Failed {
+                        reason: "TargetLost",
+                        message: format!(
+                            "migration {id} was committed, and then its target lost the app: {error}"
+                        ),
+                    }
+                }
                 Err(error) => Outcome::InFlight {
                     message: format!("finishing migration {id} failed (again soon): {error}"),
                     committed: Some(true),

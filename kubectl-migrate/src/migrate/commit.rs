@@ -197,7 +197,7 @@ pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> 
 /// Writes migration `id`'s final phase `to` on the source (`failed` after an undo) only while
 /// the pod still records that migration: a write never lands on a pod another migration has
 /// taken since.
-pub(super) async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
     guarded_write(
         pods,
         source,

@@ -66,12 +66,13 @@ pub async fn finish<L: Launchers + Sync>(
     // The target of a pod a ReplicaSet owns is handed to it before the source goes (else the
     // ReplicaSet starts a fresh replica), which needs its app running and the pod Ready.
     let owned = handoff::owner_of(&target).is_some();
-    // Post-copy: the app resumes on the target first, while its memory still comes from the
-    // source, which is deleted only once every page arrived.
-    let thaw_first = options.lazy || owned;
-    if thaw_first {
-        thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
-    }
+    // The target is thawed before anything happens to the source: a thaw that works is the
+    // proof that the target holds the app (restored, not restarted since), and the source
+    // goes only after it. A target that lost its app keeps the source, the way back.
+    // Post-copy: the source is deleted only once every page arrived.
+    thaw_all(launchers, progress, &target, &mut finished)
+        .await
+        .map_err(|error| lost_or_failed(error, options, &target_name))?;
     if options.lazy {
         for container in &progress.containers {
             let done = launchers
@@ -159,9 +160,6 @@ pub async fn finish<L: Launchers + Sync>(
     {
         finished.warnings.push(warning);
     }
-    if !thaw_first {
-        thaw_all(launchers, progress, &target, &target_name, &mut finished).await?;
-    }
     if !owned {
         finished
             .warnings
@@ -183,6 +181,28 @@ pub async fn finish<L: Launchers + Sync>(
     Ok(finished)
 }
 
+/// A thaw refused because the target has no restored app (its launcher waits for a checkpoint
+/// again, failed, or runs the app fresh: its container restarted after the restore) means the
+/// target lost the app: the source, which [`finish`] has not touched, is the way back.
+fn lost_or_failed(error: MigrateError, options: &Options, target_name: &str) -> MigrateError {
+    match error {
+        MigrateError::ThawRefused { container, error }
+            if error.refusal() == Some(migrate_format::Refusal::WrongState) =>
+        {
+            MigrateError::TargetLost {
+                what: format!(
+                    "the target pod {target_name} lost the app: container {container} {error}. The source pod {source} was not deleted and holds the app as it was frozen (unless its own container restarted since): go back to it with `kubectl migrate resume --from-source {source}`",
+                    source = options.pod
+                ),
+            }
+        }
+        MigrateError::ThawRefused { container, error } => MigrateError::AfterCommit {
+            what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
+        },
+        other => other,
+    }
+}
+
 /// Now that its app runs, the target may take Service traffic (its readiness gate).
 pub(super) async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finished) {
     if let Err(error) = retry(|| set_serving(pods, target_name, true)).await {
@@ -198,14 +218,14 @@ pub(super) async fn thaw_all<L: Launchers + Sync>(
     launchers: &L,
     progress: &Progress,
     target: &Pod,
-    target_name: &str,
     finished: &mut Finished,
 ) -> Result<(), MigrateError> {
     for container in &progress.containers {
         let at = retry(|| launchers.thaw(target, container))
             .await
-            .map_err(|error| MigrateError::AfterCommit {
-                what: format!("cannot thaw container {container} of pod {target_name}: {error}"),
+            .map_err(|error| MigrateError::ThawRefused {
+                container: container.clone(),
+                error,
             })?;
         finished.thawed_at.insert(container.clone(), at);
     }
@@ -276,7 +296,10 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
         .unwrap_or_default();
     let ns = &connection.namespace;
     // The error names the way back to the source: finishing would delete it.
-    if matches!(error, MigrateError::PostCopyFailed { .. }) {
+    if matches!(
+        error,
+        MigrateError::PostCopyFailed { .. } | MigrateError::TargetLost { .. }
+    ) {
         return format!(
             "nothing was finished: the source pod {} is kept, frozen, holding the app as of the freeze; go back to it with the commands above",
             options.pod

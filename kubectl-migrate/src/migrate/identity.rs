@@ -414,7 +414,14 @@ async fn complete<L: Launchers + Sync>(
         containers: rewrite::migrated_containers(successor),
         ..Progress::default()
     };
-    thaw_all(launchers, &progress, successor, &name, finished).await?;
+    thaw_all(launchers, &progress, successor, finished)
+        .await
+        .map_err(|error| match error {
+            MigrateError::ThawRefused { container, error } => MigrateError::AfterCommit {
+                what: format!("cannot thaw container {container} of pod {name}: {error}"),
+            },
+            other => other,
+        })?;
     finished
         .warnings
         .extend(end_wait(&pods, &name, Some("done")).await);

@@ -53,7 +53,7 @@ mod target;
 mod transfer;
 mod undo;
 
-pub use commit::{Claim, claim, is_committed, take};
+pub use commit::{Claim, claim, is_committed, settle, take};
 pub use finish::{Finished, clock_jump, finish};
 pub use undo::undo;
 
@@ -174,6 +174,16 @@ pub enum MigrateError {
     },
     #[error("{what}")]
     AfterCommit { what: String },
+    /// Past the commit, the target's launcher holds no restored app any more (its container
+    /// restarted): the source, untouched, is the way back (`resume --from-source`).
+    #[error("{what}")]
+    TargetLost { what: String },
+    /// A target container's thaw failed (see `finish::lost_or_failed`).
+    #[error("cannot thaw container {container}: {error}")]
+    ThawRefused {
+        container: String,
+        error: LauncherError,
+    },
     /// Post-copy failed past the commit: the target's app was killed, and the source, which
     /// still holds the app as of the freeze, must be resumed, never deleted.
     #[error("{what}")]
@@ -238,7 +248,7 @@ pub struct Progress {
 }
 
 /// Each container's restart count (app and init containers).
-fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
+pub fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
     let status = pod.status.as_ref();
     status
         .and_then(|s| s.container_statuses.as_ref())
