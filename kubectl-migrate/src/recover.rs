@@ -62,7 +62,7 @@ pub enum RecoverError {
     )]
     NotCommitted { id: String, pod: String },
     #[error(
-        "the target of the committed migration {id} is gone; the source {pod} still holds the app as it was frozen at the cut (what the target did since is lost): resume it with `kubectl exec {pod} -- restore-launcher rollback`"
+        "the target of the committed migration {id} is gone; the source {pod} still holds the app as it was frozen at the cut (what the target did since is lost): resume it with `kubectl migrate resume --from-source {pod}`"
     )]
     TargetGone { id: String, pod: String },
     #[error(

@@ -127,6 +127,11 @@ pub enum Effect {
     StartFresh,
     /// Exit with the restore-failed code: a restore asked at start failed.
     ExitRestoreFailed,
+    /// Record in the pod that its app moved away (`moved`): a restarted container of this
+    /// pod must not start it fresh.
+    RecordMoved,
+    /// Remove that record: the committed copy resumed and holds the app again.
+    ClearMoved,
 }
 
 /// What an input leads to.
@@ -286,7 +291,7 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                     origin,
                     hold: Hold::Committed,
                 },
-                vec![],
+                vec![Effect::RecordMoved],
             )
         }
         (S::Checkpointed { origin, hold }, Input::Commit) => {
@@ -298,7 +303,7 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                     origin,
                     hold: Hold::Committed,
                 },
-                vec![],
+                vec![Effect::RecordMoved],
             )
         }
         // Post-copy (`--lazy`): the checkpoint job serves the app's memory until the target
@@ -320,7 +325,7 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                     frozen: Some(Hold::Committed),
                     leave_running,
                 },
-                vec![],
+                vec![Effect::RecordMoved],
             )
         }
         (
@@ -345,8 +350,12 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
             },
             Input::Rollback { committed: false },
         ) => Step::refuse(state, Refusal::Committed),
-        (S::Frozen { origin, .. } | S::Checkpointed { origin, .. }, Input::Rollback { .. }) => {
-            Step::to(S::Running { origin }, vec![Effect::ResumeTree])
+        (S::Frozen { origin, hold } | S::Checkpointed { origin, hold }, Input::Rollback { .. }) => {
+            let mut effects = vec![Effect::ResumeTree];
+            if hold == Hold::Committed {
+                effects.push(Effect::ClearMoved);
+            }
+            Step::to(S::Running { origin }, effects)
         }
         (S::Checkpointing { .. }, Input::Rollback { .. }) => Step {
             next: state,
@@ -760,6 +769,11 @@ mod tests {
         let now = Instant::now();
         let committed = step(frozen(lease(now + MINUTE)), Input::Commit, now);
         assert_eq!(committed.next, frozen(Hold::Committed));
+        assert_eq!(
+            committed.effects,
+            vec![Effect::RecordMoved],
+            "a restart of this container must not start the app fresh"
+        );
         assert!(committed.next.committed());
         // Idempotent, and no lease expiry resumes it.
         assert_eq!(
@@ -813,7 +827,11 @@ mod tests {
             );
             let rollback = step(state, Input::Rollback { committed: true }, now);
             assert_eq!(rollback.next, FRESH);
-            assert_eq!(rollback.effects, vec![Effect::ResumeTree]);
+            assert_eq!(
+                rollback.effects,
+                vec![Effect::ResumeTree, Effect::ClearMoved],
+                "the pod holds the app again: a restart may start it"
+            );
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`archive`]: the `.tar.zst` format, written and verified; [`include`]: `--include` paths;
 //! - [`park`]: an archive kept verified in a holder pod, and sent on (StatefulSet moves);
 //! - [`exit_status`]: how the app's end maps to the launcher's exit code;
+//! - [`moved`]: the pod-wide record that the app moved away by a committed migration;
 //! - [`sysinfo`]: kernel, architecture, CPU flags, time and ids;
 //! - [`tree`]: the app's process tree, stopped, resumed and killed process by process.
 
@@ -33,6 +34,7 @@ mod include;
 mod job;
 mod log;
 mod machine;
+mod moved;
 mod park;
 mod relay;
 mod restore;
@@ -61,6 +63,10 @@ enum StartError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     User(#[from] creds::CredsError),
+    #[error(
+        "not starting the app: this pod's app moved to another pod by a committed migration ({0}), and starting it here would run a second copy. The migration deletes this pod (`kubectl migrate resume POD` finishes one whose plugin stopped)"
+    )]
+    MovedAway(String),
 }
 
 impl StartError {
@@ -71,6 +77,7 @@ impl StartError {
             | StartError::Subreaper(_)
             | StartError::Control(_)
             | StartError::User(_) => 1,
+            StartError::MovedAway(_) => moved::MOVED_AWAY,
         }
     }
 }
@@ -151,6 +158,8 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
         supervisor::Start::RestoreFrom(path.clone())
     } else if options.wait_for_checkpoint {
         supervisor::Start::Wait
+    } else if let Some(record) = moved::recorded(&moved::path()) {
+        return Err(StartError::MovedAway(record));
     } else {
         let floor = spawn::advance_pid_counter(options.pid_floor)?;
         tracing::debug!(

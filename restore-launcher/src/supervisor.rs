@@ -735,6 +735,13 @@ impl Supervisor {
                 );
                 self.start_fresh();
             }
+            Effect::RecordMoved => {
+                let path = crate::moved::path();
+                if let Err(error) = crate::moved::record(&path) {
+                    tracing::warn!(%error, path = %path.display(), "cannot record that the app moved away: if this container restarts before the pod is deleted, it starts the app fresh");
+                }
+            }
+            Effect::ClearMoved => crate::moved::clear(&crate::moved::path()),
             Effect::ExitRestoreFailed => {
                 tracing::error!(
                     error = self.error.as_deref().unwrap_or(""),

@@ -1004,7 +1004,40 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
         !renew.status.success(),
         "a committed freeze took a new lease"
     );
-    ok(&["rollback"])?;
+    // The pod's app moved away: a launcher started in this pod again (its container restarted
+    // by a liveness probe, say; it shares the pod's /dev/shm) does not start the app fresh.
+    let restarted = |what: &str| -> Result<std::process::Output> {
+        let output = a
+            .launcher(&["--state-dir", "/tmp/restarted", "--", "echo", "fresh app"])
+            .output()?;
+        eprintln!(
+            "{what}: {} / {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(output)
+    };
+    let refused = restarted("a launcher started after the commit")?;
+    ensure!(
+        refused.status.code() == Some(3)
+            && !String::from_utf8_lossy(&refused.stdout).contains("fresh app")
+            && String::from_utf8_lossy(&refused.stderr).contains("moved to another pod by a committed migration"),
+        "a restarted launcher started the committed app fresh: {refused:?}"
+    );
+    // A plain rollback (an undo that lost a race) cannot resume a committed copy.
+    let plain = a.launcher(&["rollback"]).output()?;
+    ensure!(
+        !plain.status.success()
+            && String::from_utf8_lossy(&plain.stdout).contains(r#""refusal":"committed""#),
+        "a plain rollback resumed a committed copy: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    ok(&["rollback", "--committed"])?;
+    let started = restarted("a launcher started after the committed copy resumed")?;
+    ensure!(
+        started.status.success() && String::from_utf8_lossy(&started.stdout).contains("fresh app"),
+        "the record outlived the rollback: {started:?}"
+    );
     let seen = counter_values(&a.stdout()).len();
     a.wait_for("the app counting after the rollback", LIMIT, |n| {
         (counter_values(&n.stdout()).len() >= seen + 2).then_some(())

@@ -212,7 +212,9 @@ fn main() {
                 };
                 test(cluster).map_err(|e| Failed::from(format!("{e:#}\n{}", cluster.diagnose())))
             })
-            .with_ignored_flag(!ready)
+            // Outside CI a machine without a cluster skips them; under CI a cluster that did
+            // not start fails every trial (it never passes by not running).
+            .with_ignored_flag(!ready && std::env::var_os("CI").is_none())
         })
         .collect();
     let mut args = args;

@@ -1109,7 +1109,7 @@ async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
             .unwrap_or_default();
         let loser = if a.is_ok() { &b } else { &a };
         ensure!(
-            matches!(loser, Err(migrate::Claim::Taken { phase: p }) if *p == phase),
+            matches!(loser, Err(migrate::Claim::Taken { phase: p, .. }) if *p == phase),
             "the loser was not told what won ({phase}): {loser:?}"
         );
         // Once settled, the other claim is refused whatever the order.

@@ -344,6 +344,13 @@ fn test(extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo test failed with {status}");
     }
+    // Under CI everything a test needs is installed: a test that did not run is a failure.
+    if std::env::var_os("CI").is_some() && totals.ignored + skipped_loudly > 0 {
+        bail!(
+            "{} test(s) were ignored or skipped under CI, which must run every test",
+            totals.ignored + skipped_loudly
+        );
+    }
     Ok(())
 }
 

@@ -88,7 +88,7 @@ pub async fn finish<L: Launchers + Sync>(
                 if done.arrived.state != migrate_format::PostCopyState::Complete {
                     return Err(MigrateError::PostCopyFailed {
                         what: format!(
-                            "post-copy failed: not every page of container {container}'s memory reached pod {target_name} ({}). Its launcher killed the app there (it cannot run without the rest of its memory). The source pod {} still holds the app, frozen as it was at the freeze (what the target did since the thaw is lost). To go back to it: kubectl delete pod {target_name} --wait && kubectl exec {} -c {container} -- restore-launcher rollback",
+                            "post-copy failed: not every page of container {container}'s memory reached pod {target_name} ({}). Its launcher killed the app there (it cannot run without the rest of its memory). The source pod {} still holds the app, frozen as it was at the freeze (what the target did since the thaw is lost). To go back to it: kubectl delete pod {target_name} --wait && kubectl exec {} -c {container} -- restore-launcher rollback --committed",
                             done.arrived.error.as_deref().unwrap_or("no reason given"),
                             options.pod,
                             options.pod
@@ -340,7 +340,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 // it before the target says every page arrived.
                 let c = progress.containers.first().map_or("C", String::as_str);
                 return format!(
-                    "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback",
+                    "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback --committed",
                     src = options.pod
                 );
             }

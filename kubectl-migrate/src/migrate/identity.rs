@@ -290,7 +290,7 @@ pub async fn finish<L: Launchers + Sync>(
                 rewrite::migrated_containers(&source)
                     .iter()
                     .map(|c| format!(
-                        "`kubectl exec -n {ns} {name} -c {c} -- restore-launcher rollback`"
+                        "`kubectl exec -n {ns} {name} -c {c} -- restore-launcher rollback --committed`"
                     ))
                     .collect::<Vec<_>>()
                     .join(" and "),

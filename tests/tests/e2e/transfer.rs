@@ -274,7 +274,7 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
     let took = started.elapsed();
     drop(wall);
     let back = format!(
-        "kubectl delete pod {target} --wait && kubectl exec {name} -c counter -- restore-launcher rollback"
+        "kubectl delete pod {target} --wait && kubectl exec {name} -c counter -- restore-launcher rollback --committed"
     );
     ensure!(
         out.code == Some(1)
@@ -328,6 +328,7 @@ pub fn a_post_copy_cut_before_the_last_page_goes_back_to_the_source(
         "--",
         "restore-launcher",
         "rollback",
+        "--committed",
     ])?;
     wait_until("the source counting again", WAIT, || {
         let values = counter_values(&logs(cluster, name, None));
