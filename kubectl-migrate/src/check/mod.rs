@@ -243,6 +243,7 @@ pub fn problems(facts: &Facts) -> Vec<Problem> {
     found.extend(pod::cannot_checkpoint(facts));
     found.extend(pod::probes_too_tight(facts));
     found.extend(pod::kept_source_with_probes(facts));
+    found.extend(pod::lazy_with_freezing_probes(facts));
     let Some(target) = &facts.target_node else {
         found.push(node::missing(facts));
         return found;

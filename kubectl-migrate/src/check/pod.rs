@@ -337,6 +337,29 @@ pub fn kept_source_with_probes(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// `--lazy` keeps the source frozen until every page of the app's memory reached the target
+/// -- the target's app faults its pages in from it -- with no bound a probe could be given:
+/// a liveness probe that fails on the frozen source would have the kubelet restart it midway,
+/// and the app on the target would die with the pages it lacks. Refused up front.
+pub fn lazy_with_freezing_probes(facts: &Facts) -> Vec<Problem> {
+    if !facts.lazy {
+        return Vec::new();
+    }
+    freezing_probes(facts)
+        .into_iter()
+        .map(|(container, budget)| {
+            Problem::new(
+                format!(
+                    "--lazy keeps pod {} frozen until every page of its memory has reached the target, however long that takes, and container {container}'s liveness probe would restart it {} s into the freeze, killing the app on the target with it",
+                    pod_name(facts),
+                    budget.as_secs()
+                ),
+                "migrate without --lazy (the freeze is then cut short before the probe fails), or give the container a TCP liveness probe, which a frozen app still passes",
+            )
+        })
+        .collect()
+}
+
 /// A liveness probe that would restart the frozen app: one that leaves less than
 /// [`MIN_PROBE_BUDGET`], or less than an explicit `--max-downtime`.
 pub fn probes_too_tight(facts: &Facts) -> Vec<Problem> {
@@ -800,6 +823,35 @@ mod tests {
         ));
         assert!(probes_too_tight(&f).is_empty());
         assert_eq!(freeze_limit(&f), None);
+    }
+
+    #[test]
+    fn lazy_is_refused_for_a_source_whose_liveness_probe_fails_when_frozen() {
+        let mut f = facts();
+        f.lazy = true;
+        assert!(lazy_with_freezing_probes(&f).is_empty(), "no probe");
+        let probe = |kind: serde_json::Value| {
+            Some(serde_json::from_value::<k8s_openapi::api::core::v1::Probe>(kind).unwrap())
+        };
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe = probe(serde_json::json!(
+            {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 2, "failureThreshold": 3}
+        ));
+        let found = lazy_with_freezing_probes(&f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].what.contains("--lazy keeps pod")
+                && found[0].what.contains("restart it 5 s into the freeze"),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].fix.contains("without --lazy"), "{}", found[0]);
+        // Without --lazy the same probe only bounds the freeze; a TCP probe never fails.
+        f.lazy = false;
+        assert!(lazy_with_freezing_probes(&f).is_empty());
+        f.lazy = true;
+        f.pod.spec.as_mut().unwrap().containers[0].liveness_probe =
+            probe(serde_json::json!({"tcpSocket": {"port": 8080}}));
+        assert!(lazy_with_freezing_probes(&f).is_empty());
     }
 
     #[test]
