@@ -267,6 +267,12 @@ pub async fn abort_migration<L: Launchers + Sync>(
             pod: found.source,
         });
     }
+    // Never delete the last copy: a source restarted since the freeze lost the app (its
+    // liveness probe failed on the frozen app, an OOM kill), and a target that restored it
+    // holds the only one. Then the migration goes forward instead: committed, and finished.
+    if let Some(text) = forward_when_the_source_lost_it(connection, launchers, &found, target.as_ref()).await? {
+        return Ok(text);
+    }
     // Settle the race with a plugin that may still be running: the source's phase moves to
     // `aborting` only if no commit landed first (and a commit cannot land after it).
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
@@ -336,6 +342,54 @@ pub async fn abort_migration<L: Launchers + Sync>(
         &migrate::MigrateError::Aborted,
     )
     .await)
+}
+
+/// For [`abort_migration`]: when the source restarted after the freeze (its copy of the app is
+/// gone) and every target container holds the restored app, records the commit and finishes
+/// the migration, returning what was done. `None` when that is not the case (the abort goes
+/// on).
+async fn forward_when_the_source_lost_it<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    found: &InFlight,
+    target: Option<&Pod>,
+) -> Result<Option<String>, RecoverError> {
+    let Some(target) = target else {
+        return Ok(None);
+    };
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let Some(source) = pods.get_opt(&found.source).await.map_err(RecoverError::Api)? else {
+        return Ok(None);
+    };
+    let Some(baseline) = migrate::restarts_at_freeze(&source) else {
+        return Ok(None);
+    };
+    let restarted: Vec<String> = migrate::restart_counts(&source)
+        .into_iter()
+        .filter(|(c, now)| baseline.get(c).is_some_and(|before| now > before))
+        .map(|(c, _)| c)
+        .collect();
+    if restarted.is_empty() {
+        return Ok(None);
+    }
+    for container in crate::rewrite::migrated_containers(target) {
+        match launchers.status(target, &container).await {
+            Ok(status) if status.state == LauncherState::Restored => {}
+            _ => return Ok(None),
+        }
+    }
+    match migrate::claim(&pods, &found.source, &found.id, "committed").await {
+        Ok(()) => {}
+        Err(migrate::Claim::Taken { .. }) => return Ok(None),
+        Err(migrate::Claim::Api(error)) => return Err(RecoverError::Api(error)),
+    }
+    let done = resume_migration(connection, launchers, &found.source, Some(&found.id)).await?;
+    Ok(Some(format!(
+        "container(s) {} of the source pod {} restarted after the freeze, so its copy of the app is gone; the target {} holds the app restored, so the migration went forward instead of being undone: {done}",
+        restarted.join(", "),
+        found.source,
+        name(target)
+    )))
 }
 
 /// Finishes the committed migration of `pod`: thaws its target, ends its wait for a

@@ -9,24 +9,61 @@ the launcher.
 Environment: COUNTER_INTERVAL (seconds between ticks, default 1); COUNTER_BALLAST_MB (default
 0): that many MiB of random bytes held in memory, for big checkpoints. With ballast, each tick
 also prints a checksum sampled across it, which must not change across a migration.
+COUNTER_HTTP_PORT (default: none): also serve HTTP on that port, as most apps do for their
+liveness probe: `GET /healthz` answers 200 with the count; `GET /stop-serving` closes the
+server (the count goes on), so that the probe fails from then on.
 """
 
 import binascii
+import http.server
 import os
 import sys
+import threading
 import time
 
 PRICES_CENTS = (199, 1250, 75, 499, 2999)  # a fixed cycle, so every run is reproducible
 
 
+class State:
+    events = 0
+
+
+def serve(port: int) -> None:
+    """Answers the liveness probe from a thread beside the counting loop."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            body = f"events={State.events}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            if self.path == "/stop-serving":
+                threading.Thread(target=server.shutdown, daemon=True).start()
+
+        def log_message(self, *args) -> None:
+            pass  # stdout is the count's
+
+    server = http.server.ThreadingHTTPServer(("", port), Handler)
+
+    def run() -> None:
+        server.serve_forever()
+        server.server_close()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def main() -> None:
     interval = float(os.environ.get("COUNTER_INTERVAL", "1"))
+    if os.environ.get("COUNTER_HTTP_PORT"):
+        serve(int(os.environ["COUNTER_HTTP_PORT"]))
     ballast = os.urandom(int(os.environ.get("COUNTER_BALLAST_MB", "0")) * 1024 * 1024)
     events = 0
     revenue_cents = 0
     started = time.time()
     while True:
         events += 1
+        State.events = events
         revenue_cents += PRICES_CENTS[events % len(PRICES_CENTS)]
         print(
             f"events={events} revenue={revenue_cents // 100}.{revenue_cents % 100:02d} "

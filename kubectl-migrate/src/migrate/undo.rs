@@ -197,7 +197,9 @@ const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
 /// How long an undo keeps trying a source launcher it cannot reach.
 const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Rolls a source container back, waiting out a checkpoint still in flight: when the
+/// Rolls a source container back (`--committed`: a source that acknowledged the commit before
+/// the commit was recorded is this migration's to resume, since the record, not the launcher,
+/// decides; only the claim's owner gets here), waiting out a checkpoint still in flight: when the
 /// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
 /// its stream is gone, and until then it refuses a rollback as busy (and is told to stop
 /// writing). Leaving it there would leave the app frozen.
@@ -212,7 +214,7 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     let unreachable_until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
     loop {
         let now = tokio::time::Instant::now();
-        match launchers.rollback(source, container, false).await {
+        match launchers.rollback(source, container, true).await {
             Err(error) if error.refusal() == Some(Refusal::Busy) && now < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
