@@ -927,14 +927,10 @@ impl Launchers for ExecLaunchers {
                 Ok(answer.and_then(|a| a.at_ms))
             }
             Reply::Failed(why) => Err(why),
-            Reply::Unknown { detail, .. } => {
-                match self.status(pod, container).await {
-                    Ok(status) if status.state == LauncherState::Running => {
-                        Err(not_restored())
-                    }
-                    status => settle("thaw", &detail, status, is_running).map(|()| None),
-                }
-            }
+            Reply::Unknown { detail, .. } => match self.status(pod, container).await {
+                Ok(status) if status.state == LauncherState::Running => Err(not_restored()),
+                status => settle("thaw", &detail, status, is_running).map(|()| None),
+            },
         }
     }
 }

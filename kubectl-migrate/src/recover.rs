@@ -270,7 +270,9 @@ pub async fn abort_migration<L: Launchers + Sync>(
     // Never delete the last copy: a source restarted since the freeze lost the app (its
     // liveness probe failed on the frozen app, an OOM kill), and a target that restored it
     // holds the only one. Then the migration goes forward instead: committed, and finished.
-    if let Some(text) = forward_when_the_source_lost_it(connection, launchers, &found, target.as_ref()).await? {
+    if let Some(text) =
+        forward_when_the_source_lost_it(connection, launchers, &found, target.as_ref()).await?
+    {
         return Ok(text);
     }
     // Settle the race with a plugin that may still be running: the source's phase moves to
@@ -278,7 +280,9 @@ pub async fn abort_migration<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     match migrate::claim(&pods, &found.source, &found.id, "aborting").await {
         Ok(()) => {}
-        Err(migrate::Claim::Taken { phase, .. }) if phase == "committed" || phase == "done-kept" => {
+        Err(migrate::Claim::Taken { phase, .. })
+            if phase == "committed" || phase == "done-kept" =>
+        {
             return Err(RecoverError::Committed {
                 id: found.id,
                 target: found.target.unwrap_or_default(),
@@ -358,7 +362,11 @@ async fn forward_when_the_source_lost_it<L: Launchers + Sync>(
         return Ok(None);
     };
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let Some(source) = pods.get_opt(&found.source).await.map_err(RecoverError::Api)? else {
+    let Some(source) = pods
+        .get_opt(&found.source)
+        .await
+        .map_err(RecoverError::Api)?
+    else {
         return Ok(None);
     };
     let Some(baseline) = migrate::restarts_at_freeze(&source) else {
@@ -552,10 +560,11 @@ pub async fn resume_from_source<L: Launchers + Sync>(
     }
     let containers = crate::rewrite::migrated_containers(&source);
     for container in &containers {
-        let status = launchers
-            .status(&source, container)
-            .await
-            .map_err(|e| refuse(format!("the source's container {container} cannot be asked: {e}")))?;
+        let status = launchers.status(&source, container).await.map_err(|e| {
+            refuse(format!(
+                "the source's container {container} cannot be asked: {e}"
+            ))
+        })?;
         if !(status.committed && status.app_stopped) {
             return Err(refuse(format!(
                 "the source's container {container} holds no frozen copy of the app (its launcher is {:?})",
@@ -587,7 +596,10 @@ pub async fn resume_from_source<L: Launchers + Sync>(
             }
         }
         let uid = target.metadata.uid.clone().unwrap_or_default();
-        match pods.delete(&name, &kube::api::DeleteParams::default()).await {
+        match pods
+            .delete(&name, &kube::api::DeleteParams::default())
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.is_not_found() => {}
             Err(error) => return Err(RecoverError::Api(error)),
@@ -599,22 +611,38 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         );
         tokio::time::timeout(std::time::Duration::from_secs(120), gone)
             .await
-            .map_err(|_| refuse(format!("the target pod {name} was not gone within 2 minutes; run this again")))?
-            .map_err(|e| refuse(format!("waiting for the target pod {name} to go failed: {e}")))?;
+            .map_err(|_| {
+                refuse(format!(
+                    "the target pod {name} was not gone within 2 minutes; run this again"
+                ))
+            })?
+            .map_err(|e| {
+                refuse(format!(
+                    "waiting for the target pod {name} to go failed: {e}"
+                ))
+            })?;
     }
     for container in &containers {
         launchers
             .rollback(&source, container, true)
             .await
-            .map_err(|e| refuse(format!("resuming the source's container {container} failed: {e}")))?;
+            .map_err(|e| {
+                refuse(format!(
+                    "resuming the source's container {container} failed: {e}"
+                ))
+            })?;
     }
     if let Err(error) = migrate::settle(&pods, &found.source, &found.id, "failed").await {
-        tracing::warn!(?error, "cannot record the migration as undone on the source");
+        tracing::warn!(
+            ?error,
+            "cannot record the migration as undone on the source"
+        );
     }
     Ok(format!(
         "went back to the source of migration {}: {}pod {} runs the app again as it was frozen (what it did on the target since the thaw is lost)",
         found.id,
-        found.target
+        found
+            .target
             .map(|t| format!("deleted the target pod {t}, which held no copy of the app; "))
             .unwrap_or_default(),
         found.source

@@ -576,7 +576,11 @@ mod tests {
         let why = probe(&fresh, second, Duration::from_secs(30)).unwrap_err();
         assert!(why.contains("has run 1 s of the 30 s"), "{why}");
         assert_eq!(
-            probe(&fresh, Some(Duration::from_secs(31)), Duration::from_secs(30)),
+            probe(
+                &fresh,
+                Some(Duration::from_secs(31)),
+                Duration::from_secs(30)
+            ),
             Ok(())
         );
     }

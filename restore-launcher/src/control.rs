@@ -522,8 +522,7 @@ mod tests {
         .unwrap_or_default();
         assert_eq!(json, r#"{"op":"checkpoint","leave_running":true}"#);
         let back: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap_or(Request::Status);
-        let freeze: Request =
-            serde_json::from_str(r#"{"op":"freeze"}"#).unwrap_or(Request::Status);
+        let freeze: Request = serde_json::from_str(r#"{"op":"freeze"}"#).unwrap_or(Request::Status);
         assert_eq!(
             freeze,
             Request::Freeze {

@@ -583,10 +583,14 @@ mod tests {
         );
         assert_eq!(with.next, frozen(lease(now + MINUTE)));
         assert_eq!(with.effects, vec![Effect::StopTree]);
-        let without = step(RESTORED, Input::Freeze {
-            lease: None,
-            limit: None,
-        }, now);
+        let without = step(
+            RESTORED,
+            Input::Freeze {
+                lease: None,
+                limit: None,
+            },
+            now,
+        );
         assert_eq!(
             without.next,
             State::Frozen {
@@ -670,7 +674,11 @@ mod tests {
         };
         assert_eq!(freeze.next, frozen(capped), "the lease starts capped");
         let renewed = step(freeze.next, Input::Renew { lease: MINUTE }, now + limit / 2);
-        assert_eq!(renewed.next, frozen(capped), "a renewal does not pass the limit");
+        assert_eq!(
+            renewed.next,
+            frozen(capped),
+            "a renewal does not pass the limit"
+        );
         // A short renewal still shortens it (a driver that stops renewing is noticed).
         let short = step(
             freeze.next,
@@ -684,7 +692,12 @@ mod tests {
         let tick = step(renewed.next, Input::Tick, now + limit);
         assert_eq!(tick.next, FRESH);
         assert_eq!(tick.effects, vec![Effect::ResumeTree]);
-        refused(renewed.next, Input::Commit, Refusal::LeaseExpired, now + limit);
+        refused(
+            renewed.next,
+            Input::Commit,
+            Refusal::LeaseExpired,
+            now + limit,
+        );
         // A limit alone is a lease of that length; a commit within it ends it for good.
         let alone = step(
             FRESH,
@@ -697,7 +710,10 @@ mod tests {
         assert_eq!(alone.next, frozen(capped));
         let committed = step(alone.next, Input::Commit, now + Duration::from_secs(1));
         assert_eq!(committed.next, frozen(Hold::Committed));
-        assert_eq!(step(committed.next, Input::Tick, now + MINUTE).next, committed.next);
+        assert_eq!(
+            step(committed.next, Input::Tick, now + MINUTE).next,
+            committed.next
+        );
     }
 
     #[test]
@@ -863,7 +879,12 @@ mod tests {
             assert_eq!(step.next, FRESH);
             assert_eq!(step.effects, vec![Effect::ResumeTree]);
         }
-        refused(FRESH, Input::Rollback { committed: false }, Refusal::NothingToRollBack, now);
+        refused(
+            FRESH,
+            Input::Rollback { committed: false },
+            Refusal::NothingToRollBack,
+            now,
+        );
         refused(
             State::Waiting,
             Input::Rollback { committed: false },

@@ -58,7 +58,12 @@ pub fn recorded(path: &Path) -> Option<String> {
     if !meta.file_type().is_file() || (meta.uid() != euid && meta.uid() != 0) {
         return None;
     }
-    Some(fs::read_to_string(path).unwrap_or_default().trim().to_string())
+    Some(
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    )
 }
 
 /// Removes the record (the committed copy resumed: it holds the app again).
@@ -66,7 +71,9 @@ pub fn clear(path: &Path) {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => tracing::warn!(%error, path = %path.display(), "cannot remove the moved-away record"),
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "cannot remove the moved-away record")
+        }
     }
 }
 

@@ -1021,7 +1021,8 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
     ensure!(
         refused.status.code() == Some(3)
             && !String::from_utf8_lossy(&refused.stdout).contains("fresh app")
-            && String::from_utf8_lossy(&refused.stderr).contains("moved to another pod by a committed migration"),
+            && String::from_utf8_lossy(&refused.stderr)
+                .contains("moved to another pod by a committed migration"),
         "a restarted launcher started the committed app fresh: {refused:?}"
     );
     // A plain rollback (an undo that lost a race) cannot resume a committed copy.

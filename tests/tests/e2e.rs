@@ -24,6 +24,8 @@ const WAIT: Duration = Duration::from_secs(90);
 
 #[path = "e2e/declarative.rs"]
 mod declarative;
+#[path = "e2e/probes.rs"]
+mod probes;
 #[path = "e2e/servers.rs"]
 mod servers;
 #[path = "e2e/transfer.rs"]
@@ -180,6 +182,26 @@ fn main() {
         (
             "a_node_labelled_for_drain_is_emptied_by_the_in_cluster_controller",
             declarative::a_node_labelled_for_drain_is_emptied,
+        ),
+        (
+            "a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget",
+            probes::a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget,
+        ),
+        (
+            "a_target_waiting_past_the_probe_budget_is_not_restarted_and_its_probe_works_after",
+            probes::a_target_waiting_past_the_probe_budget_is_not_restarted_and_its_probe_works_after,
+        ),
+        (
+            "a_target_that_lost_the_app_after_the_commit_keeps_the_source",
+            probes::a_target_that_lost_the_app_after_the_commit_keeps_the_source,
+        ),
+        (
+            "a_deployment_source_killed_by_its_probe_after_the_commit_never_serves_twice",
+            probes::a_deployment_source_killed_by_its_probe_after_the_commit_never_serves_twice,
+        ),
+        (
+            "two_migrations_of_one_pod_end_with_one_copy_and_the_loser_told",
+            probes::two_migrations_of_one_pod_end_with_one_copy_and_the_loser_told,
         ),
         // Last: it empties node-a of every pod the tests before left.
         (

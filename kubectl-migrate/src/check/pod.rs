@@ -239,7 +239,7 @@ pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
         .map(|m| {
             Problem::new(
                 format!(
-                    "migration {} of pod {} did not finish (phase {}{}{})",
+                    "migration {} of pod {} is in progress or did not finish (phase {}{}{})",
                     m.id,
                     m.source,
                     m.phase,
@@ -250,7 +250,7 @@ pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
                     if m.committed { ", committed" } else { "" }
                 ),
                 format!(
-                    "`{}` ({}), then migrate again",
+                    "wait for it to end; if nothing runs it any more, `{}` ({}), then migrate again",
                     m.next_step(),
                     if m.committed {
                         "the target holds the app: this finishes the move"

@@ -147,9 +147,7 @@ pub(super) async fn claim_with(
     extra: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Claim> {
     guarded_write(pods, source, id, to, extra, |phase, same_migration| {
-        if !same_migration
-            || matches!(phase, "committed" | "done-kept" | "aborting" | "failed")
-        {
+        if !same_migration || matches!(phase, "committed" | "done-kept" | "aborting" | "failed") {
             return Err(if same_migration {
                 phase.to_string()
             } else {

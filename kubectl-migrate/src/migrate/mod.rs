@@ -396,6 +396,7 @@ async fn run<L: Launchers + Sync>(
     let target = target::create(&ctx, progress, &source).await?;
     laps.done("target");
     fault::stage("target-running");
+    fault::pause("target-running").await;
 
     // Before anything is frozen: the direct channels stand (or the relay is settled on).
     progress.phase = "preparing the transfer".into();
@@ -681,4 +682,22 @@ mod fault {
 
     #[cfg(not(feature = "fault-injection"))]
     pub fn stage(_name: &str) {}
+
+    /// With `KUBECTL_MIGRATE_FAULT_PAUSE_AT=STAGE:SECONDS` the plugin waits that long on
+    /// reaching STAGE: a slow image pull, a busy API server, a plugin on a slow link, made
+    /// exact (the target waits for its checkpoint meanwhile).
+    #[cfg(feature = "fault-injection")]
+    pub async fn pause(name: &str) {
+        let wanted = std::env::var("KUBECTL_MIGRATE_FAULT_PAUSE_AT").ok();
+        if let Some((stage, seconds)) = wanted.as_deref().and_then(|w| w.split_once(':'))
+            && stage == name
+            && let Ok(seconds) = seconds.parse::<u64>()
+        {
+            eprintln!("fault injection: pausing {seconds} s at stage {name}");
+            tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub async fn pause(_name: &str) {}
 }

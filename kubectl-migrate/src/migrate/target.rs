@@ -13,9 +13,9 @@ use kube::runtime::watcher;
 
 use super::commit::{Claim, claim_with};
 use super::{Ctx, MigrateError, Progress, node_of, record};
-use migrate_format::annotations;
 use crate::launchers::Launchers;
 use crate::rewrite;
+use migrate_format::annotations;
 
 /// Creates the target pod for `source` and waits until it runs.
 pub(super) async fn create<L: Launchers + Sync>(

@@ -49,7 +49,15 @@ pub(super) async fn freeze<L: Launchers + Sync>(
             .unwrap_or_default()
             .into(),
     );
-    match claim_with(&ctx.pods, &options.pod, &progress.id, "checkpointing", extra).await {
+    match claim_with(
+        &ctx.pods,
+        &options.pod,
+        &progress.id,
+        "checkpointing",
+        extra,
+    )
+    .await
+    {
         Ok(()) => {}
         Err(Claim::Taken { phase, .. }) => {
             return Err(MigrateError::CommitTaken {

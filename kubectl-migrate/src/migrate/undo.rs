@@ -31,7 +31,12 @@ pub async fn undo<L: Launchers + Sync>(
     let mut manual = Vec::new();
     // Never touch what this migration does not hold: refused by the preflight, or the pod
     // is another migration's.
-    if !progress.claimed || matches!(error, MigrateError::Preflight(_) | MigrateError::Claimed { .. }) {
+    if !progress.claimed
+        || matches!(
+            error,
+            MigrateError::Preflight(_) | MigrateError::Claimed { .. }
+        )
+    {
         return "nothing was changed".into();
     }
     // Reads and deletes are retried for a while: the fault that ended the migration may be the
@@ -81,7 +86,8 @@ pub async fn undo<L: Launchers + Sync>(
         // The kubelet reports the restart a moment after the new container runs.
         // The baseline: the counts recorded on the source at the freeze (an abort run later
         // knows them only from there), else those the preflight saw.
-        let baseline = super::restarts_at_freeze(&source).unwrap_or_else(|| progress.source_restarts.clone());
+        let baseline =
+            super::restarts_at_freeze(&source).unwrap_or_else(|| progress.source_restarts.clone());
         for attempt in 0..6 {
             let now = match pods.get(&options.pod).await {
                 Ok(pod) => restart_counts(&pod),
