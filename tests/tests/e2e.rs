@@ -180,6 +180,10 @@ fn main() {
             declarative::a_controller_killed_mid_migration_ends_it_with_one_copy_counting,
         ),
         (
+            "a_pod_migration_racing_the_plugin_leaves_one_copy_and_the_loser_told",
+            declarative::a_pod_migration_racing_the_plugin_leaves_one_copy,
+        ),
+        (
             "a_node_labelled_for_drain_is_emptied_by_the_in_cluster_controller",
             declarative::a_node_labelled_for_drain_is_emptied,
         ),

@@ -404,6 +404,11 @@ async fn carry_out(
                         .collect::<String>()
                 ),
             },
+            // Another migration holds the pod (the plugin, a drain): nothing was touched.
+            MigrateError::Claimed { .. } => Outcome::Failed {
+                reason: "PodBusy",
+                message: failed.to_string(),
+            },
             _ => {
                 // The pipeline undid it, or (past its commit, or when the undo failed) left
                 // it in flight: the pods say which.

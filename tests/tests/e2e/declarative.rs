@@ -505,3 +505,112 @@ fn drained_by_label(cluster: &Cluster) -> Result<()> {
     cluster.kubectl_ok(&["delete", "pod", "drl-host", "--wait=false"])?;
     Ok(())
 }
+
+/// Acceptance: `kubectl migrate P --to N` racing a PodMigration of P, round after round
+/// (`MIGRATE_E2E_POD_MIGRATION_RACES`, 20 by default). The pod is claimed before anything is
+/// created, so every round ends with exactly one copy counting on, no reset: either the
+/// plugin moved it and the PodMigration ended `Failed` (`PodBusy`, naming the plugin's
+/// migration, or the preflight's refusal of a pod already moving, or of one already gone), or
+/// the PodMigration `Succeeded` and the plugin was told which migration holds the pod.
+pub fn a_pod_migration_racing_the_plugin_leaves_one_copy(cluster: &Cluster) -> Result<()> {
+    install(cluster)?;
+    let outcome = race_rounds(cluster);
+    let cleanup = uninstall(cluster);
+    outcome.and(cleanup)
+}
+
+fn race_rounds(cluster: &Cluster) -> Result<()> {
+    let rounds: usize = std::env::var("MIGRATE_E2E_POD_MIGRATION_RACES")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let mut current = "pmig-race".to_string();
+    run_counter(cluster, &current, "node-a", &[])?;
+    let (mut plugin_won, mut object_won) = (0, 0);
+    for round in 0..rounds {
+        let to = if round % 2 == 0 { "node-b" } else { "node-a" };
+        let follow = Follow::start(cluster, &current)?;
+        let object = format!("race-{round}");
+        let plugin = Command::new(workspace_binary("kubectl-migrate"))
+            .args([current.as_str(), "--to", to])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        cluster.apply(&pod_migration(&object, &current, Some(to)))?;
+        let (code, said) = {
+            let out = plugin.wait_with_output()?;
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let phase = ended(cluster, &object, Duration::from_secs(240))?;
+        let message = field(cluster, &object, "{.status.message}")?;
+        let (next, winner) = match (code, phase.as_str()) {
+            (Some(0), "Failed") => {
+                let id = said
+                    .split("(migration ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(')').next())
+                    .context("the plugin's report names no migration")?;
+                ensure!(
+                    message.contains(id) || message.contains("not found"),
+                    "round {round}: the PodMigration lost without naming the plugin's migration {id}: {message}"
+                );
+                plugin_won += 1;
+                (
+                    format!("{}-m{}", base(&current), generation(&current) + 1),
+                    "plugin",
+                )
+            }
+            (Some(1), "Succeeded") => {
+                let id = field(cluster, &object, "{.status.migrationId}")?;
+                ensure!(
+                    said.contains(&format!("migration {id}")) || said.contains("not found"),
+                    "round {round}: the plugin lost without naming the PodMigration's migration {id}:\n{said}"
+                );
+                object_won += 1;
+                (
+                    field(cluster, &object, "{.status.targetPod}")?,
+                    "PodMigration",
+                )
+            }
+            other => bail!(
+                "round {round}: not exactly one winner: plugin {other:?}, PodMigration {phase}: {message}\n{said}"
+            ),
+        };
+        wait_gone(cluster, &current)?;
+        let before = follow.finish(WAIT);
+        wait_until(&format!("3 counts on {next}"), WAIT, || {
+            Ok((counter_values(&logs(cluster, &next, None)).len() >= 3).then_some(()))
+        })?;
+        let (last, first) = assert_continued(&before, &logs(cluster, &next, None))?;
+        let copies = cluster
+            .kubectl_ok(&["get", "pods", "-o", "name"])?
+            .lines()
+            .filter(|p| p.trim_start_matches("pod/").starts_with("pmig-race"))
+            .count();
+        ensure!(copies == 1, "round {round}: {copies} copies of the app");
+        eprintln!("race round {round}: the {winner} moved {current} → {next} ({last} → {first})");
+        cluster.kubectl_ok(&["delete", "podmigration", &object])?;
+        current = next;
+    }
+    eprintln!("{rounds} rounds: the plugin won {plugin_won}, the PodMigration {object_won}");
+    cluster.kubectl_ok(&["delete", "pod", &current, "--wait=false"])?;
+    Ok(())
+}
+
+/// `NAME` of `NAME-mN`, and N (0 without a suffix).
+fn base(name: &str) -> &str {
+    name.rsplit_once("-m")
+        .filter(|(_, n)| n.parse::<u32>().is_ok())
+        .map_or(name, |(base, _)| base)
+}
+
+fn generation(name: &str) -> u32 {
+    name.rsplit_once("-m")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
