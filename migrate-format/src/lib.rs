@@ -19,7 +19,7 @@ pub use manifest::{
 };
 pub use report::{
     Answer, CheckpointReport, DirectSecret, LauncherState, PostCopy, PostCopyState, Progress,
-    Refusal, RestoreReport, StatusReport, unix_ms,
+    FEATURES, Refusal, RestoreReport, StatusReport, unix_ms,
 };
 
 /// Annotation keys the plugin writes on source and target pods.

@@ -222,7 +222,19 @@ pub struct StatusReport {
     /// lacks and how to give it. The preflight refuses to move it with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_blocked: Option<String>,
+    /// What this launcher can do that older ones could not ([`FEATURES`]): the plugin asks for
+    /// what a migration needs before it touches anything, since the launcher ships inside
+    /// app images that may be older than the plugin.
+    #[serde(default)]
+    pub features: Vec<String>,
 }
+
+/// What a launcher of this version can do, as `status` lists it:
+/// - `freeze-limit`: `freeze --limit-ms`, a bound no lease renewal passes;
+/// - `probe`: `restore-launcher probe`, the startup probe of a migration's target;
+/// - `rollback-committed`: `rollback --committed` (a plain `rollback` refuses a committed copy);
+/// - `moved-record`: a restarted source container does not start its app after the commit.
+pub const FEATURES: &[&str] = &["freeze-limit", "probe", "rollback-committed", "moved-record"];
 
 /// What `checkpoint` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

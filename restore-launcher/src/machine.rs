@@ -45,6 +45,9 @@ pub enum Hold {
     },
     /// The migration is committed: never resumes on its own.
     Committed,
+    /// A lease that ran out while a checkpoint job held the app: the job was told to stop,
+    /// and the app resumes as soon as it ended.
+    Expired,
 }
 
 /// The launcher's state.
@@ -368,6 +371,23 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
         {
             Step::to(S::Running { origin }, vec![Effect::ResumeTree])
         }
+        // During a checkpoint too (its driver died mid-transfer): the job is told to stop, and
+        // the app resumes when it ended, before a liveness probe would restart it.
+        (
+            S::Checkpointing {
+                origin,
+                frozen: Some(hold),
+                leave_running,
+            },
+            Input::Tick,
+        ) if expired(hold, now) && hold != Hold::Expired => Step::to(
+            S::Checkpointing {
+                origin,
+                frozen: Some(Hold::Expired),
+                leave_running,
+            },
+            vec![Effect::CancelCheckpoint],
+        ),
         (_, Input::Tick) => Step::to(state, vec![]),
         // ----- jobs ending ------------------------------------------------------------------
         (
@@ -455,13 +475,18 @@ fn held(lease: Option<Duration>, limit: Option<Duration>, now: Instant) -> Hold 
 
 /// Whether `hold` is a lease that has run out at `now`.
 fn expired(hold: Hold, now: Instant) -> bool {
-    matches!(hold, Hold::Lease { until, .. } if now >= until)
+    match hold {
+        Hold::Lease { until, .. } => now >= until,
+        Hold::Expired => true,
+        Hold::Open | Hold::Committed => false,
+    }
 }
 
 /// `hold` renewed for `lease` from `now`, never past its limit.
 fn renewed(hold: Hold, lease: Duration, now: Instant) -> Result<Hold, Refusal> {
     match hold {
         Hold::Lease { until, .. } if now >= until => Err(Refusal::LeaseExpired),
+        Hold::Expired => Err(Refusal::LeaseExpired),
         Hold::Lease { limit, .. } => Ok(Hold::Lease {
             until: limit.map_or(now + lease, |limit| (now + lease).min(limit)),
             limit,
@@ -717,6 +742,38 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_that_passes_mid_checkpoint_stops_the_job_then_resumes_the_app() {
+        let now = Instant::now();
+        let limit = Duration::from_secs(4);
+        let hold = Hold::Lease {
+            until: now + limit,
+            limit: Some(now + limit),
+        };
+        let dumping = checkpointing(Some(hold), false);
+        assert_eq!(step(dumping, Input::Tick, now + limit / 2).next, dumping);
+        let stop = step(dumping, Input::Tick, now + limit);
+        assert_eq!(stop.next, checkpointing(Some(Hold::Expired), false));
+        assert_eq!(stop.effects, vec![Effect::CancelCheckpoint]);
+        assert_eq!(stop.next.lease(), None, "no deadline left to wake up for");
+        // Told once; the job's end brings the app back, whether it finished or not.
+        assert!(step(stop.next, Input::Tick, now + limit * 2).effects.is_empty());
+        refused(stop.next, Input::Commit, Refusal::LeaseExpired, now + limit);
+        for ok in [true, false] {
+            let ended = step(
+                stop.next,
+                Input::CheckpointEnded { ok, died: false },
+                now + limit,
+            );
+            let tick = step(ended.next, Input::Tick, now + limit);
+            assert_eq!(tick.next, FRESH, "ok: {ok}");
+            assert_eq!(tick.effects, vec![Effect::ResumeTree]);
+        }
+        // A committed post-copy checkpoint is never cut.
+        let serving = checkpointing(Some(Hold::Committed), false);
+        assert_eq!(step(serving, Input::Tick, now + limit * 10).next, serving);
+    }
+
+    #[test]
     fn no_lease_to_renew_without_one_or_after_the_commit() {
         let now = Instant::now();
         let renew = Input::Renew { lease: MINUTE };
@@ -735,8 +792,8 @@ mod tests {
             step.next,
             checkpointing(Some(lease(now + MINUTE / 2 + MINUTE)), false)
         );
-        // A checkpoint's lease is looked at when it ends, not by a tick meanwhile.
-        let tick = super::step(state, Input::Tick, now + MINUTE * 2);
+        // Before it runs out, a tick during the checkpoint changes nothing.
+        let tick = super::step(state, Input::Tick, now + MINUTE / 2);
         assert_eq!(tick.next, state);
     }
 

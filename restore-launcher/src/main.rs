@@ -64,7 +64,7 @@ enum StartError {
     #[error(transparent)]
     User(#[from] creds::CredsError),
     #[error(
-        "not starting the app: this pod's app moved to another pod by a committed migration ({0}), and starting it here would run a second copy. The migration deletes this pod (`kubectl migrate resume POD` finishes one whose plugin stopped)"
+        "not starting the app: this pod's app moved to another pod by a committed migration ({0}), and starting it here would run a second copy. The migration deletes this pod (`kubectl migrate resume POD` finishes one whose plugin stopped); if `kubectl migrate status POD` lists nothing, the app's state is gone from here: delete this pod"
     )]
     MovedAway(String),
 }

@@ -5,13 +5,16 @@
 //! source pod lingers for a while (until the plugin deletes it, up to a minute while a
 //! ReplicaSet's pod is handed over, or until `kubectl migrate resume` if the plugin died), and
 //! if its container restarts meanwhile -- its liveness probe fails on the frozen app, an OOM
-//! kill, a node reboot -- the kubelet starts the container again and a launcher with no memory
-//! of the commit would start the app fresh: a second copy, with the pod's labels, serving the
-//! same Services as the moved one. The record keeps that launcher from starting the app.
+//! kill -- the kubelet starts the container again and a launcher with no memory of the commit
+//! would start the app fresh: a second copy, with the pod's labels, serving the same Services
+//! as the moved one. The record keeps that launcher from starting the app.
 //!
 //! It lives in the pod's `/dev/shm`: the runtime gives every container of a pod the same one
 //! (containerd and CRI-O keep it with the pod's sandbox), so it outlives a container restart
-//! and goes with the pod. A launcher that finds it exits at once with [`MOVED_AWAY`] and says
+//! and goes with the pod. It does not outlive the sandbox: after a node reboot the kubelet
+//! makes a new one, and a restarted source starts its app fresh as before. The file is named
+//! after the pod's hostname, so that pods sharing the node's `/dev/shm` (`hostIPC: true`) do
+//! not see each other's. A launcher that finds it exits at once with [`MOVED_AWAY`] and says
 //! why: the container never runs long enough to be Ready, so no Service sends it traffic.
 //! `rollback --committed` (the way back, once the target holds no copy) removes it.
 
@@ -23,12 +26,17 @@ use std::path::{Path, PathBuf};
 /// The launcher's exit code when it refuses to start an app that moved away.
 pub const MOVED_AWAY: u8 = 3;
 
-/// Where the record is kept (`RESTORE_LAUNCHER_MOVED_RECORD` overrides it, for tests that run
-/// several pods' launchers on one machine).
+/// Where the record is kept: `/dev/shm/.restore-launcher-moved-HOSTNAME`
+/// (`RESTORE_LAUNCHER_MOVED_RECORD` overrides it).
 pub fn path() -> PathBuf {
-    std::env::var_os("RESTORE_LAUNCHER_MOVED_RECORD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/shm/.restore-launcher-moved"))
+    if let Some(path) = std::env::var_os("RESTORE_LAUNCHER_MOVED_RECORD") {
+        return PathBuf::from(path);
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    PathBuf::from(format!("/dev/shm/.restore-launcher-moved-{host}"))
 }
 
 /// Records the commit. A failure is returned for the log: the commit stands either way.

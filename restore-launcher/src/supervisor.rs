@@ -206,12 +206,11 @@ impl Supervisor {
             let drain = self
                 .exited_at
                 .map(|at| DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()));
-            // A lease that expires during a checkpoint is acted upon when the job ends (its
-            // end wakes the loop), not polled for meanwhile.
+            // A lease that expires during a checkpoint stops the job (then the app resumes
+            // when it ended): it is waited for as when nothing runs.
             let lease = self
                 .state
                 .lease()
-                .filter(|_| !self.state.busy())
                 .map(|at| at.saturating_duration_since(Instant::now()));
             let request_deadline = self
                 .pending
@@ -696,9 +695,15 @@ impl Supervisor {
         let before = self.state;
         self.state = step.next;
         if input == Input::Tick && before != self.state {
-            tracing::warn!(
-                "the freeze's lease expired with no commit (the migration's driver is gone): resumed the app"
-            );
+            if self.state.busy() {
+                tracing::warn!(
+                    "the freeze's lease or limit ran out during the checkpoint (the migration's driver is gone): stopping it, then resuming the app"
+                );
+            } else {
+                tracing::warn!(
+                    "the freeze's lease expired with no commit (the migration's driver is gone): resumed the app"
+                );
+            }
         }
         self.perform_all(&step.effects);
     }
@@ -794,6 +799,10 @@ impl Supervisor {
                 .err()
                 .map(|error| error.to_string()),
             post_copy: self.post_copy.clone(),
+            features: migrate_format::FEATURES
+                .iter()
+                .map(|f| (*f).to_string())
+                .collect(),
         }
     }
 

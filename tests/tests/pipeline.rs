@@ -71,7 +71,7 @@ fn status(state: &str) -> StatusReport {
     serde_json::from_value(
         serde_json::json!({"state": state, "app_pid": 1000, "launcher_version": "0.1.0",
         "criu_version": "4.1.1", "kernel": "6.18.4", "arch": "x86_64", "last_checkpoint": null,
-        "last_restore": null, "error": null}),
+        "last_restore": null, "error": null, "features": migrate_format::FEATURES}),
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -25,7 +25,7 @@ impl Launchers for StandIn {
         serde_json::from_value(
             serde_json::json!({"state": "running", "app_pid": 1000, "launcher_version": "0.1.0",
             "criu_version": "4.1.1", "kernel": "6.18.4", "arch": "x86_64", "last_checkpoint": null,
-            "last_restore": null, "error": null}),
+            "last_restore": null, "error": null, "features": migrate_format::FEATURES}),
         )
         .map_err(|e| LauncherError::Failed(e.to_string()))
     }

@@ -401,7 +401,24 @@ pub fn launchers_missing(facts: &Facts) -> Vec<Problem> {
                 format!("container {container} runs restore-launcher but has no CRIU"),
                 "build the image FROM the restore-launcher base image, which ships CRIU 4.x",
             )),
-            Ok(_) => None,
+            // The launcher ships in the app's image, which may be older than this plugin: a
+            // migration that relied on what it cannot do would lose the app (a startup probe
+            // it cannot answer, a freeze limit it ignores).
+            Ok(status) => {
+                let lacking: Vec<&str> = migrate_format::FEATURES
+                    .iter()
+                    .copied()
+                    .filter(|f| !status.features.iter().any(|has| has == f))
+                    .collect();
+                (!lacking.is_empty()).then(|| Problem::new(
+                    format!(
+                        "container {container}'s restore-launcher ({}) is older than this plugin: it lacks {}",
+                        status.launcher_version,
+                        lacking.join(", ")
+                    ),
+                    "rebuild the image on the current restore-launcher base image, or use the kubectl-migrate release that matches it",
+                ))
+            }
         })
         .collect()
 }
@@ -770,7 +787,7 @@ mod tests {
         };
         f.unfinished = vec![m.clone()];
         let p = &unfinished_migrations(&f)[0];
-        assert!(p.what.contains("migration mig-1 of pod counter did not finish (phase checkpointing, target counter-m1)"), "{p}");
+        assert!(p.what.contains("migration mig-1 of pod counter is in progress or did not finish (phase checkpointing, target counter-m1)"), "{p}");
         assert!(p.fix.contains("kubectl migrate abort counter"), "{p}");
         m.committed = true;
         m.phase = "committed".into();
@@ -823,6 +840,23 @@ mod tests {
         ));
         assert!(probes_too_tight(&f).is_empty());
         assert_eq!(freeze_limit(&f), None);
+    }
+
+    #[test]
+    fn a_launcher_older_than_the_plugin_is_refused_naming_what_it_lacks() {
+        let mut f = facts();
+        assert!(launchers_missing(&f).is_empty());
+        if let Some(Ok(status)) = f.launchers.get_mut("counter") {
+            status.features = vec!["probe".into()];
+        }
+        let found = launchers_missing(&f);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].what.contains("is older than this plugin: it lacks freeze-limit, rollback-committed, moved-record"),
+            "{}",
+            found[0]
+        );
+        assert!(found[0].fix.contains("rebuild the image"), "{}", found[0]);
     }
 
     #[test]
