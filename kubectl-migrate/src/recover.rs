@@ -270,8 +270,14 @@ pub async fn abort_migration<L: Launchers + Sync>(
     // Never delete the last copy: a source restarted since the freeze lost the app (its
     // liveness probe failed on the frozen app, an OOM kill), and a target that restored it
     // holds the only one. Then the migration goes forward instead: committed, and finished.
-    if let Some(text) =
-        forward_when_the_source_lost_it(connection, launchers, &found, target.as_ref()).await?
+    if let Some(text) = migrate::forward_if_the_source_lost_it(
+        connection,
+        launchers,
+        &found.source,
+        &found.id,
+        target.as_ref(),
+    )
+    .await
     {
         return Ok(text);
     }
@@ -346,58 +352,6 @@ pub async fn abort_migration<L: Launchers + Sync>(
         &migrate::MigrateError::Aborted,
     )
     .await)
-}
-
-/// For [`abort_migration`]: when the source restarted after the freeze (its copy of the app is
-/// gone) and every target container holds the restored app, records the commit and finishes
-/// the migration, returning what was done. `None` when that is not the case (the abort goes
-/// on).
-async fn forward_when_the_source_lost_it<L: Launchers + Sync>(
-    connection: &Connection,
-    launchers: &L,
-    found: &InFlight,
-    target: Option<&Pod>,
-) -> Result<Option<String>, RecoverError> {
-    let Some(target) = target else {
-        return Ok(None);
-    };
-    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let Some(source) = pods
-        .get_opt(&found.source)
-        .await
-        .map_err(RecoverError::Api)?
-    else {
-        return Ok(None);
-    };
-    let Some(baseline) = migrate::restarts_at_freeze(&source) else {
-        return Ok(None);
-    };
-    let restarted: Vec<String> = migrate::restart_counts(&source)
-        .into_iter()
-        .filter(|(c, now)| baseline.get(c).is_some_and(|before| now > before))
-        .map(|(c, _)| c)
-        .collect();
-    if restarted.is_empty() {
-        return Ok(None);
-    }
-    for container in crate::rewrite::migrated_containers(target) {
-        match launchers.status(target, &container).await {
-            Ok(status) if status.state == LauncherState::Restored => {}
-            _ => return Ok(None),
-        }
-    }
-    match migrate::claim(&pods, &found.source, &found.id, "committed").await {
-        Ok(()) => {}
-        Err(migrate::Claim::Taken { .. }) => return Ok(None),
-        Err(migrate::Claim::Api(error)) => return Err(RecoverError::Api(error)),
-    }
-    let done = resume_migration(connection, launchers, &found.source, Some(&found.id)).await?;
-    Ok(Some(format!(
-        "container(s) {} of the source pod {} restarted after the freeze, so its copy of the app is gone; the target {} holds the app restored, so the migration went forward instead of being undone: {done}",
-        restarted.join(", "),
-        found.source,
-        name(target)
-    )))
 }
 
 /// Finishes the committed migration of `pod`: thaws its target, ends its wait for a
@@ -545,12 +499,7 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         ));
     }
     // The source must still hold the app: frozen by this migration, never restarted since.
-    let baseline = migrate::restarts_at_freeze(&source).unwrap_or_default();
-    let restarted: Vec<String> = migrate::restart_counts(&source)
-        .into_iter()
-        .filter(|(c, now)| baseline.get(c).is_some_and(|before| now > before))
-        .map(|(c, _)| c)
-        .collect();
+    let restarted = migrate::restarted_since_freeze(&source).unwrap_or_default();
     if !restarted.is_empty() {
         return Err(refuse(format!(
             "container(s) {} of the source pod {} restarted after the freeze: its copy of the app is gone too",
@@ -572,8 +521,26 @@ pub async fn resume_from_source<L: Launchers + Sync>(
             )));
         }
     }
-    // The target must provably hold none.
-    if let Some(target) = &target {
+    // The target must provably hold none. A target being deleted (not listed as in flight) is
+    // looked up by the name the source records, and waited for: until it is gone, its app
+    // may still run through its grace period.
+    let target = match target {
+        Some(target) => Some(target),
+        None => match migrate::peer_of(&source) {
+            Some(name) => pods.get_opt(&name).await.map_err(RecoverError::Api)?,
+            None => None,
+        },
+    };
+    if let Some(target) = target
+        .as_ref()
+        .filter(|t| t.metadata.deletion_timestamp.is_some())
+    {
+        wait_deleted(&pods, target).await.map_err(refuse)?;
+    }
+    if let Some(target) = target
+        .as_ref()
+        .filter(|t| t.metadata.deletion_timestamp.is_none())
+    {
         let name = name(target);
         for container in crate::rewrite::migrated_containers(target) {
             match launchers.status(target, &container).await {
@@ -595,7 +562,6 @@ pub async fn resume_from_source<L: Launchers + Sync>(
                 }
             }
         }
-        let uid = target.metadata.uid.clone().unwrap_or_default();
         match pods
             .delete(&name, &kube::api::DeleteParams::default())
             .await
@@ -604,39 +570,26 @@ pub async fn resume_from_source<L: Launchers + Sync>(
             Err(kube::Error::Api(status)) if status.is_not_found() => {}
             Err(error) => return Err(RecoverError::Api(error)),
         }
-        let gone = kube::runtime::wait::await_condition(
-            pods.clone(),
-            &name,
-            kube::runtime::wait::conditions::is_deleted(&uid),
-        );
-        tokio::time::timeout(std::time::Duration::from_secs(120), gone)
-            .await
-            .map_err(|_| {
-                refuse(format!(
-                    "the target pod {name} was not gone within 2 minutes; run this again"
-                ))
-            })?
-            .map_err(|e| {
-                refuse(format!(
-                    "waiting for the target pod {name} to go failed: {e}"
-                ))
-            })?;
+        wait_deleted(&pods, target).await.map_err(refuse)?;
     }
     for container in &containers {
-        launchers
-            .rollback(&source, container, true)
+        migrate::rollback_when_idle(launchers, &source, container, true)
             .await
             .map_err(|e| {
                 refuse(format!(
-                    "resuming the source's container {container} failed: {e}"
+                    "resuming the source's container {container} failed: {e}; run this again"
                 ))
             })?;
     }
-    if let Err(error) = migrate::settle(&pods, &found.source, &found.id, "failed").await {
-        tracing::warn!(
-            ?error,
-            "cannot record the migration as undone on the source"
-        );
+    // The record goes back from `committed`, so that `status` no longer lists a migration
+    // whose source runs (not through `settle`, which never overwrites a commit).
+    if let Err(error) = migrate::claim_back(&pods, &found.source, &found.id).await {
+        return Err(refuse(format!(
+            "pod {} runs the app again, but its record still says committed ({error:?}): `kubectl annotate pod {} {}=failed --overwrite`",
+            found.source,
+            found.source,
+            annotations::PHASE
+        )));
     }
     Ok(format!(
         "went back to the source of migration {}: {}pod {} runs the app again as it was frozen (what it did on the target since the thaw is lost)",
@@ -647,6 +600,24 @@ pub async fn resume_from_source<L: Launchers + Sync>(
             .unwrap_or_default(),
         found.source
     ))
+}
+
+/// Waits until pod `target` (this very pod, by uid) is gone, for up to two minutes.
+async fn wait_deleted(pods: &Api<Pod>, target: &Pod) -> Result<(), String> {
+    let name = name(target);
+    let uid = target.metadata.uid.clone().unwrap_or_default();
+    let gone = kube::runtime::wait::await_condition(
+        pods.clone(),
+        &name,
+        kube::runtime::wait::conditions::is_deleted(&uid),
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(120), gone)
+        .await
+        .map_err(|_| {
+            format!("the target pod {name} was not gone within 2 minutes; run this again")
+        })?
+        .map_err(|e| format!("waiting for the target pod {name} to go failed: {e}"))?;
+    Ok(())
 }
 
 /// The unfinished migration of `pod` (as source or target; migration `id` if given), with its
@@ -674,16 +645,8 @@ async fn unfinished(
 /// The options the undo and finish steps read: the source's name and the target's node.
 fn options_for(source: &str, node: &str) -> Options {
     Options {
-        id: None,
         pod: source.into(),
         target_node: node.into(),
-        timeout: std::time::Duration::from_secs(300),
-        keep_source: false,
-        force: false,
-        lease: std::time::Duration::from_secs(120),
-        max_downtime: None,
-        moved: Default::default(),
-        transfer: Default::default(),
-        lazy: false,
+        ..Options::recovery()
     }
 }

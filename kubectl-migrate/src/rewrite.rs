@@ -91,6 +91,7 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         annotations::SUCCESSOR,
         annotations::SOURCE_UID,
         annotations::SOURCE_RESTARTS,
+        annotations::RESTARTS_AT_FREEZE,
         annotations::TIMINGS,
     ] {
         notes.remove(key);

@@ -234,7 +234,12 @@ pub struct StatusReport {
 /// - `probe`: `restore-launcher probe`, the startup probe of a migration's target;
 /// - `rollback-committed`: `rollback --committed` (a plain `rollback` refuses a committed copy);
 /// - `moved-record`: a restarted source container does not start its app after the commit.
-pub const FEATURES: &[&str] = &["freeze-limit", "probe", "rollback-committed", "moved-record"];
+pub const FEATURES: &[&str] = &[
+    "freeze-limit",
+    "probe",
+    "rollback-committed",
+    "moved-record",
+];
 
 /// What `checkpoint` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -756,7 +756,11 @@ mod tests {
         assert_eq!(stop.effects, vec![Effect::CancelCheckpoint]);
         assert_eq!(stop.next.lease(), None, "no deadline left to wake up for");
         // Told once; the job's end brings the app back, whether it finished or not.
-        assert!(step(stop.next, Input::Tick, now + limit * 2).effects.is_empty());
+        assert!(
+            step(stop.next, Input::Tick, now + limit * 2)
+                .effects
+                .is_empty()
+        );
         refused(stop.next, Input::Commit, Refusal::LeaseExpired, now + limit);
         for ok in [true, false] {
             let ended = step(

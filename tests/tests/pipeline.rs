@@ -540,7 +540,7 @@ async fn a_failing_target_is_deleted_and_the_source_rolled_back() -> Result<()> 
     ensure!(
         launchers
             .calls()
-            .contains(&"rollback counter/counter".to_string()),
+            .contains(&"rollback --committed counter/counter".to_string()),
         "{:?}",
         launchers.calls()
     );
@@ -605,7 +605,7 @@ async fn a_passed_deadline_or_an_interruption_undoes_the_migration() -> Result<(
     ensure!(
         launchers
             .calls()
-            .contains(&"rollback counter/counter".to_string())
+            .contains(&"rollback --committed counter/counter".to_string())
     );
     ensure!(deleted(&connection, "counter-m1").await? && !deleted(&connection, "counter").await?);
     Ok(())
@@ -758,7 +758,7 @@ async fn a_failed_post_copy_keeps_the_source_and_never_advises_deleting_it() -> 
     for needle in [
         "post-copy failed",
         "Remote side closed connection",
-        "kubectl delete pod counter-m1 --wait && kubectl exec counter -c counter -- restore-launcher rollback",
+        "kubectl delete pod counter-m1 --wait && kubectl exec counter -c counter -- restore-launcher rollback --committed",
         "the source pod counter is kept",
     ] {
         ensure!(text.contains(needle), "`{needle}` not in: {text}");
@@ -939,7 +939,7 @@ async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()>
         fresh
             .calls()
             .iter()
-            .any(|c| c == "rollback counter/counter"),
+            .any(|c| c == "rollback --committed counter/counter"),
         "the source was not resumed: {:?}",
         fresh.calls()
     );
@@ -977,12 +977,10 @@ async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> 
     let _ = driver.join();
 
     let found = recover::list(&connection.client, "apps", None).await?;
-    // Past the commit the source is deleted first (its stale copy must not restart), so it
-    // is gone or going: either way only finishing is allowed.
+    // Past the commit the target is thawed first and the source deleted only after it: the
+    // thaw hangs, so the source is still there, committed; only finishing is allowed.
     ensure!(
-        found.len() == 1
-            && found[0].committed
-            && ["committed", "source-deleted"].contains(&found[0].phase.as_str()),
+        found.len() == 1 && found[0].committed && found[0].phase == "committed",
         "{found:?}"
     );
     let fresh = StandIn::new(connection.client.clone(), Transfer::Works);
@@ -1057,7 +1055,7 @@ async fn a_freeze_longer_than_max_downtime_is_undone() -> Result<()> {
         launchers
             .calls()
             .iter()
-            .any(|c| c == "rollback counter/counter"),
+            .any(|c| c == "rollback --committed counter/counter"),
         "the source was not resumed: {:?}",
         launchers.calls()
     );

@@ -852,7 +852,9 @@ mod tests {
         let found = launchers_missing(&f);
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(
-            found[0].what.contains("is older than this plugin: it lacks freeze-limit, rollback-committed, moved-record"),
+            found[0].what.contains(
+                "is older than this plugin: it lacks freeze-limit, rollback-committed, moved-record"
+            ),
             "{}",
             found[0]
         );

@@ -135,18 +135,26 @@ pub enum Claim {
 /// [`Claim::Taken`] when the phase is already `committed`, `done-kept`, `aborting` or `failed`
 /// (or another migration's); [`Claim::Api`] on an API error.
 pub async fn claim(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
-    claim_with(pods, source, id, to, serde_json::Map::new()).await
+    claim_with(pods, source, id, to, &nothing).await
 }
 
-/// [`claim`], writing `extra` annotations in the same guarded write.
+/// Annotations a guarded write adds, made from the pod as the write read it.
+pub(super) type Extra<'a> = &'a (dyn Fn(&Pod) -> serde_json::Map<String, serde_json::Value> + Sync);
+
+/// No annotations beyond the phase and the id.
+fn nothing(_: &Pod) -> serde_json::Map<String, serde_json::Value> {
+    serde_json::Map::new()
+}
+
+/// [`claim`], writing `extra`'s annotations in the same guarded write.
 pub(super) async fn claim_with(
     pods: &Api<Pod>,
     source: &str,
     id: &str,
     to: &str,
-    extra: serde_json::Map<String, serde_json::Value>,
+    extra: Extra<'_>,
 ) -> Result<(), Claim> {
-    guarded_write(pods, source, id, to, extra, |phase, same_migration| {
+    guarded_write(pods, source, id, to, extra, |_, phase, same_migration| {
         if !same_migration || matches!(phase, "committed" | "done-kept" | "aborting" | "failed") {
             return Err(if same_migration {
                 phase.to_string()
@@ -159,11 +167,24 @@ pub(super) async fn claim_with(
     .await
 }
 
-/// Phases a pod may carry from an earlier migration and still be taken by a new one: it never
-/// had one, its last one was undone (`failed`), or it is the restored pod of a finished one
-/// (`done`).
-fn settled(phase: &str) -> bool {
-    matches!(phase, "" | "failed" | "done")
+/// Whether a pod whose annotations say `phase` (and `waiting`: it is a target that still waits
+/// for its checkpoint) has a migration in flight on it: the source phases of a migration that
+/// has not ended, a handoff not finished, a target still waiting. Anything else -- no
+/// migration, one undone (`failed`), the restored pod of a finished one whatever its last
+/// phase -- may be taken by a new one. `done-kept` (a source kept frozen for good) is in
+/// flight for ever: it is never to run again.
+fn in_flight(phase: &str, waiting: bool) -> bool {
+    waiting
+        || matches!(
+            phase,
+            "claimed"
+                | "creating-target"
+                | "checkpointing"
+                | "committed"
+                | "aborting"
+                | "done-kept"
+                | "handing-off"
+        )
 }
 
 /// Takes pod `source` for migration `id`, before anything is created for it: one guarded
@@ -175,14 +196,30 @@ fn settled(phase: &str) -> bool {
 /// # Errors
 /// [`Claim::Taken`] naming the migration in flight and its phase; [`Claim::Api`].
 pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> {
+    // What an earlier migration recorded goes: its peer, its restart counts.
+    let fresh = |_: &Pod| {
+        let mut values = serde_json::Map::new();
+        values.insert(annotations::PEER.into(), serde_json::Value::Null);
+        values.insert(
+            annotations::RESTARTS_AT_FREEZE.into(),
+            serde_json::Value::Null,
+        );
+        values
+    };
     guarded_write(
         pods,
         source,
         id,
         "claimed",
-        serde_json::Map::new(),
-        |phase, same_migration| {
-            if same_migration || settled(phase) {
+        &fresh,
+        |pod, phase, same_migration| {
+            let waiting = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(annotations::WAIT_FOR_CHECKPOINT))
+                .is_some_and(|w| w == "true");
+            if same_migration || !in_flight(phase, waiting) {
                 Ok(())
             } else {
                 Err(phase.to_string())
@@ -201,9 +238,10 @@ pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result
         source,
         id,
         to,
-        serde_json::Map::new(),
-        |phase, same_migration| {
-            if same_migration {
+        &nothing,
+        |_, phase, same_migration| {
+            // A commit recorded meanwhile (an `abort` that went forward) is never overwritten.
+            if same_migration && !matches!(phase, "committed" | "done-kept") {
                 Ok(())
             } else {
                 Err(phase.to_string())
@@ -213,16 +251,40 @@ pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result
     .await
 }
 
-/// Reads the source, asks `allowed(phase, same_migration)`, and writes phase `to` and the id
-/// (with `extra`) carrying the read's resourceVersion, so that a concurrent writer makes it
+/// Takes migration `id`'s record back from `committed` to `failed` once its source runs the
+/// app again (`kubectl migrate resume --from-source`, after the target proved to hold no
+/// copy): the one write that may undo a commit, and only of that migration.
+///
+/// # Errors
+/// [`Claim::Taken`] when the source records another migration or phase; [`Claim::Api`].
+pub async fn claim_back(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> {
+    guarded_write(
+        pods,
+        source,
+        id,
+        "failed",
+        &nothing,
+        |_, phase, same_migration| {
+            if same_migration && matches!(phase, "committed" | "failed") {
+                Ok(())
+            } else {
+                Err(phase.to_string())
+            }
+        },
+    )
+    .await
+}
+
+/// Reads the source, asks `allowed(pod, phase, same_migration)`, and writes phase `to` and the
+/// id (with `extra`'s annotations) carrying the read's resourceVersion, so that a concurrent writer makes it
 /// read and decide again instead of being overwritten.
 async fn guarded_write(
     pods: &Api<Pod>,
     source: &str,
     id: &str,
     to: &str,
-    extra: serde_json::Map<String, serde_json::Value>,
-    allowed: impl Fn(&str, bool) -> Result<(), String>,
+    extra: Extra<'_>,
+    allowed: impl Fn(&Pod, &str, bool) -> Result<(), String>,
 ) -> Result<(), Claim> {
     for _ in 0..10 {
         let pod = pods.get(source).await.map_err(Claim::Api)?;
@@ -230,16 +292,16 @@ async fn guarded_write(
         let phase = notes.get(annotations::PHASE).cloned().unwrap_or_default();
         let recorded = notes.get(annotations::MIGRATION_ID).cloned();
         let same_migration = recorded.as_deref() == Some(id);
-        if phase == to && same_migration && extra.is_empty() {
+        let mut values = extra(&pod);
+        if phase == to && same_migration && values.is_empty() {
             return Ok(());
         }
-        if let Err(phase) = allowed(&phase, same_migration) {
+        if let Err(phase) = allowed(&pod, &phase, same_migration) {
             return Err(Claim::Taken {
                 phase,
                 by: recorded.filter(|_| !same_migration),
             });
         }
-        let mut values = extra.clone();
         values.insert(annotations::PHASE.into(), to.into());
         values.insert(annotations::MIGRATION_ID.into(), id.into());
         let patch = serde_json::json!({"metadata": {
@@ -339,12 +401,14 @@ pub(super) fn commit_unknown(
         );
     }
     format!(
-        "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume {source}` (or: kubectl delete pod -n {ns} {source} && {thaw} && kubectl annotate pod -n {ns} {target} {wait}=false --overwrite); otherwise abort with `kubectl migrate abort {source}` (or: {rollback} && kubectl delete pod -n {ns} {target})",
+        "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume {source}` (or: {thaw} && kubectl delete pod -n {ns} {source} && kubectl annotate pod -n {ns} {target} {wait}=false --overwrite); otherwise abort with `kubectl migrate abort {source}` (or: {rollback} && kubectl delete pod -n {ns} {target})",
         source = options.pod,
         phase = annotations::PHASE,
         id = progress.id,
         wait = annotations::WAIT_FOR_CHECKPOINT,
         thaw = containers("thaw", &target),
-        rollback = containers("rollback", &options.pod),
+        // The sources acknowledged the commit: only `--committed` resumes them, which is right
+        // here since the record says the migration is not committed.
+        rollback = containers("rollback --committed", &options.pod),
     )
 }

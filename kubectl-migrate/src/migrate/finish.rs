@@ -37,13 +37,14 @@ pub struct Finished {
 const FINISH_TRIES: u32 = 3;
 
 /// Finishes a committed migration, idempotently (it runs again after a failure or an
-/// interruption past the commit): delete the source first (its frozen copy is stale, and a
-/// restart of its container -- a liveness probe, a node reboot -- would start a second copy
-/// fresh), then thaw every target container, end the target's wait for a checkpoint and mark
-/// it done. With `--keep-source` the source is kept, frozen. Two orders differ: with `--lazy`
-/// the target is thawed first and the source deleted once every page arrived; for a pod a
-/// ReplicaSet owns the target is thawed, made Ready and handed to the ReplicaSet
-/// ([`handoff`]) before the source is deleted, so the ReplicaSet never starts a fresh replica.
+/// interruption past the commit): thaw every target container first (a thaw that works, on an
+/// app restored there, proves the target holds the app; a target that lost it keeps the
+/// source, see `lost_or_failed`), then delete the source (its frozen copy is stale; should its
+/// container restart meanwhile, its launcher does not start the app again), end the target's
+/// wait for a checkpoint and mark it done. With `--keep-source` the source is kept, frozen.
+/// With `--lazy` the source is deleted only once every page arrived; for a pod a ReplicaSet
+/// owns the target is made Ready and handed to the ReplicaSet ([`handoff`]) before the source
+/// is deleted, so the ReplicaSet never starts a fresh replica.
 ///
 /// # Errors
 /// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone. A
@@ -70,9 +71,9 @@ pub async fn finish<L: Launchers + Sync>(
     // proof that the target holds the app (restored, not restarted since), and the source
     // goes only after it. A target that lost its app keeps the source, the way back.
     // Post-copy: the source is deleted only once every page arrived.
-    thaw_all(launchers, progress, &target, &mut finished)
-        .await
-        .map_err(|error| lost_or_failed(error, options, &target_name))?;
+    if let Err(error) = thaw_all(launchers, progress, &target, &mut finished).await {
+        return Err(lost_or_failed(error, &pods, options, &target_name).await);
+    }
     if options.lazy {
         for container in &progress.containers {
             let done = launchers
@@ -184,15 +185,35 @@ pub async fn finish<L: Launchers + Sync>(
 /// A thaw refused because the target has no restored app (its launcher waits for a checkpoint
 /// again, failed, or runs the app fresh: its container restarted after the restore) means the
 /// target lost the app: the source, which [`finish`] has not touched, is the way back.
-fn lost_or_failed(error: MigrateError, options: &Options, target_name: &str) -> MigrateError {
+async fn lost_or_failed(
+    error: MigrateError,
+    pods: &Api<Pod>,
+    options: &Options,
+    target_name: &str,
+) -> MigrateError {
     match error {
         MigrateError::ThawRefused { container, error }
             if error.refusal() == Some(migrate_format::Refusal::WrongState) =>
         {
+            let source = &options.pod;
+            let source_there = pods
+                .get_opt(source)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_none());
+            let way_back = if source_there {
+                format!(
+                    "The source pod {source} was not deleted and holds the app as it was frozen (unless its own container restarted since): go back to it with `kubectl migrate resume --from-source {source}`"
+                )
+            } else {
+                format!(
+                    "The source pod {source} is gone too, so the app's state is lost: delete pod {target_name} (it waits for a checkpoint that will not come) and start the app again"
+                )
+            };
             MigrateError::TargetLost {
                 what: format!(
-                    "the target pod {target_name} lost the app: container {container} {error}. The source pod {source} was not deleted and holds the app as it was frozen (unless its own container restarted since): go back to it with `kubectl migrate resume --from-source {source}`",
-                    source = options.pod
+                    "the target pod {target_name} lost the app: container {container} {error}. {way_back}"
                 ),
             }
         }

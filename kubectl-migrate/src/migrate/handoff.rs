@@ -203,7 +203,12 @@ fn steady(pod: &Pod) -> bool {
         .annotations
         .as_ref()
         .and_then(|a| a.get(annotations::PHASE))
-        .is_some_and(|phase| matches!(phase.as_str(), "checkpointing" | "committed" | "aborting"));
+        .is_some_and(|phase| {
+            matches!(
+                phase.as_str(),
+                "claimed" | "creating-target" | "checkpointing" | "committed" | "aborting"
+            )
+        });
     assigned && running && ready(pod) && !migrating
 }
 

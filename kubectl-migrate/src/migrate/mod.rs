@@ -53,9 +53,10 @@ mod target;
 mod transfer;
 mod undo;
 
-pub use commit::{Claim, claim, is_committed, settle, take};
+pub use commit::{Claim, claim, claim_back, is_committed, settle, take};
 pub use finish::{Finished, clock_jump, finish};
 pub use undo::undo;
+pub(crate) use undo::{forward_if_the_source_lost_it, rollback_when_idle};
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -80,6 +81,26 @@ pub struct Options {
     pub transfer: TransferMode,
     /// `--lazy`: post-copy (the launchers were made with it too).
     pub lazy: bool,
+}
+
+impl Options {
+    /// What the recovery commands (`abort`, `resume`) and a migration that goes forward
+    /// after the fact run the undo and finish steps with; the caller sets the pod and node.
+    pub fn recovery() -> Options {
+        Options {
+            id: None,
+            pod: String::new(),
+            target_node: String::new(),
+            timeout: Duration::from_secs(300),
+            keep_source: false,
+            force: false,
+            lease: Duration::from_secs(120),
+            max_downtime: None,
+            moved: Default::default(),
+            transfer: Default::default(),
+            lazy: false,
+        }
+    }
 }
 
 /// What a successful migration did.
@@ -270,6 +291,28 @@ pub fn restarts_at_freeze(source: &Pod) -> Option<BTreeMap<String, i32>> {
     serde_json::from_str(notes.get(annotations::RESTARTS_AT_FREEZE)?).ok()
 }
 
+/// The pod a migration's source records as its target (or a target as its source).
+pub fn peer_of(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(annotations::PEER)
+        .cloned()
+}
+
+/// The migrated containers of `source` that restarted since the freeze (their app started
+/// fresh: the state at the freeze is gone from them); `None` when no freeze was recorded.
+pub fn restarted_since_freeze(source: &Pod) -> Option<Vec<String>> {
+    let before = restarts_at_freeze(source)?;
+    let now = restart_counts(source);
+    Some(
+        crate::rewrite::migrated_containers(source)
+            .into_iter()
+            .filter(|c| matches!((before.get(c), now.get(c)), (Some(b), Some(n)) if n > b))
+            .collect(),
+    )
+}
+
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration
 /// then undoes itself like on any failure.
 ///
@@ -373,7 +416,7 @@ async fn run<L: Launchers + Sync>(
         Err(Claim::Taken { phase, by }) => {
             return Err(MigrateError::Claimed {
                 pod: options.pod.clone(),
-                by: by.unwrap_or_else(|| progress.id.clone()),
+                by: by.unwrap_or_else(|| "(its id is not recorded)".into()),
                 phase,
             });
         }

@@ -46,9 +46,12 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
     let created = loop {
         let name = target.metadata.name.clone().unwrap_or_default();
         // Through the claim: an abort that ran meanwhile is never overwritten.
-        let mut peer = serde_json::Map::new();
-        peer.insert(annotations::PEER.into(), name.clone().into());
-        match claim_with(pods, &options.pod, &progress.id, "creating-target", peer).await {
+        let peer = |_: &Pod| {
+            let mut values = serde_json::Map::new();
+            values.insert(annotations::PEER.into(), name.clone().into());
+            values
+        };
+        match claim_with(pods, &options.pod, &progress.id, "creating-target", &peer).await {
             Ok(()) => {}
             Err(Claim::Taken { phase, .. }) => {
                 return Err(MigrateError::CommitTaken {

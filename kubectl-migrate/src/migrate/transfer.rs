@@ -42,19 +42,24 @@ pub(super) async fn freeze<L: Launchers + Sync>(
     // commit could follow it.
     // The restart counts at the freeze go with it: every later decision (an undo, an abort
     // run by hand, a finish) tells a container restarted since, its state lost, by them.
-    let mut extra = serde_json::Map::new();
-    extra.insert(
-        migrate_format::annotations::RESTARTS_AT_FREEZE.into(),
-        serde_json::to_string(&progress.source_restarts)
-            .unwrap_or_default()
-            .into(),
-    );
+    // They are read from the pod this very write read: a restart just before the freeze is
+    // not taken for one after it.
+    let restarts = |pod: &Pod| {
+        let mut values = serde_json::Map::new();
+        values.insert(
+            migrate_format::annotations::RESTARTS_AT_FREEZE.into(),
+            serde_json::to_string(&super::restart_counts(pod))
+                .unwrap_or_default()
+                .into(),
+        );
+        values
+    };
     match claim_with(
         &ctx.pods,
         &options.pod,
         &progress.id,
         "checkpointing",
-        extra,
+        &restarts,
     )
     .await
     {

@@ -39,6 +39,28 @@ pub async fn undo<L: Launchers + Sync>(
     {
         return "nothing was changed".into();
     }
+    // Never delete the last copy: a source restarted since the freeze lost the app, and a
+    // target that restored it holds the only one; then the migration goes forward.
+    if let Some(text) = forward_if_the_source_lost_it(
+        connection,
+        launchers,
+        &options.pod,
+        &progress.id,
+        progress.target.as_ref(),
+    )
+    .await
+    {
+        return text;
+    }
+    // The source's phase moves to `aborting` first, guarded by the pod's resourceVersion: a
+    // commit recorded meanwhile (an `abort` that went forward) or another migration that took
+    // the pod since stops the undo before it touches anything. Only then may it resume a
+    // source that acknowledged the commit (`rollback --committed`): the record, not the
+    // launcher, says the migration is not committed.
+    let owned = match settle_aborting(&pods, &options.pod, &progress.id).await {
+        Ok(owned) => owned,
+        Err(text) => return text,
+    };
     // Reads and deletes are retried for a while: the fault that ended the migration may be the
     // API server itself restarting.
     let source = if progress.transfer_started {
@@ -68,7 +90,7 @@ pub async fn undo<L: Launchers + Sync>(
     if let Some(source) = source {
         let mut nothing_frozen = false;
         for container in rewrite::migrated_containers(&source) {
-            match rollback_when_idle(launchers, &source, &container).await {
+            match rollback_when_idle(launchers, &source, &container, owned).await {
                 Ok(()) => done.push(format!("resumed the source app in container {container}")),
                 // Never frozen (the failure came before the freeze): nothing to undo. A
                 // checkpoint still in flight is not that: it is reported below.
@@ -76,28 +98,30 @@ pub async fn undo<L: Launchers + Sync>(
                     nothing_frozen = true;
                 }
                 Err(error) => manual.push(format!(
-                    "kubectl exec -n {} {} -c {} -- restore-launcher rollback   ({error})",
-                    connection.namespace, options.pod, container
+                    "kubectl migrate abort -n {} {}   (container {container} could not be resumed: {error})",
+                    connection.namespace, options.pod
                 )),
             }
         }
         // A source container that restarted meanwhile (killed mid-migration: its launcher
         // has nothing frozen) lost the state at the freeze: say so, never "kept its state".
         // The kubelet reports the restart a moment after the new container runs.
-        // The baseline: the counts recorded on the source at the freeze (an abort run later
-        // knows them only from there), else those the preflight saw.
-        let baseline =
-            super::restarts_at_freeze(&source).unwrap_or_else(|| progress.source_restarts.clone());
+        // Against the counts recorded on the source at the freeze (an abort run later knows
+        // them only from there), else those the preflight saw.
         for attempt in 0..6 {
-            let now = match pods.get(&options.pod).await {
-                Ok(pod) => restart_counts(&pod),
-                Err(_) => restart_counts(&source),
-            };
-            restarted = baseline
-                .iter()
-                .filter(|(c, before)| now.get(*c).is_some_and(|n| n > before))
-                .map(|(c, _)| c.clone())
-                .collect();
+            let now = pods
+                .get(&options.pod)
+                .await
+                .unwrap_or_else(|_| source.clone());
+            restarted = super::restarted_since_freeze(&now).unwrap_or_else(|| {
+                let counts = restart_counts(&now);
+                progress
+                    .source_restarts
+                    .iter()
+                    .filter(|(c, before)| counts.get(*c).is_some_and(|n| n > before))
+                    .map(|(c, _)| c.clone())
+                    .collect()
+            });
             if !restarted.is_empty()
                 || !nothing_frozen
                 || !progress.transfer_started
@@ -203,16 +227,17 @@ const ROLLBACK_PATIENCE: Duration = Duration::from_secs(120);
 /// How long an undo keeps trying a source launcher it cannot reach.
 const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Rolls a source container back (`--committed`: a source that acknowledged the commit before
-/// the commit was recorded is this migration's to resume, since the record, not the launcher,
-/// decides; only the claim's owner gets here), waiting out a checkpoint still in flight: when the
+/// Rolls a source container back (`committed`: also a source that acknowledged the commit
+/// before the commit was recorded, which the caller asks only while the record says
+/// `aborting` for its migration), waiting out a checkpoint still in flight: when the
 /// migration is cut short mid-transfer, the launcher's checkpoint job only ends once it notices
 /// its stream is gone, and until then it refuses a rollback as busy (and is told to stop
 /// writing). Leaving it there would leave the app frozen.
-async fn rollback_when_idle<L: Launchers + Sync>(
+pub(crate) async fn rollback_when_idle<L: Launchers + Sync>(
     launchers: &L,
     source: &Pod,
     container: &str,
+    committed: bool,
 ) -> Result<(), LauncherError> {
     let deadline = tokio::time::Instant::now() + ROLLBACK_PATIENCE;
     // An exec that could not reach the launcher (the API server or the kubelet restarting) is
@@ -220,7 +245,7 @@ async fn rollback_when_idle<L: Launchers + Sync>(
     let unreachable_until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
     loop {
         let now = tokio::time::Instant::now();
-        match launchers.rollback(source, container, true).await {
+        match launchers.rollback(source, container, committed).await {
             Err(error) if error.refusal() == Some(Refusal::Busy) && now < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -232,4 +257,107 @@ async fn rollback_when_idle<L: Launchers + Sync>(
             other => return other,
         }
     }
+}
+
+/// Moves the source's phase to `aborting` for migration `id`, trying for a while (the fault
+/// may be the API server restarting). `Ok(true)`: the undo owns the source and may resume a
+/// copy that acknowledged the commit; `Ok(false)`: the record could not be read or written, so
+/// only a plain rollback is asked (a launcher that acknowledged the commit refuses it, and the
+/// message names `kubectl migrate abort`); `Err`: the source is not this migration's to undo
+/// any more, with the sentence that says so.
+async fn settle_aborting(pods: &Api<Pod>, source: &str, id: &str) -> Result<bool, String> {
+    for attempt in 0..10u64 {
+        match super::claim(pods, source, id, "aborting").await {
+            Ok(()) => return Ok(true),
+            // Undone already (an earlier undo): going on is idempotent.
+            Err(super::Claim::Taken { phase, .. }) if phase == "failed" => return Ok(true),
+            Err(super::Claim::Taken { phase, by }) => {
+                return Err(match by {
+                    Some(other) => format!(
+                        "nothing was undone: pod {source} now belongs to migration {other} (phase {phase})"
+                    ),
+                    None => format!(
+                        "nothing was undone: migration {id} of pod {source} is {phase} now (settled by another command meanwhile); `kubectl migrate status {source}` shows what is left"
+                    ),
+                });
+            }
+            Err(super::Claim::Api(kube::Error::Api(status))) if status.is_not_found() => {
+                return Ok(true);
+            }
+            Err(super::Claim::Api(kube::Error::Api(status)))
+                if (400..500).contains(&status.code) =>
+            {
+                return Ok(false);
+            }
+            Err(super::Claim::Api(_)) => {
+                tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// When the source restarted after the freeze (its copy of the app is gone: a liveness probe,
+/// an OOM kill) and every target container holds the restored app, the target has the only
+/// copy: the source containers that did not restart acknowledge the commit (so that none
+/// resumes by its lease), the commit is recorded, and the migration is finished. Returns what
+/// was done; `None` when that is not the case, or when the commit could not be taken, and the
+/// undo goes on.
+pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
+    connection: &Connection,
+    launchers: &L,
+    source_name: &str,
+    id: &str,
+    target: Option<&Pod>,
+) -> Option<String> {
+    let target = target?;
+    let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
+    let source = pods.get_opt(source_name).await.ok().flatten()?;
+    let restarted = super::restarted_since_freeze(&source)?;
+    if restarted.is_empty() {
+        return None;
+    }
+    let containers = rewrite::migrated_containers(target);
+    for container in &containers {
+        match launchers.status(target, container).await {
+            Ok(status) if status.state == migrate_format::LauncherState::Restored => {}
+            _ => return None,
+        }
+    }
+    for container in rewrite::migrated_containers(&source) {
+        if !restarted.contains(&container) && launchers.commit(&source, &container).await.is_err() {
+            return None;
+        }
+    }
+    super::claim(&pods, source_name, id, "committed")
+        .await
+        .ok()?;
+    let options = Options {
+        pod: source_name.into(),
+        target_node: super::node_of(target),
+        ..Options::recovery()
+    };
+    let progress = Progress {
+        id: id.into(),
+        target: Some(target.clone()),
+        containers,
+        transfer_started: true,
+        committed: true,
+        claimed: true,
+        ..Progress::default()
+    };
+    let text = match super::finish(connection, launchers, &options, &progress).await {
+        Ok(_) => format!(
+            "finished instead: pod {} runs the app on node {}; the source pod {source_name} was deleted",
+            target.metadata.name.as_deref().unwrap_or_default(),
+            options.target_node
+        ),
+        Err(error) => format!(
+            "the commit is recorded, but finishing failed: {error}; `kubectl migrate resume {source_name}` finishes"
+        ),
+    };
+    Some(format!(
+        "container(s) {} of the source pod {source_name} restarted after the freeze, so its copy of the app is gone; the target holds the app restored, so the migration went forward instead of being undone: {text}",
+        restarted.join(", ")
+    ))
 }

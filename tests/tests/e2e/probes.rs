@@ -83,7 +83,10 @@ pub fn a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget(
     let frozen = Instant::now();
     let status = launcher_status(cluster, name, None)?;
     ensure!(
-        status["state"] == "frozen" && status["lease_seconds_left"].as_u64() <= Some(4),
+        status["state"] == "frozen"
+            && status["lease_seconds_left"]
+                .as_u64()
+                .is_some_and(|left| left <= 4),
         "the source is not frozen under a lease bounded by its probe: {status}"
     );
     wait_until("the source resuming by itself", WAIT, || {
