@@ -15,8 +15,8 @@ server (the count goes on), so that the probe fails from then on.
 """
 
 import binascii
-import http.server
 import os
+import socket
 import sys
 import threading
 import time
@@ -29,26 +29,29 @@ class State:
 
 
 def serve(port: int) -> None:
-    """Answers the liveness probe from a thread beside the counting loop."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-            body = f"events={State.events}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            if self.path == "/stop-serving":
-                threading.Thread(target=server.shutdown, daemon=True).start()
-
-        def log_message(self, *args) -> None:
-            pass  # stdout is the count's
-
-    server = http.server.ThreadingHTTPServer(("", port), Handler)
+    """Answers the liveness probe from a thread beside the counting loop (plain sockets: the
+    image's python3-minimal has no http package)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("", port))
+    listener.listen(16)
 
     def run() -> None:
-        server.serve_forever()
-        server.server_close()
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(2)
+                try:
+                    request = conn.recv(1024).decode(errors="replace")
+                    body = f"events={State.events}\n".encode()
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    )
+                except OSError:
+                    continue
+            if request.startswith("GET /stop-serving"):
+                listener.close()
+                return
 
     threading.Thread(target=run, daemon=True).start()
 

@@ -172,7 +172,7 @@ pub fn a_target_waiting_past_the_probe_budget_is_not_restarted_and_its_probe_wor
         "--",
         "python3",
         "-c",
-        "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/stop-serving')",
+        "import socket; s = socket.create_connection(('127.0.0.1', 8080)); s.sendall(b'GET /stop-serving HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))",
     ])?;
     wait_until(
         "the kubelet restarting the app that stopped serving",
@@ -337,12 +337,21 @@ pub fn a_deployment_source_killed_by_its_probe_after_the_commit_never_serves_twi
         )?;
         Ok((last == "3").then_some(()))
     });
-    let source_logs = cluster.kubectl_ok(&["logs", &source]).unwrap_or_default();
-    message.with_context(|| format!("the source's launcher did not stay down: {source_logs}"))?;
+    // The container that refused is the current one or, waiting to start again, the previous.
+    let current = cluster.kubectl_ok(&["logs", &source]).unwrap_or_default();
+    let previous = cluster
+        .kubectl_ok(&["logs", "--previous", &source])
+        .unwrap_or_default();
+    message.with_context(|| format!("the source's launcher did not stay down: {current}"))?;
+    let refused = [&current, &previous]
+        .into_iter()
+        .find(|log| log.contains("moved to another pod by a committed migration"))
+        .with_context(|| {
+            format!("the restarted source did not say why it stays down:\n{current}\n---\n{previous}")
+        })?;
     ensure!(
-        source_logs.contains("moved to another pod by a committed migration")
-            && counter_values(&source_logs).is_empty(),
-        "the restarted source started the app, or did not say why not:\n{source_logs}"
+        counter_values(refused).is_empty(),
+        "the restarted source started the app:\n{refused}"
     );
     let resume = kubectl_migrate(cluster, &["resume", &source]).output()?;
     ensure!(
