@@ -68,14 +68,23 @@ pub fn a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget(
     let name = "probed-dead";
     probed_counter(cluster, name, "node-a")?;
 
-    let lazy = kubectl_migrate(cluster, &["check", name, "--to", "node-b", "--lazy"]).output()?;
+    let lazy = kubectl_migrate(cluster, &[name, "--to", "node-b", "--lazy"]).output()?;
     let said =
         String::from_utf8_lossy(&lazy.stdout).into_owned() + &String::from_utf8_lossy(&lazy.stderr);
     ensure!(
-        !lazy.status.success()
+        lazy.status.code() == Some(1)
             && said.contains("--lazy keeps pod")
-            && said.contains("without --lazy"),
-        "--lazy was not refused for a probed source:\n{said}"
+            && said.contains("without --lazy")
+            && said.contains("nothing was changed"),
+        "--lazy was not refused up front for a probed source:\n{said}"
+    );
+    ensure!(
+        !cluster
+            .kubectl(&["get", "pod", &format!("{name}-m1")])
+            .output()?
+            .status
+            .success(),
+        "a refused --lazy created a target"
     );
 
     let follow = Follow::start(cluster, name)?;
