@@ -8,42 +8,14 @@
 //! pod, a thawed app, a resumed source), so they are safe to run twice or concurrently. The
 //! commit record on the source pod decides which of the two is allowed: never both.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::ListParams;
 use migrate_format::{LauncherState, annotations};
 
-use crate::check::Launchers;
 use crate::client::Connection;
+use crate::launchers::Launchers;
 use crate::migrate::{self, Options, Progress};
-
-/// A migration that started and did not finish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InFlight {
-    pub id: String,
-    pub source: String,
-    /// The target pod, if it still exists.
-    pub target: Option<String>,
-    /// The last phase the source records (`checkpointing`, `committed`), or `target-created`
-    /// when the plugin stopped before touching the source.
-    pub phase: String,
-    pub committed: bool,
-    /// Seconds since the target pod was created.
-    pub age_seconds: Option<i64>,
-}
-
-impl InFlight {
-    /// The command that clears it.
-    pub fn next_step(&self) -> String {
-        if self.committed {
-            format!("kubectl migrate resume {}", self.source)
-        } else {
-            format!("kubectl migrate abort {}", self.source)
-        }
-    }
-}
+pub use crate::record::InFlight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -96,22 +68,12 @@ pub enum RecoverError {
     },
 }
 
-/// Pod annotation `key`, if set.
-pub(crate) fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
 fn name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
 
 /// Every unfinished migration in `namespace` that involves `pod` (as source or target), or all
-/// of them. A target that still waits for its checkpoint is one; so is a source whose phase
-/// says a checkpoint or a commit happened without the migration being done.
+/// of them ([`crate::record::in_flight_migrations`]).
 ///
 /// # Errors
 /// [`RecoverError::Api`] when the pods cannot be listed.
@@ -120,116 +82,9 @@ pub async fn list(
     namespace: &str,
     pod: Option<&str>,
 ) -> Result<Vec<InFlight>, RecoverError> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let all = pods
-        .list(&ListParams::default())
+    crate::record::in_flight_migrations(client, namespace, pod)
         .await
-        .map_err(RecoverError::Api)?
-        .items;
-    let by_name: BTreeMap<String, &Pod> = all.iter().map(|p| (name(p), p)).collect();
-    let mut found: BTreeMap<String, InFlight> = BTreeMap::new();
-    let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    // Targets still waiting for their checkpoint, and targets of a ReplicaSet's pod whose
-    // handoff has not finished (their app runs; the source may be gone already).
-    // A StatefulSet pod's move is found by its holder (the successor, which has the source's
-    // name, is not a migration of its own).
-    for target in all.iter().filter(|p| {
-        (note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
-            || note(p, annotations::PHASE) == Some("handing-off"))
-            && p.metadata.deletion_timestamp.is_none()
-            && !migrate::identity::is_successor(p)
-    }) {
-        let (Some(id), Some(source)) = (
-            note(target, annotations::MIGRATION_ID),
-            note(target, annotations::PEER),
-        ) else {
-            continue;
-        };
-        let source_pod = by_name
-            .get(source)
-            .filter(|s| s.metadata.deletion_timestamp.is_none());
-        // A holder that recorded the commit holds the app once the source is gone.
-        let holder_committed = migrate::identity::is_holder(target)
-            && note(target, annotations::PHASE) == Some("committed");
-        let phase = match source_pod {
-            _ if holder_committed => "committed",
-            None => "source-deleted",
-            Some(s) => Some(s)
-                .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
-                .and_then(|s| note(s, annotations::PHASE))
-                .unwrap_or("target-created"),
-        }
-        .to_string();
-        let age_seconds = target
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| now - t.0.as_second());
-        found.insert(
-            id.to_string(),
-            InFlight {
-                id: id.to_string(),
-                source: source.to_string(),
-                target: Some(name(target)),
-                // With the source gone the target holds the only copy: only finishing is
-                // safe. Not so for a holder: its checkpoint counts only once committed (a
-                // source that resumed by its lease, then went, left a stale one).
-                committed: holder_committed
-                    || if migrate::identity::is_holder(target) {
-                        source_pod.is_some_and(|s| migrate::is_committed(s, id))
-                    } else {
-                        source_pod.is_none_or(|s| migrate::is_committed(s, id))
-                    },
-                phase,
-                age_seconds,
-            },
-        );
-    }
-    // Sources frozen or committed whose target is gone or already finished.
-    for source in &all {
-        let (Some(id), Some(phase)) = (
-            note(source, annotations::MIGRATION_ID),
-            note(source, annotations::PHASE),
-        ) else {
-            continue;
-        };
-        // `claimed` and `creating-target`: a plugin that stopped before its target ran still
-        // holds the pod's claim, which keeps every other migration off it until aborted.
-        if !matches!(
-            phase,
-            "claimed" | "creating-target" | "checkpointing" | "committed" | "aborting"
-        ) || found.contains_key(id)
-        {
-            continue;
-        }
-        if source.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let target = note(source, annotations::PEER)
-            .filter(|t| {
-                by_name
-                    .get(*t)
-                    .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
-            })
-            .map(str::to_string);
-        // A committed migration whose target finished (no longer waiting) and whose source
-        // remains: the source's delete is what is left.
-        found.insert(
-            id.to_string(),
-            InFlight {
-                id: id.to_string(),
-                source: name(source),
-                target,
-                phase: phase.to_string(),
-                committed: migrate::is_committed(source, id),
-                age_seconds: None,
-            },
-        );
-    }
-    Ok(found
-        .into_values()
-        .filter(|m| pod.is_none_or(|p| m.source == p || m.target.as_deref() == Some(p)))
-        .collect())
+        .map_err(RecoverError::Api)
 }
 
 /// Undoes the unfinished, uncommitted migration of `pod`: deletes its target and resumes the
@@ -431,7 +286,7 @@ pub async fn resume_migration<L: Launchers + Sync>(
     let stateful = progress
         .target
         .as_ref()
-        .is_some_and(migrate::identity::is_holder);
+        .is_some_and(crate::record::is_holder);
     let finished = migrate::finish(connection, launchers, &options, &progress)
         .await
         .map_err(|e| RecoverError::Finish(Box::new(e)))?;
@@ -493,7 +348,7 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         .map_err(RecoverError::Api)?
         .filter(|s| s.metadata.deletion_timestamp.is_none())
         .ok_or_else(|| refuse(format!("the source pod {} is gone", found.source)))?;
-    if target.as_ref().is_some_and(migrate::identity::is_holder) {
+    if target.as_ref().is_some_and(crate::record::is_holder) {
         return Err(refuse(
             "a StatefulSet pod's move keeps its checkpoint in the holder pod: finish it with `kubectl migrate resume`".into(),
         ));

@@ -43,7 +43,7 @@ pub struct Facts {
     /// The permissions the migration needs that the API server says the user lacks.
     pub denied: Vec<Permission>,
     /// Migrations of this pod that started and did not finish.
-    pub unfinished: Vec<crate::recover::InFlight>,
+    pub unfinished: Vec<crate::record::InFlight>,
     /// `--max-downtime`, when given: the longest the app may stay frozen.
     pub max_downtime: Option<std::time::Duration>,
     /// `--keep-source`: the source stays, frozen, after the migration.
@@ -139,11 +139,7 @@ pub async fn gather(
             claims_api.get_opt(&claim.claim_name).await?,
         );
     }
-    let unfinished = match crate::recover::list(client, namespace, Some(name)).await {
-        Ok(found) => found,
-        Err(crate::recover::RecoverError::Api(error)) => return Err(error),
-        Err(_) => Vec::new(),
-    };
+    let unfinished = crate::record::in_flight_migrations(client, namespace, Some(name)).await?;
     let replica_set = match pod::controller(&pod) {
         Some(owner) if owner.kind == "ReplicaSet" => {
             Api::<ReplicaSet>::namespaced(client.clone(), namespace)

@@ -777,7 +777,7 @@ mod tests {
     fn an_unfinished_migration_names_the_command_that_clears_it() {
         let mut f = facts();
         assert!(unfinished_migrations(&f).is_empty());
-        let mut m = crate::recover::InFlight {
+        let mut m = crate::record::InFlight {
             id: "mig-1".into(),
             source: "counter".into(),
             target: Some("counter-m1".into()),

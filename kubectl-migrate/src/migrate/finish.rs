@@ -59,7 +59,7 @@ pub async fn finish<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let target = progress.target.clone().unwrap_or_default();
     // A StatefulSet's pod: the target is the holder of its parked checkpoint.
-    if identity::is_holder(&target) {
+    if crate::record::is_holder(&target) {
         return identity::finish(connection, launchers, options, progress).await;
     }
     let target_name = target.metadata.name.clone().unwrap_or_default();
@@ -353,7 +353,11 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 Ok(Err(error)) => error.to_string(),
                 _ => "finishing took over a minute".into(),
             };
-            if progress.target.as_ref().is_some_and(identity::is_holder) {
+            if progress
+                .target
+                .as_ref()
+                .is_some_and(crate::record::is_holder)
+            {
                 return identity::stuck(connection, options, progress, &why);
             }
             if options.lazy {

@@ -52,26 +52,8 @@ use super::{
 use crate::check::Problem;
 use crate::client::Connection;
 use crate::launchers::{Launchers, TransferMode, Transferred};
-use crate::recover::note;
+use crate::record::{is_successor, note};
 use crate::rewrite;
-
-/// Whether `pod` is the holder of a StatefulSet pod's move.
-pub fn is_holder(pod: &Pod) -> bool {
-    role(pod) == Some("holder")
-}
-
-/// Whether `pod` is the successor of a StatefulSet pod's move.
-pub fn is_successor(pod: &Pod) -> bool {
-    role(pod) == Some("successor")
-}
-
-fn role(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::ROLE))
-        .map(String::as_str)
-}
 
 /// The pipeline for a StatefulSet's pod, after the preflight (see the module's order).
 pub(super) async fn run<L: Launchers + Sync>(

@@ -53,7 +53,10 @@ mod target;
 mod transfer;
 mod undo;
 
-pub use commit::{Claim, claim, claim_back, is_committed, settle, take};
+pub use crate::record::{
+    Claim, claim, claim_back, is_committed, peer_of, restart_counts, restarted_since_freeze,
+    restarts_at_freeze, settle, take,
+};
 pub use finish::{Finished, clock_jump, finish};
 pub use undo::undo;
 pub(crate) use undo::{forward_if_the_source_lost_it, rollback_when_idle};
@@ -266,51 +269,6 @@ pub struct Progress {
     /// The source's containers' restart counts when the migration started: a container that
     /// restarted meanwhile lost the state the undo would resume.
     pub source_restarts: BTreeMap<String, i32>,
-}
-
-/// Each container's restart count (app and init containers).
-pub fn restart_counts(pod: &Pod) -> BTreeMap<String, i32> {
-    let status = pod.status.as_ref();
-    status
-        .and_then(|s| s.container_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .chain(
-            status
-                .and_then(|s| s.init_container_statuses.as_ref())
-                .into_iter()
-                .flatten(),
-        )
-        .map(|c| (c.name.clone(), c.restart_count))
-        .collect()
-}
-
-/// The source's restart counts recorded at the freeze ([`annotations::RESTARTS_AT_FREEZE`]).
-pub fn restarts_at_freeze(source: &Pod) -> Option<BTreeMap<String, i32>> {
-    let notes = source.metadata.annotations.as_ref()?;
-    serde_json::from_str(notes.get(annotations::RESTARTS_AT_FREEZE)?).ok()
-}
-
-/// The pod a migration's source records as its target (or a target as its source).
-pub fn peer_of(pod: &Pod) -> Option<String> {
-    pod.metadata
-        .annotations
-        .as_ref()?
-        .get(annotations::PEER)
-        .cloned()
-}
-
-/// The migrated containers of `source` that restarted since the freeze (their app started
-/// fresh: the state at the freeze is gone from them); `None` when no freeze was recorded.
-pub fn restarted_since_freeze(source: &Pod) -> Option<Vec<String>> {
-    let before = restarts_at_freeze(source)?;
-    let now = restart_counts(source);
-    Some(
-        crate::rewrite::migrated_containers(source)
-            .into_iter()
-            .filter(|c| matches!((before.get(c), now.get(c)), (Some(b), Some(n)) if n > b))
-            .collect(),
-    )
 }
 
 /// Migrates the pod. `interrupted` resolves when the user interrupts (Ctrl-C); the migration

@@ -11,9 +11,9 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::watcher;
 
-use super::commit::{Claim, claim_with};
 use super::{Ctx, MigrateError, Progress, node_of, record};
 use crate::launchers::Launchers;
+use crate::record::{Claim, claim_with};
 use crate::rewrite;
 use migrate_format::annotations;
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::commit::{Claim, claim_with};
 use super::{Ctx, MigrateError, Progress};
 use crate::launchers::{Launchers, Transferred};
+use crate::record::{Claim, claim_with};
 use crate::rewrite;
 
 /// The frozen cut: the containers moved, and until when (and why) the app may stay frozen.

@@ -175,7 +175,7 @@ pub async fn undo<L: Launchers + Sync>(
     let stateful = progress
         .target
         .as_ref()
-        .is_some_and(super::identity::is_holder)
+        .is_some_and(crate::record::is_holder)
         || source_owner_kind.as_deref() == Some("StatefulSet");
     if stateful {
         let guard = super::identity::guard::name(&progress.id);
@@ -191,7 +191,7 @@ pub async fn undo<L: Launchers + Sync>(
     // while the source still records this migration.
     if manual.is_empty()
         && let Err(super::Claim::Api(error)) =
-            super::commit::settle(&pods, &options.pod, &progress.id, "failed").await
+            super::settle(&pods, &options.pod, &progress.id, "failed").await
         && !matches!(&error, kube::Error::Api(status) if status.is_not_found())
     {
         tracing::warn!(%error, pod = options.pod, "cannot record the undone migration on the source");

@@ -356,7 +356,9 @@ pub fn a_deployment_source_killed_by_its_probe_after_the_commit_never_serves_twi
         .into_iter()
         .find(|log| log.contains("moved to another pod by a committed migration"))
         .with_context(|| {
-            format!("the restarted source did not say why it stays down:\n{current}\n---\n{previous}")
+            format!(
+                "the restarted source did not say why it stays down:\n{current}\n---\n{previous}"
+            )
         })?;
     ensure!(
         counter_values(refused).is_empty(),

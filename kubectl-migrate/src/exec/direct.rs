@@ -29,7 +29,7 @@ use kube::api::AttachParams;
 use migrate_format::{Answer, CheckpointReport, DirectSecret, Progress, Refusal, RestoreReport};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 
-use crate::exec::{Ended, ExecLaunchers, last_json, read_all, watched};
+use super::{Ended, ExecLaunchers, last_json, read_all, watched};
 use crate::launchers::{LauncherError, Launchers as _, PostCopyDone};
 
 /// How long the target's launcher may take to say where it listens.
@@ -387,7 +387,7 @@ impl ExecLaunchers {
                 (copied, answer, false)
             }
             answer = &mut answer => {
-                let copied = tokio::time::timeout(crate::exec::TARGET_GRACE, &mut copy)
+                let copied = tokio::time::timeout(super::TARGET_GRACE, &mut copy)
                     .await
                     .unwrap_or_else(|_| Err(std::io::Error::other("the target stopped reading the archive")));
                 drop(copy);

@@ -6,6 +6,8 @@
 //! whatever the archive's size. The archive is one zstd frame, so the receiver knows where it
 //! ends without needing stdin's end (which older exec protocols do not deliver).
 
+pub mod direct;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +19,8 @@ use migrate_format::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::direct::Direct;
+use direct::Direct;
+
 use crate::launchers::{LauncherError, Launchers, Route, TransferMode, Transferred};
 
 /// Bytes copied per read in a transfer.
@@ -30,9 +33,9 @@ pub struct ExecLaunchers {
     /// `--lazy`: direct transfers are post-copy.
     pub lazy: bool,
     /// Post-copy transfers whose memory is still moving, by container (see
-    /// [`crate::direct`]).
+    /// [`direct`]).
     pub post_copies: std::sync::Arc<
-        tokio::sync::Mutex<std::collections::BTreeMap<String, crate::direct::PostCopyTask>>,
+        tokio::sync::Mutex<std::collections::BTreeMap<String, direct::PostCopyTask>>,
     >,
 }
 
@@ -730,7 +733,7 @@ impl Leg {
 #[derive(Debug)]
 pub enum Ready {
     Relay,
-    Direct(Box<crate::direct::Channel>),
+    Direct(Box<direct::Channel>),
 }
 
 /// How a transfer's streams ended, for [`ExecLaunchers::conclude`].
