@@ -234,17 +234,11 @@ pub async fn resume_migration<L: Launchers + Sync>(
     pod: &str,
     id: Option<&str>,
 ) -> Result<String, RecoverError> {
-    let Some((found, target)) = unfinished(connection, pod, id).await? else {
+    let Some((found, target)) = committed_in_flight(connection, pod, id).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to resume"
         ));
     };
-    if !found.committed {
-        return Err(RecoverError::NotCommitted {
-            id: found.id,
-            pod: found.source,
-        });
-    }
     let Some(target) = target else {
         return Err(RecoverError::TargetGone {
             id: found.id,
@@ -330,17 +324,11 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         pod: pod.into(),
         why,
     };
-    let Some((found, target)) = unfinished(connection, pod, None).await? else {
+    let Some((found, target)) = committed_in_flight(connection, pod, None).await? else {
         return Ok(format!(
             "no unfinished migration of pod {pod}: nothing to resume"
         ));
     };
-    if !found.committed {
-        return Err(RecoverError::NotCommitted {
-            id: found.id,
-            pod: found.source,
-        });
-    }
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let source = pods
         .get_opt(&found.source)
@@ -455,6 +443,24 @@ pub async fn resume_from_source<L: Launchers + Sync>(
             .unwrap_or_default(),
         found.source
     ))
+}
+
+/// The unfinished migration of `pod` for `resume`, which must be committed.
+///
+/// # Errors
+/// [`RecoverError::NotCommitted`] when it is not (then `abort` is the command).
+async fn committed_in_flight(
+    connection: &Connection,
+    pod: &str,
+    id: Option<&str>,
+) -> Result<Option<(InFlight, Option<Pod>)>, RecoverError> {
+    match unfinished(connection, pod, id).await? {
+        Some((found, _)) if !found.committed => Err(RecoverError::NotCommitted {
+            id: found.id,
+            pod: found.source,
+        }),
+        other => Ok(other),
+    }
 }
 
 /// Waits until pod `target` (this very pod, by uid) is gone, for up to two minutes.

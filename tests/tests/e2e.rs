@@ -286,6 +286,26 @@ fn run_counter(cluster: &Cluster, name: &str, node: &str, env: &[(&str, &str)]) 
     })
 }
 
+/// `kubectl migrate status POD` lists no migration of `pod`.
+fn nothing_in_flight(cluster: &Cluster, pod: &str) -> Result<()> {
+    let listed = kubectl_migrate(cluster, &["status", pod]).output()?;
+    ensure!(
+        String::from_utf8_lossy(&listed.stdout).contains("no unfinished migrations"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    Ok(())
+}
+
+/// The migration id a successful move's report names: `… (migration mig-…)`.
+fn reported_id(report: &str) -> Option<String> {
+    report
+        .split("(migration ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(str::to_string)
+}
+
 /// `restore-launcher status` in `pod` (and `container`), as JSON.
 fn launcher_status(
     cluster: &Cluster,
@@ -1442,12 +1462,7 @@ fn source_container_killed_mid_checkpoint(cluster: &Cluster) -> Result<()> {
     wait_until(&format!("{name} counting fresh"), WAIT, || {
         Ok((counter_values(&logs(cluster, name, None)).len() >= 2).then_some(()))
     })?;
-    let listed = kubectl_migrate(cluster, &["status", name]).output()?;
-    ensure!(
-        String::from_utf8_lossy(&listed.stdout).contains("no unfinished migrations"),
-        "{}",
-        String::from_utf8_lossy(&listed.stdout)
-    );
+    nothing_in_flight(cluster, name)?;
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
 }

@@ -598,6 +598,28 @@ async fn check_step<L: Launchers + Sync>(ctx: &Ctx<'_, L>) -> Result<Checked, Mi
     })
 }
 
+/// Moves the source's phase on to `to` through the claim (with `extra`'s annotations): an
+/// `abort` that settled the migration meanwhile is never overwritten, and stops it.
+async fn advance_phase(
+    pods: &Api<Pod>,
+    source: &str,
+    id: &str,
+    to: &str,
+    extra: crate::record::Extra<'_>,
+) -> Result<(), MigrateError> {
+    match crate::record::claim_with(pods, source, id, to, extra).await {
+        Ok(()) => Ok(()),
+        Err(Claim::Taken { phase, .. }) => Err(MigrateError::CommitTaken {
+            pod: source.into(),
+            phase,
+        }),
+        Err(Claim::Api(error)) => {
+            tracing::warn!(%error, phase = to, "cannot record the phase on the source");
+            Ok(())
+        }
+    }
+}
+
 /// Merge-patches the migration annotations onto a pod; a failure is logged, not fatal.
 async fn annotate(pods: &Api<Pod>, name: &str, id: &str, phase: &str, peer: Option<&str>) {
     let mut values = serde_json::Map::new();

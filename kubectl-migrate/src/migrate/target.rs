@@ -11,9 +11,8 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::watcher;
 
-use super::{Ctx, MigrateError, Progress, node_of, record};
+use super::{Ctx, MigrateError, Progress, advance_phase, node_of, record};
 use crate::launchers::Launchers;
-use crate::record::{Claim, claim_with};
 use crate::rewrite;
 use migrate_format::annotations;
 
@@ -51,18 +50,7 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
             values.insert(annotations::PEER.into(), name.clone().into());
             values
         };
-        match claim_with(pods, &options.pod, &progress.id, "creating-target", &peer).await {
-            Ok(()) => {}
-            Err(Claim::Taken { phase, .. }) => {
-                return Err(MigrateError::CommitTaken {
-                    pod: options.pod.clone(),
-                    phase,
-                });
-            }
-            Err(Claim::Api(error)) => {
-                tracing::warn!(%error, "cannot record the target's name on the source");
-            }
-        }
+        advance_phase(pods, &options.pod, &progress.id, "creating-target", &peer).await?;
         match pods.create(&PostParams::default(), &target).await {
             Ok(created) => break created,
             Err(kube::Error::Api(status))

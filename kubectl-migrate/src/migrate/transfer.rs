@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Ctx, MigrateError, Progress};
+use super::{Ctx, MigrateError, Progress, advance_phase};
 use crate::launchers::{Launchers, Transferred};
-use crate::record::{Claim, claim_with};
 use crate::rewrite;
 
 /// The frozen cut: the containers moved, and until when (and why) the app may stay frozen.
@@ -54,26 +53,14 @@ pub(super) async fn freeze<L: Launchers + Sync>(
         );
         values
     };
-    match claim_with(
+    advance_phase(
         &ctx.pods,
         &options.pod,
         &progress.id,
         "checkpointing",
         &restarts,
     )
-    .await
-    {
-        Ok(()) => {}
-        Err(Claim::Taken { phase, .. }) => {
-            return Err(MigrateError::CommitTaken {
-                pod: options.pod.clone(),
-                phase,
-            });
-        }
-        Err(Claim::Api(error)) => {
-            tracing::warn!(%error, "cannot record the checkpointing phase on the source");
-        }
-    }
+    .await?;
     // No unconditional phase write after the claim (it would undo the claim's protection);
     // the target's name was recorded as the peer when the target was created.
     let containers = rewrite::migrated_containers(source);

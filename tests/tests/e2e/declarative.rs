@@ -550,13 +550,9 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
         let message = field(cluster, &object, "{.status.message}")?;
         let (next, winner) = match (code, phase.as_str()) {
             (Some(0), "Failed") => {
-                let id = said
-                    .split("(migration ")
-                    .nth(1)
-                    .and_then(|rest| rest.split(')').next())
-                    .context("the plugin's report names no migration")?;
+                let id = reported_id(&said).context("the plugin's report names no migration")?;
                 ensure!(
-                    message.contains(id) || message.contains("not found"),
+                    message.contains(&id) || message.contains("not found"),
                     "round {round}: the PodMigration lost without naming the plugin's migration {id}: {message}"
                 );
                 plugin_won += 1;

@@ -13,7 +13,7 @@ use migrate_tests::cluster::Cluster;
 use migrate_tests::{counter_values, workspace_binary};
 
 use super::{
-    Follow, WAIT, assert_continued, example_pod, kubectl_migrate, launcher_status, logs,
+    Follow, WAIT, nothing_in_flight, assert_continued, example_pod, kubectl_migrate, launcher_status, logs,
     migrate_killed_at, migrate_ok, pod_field, source_kept_counting, wait_gone, wait_until,
 };
 
@@ -130,12 +130,7 @@ pub fn a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget(
         String::from_utf8_lossy(&abort.stderr)
     );
     wait_gone(cluster, &format!("{name}-m1"))?;
-    let listed = kubectl_migrate(cluster, &["status", name]).output()?;
-    ensure!(
-        String::from_utf8_lossy(&listed.stdout).contains("no unfinished migrations"),
-        "{}",
-        String::from_utf8_lossy(&listed.stdout)
-    );
+    nothing_in_flight(cluster, name)?;
     ensure!(restarts(cluster, name)? == "0", "the source restarted");
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
@@ -235,12 +230,7 @@ pub fn a_target_that_lost_the_app_after_the_commit_keeps_the_source(
     );
     wait_gone(cluster, &target)?;
     source_kept_counting(cluster, name, follow)?;
-    let listed = kubectl_migrate(cluster, &["status", name]).output()?;
-    ensure!(
-        String::from_utf8_lossy(&listed.stdout).contains("no unfinished migrations"),
-        "{}",
-        String::from_utf8_lossy(&listed.stdout)
-    );
+    nothing_in_flight(cluster, name)?;
     cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
     Ok(())
 }
@@ -432,13 +422,8 @@ pub fn two_migrations_of_one_pod_end_with_one_copy_and_the_loser_told(
             text(&outcomes[1])
         );
         let (won, lost) = (text(won[0]), text(lost[0]));
-        // The winner's id, from its report: `… (migration mig-…)`.
-        let id = won
-            .split("(migration ")
-            .nth(1)
-            .and_then(|rest| rest.split(')').next())
-            .with_context(|| format!("round {round}: no migration id in\n{won}"))?
-            .to_string();
+        let id = super::reported_id(&won)
+            .with_context(|| format!("round {round}: no migration id in\n{won}"))?;
         ensure!(
             lost.contains(&format!("migration {id}")) && lost.contains("nothing was changed"),
             "round {round}: the loser was not told that migration {id} holds the pod:\n{lost}"
