@@ -234,6 +234,36 @@ pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result
     .await
 }
 
+/// Records the commit of migration `id` after the fact, when its source lost the app and the
+/// target holds the only copy (`migrate::forward_if_the_source_lost_it`): from any phase of
+/// that migration short of its end, `aborting` included (an undo that found the source
+/// restarted), but never over another migration's record or an undone one.
+///
+/// # Errors
+/// [`Claim::Taken`]; [`Claim::Api`].
+pub async fn commit_forward(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> {
+    guarded_write(
+        pods,
+        source,
+        id,
+        "committed",
+        &nothing,
+        |_, phase, same_migration| {
+            if same_migration
+                && matches!(
+                    phase,
+                    "claimed" | "creating-target" | "checkpointing" | "aborting" | "committed"
+                )
+            {
+                Ok(())
+            } else {
+                Err(phase.to_string())
+            }
+        },
+    )
+    .await
+}
+
 /// Takes migration `id`'s record back from `committed` to `failed` once its source runs the
 /// app again (`kubectl migrate resume --from-source`, after the target proved to hold no
 /// copy): the one write that may undo a commit, and only of that migration.
@@ -429,11 +459,15 @@ pub async fn in_flight_migrations(
         if source.metadata.deletion_timestamp.is_some() {
             continue;
         }
+        // The pod the source names, only if it is this migration's: the name is recorded
+        // before the create, and may be someone else's pod (a taken name, a create that
+        // never happened).
         let target = note(source, annotations::PEER)
             .filter(|t| {
-                by_name
-                    .get(*t)
-                    .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+                by_name.get(*t).is_some_and(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && note(p, annotations::MIGRATION_ID) == Some(id)
+                })
             })
             .map(str::to_string);
         // A committed migration whose target finished (no longer waiting) and whose source

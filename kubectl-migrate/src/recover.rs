@@ -370,7 +370,11 @@ pub async fn resume_from_source<L: Launchers + Sync>(
     let target = match target {
         Some(target) => Some(target),
         None => match migrate::peer_of(&source) {
-            Some(name) => pods.get_opt(&name).await.map_err(RecoverError::Api)?,
+            Some(name) => pods
+                .get_opt(&name)
+                .await
+                .map_err(RecoverError::Api)?
+                .filter(|t| crate::record::note(t, annotations::MIGRATION_ID) == Some(&found.id)),
             None => None,
         },
     };

@@ -76,36 +76,81 @@ fn references(module: &Module, text: &str, known: &BTreeSet<Module>) -> BTreeSet
             .chars()
             .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
             .collect();
-        let mut parts = path.split("::").filter(|p| !p.is_empty());
-        let mut base: Module = match parts.next() {
-            Some("crate") => Vec::new(),
-            Some("super") => module[..module.len().saturating_sub(1)].to_vec(),
-            _ => continue,
+        // `use super::{a, b::C}`: each entry of the group is a path of its own.
+        let paths: Vec<String> = match code[at + path.len()..].strip_prefix('{') {
+            Some(rest) => group_entries(rest)
+                .into_iter()
+                .map(|entry| match entry.as_str() {
+                    "self" => path.clone(),
+                    _ => format!("{path}{entry}"),
+                })
+                .collect(),
+            None => vec![path],
         };
-        let mut rest: Vec<&str> = Vec::new();
-        for part in parts {
-            if part == "super" && rest.is_empty() {
-                base.pop();
-            } else {
-                rest.push(part);
+        for path in paths {
+            if let Some(target) = resolve(module, &path, known) {
+                found.insert(target);
             }
-        }
-        // The longest prefix that names a module: the rest are items in it.
-        let target = (0..=rest.len())
-            .rev()
-            .map(|n| {
-                let mut m = base.clone();
-                m.extend(rest[..n].iter().map(|s| s.to_string()));
-                m
-            })
-            .find(|m| known.contains(m));
-        if let Some(target) = target
-            && &target != module
-        {
-            found.insert(target);
         }
     }
     found
+}
+
+/// The entries of a `{…}` group (`rest` starts after its `{`), each up to its first `{` or
+/// separator: `a, b::{c, d}, e::F` gives `a`, `b::`, `e::F`.
+fn group_entries(rest: &str) -> Vec<String> {
+    let mut entries = Vec::new();
+    let mut depth = 0;
+    let mut current = String::new();
+    for c in rest.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => entries.push(std::mem::take(&mut current)),
+            _ if depth == 0 => current.push(c),
+            _ => {}
+        }
+    }
+    entries.push(current);
+    entries
+        .iter()
+        .map(|e| {
+            e.trim()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect::<String>()
+        })
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// The module a `crate::`/`super::` `path` used in `module` names: the longest prefix that is
+/// a module (the rest are items in it).
+fn resolve(module: &Module, path: &str, known: &BTreeSet<Module>) -> Option<Module> {
+    let mut parts = path.split("::").filter(|p| !p.is_empty());
+    let mut base: Module = match parts.next() {
+        Some("crate") => Vec::new(),
+        Some("super") => module[..module.len().saturating_sub(1)].to_vec(),
+        _ => return None,
+    };
+    let mut rest: Vec<&str> = Vec::new();
+    for part in parts {
+        if part == "super" && rest.is_empty() {
+            base.pop();
+        } else {
+            rest.push(part);
+        }
+    }
+    (0..=rest.len())
+        .rev()
+        .map(|n| {
+            let mut m = base.clone();
+            m.extend(rest[..n].iter().map(|s| s.to_string()));
+            m
+        })
+        .find(|m| known.contains(m))
+        .filter(|target| target != module)
 }
 
 /// A cycle in `edges`, if there is one, as the path around it.
@@ -235,7 +280,7 @@ fn the_check_finds_a_cycle_when_there_is_one() {
         "pipeline/one.rs",
         "use super::two::x;\nuse super::Shared;\n",
     );
-    write("pipeline/two.rs", "use super::one::y;\n");
+    write("pipeline/two.rs", "use super::{Shared, one::y};\n");
     let found = cycles(&dir);
     assert_eq!(
         found,

@@ -360,6 +360,15 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
             }
             Step::to(S::Running { origin }, effects)
         }
+        // A committed post-copy job serves the memory the target's app runs on: only the way
+        // back (`--committed`, once the target holds no copy) may stop it.
+        (
+            S::Checkpointing {
+                frozen: Some(Hold::Committed),
+                ..
+            },
+            Input::Rollback { committed: false },
+        ) => Step::refuse(state, Refusal::Committed),
         (S::Checkpointing { .. }, Input::Rollback { .. }) => Step {
             next: state,
             effects: vec![Effect::CancelCheckpoint],
@@ -874,6 +883,13 @@ mod tests {
             Input::Checkpoint {
                 leave_running: false,
             },
+            Refusal::Committed,
+            now,
+        );
+        // Nor is the post-copy job serving its memory stopped by a plain rollback.
+        refused(
+            checkpointing(Some(Hold::Committed), false),
+            Input::Rollback { committed: false },
             Refusal::Committed,
             now,
         );

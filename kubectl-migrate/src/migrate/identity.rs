@@ -43,7 +43,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use migrate_format::{LauncherState, annotations};
 
-use super::finish::{Finished, end_wait, mark_serving, retry, thaw_all};
+use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
 use super::transfer::{keep_alive, leased, within};
 use super::{
     Checked, Ctx, Downtime, Laps, MigrateError, Options, Progress, Report, annotate_timings, fault,

@@ -50,6 +50,7 @@ mod finish;
 pub mod handoff;
 pub mod identity;
 mod target;
+mod thaw;
 mod transfer;
 mod undo;
 
@@ -57,7 +58,8 @@ pub use crate::record::{
     Claim, claim, claim_back, is_committed, peer_of, restart_counts, restarted_since_freeze,
     restarts_at_freeze, settle, take,
 };
-pub use finish::{Finished, clock_jump, finish};
+pub use finish::{clock_jump, finish};
+pub use thaw::Finished;
 pub use undo::undo;
 pub(crate) use undo::{forward_if_the_source_lost_it, rollback_when_idle};
 

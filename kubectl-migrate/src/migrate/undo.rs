@@ -37,6 +37,18 @@ pub async fn undo<L: Launchers + Sync>(
             MigrateError::Preflight(_) | MigrateError::Claimed { .. }
         )
     {
+        // Cut short while the claim was being written, it may have landed: released, and
+        // only if it is this migration's.
+        if !progress.claimed
+            && matches!(
+                error,
+                MigrateError::Deadline { .. }
+                    | MigrateError::Interrupted { .. }
+                    | MigrateError::Api { .. }
+            )
+        {
+            let _ = super::settle(&pods, &options.pod, &progress.id, "failed").await;
+        }
         return "nothing was changed".into();
     }
     // Never delete the last copy: a source restarted since the freeze lost the app, and a
@@ -145,6 +157,19 @@ pub async fn undo<L: Launchers + Sync>(
             format!("{error}; rolled back"),
         )
         .await;
+    }
+    // A restart the kubelet reported late: the target may hold the only copy now.
+    if !restarted.is_empty()
+        && let Some(text) = forward_if_the_source_lost_it(
+            connection,
+            launchers,
+            &options.pod,
+            &progress.id,
+            progress.target.as_ref(),
+        )
+        .await
+    {
+        return text;
     }
     // The target goes after the source is resumed: the app's way back comes first.
     if let Some(target) = &progress.target {
@@ -269,8 +294,9 @@ async fn settle_aborting(pods: &Api<Pod>, source: &str, id: &str) -> Result<bool
     for attempt in 0..10u64 {
         match super::claim(pods, source, id, "aborting").await {
             Ok(()) => return Ok(true),
-            // Undone already (an earlier undo): going on is idempotent.
-            Err(super::Claim::Taken { phase, .. }) if phase == "failed" => return Ok(true),
+            // Undone already (an earlier undo resumed the source): going on is idempotent, with
+            // a plain rollback only, since a new migration may have taken the pod since.
+            Err(super::Claim::Taken { phase, by: None }) if phase == "failed" => return Ok(false),
             Err(super::Claim::Taken { phase, by }) => {
                 return Err(match by {
                     Some(other) => format!(
@@ -329,7 +355,7 @@ pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
             return None;
         }
     }
-    super::claim(&pods, source_name, id, "committed")
+    crate::record::commit_forward(&pods, source_name, id)
         .await
         .ok()?;
     let options = Options {

@@ -526,7 +526,7 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
         .unwrap_or(20);
     let mut current = "pmig-race".to_string();
     run_counter(cluster, &current, "node-a", &[])?;
-    let (mut plugin_won, mut object_won) = (0, 0);
+    let (mut plugin_won, mut object_won, mut contended) = (0, 0, 0);
     for round in 0..rounds {
         let to = if round % 2 == 0 { "node-b" } else { "node-a" };
         let follow = Follow::start(cluster, &current)?;
@@ -551,8 +551,9 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
         let (next, winner) = match (code, phase.as_str()) {
             (Some(0), "Failed") => {
                 let id = reported_id(&said).context("the plugin's report names no migration")?;
+                contended += usize::from(message.contains(&id));
                 ensure!(
-                    message.contains(&id) || message.contains("not found"),
+                    message.contains(&id) || gone(&current, &message),
                     "round {round}: the PodMigration lost without naming the plugin's migration {id}: {message}"
                 );
                 plugin_won += 1;
@@ -563,8 +564,9 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
             }
             (Some(1), "Succeeded") => {
                 let id = field(cluster, &object, "{.status.migrationId}")?;
+                contended += usize::from(said.contains(&format!("migration {id}")));
                 ensure!(
-                    said.contains(&format!("migration {id}")) || said.contains("not found"),
+                    said.contains(&format!("migration {id}")) || gone(&current, &said),
                     "round {round}: the plugin lost without naming the PodMigration's migration {id}:\n{said}"
                 );
                 object_won += 1;
@@ -593,9 +595,22 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
         cluster.kubectl_ok(&["delete", "podmigration", &object])?;
         current = next;
     }
-    eprintln!("{rounds} rounds: the plugin won {plugin_won}, the PodMigration {object_won}");
+    eprintln!(
+        "{rounds} rounds: the plugin won {plugin_won}, the PodMigration {object_won}; {contended} lost to a migration in flight"
+    );
+    ensure!(
+        contended > 0,
+        "no round had the two migrations meet: the race was not run"
+    );
     cluster.kubectl_ok(&["delete", "pod", &current, "--wait=false"])?;
     Ok(())
+}
+
+/// Whether `said` is a refusal because pod `pod` is gone (the other migration moved it first):
+/// the preflight's words, or the API server's.
+fn gone(pod: &str, said: &str) -> bool {
+    said.contains(&format!("pod default/{pod} does not exist"))
+        || said.contains(&format!("pods \"{pod}\" not found"))
 }
 
 /// `NAME` of `NAME-mN`, and N (0 without a suffix).
