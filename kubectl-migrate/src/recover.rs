@@ -209,6 +209,9 @@ pub async fn abort_migration<L: Launchers + Sync>(
     .await)
 }
 
+/// How long `resume` (and the controller's recovery, which runs it) may take to finish.
+const RESUME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Finishes the committed migration of `pod`: thaws its target, ends its wait for a
 /// checkpoint, deletes the source. Returns what was done ("nothing to resume" when none is in
 /// flight).
@@ -281,9 +284,21 @@ pub async fn resume_migration<L: Launchers + Sync>(
         .target
         .as_ref()
         .is_some_and(crate::record::is_holder);
-    let finished = migrate::finish(connection, launchers, &options, &progress)
-        .await
-        .map_err(|e| RecoverError::Finish(Box::new(e)))?;
+    // Bounded: a step that never ends (a successor stuck in ContainerCreating, a thaw that
+    // never answers) is reported, and running this again goes on from where it stopped.
+    let finished = tokio::time::timeout(
+        RESUME_DEADLINE,
+        migrate::finish(connection, launchers, &options, &progress),
+    )
+    .await
+    .map_err(|_| {
+        RecoverError::Finish(Box::new(migrate::MigrateError::Deadline {
+            phase: "finishing (kubectl migrate resume; run it again, it goes on from there)"
+                .into(),
+            timeout: RESUME_DEADLINE,
+        }))
+    })?
+    .map_err(|e| RecoverError::Finish(Box::new(e)))?;
     let mut text = if stateful {
         format!(
             "finished migration {}: pod {} runs the app on node {node}, restored from the checkpoint parked in {}",
