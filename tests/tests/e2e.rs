@@ -286,6 +286,22 @@ fn run_counter(cluster: &Cluster, name: &str, node: &str, env: &[(&str, &str)]) 
     })
 }
 
+/// The app moved from `source` to `target`: the source is gone, and the target counts on
+/// from the source's last count (`follow` followed the source). The last and the first count.
+fn counted_on(
+    cluster: &Cluster,
+    source: &str,
+    target: &str,
+    follow: Follow,
+) -> Result<(u64, u64)> {
+    wait_gone(cluster, source)?;
+    let before = follow.finish(WAIT);
+    wait_until(&format!("3 counts on {target}"), WAIT, || {
+        Ok((counter_values(&logs(cluster, target, None)).len() >= 3).then_some(()))
+    })?;
+    assert_continued(&before, &logs(cluster, target, None))
+}
+
 /// `kubectl migrate status POD` lists no migration of `pod`.
 fn nothing_in_flight(cluster: &Cluster, pod: &str) -> Result<()> {
     let listed = kubectl_migrate(cluster, &["status", pod]).output()?;
@@ -1139,12 +1155,7 @@ fn recover_after_kill(
     );
     if committed {
         // The target holds the app: the source is gone, the target counts on from its cut.
-        wait_gone(cluster, name)?;
-        let before = follow.finish(WAIT);
-        wait_until(&format!("3 counts on {target}"), WAIT, || {
-            Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
-        })?;
-        assert_continued(&before, &logs(cluster, &target, None))?;
+        counted_on(cluster, name, &target, follow)?;
         let restarts = pod_field(
             cluster,
             &target,

@@ -579,12 +579,7 @@ fn race_rounds(cluster: &Cluster) -> Result<()> {
                 "round {round}: not exactly one winner: plugin {other:?}, PodMigration {phase}: {message}\n{said}"
             ),
         };
-        wait_gone(cluster, &current)?;
-        let before = follow.finish(WAIT);
-        wait_until(&format!("3 counts on {next}"), WAIT, || {
-            Ok((counter_values(&logs(cluster, &next, None)).len() >= 3).then_some(()))
-        })?;
-        let (last, first) = assert_continued(&before, &logs(cluster, &next, None))?;
+        let (last, first) = counted_on(cluster, &current, &next, follow)?;
         let copies = cluster
             .kubectl_ok(&["get", "pods", "-o", "name"])?
             .lines()

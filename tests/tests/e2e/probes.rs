@@ -13,7 +13,7 @@ use migrate_tests::cluster::Cluster;
 use migrate_tests::{counter_values, workspace_binary};
 
 use super::{
-    Follow, WAIT, assert_continued, example_pod, kubectl_migrate, launcher_status, logs,
+    Follow, WAIT, counted_on, assert_continued, example_pod, kubectl_migrate, launcher_status, logs,
     migrate_killed_at, migrate_ok, nothing_in_flight, pod_field, source_kept_counting, wait_gone,
     wait_until,
 };
@@ -157,12 +157,7 @@ pub fn a_target_waiting_past_the_probe_budget_is_not_restarted_and_its_probe_wor
         &[name, "--to", "node-b"],
         &[("KUBECTL_MIGRATE_FAULT_PAUSE_AT", "target-running:15")],
     )?;
-    wait_gone(cluster, name)?;
-    let before = follow.finish(WAIT);
-    wait_until(&format!("3 counts on {target}"), WAIT, || {
-        Ok((counter_values(&logs(cluster, &target, None)).len() >= 3).then_some(()))
-    })?;
-    assert_continued(&before, &logs(cluster, &target, None))?;
+    counted_on(cluster, name, &target, follow)?;
     ensure!(
         restarts(cluster, &target)? == "0",
         "the target was restarted while it waited"
@@ -438,12 +433,7 @@ pub fn two_migrations_of_one_pod_end_with_one_copy_and_the_loser_told(
             "round {round}: the loser was not told that migration {id} holds the pod:\n{lost}"
         );
         let next = next_name(&current);
-        wait_gone(cluster, &current)?;
-        let before = follow.finish(WAIT);
-        wait_until(&format!("3 counts on {next}"), WAIT, || {
-            Ok((counter_values(&logs(cluster, &next, None)).len() >= 3).then_some(()))
-        })?;
-        let (last, first) = assert_continued(&before, &logs(cluster, &next, None))?;
+        let (last, first) = counted_on(cluster, &current, &next, follow)?;
         ensure!(
             restarts(cluster, &next)? == "0",
             "round {round}: {next} restarted"
