@@ -293,8 +293,7 @@ pub async fn resume_migration<L: Launchers + Sync>(
     .await
     .map_err(|_| {
         RecoverError::Finish(Box::new(migrate::MigrateError::Deadline {
-            phase: "finishing (kubectl migrate resume; run it again, it goes on from there)"
-                .into(),
+            phase: "finishing (kubectl migrate resume; run it again, it goes on from there)".into(),
             timeout: RESUME_DEADLINE,
         }))
     })?

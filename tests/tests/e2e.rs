@@ -288,12 +288,7 @@ fn run_counter(cluster: &Cluster, name: &str, node: &str, env: &[(&str, &str)]) 
 
 /// The app moved from `source` to `target`: the source is gone, and the target counts on
 /// from the source's last count (`follow` followed the source). The last and the first count.
-fn counted_on(
-    cluster: &Cluster,
-    source: &str,
-    target: &str,
-    follow: Follow,
-) -> Result<(u64, u64)> {
+fn counted_on(cluster: &Cluster, source: &str, target: &str, follow: Follow) -> Result<(u64, u64)> {
     wait_gone(cluster, source)?;
     let before = follow.finish(WAIT);
     wait_until(&format!("3 counts on {target}"), WAIT, || {

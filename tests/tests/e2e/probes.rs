@@ -13,9 +13,9 @@ use migrate_tests::cluster::Cluster;
 use migrate_tests::{counter_values, workspace_binary};
 
 use super::{
-    Follow, WAIT, counted_on, assert_continued, example_pod, kubectl_migrate, launcher_status, logs,
-    migrate_killed_at, migrate_ok, nothing_in_flight, pod_field, source_kept_counting, wait_gone,
-    wait_until,
+    Follow, WAIT, assert_continued, counted_on, example_pod, kubectl_migrate, launcher_status,
+    logs, migrate_killed_at, migrate_ok, nothing_in_flight, pod_field, source_kept_counting,
+    wait_gone, wait_until,
 };
 
 /// The liveness probe production pods carry: HTTP, every 2 s, restart after 3 failures.
