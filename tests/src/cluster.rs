@@ -493,7 +493,10 @@ impl Cluster {
                 tail(&interesting, 15)
             ));
         }
-        for args in [&["get", "pods", "-o", "wide"][..], &["get", "events"][..]] {
+        for args in [
+            &["get", "pods", "-o", "wide"][..],
+            &["get", "events", "--sort-by=.lastTimestamp"][..],
+        ] {
             out.push_str(&format!(
                 "--- kubectl {}:\n{}\n",
                 args.join(" "),

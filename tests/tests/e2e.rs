@@ -236,7 +236,13 @@ fn main() {
                 let Some(cluster) = guard.as_ref() else {
                     return Err(Failed::from("no cluster (see above)"));
                 };
-                test(cluster).map_err(|e| Failed::from(format!("{e:#}\n{}", cluster.diagnose())))
+                // The cause again after the diagnosis: CI shows only the output's tail.
+                test(cluster).map_err(|e| {
+                    Failed::from(format!(
+                        "{e:#}\n{}\n=== {name} failed: {e:#}",
+                        cluster.diagnose()
+                    ))
+                })
             })
             // Outside CI a machine without a cluster skips them; under CI a cluster that did
             // not start fails every trial (it never passes by not running).
