@@ -336,7 +336,16 @@ async fn plan(client: &Client, pod: &Pod, candidates: &[String]) -> Plan {
         .annotations()
         .get(migrate_format::annotations::PHASE)
         .map(String::as_str);
-    if migration.is_some_and(|phase| !matches!(phase, "done" | "done-kept" | "failed")) {
+    if migration.is_some_and(|phase| {
+        !matches!(
+            crate::record::Phase::parse(phase),
+            Some(
+                crate::record::Phase::Done
+                    | crate::record::Phase::DoneKept
+                    | crate::record::Phase::Failed
+            )
+        )
+    }) {
         return Plan::Done(Action::Failed(format!(
             "a migration of it has not finished (phase {}): `kubectl migrate status -n {}` says how to finish or undo it; then drain again",
             migration.unwrap_or_default(),

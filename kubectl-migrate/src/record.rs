@@ -24,31 +24,236 @@ pub fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// A migration's phase, as its pods record it ([`annotations::PHASE`]). The source moves
+/// through `claimed`, `creating-target`, `checkpointing`, then `committed` (finished: `done`
+/// on the target, or `done-kept` on a source kept with `--keep-source`) or `aborting` and
+/// `failed` (undone); a ReplicaSet's target is `handing-off` until its controller owns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Claimed,
+    CreatingTarget,
+    Checkpointing,
+    Committed,
+    Aborting,
+    Failed,
+    Done,
+    DoneKept,
+    HandingOff,
+}
+
+impl Phase {
+    const ALL: [Phase; 9] = [
+        Phase::Claimed,
+        Phase::CreatingTarget,
+        Phase::Checkpointing,
+        Phase::Committed,
+        Phase::Aborting,
+        Phase::Failed,
+        Phase::Done,
+        Phase::DoneKept,
+        Phase::HandingOff,
+    ];
+
+    /// The annotation's value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Phase::Claimed => "claimed",
+            Phase::CreatingTarget => "creating-target",
+            Phase::Checkpointing => "checkpointing",
+            Phase::Committed => "committed",
+            Phase::Aborting => "aborting",
+            Phase::Failed => "failed",
+            Phase::Done => "done",
+            Phase::DoneKept => "done-kept",
+            Phase::HandingOff => "handing-off",
+        }
+    }
+
+    /// The phase an annotation's value names (None for a value this plugin never writes).
+    pub fn parse(value: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == value)
+    }
+
+    /// The phase `pod` records.
+    pub fn of(pod: &Pod) -> Option<Phase> {
+        note(pod, annotations::PHASE).and_then(Phase::parse)
+    }
+
+    /// Whether a source in this phase records a commit (the target holds the app).
+    pub const fn committed(self) -> bool {
+        matches!(self, Phase::Committed | Phase::DoneKept)
+    }
+
+    /// Whether the migration is settled one way or the other: committed, or being (or
+    /// having been) undone. A settled migration's phase never moves on to a later step.
+    const fn settled(self) -> bool {
+        matches!(
+            self,
+            Phase::Committed | Phase::DoneKept | Phase::Aborting | Phase::Failed
+        )
+    }
+
+    /// A source phase of a migration that has not ended (claimed up to committed, or being
+    /// aborted).
+    pub const fn unfinished(self) -> bool {
+        matches!(
+            self,
+            Phase::Claimed
+                | Phase::CreatingTarget
+                | Phase::Checkpointing
+                | Phase::Committed
+                | Phase::Aborting
+        )
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `phase`, or `none` when a pod records none this plugin knows.
+pub fn phase_text(phase: Option<Phase>) -> &'static str {
+    phase.map_or("none", Phase::as_str)
+}
+
+/// What a pod is in a StatefulSet pod's move ([`annotations::ROLE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The pod on the target node that keeps the parked checkpoint while the name changes
+    /// hands.
+    Holder,
+    /// The pod that takes the source's name (and the app) on the target node.
+    Successor,
+}
+
+impl Role {
+    /// The annotation's value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Holder => "holder",
+            Role::Successor => "successor",
+        }
+    }
+
+    /// The role `pod` records.
+    pub fn of(pod: &Pod) -> Option<Role> {
+        match note(pod, annotations::ROLE)? {
+            "holder" => Some(Role::Holder),
+            "successor" => Some(Role::Successor),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `pod` is the holder of a StatefulSet pod's move.
 pub fn is_holder(pod: &Pod) -> bool {
-    role(pod) == Some("holder")
+    Role::of(pod) == Some(Role::Holder)
 }
 
 /// Whether `pod` is the successor of a StatefulSet pod's move.
 pub fn is_successor(pod: &Pod) -> bool {
-    role(pod) == Some("successor")
+    Role::of(pod) == Some(Role::Successor)
 }
 
-fn role(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::ROLE))
-        .map(String::as_str)
+/// How a pod moves, decided once from the preflight's facts and recorded on its pods
+/// ([`annotations::VARIANT`]); every later step, and every recovery command, reads it instead
+/// of deciding again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// A pod no controller owns (or one whose controller the move need not involve): the
+    /// target is a new pod, the source is deleted once the target runs the app.
+    Plain,
+    /// A ReplicaSet's pod: the target is handed to the ReplicaSet (labels, owner) once it is
+    /// Ready, before the source goes, so the ReplicaSet never starts a fresh replica.
+    Handoff,
+    /// A StatefulSet's pod: it keeps its name; the checkpoint is parked in a holder on the
+    /// target node while the source goes and its successor (same name) is created.
+    StatefulSet,
+}
+
+/// The variant, and whether memory moves after the restore (post-copy, `--lazy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub variant: Variant,
+    pub post_copy: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            variant: Variant::Plain,
+            post_copy: false,
+        }
+    }
+}
+
+impl Plan {
+    /// The annotation's value: `plain`, `handoff` or `stateful-set`, with `+post-copy`.
+    pub fn as_note(&self) -> String {
+        let variant = match self.variant {
+            Variant::Plain => "plain",
+            Variant::Handoff => "handoff",
+            Variant::StatefulSet => "stateful-set",
+        };
+        if self.post_copy {
+            format!("{variant}+post-copy")
+        } else {
+            variant.to_string()
+        }
+    }
+
+    /// The plan an annotation's value records.
+    pub fn parse(value: &str) -> Option<Plan> {
+        let (variant, post_copy) = match value.strip_suffix("+post-copy") {
+            Some(variant) => (variant, true),
+            None => (value, false),
+        };
+        let variant = match variant {
+            "plain" => Variant::Plain,
+            "handoff" => Variant::Handoff,
+            "stateful-set" => Variant::StatefulSet,
+            _ => return None,
+        };
+        Some(Plan { variant, post_copy })
+    }
+
+    /// The plan `pod` records.
+    pub fn of(pod: &Pod) -> Option<Plan> {
+        note(pod, annotations::VARIANT).and_then(Plan::parse)
+    }
+
+    /// The plan a migration recorded, for the commands that recover it: the target's (or the
+    /// holder's), else the source's. A migration started by a plugin that recorded no plan
+    /// is read from what it did record: a holder's role, a target's owner, its post-copy mark.
+    pub fn recorded(target: Option<&Pod>, source: Option<&Pod>) -> Plan {
+        if let Some(plan) = target
+            .and_then(Plan::of)
+            .or_else(|| source.and_then(Plan::of))
+        {
+            return plan;
+        }
+        let Some(target) = target else {
+            return Plan::default();
+        };
+        Plan {
+            variant: if is_holder(target) {
+                Variant::StatefulSet
+            } else if note(target, annotations::OWNER).is_some() {
+                Variant::Handoff
+            } else {
+                Variant::Plain
+            },
+            post_copy: note(target, annotations::POST_COPY) == Some("true"),
+        }
+    }
 }
 
 /// Whether `pod` records migration `id` as committed: its phase is `committed`, or already
 /// `done-kept` (finished with `--keep-source`), with this id.
 pub fn is_committed(pod: &Pod, id: &str) -> bool {
-    let notes = pod.metadata.annotations.as_ref();
-    let note = |key: &str| notes.and_then(|a| a.get(key)).map(String::as_str);
-    matches!(note(annotations::PHASE), Some("committed" | "done-kept"))
-        && note(annotations::MIGRATION_ID) == Some(id)
+    Phase::of(pod).is_some_and(Phase::committed) && note(pod, annotations::MIGRATION_ID) == Some(id)
 }
 
 /// Each container's restart count (app and init containers).
@@ -99,14 +304,24 @@ pub fn restarted_since_freeze(source: &Pod) -> Option<Vec<String>> {
 /// Why [`claim`] did not move the phase.
 #[derive(Debug)]
 pub enum Claim {
-    /// Another writer moved it first: it is `phase` (`committed`, `aborting`, …) or the pod
-    /// records another migration now.
+    /// Another writer moved it first: the pod records `phase` (`committed`, `aborting`, …) of
+    /// this migration, or (`by`) another migration now.
     Taken {
-        phase: String,
+        phase: Option<Phase>,
         /// The other migration's id, when the pod records another one.
         by: Option<String>,
     },
     Api(kube::Error),
+}
+
+impl Claim {
+    /// The phase that won, as a sentence fragment: `committed`, or `another migration's`.
+    pub fn phase_text(phase: Option<Phase>, by: Option<&str>) -> String {
+        match by {
+            Some(_) => "another migration's".into(),
+            None => phase_text(phase).into(),
+        }
+    }
 }
 
 /// Moves migration `id`'s phase on the source pod to `to` (`committed` by the pipeline,
@@ -117,7 +332,7 @@ pub enum Claim {
 /// # Errors
 /// [`Claim::Taken`] when the phase is already `committed`, `done-kept`, `aborting` or `failed`
 /// (or another migration's); [`Claim::Api`] on an API error.
-pub async fn claim(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+pub async fn claim(pods: &Api<Pod>, source: &str, id: &str, to: Phase) -> Result<(), Claim> {
     claim_with(pods, source, id, to, &nothing).await
 }
 
@@ -134,18 +349,11 @@ pub(crate) async fn claim_with(
     pods: &Api<Pod>,
     source: &str,
     id: &str,
-    to: &str,
+    to: Phase,
     extra: Extra<'_>,
 ) -> Result<(), Claim> {
     guarded_write(pods, source, id, to, extra, |_, phase, same_migration| {
-        if !same_migration || matches!(phase, "committed" | "done-kept" | "aborting" | "failed") {
-            return Err(if same_migration {
-                phase.to_string()
-            } else {
-                "another migration's".into()
-            });
-        }
-        Ok(())
+        same_migration && !phase.is_some_and(Phase::settled)
     })
     .await
 }
@@ -156,29 +364,20 @@ pub(crate) async fn claim_with(
 /// migration, one undone (`failed`), the restored pod of a finished one whatever its last
 /// phase -- may be taken by a new one. `done-kept` (a source kept frozen for good) is in
 /// flight for ever: it is never to run again.
-fn phase_in_flight(phase: &str, waiting: bool) -> bool {
+fn phase_in_flight(phase: Option<Phase>, waiting: bool) -> bool {
     waiting
-        || matches!(
-            phase,
-            "claimed"
-                | "creating-target"
-                | "checkpointing"
-                | "committed"
-                | "aborting"
-                | "done-kept"
-                | "handing-off"
-        )
+        || phase.is_some_and(|p| p.unfinished() || matches!(p, Phase::DoneKept | Phase::HandingOff))
 }
 
-/// Takes pod `source` for migration `id`, before anything is created for it: one guarded
-/// write (`migrate.kubectl.io/phase: claimed` with the id) that succeeds only when no other
-/// migration is in flight on it. Of two migrations of one pod (the plugin and a PodMigration,
-/// two drains) exactly one takes it; the other is refused having touched nothing, and never
-/// undoes what it does not own.
+/// Takes pod `source` for migration `id` moving by `plan`, before anything is created for
+/// it: one guarded write (`migrate.kubectl.io/phase: claimed` with the id and the plan) that
+/// succeeds only when no other migration is in flight on it. Of two migrations of one pod (the
+/// plugin and a PodMigration, two drains) exactly one takes it; the other is refused having
+/// touched nothing, and never undoes what it does not own.
 ///
 /// # Errors
 /// [`Claim::Taken`] naming the migration in flight and its phase; [`Claim::Api`].
-pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> {
+pub async fn take(pods: &Api<Pod>, source: &str, id: &str, plan: Plan) -> Result<(), Claim> {
     // What an earlier migration recorded goes: its peer, its restart counts.
     let fresh = |_: &Pod| {
         let mut values = serde_json::Map::new();
@@ -187,26 +386,18 @@ pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> 
             annotations::RESTARTS_AT_FREEZE.into(),
             serde_json::Value::Null,
         );
+        values.insert(annotations::VARIANT.into(), plan.as_note().into());
         values
     };
     guarded_write(
         pods,
         source,
         id,
-        "claimed",
+        Phase::Claimed,
         &fresh,
         |pod, phase, same_migration| {
-            let waiting = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(annotations::WAIT_FOR_CHECKPOINT))
-                .is_some_and(|w| w == "true");
-            if same_migration || !phase_in_flight(phase, waiting) {
-                Ok(())
-            } else {
-                Err(phase.to_string())
-            }
+            let waiting = note(pod, annotations::WAIT_FOR_CHECKPOINT) == Some("true");
+            same_migration || !phase_in_flight(phase, waiting)
         },
     )
     .await
@@ -215,21 +406,15 @@ pub async fn take(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), Claim> 
 /// Writes migration `id`'s final phase `to` on the source (`failed` after an undo) only while
 /// the pod still records that migration: a write never lands on a pod another migration has
 /// taken since.
-pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: &str) -> Result<(), Claim> {
+pub async fn settle(pods: &Api<Pod>, source: &str, id: &str, to: Phase) -> Result<(), Claim> {
+    // A commit recorded meanwhile (an `abort` that went forward) is never overwritten.
     guarded_write(
         pods,
         source,
         id,
         to,
         &nothing,
-        |_, phase, same_migration| {
-            // A commit recorded meanwhile (an `abort` that went forward) is never overwritten.
-            if same_migration && !matches!(phase, "committed" | "done-kept") {
-                Ok(())
-            } else {
-                Err(phase.to_string())
-            }
-        },
+        |_, phase, same_migration| same_migration && !phase.is_some_and(Phase::committed),
     )
     .await
 }
@@ -246,20 +431,9 @@ pub async fn commit_forward(pods: &Api<Pod>, source: &str, id: &str) -> Result<(
         pods,
         source,
         id,
-        "committed",
+        Phase::Committed,
         &nothing,
-        |_, phase, same_migration| {
-            if same_migration
-                && matches!(
-                    phase,
-                    "claimed" | "creating-target" | "checkpointing" | "aborting" | "committed"
-                )
-            {
-                Ok(())
-            } else {
-                Err(phase.to_string())
-            }
-        },
+        |_, phase, same_migration| same_migration && phase.is_some_and(Phase::unfinished),
     )
     .await
 }
@@ -275,47 +449,42 @@ pub async fn claim_back(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), C
         pods,
         source,
         id,
-        "failed",
+        Phase::Failed,
         &nothing,
         |_, phase, same_migration| {
-            if same_migration && matches!(phase, "committed" | "failed") {
-                Ok(())
-            } else {
-                Err(phase.to_string())
-            }
+            same_migration && matches!(phase, Some(Phase::Committed | Phase::Failed))
         },
     )
     .await
 }
 
 /// Reads the source, asks `allowed(pod, phase, same_migration)`, and writes phase `to` and the
-/// id (with `extra`'s annotations) carrying the read's resourceVersion, so that a concurrent writer makes it
-/// read and decide again instead of being overwritten.
+/// id (with `extra`'s annotations) carrying the read's resourceVersion, so that a concurrent
+/// writer makes it read and decide again instead of being overwritten.
 async fn guarded_write(
     pods: &Api<Pod>,
     source: &str,
     id: &str,
-    to: &str,
+    to: Phase,
     extra: Extra<'_>,
-    allowed: impl Fn(&Pod, &str, bool) -> Result<(), String>,
+    allowed: impl Fn(&Pod, Option<Phase>, bool) -> bool,
 ) -> Result<(), Claim> {
     for _ in 0..10 {
         let pod = pods.get(source).await.map_err(Claim::Api)?;
-        let notes = pod.metadata.annotations.clone().unwrap_or_default();
-        let phase = notes.get(annotations::PHASE).cloned().unwrap_or_default();
-        let recorded = notes.get(annotations::MIGRATION_ID).cloned();
+        let phase = Phase::of(&pod);
+        let recorded = note(&pod, annotations::MIGRATION_ID).map(str::to_string);
         let same_migration = recorded.as_deref() == Some(id);
         let mut values = extra(&pod);
-        if phase == to && same_migration && values.is_empty() {
+        if phase == Some(to) && same_migration && values.is_empty() {
             return Ok(());
         }
-        if let Err(phase) = allowed(&pod, &phase, same_migration) {
+        if !allowed(&pod, phase, same_migration) {
             return Err(Claim::Taken {
                 phase,
                 by: recorded.filter(|_| !same_migration),
             });
         }
-        values.insert(annotations::PHASE.into(), to.into());
+        values.insert(annotations::PHASE.into(), to.as_str().into());
         values.insert(annotations::MIGRATION_ID.into(), id.into());
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": pod.metadata.resource_version,
@@ -389,7 +558,7 @@ pub async fn in_flight_migrations(
     // name, is not a migration of its own).
     for target in all.iter().filter(|p| {
         (note(p, annotations::WAIT_FOR_CHECKPOINT) == Some("true")
-            || note(p, annotations::PHASE) == Some("handing-off"))
+            || Phase::of(p) == Some(Phase::HandingOff))
             && p.metadata.deletion_timestamp.is_none()
             && !is_successor(p)
     }) {
@@ -403,15 +572,14 @@ pub async fn in_flight_migrations(
             .get(source)
             .filter(|s| s.metadata.deletion_timestamp.is_none());
         // A holder that recorded the commit holds the app once the source is gone.
-        let holder_committed =
-            is_holder(target) && note(target, annotations::PHASE) == Some("committed");
+        let holder_committed = is_holder(target) && Phase::of(target) == Some(Phase::Committed);
         let phase = match source_pod {
-            _ if holder_committed => "committed",
+            _ if holder_committed => Phase::Committed.as_str(),
             None => "source-deleted",
             Some(s) => Some(s)
                 .filter(|s| note(s, annotations::MIGRATION_ID) == Some(id))
-                .and_then(|s| note(s, annotations::PHASE))
-                .unwrap_or("target-created"),
+                .and_then(|s| Phase::of(s))
+                .map_or("target-created", Phase::as_str),
         }
         .to_string();
         let age_seconds = target
@@ -441,19 +609,13 @@ pub async fn in_flight_migrations(
     }
     // Sources frozen or committed whose target is gone or already finished.
     for source in &all {
-        let (Some(id), Some(phase)) = (
-            note(source, annotations::MIGRATION_ID),
-            note(source, annotations::PHASE),
-        ) else {
+        let (Some(id), Some(phase)) = (note(source, annotations::MIGRATION_ID), Phase::of(source))
+        else {
             continue;
         };
         // `claimed` and `creating-target`: a plugin that stopped before its target ran still
         // holds the pod's claim, which keeps every other migration off it until aborted.
-        if !matches!(
-            phase,
-            "claimed" | "creating-target" | "checkpointing" | "committed" | "aborting"
-        ) || found.contains_key(id)
-        {
+        if !phase.unfinished() || found.contains_key(id) {
             continue;
         }
         if source.metadata.deletion_timestamp.is_some() {
@@ -488,4 +650,89 @@ pub async fn in_flight_migrations(
         .into_values()
         .filter(|m| pod.is_none_or(|p| m.source == p || m.target.as_deref() == Some(p)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(notes: &[(&str, &str)]) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.annotations = Some(
+            notes
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        );
+        pod
+    }
+
+    #[test]
+    fn every_phase_reads_back_as_written_and_unknown_values_are_none() {
+        for phase in Phase::ALL {
+            assert_eq!(Phase::parse(phase.as_str()), Some(phase));
+        }
+        assert_eq!(Phase::parse("transferring"), None);
+        assert_eq!(phase_text(None), "none");
+    }
+
+    #[test]
+    fn a_settled_phase_is_never_claimed_again_and_only_a_commit_counts_as_one() {
+        let committed: Vec<Phase> = Phase::ALL.into_iter().filter(|p| p.committed()).collect();
+        assert_eq!(committed, [Phase::Committed, Phase::DoneKept]);
+        for phase in [
+            Phase::Aborting,
+            Phase::Failed,
+            Phase::Committed,
+            Phase::DoneKept,
+        ] {
+            assert!(phase.settled(), "{phase}");
+        }
+        // A pod with a waiting target, a done-kept source or an unfinished handoff is taken.
+        assert!(phase_in_flight(Some(Phase::DoneKept), false));
+        assert!(phase_in_flight(Some(Phase::HandingOff), false));
+        assert!(phase_in_flight(None, true));
+        assert!(!phase_in_flight(Some(Phase::Failed), false));
+        assert!(!phase_in_flight(Some(Phase::Done), false));
+    }
+
+    #[test]
+    fn the_plan_reads_back_as_recorded_and_older_migrations_are_read_from_what_they_recorded() {
+        for variant in [Variant::Plain, Variant::Handoff, Variant::StatefulSet] {
+            for post_copy in [false, true] {
+                let plan = Plan { variant, post_copy };
+                assert_eq!(Plan::parse(&plan.as_note()), Some(plan));
+            }
+        }
+        assert_eq!(
+            Plan::parse("stateful-set+post-copy").map(|p| p.post_copy),
+            Some(true)
+        );
+        assert_eq!(Plan::parse("daemon-set"), None);
+        // The target's record wins over the source's.
+        let target = pod(&[(annotations::VARIANT, "handoff+post-copy")]);
+        let source = pod(&[(annotations::VARIANT, "plain")]);
+        assert_eq!(
+            Plan::recorded(Some(&target), Some(&source)),
+            Plan {
+                variant: Variant::Handoff,
+                post_copy: true
+            }
+        );
+        // Nothing recorded: the holder's role, the target's owner, its post-copy mark.
+        let holder = pod(&[(annotations::ROLE, "holder")]);
+        assert_eq!(
+            Plan::recorded(Some(&holder), None).variant,
+            Variant::StatefulSet
+        );
+        let owned = pod(&[(annotations::OWNER, "{}"), (annotations::POST_COPY, "true")]);
+        assert_eq!(
+            Plan::recorded(Some(&owned), None),
+            Plan {
+                variant: Variant::Handoff,
+                post_copy: true
+            }
+        );
+        assert_eq!(Plan::recorded(None, Some(&pod(&[]))), Plan::default());
+    }
 }

@@ -139,11 +139,12 @@ pub async fn abort_migration<L: Launchers + Sync>(
     // Settle the race with a plugin that may still be running: the source's phase moves to
     // `aborting` only if no commit landed first (and a commit cannot land after it).
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    match migrate::claim(&pods, &found.source, &found.id, "aborting").await {
+    match migrate::claim(&pods, &found.source, &found.id, migrate::Phase::Aborting).await {
         Ok(()) => {}
-        Err(migrate::Claim::Taken { phase, .. })
-            if phase == "committed" || phase == "done-kept" =>
-        {
+        Err(migrate::Claim::Taken {
+            phase: Some(phase),
+            by: None,
+        }) if phase.committed() => {
             return Err(RecoverError::Committed {
                 id: found.id,
                 target: found.target.unwrap_or_default(),
@@ -151,12 +152,15 @@ pub async fn abort_migration<L: Launchers + Sync>(
             });
         }
         // An earlier abort, or an undo, got there: going on is idempotent.
-        Err(migrate::Claim::Taken { phase, .. }) if phase == "aborting" || phase == "failed" => {}
-        Err(migrate::Claim::Taken { phase, .. }) => {
+        Err(migrate::Claim::Taken {
+            phase: Some(migrate::Phase::Aborting | migrate::Phase::Failed),
+            by: None,
+        }) => {}
+        Err(migrate::Claim::Taken { phase, by }) => {
             return Err(RecoverError::Superseded {
                 id: found.id,
                 pod: found.source,
-                phase,
+                phase: migrate::Claim::phase_text(phase, by.as_deref()),
                 target: found.target.unwrap_or_default(),
             });
         }
@@ -191,8 +195,10 @@ pub async fn abort_migration<L: Launchers + Sync>(
             }
         }
     }
+    let source = pods.get_opt(&found.source).await.ok().flatten();
     let progress = Progress {
         id: found.id.clone(),
+        plan: migrate::Plan::recorded(target.as_ref(), source.as_ref()),
         target,
         transfer_started: true,
         claimed: true,
@@ -253,8 +259,9 @@ pub async fn resume_migration<L: Launchers + Sync>(
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default();
-    let progress = Progress {
+    let mut progress = Progress {
         id: found.id.clone(),
+        plan: migrate::Plan::recorded(Some(&target), None),
         containers: crate::rewrite::migrated_containers(&target),
         target: Some(target),
         transfer_started: true,
@@ -262,28 +269,21 @@ pub async fn resume_migration<L: Launchers + Sync>(
         claimed: true,
         ..Progress::default()
     };
-    let mut options = options_for(&found.source, &node);
+    let options = options_for(&found.source, &node);
     // A post-copy migration finishes in its own order (thaw, every page, then the source's
-    // deletion): the target pod says so, and so do its launchers. One that cannot be asked is
-    // taken as post-copy: thawing before the deletion is the order that never cuts an app off
-    // its memory, and a post-copy target that lost its app fails there, keeping the source.
-    options.lazy = progress.target.as_ref().is_some_and(|t| {
-        t.metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.get(annotations::POST_COPY).is_some_and(|v| v == "true"))
-    });
-    for container in &progress.containers {
-        let target = progress.target.as_ref().expect("set above");
-        options.lazy |= launchers
-            .status(target, container)
-            .await
-            .map_or(true, |status| status.post_copy.is_some());
+    // deletion): the recorded plan says so, and so do its launchers. One that cannot be asked
+    // is taken as post-copy: thawing before the deletion is the order that never cuts an app
+    // off its memory, and a post-copy target that lost its app fails there, keeping the source.
+    if progress.plan.variant != migrate::Variant::StatefulSet {
+        for container in &progress.containers {
+            let target = progress.target.as_ref().expect("set above");
+            progress.plan.post_copy |= launchers
+                .status(target, container)
+                .await
+                .map_or(true, |status| status.post_copy.is_some());
+        }
     }
-    let stateful = progress
-        .target
-        .as_ref()
-        .is_some_and(crate::record::is_holder);
+    let stateful = progress.plan.variant == migrate::Variant::StatefulSet;
     // Bounded: a step that never ends (a successor stuck in ContainerCreating, a thaw that
     // never answers) is reported, and running this again goes on from where it stopped.
     let finished = tokio::time::timeout(
@@ -350,7 +350,9 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         .map_err(RecoverError::Api)?
         .filter(|s| s.metadata.deletion_timestamp.is_none())
         .ok_or_else(|| refuse(format!("the source pod {} is gone", found.source)))?;
-    if target.as_ref().is_some_and(crate::record::is_holder) {
+    if migrate::Plan::recorded(target.as_ref(), Some(&source)).variant
+        == migrate::Variant::StatefulSet
+    {
         return Err(refuse(
             "a StatefulSet pod's move keeps its checkpoint in the holder pod: finish it with `kubectl migrate resume`".into(),
         ));

@@ -45,6 +45,11 @@ pub mod annotations {
     /// it waits for a checkpoint or is frozen for a migration. The kubelet counts the pod
     /// Ready only when it is `True`, so Services send it no traffic before the thaw.
     pub const SERVING: &str = "migrate.kubectl.io/serving";
+    /// On the source (written with its claim) and on the target or holder: how the pod
+    /// moves, decided once by the preflight: `plain`, `handoff` (a ReplicaSet's pod, handed to
+    /// its ReplicaSet), `stateful-set` (keeps its name through a holder), with `+post-copy`
+    /// for `--lazy`. Every later step and every recovery command reads it.
+    pub const VARIANT: &str = "migrate.kubectl.io/variant";
     /// On the target of a post-copy (`--lazy`): `true`. The source may be deleted only once
     /// every page arrived, which `kubectl migrate resume` must know even when the target's
     /// launcher no longer does (its container restarted).

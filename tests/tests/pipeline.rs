@@ -1075,17 +1075,17 @@ async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
         serde_json::json!({"metadata": {"annotations": {
             "migrate.kubectl.io/phase": phase, "migrate.kubectl.io/id": "mig-race"}}})
     };
-    for first in ["aborting", "committed"] {
+    for first in [migrate::Phase::Aborting, migrate::Phase::Committed] {
         pods.patch(
             "counter",
             &kube::api::PatchParams::default(),
             &kube::api::Patch::Merge(&mark("checkpointing")),
         )
         .await?;
-        let second = if first == "aborting" {
-            "committed"
+        let second = if first == migrate::Phase::Aborting {
+            migrate::Phase::Committed
         } else {
-            "aborting"
+            migrate::Phase::Aborting
         };
         let (a, b) = tokio::join!(
             migrate::claim(&pods, "counter", "mig-race", first),
@@ -1107,7 +1107,7 @@ async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
             .unwrap_or_default();
         let loser = if a.is_ok() { &b } else { &a };
         ensure!(
-            matches!(loser, Err(migrate::Claim::Taken { phase: p, .. }) if *p == phase),
+            matches!(loser, Err(migrate::Claim::Taken { phase: Some(p), by: None }) if p.as_str() == phase),
             "the loser was not told what won ({phase}): {loser:?}"
         );
         // Once settled, the other claim is refused whatever the order.
@@ -1116,9 +1116,9 @@ async fn a_commit_and_an_abort_racing_settle_on_exactly_one() -> Result<()> {
             "counter",
             "mig-race",
             if phase == "committed" {
-                "aborting"
+                migrate::Phase::Aborting
             } else {
-                "committed"
+                migrate::Phase::Committed
             },
         )
         .await;

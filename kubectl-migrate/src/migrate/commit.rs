@@ -13,7 +13,7 @@ use super::transfer::{Cut, keep_alive, leased, within};
 use super::{Ctx, MigrateError, Options, Progress};
 use crate::client::Connection;
 use crate::launchers::Launchers;
-use crate::record::{Claim, claim, is_committed};
+use crate::record::{Claim, Phase, claim, is_committed};
 
 /// Every target container's launcher reports `restored`. Returns the target node's boot time
 /// (from its launchers' status), for the clock-jump warning.
@@ -81,12 +81,12 @@ pub(super) async fn acknowledge<L: Launchers + Sync>(
 /// undoes); [`MigrateError::CommitUnknown`] when its outcome cannot be known (the reply was
 /// lost and the pod cannot be read back): then neither undo nor finish is safe to decide here.
 pub(super) async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<(), MigrateError> {
-    let error = match claim(pods, source, id, "committed").await {
+    let error = match claim(pods, source, id, Phase::Committed).await {
         Ok(()) => return Ok(()),
-        Err(Claim::Taken { phase, .. }) => {
+        Err(Claim::Taken { phase, by }) => {
             return Err(MigrateError::CommitTaken {
                 pod: source.into(),
-                phase,
+                phase: Claim::phase_text(phase, by.as_deref()),
             });
         }
         Err(Claim::Api(error)) => error,
@@ -149,11 +149,7 @@ pub(super) fn commit_unknown(
             .collect::<Vec<_>>()
             .join(" && ")
     };
-    if progress
-        .target
-        .as_ref()
-        .is_some_and(crate::record::is_holder)
-    {
+    if progress.plan.variant == crate::record::Variant::StatefulSet {
         // A StatefulSet's pod: its checkpoint is parked in the holder; the source goes first.
         return format!(
             "nothing was undone and nothing was resumed: the source is frozen and its checkpoint parked in pod {target}. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume -n {ns} {source}` (never delete {target}: it holds the app); otherwise abort with `kubectl migrate abort -n {ns} {source}`",
@@ -162,12 +158,7 @@ pub(super) fn commit_unknown(
             id = progress.id,
         );
     }
-    if progress
-        .target
-        .as_ref()
-        .and_then(super::handoff::owner_of)
-        .is_some()
-    {
+    if progress.plan.variant == crate::record::Variant::Handoff {
         // A ReplicaSet's pod: deleting the source by hand would start a fresh replica.
         return format!(
             "nothing was undone and nothing was resumed: both pods are frozen. `kubectl get pod -n {ns} {source} -o jsonpath='{{.metadata.annotations}}'` tells: if its {phase} is `committed` with id {id}, finish with `kubectl migrate resume -n {ns} {source}` (never delete the source by hand: it is its ReplicaSet's pod until the handoff, and a fresh replica would start); otherwise abort with `kubectl migrate abort -n {ns} {source}`",

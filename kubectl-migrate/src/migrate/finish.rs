@@ -10,7 +10,7 @@ use kube::api::DeleteParams;
 use migrate_format::annotations;
 
 use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
-use super::{MigrateError, Options, Progress, annotate, fault, handoff, identity, record};
+use super::{MigrateError, Options, Progress, Variant, annotate, fault, handoff, identity, record};
 use crate::client::Connection;
 use crate::launchers::Launchers;
 
@@ -37,14 +37,14 @@ pub async fn finish<L: Launchers + Sync>(
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let target = progress.target.clone().unwrap_or_default();
     // A StatefulSet's pod: the target is the holder of its parked checkpoint.
-    if crate::record::is_holder(&target) {
+    if progress.plan.variant == Variant::StatefulSet {
         return identity::finish(connection, launchers, options, progress).await;
     }
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let mut finished = Finished::default();
     // The target of a pod a ReplicaSet owns is handed to it before the source goes (else the
     // ReplicaSet starts a fresh replica), which needs its app running and the pod Ready.
-    let owned = handoff::owner_of(&target).is_some();
+    let owned = progress.plan.variant == Variant::Handoff;
     // The target is thawed before anything happens to the source: a thaw that works is the
     // proof that the target holds the app (restored, not restarted since), and the source
     // goes only after it. A target that lost its app keeps the source, the way back.
@@ -52,7 +52,7 @@ pub async fn finish<L: Launchers + Sync>(
     if let Err(error) = thaw_all(launchers, progress, &target, &mut finished).await {
         return Err(lost_or_failed(error, &pods, options, &target_name).await);
     }
-    if options.lazy {
+    if progress.plan.post_copy {
         for container in &progress.containers {
             let done = launchers
                 .complete_post_copy(&target, container)
@@ -104,7 +104,7 @@ pub async fn finish<L: Launchers + Sync>(
             &pods,
             &options.pod,
             &progress.id,
-            "done-kept",
+            super::Phase::DoneKept,
             Some(&target_name),
         )
         .await;
@@ -149,7 +149,7 @@ pub async fn finish<L: Launchers + Sync>(
         &pods,
         &target_name,
         &progress.id,
-        "done",
+        super::Phase::Done,
         Some(&options.pod),
     )
     .await;
@@ -254,14 +254,10 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 Ok(Err(error)) => error.to_string(),
                 _ => "finishing took over a minute".into(),
             };
-            if progress
-                .target
-                .as_ref()
-                .is_some_and(crate::record::is_holder)
-            {
+            if progress.plan.variant == Variant::StatefulSet {
                 return identity::stuck(connection, options, progress, &why);
             }
-            if options.lazy {
+            if progress.plan.post_copy {
                 // The source may still hold memory the target lacks: never advise deleting
                 // it before the target says every page arrived.
                 let c = progress.containers.first().map_or("C", String::as_str);
@@ -270,12 +266,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                     src = options.pod
                 );
             }
-            if progress
-                .target
-                .as_ref()
-                .and_then(handoff::owner_of)
-                .is_some()
-            {
+            if progress.plan.variant == Variant::Handoff {
                 // The source is its controller's pod until the handoff: deleting it by hand
                 // would make the controller start a fresh replica beside the restored one.
                 return format!(

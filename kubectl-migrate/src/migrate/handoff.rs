@@ -33,6 +33,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt as _};
 use migrate_format::annotations;
 
+use crate::record::Phase;
+
 /// How long the target may take to become Ready once its app runs.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -198,17 +200,7 @@ fn steady(pod: &Pod) -> bool {
         .and_then(|s| s.node_name.as_ref())
         .is_some();
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    let migrating = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::PHASE))
-        .is_some_and(|phase| {
-            matches!(
-                phase.as_str(),
-                "claimed" | "creating-target" | "checkpointing" | "committed" | "aborting"
-            )
-        });
+    let migrating = Phase::of(pod).is_some_and(Phase::unfinished);
     assigned && running && ready(pod) && !migrating
 }
 

@@ -44,42 +44,27 @@ use kube::{Api, Client};
 use migrate_format::{LauncherState, annotations};
 
 use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
-use super::transfer::{keep_alive, leased, within};
-use super::{
-    Checked, Ctx, Downtime, Laps, MigrateError, Options, Progress, Report, annotate_timings, fault,
-    record, target, transfer,
-};
-use crate::check::Problem;
+use super::transfer::{Cut, keep_alive, leased, within};
+use super::{Ctx, MigrateError, Options, Progress, fault, record, target};
 use crate::client::Connection;
-use crate::launchers::{Launchers, TransferMode, Transferred};
+use crate::launchers::{Launchers, Transferred};
 use crate::record::{is_successor, note};
 use crate::rewrite;
 
-/// The pipeline for a StatefulSet's pod, after the preflight (see the module's order).
-pub(super) async fn run<L: Launchers + Sync>(
+/// Where a StatefulSet pod's app goes (the pipeline's target step for this variant): the
+/// holder on the target node, recording the successor to create, and the guard that keeps
+/// the StatefulSet from recreating the pod fresh. Returns the holder, running.
+pub(super) async fn hold<L: Launchers + Sync>(
     ctx: &Ctx<'_, L>,
     progress: &mut Progress,
-    mut laps: Laps,
-    checked: Checked,
-) -> Result<Report, MigrateError> {
+    source: &Pod,
+) -> Result<Pod, MigrateError> {
     let options = ctx.options;
-    if options.transfer == TransferMode::Direct {
-        return Err(MigrateError::Preflight(vec![Problem::new(
-            format!(
-                "pod {} is a StatefulSet's: its checkpoint is parked in a holder pod through this plugin (the relay), not sent pod to pod",
-                options.pod
-            ),
-            "migrate without --transfer direct",
-        )]));
-    }
-    let source = checked.source;
     let node = &options.target_node;
-
-    progress.phase = "creating the holder".into();
-    let holder = rewrite::holder_pod(&source, node, &progress.id);
-    let holder = target::create_pod(ctx, progress, &source, holder).await?;
+    let holder = rewrite::holder_pod(source, node, &progress.id);
+    let holder = target::create_pod(ctx, progress, source, holder).await?;
     let holder_name = holder.metadata.name.clone().unwrap_or_default();
-    let successor = rewrite::successor_pod(&source, node, &progress.id, &holder_name);
+    let successor = rewrite::successor_pod(source, node, &progress.id, &holder_name);
     let patch = serde_json::json!({"metadata": {"annotations": {
         annotations::SUCCESSOR: serde_json::to_string(&successor).unwrap_or_default(),
     }}});
@@ -90,8 +75,6 @@ pub(super) async fn run<L: Launchers + Sync>(
             step: "recording the successor pod on the holder",
             source,
         })?;
-    laps.done("holder");
-
     progress.phase = "guarding the pod's name".into();
     guard::install(
         &ctx.connection.client,
@@ -101,18 +84,42 @@ pub(super) async fn run<L: Launchers + Sync>(
         &successor,
     )
     .await?;
-    laps.done("guard");
     fault::stage("guarded");
+    Ok(holder)
+}
 
-    progress.phase = "checkpoint and park".into();
-    let cut = transfer::freeze(ctx, progress, &source, checked.freeze_limit).await?;
-    fault::stage("frozen");
-    let parked = park_all(ctx, &source, &holder, &cut.containers);
-    let parked = within(cut.thaw_by, leased(parked, keep_alive(ctx, &source, &cut))).await???;
-    for (container, done) in &parked {
+/// Every container's checkpoint into the holder's `park`, all at once, under the lease and
+/// the freeze limit (the pipeline's transfer step for this variant).
+pub(super) async fn park<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    source: &Pod,
+    holder: &Pod,
+    cut: &Cut,
+) -> Result<BTreeMap<String, Transferred>, MigrateError> {
+    let parking = cut.containers.iter().map(|c| async move {
+        let moved = ctx.options.moved.clone();
+        (
+            c.clone(),
+            ctx.launchers.park(source, holder, c, moved).await,
+        )
+    });
+    let results = within(
+        cut.thaw_by,
+        leased(
+            futures::future::join_all(parking),
+            keep_alive(ctx, source, cut),
+        ),
+    )
+    .await??;
+    let mut parked = BTreeMap::new();
+    for (container, result) in results {
+        let done = result.map_err(|error| MigrateError::Transfer {
+            container: container.clone(),
+            error,
+        })?;
         if done.restore.id.as_deref() != Some(done.checkpoint.id.as_str()) {
             return Err(MigrateError::Transfer {
-                container: container.clone(),
+                container,
                 error: format!(
                     "the holder parked checkpoint {:?}, not the one sent ({})",
                     done.restore.id, done.checkpoint.id
@@ -120,40 +127,39 @@ pub(super) async fn run<L: Launchers + Sync>(
                 .into(),
             });
         }
+        parked.insert(container, done);
     }
-    laps.done("checkpoint+park");
     fault::stage("parked");
-    // The parked archive must still be there to be committed to.
+    Ok(parked)
+}
+
+/// The parked archive must still be there to be committed to (the pipeline's verify step for
+/// this variant: `park` verified every archive in full before answering).
+pub(super) async fn verify<L: Launchers + Sync>(
+    ctx: &Ctx<'_, L>,
+    holder: &Pod,
+) -> Result<(), MigrateError> {
+    let holder_name = holder.metadata.name.clone().unwrap_or_default();
     match ctx.pods.get_opt(&holder_name).await {
-        Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_none() => {}
-        Ok(_) => {
-            return Err(MigrateError::TargetFailed {
-                target: holder_name,
-                reason: "the holder pod was deleted before the commit".into(),
-            });
-        }
-        Err(source) => {
-            return Err(MigrateError::Api {
-                step: "reading the holder pod before the commit",
-                source,
-            });
-        }
+        Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_none() => Ok(()),
+        Ok(_) => Err(MigrateError::TargetFailed {
+            target: holder_name,
+            reason: "the holder pod was deleted before the commit".into(),
+        }),
+        Err(source) => Err(MigrateError::Api {
+            step: "reading the holder pod before the commit",
+            source,
+        }),
     }
-    super::commit::acknowledge(ctx, &source, &cut).await?;
-    fault::stage("acknowledged");
+}
 
-    progress.phase = "commit".into();
-    super::commit::commit(&ctx.pods, &options.pod, &progress.id).await?;
-    progress.committed = true;
-    laps.done("commit");
-    fault::stage("committed");
-
-    progress.phase = "moving the name".into();
-    let finished = finish(ctx.connection, ctx.launchers, options, progress).await?;
-    laps.done("source+successor+restore+thaw");
-
-    let downtime = Downtime::of(&cut, &finished);
-    let containers = parked
+/// Each container's transfer as the report tells it: checkpointed into the holder, restored
+/// in the successor from what was parked.
+pub(super) fn restored_from_parked(
+    parked: BTreeMap<String, Transferred>,
+    finished: &Finished,
+) -> BTreeMap<String, Transferred> {
+    parked
         .into_iter()
         .map(|(container, park)| {
             let restore = finished
@@ -168,43 +174,7 @@ pub(super) async fn run<L: Launchers + Sync>(
             };
             (container, moved)
         })
-        .collect();
-    let timings = serde_json::to_string(&laps.phases).unwrap_or_default();
-    annotate_timings(&ctx.pods, &options.pod, &timings).await;
-    Ok(Report::assemble(
-        progress,
-        options,
-        options.pod.clone(),
-        laps,
-        containers,
-        downtime,
-        finished,
-    ))
-}
-
-/// Every container's checkpoint into the holder's `park`, all at once.
-async fn park_all<L: Launchers + Sync>(
-    ctx: &Ctx<'_, L>,
-    source: &Pod,
-    holder: &Pod,
-    containers: &[String],
-) -> Result<BTreeMap<String, Transferred>, MigrateError> {
-    let parking = containers.iter().map(|c| async move {
-        let moved = ctx.options.moved.clone();
-        (
-            c.clone(),
-            ctx.launchers.park(source, holder, c, moved).await,
-        )
-    });
-    let mut parked = BTreeMap::new();
-    for (container, result) in futures::future::join_all(parking).await {
-        let done = result.map_err(|error| MigrateError::Transfer {
-            container: container.clone(),
-            error,
-        })?;
-        parked.insert(container, done);
-    }
-    Ok(parked)
+        .collect()
 }
 
 /// How long the source pod may take to be gone once deleted (its kubelet stops its

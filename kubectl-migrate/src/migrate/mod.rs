@@ -55,8 +55,8 @@ mod transfer;
 mod undo;
 
 pub use crate::record::{
-    Claim, claim, claim_back, is_committed, peer_of, restart_counts, restarted_since_freeze,
-    restarts_at_freeze, settle, take,
+    Claim, Phase, Plan, Variant, claim, claim_back, is_committed, peer_of, restart_counts,
+    restarted_since_freeze, restarts_at_freeze, settle, take,
 };
 pub use finish::{clock_jump, finish};
 pub use thaw::Finished;
@@ -260,6 +260,8 @@ impl std::error::Error for Failed {}
 pub struct Progress {
     pub phase: String,
     pub id: String,
+    /// How the pod moves (decided by the preflight, recorded on the pods with the claim).
+    pub plan: Plan,
     pub target: Option<Pod>,
     pub transfer_started: bool,
     /// Past the point of no return: the commit is recorded on the source pod.
@@ -371,13 +373,14 @@ async fn run<L: Launchers + Sync>(
     let checked = check_step(&ctx).await?;
     progress.source_restarts = restart_counts(&checked.source);
     // One claim per pod, before anything is created: a second migration stops here.
-    match take(&ctx.pods, &options.pod, &progress.id).await {
+    progress.plan = checked.plan;
+    match take(&ctx.pods, &options.pod, &progress.id, checked.plan).await {
         Ok(()) => {}
         Err(Claim::Taken { phase, by }) => {
             return Err(MigrateError::Claimed {
                 pod: options.pod.clone(),
                 by: by.unwrap_or_else(|| "(its id is not recorded)".into()),
-                phase,
+                phase: crate::record::phase_text(phase).into(),
             });
         }
         Err(Claim::Api(source)) => {
@@ -389,31 +392,45 @@ async fn run<L: Launchers + Sync>(
     }
     progress.claimed = true;
     laps.done("check");
-
-    if checked.stateful {
-        return identity::run(&ctx, progress, laps, checked).await;
-    }
     let source = checked.source;
+    let plan = checked.plan;
 
+    // Where the app goes: a new target pod, or for a StatefulSet's pod a holder on the
+    // target node (and the guard that keeps the StatefulSet from recreating the pod fresh).
     progress.phase = "creating the target".into();
-    let target = target::create(&ctx, progress, &source).await?;
+    let target = match plan.variant {
+        Variant::Plain | Variant::Handoff => target::create(&ctx, progress, &source).await?,
+        Variant::StatefulSet => identity::hold(&ctx, progress, &source).await?,
+    };
     laps.done("target");
     fault::stage("target-running");
     fault::pause("target-running").await;
 
     // Before anything is frozen: the direct channels stand (or the relay is settled on).
     progress.phase = "preparing the transfer".into();
-    let ready = transfer::prepare(&ctx, &source, &target).await?;
+    let ready = match plan.variant {
+        Variant::StatefulSet => BTreeMap::new(),
+        Variant::Plain | Variant::Handoff => transfer::prepare(&ctx, &source, &target).await?,
+    };
     laps.done("transfer setup");
 
     progress.phase = "checkpoint and transfer".into();
     let cut = transfer::freeze(&ctx, progress, &source, checked.freeze_limit).await?;
     fault::stage("frozen");
-    let reports = transfer::stream(&ctx, &source, &target, &cut, ready).await?;
+    // Restored (frozen) in the target, or parked in the holder.
+    let reports = match plan.variant {
+        Variant::Plain | Variant::Handoff => {
+            transfer::stream(&ctx, &source, &target, &cut, ready).await?
+        }
+        Variant::StatefulSet => identity::park(&ctx, &source, &target, &cut).await?,
+    };
     laps.done("checkpoint+transfer+restore");
 
     progress.phase = "verify".into();
-    let target_boot_time = commit::verify(&ctx, &source, &target, &cut).await?;
+    let target_boot_time = match plan.variant {
+        Variant::Plain | Variant::Handoff => commit::verify(&ctx, &source, &target, &cut).await?,
+        Variant::StatefulSet => identity::verify(&ctx, &target).await.map(|()| None)?,
+    };
     fault::stage("restored");
     commit::acknowledge(&ctx, &source, &cut).await?;
     laps.done("verify");
@@ -427,6 +444,7 @@ async fn run<L: Launchers + Sync>(
     laps.done("commit");
     fault::stage("committed");
 
+    // `finish` takes the variant's own way (see there).
     progress.phase = "thaw and cleanup".into();
     let mut finished = finish(connection, launchers, options, progress).await?;
     if let (Some(&from), Some(to)) = (checked.boot_times.first(), target_boot_time) {
@@ -434,24 +452,35 @@ async fn run<L: Launchers + Sync>(
     }
     laps.done("thaw+cleanup");
 
-    let target_name = target.metadata.name.clone().unwrap_or_default();
+    // A StatefulSet's pod runs under its own name, restored from what was parked.
+    let (target_name, reports) = match plan.variant {
+        Variant::Plain | Variant::Handoff => {
+            (target.metadata.name.clone().unwrap_or_default(), reports)
+        }
+        Variant::StatefulSet => (
+            options.pod.clone(),
+            identity::restored_from_parked(reports, &finished),
+        ),
+    };
     let downtime = Downtime::of(&cut, &finished);
     let timings = serde_json::to_string(&laps.phases).unwrap_or_default();
     annotate_timings(&ctx.pods, &target_name, &timings).await;
-    record(
-        connection,
-        &target,
-        "MigrationDone",
-        format!(
-            "restored from {} in {} ms of downtime (freeze → thaw)",
-            options.pod,
-            downtime
-                .pod_ms
-                .or(downtime.bound_ms)
-                .map_or("?".into(), |d| d.to_string())
-        ),
-    )
-    .await;
+    if plan.variant != Variant::StatefulSet {
+        record(
+            connection,
+            &target,
+            "MigrationDone",
+            format!(
+                "restored from {} in {} ms of downtime (freeze → thaw)",
+                options.pod,
+                downtime
+                    .pod_ms
+                    .or(downtime.bound_ms)
+                    .map_or("?".into(), |d| d.to_string())
+            ),
+        )
+        .await;
+    }
     Ok(Report::assemble(
         progress,
         options,
@@ -557,8 +586,8 @@ struct Checked {
     freeze_limit: Option<Duration>,
     /// The source node's boot time, as its launchers report it.
     boot_times: Vec<u64>,
-    /// A StatefulSet's pod: it moves keeping its name ([`identity`]).
-    stateful: bool,
+    /// How the pod moves: decided here, once.
+    plan: Plan,
 }
 
 /// Step 1, the preflight (`crate::check`): any problem stops here, nothing changed.
@@ -584,18 +613,37 @@ async fn check_step<L: Launchers + Sync>(ctx: &Ctx<'_, L>) -> Result<Checked, Mi
     for note in check::notes(&facts) {
         tracing::warn!("{note}");
     }
-    let problems = check::problems(&facts);
+    let mut problems = check::problems(&facts);
+    let plan = Plan {
+        variant: if facts.stateful_set.is_some() {
+            Variant::StatefulSet
+        } else if check::pod::controller(&facts.pod).is_some() {
+            Variant::Handoff
+        } else {
+            Variant::Plain
+        },
+        post_copy: options.lazy,
+    };
+    if plan.variant == Variant::StatefulSet && options.transfer == TransferMode::Direct {
+        problems.push(Problem::new(
+            format!(
+                "pod {} is a StatefulSet's: its checkpoint is parked in a holder pod through this plugin (the relay), not sent pod to pod",
+                options.pod
+            ),
+            "migrate without --transfer direct",
+        ));
+    }
     if !problems.is_empty() {
         return Err(MigrateError::Preflight(problems));
     }
     Ok(Checked {
+        plan,
         freeze_limit: check::pod::freeze_limit(&facts),
         boot_times: facts
             .launchers
             .values()
             .filter_map(|s| s.as_ref().ok().and_then(|s| s.boot_time))
             .collect(),
-        stateful: facts.stateful_set.is_some(),
         source: facts.pod,
     })
 }
@@ -606,27 +654,27 @@ async fn advance_phase(
     pods: &Api<Pod>,
     source: &str,
     id: &str,
-    to: &str,
+    to: Phase,
     extra: crate::record::Extra<'_>,
 ) -> Result<(), MigrateError> {
     match crate::record::claim_with(pods, source, id, to, extra).await {
         Ok(()) => Ok(()),
-        Err(Claim::Taken { phase, .. }) => Err(MigrateError::CommitTaken {
+        Err(Claim::Taken { phase, by }) => Err(MigrateError::CommitTaken {
             pod: source.into(),
-            phase,
+            phase: Claim::phase_text(phase, by.as_deref()),
         }),
         Err(Claim::Api(error)) => {
-            tracing::warn!(%error, phase = to, "cannot record the phase on the source");
+            tracing::warn!(%error, phase = to.as_str(), "cannot record the phase on the source");
             Ok(())
         }
     }
 }
 
 /// Merge-patches the migration annotations onto a pod; a failure is logged, not fatal.
-async fn annotate(pods: &Api<Pod>, name: &str, id: &str, phase: &str, peer: Option<&str>) {
+async fn annotate(pods: &Api<Pod>, name: &str, id: &str, phase: Phase, peer: Option<&str>) {
     let mut values = serde_json::Map::new();
     values.insert(annotations::MIGRATION_ID.into(), id.into());
-    values.insert(annotations::PHASE.into(), phase.into());
+    values.insert(annotations::PHASE.into(), phase.as_str().into());
     if let Some(peer) = peer {
         values.insert(annotations::PEER.into(), peer.into());
     }

@@ -24,7 +24,7 @@ pub(super) async fn create<L: Launchers + Sync>(
 ) -> Result<Pod, MigrateError> {
     let options = ctx.options;
     let mut target = rewrite::target_pod(source, &options.target_node, &progress.id);
-    if options.lazy {
+    if progress.plan.post_copy {
         rewrite::allow_post_copy(&mut target);
     }
     create_pod(ctx, progress, source, target).await
@@ -40,6 +40,13 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
 ) -> Result<Pod, MigrateError> {
     let options = ctx.options;
     let pods = &ctx.pods;
+    // The plan goes with the pod: a recovery that finds only the target (or the holder)
+    // reads it there.
+    target
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(annotations::VARIANT.into(), progress.plan.as_note());
     // The target's name never collides: a taken `NAME-mN` (a leftover, or anyone's pod) moves
     // on to the next N.
     let created = loop {
@@ -50,7 +57,14 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
             values.insert(annotations::PEER.into(), name.clone().into());
             values
         };
-        advance_phase(pods, &options.pod, &progress.id, "creating-target", &peer).await?;
+        advance_phase(
+            pods,
+            &options.pod,
+            &progress.id,
+            super::Phase::CreatingTarget,
+            &peer,
+        )
+        .await?;
         match pods.create(&PostParams::default(), &target).await {
             Ok(created) => break created,
             Err(kube::Error::Api(status))

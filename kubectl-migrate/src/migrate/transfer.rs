@@ -57,7 +57,7 @@ pub(super) async fn freeze<L: Launchers + Sync>(
         &ctx.pods,
         &options.pod,
         &progress.id,
-        "checkpointing",
+        super::Phase::Checkpointing,
         &restarts,
     )
     .await?;

@@ -47,7 +47,7 @@ pub async fn undo<L: Launchers + Sync>(
                     | MigrateError::Api { .. }
             )
         {
-            let _ = super::settle(&pods, &options.pod, &progress.id, "failed").await;
+            let _ = super::settle(&pods, &options.pod, &progress.id, super::Phase::Failed).await;
         }
         return "nothing was changed".into();
     }
@@ -197,10 +197,7 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // A StatefulSet pod's move: its guard goes with the holder (also when the holder is gone
     // already: a guard left behind keeps the StatefulSet from ever recreating the pod).
-    let stateful = progress
-        .target
-        .as_ref()
-        .is_some_and(crate::record::is_holder)
+    let stateful = progress.plan.variant == super::Variant::StatefulSet
         || source_owner_kind.as_deref() == Some("StatefulSet");
     if stateful {
         let guard = super::identity::guard::name(&progress.id);
@@ -216,7 +213,7 @@ pub async fn undo<L: Launchers + Sync>(
     // while the source still records this migration.
     if manual.is_empty()
         && let Err(super::Claim::Api(error)) =
-            super::settle(&pods, &options.pod, &progress.id, "failed").await
+            super::settle(&pods, &options.pod, &progress.id, super::Phase::Failed).await
         && !matches!(&error, kube::Error::Api(status) if status.is_not_found())
     {
         tracing::warn!(%error, pod = options.pod, "cannot record the undone migration on the source");
@@ -292,12 +289,16 @@ pub(crate) async fn rollback_when_idle<L: Launchers + Sync>(
 /// any more, with the sentence that says so.
 async fn settle_aborting(pods: &Api<Pod>, source: &str, id: &str) -> Result<bool, String> {
     for attempt in 0..10u64 {
-        match super::claim(pods, source, id, "aborting").await {
+        match super::claim(pods, source, id, super::Phase::Aborting).await {
             Ok(()) => return Ok(true),
             // Undone already (an earlier undo resumed the source): going on is idempotent, with
             // a plain rollback only, since a new migration may have taken the pod since.
-            Err(super::Claim::Taken { phase, by: None }) if phase == "failed" => return Ok(false),
+            Err(super::Claim::Taken {
+                phase: Some(super::Phase::Failed),
+                by: None,
+            }) => return Ok(false),
             Err(super::Claim::Taken { phase, by }) => {
+                let phase = crate::record::phase_text(phase);
                 return Err(match by {
                     Some(other) => format!(
                         "nothing was undone: pod {source} now belongs to migration {other} (phase {phase})"
