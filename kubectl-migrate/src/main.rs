@@ -154,7 +154,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Abort { pod }) => {
-            return Ok(outcome(recover::abort(&connection, &launchers, pod).await));
+            return Ok(outcome(
+                recover::abort(&connection, &launchers, pod)
+                    .await
+                    .map(|aftermath| aftermath.text().to_string()),
+            ));
         }
         Some(Command::Resume { pod, from_source }) => {
             let done = if *from_source {

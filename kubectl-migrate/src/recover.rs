@@ -96,7 +96,7 @@ pub async fn abort<L: Launchers + Sync>(
     connection: &Connection,
     launchers: &L,
     pod: &str,
-) -> Result<String, RecoverError> {
+) -> Result<migrate::Aftermath, RecoverError> {
     abort_migration(connection, launchers, pod, None).await
 }
 
@@ -109,11 +109,11 @@ pub async fn abort_migration<L: Launchers + Sync>(
     launchers: &L,
     pod: &str,
     id: Option<&str>,
-) -> Result<String, RecoverError> {
+) -> Result<migrate::Aftermath, RecoverError> {
     let Some((found, target)) = unfinished(connection, pod, id).await? else {
-        return Ok(format!(
-            "no unfinished migration of pod {pod}: nothing to abort"
-        ));
+        return Ok(migrate::Aftermath::Untouched {
+            text: format!("no unfinished migration of pod {pod}: nothing to abort"),
+        });
     };
     if found.committed {
         return Err(RecoverError::Committed {
@@ -125,7 +125,7 @@ pub async fn abort_migration<L: Launchers + Sync>(
     // Never delete the last copy: a source restarted since the freeze lost the app (its
     // liveness probe failed on the frozen app, an OOM kill), and a target that restored it
     // holds the only one. Then the migration goes forward instead: committed, and finished.
-    if let Some(text) = migrate::forward_if_the_source_lost_it(
+    if let Some(forward) = migrate::forward_if_the_source_lost_it(
         connection,
         launchers,
         &found.source,
@@ -134,7 +134,7 @@ pub async fn abort_migration<L: Launchers + Sync>(
     )
     .await
     {
-        return Ok(text);
+        return Ok(forward);
     }
     // Settle the race with a plugin that may still be running: the source's phase moves to
     // `aborting` only if no commit landed first (and a commit cannot land after it).

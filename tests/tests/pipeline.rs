@@ -506,7 +506,14 @@ async fn a_failing_target_is_deleted_and_the_source_rolled_back() -> Result<()> 
         let _ = driver.join();
         let text = failed.to_string();
         ensure!(
-            matches!(failed.error, MigrateError::TargetFailed { .. }),
+            matches!(failed.error, MigrateError::TargetFailed { .. })
+                && matches!(
+                    failed.aftermath,
+                    migrate::Aftermath::Undone {
+                        restarted: false,
+                        ..
+                    }
+                ),
             "{behaviour:?}: {text}"
         );
         ensure!(
@@ -934,7 +941,16 @@ async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()>
         "resume of an uncommitted migration: {refused:?}"
     );
     let done = recover::abort(&connection, &fresh, "counter").await?;
-    ensure!(done.contains("deleted the target pod counter-m1"), "{done}");
+    ensure!(
+        matches!(
+            done,
+            migrate::Aftermath::Undone {
+                restarted: false,
+                ..
+            }
+        ) && done.text().contains("deleted the target pod counter-m1"),
+        "{done:?}"
+    );
     ensure!(
         fresh
             .calls()
@@ -957,7 +973,11 @@ async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()>
             .is_empty()
     );
     let again = recover::abort(&connection, &fresh, "counter").await?;
-    ensure!(again.contains("nothing to abort"), "{again}");
+    ensure!(
+        matches!(again, migrate::Aftermath::Untouched { .. })
+            && again.text().contains("nothing to abort"),
+        "{again:?}"
+    );
     Ok(())
 }
 
@@ -1039,7 +1059,8 @@ async fn a_freeze_longer_than_max_downtime_is_undone() -> Result<()> {
         .context("a freeze past --max-downtime must fail the migration")?;
     let _ = driver.join();
     ensure!(
-        matches!(failed.error, MigrateError::FrozenTooLong { .. }),
+        matches!(failed.error, MigrateError::FrozenTooLong { .. })
+            && matches!(failed.aftermath, migrate::Aftermath::Undone { .. }),
         "{failed}"
     );
     ensure!(
@@ -1430,9 +1451,12 @@ async fn a_stateful_set_holder_counts_as_committed_only_with_the_commit_recorded
     );
     let done = recover::abort(&connection, &launchers, "web-0").await?;
     ensure!(
-        done.contains("deleted the target pod web-0-m1")
-            && done.contains("deleted the admission policy kubectl-migrate-mig-7"),
-        "{done}"
+        matches!(done, migrate::Aftermath::Undone { .. })
+            && done.text().contains("deleted the target pod web-0-m1")
+            && done
+                .text()
+                .contains("deleted the admission policy kubectl-migrate-mig-7"),
+        "{done:?}"
     );
     ensure!(
         !launchers.calls().iter().any(|c| c.starts_with("unpark")),

@@ -409,22 +409,39 @@ async fn carry_out(
                 reason: "PodBusy",
                 message: failed.to_string(),
             },
-            _ => {
-                // The pipeline undid it, or (past its commit, or when the undo failed) left
-                // it in flight: the pods say which.
-                let message = failed.to_string();
-                match in_flight(&connection, &spec.pod, id).await {
-                    Ok(Some(found)) => Outcome::InFlight {
-                        message,
-                        committed: Some(found.committed),
-                    },
-                    Ok(None) => how_it_ended(&connection, &spec.pod, id, message).await,
-                    Err(error) => Outcome::InFlight {
-                        message: format!("{message}; and cannot read the pods: {error}"),
-                        committed: None,
-                    },
-                }
-            }
+            // The pipeline says what it left: recorded as it is, never re-read from the pods.
+            _ => of_aftermath(&failed.aftermath, failed.to_string()),
+        },
+    }
+}
+
+/// The outcome a failed migration's (or an abort's) aftermath makes: undone or untouched is
+/// rolled back, finished is finished, a target that lost the app after the commit fails for
+/// a person to decide, anything left to do stays in flight for recovery.
+fn of_aftermath(aftermath: &migrate::Aftermath, message: String) -> Outcome {
+    use migrate::Aftermath;
+    match aftermath {
+        Aftermath::Untouched { .. } | Aftermath::Undone { .. } => Outcome::RolledBack { message },
+        Aftermath::Finished { target, .. } => Outcome::Finished {
+            target: target.clone(),
+            message,
+        },
+        Aftermath::SourceKept { .. } => Outcome::Failed {
+            reason: "TargetLost",
+            message,
+        },
+        Aftermath::Stuck { .. } => Outcome::InFlight {
+            message,
+            committed: Some(true),
+        },
+        Aftermath::UndoIncomplete { .. } => Outcome::InFlight {
+            message,
+            committed: Some(false),
+        },
+        // Settled by someone else, or the commit's fate unknown: recovery reads the pods.
+        Aftermath::Superseded { .. } | Aftermath::CommitUnknown { .. } => Outcome::InFlight {
+            message,
+            committed: None,
         },
     }
 }
@@ -486,11 +503,10 @@ async fn recover(context: &Context, migration: &PodMigration, id: &str) -> Outco
             }
         }
         Some(_) => match recover::abort_migration(&connection, &launchers, pod, Some(id)).await {
-            Ok(done) => Outcome::RolledBack {
-                message: format!(
-                    "the controller stopped during migration {id}, before its commit; undone: {done}"
-                ),
-            },
+            Ok(done) => of_aftermath(
+                &done,
+                format!("the controller stopped during migration {id}, before its commit: {done}"),
+            ),
             Err(error) => Outcome::InFlight {
                 message: format!("undoing migration {id} failed (again soon): {error}"),
                 committed: Some(false),

@@ -134,7 +134,13 @@ pub(super) fn commit_unknown(
     connection: &Connection,
     options: &Options,
     progress: &Progress,
-) -> String {
+) -> super::Aftermath {
+    super::Aftermath::CommitUnknown {
+        text: how_to_tell(connection, options, progress),
+    }
+}
+
+fn how_to_tell(connection: &Connection, options: &Options, progress: &Progress) -> String {
     let ns = &connection.namespace;
     let target = progress
         .target

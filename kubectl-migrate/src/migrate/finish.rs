@@ -10,7 +10,9 @@ use kube::api::DeleteParams;
 use migrate_format::annotations;
 
 use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
-use super::{MigrateError, Options, Progress, Variant, annotate, fault, handoff, identity, record};
+use super::{
+    Aftermath, MigrateError, Options, Progress, Variant, annotate, fault, handoff, identity, record,
+};
 use crate::client::Connection;
 use crate::launchers::Launchers;
 
@@ -210,7 +212,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
     options: &Options,
     progress: &Progress,
     error: &MigrateError,
-) -> String {
+) -> Aftermath {
     let target = progress
         .target
         .as_ref()
@@ -222,10 +224,12 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
         error,
         MigrateError::PostCopyFailed { .. } | MigrateError::TargetLost { .. }
     ) {
-        return format!(
-            "nothing was finished: the source pod {} is kept, frozen, holding the app as of the freeze; go back to it with the commands above",
-            options.pod
-        );
+        return Aftermath::SourceKept {
+            text: format!(
+                "nothing was finished: the source pod {} is kept, frozen, holding the app as of the freeze; go back to it with the commands above",
+                options.pod
+            ),
+        };
     }
     let head = format!(
         "the migration was committed before this (the target pod {target} holds the app's state), so nothing was undone"
@@ -247,7 +251,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
             for warning in finished.warnings {
                 text.push_str(&format!("; warning: {warning}"));
             }
-            text
+            Aftermath::Finished { target, text }
         }
         outcome => {
             let why = match outcome {
@@ -255,24 +259,30 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
                 _ => "finishing took over a minute".into(),
             };
             if progress.plan.variant == Variant::StatefulSet {
-                return identity::stuck(connection, options, progress, &why);
+                return Aftermath::Stuck {
+                    text: identity::stuck(connection, options, progress, &why),
+                };
             }
             if progress.plan.post_copy {
                 // The source may still hold memory the target lacks: never advise deleting
                 // it before the target says every page arrived.
                 let c = progress.containers.first().map_or("C", String::as_str);
-                return format!(
-                    "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback --committed",
-                    src = options.pod
-                );
+                return Aftermath::Stuck {
+                    text: format!(
+                        "{head}; finishing failed too ({why}). With --lazy the source pod {src} is kept, frozen: it may still hold memory the target lacks, so never delete it by hand. When `kubectl exec -n {ns} {target} -c {c} -- restore-launcher status` says post_copy complete, `kubectl migrate resume -n {ns} {src}` finishes; if it says failed, go back: kubectl delete pod -n {ns} {target} --wait && kubectl exec -n {ns} {src} -c {c} -- restore-launcher rollback --committed",
+                        src = options.pod
+                    ),
+                };
             }
             if progress.plan.variant == Variant::Handoff {
                 // The source is its controller's pod until the handoff: deleting it by hand
                 // would make the controller start a fresh replica beside the restored one.
-                return format!(
-                    "{head}; finishing failed too ({why}); the source pod {src} is frozen and holds a stale copy, but it is still its ReplicaSet's pod until the target is handed over: never delete it by hand (a fresh replica would start) and never resume it. `kubectl migrate resume -n {ns} {src}` finishes (thaw, handoff, then the source's deletion)",
-                    src = options.pod
-                );
+                return Aftermath::Stuck {
+                    text: format!(
+                        "{head}; finishing failed too ({why}); the source pod {src} is frozen and holds a stale copy, but it is still its ReplicaSet's pod until the target is handed over: never delete it by hand (a fresh replica would start) and never resume it. `kubectl migrate resume -n {ns} {src}` finishes (thaw, handoff, then the source's deletion)",
+                        src = options.pod
+                    ),
+                };
             }
             let mut commands: Vec<String> = progress
                 .containers
@@ -286,11 +296,13 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
             if !options.keep_source {
                 commands.push(format!("kubectl delete pod -n {ns} {}", options.pod));
             }
-            format!(
-                "{head}; finishing failed too ({why}); the source pod {} is frozen and holds a stale copy: never resume it. To finish, run: {}",
-                options.pod,
-                commands.join(" ; ")
-            )
+            Aftermath::Stuck {
+                text: format!(
+                    "{head}; finishing failed too ({why}); the source pod {} is frozen and holds a stale copy: never resume it. To finish, run: {}",
+                    options.pod,
+                    commands.join(" ; ")
+                ),
+            }
         }
     }
 }

@@ -233,7 +233,55 @@ pub enum MigrateError {
 pub struct Failed {
     pub error: MigrateError,
     /// What happened to the source and target, and how to resume or abort.
-    pub aftermath: String,
+    pub aftermath: Aftermath,
+}
+
+/// What a failed migration left behind, decided where it happened: the CLI prints its text
+/// under the cause, the controller records it as it is (it never reads the pods again to
+/// find out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aftermath {
+    /// Refused before it touched anything: the preflight, or another migration's claim.
+    Untouched { text: String },
+    /// Undone: the target is gone, the source runs (`restarted`: it started fresh meanwhile,
+    /// its state at the freeze lost, and `text` says so).
+    Undone { text: String, restarted: bool },
+    /// The undo could not finish: `text` ends with the commands that do.
+    UndoIncomplete { text: String },
+    /// Another command settled this migration (or another migration took the pod) while it
+    /// ran: this one stopped touching anything.
+    Superseded { text: String },
+    /// Finished after all: past the commit, or gone forward because the source lost the app.
+    Finished { target: String, text: String },
+    /// Committed, not finished: `text` names what holds the app and what finishes.
+    Stuck { text: String },
+    /// Committed, but the target lost the app (or post-copy failed): the source is kept,
+    /// frozen; going back to it is a person's decision (`text` gives the commands).
+    SourceKept { text: String },
+    /// Whether the commit was recorded is unknown: `text` says how to tell, and what to run.
+    CommitUnknown { text: String },
+}
+
+impl Aftermath {
+    /// What the user reads.
+    pub fn text(&self) -> &str {
+        match self {
+            Aftermath::Untouched { text }
+            | Aftermath::Undone { text, .. }
+            | Aftermath::UndoIncomplete { text }
+            | Aftermath::Superseded { text }
+            | Aftermath::Finished { text, .. }
+            | Aftermath::Stuck { text }
+            | Aftermath::SourceKept { text }
+            | Aftermath::CommitUnknown { text } => text,
+        }
+    }
+}
+
+impl std::fmt::Display for Aftermath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
 }
 
 impl std::fmt::Display for Failed {

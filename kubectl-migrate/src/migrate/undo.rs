@@ -12,7 +12,7 @@ use kube::api::DeleteParams;
 use migrate_format::Refusal;
 
 use super::commit::retry_get;
-use super::{MigrateError, Options, Progress, record, restart_counts};
+use super::{Aftermath, MigrateError, Options, Progress, record, restart_counts};
 use crate::client::Connection;
 use crate::launchers::{LauncherError, Launchers};
 use crate::rewrite;
@@ -25,7 +25,7 @@ pub async fn undo<L: Launchers + Sync>(
     options: &Options,
     progress: &Progress,
     error: &MigrateError,
-) -> String {
+) -> Aftermath {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let mut done = Vec::new();
     let mut manual = Vec::new();
@@ -49,11 +49,13 @@ pub async fn undo<L: Launchers + Sync>(
         {
             let _ = super::settle(&pods, &options.pod, &progress.id, super::Phase::Failed).await;
         }
-        return "nothing was changed".into();
+        return Aftermath::Untouched {
+            text: "nothing was changed".into(),
+        };
     }
     // Never delete the last copy: a source restarted since the freeze lost the app, and a
     // target that restored it holds the only one; then the migration goes forward.
-    if let Some(text) = forward_if_the_source_lost_it(
+    if let Some(forward) = forward_if_the_source_lost_it(
         connection,
         launchers,
         &options.pod,
@@ -62,7 +64,7 @@ pub async fn undo<L: Launchers + Sync>(
     )
     .await
     {
-        return text;
+        return forward;
     }
     // The source's phase moves to `aborting` first, guarded by the pod's resourceVersion: a
     // commit recorded meanwhile (an `abort` that went forward) or another migration that took
@@ -71,7 +73,7 @@ pub async fn undo<L: Launchers + Sync>(
     // launcher, says the migration is not committed.
     let owned = match settle_aborting(&pods, &options.pod, &progress.id).await {
         Ok(owned) => owned,
-        Err(text) => return text,
+        Err(text) => return Aftermath::Superseded { text },
     };
     // Reads and deletes are retried for a while: the fault that ended the migration may be the
     // API server itself restarting.
@@ -160,7 +162,7 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // A restart the kubelet reported late: the target may hold the only copy now.
     if !restarted.is_empty()
-        && let Some(text) = forward_if_the_source_lost_it(
+        && let Some(forward) = forward_if_the_source_lost_it(
             connection,
             launchers,
             &options.pod,
@@ -169,7 +171,7 @@ pub async fn undo<L: Launchers + Sync>(
         )
         .await
     {
-        return text;
+        return forward;
     }
     // The target goes after the source is resumed: the app's way back comes first.
     if let Some(target) = &progress.target {
@@ -238,8 +240,12 @@ pub async fn undo<L: Launchers + Sync>(
             "; to finish aborting, run: {}",
             manual.join(" ; ")
         ));
+        return Aftermath::UndoIncomplete { text };
     }
-    text
+    Aftermath::Undone {
+        text,
+        restarted: !restarted.is_empty(),
+    }
 }
 
 /// How long an undo waits for a source's checkpoint job to end. The launcher's job gives up
@@ -336,7 +342,7 @@ pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
     source_name: &str,
     id: &str,
     target: Option<&Pod>,
-) -> Option<String> {
+) -> Option<Aftermath> {
     let target = target?;
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let source = pods.get_opt(source_name).await.ok().flatten()?;
@@ -366,6 +372,7 @@ pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
     };
     let progress = Progress {
         id: id.into(),
+        plan: super::Plan::recorded(Some(target), Some(&source)),
         target: Some(target.clone()),
         containers,
         transfer_started: true,
@@ -373,18 +380,25 @@ pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
         claimed: true,
         ..Progress::default()
     };
-    let text = match super::finish(connection, launchers, &options, &progress).await {
-        Ok(_) => format!(
-            "finished instead: pod {} runs the app on node {}; the source pod {source_name} was deleted",
-            target.metadata.name.as_deref().unwrap_or_default(),
-            options.target_node
-        ),
-        Err(error) => format!(
-            "the commit is recorded, but finishing failed: {error}; `kubectl migrate resume {source_name}` finishes"
-        ),
-    };
-    Some(format!(
-        "container(s) {} of the source pod {source_name} restarted after the freeze, so its copy of the app is gone; the target holds the app restored, so the migration went forward instead of being undone: {text}",
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    let head = format!(
+        "container(s) {} of the source pod {source_name} restarted after the freeze, so its copy of the app is gone; the target holds the app restored, so the migration went forward instead of being undone",
         restarted.join(", ")
-    ))
+    );
+    Some(
+        match super::finish(connection, launchers, &options, &progress).await {
+            Ok(_) => Aftermath::Finished {
+                text: format!(
+                    "{head}: finished instead: pod {target_name} runs the app on node {}; the source pod {source_name} was deleted",
+                    options.target_node
+                ),
+                target: target_name,
+            },
+            Err(error) => Aftermath::Stuck {
+                text: format!(
+                    "{head}: the commit is recorded, but finishing failed: {error}; `kubectl migrate resume {source_name}` finishes"
+                ),
+            },
+        },
+    )
 }
