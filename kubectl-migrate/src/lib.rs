@@ -27,5 +27,7 @@ pub mod launchers;
 pub mod migrate;
 pub mod record;
 pub mod recover;
+pub mod retry;
 pub mod rewrite;
 pub mod submit;
+pub mod wait;

@@ -486,19 +486,9 @@ async fn committed_in_flight(
 /// Waits until pod `target` (this very pod, by uid) is gone, for up to two minutes.
 async fn wait_deleted(pods: &Api<Pod>, target: &Pod) -> Result<(), String> {
     let name = name(target);
-    let uid = target.metadata.uid.clone().unwrap_or_default();
-    let gone = kube::runtime::wait::await_condition(
-        pods.clone(),
-        &name,
-        kube::runtime::wait::conditions::is_deleted(&uid),
-    );
-    tokio::time::timeout(std::time::Duration::from_secs(120), gone)
+    crate::wait::gone(pods, target, std::time::Duration::from_secs(120))
         .await
-        .map_err(|_| {
-            format!("the target pod {name} was not gone within 2 minutes; run this again")
-        })?
-        .map_err(|e| format!("waiting for the target pod {name} to go failed: {e}"))?;
-    Ok(())
+        .map_err(|_| format!("the target pod {name} was not gone within 2 minutes; run this again"))
 }
 
 /// The unfinished migration of `pod` (as source or target; migration `id` if given), with its

@@ -3,8 +3,6 @@
 //! then one durable write on the source pod, `migrate.kubectl.io/phase: committed`, is the
 //! point of no return. Before it any failure undoes; after it nothing does.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use migrate_format::annotations;
@@ -14,6 +12,7 @@ use super::{Ctx, MigrateError, Options, Progress};
 use crate::client::Connection;
 use crate::launchers::Launchers;
 use crate::record::{Claim, Phase, claim, is_committed};
+use crate::retry;
 
 /// Every target container's launcher reports `restored`. Returns the target node's boot time
 /// (from its launchers' status), for the clock-jump warning.
@@ -113,20 +112,10 @@ pub(super) async fn commit(pods: &Api<Pod>, source: &str, id: &str) -> Result<()
     }
 }
 
-/// Reads `name` back, trying for a few seconds: after a lost reply the API server may need
-/// a moment (a restart, a leader change) before it answers again.
+/// Reads `name` back, trying again by [`retry::api_restart`]: after a lost reply the API
+/// server may need a moment (a restart, a leader change) before it answers again.
 pub(super) async fn retry_get(pods: &Api<Pod>, name: &str) -> Result<Pod, kube::Error> {
-    let mut attempt = 0;
-    loop {
-        match pods.get(name).await {
-            Ok(pod) => return Ok(pod),
-            Err(error) if attempt >= 9 => return Err(error),
-            Err(_) => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-            }
-        }
-    }
+    retry::by_when(retry::api_restart(), || pods.get(name), retry::passing).await
 }
 
 /// The commit's outcome is unknown: say how to tell, and what to run in either case.

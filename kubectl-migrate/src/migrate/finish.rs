@@ -9,12 +9,13 @@ use kube::Api;
 use kube::api::DeleteParams;
 use migrate_format::annotations;
 
-use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
+use super::thaw::{Finished, end_wait, mark_serving, thaw_all};
 use super::{
     Aftermath, MigrateError, Options, Progress, Variant, annotate, fault, handoff, identity, record,
 };
 use crate::client::Connection;
 use crate::launchers::Launchers;
+use crate::retry;
 
 /// Finishes a committed migration, idempotently (it runs again after a failure or an
 /// interruption past the commit): thaw every target container first (a thaw that works, on an
@@ -125,7 +126,7 @@ pub async fn finish<L: Launchers + Sync>(
             .await;
         }
         finished.source_deleted_at_ms = Some(migrate_format::unix_ms());
-        retry(|| async {
+        retry::by(retry::finishing(), || async {
             match pods.delete(&options.pod, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
@@ -137,7 +138,10 @@ pub async fn finish<L: Launchers + Sync>(
     fault::stage("source-deleted");
     if owned
         && deleted.is_ok()
-        && let Err(warning) = retry(|| handoff::drop_deletion_cost(&pods, &target_name)).await
+        && let Err(warning) = retry::by(retry::finishing(), || {
+            handoff::drop_deletion_cost(&pods, &target_name)
+        })
+        .await
     {
         finished.warnings.push(warning);
     }

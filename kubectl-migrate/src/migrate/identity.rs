@@ -39,16 +39,16 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use migrate_format::{LauncherState, annotations};
 
-use super::thaw::{Finished, end_wait, mark_serving, retry, thaw_all};
+use super::thaw::{Finished, end_wait, mark_serving, thaw_all};
 use super::transfer::{Cut, keep_alive, leased, within};
 use super::{Ctx, MigrateError, Options, Progress, fault, record, target};
 use crate::client::Connection;
 use crate::launchers::{Launchers, Transferred};
 use crate::record::{is_successor, note};
+use crate::retry;
 use crate::rewrite;
 
 /// Where a StatefulSet pod's app goes (the pipeline's target step for this variant): the
@@ -207,11 +207,13 @@ pub async fn finish<L: Launchers + Sync>(
     let resume = format!("`kubectl migrate resume -n {ns} {name}` goes on from there");
     let mut finished = Finished::default();
 
-    let holder = retry(|| pods.get_opt(&holder_name)).await.map_err(|e| {
-        after(format!(
-            "cannot read the holder pod {holder_name}: {e}; {resume}"
-        ))
-    })?;
+    let holder = retry::by(retry::finishing(), || pods.get_opt(&holder_name))
+        .await
+        .map_err(|e| {
+            after(format!(
+                "cannot read the holder pod {holder_name}: {e}; {resume}"
+            ))
+        })?;
     // The source and the successor share the name: the successor is the pod with this
     // migration's id and role that is not the source, whose uid the holder records. (A
     // successor loses its role once its move is complete, so the source of a later move never
@@ -220,7 +222,7 @@ pub async fn finish<L: Launchers + Sync>(
         .as_ref()
         .and_then(|h| note(h, annotations::SOURCE_UID))
         .map(str::to_string);
-    let at_name = retry(|| pods.get_opt(name))
+    let at_name = retry::by(retry::finishing(), || pods.get_opt(name))
         .await
         .map_err(|e| after(format!("cannot read pod {name}: {e}; {resume}")))?;
     let ours = |p: &Pod| {
@@ -277,7 +279,7 @@ pub async fn finish<L: Launchers + Sync>(
             )));
         };
         let restarts = serde_json::to_string(&super::restart_counts(source)).unwrap_or_default();
-        retry(|| async {
+        retry::by(retry::finishing(), || async {
             let patch = serde_json::json!({"metadata": {"annotations": {
                 annotations::PHASE: "committed", annotations::MIGRATION_ID: id,
                 annotations::SOURCE_RESTARTS: restarts,
@@ -293,13 +295,14 @@ pub async fn finish<L: Launchers + Sync>(
             ))
         })?;
     }
-    let restarts_at_commit: Option<BTreeMap<String, i32>> = retry(|| pods.get_opt(&holder_name))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|h| {
-            note(&h, annotations::SOURCE_RESTARTS).and_then(|r| serde_json::from_str(r).ok())
-        });
+    let restarts_at_commit: Option<BTreeMap<String, i32>> =
+        retry::by(retry::finishing(), || pods.get_opt(&holder_name))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|h| {
+                note(&h, annotations::SOURCE_RESTARTS).and_then(|r| serde_json::from_str(r).ok())
+            });
 
     let successor = match successor_now {
         Some(running) => running,
@@ -394,7 +397,7 @@ async fn complete<L: Launchers + Sync>(
         ));
     }
     if let Some(holder) = note(successor, annotations::PEER) {
-        match retry(|| async { pods.delete(holder, &DeleteParams::default()).await.map(drop) }).await {
+        match retry::by(retry::finishing(), || async { pods.delete(holder, &DeleteParams::default()).await.map(drop) }).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.is_not_found() => {}
             Err(error) => finished.warnings.push(format!(
@@ -405,7 +408,7 @@ async fn complete<L: Launchers + Sync>(
     }
     // Complete: no longer a successor (the source of a later move must not look like one).
     let patch = serde_json::json!({"metadata": {"annotations": {annotations::ROLE: null}}});
-    if let Err(error) = retry(|| async {
+    if let Err(error) = retry::by(retry::finishing(), || async {
         pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(drop)
@@ -442,7 +445,7 @@ async fn remove_source(
     let name = &options.pod;
     let ns = &connection.namespace;
     let after = |what: String| MigrateError::AfterCommit { what };
-    let Some(source) = retry(|| pods.get_opt(name))
+    let Some(source) = retry::by(retry::finishing(), || pods.get_opt(name))
         .await
         .map_err(|e| after(format!("cannot read pod {name}: {e}")))?
     else {
@@ -489,7 +492,6 @@ async fn remove_source(
             guard::name(&progress.id)
         )));
     }
-    let uid = source.metadata.uid.clone().unwrap_or_default();
     if source.metadata.deletion_timestamp.is_none() {
         record(
             connection,
@@ -502,7 +504,10 @@ async fn remove_source(
         )
         .await;
         finished.source_deleted_at_ms = Some(migrate_format::unix_ms());
-        match retry(|| async { pods.delete(name, &DeleteParams::default()).await.map(drop) }).await
+        match retry::by(retry::finishing(), || async {
+            pods.delete(name, &DeleteParams::default()).await.map(drop)
+        })
+        .await
         {
             Ok(()) => {}
             Err(kube::Error::Api(status)) if status.is_not_found() => {}
@@ -521,12 +526,7 @@ async fn remove_source(
         .and_then(|s| s.termination_grace_period_seconds)
         .unwrap_or(30);
     let patience = SOURCE_GONE_PATIENCE.max(Duration::from_secs(grace.max(0) as u64 + 30));
-    let gone = tokio::time::timeout(
-        patience,
-        await_condition(pods.clone(), name, conditions::is_deleted(&uid)),
-    )
-    .await;
-    if !matches!(gone, Ok(Ok(_))) {
+    if crate::wait::gone(pods, &source, patience).await.is_err() {
         return Err(after(format!(
             "the source pod {name} was deleted but is not gone after {} s (a preStop hook still running? its node's kubelet down?); once it is, `kubectl migrate resume -n {ns} {name}` goes on",
             patience.as_secs()
@@ -552,7 +552,7 @@ async fn create_successor(
     if let Some(owner) = crate::check::pod::controller(successor) {
         let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
             Api::namespaced(client.clone(), namespace);
-        let now = retry(|| sets.get_opt(&owner.name)).await.map_err(|e| {
+        let now = retry::by(retry::finishing(), || sets.get_opt(&owner.name)).await.map_err(|e| {
             MigrateError::AfterCommit {
                 what: format!("cannot read StatefulSet {}: {e}; the checkpoint stays parked: `kubectl migrate resume -n {namespace} {name}` goes on", owner.name),
             }
@@ -573,7 +573,11 @@ async fn create_successor(
                 "{e}; the checkpoint stays parked: `kubectl migrate resume -n {namespace} {name}` goes on"
             ),
         })?;
-    match retry(|| async { pods.create(&PostParams::default(), successor).await }).await {
+    match retry::by(retry::finishing(), || async {
+        pods.create(&PostParams::default(), successor).await
+    })
+    .await
+    {
         Ok(created) => Ok(created),
         Err(error) => {
             // A lost reply may have created it.
@@ -812,14 +816,14 @@ pub mod guard {
         let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
         let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
         for deleted in [
-            retry(|| async {
+            retry::by(retry::finishing(), || async {
                 bindings
                     .delete(&name, &DeleteParams::default())
                     .await
                     .map(drop)
             })
             .await,
-            retry(|| async {
+            retry::by(retry::finishing(), || async {
                 policies
                     .delete(&name, &DeleteParams::default())
                     .await

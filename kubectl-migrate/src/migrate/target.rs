@@ -3,13 +3,9 @@
 //! waiting for the checkpoint), before anything is frozen: none of that is downtime. The wait
 //! fails fast when the pod fails, cannot pull its image, crash-loops or is deleted.
 
-use std::time::{Duration, Instant};
-
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
-use kube::runtime::watcher;
 
 use super::{Ctx, MigrateError, Progress, advance_phase, node_of, record};
 use crate::launchers::Launchers;
@@ -127,42 +123,26 @@ pub(super) async fn create_pod<L: Launchers + Sync>(
 
 /// Waits for the target pod to run all its containers, failing fast on terminal states.
 pub(super) async fn wait_until_running(pods: &Api<Pod>, name: &str) -> Result<Pod, MigrateError> {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = std::pin::pin!(watcher::watcher(pods.clone(), config));
-    let mut last_note = Instant::now();
-    while let Some(event) = stream.next().await {
-        let pod = match event {
-            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
-            Ok(watcher::Event::Delete(_)) => {
-                return Err(MigrateError::TargetFailed {
-                    target: name.into(),
-                    reason: "it was deleted".into(),
-                });
-            }
-            Ok(_) => continue,
-            Err(error) => {
-                tracing::debug!(%error, "watch error; the watcher retries");
-                continue;
-            }
-        };
-        if let Some(reason) = terminal(&pod) {
-            return Err(MigrateError::TargetFailed {
-                target: name.into(),
-                reason,
-            });
-        }
-        if running(&pod) {
-            return Ok(pod);
-        }
-        if last_note.elapsed() > Duration::from_secs(10) {
-            tracing::info!(pod = name, "still waiting for the target pod to run");
-            last_note = Instant::now();
-        }
+    let settled = |pod: Option<&Pod>| pod.is_none_or(|p| running(p) || terminal(p).is_some());
+    let pod = crate::wait::pod(pods, name, None, settled)
+        .await
+        .map_err(|error| MigrateError::TargetFailed {
+            target: name.into(),
+            reason: format!("waiting for it to run: {error}"),
+        })?;
+    let Some(pod) = pod else {
+        return Err(MigrateError::TargetFailed {
+            target: name.into(),
+            reason: "it was deleted".into(),
+        });
+    };
+    match terminal(&pod) {
+        Some(reason) => Err(MigrateError::TargetFailed {
+            target: name.into(),
+            reason,
+        }),
+        None => Ok(pod),
     }
-    Err(MigrateError::TargetFailed {
-        target: name.into(),
-        reason: "the watch ended".into(),
-    })
 }
 
 /// Whether every container the migration moves (native sidecars included) runs.

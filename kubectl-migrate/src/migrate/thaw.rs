@@ -3,9 +3,6 @@
 //! restored app counts), end the target's wait for a checkpoint, let it take Service traffic;
 //! and the small retry those steps use.
 
-use std::future::Future;
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -13,6 +10,7 @@ use migrate_format::annotations;
 
 use super::{MigrateError, Progress};
 use crate::launchers::Launchers;
+use crate::retry;
 
 /// What finishing a committed migration left to say.
 #[derive(Debug, Default)]
@@ -33,12 +31,10 @@ pub struct Finished {
     pub restored: std::collections::BTreeMap<String, migrate_format::RestoreReport>,
 }
 
-/// How often each step of finishing is tried before it is reported.
-const FINISH_TRIES: u32 = 3;
-
 /// Now that its app runs, the target may take Service traffic (its readiness gate).
 pub(super) async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &mut Finished) {
-    if let Err(error) = retry(|| set_serving(pods, target_name, true)).await {
+    if let Err(error) = retry::by(retry::finishing(), || set_serving(pods, target_name, true)).await
+    {
         finished.warnings.push(format!(
             "cannot mark pod {target_name} ready for Service traffic ({error}): until then its Services skip it: kubectl patch pod {target_name} --subresource=status --type=strategic -p '{{\"status\":{{\"conditions\":[{{\"type\":\"{}\",\"status\":\"True\"}}]}}}}'",
             annotations::SERVING
@@ -54,7 +50,7 @@ pub(super) async fn thaw_all<L: Launchers + Sync>(
     finished: &mut Finished,
 ) -> Result<(), MigrateError> {
     for container in &progress.containers {
-        let at = retry(|| launchers.thaw(target, container))
+        let at = retry::by(retry::finishing(), || launchers.thaw(target, container))
             .await
             .map_err(|error| MigrateError::ThawRefused {
                 container: container.clone(),
@@ -78,7 +74,7 @@ pub(super) async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -
         notes.insert(annotations::PHASE.into(), phase.into());
     }
     let patch = serde_json::json!({"metadata": {"annotations": notes}});
-    retry(|| async {
+    retry::by(retry::finishing(), || async {
         pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(drop)
@@ -92,25 +88,6 @@ pub(super) async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -
             annotations::WAIT_FOR_CHECKPOINT
         )
     })
-}
-
-/// Runs `step` up to [`FINISH_TRIES`] times, half a second apart; the last error if none worked.
-pub(super) async fn retry<F, Fut, T, E>(mut step: F) -> Result<T, E>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut attempt = 1;
-    loop {
-        match step().await {
-            Ok(done) => return Ok(done),
-            Err(error) if attempt >= FINISH_TRIES => return Err(error),
-            Err(_) => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
 }
 
 /// Sets the [`annotations::SERVING`] condition of pod `name` (its readiness gate): the

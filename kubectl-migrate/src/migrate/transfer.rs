@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::{Ctx, MigrateError, Progress, advance_phase};
 use crate::launchers::{Launchers, Transferred};
-use crate::rewrite;
+use crate::{retry, rewrite};
 
 /// The frozen cut: the containers moved, and until when (and why) the app may stay frozen.
 #[derive(Debug)]
@@ -213,20 +213,21 @@ pub(super) async fn renew_lease<L: Launchers + Sync>(
         for container in containers {
             // A passing fault (a dropped exec stream, an API server restarting) is tried again
             // until half the lease is gone; a refusal (the lease expired) is an answer.
-            loop {
-                match launchers.renew(source, container, lease).await {
-                    Ok(()) => break,
-                    Err(error) if error.refusal().is_some() || renewed.elapsed() >= lease / 2 => {
-                        return MigrateError::LeaseLost {
-                            container: container.clone(),
-                            error,
-                        };
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "renewing the lease failed; trying again");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
+            let within = (lease / 2).saturating_sub(renewed.elapsed());
+            if let Err(error) = retry::by_when(
+                retry::lease_renewal(within),
+                || launchers.renew(source, container, lease),
+                |error| {
+                    tracing::debug!(%error, "renewing the lease failed");
+                    error.refusal().is_none()
+                },
+            )
+            .await
+            {
+                return MigrateError::LeaseLost {
+                    container: container.clone(),
+                    error,
+                };
             }
         }
         renewed = tokio::time::Instant::now();

@@ -15,7 +15,7 @@ use super::commit::retry_get;
 use super::{Aftermath, MigrateError, Options, Progress, record, restart_counts};
 use crate::client::Connection;
 use crate::launchers::{LauncherError, Launchers};
-use crate::rewrite;
+use crate::{retry, rewrite};
 
 /// Undoes a failed migration: delete the target, roll every source container back. Returns
 /// what was done and how to finish by hand if something could not be.
@@ -176,17 +176,16 @@ pub async fn undo<L: Launchers + Sync>(
     // The target goes after the source is resumed: the app's way back comes first.
     if let Some(target) = &progress.target {
         let name = target.metadata.name.clone().unwrap_or_default();
-        let mut attempt = 0;
-        let deleted = loop {
-            match pods.delete(&name, &DeleteParams::default()).await {
-                Err(kube::Error::Api(status)) if status.is_not_found() => break Ok(false),
-                Err(kube::Error::Api(status)) => break Err(kube::Error::Api(status)),
-                Err(_) if attempt < 9 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                }
-                other => break other.map(|_| true),
-            }
+        let delete = DeleteParams::default();
+        let deleted = match retry::by_when(
+            retry::api_restart(),
+            || pods.delete(&name, &delete),
+            retry::passing,
+        )
+        .await
+        {
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(false),
+            other => other.map(|_| true),
         };
         match deleted {
             Ok(true) => done.push(format!("deleted the target pod {name}")),
@@ -294,40 +293,35 @@ pub(crate) async fn rollback_when_idle<L: Launchers + Sync>(
 /// message names `kubectl migrate abort`); `Err`: the source is not this migration's to undo
 /// any more, with the sentence that says so.
 async fn settle_aborting(pods: &Api<Pod>, source: &str, id: &str) -> Result<bool, String> {
-    for attempt in 0..10u64 {
-        match super::claim(pods, source, id, super::Phase::Aborting).await {
-            Ok(()) => return Ok(true),
-            // Undone already (an earlier undo resumed the source): going on is idempotent, with
-            // a plain rollback only, since a new migration may have taken the pod since.
-            Err(super::Claim::Taken {
-                phase: Some(super::Phase::Failed),
-                by: None,
-            }) => return Ok(false),
-            Err(super::Claim::Taken { phase, by }) => {
-                let phase = crate::record::phase_text(phase);
-                return Err(match by {
-                    Some(other) => format!(
-                        "nothing was undone: pod {source} now belongs to migration {other} (phase {phase})"
-                    ),
-                    None => format!(
-                        "nothing was undone: migration {id} of pod {source} is {phase} now (settled by another command meanwhile); `kubectl migrate status {source}` shows what is left"
-                    ),
-                });
-            }
-            Err(super::Claim::Api(kube::Error::Api(status))) if status.is_not_found() => {
-                return Ok(true);
-            }
-            Err(super::Claim::Api(kube::Error::Api(status)))
-                if (400..500).contains(&status.code) =>
-            {
-                return Ok(false);
-            }
-            Err(super::Claim::Api(_)) => {
-                tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
-            }
+    let claimed = retry::by_when(
+        retry::api_restart(),
+        || super::claim(pods, source, id, super::Phase::Aborting),
+        |e| matches!(e, super::Claim::Api(error) if retry::passing(error)),
+    )
+    .await;
+    match claimed {
+        Ok(()) => Ok(true),
+        // Undone already (an earlier undo resumed the source): going on is idempotent, with
+        // a plain rollback only, since a new migration may have taken the pod since.
+        Err(super::Claim::Taken {
+            phase: Some(super::Phase::Failed),
+            by: None,
+        }) => Ok(false),
+        Err(super::Claim::Taken { phase, by }) => {
+            let phase = crate::record::phase_text(phase);
+            Err(match by {
+                Some(other) => format!(
+                    "nothing was undone: pod {source} now belongs to migration {other} (phase {phase})"
+                ),
+                None => format!(
+                    "nothing was undone: migration {id} of pod {source} is {phase} now (settled by another command meanwhile); `kubectl migrate status {source}` shows what is left"
+                ),
+            })
         }
+        Err(super::Claim::Api(kube::Error::Api(status))) if status.is_not_found() => Ok(true),
+        // Refused, or the API server unreachable for all the tries.
+        Err(super::Claim::Api(_)) => Ok(false),
     }
-    Ok(false)
 }
 
 /// When the source restarted after the freeze (its copy of the app is gone: a liveness probe,
