@@ -369,6 +369,15 @@ fn phase_in_flight(phase: Option<Phase>, waiting: bool) -> bool {
         || phase.is_some_and(|p| p.unfinished() || matches!(p, Phase::DoneKept | Phase::HandingOff))
 }
 
+/// Whether a migration is in flight on `pod` (it is claimed, frozen, committed, being
+/// aborted or handed off, or a target still waiting): no other may take it now.
+pub fn migration_in_flight_on(pod: &Pod) -> bool {
+    phase_in_flight(
+        Phase::of(pod),
+        note(pod, annotations::WAIT_FOR_CHECKPOINT) == Some("true"),
+    )
+}
+
 /// Takes pod `source` for migration `id` moving by `plan`, before anything is created for
 /// it: one guarded write (`migrate.kubectl.io/phase: claimed` with the id and the plan) that
 /// succeeds only when no other migration is in flight on it. Of two migrations of one pod (the

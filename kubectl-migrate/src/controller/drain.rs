@@ -122,10 +122,20 @@ pub(super) async fn reconcile(
             moving += 1;
             continue;
         }
-        if let Some(ended) = of_pod(pod).find(|m| {
-            m.labels().get(DRAINED_NODE_LABEL) == Some(&name)
-                && m.status.as_ref().and_then(|s| s.phase) != Some(Phase::Succeeded)
-        }) {
+        // The latest of this drain's migrations of the pod decides. One refused because
+        // another migration (the plugin, another drain) held the pod is tried again once the
+        // pod is free, not left for good.
+        let latest = of_pod(pod)
+            .filter(|m| m.labels().get(DRAINED_NODE_LABEL) == Some(&name))
+            .max_by_key(|m| m.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let busy = latest.is_some_and(|m| ready_reason(m) == Some("PodBusy"));
+        if busy && crate::record::migration_in_flight_on(pod) {
+            waiting += 1;
+            continue;
+        }
+        if let Some(ended) = latest
+            .filter(|m| !busy && m.status.as_ref().and_then(|s| s.phase) != Some(Phase::Succeeded))
+        {
             let message = ended
                 .status
                 .as_ref()
@@ -208,6 +218,17 @@ pub(super) async fn reconcile(
 }
 
 /// The PodMigration of `pod` off `node`, to `target`.
+/// The reason of `migration`'s `Ready` condition (`PodBusy`, `Undone`, …).
+fn ready_reason(migration: &PodMigration) -> Option<&str> {
+    migration
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.as_str())
+}
+
 async fn create(
     client: &kube::Client,
     pod: &Pod,

@@ -43,6 +43,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const SOURCE_LEASE: Duration = Duration::from_secs(120);
 /// Between two attempts to finish or undo a migration whose recovery failed.
 const RECOVERY_RETRY: Duration = Duration::from_secs(10);
+/// How long recovery goes on past the migration's own deadline (`timeoutSeconds`) before the
+/// controller gives up (`Failed`, reason `RecoveryGaveUp`) and leaves it to a person: a fault
+/// that outlasts it (a node down, a pod that never schedules) is not going to pass by itself.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -613,6 +617,12 @@ async fn conclude(
     context: &Context,
     outcome: Outcome,
 ) -> Result<(), ReconcileError> {
+    let outcome = match outcome {
+        Outcome::InFlight { message, committed } if past_recovery(migration, now()) => {
+            give_up(migration, message, committed)
+        }
+        other => other,
+    };
     let (status, event, reason) = match outcome {
         Outcome::Succeeded(report) => {
             let message = format!(
@@ -681,6 +691,49 @@ async fn conclude(
         remove_finalizer(api, &written).await?;
     }
     Ok(())
+}
+
+/// Whether `migration`'s recovery has gone on longer than [`RECOVERY_DEADLINE`] past its own
+/// deadline, from its start.
+fn past_recovery(migration: &PodMigration, now: Time) -> bool {
+    let Some(started) = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.started_at.as_ref())
+    else {
+        return false;
+    };
+    let timeout = migration
+        .spec
+        .timeout_seconds
+        .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(s.into()));
+    let elapsed = now.0.as_second() - started.0.as_second();
+    elapsed > i64::try_from((timeout + RECOVERY_DEADLINE).as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Recovery given up: the migration ends `Failed` (reason `RecoveryGaveUp`), its pods left as
+/// they are, and the message names the commands a person runs.
+fn give_up(migration: &PodMigration, last: String, committed: Option<bool>) -> Outcome {
+    let namespace = migration.namespace().unwrap_or_default();
+    let pod = &migration.spec.pod;
+    let next = match committed {
+        Some(true) => format!(
+            "it is committed (the target holds the app): `kubectl migrate resume -n {namespace} {pod}` finishes it once the fault is fixed"
+        ),
+        Some(false) => format!(
+            "it is not committed (the source holds the app): `kubectl migrate abort -n {namespace} {pod}` undoes it once the fault is fixed"
+        ),
+        None => format!(
+            "`kubectl migrate status -n {namespace} {pod}` says whether it is committed, and the command that ends it"
+        ),
+    };
+    Outcome::Failed {
+        reason: "RecoveryGaveUp",
+        message: format!(
+            "the controller gave up recovering this migration after {} min past its deadline; nothing more is done by it and its pods are left as they are: {next}. Last attempt: {last}",
+            RECOVERY_DEADLINE.as_secs() / 60
+        ),
+    }
 }
 
 /// The status of an ended migration.
@@ -884,6 +937,40 @@ mod tests {
                 phase: Some(phase),
                 ..PodMigrationStatus::default()
             }),
+        }
+    }
+
+    #[test]
+    fn recovery_gives_up_only_past_the_migrations_deadline_and_names_the_command() {
+        let at = |second: i64| {
+            Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + second).unwrap())
+        };
+        let mut m = migration("stuck", "counter", 0, Some(Phase::Running));
+        // No start recorded: never given up.
+        assert!(!past_recovery(&m, at(1_000_000)));
+        m.status.as_mut().unwrap().started_at = Some(at(0));
+        let deadline = i64::try_from((DEFAULT_TIMEOUT + RECOVERY_DEADLINE).as_secs()).unwrap();
+        assert!(!past_recovery(&m, at(deadline)));
+        assert!(past_recovery(&m, at(deadline + 1)));
+        // Its own timeout counts.
+        m.spec.timeout_seconds = Some(3600);
+        assert!(!past_recovery(&m, at(deadline + 1)));
+        match give_up(&m, "the successor is Pending".into(), Some(true)) {
+            Outcome::Failed { reason, message } => {
+                assert_eq!(reason, "RecoveryGaveUp");
+                assert!(
+                    message.contains("kubectl migrate resume -n  counter"),
+                    "{message}"
+                );
+                assert!(message.contains("the successor is Pending"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match give_up(&m, String::new(), Some(false)) {
+            Outcome::Failed { message, .. } => {
+                assert!(message.contains("kubectl migrate abort"), "{message}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
