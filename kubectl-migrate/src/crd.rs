@@ -135,6 +135,10 @@ pub struct PodMigrationStatus {
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// When the controller's first attempt to recover the migration (finish or undo it after
+    /// a failure or a restart) failed; it gives up 30 minutes later (`RecoveryGaveUp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovering_since: Option<Time>,
 }
 
 /// The CustomResourceDefinition as YAML, as `config/crd/podmigrations.yaml` holds it.

@@ -27,9 +27,12 @@ pub fn note<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
 /// A migration's phase, as its pods record it ([`annotations::PHASE`]). The source moves
 /// through `claimed`, `creating-target`, `checkpointing`, then `committed` (finished: `done`
 /// on the target, or `done-kept` on a source kept with `--keep-source`) or `aborting` and
-/// `failed` (undone); a ReplicaSet's target is `handing-off` until its controller owns it.
+/// `failed` (undone); a ReplicaSet's target is `handing-off` until its controller owns it. A
+/// target is created `restoring`, a StatefulSet pod's holder `parking`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    Restoring,
+    Parking,
     Claimed,
     CreatingTarget,
     Checkpointing,
@@ -42,7 +45,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 9] = [
+    const ALL: [Phase; 11] = [
+        Phase::Restoring,
+        Phase::Parking,
         Phase::Claimed,
         Phase::CreatingTarget,
         Phase::Checkpointing,
@@ -57,6 +62,8 @@ impl Phase {
     /// The annotation's value.
     pub const fn as_str(self) -> &'static str {
         match self {
+            Phase::Restoring => "restoring",
+            Phase::Parking => "parking",
             Phase::Claimed => "claimed",
             Phase::CreatingTarget => "creating-target",
             Phase::Checkpointing => "checkpointing",
@@ -139,11 +146,10 @@ impl Role {
 
     /// The role `pod` records.
     pub fn of(pod: &Pod) -> Option<Role> {
-        match note(pod, annotations::ROLE)? {
-            "holder" => Some(Role::Holder),
-            "successor" => Some(Role::Successor),
-            _ => None,
-        }
+        let role = note(pod, annotations::ROLE)?;
+        [Role::Holder, Role::Successor]
+            .into_iter()
+            .find(|r| r.as_str() == role)
     }
 }
 
@@ -227,26 +233,26 @@ impl Plan {
     /// The plan a migration recorded, for the commands that recover it: the target's (or the
     /// holder's), else the source's. A migration started by a plugin that recorded no plan
     /// is read from what it did record: a holder's role, a target's owner, its post-copy mark.
+    ///
+    /// What a target itself carries for this migration outweighs a plan note it may have copied
+    /// from its source (a target made by an older plugin copied the source's annotations): a
+    /// holder role is a StatefulSet's move, an `owner` a handoff, a post-copy mark post-copy.
+    /// Reading a handoff as plain would delete the source before the ReplicaSet owns the
+    /// target, and it would start a fresh replica.
     pub fn recorded(target: Option<&Pod>, source: Option<&Pod>) -> Plan {
-        if let Some(plan) = target
+        let mut plan = target
             .and_then(Plan::of)
             .or_else(|| source.and_then(Plan::of))
-        {
-            return plan;
-        }
-        let Some(target) = target else {
-            return Plan::default();
-        };
-        Plan {
-            variant: if is_holder(target) {
-                Variant::StatefulSet
+            .unwrap_or_default();
+        if let Some(target) = target {
+            if is_holder(target) {
+                plan.variant = Variant::StatefulSet;
             } else if note(target, annotations::OWNER).is_some() {
-                Variant::Handoff
-            } else {
-                Variant::Plain
-            },
-            post_copy: note(target, annotations::POST_COPY) == Some("true"),
+                plan.variant = Variant::Handoff;
+            }
+            plan.post_copy |= note(target, annotations::POST_COPY) == Some("true");
         }
+        plan
     }
 }
 
@@ -677,6 +683,22 @@ mod tests {
     }
 
     #[test]
+    fn the_pods_rewrite_makes_record_phases_and_roles_this_module_reads() {
+        // rewrite.rs writes them as words (this module depends on it, not the other way).
+        let mut source = pod(&[(annotations::VARIANT, "plain")]);
+        source.metadata.name = Some("web-0".into());
+        source.spec = Some(Default::default());
+        let target = crate::rewrite::target_pod(&source, "node-b", "mig-1");
+        assert_eq!(Phase::of(&target), Some(Phase::Restoring));
+        assert_eq!(Plan::of(&target), None, "a copied plan note must go");
+        let holder = crate::rewrite::holder_pod(&source, "node-b", "mig-1");
+        assert_eq!(Phase::of(&holder), Some(Phase::Parking));
+        assert_eq!(Role::of(&holder), Some(Role::Holder));
+        let successor = crate::rewrite::successor_pod(&source, "node-b", "mig-1", "web-0-m1");
+        assert_eq!(Role::of(&successor), Some(Role::Successor));
+    }
+
+    #[test]
     fn every_phase_reads_back_as_written_and_unknown_values_are_none() {
         for phase in Phase::ALL {
             assert_eq!(Phase::parse(phase.as_str()), Some(phase));
@@ -743,5 +765,11 @@ mod tests {
             }
         );
         assert_eq!(Plan::recorded(None, Some(&pod(&[]))), Plan::default());
+        // A target that copied a stale `plain` from its source is still a handoff.
+        let copied = pod(&[(annotations::VARIANT, "plain"), (annotations::OWNER, "{}")]);
+        assert_eq!(
+            Plan::recorded(Some(&copied), None).variant,
+            Variant::Handoff
+        );
     }
 }

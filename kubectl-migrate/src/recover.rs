@@ -350,9 +350,12 @@ pub async fn resume_from_source<L: Launchers + Sync>(
         .map_err(RecoverError::Api)?
         .filter(|s| s.metadata.deletion_timestamp.is_none())
         .ok_or_else(|| refuse(format!("the source pod {} is gone", found.source)))?;
-    if migrate::Plan::recorded(target.as_ref(), Some(&source)).variant
-        == migrate::Variant::StatefulSet
-    {
+    // A StatefulSet pod's move whose holder is there finishes from it (`resume`); with the
+    // holder gone, the source is the only copy and going back to it is the way (its successor
+    // cannot exist while it does), the guard going with it.
+    let stateful = migrate::Plan::recorded(target.as_ref(), Some(&source)).variant
+        == migrate::Variant::StatefulSet;
+    if stateful && target.is_some() {
         return Err(refuse(
             "a StatefulSet pod's move keeps its checkpoint in the holder pod: finish it with `kubectl migrate resume`".into(),
         ));
@@ -443,6 +446,15 @@ pub async fn resume_from_source<L: Launchers + Sync>(
                     "resuming the source's container {container} failed: {e}; run this again"
                 ))
             })?;
+    }
+    if stateful
+        && let Err(error) = migrate::identity::guard::remove(&connection.client, &found.id).await
+    {
+        return Err(refuse(format!(
+            "pod {} runs the app again, but this migration's admission policy could not be deleted ({error}); until it is, the StatefulSet cannot recreate the pod: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
+            found.source,
+            migrate::identity::guard::name(&found.id)
+        )));
     }
     // The record goes back from `committed`, so that `status` no longer lists a migration
     // whose source runs (not through `settle`, which never overwrites a commit).

@@ -93,6 +93,7 @@ pub fn target_pod(source: &Pod, node: &str, migration_id: &str) -> Pod {
         annotations::SOURCE_RESTARTS,
         annotations::RESTARTS_AT_FREEZE,
         annotations::TIMINGS,
+        annotations::VARIANT,
     ] {
         notes.remove(key);
     }

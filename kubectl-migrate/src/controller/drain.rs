@@ -8,7 +8,9 @@
 //!
 //! Pods of one controller move one at a time (a ReplicaSet's handoff needs its other pods
 //! steady). A PodMigration the drain made that did not succeed is not made again: the pod is
-//! reported, not retried in a loop. Removing the label stops the drain (the node stays
+//! reported, not retried in a loop; except one refused because another migration held the pod
+//! (`PodBusy`: the plugin, another drain), made again once that migration ended. A pod kept
+//! frozen for good by a `--keep-source` move (`done-kept`) is reported. Removing the label stops the drain (the node stays
 //! cordoned, as after `kubectl drain`).
 
 use std::collections::BTreeSet;
@@ -129,13 +131,14 @@ pub(super) async fn reconcile(
             .filter(|m| m.labels().get(DRAINED_NODE_LABEL) == Some(&name))
             .max_by_key(|m| m.metadata.creation_timestamp.as_ref().map(|t| t.0));
         let busy = latest.is_some_and(|m| ready_reason(m) == Some("PodBusy"));
-        if busy && crate::record::migration_in_flight_on(pod) {
+        let kept = crate::record::Phase::of(pod) == Some(crate::record::Phase::DoneKept);
+        if busy && !kept && crate::record::migration_in_flight_on(pod) {
             waiting += 1;
             continue;
         }
-        if let Some(ended) = latest
-            .filter(|m| !busy && m.status.as_ref().and_then(|s| s.phase) != Some(Phase::Succeeded))
-        {
+        if let Some(ended) = latest.filter(|m| {
+            (!busy || kept) && m.status.as_ref().and_then(|s| s.phase) != Some(Phase::Succeeded)
+        }) {
             let message = ended
                 .status
                 .as_ref()
@@ -217,7 +220,6 @@ pub(super) async fn reconcile(
     })
 }
 
-/// The PodMigration of `pod` off `node`, to `target`.
 /// The reason of `migration`'s `Ready` condition (`PodBusy`, `Undone`, …).
 fn ready_reason(migration: &PodMigration) -> Option<&str> {
     migration
@@ -229,6 +231,7 @@ fn ready_reason(migration: &PodMigration) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
+/// The PodMigration of `pod` off `node`, to `target`.
 async fn create(
     client: &kube::Client,
     pod: &Pod,

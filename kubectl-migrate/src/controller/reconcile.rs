@@ -43,9 +43,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const SOURCE_LEASE: Duration = Duration::from_secs(120);
 /// Between two attempts to finish or undo a migration whose recovery failed.
 const RECOVERY_RETRY: Duration = Duration::from_secs(10);
-/// How long recovery goes on past the migration's own deadline (`timeoutSeconds`) before the
-/// controller gives up (`Failed`, reason `RecoveryGaveUp`) and leaves it to a person: a fault
-/// that outlasts it (a node down, a pod that never schedules) is not going to pass by itself.
+/// How long recovery goes on, from its first failed attempt, before the controller gives up
+/// (`Failed`, reason `RecoveryGaveUp`) and leaves it to a person: a fault that outlasts it (a
+/// node down, a pod that never schedules) is not going to pass by itself. Counted from the
+/// first failed attempt, so a controller back from a long outage still tries for as long.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
@@ -554,13 +555,11 @@ async fn how_it_ended(connection: &Connection, pod: &str, id: &str, message: Str
             .map(String::as_str)
             == Some(id)
     };
-    let phase = |p: &Pod| {
-        p.annotations()
-            .get(annotations::PHASE)
-            .cloned()
-            .unwrap_or_default()
-    };
-    if let Some(done) = all.iter().filter(of_it).find(|p| phase(p) == "done") {
+    if let Some(done) = all
+        .iter()
+        .filter(of_it)
+        .find(|p| crate::record::Phase::of(p) == Some(crate::record::Phase::Done))
+    {
         return Outcome::Finished {
             target: done.name_any(),
             message: format!("{message}; it had finished"),
@@ -617,12 +616,19 @@ async fn conclude(
     context: &Context,
     outcome: Outcome,
 ) -> Result<(), ReconcileError> {
+    let now = now();
     let outcome = match outcome {
-        Outcome::InFlight { message, committed } if past_recovery(migration, now()) => {
+        Outcome::InFlight { message, committed } if past_recovery(migration, &now) => {
             give_up(migration, message, committed)
         }
         other => other,
     };
+    // The first failed attempt starts the recovery's clock; later ones keep it.
+    let recovering_since = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.recovering_since.clone())
+        .unwrap_or(now);
     let (status, event, reason) = match outcome {
         Outcome::Succeeded(report) => {
             let message = format!(
@@ -676,6 +682,7 @@ async fn conclude(
             let status = PodMigrationStatus {
                 conditions,
                 message: Some(message.clone()),
+                recovering_since: Some(recovering_since),
                 ..PodMigrationStatus::default()
             };
             (status, EventType::Warning, "Recovering")
@@ -693,22 +700,18 @@ async fn conclude(
     Ok(())
 }
 
-/// Whether `migration`'s recovery has gone on longer than [`RECOVERY_DEADLINE`] past its own
-/// deadline, from its start.
-fn past_recovery(migration: &PodMigration, now: Time) -> bool {
-    let Some(started) = migration
+/// Whether `migration`'s recovery has failed for longer than [`RECOVERY_DEADLINE`], from its
+/// first failed attempt (`status.recoveringSince`).
+fn past_recovery(migration: &PodMigration, now: &Time) -> bool {
+    let Some(since) = migration
         .status
         .as_ref()
-        .and_then(|s| s.started_at.as_ref())
+        .and_then(|s| s.recovering_since.as_ref())
     else {
         return false;
     };
-    let timeout = migration
-        .spec
-        .timeout_seconds
-        .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(s.into()));
-    let elapsed = now.0.as_second() - started.0.as_second();
-    elapsed > i64::try_from((timeout + RECOVERY_DEADLINE).as_secs()).unwrap_or(i64::MAX)
+    let elapsed = now.0.as_second() - since.0.as_second();
+    elapsed > i64::try_from(RECOVERY_DEADLINE.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Recovery given up: the migration ends `Failed` (reason `RecoveryGaveUp`), its pods left as
@@ -730,7 +733,7 @@ fn give_up(migration: &PodMigration, last: String, committed: Option<bool>) -> O
     Outcome::Failed {
         reason: "RecoveryGaveUp",
         message: format!(
-            "the controller gave up recovering this migration after {} min past its deadline; nothing more is done by it and its pods are left as they are: {next}. Last attempt: {last}",
+            "the controller gave up recovering this migration after {} min of failed attempts; nothing more is done by it and its pods are left as they are: {next}. Last attempt: {last}",
             RECOVERY_DEADLINE.as_secs() / 60
         ),
     }
@@ -941,20 +944,18 @@ mod tests {
     }
 
     #[test]
-    fn recovery_gives_up_only_past_the_migrations_deadline_and_names_the_command() {
+    fn recovery_gives_up_only_30_minutes_after_its_first_failed_attempt_and_names_the_command() {
         let at = |second: i64| {
             Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + second).unwrap())
         };
         let mut m = migration("stuck", "counter", 0, Some(Phase::Running));
-        // No start recorded: never given up.
-        assert!(!past_recovery(&m, at(1_000_000)));
         m.status.as_mut().unwrap().started_at = Some(at(0));
-        let deadline = i64::try_from((DEFAULT_TIMEOUT + RECOVERY_DEADLINE).as_secs()).unwrap();
-        assert!(!past_recovery(&m, at(deadline)));
-        assert!(past_recovery(&m, at(deadline + 1)));
-        // Its own timeout counts.
-        m.spec.timeout_seconds = Some(3600);
-        assert!(!past_recovery(&m, at(deadline + 1)));
+        // No failed recovery yet (a controller back from a long outage): never given up.
+        assert!(!past_recovery(&m, &at(1_000_000)));
+        m.status.as_mut().unwrap().recovering_since = Some(at(500_000));
+        let deadline = 500_000 + i64::try_from(RECOVERY_DEADLINE.as_secs()).unwrap();
+        assert!(!past_recovery(&m, &at(deadline)));
+        assert!(past_recovery(&m, &at(deadline + 1)));
         match give_up(&m, "the successor is Pending".into(), Some(true)) {
             Outcome::Failed { reason, message } => {
                 assert_eq!(reason, "RecoveryGaveUp");

@@ -88,7 +88,7 @@ pub async fn finish<L: Launchers + Sync>(
         // Then Ready (the gate), which the handoff waits for.
         finished
             .warnings
-            .extend(end_wait(&pods, &target_name, Some("handing-off")).await);
+            .extend(end_wait(&pods, &target_name, Some(super::Phase::HandingOff)).await);
         mark_serving(&pods, &target_name, &mut finished).await;
         let replica_sets = Api::namespaced(connection.client.clone(), &connection.namespace);
         handoff::hand_off(
@@ -245,8 +245,14 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
     .await;
     match finishing {
         Ok(Ok(finished)) => {
+            // A StatefulSet's pod runs under its own name (the holder is gone).
+            let runs = if progress.plan.variant == Variant::StatefulSet {
+                options.pod.clone()
+            } else {
+                target
+            };
             let mut text = format!(
-                "{head}; it was finished instead: pod {target} runs the app on node {}",
+                "{head}; it was finished instead: pod {runs} runs the app on node {}",
                 options.target_node
             );
             if finished.source_deleted {
@@ -255,7 +261,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
             for warning in finished.warnings {
                 text.push_str(&format!("; warning: {warning}"));
             }
-            Aftermath::Finished { target, text }
+            Aftermath::Finished { target: runs, text }
         }
         outcome => {
             let why = match outcome {

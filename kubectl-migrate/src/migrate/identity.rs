@@ -47,7 +47,7 @@ use super::transfer::{Cut, keep_alive, leased, within};
 use super::{Ctx, MigrateError, Options, Progress, fault, record, target};
 use crate::client::Connection;
 use crate::launchers::{Launchers, Transferred};
-use crate::record::{is_successor, note};
+use crate::record::{Phase, is_successor, note};
 use crate::retry;
 use crate::rewrite;
 
@@ -269,7 +269,7 @@ pub async fn finish<L: Launchers + Sync>(
     // migration's record (`kubectl migrate status` and `resume` read it). Only a source that
     // is there and committed is recorded: a source gone without a commit (its lease ran out,
     // it resumed, then went) means the parked checkpoint is stale, and must never be restored.
-    if note(&holder, annotations::PHASE) != Some("committed") {
+    if Phase::of(&holder) != Some(Phase::Committed) {
         let committed_source = at_name.as_ref().filter(|p| {
             p.metadata.uid.is_some() && p.metadata.uid == source_uid && super::is_committed(p, id)
         });
@@ -281,7 +281,7 @@ pub async fn finish<L: Launchers + Sync>(
         let restarts = serde_json::to_string(&super::restart_counts(source)).unwrap_or_default();
         retry::by(retry::finishing(), || async {
             let patch = serde_json::json!({"metadata": {"annotations": {
-                annotations::PHASE: "committed", annotations::MIGRATION_ID: id,
+                annotations::PHASE: Phase::Committed.as_str(), annotations::MIGRATION_ID: id,
                 annotations::SOURCE_RESTARTS: restarts,
             }}});
             pods.patch(&holder_name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -379,7 +379,7 @@ async fn complete<L: Launchers + Sync>(
         })?;
     finished
         .warnings
-        .extend(end_wait(&pods, &name, Some("done")).await);
+        .extend(end_wait(&pods, &name, Some(super::Phase::Done)).await);
     mark_serving(&pods, &name, finished).await;
     record(
         connection,

@@ -67,11 +67,15 @@ pub(super) async fn thaw_all<L: Launchers + Sync>(
 /// container starts its app fresh. `phase`, if given, is written as the target's phase in the
 /// same write. If the API server keeps refusing, the migration goes on
 /// (the app runs) and the returned warning gives the command to run.
-pub(super) async fn end_wait(pods: &Api<Pod>, name: &str, phase: Option<&str>) -> Option<String> {
+pub(super) async fn end_wait(
+    pods: &Api<Pod>,
+    name: &str,
+    phase: Option<super::Phase>,
+) -> Option<String> {
     let mut notes = serde_json::Map::new();
     notes.insert(annotations::WAIT_FOR_CHECKPOINT.into(), "false".into());
     if let Some(phase) = phase {
-        notes.insert(annotations::PHASE.into(), phase.into());
+        notes.insert(annotations::PHASE.into(), phase.as_str().into());
     }
     let patch = serde_json::json!({"metadata": {"annotations": notes}});
     retry::by(retry::finishing(), || async {

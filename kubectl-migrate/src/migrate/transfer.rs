@@ -213,22 +213,28 @@ pub(super) async fn renew_lease<L: Launchers + Sync>(
         for container in containers {
             // A passing fault (a dropped exec stream, an API server restarting) is tried again
             // until half the lease is gone; a refusal (the lease expired) is an answer.
+            // Bounded by time, not only by tries: a renewal that hangs counts too.
             let within = (lease / 2).saturating_sub(renewed.elapsed());
-            if let Err(error) = retry::by_when(
+            let renewal = retry::by_when(
                 retry::lease_renewal(within),
                 || launchers.renew(source, container, lease),
                 |error| {
                     tracing::debug!(%error, "renewing the lease failed");
                     error.refusal().is_none()
                 },
-            )
-            .await
-            {
-                return MigrateError::LeaseLost {
-                    container: container.clone(),
-                    error,
-                };
-            }
+            );
+            let error = match tokio::time::timeout_at(renewed + lease / 2, renewal).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error,
+                Err(_) => crate::launchers::LauncherError::Failed(format!(
+                    "no renewal got through within half the lease ({} s)",
+                    (lease / 2).as_secs()
+                )),
+            };
+            return MigrateError::LeaseLost {
+                container: container.clone(),
+                error,
+            };
         }
         renewed = tokio::time::Instant::now();
     }

@@ -46,8 +46,15 @@ pub async fn undo<L: Launchers + Sync>(
                     | MigrateError::Interrupted { .. }
                     | MigrateError::Api { .. }
             )
+            && let Some(error) = record_failed(&pods, &options.pod, &progress.id).await
         {
-            let _ = super::settle(&pods, &options.pod, &progress.id, super::Phase::Failed).await;
+            // The claim may hold the pod: left, it keeps every later migration off it.
+            return Aftermath::UndoIncomplete {
+                text: format!(
+                    "nothing was changed, but the pod's claim by this migration may be left ({error}): `kubectl migrate abort -n {} {}` releases it",
+                    connection.namespace, options.pod
+                ),
+            };
         }
         return Aftermath::Untouched {
             text: "nothing was changed".into(),
@@ -213,11 +220,14 @@ pub async fn undo<L: Launchers + Sync>(
     // left to do by hand (else the frozen source must stay listed, with its command), and only
     // while the source still records this migration.
     if manual.is_empty()
-        && let Err(super::Claim::Api(error)) =
-            super::settle(&pods, &options.pod, &progress.id, super::Phase::Failed).await
-        && !matches!(&error, kube::Error::Api(status) if status.is_not_found())
+        && let Some(error) = record_failed(&pods, &options.pod, &progress.id).await
     {
-        tracing::warn!(%error, pod = options.pod, "cannot record the undone migration on the source");
+        // Undone, but the record says otherwise: it would keep every later migration off
+        // the pod, so the undo is not complete until it is written.
+        manual.push(format!(
+            "kubectl migrate abort -n {} {}   (the undone migration could not be recorded on the source: {error})",
+            connection.namespace, options.pod
+        ));
     }
     let mut text = if done.is_empty() {
         "the source pod was not touched".to_string()
@@ -244,6 +254,25 @@ pub async fn undo<L: Launchers + Sync>(
     Aftermath::Undone {
         text,
         restarted: !restarted.is_empty(),
+    }
+}
+
+/// Writes `failed` for migration `id` on the source, trying again by
+/// [`retry::api_restart`]. Returns the error when it could not be written and the pod is
+/// there; nothing when it was written, the pod is gone, or the pod records something else
+/// now (another migration's claim, a commit).
+async fn record_failed(pods: &Api<Pod>, source: &str, id: &str) -> Option<kube::Error> {
+    let written = retry::by_when(
+        retry::api_restart(),
+        || super::settle(pods, source, id, super::Phase::Failed),
+        |e| matches!(e, super::Claim::Api(error) if retry::passing(error)),
+    )
+    .await;
+    match written {
+        Err(super::Claim::Api(error)) if !matches!(&error, kube::Error::Api(status) if status.is_not_found()) => {
+            Some(error)
+        }
+        _ => None,
     }
 }
 
