@@ -682,6 +682,14 @@ impl ExecLaunchers {
             (Some(checkpoint), Some(restore)) if checkpoint.ok && restore.ok => {
                 return Ok((checkpoint, restore));
             }
+            // Both failed: which stream closed first says nothing of which failure caused the
+            // other (a refused archive breaks the source's stream; a failed dump truncates the
+            // target's), and the two exec sessions close in either order, so both are told.
+            (Some(checkpoint), Some(restore)) if !checkpoint.ok && !restore.ok => both_failed(
+                checkpoint.error.unwrap_or_default(),
+                restore.error.unwrap_or_default(),
+                target_first,
+            ),
             (_, Some(restore)) if target_first && !restore.ok => {
                 format!("restore failed: {}", restore.error.unwrap_or_default())
             }
@@ -703,6 +711,17 @@ impl ExecLaunchers {
             ),
         };
         Err(LauncherError::Failed(failed))
+    }
+}
+
+/// The message of a transfer whose two sides both failed: the side that answered first comes
+/// first, and the other's reason is never dropped (a target that refused the archive, for
+/// "no space", breaks the source's stream: the source then fails with a broken pipe).
+fn both_failed(checkpoint: String, restore: String, target_first: bool) -> String {
+    if target_first {
+        format!("restore failed: {restore}; the source's checkpoint failed too: {checkpoint}")
+    } else {
+        format!("checkpoint failed: {checkpoint}; the target's restore failed too: {restore}")
     }
 }
 
@@ -941,6 +960,16 @@ impl Launchers for ExecLaunchers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn when_both_sides_failed_both_reasons_are_told_whichever_closed_first() {
+        let no_space = "no space: restoring needs 9 bytes in `/work` but only 1 are free";
+        let pipe = "cannot write the archive to its output: Broken pipe (os error 32)";
+        for target_first in [false, true] {
+            let text = both_failed(pipe.into(), no_space.into(), target_first);
+            assert!(text.contains(no_space) && text.contains(pipe), "{text}");
+        }
+    }
 
     fn status(state: &str, stopped: bool) -> StatusReport {
         serde_json::from_value(serde_json::json!({
