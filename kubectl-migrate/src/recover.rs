@@ -125,13 +125,13 @@ pub async fn abort_migration<L: Launchers + Sync>(
     // Never delete the last copy: a source restarted since the freeze lost the app (its
     // liveness probe failed on the frozen app, an OOM kill), and a target that restored it
     // holds the only one. Then the migration goes forward instead: committed, and finished.
-    if let Some(forward) = migrate::forward_if_the_source_lost_it(
+    if let Some(forward) = Box::pin(migrate::forward_if_the_source_lost_it(
         connection,
         launchers,
         &found.source,
         &found.id,
         target.as_ref(),
-    )
+    ))
     .await
     {
         return Ok(forward);
@@ -205,13 +205,13 @@ pub async fn abort_migration<L: Launchers + Sync>(
         ..Progress::default()
     };
     let options = options_for(&found.source, "");
-    Ok(migrate::undo(
+    Ok(Box::pin(migrate::undo(
         connection,
         launchers,
         &options,
         &progress,
         &migrate::MigrateError::Aborted,
-    )
+    ))
     .await)
 }
 
@@ -288,7 +288,7 @@ pub async fn resume_migration<L: Launchers + Sync>(
     // never answers) is reported, and running this again goes on from where it stopped.
     let finished = tokio::time::timeout(
         RESUME_DEADLINE,
-        migrate::finish(connection, launchers, &options, &progress),
+        Box::pin(migrate::finish(connection, launchers, &options, &progress)),
     )
     .await
     .map_err(|_| {

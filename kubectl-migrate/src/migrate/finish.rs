@@ -41,7 +41,9 @@ pub async fn finish<L: Launchers + Sync>(
     let target = progress.target.clone().unwrap_or_default();
     // A StatefulSet's pod: the target is the holder of its parked checkpoint.
     if progress.plan.variant == Variant::StatefulSet {
-        return identity::finish(connection, launchers, options, progress).await;
+        // Boxed, as every call into a whole finish or undo is: their futures nest (an undo can
+        // go forward into a finish) and would otherwise grow past a thread's stack.
+        return Box::pin(identity::finish(connection, launchers, options, progress)).await;
     }
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let mut finished = Finished::default();
@@ -240,7 +242,7 @@ pub(super) async fn after_commit<L: Launchers + Sync>(
     );
     let finishing = tokio::time::timeout(
         Duration::from_secs(60),
-        finish(connection, launchers, options, progress),
+        Box::pin(finish(connection, launchers, options, progress)),
     )
     .await;
     match finishing {

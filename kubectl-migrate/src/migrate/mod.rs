@@ -365,11 +365,14 @@ pub async fn migrate<L: Launchers + Sync>(
                 _ => {}
             }
             let aftermath = if progress.committed {
-                finish::after_commit(connection, launchers, options, &progress, &error).await
+                Box::pin(finish::after_commit(
+                    connection, launchers, options, &progress, &error,
+                ))
+                .await
             } else if matches!(error, MigrateError::CommitUnknown { .. }) {
                 commit::commit_unknown(connection, options, &progress)
             } else {
-                undo(connection, launchers, options, &progress, &error).await
+                Box::pin(undo(connection, launchers, options, &progress, &error)).await
             };
             Err(Failed { error, aftermath })
         }
@@ -494,7 +497,7 @@ async fn run<L: Launchers + Sync>(
 
     // `finish` takes the variant's own way (see there).
     progress.phase = "thaw and cleanup".into();
-    let mut finished = finish(connection, launchers, options, progress).await?;
+    let mut finished = Box::pin(finish(connection, launchers, options, progress)).await?;
     if let (Some(&from), Some(to)) = (checked.boot_times.first(), target_boot_time) {
         finished.warnings.extend(clock_jump(from, to));
     }

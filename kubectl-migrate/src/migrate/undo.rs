@@ -62,13 +62,13 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // Never delete the last copy: a source restarted since the freeze lost the app, and a
     // target that restored it holds the only one; then the migration goes forward.
-    if let Some(forward) = forward_if_the_source_lost_it(
+    if let Some(forward) = Box::pin(forward_if_the_source_lost_it(
         connection,
         launchers,
         &options.pod,
         &progress.id,
         progress.target.as_ref(),
-    )
+    ))
     .await
     {
         return forward;
@@ -169,13 +169,13 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // A restart the kubelet reported late: the target may hold the only copy now.
     if !restarted.is_empty()
-        && let Some(forward) = forward_if_the_source_lost_it(
+        && let Some(forward) = Box::pin(forward_if_the_source_lost_it(
             connection,
             launchers,
             &options.pod,
             &progress.id,
             progress.target.as_ref(),
-        )
+        ))
         .await
     {
         return forward;
@@ -409,7 +409,7 @@ pub(crate) async fn forward_if_the_source_lost_it<L: Launchers + Sync>(
         restarted.join(", ")
     );
     Some(
-        match super::finish(connection, launchers, &options, &progress).await {
+        match Box::pin(super::finish(connection, launchers, &options, &progress)).await {
             Ok(_) => Aftermath::Finished {
                 text: format!(
                     "{head}: finished instead: pod {target_name} runs the app on node {}; the source pod {source_name} was deleted",
