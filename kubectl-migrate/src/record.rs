@@ -321,6 +321,12 @@ pub enum Claim {
 }
 
 impl Claim {
+    /// Whether the claim may get through if tried again: an API error that may pass
+    /// ([`crate::retry::passing`]); never another writer's phase.
+    pub fn passing(&self) -> bool {
+        matches!(self, Claim::Api(error) if crate::retry::passing(error))
+    }
+
     /// The phase that won, as a sentence fragment: `committed`, or `another migration's`.
     pub fn phase_text(phase: Option<Phase>, by: Option<&str>) -> String {
         match by {

@@ -62,15 +62,16 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // Never delete the last copy: a source restarted since the freeze lost the app, and a
     // target that restored it holds the only one; then the migration goes forward.
-    if let Some(forward) = Box::pin(forward_if_the_source_lost_it(
-        connection,
-        launchers,
-        &options.pod,
-        &progress.id,
-        progress.target.as_ref(),
-    ))
-    .await
-    {
+    let forward = || {
+        Box::pin(forward_if_the_source_lost_it(
+            connection,
+            launchers,
+            &options.pod,
+            &progress.id,
+            progress.target.as_ref(),
+        ))
+    };
+    if let Some(forward) = forward().await {
         return forward;
     }
     // The source's phase moves to `aborting` first, guarded by the pod's resourceVersion: a
@@ -169,14 +170,7 @@ pub async fn undo<L: Launchers + Sync>(
     }
     // A restart the kubelet reported late: the target may hold the only copy now.
     if !restarted.is_empty()
-        && let Some(forward) = Box::pin(forward_if_the_source_lost_it(
-            connection,
-            launchers,
-            &options.pod,
-            &progress.id,
-            progress.target.as_ref(),
-        ))
-        .await
+        && let Some(forward) = forward().await
     {
         return forward;
     }
@@ -265,7 +259,7 @@ async fn record_failed(pods: &Api<Pod>, source: &str, id: &str) -> Option<kube::
     let written = retry::by_when(
         retry::api_restart(),
         || super::settle(pods, source, id, super::Phase::Failed),
-        |e| matches!(e, super::Claim::Api(error) if retry::passing(error)),
+        super::Claim::passing,
     )
     .await;
     match written {
@@ -325,7 +319,7 @@ async fn settle_aborting(pods: &Api<Pod>, source: &str, id: &str) -> Result<bool
     let claimed = retry::by_when(
         retry::api_restart(),
         || super::claim(pods, source, id, super::Phase::Aborting),
-        |e| matches!(e, super::Claim::Api(error) if retry::passing(error)),
+        super::Claim::passing,
     )
     .await;
     match claimed {
