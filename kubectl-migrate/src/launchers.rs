@@ -173,10 +173,12 @@ pub trait Launchers {
     /// is dumped; it resumes by itself after `lease` unless renewed or committed, and at
     /// `limit` at the latest whatever the renewals (what the app's liveness probes allow).
     /// When the app stopped, by the node's clock (ms since the epoch), if the launcher said.
+    /// `migration` is the id the launcher names should this freeze end without a commit.
     fn freeze(
         &self,
         pod: &Pod,
         container: &str,
+        migration: &str,
         lease: std::time::Duration,
         limit: Option<std::time::Duration>,
     ) -> impl std::future::Future<Output = Result<Option<u64>, LauncherError>> + Send;

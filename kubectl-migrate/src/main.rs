@@ -143,9 +143,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     match &cli.command {
         Some(Command::Status { pod }) => {
-            let found = recover::list(&connection.client, &connection.namespace, pod.as_deref())
-                .await
-                .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
+            let found = recover::list(
+                &connection.client,
+                &connection.namespace,
+                pod.as_deref(),
+                &launchers,
+            )
+            .await
+            .with_context(|| format!("cannot read the cluster at {}", connection.server))?;
             print_unfinished(&found);
             if let Some(migrations) = submit::list(&connection.client, &connection.namespace).await
             {
@@ -391,25 +396,39 @@ fn outcome(result: Result<String, recover::RecoverError>) -> ExitCode {
     }
 }
 
-/// The `status` table: one line per unfinished migration, or a line saying there is none.
+/// The `status` table: one line per unfinished migration, or a line saying there is none;
+/// then what migrations that can never finish left behind.
 fn print_unfinished(found: &[recover::InFlight]) {
-    if found.is_empty() {
+    let (ended, in_flight): (Vec<_>, Vec<_>) = found.iter().partition(|m| m.freeze_ended);
+    if in_flight.is_empty() {
         println!("no unfinished migrations");
-        return;
-    }
-    println!(
-        "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  NEXT",
-        "SOURCE", "TARGET", "MIGRATION", "PHASE", "COMMITTED", "AGE"
-    );
-    for m in found {
+    } else {
         println!(
-            "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  {}",
-            m.source,
-            m.target.as_deref().unwrap_or("(gone)"),
+            "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  NEXT",
+            "SOURCE", "TARGET", "MIGRATION", "PHASE", "COMMITTED", "AGE"
+        );
+        for m in in_flight {
+            println!(
+                "{:<20} {:<20} {:<24} {:<16} {:<9} {:>6}  {}",
+                m.source,
+                m.target.as_deref().unwrap_or("(gone)"),
+                m.id,
+                m.phase,
+                if m.committed { "yes" } else { "no" },
+                m.age_seconds.map_or("?".into(), |s| format!("{s}s")),
+                m.next_step()
+            );
+        }
+    }
+    for m in ended {
+        println!(
+            "\nmigration {} of pod {} can never finish: its freeze ended without a commit, and the app runs on in {} with its state. It left {} and still holds the pod; `{}` removes that (the source is not touched).",
             m.id,
-            m.phase,
-            if m.committed { "yes" } else { "no" },
-            m.age_seconds.map_or("?".into(), |s| format!("{s}s")),
+            m.source,
+            m.source,
+            m.target
+                .as_deref()
+                .map_or_else(|| "its claim".to_string(), |t| format!("its target {t}")),
             m.next_step()
         );
     }

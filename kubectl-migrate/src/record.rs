@@ -544,6 +544,27 @@ pub struct InFlight {
     pub committed: bool,
     /// Seconds since the target pod was created.
     pub age_seconds: Option<i64>,
+    /// It can never finish: its source's freeze ended without a commit and the app runs on
+    /// there with its state ([`freeze_ended`]). Only what it left behind (a waiting target,
+    /// the pod's claim) remains, which `abort` removes. Set by whoever asked the source's
+    /// launchers; the annotations alone cannot tell.
+    pub freeze_ended: bool,
+}
+
+/// Whether the uncommitted migration `id` can never commit, from its source's launchers
+/// (`statuses`, one per migrated container): one of them names it as the freeze that ended
+/// without a commit (a commit needs every container's freeze), and every app runs again.
+/// The plugin that drove it is dead or will fail: a launcher refuses to commit a freeze it
+/// no longer holds.
+pub fn freeze_ended(id: &str, statuses: &[&migrate_format::StatusReport]) -> bool {
+    use migrate_format::LauncherState::{Restored, Running};
+    !statuses.is_empty()
+        && statuses
+            .iter()
+            .any(|s| s.ended_freeze.as_deref() == Some(id))
+        && statuses
+            .iter()
+            .all(|s| matches!(s.state, Running | Restored) && !s.app_stopped)
 }
 
 impl InFlight {
@@ -625,6 +646,7 @@ pub async fn in_flight_migrations(
                     },
                 phase,
                 age_seconds,
+                freeze_ended: false,
             },
         );
     }
@@ -664,6 +686,7 @@ pub async fn in_flight_migrations(
                 phase: phase.to_string(),
                 committed: is_committed(source, id),
                 age_seconds: None,
+                freeze_ended: false,
             },
         );
     }
@@ -686,6 +709,32 @@ mod tests {
                 .collect(),
         );
         pod
+    }
+
+    #[test]
+    fn a_migration_can_never_finish_only_once_its_freeze_ended_and_every_app_runs() {
+        let status = |state: &str, stopped: bool, ended: Option<&str>| {
+            let mut s: migrate_format::StatusReport = serde_json::from_value(serde_json::json!({
+                "state": state, "app_pid": 1, "launcher_version": "0.1.0", "criu_version": null,
+                "kernel": "6", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
+                "error": null, "app_stopped": stopped}))
+            .unwrap_or_else(|e| panic!("{e}"));
+            s.ended_freeze = ended.map(str::to_string);
+            s
+        };
+        let ended = status("running", false, Some("mig-1"));
+        assert!(freeze_ended("mig-1", &[&ended]));
+        assert!(
+            !freeze_ended("mig-2", &[&ended]),
+            "another migration's freeze"
+        );
+        assert!(!freeze_ended("mig-1", &[]), "nothing read proves nothing");
+        // One container's freeze ended (so no commit can come), another still frozen: not
+        // yet settled.
+        let frozen = status("frozen", true, None);
+        assert!(!freeze_ended("mig-1", &[&ended, &frozen]));
+        let running = status("running", false, None);
+        assert!(freeze_ended("mig-1", &[&ended, &running]));
     }
 
     #[test]

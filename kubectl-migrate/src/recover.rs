@@ -73,18 +73,40 @@ fn name(pod: &Pod) -> String {
 }
 
 /// Every unfinished migration in `namespace` that involves `pod` (as source or target), or all
-/// of them ([`crate::record::in_flight_migrations`]).
+/// of them ([`crate::record::in_flight_migrations`]). An uncommitted one whose source's
+/// launchers say its freeze ended without a commit is marked
+/// [`InFlight::freeze_ended`]: it can never finish, only its leftovers remain.
 ///
 /// # Errors
 /// [`RecoverError::Api`] when the pods cannot be listed.
-pub async fn list(
+pub async fn list<L: Launchers + Sync>(
     client: &kube::Client,
     namespace: &str,
     pod: Option<&str>,
+    launchers: &L,
 ) -> Result<Vec<InFlight>, RecoverError> {
-    crate::record::in_flight_migrations(client, namespace, pod)
+    let mut found = crate::record::in_flight_migrations(client, namespace, pod)
         .await
-        .map_err(RecoverError::Api)
+        .map_err(RecoverError::Api)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for m in found.iter_mut().filter(|m| !m.committed) {
+        let Ok(Some(source)) = pods.get_opt(&m.source).await else {
+            continue;
+        };
+        let mut statuses = Vec::new();
+        for container in crate::rewrite::migrated_containers(&source) {
+            match launchers.status(&source, &container).await {
+                Ok(status) => statuses.push(status),
+                // Unreadable: nothing is proven.
+                Err(_) => {
+                    statuses.clear();
+                    break;
+                }
+            }
+        }
+        m.freeze_ended = crate::record::freeze_ended(&m.id, &statuses.iter().collect::<Vec<_>>());
+    }
+    Ok(found)
 }
 
 /// Undoes the unfinished, uncommitted migration of `pod`: deletes its target and resumes the
@@ -510,10 +532,12 @@ async fn unfinished(
     pod: &str,
     id: Option<&str>,
 ) -> Result<Option<(InFlight, Option<Pod>)>, RecoverError> {
-    let Some(found) = list(&connection.client, &connection.namespace, Some(pod))
-        .await?
-        .into_iter()
-        .find(|found| id.is_none_or(|id| found.id == id))
+    let Some(found) =
+        crate::record::in_flight_migrations(&connection.client, &connection.namespace, Some(pod))
+            .await
+            .map_err(RecoverError::Api)?
+            .into_iter()
+            .find(|found| id.is_none_or(|id| found.id == id))
     else {
         return Ok(None);
     };

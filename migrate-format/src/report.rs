@@ -227,6 +227,12 @@ pub struct StatusReport {
     /// app images that may be older than the plugin.
     #[serde(default)]
     pub features: Vec<String>,
+    /// The migration (the id its `freeze --migration` named) whose freeze of the app ended
+    /// without a commit since this launcher started: its lease or limit ran out, its
+    /// checkpoint died, or it was rolled back. The app resumed, and that migration can never
+    /// commit (a commit needs the freeze): what it left behind only needs removing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_freeze: Option<String>,
 }
 
 /// What a launcher of this version can do, as `status` lists it:
@@ -234,11 +240,14 @@ pub struct StatusReport {
 /// - `probe`: `restore-launcher probe`, the startup probe of a migration's target;
 /// - `rollback-committed`: `rollback --committed` (a plain `rollback` refuses a committed copy);
 /// - `moved-record`: a restarted source container does not start its app after the commit.
+/// - `ended-freeze`: `freeze --migration ID`, and `status` naming the migration whose freeze
+///   ended without a commit.
 pub const FEATURES: &[&str] = &[
     "freeze-limit",
     "probe",
     "rollback-committed",
     "moved-record",
+    "ended-freeze",
 ];
 
 /// What `checkpoint` prints.

@@ -284,6 +284,11 @@ pub enum Command {
         /// frozen before the kubelet would restart the container (and its state would be lost).
         #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
         limit_ms: Option<u64>,
+        /// The migration this freeze is for. Should the freeze end without a commit (its
+        /// lease or limit ran out, its checkpoint died), `status` names it as
+        /// `ended_freeze`: proof that this migration can never commit.
+        #[arg(long, value_name = "ID", value_parser = migration_id)]
+        migration: Option<String>,
     },
     /// Extend the lease of a frozen app to this many seconds from now.
     Renew {
@@ -312,4 +317,18 @@ pub enum Command {
     },
     /// Print a new random key for sealing checkpoints (256 random bits; keep it secret), e.g. `kubectl create secret generic migrate-key --from-literal=key="$(restore-launcher keygen)"`.
     Keygen,
+}
+
+/// A migration id as the plugin makes them (`mig-…`): a DNS label's characters, at most 253.
+fn migration_id(id: &str) -> Result<String, String> {
+    if !id.is_empty()
+        && id.len() <= 253
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        Ok(id.to_string())
+    } else {
+        Err("a migration id is 1 to 253 of a-z, 0-9, `-` and `.`".into())
+    }
 }

@@ -111,11 +111,16 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
             eprintln!("{}", serde_json::to_string(&report).unwrap_or_default());
             Ok(u8::from(!report.ok))
         }
-        Command::Freeze { lease, limit_ms } => simple(
+        Command::Freeze {
+            lease,
+            limit_ms,
+            migration,
+        } => simple(
             state_dir,
             &Request::Freeze {
                 lease_seconds: *lease,
                 limit_ms: *limit_ms,
+                migration: migration.clone(),
             },
         ),
         Command::Renew { lease } => simple(

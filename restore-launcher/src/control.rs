@@ -52,6 +52,9 @@ pub enum Request {
         /// liveness probes allow.
         #[serde(default)]
         limit_ms: Option<u64>,
+        /// The migration it is for, reported as `ended_freeze` should it end uncommitted.
+        #[serde(default)]
+        migration: Option<String>,
     },
     /// Extend the lease of a frozen app by this many seconds from now.
     Renew { lease_seconds: u64 },
@@ -527,7 +530,8 @@ mod tests {
             freeze,
             Request::Freeze {
                 lease_seconds: None,
-                limit_ms: None
+                limit_ms: None,
+                migration: None,
             },
             "an older client's freeze"
         );

@@ -212,6 +212,29 @@ impl State {
     }
 }
 
+/// How a freeze ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezeEnd {
+    /// Its migration committed; the copy was resumed on the way back (`rollback --committed`).
+    Committed,
+    /// Without a commit: thawed, rolled back, its lease or limit ran out, its checkpoint died.
+    /// Its migration can never commit any more.
+    Uncommitted,
+}
+
+/// Whether the transition from `before` to `after` ended a freeze (the app held frozen runs
+/// again), and how.
+pub fn freeze_ended(before: State, after: State) -> Option<FreezeEnd> {
+    match (before.hold(), after) {
+        (Some(hold), State::Running { .. }) => Some(if hold == Hold::Committed {
+            FreezeEnd::Committed
+        } else {
+            FreezeEnd::Uncommitted
+        }),
+        _ => None,
+    }
+}
+
 /// What `input` does in `state` at `now`.
 pub fn step(state: State, input: Input, now: Instant) -> Step {
     use State as S;
@@ -688,6 +711,48 @@ mod tests {
         let tick = step(checkpointed(lease(now)), Input::Tick, after);
         assert_eq!(tick.next, FRESH);
         assert_eq!(tick.effects, vec![Effect::ResumeTree]);
+    }
+
+    #[test]
+    fn a_freeze_that_ends_without_a_commit_is_told_apart_from_a_committed_one() {
+        let now = Instant::now();
+        let held = frozen(lease(now));
+        let expired = step(held, Input::Tick, now + MINUTE).next;
+        assert_eq!(freeze_ended(held, expired), Some(FreezeEnd::Uncommitted));
+        // A checkpoint that died under a lease resumes the app: that freeze ended too.
+        let dumping = State::Checkpointing {
+            origin: Origin::Fresh,
+            frozen: Some(lease(now + MINUTE)),
+            leave_running: false,
+        };
+        let died = step(
+            dumping,
+            Input::CheckpointEnded {
+                ok: false,
+                died: true,
+            },
+            now,
+        )
+        .next;
+        assert_eq!(freeze_ended(dumping, died), Some(FreezeEnd::Uncommitted));
+        // The way back from a committed copy is not an abandoned migration.
+        let committed = frozen(Hold::Committed);
+        let back = step(committed, Input::Rollback { committed: true }, now).next;
+        assert_eq!(freeze_ended(committed, back), Some(FreezeEnd::Committed));
+        // Still frozen, or never frozen: nothing ended.
+        assert_eq!(
+            freeze_ended(held, step(held, Input::Commit, now).next),
+            None
+        );
+        let plain = step(
+            FRESH,
+            Input::Checkpoint {
+                leave_running: true,
+            },
+            now,
+        )
+        .next;
+        assert_eq!(freeze_ended(plain, FRESH), None);
     }
 
     #[test]

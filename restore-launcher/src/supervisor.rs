@@ -129,6 +129,10 @@ pub struct Supervisor {
     /// memory, and where that stands.
     lazy_pages: Option<Pid>,
     post_copy: Option<migrate_format::PostCopy>,
+    /// The migration whose freeze holds the app (`freeze --migration`).
+    frozen_for: Option<String>,
+    /// The last migration whose freeze ended without a commit ([`StatusReport::ended_freeze`]).
+    ended_freeze: Option<String>,
 }
 
 impl Supervisor {
@@ -183,6 +187,8 @@ impl Supervisor {
             error: None,
             lazy_pages: None,
             post_copy: None,
+            frozen_for: None,
+            ended_freeze: None,
         };
         match start {
             Start::Fresh(app) => supervisor.adopt(app.pid, app.stdout, app.stderr),
@@ -578,13 +584,17 @@ impl Supervisor {
             Request::Freeze {
                 lease_seconds,
                 limit_ms,
-            } => (
-                Input::Freeze {
+                migration,
+            } => {
+                let input = Input::Freeze {
                     lease: lease_seconds.map(Duration::from_secs),
                     limit: limit_ms.map(Duration::from_millis),
-                },
-                "freeze",
-            ),
+                };
+                if self.request(stream, fd, pages, input, "freeze") {
+                    self.frozen_for = migration;
+                }
+                return;
+            }
             Request::Renew { lease_seconds } => (
                 Input::Renew {
                     lease: Duration::from_secs(lease_seconds),
@@ -602,7 +612,7 @@ impl Supervisor {
     }
 
     /// A client's request: asks the state machine, performs its effects, answers. A job's
-    /// client is answered when the job ends.
+    /// client is answered when the job ends. Returns whether it was accepted.
     fn request(
         &mut self,
         stream: UnixStream,
@@ -610,17 +620,18 @@ impl Supervisor {
         mut pages: Option<OwnedFd>,
         input: Input,
         verb: &str,
-    ) {
+    ) -> bool {
         let previous = self.state;
         let step = machine::step(previous, input, Instant::now());
         if let Err(refusal) = step.answer {
             self.perform_all(&step.effects);
-            return refuse(
+            refuse(
                 &stream,
                 refusal,
                 previous,
                 machine::explain(refusal, verb, previous),
             );
+            return false;
         }
         self.state = step.next;
         let mut client = Some(stream);
@@ -669,9 +680,10 @@ impl Supervisor {
                         format!("cannot {verb}: {error}"),
                     );
                 }
-                return;
+                return false;
             }
         }
+        self.track_freeze(previous);
         if step.next != previous {
             tracing::info!(state = ?self.state, "{verb}: done");
         }
@@ -682,6 +694,7 @@ impl Supervisor {
                 &Answer::done(self.state.reported(), self.app.map(Pid::as_raw)),
             );
         }
+        true
     }
 
     /// An input from inside (a job ended, time passed): takes the state machine's next state
@@ -694,6 +707,7 @@ impl Supervisor {
         }
         let before = self.state;
         self.state = step.next;
+        self.track_freeze(before);
         if input == Input::Tick && before != self.state {
             if self.state.busy() {
                 tracing::warn!(
@@ -706,6 +720,21 @@ impl Supervisor {
             }
         }
         self.perform_all(&step.effects);
+    }
+
+    /// After a transition from `before`: a freeze that ended with the app running again, not
+    /// committed, is recorded as the migration that can no longer commit.
+    fn track_freeze(&mut self, before: State) {
+        if let Some(ended) = machine::freeze_ended(before, self.state) {
+            if ended == machine::FreezeEnd::Uncommitted {
+                self.ended_freeze = self.frozen_for.take();
+                if let Some(id) = &self.ended_freeze {
+                    tracing::info!(migration = %id, "the freeze ended without a commit");
+                }
+            } else {
+                self.frozen_for = None;
+            }
+        }
     }
 
     fn perform_all(&mut self, effects: &[Effect]) {
@@ -803,6 +832,7 @@ impl Supervisor {
                 .iter()
                 .map(|f| (*f).to_string())
                 .collect(),
+            ended_freeze: self.ended_freeze.clone(),
         }
     }
 

@@ -967,16 +967,23 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
     };
 
     // Frozen and checkpointed, then abandoned: it resumes by itself after the lease.
-    ok(&["freeze", "--lease", "3"])?;
+    ok(&["freeze", "--migration", "mig-abandoned", "--lease", "3"])?;
     ensure!(a.status()?["lease_seconds_left"].as_u64() <= Some(3));
+    ensure!(
+        a.status()?["ended_freeze"].is_null(),
+        "a freeze in force is named as ended"
+    );
     checkpoint(&a, &["--output", "/tmp/abandoned.tar.zst"])?;
     let seen = frozen_for("checkpointed under a lease")?;
     a.wait_for("the app resumed by its lease", LIMIT, |n| {
         (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
     })?;
+    // Its migration is named as one that can never commit.
     let status = a.status()?;
     ensure!(
-        status["state"] == "running" && status["lease_seconds_left"].is_null(),
+        status["state"] == "running"
+            && status["lease_seconds_left"].is_null()
+            && status["ended_freeze"] == "mig-abandoned",
         "{status}"
     );
     let late = a.launcher(&["commit"]).output()?;
@@ -989,7 +996,7 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
     );
 
     // Renewed, then committed: the lease is over and the app stays frozen past it.
-    ok(&["freeze", "--lease", "2"])?;
+    ok(&["freeze", "--migration", "mig-moved", "--lease", "2"])?;
     ok(&["renew", "--lease", "2"])?;
     ok(&["commit"])?;
     std::thread::sleep(Duration::from_secs(3));
@@ -1034,6 +1041,9 @@ fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -
         String::from_utf8_lossy(&plain.stdout)
     );
     ok(&["rollback", "--committed"])?;
+    // The way back from a committed move is not a migration that ended uncommitted.
+    let status = a.status()?;
+    ensure!(status["ended_freeze"] == "mig-abandoned", "{status}");
     let started = restarted("a launcher started after the committed copy resumed")?;
     ensure!(
         started.status.success() && String::from_utf8_lossy(&started.stdout).contains("fresh app"),

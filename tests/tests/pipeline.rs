@@ -172,6 +172,7 @@ impl Launchers for StandIn {
         &self,
         pod: &Pod,
         container: &str,
+        _migration: &str,
         lease: Duration,
         _limit: Option<Duration>,
     ) -> Result<Option<u64>, LauncherError> {
@@ -903,7 +904,7 @@ async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()>
     killed_at(&connection, &launchers, "transfer").await?;
     let _ = driver.join();
 
-    let found = recover::list(&connection.client, "apps", Some("counter")).await?;
+    let found = recover::list(&connection.client, "apps", Some("counter"), &launchers).await?;
     ensure!(found.len() == 1, "{found:?}");
     ensure!(
         !found[0].committed
@@ -968,7 +969,7 @@ async fn a_plugin_killed_before_the_commit_is_aborted_by_command() -> Result<()>
         "the source was deleted"
     );
     ensure!(
-        recover::list(&connection.client, "apps", None)
+        recover::list(&connection.client, "apps", None, &launchers)
             .await?
             .is_empty()
     );
@@ -996,7 +997,7 @@ async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> 
     killed_at(&connection, &launchers, "thaw").await?;
     let _ = driver.join();
 
-    let found = recover::list(&connection.client, "apps", None).await?;
+    let found = recover::list(&connection.client, "apps", None, &launchers).await?;
     // Past the commit the target is thawed first and the source deleted only after it: the
     // thaw hangs, so the source is still there, committed; only finishing is allowed.
     ensure!(
@@ -1031,7 +1032,7 @@ async fn a_plugin_killed_after_the_commit_is_resumed_by_command() -> Result<()> 
         "the target was deleted"
     );
     ensure!(
-        recover::list(&connection.client, "apps", None)
+        recover::list(&connection.client, "apps", None, &launchers)
             .await?
             .is_empty()
     );
@@ -1412,7 +1413,12 @@ async fn a_stateful_set_holder_counts_as_committed_only_with_the_commit_recorded
         let connection = &connection;
         let phase = phase.to_string();
         async move {
-            let found = recover::list(&connection.client, "apps", Some("web-0")).await?;
+            let found = kubectl_migrate::record::in_flight_migrations(
+                &connection.client,
+                "apps",
+                Some("web-0"),
+            )
+            .await?;
             ensure!(
                 found.len() == 1
                     && found[0].committed == committed

@@ -66,6 +66,7 @@ impl Launchers for StandIn {
         &self,
         _pod: &Pod,
         _container: &str,
+        _migration: &str,
         _lease: Duration,
         _limit: Option<Duration>,
     ) -> Result<Option<u64>, LauncherError> {

@@ -195,6 +195,16 @@ pub async fn gather(
             statuses.insert(container, status.map_err(|e| e.to_string()));
         }
     }
+    let mut unfinished = unfinished;
+    let read: Option<Vec<&StatusReport>> = statuses.values().map(|s| s.as_ref().ok()).collect();
+    for m in unfinished
+        .iter_mut()
+        .filter(|m| !m.committed && m.source == name)
+    {
+        m.freeze_ended = read
+            .as_deref()
+            .is_some_and(|read| crate::record::freeze_ended(&m.id, read));
+    }
     Ok(Ok(Facts {
         pod,
         source_node,

@@ -237,6 +237,23 @@ pub fn unfinished_migrations(facts: &Facts) -> Vec<Problem> {
         .unfinished
         .iter()
         .map(|m| {
+            if m.freeze_ended {
+                return Problem::new(
+                    format!(
+                        "migration {} of pod {} can never finish (its freeze ended without a commit, and the app runs on with its state){}; it still holds the pod",
+                        m.id,
+                        m.source,
+                        m.target
+                            .as_ref()
+                            .map(|t| format!(": its target {t} is left behind"))
+                            .unwrap_or_default(),
+                    ),
+                    format!(
+                        "`{}` removes what it left (the source is not touched), then migrate again",
+                        m.next_step()
+                    ),
+                );
+            }
             Problem::new(
                 format!(
                     "migration {} of pod {} is in progress or did not finish (phase {}{}{})",
@@ -784,11 +801,24 @@ mod tests {
             phase: "checkpointing".into(),
             committed: false,
             age_seconds: Some(30),
+            freeze_ended: false,
         };
         f.unfinished = vec![m.clone()];
         let p = &unfinished_migrations(&f)[0];
         assert!(p.what.contains("migration mig-1 of pod counter is in progress or did not finish (phase checkpointing, target counter-m1)"), "{p}");
         assert!(p.fix.contains("kubectl migrate abort counter"), "{p}");
+        m.freeze_ended = true;
+        f.unfinished = vec![m.clone()];
+        let p = &unfinished_migrations(&f)[0];
+        assert!(
+            p.what.contains("can never finish") && p.what.contains("counter-m1 is left behind"),
+            "{p}"
+        );
+        assert!(
+            p.fix.contains("`kubectl migrate abort counter` removes"),
+            "{p}"
+        );
+        m.freeze_ended = false;
         m.committed = true;
         m.phase = "committed".into();
         f.unfinished = vec![m];

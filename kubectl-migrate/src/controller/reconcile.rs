@@ -526,9 +526,11 @@ async fn in_flight(
     pod: &str,
     id: &str,
 ) -> Result<Option<recover::InFlight>, recover::RecoverError> {
+    // Whether its freeze ended makes no difference here: an uncommitted one is aborted.
     Ok(
-        recover::list(&connection.client, &connection.namespace, Some(pod))
-            .await?
+        crate::record::in_flight_migrations(&connection.client, &connection.namespace, Some(pod))
+            .await
+            .map_err(recover::RecoverError::Api)?
             .into_iter()
             .find(|found| found.id == id),
     )

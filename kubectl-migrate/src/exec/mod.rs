@@ -890,11 +890,12 @@ impl Launchers for ExecLaunchers {
         &self,
         pod: &Pod,
         container: &str,
+        migration: &str,
         lease: std::time::Duration,
         limit: Option<std::time::Duration>,
     ) -> Result<Option<u64>, LauncherError> {
         let lease = seconds(lease);
-        let mut args = vec!["freeze", "--lease", &lease];
+        let mut args = vec!["freeze", "--migration", migration, "--lease", &lease];
         let limit = limit.map(|l| l.as_millis().max(1).to_string());
         if let Some(limit) = &limit {
             args.extend(["--limit-ms", limit]);

@@ -76,7 +76,7 @@ pub(super) async fn freeze<L: Launchers + Sync>(
         // that dies here never leaves it frozen until its liveness probe restarts it.
         let at = ctx
             .launchers
-            .freeze(source, container, options.lease, freeze_limit)
+            .freeze(source, container, &progress.id, options.lease, freeze_limit)
             .await
             .map_err(|error| MigrateError::Launcher {
                 container: container.clone(),

@@ -60,8 +60,9 @@ fn restarts(cluster: &Cluster, pod: &str) -> Result<String> {
 
 /// Acceptance: the plugin SIGKILLed with the probed source frozen. The launcher resumes the app
 /// by itself at the freeze limit (4 s, a second inside the probe's 5 s), whatever its lease:
-/// the kubelet never restarts it, and the count goes on. `abort` then removes the waiting
-/// target and says the pod kept its state, which is true. `--lazy`, which would keep the
+/// the kubelet never restarts it, and the count goes on. Nothing is in flight then: `status`
+/// names the waiting target the dead migration left, `abort` removes it and says the pod kept
+/// its state, which is true. `--lazy`, which would keep the
 /// source frozen without a bound, is refused up front for this pod.
 pub fn a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget(
     cluster: &Cluster,
@@ -118,13 +119,28 @@ pub fn a_dead_plugin_leaves_a_probed_source_that_resumes_within_its_budget(
     })?;
     source_kept_counting(cluster, name, follow)?;
 
-    // The migration is dead (the source resumed: a commit would be refused); its waiting
-    // target is what `status` names, and `abort` removes it.
+    // The migration can never finish (the source's launcher names its freeze as ended
+    // without a commit): nothing is in flight, and `status` and `check` name what it left,
+    // the waiting target, with the command that removes it.
     let listed = kubectl_migrate(cluster, &["status", name]).output()?;
     let table = String::from_utf8_lossy(&listed.stdout).into_owned();
     ensure!(
-        table.contains(&format!("kubectl migrate abort {name}")),
+        table.contains("no unfinished migrations")
+            && table.contains("can never finish")
+            && table.contains(&format!("its target {name}-m1"))
+            && table.contains(&format!("kubectl migrate abort {name}")),
         "{table}"
+    );
+    let check = kubectl_migrate(cluster, &["check", name, "--to", "node-b"]).output()?;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    ensure!(
+        !check.status.success()
+            && said.contains("can never finish")
+            && said.contains(&format!(
+                "kubectl migrate abort {name}` removes what it left"
+            )),
+        "{said}"
     );
     let abort = kubectl_migrate(cluster, &["abort", name]).output()?;
     let text = String::from_utf8_lossy(&abort.stdout).into_owned();
