@@ -18,14 +18,21 @@ use crate::launchers::Launchers;
 use crate::retry;
 
 /// Finishes a committed migration, idempotently (it runs again after a failure or an
-/// interruption past the commit): thaw every target container first (a thaw that works, on an
-/// app restored there, proves the target holds the app; a target that lost it keeps the
-/// source, see `lost_or_failed`), then delete the source (its frozen copy is stale; should its
-/// container restart meanwhile, its launcher does not start the app again), end the target's
-/// wait for a checkpoint and mark it done. With `--keep-source` the source is kept, frozen.
-/// With `--lazy` the source is deleted only once every page arrived; for a pod a ReplicaSet
-/// owns the target is made Ready and handed to the ReplicaSet ([`handoff`]) before the source
-/// is deleted, so the ReplicaSet never starts a fresh replica.
+/// interruption past the commit), whatever its variant; the steps are the same, in the order
+/// each variant needs:
+/// 1. **the app's new pod**: the target, restored and frozen. A StatefulSet's pod has its
+///    successor instead, which can exist only once the source is gone
+///    ([`identity::restore_successor`]: the holder records the commit, the source is deleted
+///    and waited for, the successor created and restored from the parked checkpoint).
+/// 2. **thaw** every container there. A thaw that works, on an app restored there, proves the
+///    new pod holds the app; a target that lost it keeps the source, the way back
+///    (`lost_or_failed`). With `--lazy`, every page of its memory must arrive first.
+/// 3. **the source goes** (its frozen copy is stale; should its container restart meanwhile,
+///    its launcher does not start the app again); with `--keep-source` it is kept, frozen. A
+///    ReplicaSet's pod is first made Ready and handed to the ReplicaSet ([`handoff`]), so it
+///    never starts a fresh replica.
+/// 4. **the new pod serves**: its wait for a checkpoint ends, it is marked Ready and done; a
+///    StatefulSet's holder and guard go ([`identity::clean_up`]).
 ///
 /// # Errors
 /// [`MigrateError::AfterCommit`] naming the step that kept failing; nothing is undone. A
@@ -38,27 +45,42 @@ pub async fn finish<L: Launchers + Sync>(
     progress: &Progress,
 ) -> Result<Finished, MigrateError> {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
-    let target = progress.target.clone().unwrap_or_default();
-    // A StatefulSet's pod: the target is the holder of its parked checkpoint.
-    if progress.plan.variant == Variant::StatefulSet {
+    let variant = progress.plan.variant;
+    let mut finished = Finished::default();
+    // 1. The app's new pod.
+    let target = match variant {
         // Boxed, as every call into a whole finish or undo is: their futures nest (an undo can
         // go forward into a finish) and would otherwise grow past a thread's stack.
-        return Box::pin(identity::finish(connection, launchers, options, progress)).await;
-    }
+        Variant::StatefulSet => {
+            Box::pin(identity::restore_successor(
+                connection,
+                launchers,
+                options,
+                progress,
+                &mut finished,
+            ))
+            .await?
+        }
+        Variant::Plain | Variant::Handoff => progress.target.clone().unwrap_or_default(),
+    };
     let target_name = target.metadata.name.clone().unwrap_or_default();
-    let mut finished = Finished::default();
-    // The target of a pod a ReplicaSet owns is handed to it before the source goes (else the
-    // ReplicaSet starts a fresh replica), which needs its app running and the pod Ready.
-    let owned = progress.plan.variant == Variant::Handoff;
-    // The target is thawed before anything happens to the source: a thaw that works is the
-    // proof that the target holds the app (restored, not restarted since), and the source
-    // goes only after it. A target that lost its app keeps the source, the way back.
-    // Post-copy: the source is deleted only once every page arrived.
-    if let Err(error) = thaw_all(launchers, progress, &target, &mut finished).await {
-        return Err(lost_or_failed(error, &pods, options, &target_name).await);
+    let containers = match variant {
+        Variant::StatefulSet => crate::rewrite::migrated_containers(&target),
+        Variant::Plain | Variant::Handoff => progress.containers.clone(),
+    };
+    // 2. Thaw, before anything happens to a source that is still there.
+    if let Err(error) = thaw_all(launchers, &containers, &target, &mut finished).await {
+        return Err(match variant {
+            // Its source is gone already; the holder keeps the parked checkpoint, and a
+            // `resume` restores a successor that lost its app from it again.
+            Variant::StatefulSet => identity::thaw_failed(error, connection, &target_name),
+            Variant::Plain | Variant::Handoff => {
+                lost_or_failed(error, &pods, options, &target_name).await
+            }
+        });
     }
     if progress.plan.post_copy {
-        for container in &progress.containers {
+        for container in &containers {
             let done = launchers
                 .complete_post_copy(&target, container)
                 .await
@@ -83,34 +105,95 @@ pub async fn finish<L: Launchers + Sync>(
             }
         }
     }
-    if owned {
-        // The app runs: a restarted container must start it fresh from now on. The same write
-        // marks the target `handing-off`, by which `kubectl migrate status` finds an
-        // interrupted handoff once the source is gone (the ReplicaSet may delete it itself).
-        // Then Ready (the gate), which the handoff waits for.
-        finished
-            .warnings
-            .extend(end_wait(&pods, &target_name, Some(super::Phase::HandingOff)).await);
-        mark_serving(&pods, &target_name, &mut finished).await;
-        let replica_sets = Api::namespaced(connection.client.clone(), &connection.namespace);
-        handoff::hand_off(
-            &pods,
-            &replica_sets,
-            &connection.namespace,
-            &options.pod,
-            &target_name,
-        )
-        .await
-        .map_err(|what| MigrateError::AfterCommit { what })?;
-        fault::stage("handed-off");
+    // 3. The source goes (a StatefulSet's went in step 1). A ReplicaSet's pod is handed to it
+    // first, which needs its app running and the pod Ready.
+    let deleted = match variant {
+        Variant::StatefulSet => Ok(()),
+        Variant::Handoff => {
+            // The app runs: a restarted container must start it fresh from now on. The same
+            // write marks the target `handing-off`, by which `kubectl migrate status` finds an
+            // interrupted handoff once the source is gone (the ReplicaSet may delete it
+            // itself). Then Ready (the gate), which the handoff waits for.
+            finished
+                .warnings
+                .extend(end_wait(&pods, &target_name, Some(super::Phase::HandingOff)).await);
+            mark_serving(&pods, &target_name, &mut finished).await;
+            let replica_sets = Api::namespaced(connection.client.clone(), &connection.namespace);
+            handoff::hand_off(
+                &pods,
+                &replica_sets,
+                &connection.namespace,
+                &options.pod,
+                &target_name,
+            )
+            .await
+            .map_err(|what| MigrateError::AfterCommit { what })?;
+            fault::stage("handed-off");
+            let deleted = delete_source(connection, &pods, options, progress, &target_name, &mut finished).await;
+            if deleted.is_ok()
+                && let Err(warning) = retry::by(retry::finishing(), || {
+                    handoff::drop_deletion_cost(&pods, &target_name)
+                })
+                .await
+            {
+                finished.warnings.push(warning);
+            }
+            deleted
+        }
+        Variant::Plain => {
+            delete_source(connection, &pods, options, progress, &target_name, &mut finished).await
+        }
+    };
+    // 4. The new pod serves, and is done.
+    match variant {
+        Variant::StatefulSet => {
+            finished
+                .warnings
+                .extend(end_wait(&pods, &target_name, Some(super::Phase::Done)).await);
+            mark_serving(&pods, &target_name, &mut finished).await;
+            identity::clean_up(connection, &target, &mut finished).await;
+        }
+        Variant::Plain | Variant::Handoff => {
+            if variant == Variant::Plain {
+                finished
+                    .warnings
+                    .extend(end_wait(&pods, &target_name, None).await);
+                mark_serving(&pods, &target_name, &mut finished).await;
+            }
+            annotate(
+                &pods,
+                &target_name,
+                &progress.id,
+                super::Phase::Done,
+                Some(&options.pod),
+            )
+            .await;
+        }
     }
+    deleted.map_err(|error| MigrateError::AfterCommit {
+        what: format!("cannot delete the source pod {}: {error}", options.pod),
+    })?;
+    finished.source_deleted = finished.source_deleted || !options.keep_source;
+    Ok(finished)
+}
+
+/// Step 3 of [`finish`] for a bare or ReplicaSet pod: deletes the source (the event on it says
+/// where the app went), or with `--keep-source` records it as kept, frozen, for good.
+async fn delete_source(
+    connection: &Connection,
+    pods: &Api<Pod>,
+    options: &Options,
+    progress: &Progress,
+    target_name: &str,
+    finished: &mut Finished,
+) -> Result<(), String> {
     let deleted = if options.keep_source {
         annotate(
-            &pods,
+            pods,
             &options.pod,
             &progress.id,
             super::Phase::DoneKept,
-            Some(&target_name),
+            Some(target_name),
         )
         .await;
         Ok(())
@@ -138,34 +221,7 @@ pub async fn finish<L: Launchers + Sync>(
         .await
     };
     fault::stage("source-deleted");
-    if owned
-        && deleted.is_ok()
-        && let Err(warning) = retry::by(retry::finishing(), || {
-            handoff::drop_deletion_cost(&pods, &target_name)
-        })
-        .await
-    {
-        finished.warnings.push(warning);
-    }
-    if !owned {
-        finished
-            .warnings
-            .extend(end_wait(&pods, &target_name, None).await);
-        mark_serving(&pods, &target_name, &mut finished).await;
-    }
-    annotate(
-        &pods,
-        &target_name,
-        &progress.id,
-        super::Phase::Done,
-        Some(&options.pod),
-    )
-    .await;
-    deleted.map_err(|error| MigrateError::AfterCommit {
-        what: format!("cannot delete the source pod {}: {error}", options.pod),
-    })?;
-    finished.source_deleted = !options.keep_source;
-    Ok(finished)
+    deleted
 }
 
 /// A thaw refused because the target has no restored app (its launcher waits for a checkpoint

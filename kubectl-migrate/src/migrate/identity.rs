@@ -17,13 +17,15 @@
 //!    verifies it in full and keeps it (0600).
 //! 4. **commit**: the sources acknowledge, then the commit is recorded on the source pod. From
 //!    here the parked checkpoint is the app; nothing undoes.
-//! 5. **finish** ([`finish`], idempotent, also what `kubectl migrate resume` runs): the holder
-//!    records the commit; the source is deleted and waited for until gone (its ReadWriteOnce
-//!    volumes detach); the successor is created (`rewrite::successor_pod`: the source's
-//!    name, labels, StatefulSet owner, hostname and claims, pinned to the target node, waiting
-//!    for its checkpoint); each container's parked archive goes into its `receive`, which
-//!    verifies and restores it (frozen); the successor is thawed, marked restored and Ready;
-//!    the holder and the guard are deleted.
+//! 5. **finish** (`migrate::finish`, the same steps as every variant's, idempotent, also what
+//!    `kubectl migrate resume` runs). Its first step here is [`restore_successor`]: the
+//!    holder records the commit; the source is deleted and waited for until gone (its
+//!    ReadWriteOnce volumes detach); the successor is created (`rewrite::successor_pod`: the
+//!    source's name, labels, StatefulSet owner, hostname and claims, pinned to the target
+//!    node, waiting for its checkpoint); each container's parked archive goes into its
+//!    `receive`, which verifies and restores it (frozen). Then, as for every variant, the
+//!    successor is thawed, marked restored and Ready; last the holder and the guard are
+//!    deleted ([`clean_up`]).
 //!
 //! Before the commit any failure undoes as always: the source resumes, the holder is deleted,
 //! and so is the guard (`undo`). The app is never started fresh by the controller (the guard)
@@ -42,7 +44,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use migrate_format::{LauncherState, annotations};
 
-use super::thaw::{Finished, end_wait, mark_serving, thaw_all};
+use super::thaw::Finished;
 use super::transfer::{Cut, keep_alive, leased, within};
 use super::{Ctx, MigrateError, Options, Progress, fault, record, target};
 use crate::client::Connection;
@@ -181,19 +183,21 @@ pub(super) fn restored_from_parked(
 /// containers; a frozen, committed launcher exits at once on SIGTERM).
 const SOURCE_GONE_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Finishes a committed StatefulSet pod's move, idempotently: from whatever point it stopped
-/// (the holder records the commit, the source is deleted and gone, the successor created,
-/// restored from the parked archive, thawed, marked done; the holder and guard deleted).
+/// The first step of finishing a committed StatefulSet pod's move (`migrate::finish` does the
+/// rest, as for every variant), idempotently, from whatever point it stopped: the holder
+/// records the commit, the source is deleted and gone, the successor created and each
+/// container restored there from the parked archive (frozen). Returns the successor.
 /// `progress.target` is the holder.
 ///
 /// # Errors
 /// [`MigrateError::AfterCommit`] naming what keeps failing and what finishes; nothing undoes.
-pub async fn finish<L: Launchers + Sync>(
+pub(super) async fn restore_successor<L: Launchers + Sync>(
     connection: &Connection,
     launchers: &L,
     options: &Options,
     progress: &Progress,
-) -> Result<Finished, MigrateError> {
+    finished: &mut Finished,
+) -> Result<Pod, MigrateError> {
     let ns = &connection.namespace;
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), ns);
     let name = &options.pod;
@@ -205,7 +209,6 @@ pub async fn finish<L: Launchers + Sync>(
         .unwrap_or_default();
     let after = |what: String| MigrateError::AfterCommit { what };
     let resume = format!("`kubectl migrate resume -n {ns} {name}` goes on from there");
-    let mut finished = Finished::default();
 
     let holder = retry::by(retry::finishing(), || pods.get_opt(&holder_name))
         .await
@@ -234,10 +237,7 @@ pub async fn finish<L: Launchers + Sync>(
     let Some(holder) = holder else {
         return match (successor_now, at_name) {
             // The holder goes last: a successor that holds the app finishes.
-            (Some(successor), _) => {
-                complete(connection, launchers, &successor, &mut finished).await?;
-                Ok(finished)
-            }
+            (Some(successor), _) => Ok(successor),
             // The holder went before the source did: the source still holds the app, frozen.
             (None, Some(source)) if super::is_committed(&source, id) => Err(after(format!(
                 "the holder pod {holder_name} is gone (deleted, or its node failed) before the source pod {name} was: the source still holds the app, frozen as of the freeze. Resume it with {}, then delete the guard: kubectl delete validatingadmissionpolicybinding,validatingadmissionpolicy {}",
@@ -311,7 +311,7 @@ pub async fn finish<L: Launchers + Sync>(
                 uid: source_uid.as_deref(),
                 restarts_at_commit: restarts_at_commit.as_ref(),
             };
-            remove_source(connection, &pods, options, progress, source, &mut finished).await?;
+            remove_source(connection, &pods, options, progress, source, finished).await?;
             fault::stage("source-gone");
             create_successor(&connection.client, ns, &pods, &successor, id).await?
         }
@@ -351,36 +351,34 @@ pub async fn finish<L: Launchers + Sync>(
         finished.restored.insert(container, done.restore);
     }
     fault::stage("unparked");
-    complete(connection, launchers, &successor, &mut finished).await?;
-    Ok(finished)
+    Ok(successor)
 }
 
-/// The last steps, once the successor holds the app: thaw, restored and Ready, done; then the
-/// holder and the guard go.
-async fn complete<L: Launchers + Sync>(
+/// A successor that could not be thawed: its source is gone, but the holder keeps the parked
+/// checkpoint until the move is done, and `resume` restores a successor that lost its app
+/// (its container restarted, so it waits for a checkpoint again) from it once more.
+pub(super) fn thaw_failed(
+    error: MigrateError,
     connection: &Connection,
-    launchers: &L,
-    successor: &Pod,
-    finished: &mut Finished,
-) -> Result<(), MigrateError> {
+    successor: &str,
+) -> MigrateError {
+    match error {
+        MigrateError::ThawRefused { container, error } => MigrateError::AfterCommit {
+            what: format!(
+                "cannot thaw container {container} of pod {successor}: {error}; the checkpoint stays parked in the holder: `kubectl migrate resume -n {} {successor}` goes on from there",
+                connection.namespace
+            ),
+        },
+        other => other,
+    }
+}
+
+/// The last step of a StatefulSet pod's move, once its successor runs and serves: the holder
+/// and the guard go, and the successor is no longer one. What fails here is a warning (the
+/// app has moved), with the command that does it.
+pub(super) async fn clean_up(connection: &Connection, successor: &Pod, finished: &mut Finished) {
     let pods: Api<Pod> = Api::namespaced(connection.client.clone(), &connection.namespace);
     let name = successor.metadata.name.clone().unwrap_or_default();
-    let progress = Progress {
-        containers: rewrite::migrated_containers(successor),
-        ..Progress::default()
-    };
-    thaw_all(launchers, &progress, successor, finished)
-        .await
-        .map_err(|error| match error {
-            MigrateError::ThawRefused { container, error } => MigrateError::AfterCommit {
-                what: format!("cannot thaw container {container} of pod {name}: {error}"),
-            },
-            other => other,
-        })?;
-    finished
-        .warnings
-        .extend(end_wait(&pods, &name, Some(super::Phase::Done)).await);
-    mark_serving(&pods, &name, finished).await;
     record(
         connection,
         successor,
@@ -422,7 +420,6 @@ async fn complete<L: Launchers + Sync>(
             annotations::ROLE
         ));
     }
-    Ok(())
 }
 
 /// What the holder knows of the source.

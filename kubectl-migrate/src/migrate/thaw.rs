@@ -1,14 +1,13 @@
-//! The target's side of finishing, which both orders share (a bare or ReplicaSet pod's move
-//! in `finish`, a StatefulSet pod's successor in `identity`): thaw every container (only a
-//! restored app counts), end the target's wait for a checkpoint, let it take Service traffic;
-//! and the small retry those steps use.
+//! The target's side of finishing (`finish`), whatever the variant (the target of a bare or
+//! ReplicaSet pod, a StatefulSet pod's successor): thaw every container (only a restored app
+//! counts), end the target's wait for a checkpoint, let it take Service traffic.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use migrate_format::annotations;
 
-use super::{MigrateError, Progress};
+use super::MigrateError;
 use crate::launchers::Launchers;
 use crate::retry;
 
@@ -45,11 +44,11 @@ pub(super) async fn mark_serving(pods: &Api<Pod>, target_name: &str, finished: &
 /// Thaws every target container, noting when each app resumed.
 pub(super) async fn thaw_all<L: Launchers + Sync>(
     launchers: &L,
-    progress: &Progress,
+    containers: &[String],
     target: &Pod,
     finished: &mut Finished,
 ) -> Result<(), MigrateError> {
-    for container in &progress.containers {
+    for container in containers {
         let at = retry::by(retry::finishing(), || launchers.thaw(target, container))
             .await
             .map_err(|error| MigrateError::ThawRefused {
