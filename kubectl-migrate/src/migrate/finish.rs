@@ -129,7 +129,15 @@ pub async fn finish<L: Launchers + Sync>(
             .await
             .map_err(|what| MigrateError::AfterCommit { what })?;
             fault::stage("handed-off");
-            let deleted = delete_source(connection, &pods, options, progress, &target_name, &mut finished).await;
+            let deleted = delete_source(
+                connection,
+                &pods,
+                options,
+                progress,
+                &target_name,
+                &mut finished,
+            )
+            .await;
             if deleted.is_ok()
                 && let Err(warning) = retry::by(retry::finishing(), || {
                     handoff::drop_deletion_cost(&pods, &target_name)
@@ -141,7 +149,15 @@ pub async fn finish<L: Launchers + Sync>(
             deleted
         }
         Variant::Plain => {
-            delete_source(connection, &pods, options, progress, &target_name, &mut finished).await
+            delete_source(
+                connection,
+                &pods,
+                options,
+                progress,
+                &target_name,
+                &mut finished,
+            )
+            .await
         }
     };
     // 4. The new pod serves, and is done.
