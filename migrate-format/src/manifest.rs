@@ -190,14 +190,24 @@ pub fn validate_entry_path(path: &str, included: usize) -> Result<(), PathError>
     }
 }
 
+/// Longest symlink target an archive may carry (Linux's PATH_MAX): resolving links costs
+/// time in their length, on the target, while the app is frozen.
+pub const LINK_LIMIT: usize = 4096;
+
 /// Checks that symlink `path` (under `include/N/`) with target `target` resolves inside
-/// `include/N/`: relative, and never climbing above its included root.
+/// `include/N/`: relative, and never climbing above its included root. The included root
+/// itself is never a symlink (`include/N -> .` would point its path at its parent
+/// directory), and a symlink's path has no trailing slash (which would shift its depth).
 fn validate_symlink(path: &str, target: &str) -> Result<(), PathError> {
     let escape = || PathError::SymlinkEscape {
         path: path.into(),
         target: target.into(),
     };
-    if target.starts_with('/') {
+    if target.starts_with('/')
+        || target.len() > LINK_LIMIT
+        || path.ends_with('/')
+        || path.split('/').count() < 3
+    {
         return Err(escape());
     }
     // Depth of the link's directory below include/N/.
@@ -237,38 +247,43 @@ fn resolve_within(
         path: path.into(),
         target: target.into(),
     };
-    let parts: Vec<&str> = path.split('/').collect();
-    let root = parts.iter().take(2).copied().collect::<Vec<_>>().join("/");
-    // The directory holding the link, below the included root.
-    let mut here: Vec<String> = parts
-        .iter()
-        .skip(2)
-        .take(parts.len().saturating_sub(3))
-        .map(|p| p.to_string())
-        .collect();
-    let mut pending: std::collections::VecDeque<String> =
-        target.split('/').map(str::to_string).collect();
-    let mut hops = 0;
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    // `full` is the path reached so far, `include/N/...`; `depth` how far below the root.
+    let root_len = parts.iter().take(2).map(|p| p.len()).sum::<usize>() + 1;
+    let mut full = parts[..parts.len().saturating_sub(1)].join("/");
+    let mut depth = parts.len().saturating_sub(3);
+    let mut pending: std::collections::VecDeque<&str> = target.split('/').collect();
+    let (mut hops, mut steps) = (0, 0);
     while let Some(part) = pending.pop_front() {
-        match part.as_str() {
+        // Bounded work whatever the archive: at most a path's length of steps in all.
+        steps += 1;
+        if steps > LINK_LIMIT {
+            return Err(escape());
+        }
+        match part {
             "" | "." => {}
             ".." => {
-                if here.pop().is_none() {
+                if depth == 0 {
                     return Err(escape());
                 }
+                depth -= 1;
+                full.truncate(full.rfind('/').unwrap_or(root_len).max(root_len));
             }
             name => {
-                here.push(name.to_string());
-                let full = format!("{root}/{}", here.join("/"));
+                let before = full.len();
+                full.push('/');
+                full.push_str(name);
                 if let Some(next) = links.get(full.as_str()) {
                     hops += 1;
                     if hops > MAX_LINK_HOPS || next.starts_with('/') {
                         return Err(escape());
                     }
-                    here.pop();
+                    full.truncate(before);
                     for step in next.split('/').rev() {
-                        pending.push_front(step.to_string());
+                        pending.push_front(step);
                     }
+                } else {
+                    depth += 1;
                 }
             }
         }
@@ -389,7 +404,7 @@ impl Manifest {
             }
             if entry.kind == EntryKind::Symlink {
                 let target = entry.link.as_deref().unwrap_or("");
-                if !entry.path.starts_with("include/") {
+                if !entry.path.starts_with("include/") || entry.path.ends_with('/') {
                     return Err(PathError::SymlinkEscape {
                         path: entry.path.clone(),
                         target: target.into(),
@@ -403,12 +418,22 @@ impl Manifest {
         Ok(())
     }
 
-    /// The entry listed for `path`, if any.
+    /// The entry listed for `path`, if any. A linear scan: to look up every entry of an
+    /// archive, build an [`Manifest::index`] once.
     pub fn entry(&self, path: &str) -> Option<&Entry> {
         let path = path.trim_end_matches('/');
         self.entries
             .iter()
             .find(|e| e.path.trim_end_matches('/') == path)
+    }
+
+    /// Every entry by its path (without a trailing slash), for lookups in constant time: a
+    /// reader looks up each of up to [`ENTRY_LIMIT`] entries while the app is frozen.
+    pub fn index(&self) -> std::collections::HashMap<&str, &Entry> {
+        self.entries
+            .iter()
+            .map(|e| (e.path.trim_end_matches('/'), e))
+            .collect()
     }
 
     /// Total bytes of regular-file entries.
@@ -509,6 +534,32 @@ mod tests {
         assert!(validate_symlink("include/0/a/link", "../../x").is_err());
         assert!(validate_symlink("include/0/link", "/etc/shadow").is_err());
         assert!(validate_symlink("include/0/a/link", "b/../../../x").is_err());
+        // The included root is never a link: `include/0 -> .` would make its path point at
+        // the directory holding it (`/data -> /`).
+        assert!(validate_symlink("include/0", ".").is_err());
+        assert!(validate_symlink("include/0", "etc").is_err());
+        // A trailing slash would count one level too many.
+        assert!(validate_symlink("include/0/l/", "../x").is_err());
+        // Nor may a target be longer than a path can be.
+        assert!(validate_symlink("include/0/l", &"a/".repeat(LINK_LIMIT)).is_err());
+    }
+
+    #[test]
+    fn a_manifest_whose_included_root_or_a_slashed_path_is_a_symlink_is_refused() {
+        for (path, target) in [
+            ("include/0", "etc"),
+            ("include/0", "."),
+            ("include/0/l/", "../x"),
+        ] {
+            let mut m = manifest();
+            m.entries.retain(|e| !e.path.starts_with("include/0"));
+            m.entries.push(link(path, target));
+            let error = m.validate("x86_64").unwrap_err();
+            assert!(
+                matches!(&error, ManifestError::Path(PathError::SymlinkEscape { .. })),
+                "{path} -> {target}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -241,13 +241,15 @@ pub struct StatusReport {
 /// - `rollback-committed`: `rollback --committed` (a plain `rollback` refuses a committed copy);
 /// - `moved-record`: a restarted source container does not start its app after the commit.
 /// - `ended-freeze`: `freeze --migration ID`, and `status` naming the migration whose freeze
-///   ended without a commit.
+///   ended without a commit;
+/// - `direct-from`: `receive --listen --from IP`, taking connections from the source pod only.
 pub const FEATURES: &[&str] = &[
     "freeze-limit",
     "probe",
     "rollback-committed",
     "moved-record",
     "ended-freeze",
+    "direct-from",
 ];
 
 /// What `checkpoint` prints.

@@ -26,6 +26,9 @@ use sha2::{Digest as _, Sha256};
 
 /// zstd level: 1 keeps compression well above disk and network speed on one core.
 const ZSTD_LEVEL: i32 = 1;
+/// The compression window, 2^20 bytes: what the writer uses and the most a reader accepts
+/// (zstd's decoder would otherwise allocate up to 2^27 bytes, 128 MiB, for a frame that asks).
+const ZSTD_WINDOW_LOG: u32 = 20;
 
 /// Longest GNU long name or long link name read (PATH_MAX): read into memory, so bounded
 /// before anything of it is buffered.
@@ -282,6 +285,9 @@ pub fn write<W: Write>(out: W, manifest: &Manifest, root: &Path) -> Result<u64, 
     encoder
         .include_checksum(true)
         .map_err(ArchiveError::Output)?;
+    encoder
+        .window_log(ZSTD_WINDOW_LOG)
+        .map_err(ArchiveError::Output)?;
     let mut builder = tar::Builder::new(encoder);
     let json = serde_json::to_vec_pretty(manifest).map_err(|e| ArchiveError::Output(e.into()))?;
     let mut header = new_header(tar::EntryType::Regular, json.len() as u64, 0o600);
@@ -376,9 +382,12 @@ impl<R: Read> Read for CountingReader<R> {
 /// # Errors
 /// Any [`ArchiveError`] about the stream or the manifest.
 pub fn read_manifest<R: Read>(input: R) -> Result<Manifest, ArchiveError> {
-    let decoder = zstd::Decoder::new(input)
+    let mut decoder = zstd::Decoder::new(input)
         .map_err(ArchiveError::Stream)?
         .single_frame();
+    decoder
+        .window_log_max(ZSTD_WINDOW_LOG)
+        .map_err(ArchiveError::Stream)?;
     let mut archive = tar::Archive::new(decoder);
     let mut entries = archive.entries().map_err(ArchiveError::Stream)?.raw(true);
     first_manifest(
@@ -422,9 +431,12 @@ pub fn read_verified<R: Read>(
 ) -> Result<Manifest, ArchiveError> {
     // One frame is the whole archive: reading stops at its end, so a receiver never needs the
     // sender to close the stream (`kubectl exec` delivers stdin EOF only on newer protocols).
-    let decoder = zstd::Decoder::new(input)
+    let mut decoder = zstd::Decoder::new(input)
         .map_err(ArchiveError::Stream)?
         .single_frame();
+    decoder
+        .window_log_max(ZSTD_WINDOW_LOG)
+        .map_err(ArchiveError::Stream)?;
     let mut archive = tar::Archive::new(decoder);
     // Raw entries: the tar crate would read GNU long names and PAX headers of any size into
     // memory before the manifest-first check; `Headers` bounds them first.
@@ -434,11 +446,12 @@ pub fn read_verified<R: Read>(
     let manifest = first_manifest(&mut entries, &mut headers, arch)?;
     check_space(staging, manifest.payload_bytes())?;
 
+    let index = manifest.index();
     let mut seen = BTreeSet::new();
     while let Some((mut entry, path)) = headers.next(&mut entries)? {
         let key = path.trim_end_matches('/').to_string();
-        let listed = manifest
-            .entry(&key)
+        let listed = *index
+            .get(key.as_str())
             .ok_or_else(|| ArchiveError::Unlisted(path.clone()))?;
         if !seen.insert(key.clone()) {
             return Err(ArchiveError::Duplicate(path));
@@ -628,6 +641,7 @@ pub fn verify_dir(dir: &Path, arch: &str) -> Result<Manifest, ArchiveError> {
     }
     // As strict as the stream reader: nothing in the directory that the manifest does not
     // list (an extra file, or a symlink standing where a listed directory's parent should be).
+    let index = manifest.index();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(next) = pending.pop() {
         for child in read_dir_sorted(&next)? {
@@ -642,8 +656,8 @@ pub fn verify_dir(dir: &Path, arch: &str) -> Result<Manifest, ArchiveError> {
                 pending.push(child);
                 continue;
             }
-            let listed = manifest
-                .entry(&rel)
+            let listed = *index
+                .get(rel.as_str())
                 .ok_or_else(|| ArchiveError::Unlisted(rel.clone()))?;
             if listed.kind == EntryKind::Dir {
                 pending.push(child);

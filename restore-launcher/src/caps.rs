@@ -25,6 +25,50 @@
 
 use caps::{CapSet, Capability};
 
+/// Whether this process is a non-root user holding capabilities (from the launcher binary's
+/// file capabilities): then nothing the environment says may choose a binary it runs with
+/// them ([`crate::criu::Criu::find`] takes criu only from a fixed root-owned path), and it
+/// runs only as the container's PID 1 (`borrowed`).
+pub fn privileged_non_root() -> bool {
+    nix::unistd::geteuid().as_raw() != 0
+        && caps::read(None, CapSet::Permitted).is_ok_and(|set| !set.is_empty())
+}
+
+/// Whether `no_new_privs` is set (`allowPrivilegeEscalation: false`): an exec then gains no
+/// capability from a file.
+pub fn no_new_privs() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .is_some_and(|v| v.trim() == "1")
+}
+
+/// Why this launcher must not run: a non-root launcher that gained capabilities from its file
+/// and is not the container's PID 1 was started by something inside the container -- the app
+/// or a shell of its user -- which would run its own code with them (`--criu`, its
+/// environment, a PATH of its choosing). Under `no_new_privs` no exec gains them, so nothing
+/// can be borrowed.
+pub fn borrowed(pid: u32) -> Option<String> {
+    if pid == 1 || !privileged_non_root() || no_new_privs() {
+        return None;
+    }
+    let held = caps::read(None, CapSet::Permitted)
+        .map(|set| {
+            let mut names: Vec<String> = set
+                .iter()
+                .map(|c| c.to_string().trim_start_matches("CAP_").to_string())
+                .collect();
+            names.sort();
+            names.join(", ")
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "not starting: this launcher runs as uid {} with the capabilities of its file ({held}) but is not the container's PID 1, so something inside the container started it and could use them to run its own code. The launcher runs as the container's entrypoint only; to run it otherwise, set `allowPrivilegeEscalation: false` in the container's securityContext, under which it gains nothing",
+        nix::unistd::geteuid()
+    ))
+}
+
 /// What [`adopt`] did, for the log and for error messages.
 #[derive(Debug, Clone, Default)]
 pub struct Adopted {
@@ -131,11 +175,7 @@ pub fn non_root_hint() -> Option<String> {
     if euid == 0 {
         return None;
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let no_new_privs = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
-        .is_some_and(|v| v.trim() == "1");
+    let no_new_privs = no_new_privs();
     let bounding = caps::read(None, CapSet::Bounding).unwrap_or_default();
     let wanted = [Capability::CAP_CHECKPOINT_RESTORE, Capability::CAP_SETPCAP];
     let absent: Vec<String> = wanted

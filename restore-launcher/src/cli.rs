@@ -236,6 +236,11 @@ pub enum Command {
         /// stays until every page arrived (`status` says `post_copy`).
         #[arg(long, requires = "listen")]
         lazy: bool,
+        /// Only connections from this address are taken (repeat for each of the source pod's
+        /// addresses); others are closed at once, before any handshake, so that connections
+        /// from elsewhere on the pod network cannot crowd out the source's.
+        #[arg(long = "from", value_name = "IP", requires = "listen")]
+        from: Vec<std::net::IpAddr>,
     },
     /// Keep an archive without restoring it: read it from stdin, verify it in full, and keep it
     /// (mode 0600) in the work directory for `unpark`. Prints a JSON report; exits non-zero and

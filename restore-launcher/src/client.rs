@@ -146,8 +146,9 @@ pub fn run(state_dir: &Path, command: &Command) -> Result<u8, ClientError> {
         Command::Receive {
             listen: Some(port),
             lazy,
+            from,
             ..
-        } => receive_listening(state_dir, *port, *lazy),
+        } => receive_listening(state_dir, *port, *lazy, from),
         Command::Receive {
             input,
             listen: None,
@@ -424,7 +425,12 @@ fn checkpoint_to(
 /// gets its end of a socket pair for `criu lazy-pages --ps-socket`, and a thread here relays
 /// it. The restore's answer is printed as soon as it comes; this command then stays until
 /// the daemon has every page (or the channel broke).
-fn receive_listening(state_dir: &Path, port: u16, lazy: bool) -> Result<u8, ClientError> {
+fn receive_listening(
+    state_dir: &Path,
+    port: u16,
+    lazy: bool,
+    from: &[std::net::IpAddr],
+) -> Result<u8, ClientError> {
     let stdin = unbuffered_stdin()?;
     let keys = direct::read_secret(&stdin)?;
     let config = direct::server_config(&keys)?;
@@ -434,9 +440,15 @@ fn receive_listening(state_dir: &Path, port: u16, lazy: bool) -> Result<u8, Clie
         .map_err(direct::DirectError::Io)?
         .port();
     direct::say(migrate_format::Progress::Listening { port });
-    let channel = direct::accept(&listener, &config, &stdin, DIRECT_PATIENCE)?;
+    let channel = direct::accept(&listener, &config, &stdin, from, DIRECT_PATIENCE)?;
     let pages = if lazy {
-        Some(direct::accept(&listener, &config, &stdin, DIRECT_PATIENCE)?)
+        Some(direct::accept(
+            &listener,
+            &config,
+            &stdin,
+            from,
+            DIRECT_PATIENCE,
+        )?)
     } else {
         None
     };

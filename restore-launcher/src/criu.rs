@@ -87,23 +87,59 @@ pub enum CriuError {
     },
 }
 
+/// Where a launcher holding capabilities as a non-root user looks for criu, in order: the
+/// places Debian's package and a source build put it.
+pub const TRUSTED_CRIU: &[&str] = &["/usr/sbin/criu", "/usr/local/sbin/criu"];
+
+/// The first of [`TRUSTED_CRIU`] that is a regular file which only root can change: owned by
+/// root, not writable by its group or others, and so is every directory above it.
+fn trusted_criu() -> Result<PathBuf, CriuError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root_only = |path: &Path| {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
+    };
+    for candidate in TRUSTED_CRIU {
+        let path = Path::new(candidate);
+        let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+        if is_file && path.ancestors().all(root_only) {
+            return Ok(path.to_path_buf());
+        }
+    }
+    Err(CriuError::NotFound {
+        searched: format!(
+            "a launcher holding capabilities as a non-root user runs criu only from {}, owned by root and writable by nobody else, and none is",
+            TRUSTED_CRIU.join(" or ")
+        ),
+    })
+}
+
 impl Criu {
-    /// Finds criu: `explicit` if given, else `$RESTORE_LAUNCHER_CRIU`, else `criu` in PATH,
-    /// and reads its version.
+    /// Finds criu: `explicit` if given (`--criu`, `$RESTORE_LAUNCHER_CRIU`), else `criu` in
+    /// PATH, and reads its version. A non-root launcher holding capabilities from its file
+    /// runs criu with them, so then neither the option, the environment nor PATH chooses it:
+    /// only [`TRUSTED_CRIU`], owned by root and writable by nobody else
+    /// ([`crate::caps::privileged_non_root`]).
     ///
     /// # Errors
     /// [`CriuError::NotFound`] or a version problem.
     pub fn find(explicit: Option<&Path>) -> Result<Criu, CriuError> {
-        let path = match explicit {
-            Some(path) if path.is_file() => path.to_path_buf(),
-            Some(path) => {
-                return Err(CriuError::NotFound {
-                    searched: format!("{} does not exist", path.display()),
-                });
+        let path = if crate::caps::privileged_non_root() {
+            if let Some(asked) = explicit {
+                tracing::warn!(asked = %asked.display(), "ignoring the criu path given: a launcher holding capabilities as a non-root user runs criu only from a root-owned path");
             }
-            None => which::which("criu").map_err(|_| CriuError::NotFound {
-                searched: format!("not in PATH={}", std::env::var("PATH").unwrap_or_default()),
-            })?,
+            trusted_criu()?
+        } else {
+            match explicit {
+                Some(path) if path.is_file() => path.to_path_buf(),
+                Some(path) => {
+                    return Err(CriuError::NotFound {
+                        searched: format!("{} does not exist", path.display()),
+                    });
+                }
+                None => which::which("criu").map_err(|_| CriuError::NotFound {
+                    searched: format!("not in PATH={}", std::env::var("PATH").unwrap_or_default()),
+                })?,
+            }
         };
         let output = Command::new(&path)
             .arg("--version")

@@ -363,9 +363,11 @@ pub fn say(progress: Progress) {
     }
 }
 
-/// Waits for the source: each connection gets its own handshake (at most [`MAX_HANDSHAKES`]
-/// at once, each within [`HANDSHAKE_TIMEOUT`]); one that fails (no secret, a wrong one, a port
-/// scanner) is logged on stderr and turned away, and the wait goes on. The first authenticated
+/// Waits for the source: a connection from an address not in `from` (when given: the source
+/// pod's addresses) is closed at once, taking nothing; each other connection gets its own
+/// handshake (at most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]); one that
+/// fails (no secret, a wrong one, a port scanner) is logged on stderr and turned away, and
+/// the wait goes on. The first authenticated
 /// connection is taken and told so ([`GO`]). Ends with it, or when anything more arrives on
 /// `stdin`, or it ends (the plugin gave up on the direct path, or went away), or `patience`
 /// passes with none.
@@ -376,9 +378,21 @@ pub fn accept(
     listener: &TcpListener,
     config: &Arc<ServerConfig>,
     stdin: &impl std::os::fd::AsFd,
+    from: &[std::net::IpAddr],
     patience: Duration,
 ) -> Result<Inbound, DirectError> {
     listener.set_nonblocking(true)?;
+    // An IPv4 peer on a `[::]` listener shows as `::ffff:a.b.c.d`.
+    let allowed = |peer: std::net::IpAddr| {
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        from.is_empty() || from.contains(&peer)
+    };
+    let mut strangers = 0u64;
     let (done, handshakes) = mpsc::channel::<Inbound>();
     // A finished handshake wakes the wait at once (the app is frozen meanwhile).
     let (wake, woken) = nix::unistd::pipe().map_err(io::Error::from)?;
@@ -424,6 +438,16 @@ pub fn accept(
         loop {
             match listener.accept() {
                 Ok((socket, peer)) => {
+                    if !allowed(peer.ip()) {
+                        // Not the source pod: closed before it costs anything (logged once,
+                        // then every thousandth, so that a flood cannot fill the log).
+                        strangers += 1;
+                        if strangers == 1 || strangers % 1000 == 0 {
+                            tracing::warn!(%peer, turned_away = strangers, "turned a connection away: not from the source pod");
+                        }
+                        drop(socket);
+                        continue;
+                    }
                     if in_flight.load(std::sync::atomic::Ordering::SeqCst) >= MAX_HANDSHAKES {
                         tracing::warn!(%peer, "turned a connection away: too many handshakes at once");
                         continue;
@@ -824,11 +848,13 @@ mod tests {
         let server = ok(server_config(&good));
         let (stdin, _keep_open) = ok(nix::unistd::pipe());
         let waiting = std::thread::spawn(move || {
-            accept(&listener, &server, &stdin, Duration::from_secs(30)).and_then(|mut inbound| {
-                let mut got = Vec::new();
-                let read = inbound.read_to_end(&mut got).map(|_| got);
-                read.map_err(DirectError::Io)
-            })
+            accept(&listener, &server, &stdin, &[], Duration::from_secs(30)).and_then(
+                |mut inbound| {
+                    let mut got = Vec::new();
+                    let read = inbound.read_to_end(&mut got).map(|_| got);
+                    read.map_err(DirectError::Io)
+                },
+            )
         });
         let address = format!("127.0.0.1:{port}");
 
@@ -869,6 +895,84 @@ mod tests {
         assert_eq!(got, b"the archive");
     }
 
+    /// A connection from `127.0.0.2` (another pod, say), idle: `std` cannot choose the local
+    /// address, so it is made with nix.
+    fn idle_from_127_0_0_2(port: u16) -> TcpStream {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket,
+        };
+        use std::os::fd::AsRawFd as _;
+        let fd = ok(socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        ));
+        ok(bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 2, 0)));
+        ok(connect(
+            fd.as_raw_fd(),
+            &SockaddrIn::new(127, 0, 0, 1, port),
+        ));
+        TcpStream::from(fd)
+    }
+
+    #[test]
+    fn connections_from_elsewhere_are_closed_at_once_and_never_crowd_out_the_source() {
+        let secret = keys();
+        let listener = ok(listen(0));
+        let port = ok(listener.local_addr()).port();
+        let server = ok(server_config(&secret));
+        let (stdin, _keep_open) = ok(nix::unistd::pipe());
+        let source: std::net::IpAddr = [127, 0, 0, 1].into();
+        let waiting = std::thread::spawn(move || {
+            accept(
+                &listener,
+                &server,
+                &stdin,
+                &[source],
+                Duration::from_secs(30),
+            )
+            .and_then(|mut inbound| {
+                let mut got = Vec::new();
+                let read = inbound.read_to_end(&mut got).map(|_| got);
+                read.map_err(DirectError::Io)
+            })
+        });
+        // More idle connections than handshakes may run at once, from another address: each
+        // is closed without a word (end of file), none holds a slot.
+        let strangers: Vec<TcpStream> = (0..MAX_HANDSHAKES + 8)
+            .map(|_| idle_from_127_0_0_2(port))
+            .collect();
+        for mut stranger in strangers {
+            ok(stranger.set_read_timeout(Some(Duration::from_secs(15))));
+            let mut answer = Vec::new();
+            let read = stranger.read_to_end(&mut answer);
+            assert!(
+                matches!(read, Ok(0))
+                    || read.is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset),
+                "a stranger's connection was kept: {answer:?}"
+            );
+        }
+        // The source gets through at once.
+        let started = Instant::now();
+        let mut real = ok(connect(
+            &format!("127.0.0.1:{port}"),
+            &ok(client_config(&secret)),
+        ));
+        assert!(
+            started.elapsed() < HANDSHAKE_TIMEOUT / 2,
+            "the source waited {:?} behind strangers",
+            started.elapsed()
+        );
+        ok(real.write_all(b"the archive"));
+        real.conn.send_close_notify();
+        ok(real.flush());
+        let got = ok(ok(waiting
+            .join()
+            .map_err(|_| "the waiting thread panicked")));
+        assert_eq!(got, b"the archive");
+    }
+
     /// Two relays as the launchers run them for post-copy, over a real TLS connection on
     /// loopback: a burst far larger than rustls's send buffer (CRIU's page server sends pages
     /// in runs of many pages) crosses whole, the small requests the other way too, and the
@@ -882,8 +986,9 @@ mod tests {
         let address = format!("127.0.0.1:{}", ok(listener.local_addr()).port());
         let server = ok(server_config(&secret));
         let (stdin, _keep_open) = ok(nix::unistd::pipe());
-        let accepted =
-            std::thread::spawn(move || accept(&listener, &server, &stdin, Duration::from_secs(30)));
+        let accepted = std::thread::spawn(move || {
+            accept(&listener, &server, &stdin, &[], Duration::from_secs(30))
+        });
         let outbound = ok(connect(&address, &ok(client_config(&secret))));
         let inbound = ok(ok(accepted.join().map_err(|_| "accept panicked")));
         let (source_relay_end, mut page_server) = ok(UnixStream::pair());
@@ -947,7 +1052,7 @@ mod tests {
         let server = ok(server_config(&keys()));
         let (stdin, writer) = ok(nix::unistd::pipe());
         ok(nix::unistd::write(&writer, b"cancel\n"));
-        let waited = accept(&listener, &server, &stdin, Duration::from_secs(30));
+        let waited = accept(&listener, &server, &stdin, &[], Duration::from_secs(30));
         assert!(matches!(waited, Err(DirectError::Cancelled)), "{waited:?}");
     }
 

@@ -148,9 +148,19 @@ pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<(u64, Recorded), Inclu
     let mut bytes = 0;
     let mut recorded = Recorded::new();
     for (index, path) in paths.iter().enumerate() {
-        if path.symlink_metadata().is_err() {
+        let Ok(meta) = path.symlink_metadata() else {
             tracing::warn!(path = %path.display(), "included path does not exist; nothing of it is checkpointed");
             continue;
+        };
+        // The target refuses an included root that is a link (it would point the path
+        // elsewhere there): say so here, before anything is frozen for nothing.
+        if meta.file_type().is_symlink() {
+            return Err(IncludeError::Copy {
+                path: path.clone(),
+                source: io::Error::other(
+                    "it is a symlink, which cannot be the root of an included path; include the path it points to",
+                ),
+            });
         }
         let target = dest.join("include").join(index.to_string());
         bytes += copy_tree(path, &target).map_err(|source| IncludeError::Copy {
@@ -448,4 +458,146 @@ fn verify_attributes(entries: &[(&Entry, PathBuf)], owners: bool) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Hostile manifests against the validator and the put-back together: whatever symlinks an
+/// archive lists under an included path, one the validator accepts is put back only inside
+/// that path, and nothing outside it changes.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NAMES: &[&str] = &["a", "b", "c"];
+    const STEPS: &[&str] = &["a", "b", "c", "..", ".", ""];
+
+    /// `base/{a,b,c}/{a,b,c}` and the same inside `base/data` (the included path's parent), so
+    /// that a link that escapes resolves to something that exists and is caught.
+    fn scenery(base: &Path) {
+        for top in [base.to_path_buf(), base.join("data")] {
+            for a in NAMES {
+                for b in NAMES {
+                    fs::create_dir_all(top.join(a).join(b)).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Every path under `dir`, with its kind and link target: what must not change.
+    fn listing(dir: &Path, skip: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(next) = pending.pop() {
+            let Ok(children) = fs::read_dir(&next) else {
+                continue;
+            };
+            for child in children.flatten() {
+                let path = child.path();
+                if path == skip {
+                    continue;
+                }
+                let meta = path.symlink_metadata().unwrap();
+                let link = fs::read_link(&path).ok();
+                found.push(format!(
+                    "{} {:?} {link:?}",
+                    path.display(),
+                    meta.file_type()
+                ));
+                if meta.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    fn entry(path: String, kind: EntryKind, link: Option<String>) -> Entry {
+        Entry {
+            path,
+            kind,
+            size: 0,
+            sha256: String::new(),
+            mode: if kind == EntryKind::Symlink {
+                0o777
+            } else {
+                0o755
+            },
+            link,
+            uid: None,
+            gid: None,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    fn a_path() -> impl Strategy<Value = Vec<&'static str>> {
+        proptest::collection::vec(proptest::sample::select(NAMES), 0..3)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn accepted_symlinks_are_put_back_inside_their_included_path(
+            dirs in proptest::collection::vec(a_path(), 0..4),
+            links in proptest::collection::vec(
+                (a_path(), proptest::sample::select(NAMES), proptest::collection::vec(proptest::sample::select(STEPS), 1..6), any::<bool>()),
+                1..4,
+            ),
+            root_is_link in any::<bool>(),
+        ) {
+            let base = tempfile::tempdir().unwrap();
+            let base = base.path().canonicalize().unwrap();
+            scenery(&base);
+            let included = base.join("data/inc");
+            let staging = base.join("staging");
+            let mut entries = Vec::new();
+            if root_is_link {
+                entries.push(entry("include/0".into(), EntryKind::Symlink, Some(links[0].2.join("/"))));
+            } else {
+                entries.push(entry("include/0".into(), EntryKind::Dir, None));
+                fs::create_dir_all(staging.join("include/0")).unwrap();
+            }
+            for dir in &dirs {
+                let mut at = String::from("include/0");
+                for part in dir {
+                    at = format!("{at}/{part}");
+                    if !entries.iter().any(|e| e.path == at) {
+                        entries.push(entry(at.clone(), EntryKind::Dir, None));
+                        fs::create_dir_all(staging.join(&at)).unwrap();
+                    }
+                }
+            }
+            for (dir, name, target, slash) in &links {
+                let mut at = ["include/0".to_string()].into_iter().chain(dir.iter().map(|p| p.to_string())).collect::<Vec<_>>().join("/");
+                at = format!("{at}/{name}{}", if *slash { "/" } else { "" });
+                if entries.iter().any(|e| e.path.trim_end_matches('/') == at.trim_end_matches('/')) {
+                    continue;
+                }
+                entries.push(entry(at, EntryKind::Symlink, Some(target.join("/"))));
+            }
+            let manifest: Manifest = serde_json::from_value(serde_json::json!({
+                "format_version": migrate_format::ARCHIVE_FORMAT_VERSION, "id": "ck-fuzz",
+                "created": "2026-12-07T00:00:00Z", "source": {}, "criu_version": "4.2",
+                "kernel": "6.18", "arch": crate::sysinfo::arch(), "cpu_flags_digest": "",
+                "app_root_pid": 1000, "app_pids": [1000], "command": ["app"], "stdout_pipe": null,
+                "stderr_pipe": null, "included_paths": [included.to_string_lossy()],
+                "entries": entries, "frozen_at_ms": 0, "timings_ms": {}
+            })).unwrap();
+            if manifest.validate(crate::sysinfo::arch()).is_err() {
+                // Refused: nothing is put back.
+                return Ok(());
+            }
+            let before = listing(&base, &base.join("data/inc"));
+            let _ = put_back(&manifest, &staging);
+            prop_assert_eq!(listing(&base, &base.join("data/inc")), before, "something outside the included path changed");
+            // Every link put back resolves inside the included path (or nowhere).
+            for e in manifest.entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+                let put = included.join(e.path.trim_start_matches("include/0").trim_start_matches('/'));
+                if let Ok(resolved) = put.canonicalize() {
+                    prop_assert!(resolved.starts_with(&included), "{} -> {:?} resolves to {}", e.path, e.link, resolved.display());
+                }
+            }
+        }
+    }
 }

@@ -5,10 +5,16 @@
 //! throw-away PID-burning children stays async-signal-safe; PID 1 keeps relaying output and
 //! handling signals while the job blocks on a slow network stream; and a failure inside
 //! archive code can only end the job, never the container's init. A job reports its outcome
-//! as one JSON line on a pipe that PID 1 reads when it reaps the job.
+//! as one JSON line on a pipe that PID 1 drains from its poll loop while the job runs
+//! ([`Job::pump`]): a job never blocks on a full pipe that PID 1 would read only after reaping
+//! it, and PID 1 never keeps more than [`OUTCOME_LIMIT`] of it. Its text fields are bounded
+//! before it is written ([`Outcome::bounded`]): archive-controlled strings and long lists of
+//! processes end up in error messages.
 
-use std::io::{Read as _, Write as _};
-use std::os::fd::OwnedFd;
+use std::io::Write as _;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
 
 use migrate_format::{CheckpointReport, RestoreReport};
 use nix::unistd::{ForkResult, Pid, fork};
@@ -22,6 +28,11 @@ pub enum Outcome {
     Restore(RestoreReport),
 }
 
+/// The most of a job's outcome PID 1 keeps; what comes beyond is read and dropped.
+pub const OUTCOME_LIMIT: usize = 1024 * 1024;
+/// The longest error message an outcome carries (the rest is cut, saying so).
+const ERROR_LIMIT: usize = 16 * 1024;
+
 impl Outcome {
     fn ok(&self) -> bool {
         match self {
@@ -29,13 +40,38 @@ impl Outcome {
             Outcome::Restore(report) => report.ok,
         }
     }
+
+    /// This outcome with its error message cut to [`ERROR_LIMIT`].
+    fn bounded(mut self) -> Self {
+        let error = match &mut self {
+            Outcome::Checkpoint(report) => &mut report.error,
+            Outcome::Restore(report) => &mut report.error,
+        };
+        if let Some(text) = error
+            && text.len() > ERROR_LIMIT
+        {
+            let mut end = ERROR_LIMIT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let cut = text.len() - end;
+            text.truncate(end);
+            text.push_str(&format!("… ({cut} more bytes)"));
+        }
+        self
+    }
 }
 
 /// A running job.
 #[derive(Debug)]
 pub struct Job {
     pub pid: Pid,
-    result: OwnedFd,
+    /// The read end of the outcome pipe (non-blocking) until its end of file.
+    result: Option<OwnedFd>,
+    /// What was read of the outcome so far, at most [`OUTCOME_LIMIT`].
+    read: Vec<u8>,
+    /// Whether the outcome was longer than that.
+    overflowed: bool,
 }
 
 impl Job {
@@ -50,7 +86,7 @@ impl Job {
         match unsafe { fork() }? {
             ForkResult::Child => {
                 drop(reader);
-                let outcome = work();
+                let outcome = work().bounded();
                 let mut line = serde_json::to_vec(&outcome).unwrap_or_default();
                 line.push(b'\n');
                 let _ = std::fs::File::from(writer).write_all(&line);
@@ -58,20 +94,92 @@ impl Job {
             }
             ForkResult::Parent { child } => {
                 drop(writer);
+                let flags = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETFL)?;
+                nix::fcntl::fcntl(
+                    &reader,
+                    nix::fcntl::FcntlArg::F_SETFL(
+                        nix::fcntl::OFlag::from_bits_truncate(flags)
+                            | nix::fcntl::OFlag::O_NONBLOCK,
+                    ),
+                )?;
                 Ok(Job {
                     pid: child,
-                    result: reader,
+                    result: Some(reader),
+                    read: Vec::new(),
+                    overflowed: false,
                 })
             }
         }
     }
 
-    /// The outcome the job wrote, read after it was reaped (so the pipe is complete).
-    pub fn outcome(self) -> Option<Outcome> {
-        let mut text = String::new();
-        std::fs::File::from(self.result)
-            .read_to_string(&mut text)
-            .ok()?;
-        serde_json::from_str(text.trim()).ok()
+    /// The outcome pipe, to poll for readability while it is open.
+    pub fn result_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.result.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Reads what the job has written of its outcome so far, never blocking; keeps at most
+    /// [`OUTCOME_LIMIT`] and drops the rest.
+    pub fn pump(&mut self) {
+        let Some(fd) = &self.result else {
+            return;
+        };
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match nix::unistd::read(fd, &mut buffer) {
+                Ok(0) => {
+                    self.result = None;
+                    return;
+                }
+                Ok(n) => {
+                    let room = OUTCOME_LIMIT.saturating_sub(self.read.len());
+                    if n > room {
+                        self.overflowed = true;
+                    }
+                    self.read.extend_from_slice(&buffer[..n.min(room)]);
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "reading a job's outcome failed");
+                    self.result = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The outcome the job wrote, once it was reaped (everything it wrote is in the pipe).
+    /// `None` when it wrote none, or one that is not an outcome or is over [`OUTCOME_LIMIT`].
+    pub fn outcome(mut self) -> Option<Outcome> {
+        self.pump();
+        if self.overflowed {
+            tracing::warn!(
+                limit = OUTCOME_LIMIT,
+                "a job's outcome was longer than the limit; it counts as none"
+            );
+            return None;
+        }
+        serde_json::from_slice(self.read.trim_ascii()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_error_is_cut_on_a_character_boundary_and_says_how_much() {
+        let long = "é".repeat(ERROR_LIMIT);
+        let Outcome::Restore(report) = Outcome::Restore(RestoreReport::failed(long)).bounded()
+        else {
+            panic!("the kind changed");
+        };
+        let error = report.error.unwrap_or_default();
+        assert!(error.len() < ERROR_LIMIT + 64, "{}", error.len());
+        assert!(
+            error.ends_with(&format!("… ({} more bytes)", ERROR_LIMIT)),
+            "{}",
+            &error[error.len() - 40..]
+        );
     }
 }

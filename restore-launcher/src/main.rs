@@ -63,6 +63,8 @@ enum StartError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     User(#[from] creds::CredsError),
+    #[error("{0}")]
+    Borrowed(String),
     #[error(
         "not starting the app: this pod's app moved to another pod by a committed migration ({0}), and starting it here would run a second copy. The migration deletes this pod (`kubectl migrate resume POD` finishes one whose plugin stopped); if `kubectl migrate status POD` lists nothing, the app's state is gone from here: delete this pod"
     )]
@@ -76,7 +78,8 @@ impl StartError {
             StartError::Signals(_)
             | StartError::Subreaper(_)
             | StartError::Control(_)
-            | StartError::User(_) => 1,
+            | StartError::User(_)
+            | StartError::Borrowed(_) => 1,
             StartError::MovedAway(_) => moved::MOVED_AWAY,
         }
     }
@@ -115,6 +118,10 @@ fn start(cli: &cli::Cli) -> Result<supervisor::Supervisor, StartError> {
     if std::process::id() != 1 {
         // Orphans of the app must come back to us to be reaped, not to the host's init.
         nix::sys::prctl::set_child_subreaper(true).map_err(StartError::Subreaper)?;
+    }
+    // Capabilities from the launcher's file are for the container's own launcher only.
+    if let Some(why) = caps::borrowed(std::process::id()) {
+        return Err(StartError::Borrowed(why));
     }
     // Before anything needs them: the PID floor (clone3 set_tid) and criu.
     let adopted = caps::adopt();

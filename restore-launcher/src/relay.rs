@@ -1,10 +1,15 @@
 //! Copies the app's stdout and stderr from the pipes the launcher owns to the launcher's own
 //! stdout and stderr (the container's log streams), byte for byte and in order per stream.
 //!
-//! The read side is non-blocking and read in bounded bursts so one chatty stream cannot
-//! starve signal handling. The write side blocks: if the log reader is slow, the app is
-//! slowed down through its full pipe instead of output being dropped.
+//! PID 1 never blocks on either side. The read side is non-blocking and read in bounded
+//! bursts, so one chatty stream cannot starve signal handling. The write side writes only
+//! what the output accepts now (after `poll` says it is writable, at most `PIPE_BUF` at a
+//! time, which a pipe takes whole), keeping the rest in a buffer of [`BUFFER`] bytes. While
+//! that buffer is full the app's pipe is not read: a slow log reader slows the app down
+//! through its full pipe, as it would without a launcher, and nothing is dropped; PID 1 goes
+//! on forwarding signals, reaping and answering requests.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -16,6 +21,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 const CHUNK: usize = 64 * 1024;
 /// Bytes moved per wake-up before the supervisor looks at signals again.
 const BURST: usize = 1024 * 1024;
+/// Bytes read from the app and not yet written, per stream, at most.
+pub const BUFFER: usize = 1024 * 1024;
+/// What one write may hand a pipe that `poll` said is writable without blocking.
+const PIPE_BUF: usize = libc::PIPE_BUF;
 
 /// Where a stream goes: the launcher's stdout (fd 1) or stderr (fd 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,16 +42,18 @@ impl Output {
         }
     }
 
-    /// Waits until this output accepts more bytes.
-    fn wait_writable(self) {
+    /// Whether this output accepts bytes now.
+    fn writable(self) -> bool {
+        let (stdout, stderr) = (io::stdout(), io::stderr());
         let fd = match self {
-            Output::Stdout => io::stdout().as_fd().try_clone_to_owned(),
-            Output::Stderr => io::stderr().as_fd().try_clone_to_owned(),
+            Output::Stdout => stdout.as_fd(),
+            Output::Stderr => stderr.as_fd(),
         };
-        if let Ok(fd) = fd {
-            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
-            let _ = poll(&mut fds, PollTimeout::NONE);
-        }
+        let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLOUT | PollFlags::POLLERR))
     }
 }
 
@@ -54,6 +65,8 @@ pub struct Relay {
     /// Set once writing to our own output failed (closed log pipe): the app's output is then
     /// still drained, so the app never blocks on a full pipe, but discarded.
     output_broken: bool,
+    /// Read from the app, not yet written.
+    pending: VecDeque<u8>,
 }
 
 /// What a call to [`Relay::pump`] found.
@@ -76,12 +89,21 @@ impl Relay {
             source: Some(source),
             output,
             output_broken: false,
+            pending: VecDeque::new(),
         }
     }
 
-    /// The pipe to poll for readability, while it is open.
+    /// The pipe to poll for readability, while it is open and there is room to read into.
     pub fn source(&self) -> Option<BorrowedFd<'_>> {
-        self.source.as_ref().map(AsFd::as_fd)
+        self.source
+            .as_ref()
+            .filter(|_| self.pending.len() < BUFFER)
+            .map(AsFd::as_fd)
+    }
+
+    /// Which output to poll for writability: one this relay has bytes waiting for.
+    pub fn waiting_output(&self) -> Option<Output> {
+        (!self.pending.is_empty() && !self.output_broken).then_some(self.output)
     }
 
     /// Inode of the pipe (CRIU names it `pipe:[INODE]` in the app's images), while open.
@@ -90,25 +112,36 @@ impl Relay {
         nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
     }
 
-    /// Whether the pipe reached end of file (or failed) and was closed.
+    /// Whether the pipe reached end of file (or failed) and was closed, and everything read
+    /// from it was written (or can never be).
     pub fn is_closed(&self) -> bool {
-        self.source.is_none()
+        self.source.is_none() && (self.pending.is_empty() || self.output_broken)
     }
 
-    /// Copies up to one burst of what is in the pipe to the output.
+    /// Reads up to one burst of what is in the pipe (as much as the buffer takes), and writes
+    /// what the output accepts now.
     pub fn pump(&mut self) -> Pumped {
+        let pumped = self.read_in();
+        self.flush();
+        pumped
+    }
+
+    fn read_in(&mut self) -> Pumped {
         let Some(source) = self.source.take() else {
             return Pumped::Closed;
         };
         let mut buffer = [0u8; CHUNK];
         let mut moved = 0;
-        while moved < BURST {
-            match nix::unistd::read(&source, &mut buffer) {
+        while moved < BURST && self.pending.len() < BUFFER {
+            let room = (BUFFER - self.pending.len()).min(CHUNK);
+            match nix::unistd::read(&source, &mut buffer[..room]) {
                 // End of file: every writer is gone; dropping `source` closes our end.
                 Ok(0) => return Pumped::Closed,
                 Ok(n) => {
                     moved += n;
-                    self.write_out(&buffer[..n]);
+                    if !self.output_broken {
+                        self.pending.extend(&buffer[..n]);
+                    }
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break,
@@ -117,25 +150,33 @@ impl Relay {
                     return Pumped::Closed;
                 }
             }
+            self.flush();
         }
         self.source = Some(source);
         Pumped::Open
     }
 
-    fn write_out(&mut self, mut bytes: &[u8]) {
-        if self.output_broken {
-            return;
-        }
-        while !bytes.is_empty() {
-            match self.output.write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
+    /// Writes what the output accepts now of the bytes waiting, never blocking.
+    pub fn flush(&mut self) {
+        let mut moved = 0;
+        while !self.pending.is_empty() && !self.output_broken && moved < BURST {
+            if !self.output.writable() {
+                return;
+            }
+            let (front, _) = self.pending.as_slices();
+            let take = front.len().min(PIPE_BUF);
+            match self.output.write(&front[..take]) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    moved += n;
+                }
                 Err(Errno::EINTR) => {}
-                // Our stdout may have been handed to us non-blocking: wait until it drains.
-                Err(Errno::EAGAIN) => self.output.wait_writable(),
+                // Handed to us non-blocking, and full after all: later.
+                Err(Errno::EAGAIN) => return,
                 Err(error) => {
                     tracing::warn!(%error, output = ?self.output, "cannot write the app's output to the launcher's own; discarding this stream from now on");
                     self.output_broken = true;
-                    return;
+                    self.pending.clear();
                 }
             }
         }

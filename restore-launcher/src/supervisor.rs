@@ -238,10 +238,21 @@ impl Supervisor {
             };
             // Output first: if the app wrote and then exited, its last words are copied before
             // its exit is acted upon.
-            for (relay, ready) in self.relays.iter_mut().zip(ready.relays) {
-                if ready {
+            for ((relay, readable), writable) in
+                self.relays.iter_mut().zip(ready.relays).zip(ready.outputs)
+            {
+                if readable {
                     relay.pump();
+                } else if writable {
+                    relay.flush();
                 }
+            }
+            // A job's outcome is read as it comes: one longer than a pipe holds would
+            // otherwise block the job, which is reaped (and read) only once it ends.
+            if ready.job
+                && let Some(running) = self.running.as_mut()
+            {
+                running.job.pump();
             }
             if ready.signals {
                 self.handle_signals();
@@ -274,6 +285,7 @@ impl Supervisor {
 
     fn wait(&self, timeout: PollTimeout) -> nix::Result<Ready> {
         let interesting = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+        let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
         let mut fds = vec![PollFd::new(self.signals.fd.as_fd(), PollFlags::POLLIN)];
         let control_slot = self.control.as_ref().map(|server| {
             fds.push(PollFd::new(server.listener().as_fd(), PollFlags::POLLIN));
@@ -283,10 +295,30 @@ impl Supervisor {
         for pending in &self.pending {
             fds.push(PollFd::new(pending.as_fd(), PollFlags::POLLIN));
         }
+        let job_slot = self
+            .running
+            .as_ref()
+            .and_then(|r| r.job.result_fd())
+            .map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                fds.len() - 1
+            });
         let mut relay_slots = Vec::new();
         for relay in &self.relays {
             relay_slots.push(relay.source().map(|fd| {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                fds.len() - 1
+            }));
+        }
+        // Outputs with the app's bytes waiting: written when they accept more.
+        let mut output_slots = Vec::new();
+        for relay in &self.relays {
+            output_slots.push(relay.waiting_output().map(|output| {
+                let fd = match output {
+                    Output::Stdout => stdout.as_fd(),
+                    Output::Stderr => stderr.as_fd(),
+                };
+                fds.push(PollFd::new(fd, PollFlags::POLLOUT));
                 fds.len() - 1
             }));
         }
@@ -302,12 +334,25 @@ impl Supervisor {
         Ok(Ready {
             signals: ready(0),
             control: control_slot.is_some_and(ready),
+            job: job_slot.is_some_and(ready),
             pending: (pending_start..pending_start + self.pending.len())
                 .map(ready)
                 .collect(),
             relays: relay_slots
                 .into_iter()
                 .map(|slot| slot.is_some_and(ready))
+                .collect(),
+            outputs: output_slots
+                .into_iter()
+                .map(|slot| {
+                    slot.is_some_and(|slot| {
+                        fds[slot].revents().is_some_and(|r| {
+                            r.intersects(
+                                PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP,
+                            )
+                        })
+                    })
+                })
                 .collect(),
         })
     }
@@ -1112,8 +1157,12 @@ impl Supervisor {
 struct Ready {
     signals: bool,
     control: bool,
+    /// The running job wrote (part of) its outcome.
+    job: bool,
     pending: Vec<bool>,
     relays: Vec<bool>,
+    /// Per relay: its output accepts the bytes waiting.
+    outputs: Vec<bool>,
 }
 
 /// Answers a refused request.

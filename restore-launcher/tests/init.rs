@@ -481,3 +481,58 @@ impl Drop for Guard {
 fn scopeguard(child: std::process::Child) -> Guard {
     Guard(child)
 }
+
+#[test]
+fn a_log_reader_that_stalls_never_stalls_pid_1() {
+    // The launcher's stdout is a pipe nobody reads for now, and the app writes 2 MiB to it:
+    // PID 1 keeps what the pipe does not take, and stops reading the app (which then waits,
+    // as it would writing to the stalled pipe itself), but never blocks: `status` is answered.
+    let state_dir = tempfile::tempdir().unwrap();
+    let (log_read, log_write) = nix::unistd::pipe().unwrap();
+    let watch = log_write.try_clone().unwrap();
+    let child = std::process::Command::new(launcher())
+        .args(["--", "head", "-c", "2097152", "/dev/zero"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_write))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = scopeguard(child);
+    // The log pipe is full: a write to it now would block.
+    wait_for("the log pipe to fill", LIMIT, || {
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&watch),
+            nix::poll::PollFlags::POLLOUT,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO);
+        (!fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLOUT)))
+        .then_some(())
+    });
+    drop(watch);
+    let mut status = std::process::Command::new(launcher())
+        .args(["status"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a PID 1 blocked in a write would never answer.
+    let answered = wait_for("`status` to be answered", LIMIT, || {
+        status.try_wait().unwrap()
+    });
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut status.stdout.take().unwrap(), &mut answer).unwrap();
+    assert!(
+        answered.success() && answer.contains(r#""state":"running""#),
+        "{answer}"
+    );
+    // Nothing was dropped: once read, all 2 MiB arrive and the launcher exits with the app.
+    let mut log = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(log_read), &mut log).unwrap();
+    assert_eq!(log.len(), 2 * 1024 * 1024);
+    assert!(log.iter().all(|b| *b == 0));
+    let code = running.0.wait().unwrap();
+    assert!(code.success(), "{code}");
+}

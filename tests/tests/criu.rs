@@ -1391,3 +1391,81 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
     );
     Ok(())
 }
+
+/// A job's outcome longer than a pipe holds (64 KiB): an archive whose manifest names a
+/// 128 KiB included path makes the restore job's error that long. PID 1 reads the outcome as
+/// it comes, so the job ends, is reaped and answers its client; the error is cut, saying how
+/// much; the launcher waits for a checkpoint again and answers `status`.
+#[test]
+fn a_job_whose_outcome_outgrows_a_pipe_is_read_reaped_and_answered() -> Result<()> {
+    if !criu_tests_can_run("a_job_whose_outcome_outgrows_a_pipe_is_read_reaped_and_answered") {
+        return Ok(());
+    }
+    let long_path = format!("relative/{}", "x".repeat(128 * 1024));
+    let manifest = serde_json::json!({
+        "format_version": 1, "id": "mig-long", "created": "2026-12-07T00:00:00Z",
+        "criu_version": "4.1", "kernel": "6", "arch": std::env::consts::ARCH,
+        "cpu_flags_digest": "", "app_root_pid": 1000, "app_pids": [1000], "command": ["true"],
+        "stdout_pipe": null, "stderr_pipe": null, "included_paths": [long_path],
+        "entries": [], "frozen_at_ms": 0, "timings_ms": {}
+    });
+    let json = serde_json::to_vec(&manifest)?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(json.len() as u64);
+    header.set_mode(0o600);
+    header.set_cksum();
+    tar.append_data(&mut header, "manifest.json", json.as_slice())?;
+    let archive = zstd::encode_all(tar.into_inner()?.as_slice(), 1)?;
+
+    let b = Node::prepare("node-b")?;
+    std::fs::write(b.path("/tmp/long.tar.zst"), archive)?;
+    let b = b.start(&options(
+        "node-b",
+        &args(&["--wait-for-checkpoint"], &COUNTER),
+    ))?;
+    b.wait_for("the launcher waiting", LIMIT, |n| {
+        n.status()
+            .is_ok_and(|s| s["state"] == "waiting")
+            .then_some(())
+    })?;
+    let mut receive = b
+        .launcher(&["receive", "--input", "/tmp/long.tar.zst"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // Were the job stuck writing its outcome, this would wait for ever: bounded here.
+    let asked = std::time::Instant::now();
+    let code = loop {
+        if let Some(code) = receive.try_wait()? {
+            break code;
+        }
+        if asked.elapsed() > LIMIT {
+            let _ = receive.kill();
+            anyhow::bail!(
+                "`receive` got no answer in {} s: the restore job never ended",
+                LIMIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut answer = String::new();
+    if let Some(mut out) = receive.stdout.take() {
+        std::io::Read::read_to_string(&mut out, &mut answer)?;
+    }
+    ensure!(
+        !code.success() && answer.contains("is not absolute") && answer.contains("more bytes)"),
+        "{code}: {}",
+        &answer[..answer.len().min(600)]
+    );
+    ensure!(
+        answer.len() < 64 * 1024,
+        "the answer was not cut: {} bytes",
+        answer.len()
+    );
+    let status = b.status()?;
+    ensure!(
+        status["state"] == "waiting" || status["state"] == "failed",
+        "{status}"
+    );
+    Ok(())
+}

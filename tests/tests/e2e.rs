@@ -160,6 +160,10 @@ fn main() {
             servers::non_root_pod_moves,
         ),
         (
+            "the_apps_user_cannot_borrow_the_launchers_capabilities",
+            servers::the_apps_user_cannot_borrow_the_launchers_capabilities,
+        ),
+        (
             "a_sysv_ipc_app_moves_in_its_own_ipc_namespace_and_is_refused_without_it",
             servers::sysv_app_moves_in_its_ipc_namespace,
         ),

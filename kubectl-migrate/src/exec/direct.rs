@@ -81,6 +81,23 @@ async fn pod_ip(launchers: &ExecLaunchers, pod: &Pod) -> Result<IpAddr, String> 
         .map_err(|e| format!("pod {name}'s IP {ip:?} is not an address: {e}"))
 }
 
+/// Every address of `pod` (`status.podIPs`, else `status.podIP`): where the source's
+/// connection comes from.
+fn source_ips(pod: &Pod) -> Vec<String> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status.and_then(|s| s.pod_ip.clone())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips.retain(|ip| ip.parse::<IpAddr>().is_ok());
+    ips
+}
+
 /// Reads `stream` to its end in a task of its own (an exec session stalls while one of its
 /// output pipes is full, so every one is drained).
 fn drain(
@@ -164,6 +181,12 @@ impl ExecLaunchers {
         let mut receive_args = vec!["restore-launcher", "receive", "--listen", "0"];
         if self.lazy {
             receive_args.push("--lazy");
+        }
+        // Only the source pod may connect: connections from elsewhere on the pod network are
+        // closed before they take a handshake slot.
+        let from = source_ips(source);
+        for ip in &from {
+            receive_args.extend(["--from", ip.as_str()]);
         }
         let mut receive = target_pods
             .exec(&target_name, receive_args, &params)

@@ -45,6 +45,44 @@ fn non_root_counter(name: &str, add: &str) -> Result<String> {
     )
 }
 
+/// A process of the app's user cannot borrow the launcher's capabilities: in a uid-1000 pod
+/// that leaves privilege escalation allowed (so an exec of the launcher binary gains its file
+/// capabilities), a shell runs the launcher with `RESTORE_LAUNCHER_CRIU` pointing at its own
+/// script. The launcher, not the container's PID 1, refuses to start naming
+/// `allowPrivilegeEscalation: false`, and the script never runs; the pod's own launcher (PID 1)
+/// works.
+pub fn the_apps_user_cannot_borrow_the_launchers_capabilities(cluster: &Cluster) -> Result<()> {
+    let name = "nonroot-borrow";
+    let mut pod: serde_yaml::Value =
+        serde_yaml::from_str(&non_root_counter(name, "[CHECKPOINT_RESTORE, SETPCAP]")?)?;
+    pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = true.into();
+    cluster.apply(&serde_yaml::to_string(&pod)?)?;
+    cluster.wait_running(name, WAIT)?;
+    let own = cluster.kubectl_ok(&["exec", name, "--", "restore-launcher", "status"])?;
+    ensure!(own.contains(r#""state":"running""#), "{own}");
+    let script = r#"printf '#!/bin/sh\necho ran-as-criu; grep ^CapEff: /proc/self/status\n' > /tmp/x
+chmod +x /tmp/x
+RESTORE_LAUNCHER_CRIU=/tmp/x restore-launcher --state-dir /tmp/s -- true 2>&1
+echo "exit=$?""#;
+    let out = cluster.kubectl_ok(&["exec", name, "--", "sh", "-c", script])?;
+    let borrowed = out
+        .lines()
+        .any(|l| l.starts_with("CapEff:") && !l.ends_with("0000000000000000"));
+    ensure!(
+        !borrowed,
+        "the app's user ran its code with the launcher's capabilities:\n{out}"
+    );
+    ensure!(
+        out.contains("is not the container's PID 1")
+            && out.contains("allowPrivilegeEscalation: false")
+            && out.contains("exit=1")
+            && !out.contains("ran-as-criu"),
+        "the launcher did not refuse: {out}"
+    );
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
 /// Makes /data/owned (0750) with a file `note` of mode 0640 carrying the xattr
 /// `user.origin=node-a`, as the container's user; prints `uid:gid mode` of both and the
 /// attribute's value.
