@@ -41,7 +41,8 @@ impl Outcome {
         }
     }
 
-    /// This outcome with its error message cut to [`ERROR_LIMIT`].
+    /// This outcome with its error message cut to about [`ERROR_LIMIT`]: its beginning and its
+    /// end (where the reason usually is) are kept, the middle is replaced by how much was cut.
     fn bounded(mut self) -> Self {
         let error = match &mut self {
             Outcome::Checkpoint(report) => &mut report.error,
@@ -50,13 +51,20 @@ impl Outcome {
         if let Some(text) = error
             && text.len() > ERROR_LIMIT
         {
-            let mut end = ERROR_LIMIT;
-            while !text.is_char_boundary(end) {
-                end -= 1;
+            let mut head = ERROR_LIMIT * 3 / 4;
+            while !text.is_char_boundary(head) {
+                head -= 1;
             }
-            let cut = text.len() - end;
-            text.truncate(end);
-            text.push_str(&format!("… ({cut} more bytes)"));
+            let mut tail = text.len() - ERROR_LIMIT / 4;
+            while !text.is_char_boundary(tail) {
+                tail += 1;
+            }
+            *text = format!(
+                "{} … ({} bytes cut) … {}",
+                &text[..head],
+                tail - head,
+                &text[tail..]
+            );
         }
         self
     }
@@ -168,8 +176,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_long_error_is_cut_on_a_character_boundary_and_says_how_much() {
-        let long = "é".repeat(ERROR_LIMIT);
+    fn a_long_error_keeps_its_beginning_and_end_and_says_how_much_was_cut() {
+        let long = format!(
+            "archive refused: `{}` is not absolute",
+            "é".repeat(ERROR_LIMIT)
+        );
         let Outcome::Restore(report) = Outcome::Restore(RestoreReport::failed(long)).bounded()
         else {
             panic!("the kind changed");
@@ -177,9 +188,15 @@ mod tests {
         let error = report.error.unwrap_or_default();
         assert!(error.len() < ERROR_LIMIT + 64, "{}", error.len());
         assert!(
-            error.ends_with(&format!("… ({} more bytes)", ERROR_LIMIT)),
+            error.starts_with("archive refused: `éé"),
+            "{}",
+            &error[..40]
+        );
+        assert!(
+            error.ends_with("éé` is not absolute"),
             "{}",
             &error[error.len() - 40..]
         );
+        assert!(error.contains(" bytes cut) … "));
     }
 }

@@ -1394,8 +1394,9 @@ fn included_files_keep_owner_mode_xattrs_and_acl() -> Result<()> {
 
 /// A job's outcome longer than a pipe holds (64 KiB): an archive whose manifest names a
 /// 128 KiB included path makes the restore job's error that long. PID 1 reads the outcome as
-/// it comes, so the job ends, is reaped and answers its client; the error is cut, saying how
-/// much; the launcher waits for a checkpoint again and answers `status`.
+/// it comes, so the job ends, is reaped and answers its client; the error keeps its beginning
+/// and its reason at the end, saying how much was cut; the launcher waits for a checkpoint
+/// again and answers `status`.
 #[test]
 fn a_job_whose_outcome_outgrows_a_pipe_is_read_reaped_and_answered() -> Result<()> {
     if !criu_tests_can_run("a_job_whose_outcome_outgrows_a_pipe_is_read_reaped_and_answered") {
@@ -1453,7 +1454,10 @@ fn a_job_whose_outcome_outgrows_a_pipe_is_read_reaped_and_answered() -> Result<(
         std::io::Read::read_to_string(&mut out, &mut answer)?;
     }
     ensure!(
-        !code.success() && answer.contains("is not absolute") && answer.contains("more bytes)"),
+        !code.success()
+            && answer.contains("included path `relative/xxx")
+            && answer.contains("bytes cut) …")
+            && answer.contains("is not absolute"),
         "{code}: {}",
         &answer[..answer.len().min(600)]
     );

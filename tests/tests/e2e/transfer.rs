@@ -459,7 +459,9 @@ fn plugin_in_background(
 
 /// While the target waits for the source, another pod connects to its port, once with plain
 /// bytes and once with TLS but no certificate: both are turned away, nothing of the archive
-/// reaches them, and the target goes on waiting and takes the real source's archive. Then a
+/// reaches them, and the target goes on waiting; 24 idle connections from that pod, more than
+/// the handshakes the target runs at once, held through the move, do not keep the real
+/// source out: the target takes its archive. Then a
 /// source handed a wrong secret: the migration fails cleanly, the target is deleted and the
 /// source counts on.
 pub fn a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes(
@@ -496,8 +498,7 @@ pub fn a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes(
          try: d = s.recv(65536); print('plain got', len(d), 'bytes', d[:1].hex() or '-')\n\
          except Exception as e: print('plain refused:', type(e).__name__)\n\
          c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE\n\
-         t = c.wrap_socket(socket.create_connection(('{ip}', {port}), 5)); t.settimeout(15)\n\
-         try: print('tls got', len(t.recv(65536)), 'bytes')\n\
+         try:\n  t = c.wrap_socket(socket.create_connection(('{ip}', {port}), 5)); t.settimeout(15)\n  print('tls got', len(t.recv(65536)), 'bytes')\n\
          except Exception as e: print('tls refused:', type(e).__name__, e)\n"
     );
     let intruder = cluster
@@ -524,11 +525,31 @@ pub fn a_peer_without_the_secret_gets_nothing_and_a_wrong_secret_undoes(
         launcher_in(cluster, &format!("{name}-m1"), "waiting"),
         "the target stopped waiting after the intruder"
     );
+    // More idle connections than the target runs handshakes at once, held open through the
+    // move: the target closes them at once (not the source pod's address), and the source's
+    // own connection still gets through.
+    let idle = format!(
+        "import socket, time\n\
+         s = [socket.create_connection(('{ip}', {port}), 5) for _ in range(24)]\n\
+         print('idle', len(s), flush=True)\n\
+         time.sleep(300)\n"
+    );
+    let mut crowd = cluster
+        .kubectl(&["exec", "intruder", "--", "python3", "-c", &idle])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut crowd_said = String::new();
+    BufReader::new(crowd.stdout.take().context("stdout")?).read_line(&mut crowd_said)?;
+    ensure!(
+        crowd_said.trim() == "idle 24",
+        "the idle connections were not made: {crowd_said}"
+    );
     drop(hold); // the plugin goes on
     let (code, stderr) = plugin_ended(plugin)?;
+    let _ = crowd.kill();
     ensure!(
         code == Some(0),
-        "the migration failed after the intruder:\n{stderr}"
+        "the migration failed after the intruder, with 24 idle connections to the target:\n{stderr}"
     );
     target_continues(cluster, name, follow)?;
 
