@@ -412,7 +412,7 @@ pub fn two_migrations_of_one_pod_end_with_one_copy_and_the_loser_told(
     let rounds: usize = std::env::var("MIGRATE_E2E_RACE_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(20);
     let mut current = "raced".to_string();
     super::run_counter(cluster, &current, "node-a", &[])?;
     for round in 0..rounds {
