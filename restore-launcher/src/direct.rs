@@ -879,11 +879,22 @@ mod tests {
         // A connection that says nothing holds no one up.
         let _silent = ok(TcpStream::connect(&address));
         // The secret: through at once, and the bytes arrive whole.
+        source_gets_through(&address, &good, waiting, "a silent connection");
+    }
+
+    /// The source holding `secret` connects to `address` at once (not held up by `behind`),
+    /// and what it sends arrives whole at the `waiting` accept.
+    fn source_gets_through(
+        address: &str,
+        secret: &Keys,
+        waiting: std::thread::JoinHandle<Result<Vec<u8>, DirectError>>,
+        behind: &str,
+    ) {
         let started = Instant::now();
-        let mut real = ok(connect(&address, &ok(client_config(&good))));
+        let mut real = ok(connect(address, &ok(client_config(secret))));
         assert!(
             started.elapsed() < HANDSHAKE_TIMEOUT / 2,
-            "the real source waited {:?} behind a silent connection",
+            "the source waited {:?} behind {behind}",
             started.elapsed()
         );
         ok(real.write_all(b"the archive"));
@@ -954,23 +965,7 @@ mod tests {
             );
         }
         // The source gets through at once.
-        let started = Instant::now();
-        let mut real = ok(connect(
-            &format!("127.0.0.1:{port}"),
-            &ok(client_config(&secret)),
-        ));
-        assert!(
-            started.elapsed() < HANDSHAKE_TIMEOUT / 2,
-            "the source waited {:?} behind strangers",
-            started.elapsed()
-        );
-        ok(real.write_all(b"the archive"));
-        real.conn.send_close_notify();
-        ok(real.flush());
-        let got = ok(ok(waiting
-            .join()
-            .map_err(|_| "the waiting thread panicked")));
-        assert_eq!(got, b"the archive");
+        source_gets_through(&format!("127.0.0.1:{port}"), &secret, waiting, "strangers");
     }
 
     /// Two relays as the launchers run them for post-copy, over a real TLS connection on
