@@ -50,7 +50,10 @@ pub fn no_new_privs() -> bool {
 /// environment, a PATH of its choosing). Under `no_new_privs` no exec gains them, so nothing
 /// can be borrowed.
 pub fn borrowed(pid: u32) -> Option<String> {
-    if pid == 1 || !privileged_non_root() || no_new_privs() {
+    // The container's first process: PID 1, or started by the runtime from outside the PID
+    // namespace (parent 0), as under `shareProcessNamespace` (the pause process is PID 1).
+    let first = pid == 1 || nix::unistd::getppid().as_raw() == 0;
+    if first || !privileged_non_root() || no_new_privs() {
         return None;
     }
     let held = caps::read(None, CapSet::Permitted)

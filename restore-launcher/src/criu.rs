@@ -99,10 +99,14 @@ fn trusted_criu() -> Result<PathBuf, CriuError> {
         std::fs::symlink_metadata(path).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
     };
     for candidate in TRUSTED_CRIU {
-        let path = Path::new(candidate);
-        let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+        // Resolved first (`/usr/sbin` may be a link to `bin`): then no link is left on the
+        // way, and each directory of the real path is checked.
+        let Ok(path) = std::fs::canonicalize(candidate) else {
+            continue;
+        };
+        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
         if is_file && path.ancestors().all(root_only) {
-            return Ok(path.to_path_buf());
+            return Ok(path);
         }
     }
     Err(CriuError::NotFound {

@@ -364,7 +364,7 @@ pub fn say(progress: Progress) {
 }
 
 /// Waits for the source: a connection from an address not in `from` (when given: the source
-/// pod's addresses) is closed at once, taking nothing; each other connection gets its own
+/// pod's addresses) nor loopback is closed at once, taking nothing; each other connection gets its own
 /// handshake (at most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`]); one that
 /// fails (no secret, a wrong one, a port scanner) is logged on stderr and turned away, and
 /// the wait goes on. The first authenticated
@@ -390,7 +390,9 @@ pub fn accept(
                 .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
             v4 => v4,
         };
-        from.is_empty() || from.contains(&peer)
+        // Loopback: a service mesh's sidecar (Istio's 127.0.0.6, Linkerd's 127.0.0.1) hands
+        // every inbound connection over from inside the pod, whoever made it.
+        from.is_empty() || from.contains(&peer) || peer.is_loopback()
     };
     let mut strangers = 0u64;
     let (done, handshakes) = mpsc::channel::<Inbound>();

@@ -7,7 +7,9 @@
 //! time, which a pipe takes whole), keeping the rest in a buffer of [`BUFFER`] bytes. While
 //! that buffer is full the app's pipe is not read: a slow log reader slows the app down
 //! through its full pipe, as it would without a launcher, and nothing is dropped; PID 1 goes
-//! on forwarding signals, reaping and answering requests.
+//! on forwarding signals, reaping and answering requests. Once the app has exited, what it
+//! wrote is held for the reader as long as the reader keeps taking bytes (the supervisor gives
+//! up, saying how many bytes it drops, only after a reader took nothing for 30 s).
 
 use std::collections::VecDeque;
 use std::io;
@@ -42,7 +44,8 @@ impl Output {
         }
     }
 
-    /// Whether this output accepts bytes now.
+    /// Whether to write to this output now: it accepts bytes, or is closed or failed (then the
+    /// write fails, and the stream is marked broken instead of waited for).
     fn writable(self) -> bool {
         let (stdout, stderr) = (io::stdout(), io::stderr());
         let fd = match self {
@@ -51,11 +54,16 @@ impl Output {
         };
         let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
-            && fds[0]
-                .revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLOUT | PollFlags::POLLERR))
+            && fds[0].revents().is_some_and(|r| r.intersects(WRITE_NOW))
     }
 }
+
+/// What `poll` says about an output that makes a write worth trying: room, or an end (closed
+/// reader, error, a closed descriptor), which the write then reports.
+pub const WRITE_NOW: PollFlags = PollFlags::POLLOUT
+    .union(PollFlags::POLLERR)
+    .union(PollFlags::POLLHUP)
+    .union(PollFlags::POLLNVAL);
 
 /// One app stream being copied.
 #[derive(Debug)]
@@ -67,6 +75,9 @@ pub struct Relay {
     output_broken: bool,
     /// Read from the app, not yet written.
     pending: VecDeque<u8>,
+    /// When bytes were last written (or the relay began): a drain after the app's exit goes on
+    /// while the output keeps taking bytes.
+    last_progress: std::time::Instant,
 }
 
 /// What a call to [`Relay::pump`] found.
@@ -90,6 +101,7 @@ impl Relay {
             output,
             output_broken: false,
             pending: VecDeque::new(),
+            last_progress: std::time::Instant::now(),
         }
     }
 
@@ -110,6 +122,30 @@ impl Relay {
     pub fn inode(&self) -> Option<u64> {
         let fd = self.source.as_ref()?;
         nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
+    }
+
+    /// Whether the app's pipe reached end of file (or failed) and was closed.
+    pub fn source_closed(&self) -> bool {
+        self.source.is_none()
+    }
+
+    /// Whether bytes read from the app wait for the output.
+    pub fn holds_output(&self) -> bool {
+        !self.pending.is_empty() && !self.output_broken
+    }
+
+    /// How many bytes read from the app wait for the output.
+    pub fn held_bytes(&self) -> usize {
+        if self.output_broken {
+            0
+        } else {
+            self.pending.len()
+        }
+    }
+
+    /// When this relay last wrote bytes (or began).
+    pub fn last_progress(&self) -> std::time::Instant {
+        self.last_progress
     }
 
     /// Whether the pipe reached end of file (or failed) and was closed, and everything read
@@ -169,6 +205,7 @@ impl Relay {
                 Ok(n) => {
                     self.pending.drain(..n);
                     moved += n;
+                    self.last_progress = std::time::Instant::now();
                 }
                 Err(Errno::EINTR) => {}
                 // Handed to us non-blocking, and full after all: later.

@@ -42,6 +42,10 @@ use crate::tree;
 /// relayed before the launcher exits anyway. Output the app itself wrote is not bounded by
 /// this: its pipe reaches end of file as soon as every writer is gone.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// After the app exits, how long output it wrote that the log reader has not taken yet is
+/// held for a reader that takes nothing, before the launcher exits anyway (and says how much
+/// it dropped). A reader that keeps taking bytes is waited for as long as it does.
+const OUTPUT_PATIENCE: Duration = Duration::from_secs(30);
 /// Control connections whose request is still arriving, at most; beyond, the oldest is dropped.
 const MAX_PENDING: usize = 16;
 /// Exit code when a restore requested at start fails (and no fresh start was asked for).
@@ -210,8 +214,8 @@ impl Supervisor {
             }
             self.advance(Input::Tick);
             let drain = self
-                .exited_at
-                .map(|at| DRAIN_AFTER_EXIT.saturating_sub(at.elapsed()));
+                .drain_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()));
             // A lease that expires during a checkpoint stops the job (then the app resumes
             // when it ended): it is waited for as when nothing runs.
             let lease = self
@@ -264,6 +268,29 @@ impl Supervisor {
         }
     }
 
+    /// When the launcher stops waiting for output after the app exited. Counted from the
+    /// exit or the last bytes written since, whichever is later: [`OUTPUT_PATIENCE`] while the
+    /// app's own output waits for the log reader (its pipes are at end of file, bytes are
+    /// held), else [`DRAIN_AFTER_EXIT`] for descendants still holding the pipes open.
+    fn drain_deadline(&self) -> Option<Instant> {
+        let exited = self.exited_at?;
+        let quiet_since = self
+            .relays
+            .iter()
+            .map(Relay::last_progress)
+            .fold(exited, Instant::max);
+        let held_for_the_reader = self.relays.iter().all(Relay::source_closed)
+            && self.relays.iter().any(Relay::holds_output);
+        Some(
+            quiet_since
+                + if held_for_the_reader {
+                    OUTPUT_PATIENCE
+                } else {
+                    DRAIN_AFTER_EXIT
+                },
+        )
+    }
+
     /// The exit code once the app has exited (or no app will come), no job runs, and the
     /// output is done (or the drain timed out).
     fn finished(&self) -> Option<u8> {
@@ -272,13 +299,20 @@ impl Supervisor {
             return None;
         }
         let drained = self.relays.iter().all(Relay::is_closed);
-        let timed_out = self
-            .exited_at
-            .is_some_and(|at| at.elapsed() >= DRAIN_AFTER_EXIT);
+        let timed_out = self.drain_deadline().is_some_and(|at| Instant::now() >= at);
         if timed_out && !drained {
-            tracing::info!(
-                "the app exited but a descendant still holds its output open; not waiting for it"
-            );
+            let dropped: usize = self.relays.iter().map(Relay::held_bytes).sum();
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "the app exited, and the log reader took none of its last output for {} s; exiting without it",
+                    OUTPUT_PATIENCE.as_secs()
+                );
+            } else {
+                tracing::info!(
+                    "the app exited but a descendant still holds its output open; not waiting for it"
+                );
+            }
         }
         (drained || timed_out).then_some(code)
     }
@@ -346,11 +380,9 @@ impl Supervisor {
                 .into_iter()
                 .map(|slot| {
                     slot.is_some_and(|slot| {
-                        fds[slot].revents().is_some_and(|r| {
-                            r.intersects(
-                                PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP,
-                            )
-                        })
+                        fds[slot]
+                            .revents()
+                            .is_some_and(|r| r.intersects(crate::relay::WRITE_NOW))
                     })
                 })
                 .collect(),
@@ -753,6 +785,9 @@ impl Supervisor {
         let before = self.state;
         self.state = step.next;
         self.track_freeze(before);
+        // The effects first (a lease's SIGCONT above all): a log line can wait on a slow log
+        // reader, the app must not.
+        self.perform_all(&step.effects);
         if input == Input::Tick && before != self.state {
             if self.state.busy() {
                 tracing::warn!(
@@ -764,7 +799,6 @@ impl Supervisor {
                 );
             }
         }
-        self.perform_all(&step.effects);
     }
 
     /// After a transition from `before`: a freeze that ended with the app running again, not

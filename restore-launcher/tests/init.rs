@@ -536,3 +536,41 @@ fn a_log_reader_that_stalls_never_stalls_pid_1() {
     let code = running.0.wait().unwrap();
     assert!(code.success(), "{code}");
 }
+
+#[test]
+fn output_a_slow_log_reader_has_not_taken_is_not_lost_when_the_app_exits() {
+    // The app writes 1 MiB and exits while nobody reads the log pipe. The launcher holds what
+    // the pipe does not take and, once the reader comes back -- later than the 2 s an exited
+    // app's output is drained for -- writes all of it before it exits.
+    let state_dir = tempfile::tempdir().unwrap();
+    let (log_read, log_write) = nix::unistd::pipe().unwrap();
+    let child = std::process::Command::new(launcher())
+        .args(["--", "head", "-c", "1048576", "/dev/zero"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .env("RESTORE_LAUNCHER_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = scopeguard(child);
+    let mut stderr = std::io::BufReader::new(running.0.stderr.take().unwrap());
+    let mut said = String::new();
+    wait_for("the app to exit", LIMIT, || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        said.push_str(&line);
+        line.contains("the app exited").then_some(())
+    });
+    // The slow reader: back only after the drain's 2 s (the fault under test is this wait).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut log = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(log_read), &mut log).unwrap();
+    assert_eq!(
+        log.len(),
+        1024 * 1024,
+        "output lost; the launcher said: {said}"
+    );
+    let code = running.0.wait().unwrap();
+    assert!(code.success(), "{code}");
+}

@@ -82,8 +82,18 @@ async fn pod_ip(launchers: &ExecLaunchers, pod: &Pod) -> Result<IpAddr, String> 
 }
 
 /// Every address of `pod` (`status.podIPs`, else `status.podIP`): where the source's
-/// connection comes from.
+/// connection comes from. None for a `hostNetwork` pod: its connection leaves from whichever
+/// of the node's addresses routes to the target (a tunnel's, under an overlay network), not
+/// necessarily the one the pod reports, so the target takes any.
 fn source_ips(pod: &Pod) -> Vec<String> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Vec::new();
+    }
     let status = pod.status.as_ref();
     let mut ips: Vec<String> = status
         .and_then(|s| s.pod_ips.as_ref())
