@@ -66,7 +66,7 @@ fn the_json_tables_list_every_key_of_the_reports() {
         "state": "running", "app_pid": 1000, "launcher_version": "0.1.0", "criu_version": null,
         "kernel": "6.18", "arch": "x86_64", "last_checkpoint": null, "last_restore": null,
         "error": null, "post_copy": post_copy, "post_copy_source": "why not",
-        "checkpoint_blocked": "why not"
+        "checkpoint_blocked": "why not", "ended_freeze": "mig-1"
     }))
     .unwrap_or_else(|e| panic!("{e}"));
     let mut checkpoint = CheckpointReport::new("id".into(), false);
