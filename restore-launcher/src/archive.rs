@@ -122,9 +122,9 @@ pub enum ArchiveError {
 pub fn list_entries(root: &Path, included: usize) -> Result<Vec<Entry>, ArchiveError> {
     let mut entries = Vec::new();
     let criu = root.join("criu");
-    let mut names: Vec<_> = read_dir_sorted(&criu)?;
-    names.retain(|p| p.is_file());
-    for path in names {
+    // Only CRIU's images, each a regular file: anything else there was not put there by
+    // CRIU, and is refused by `file_entry` rather than skipped or followed.
+    for path in read_dir_sorted(&criu)? {
         entries.push(file_entry(root, &path)?);
     }
     for index in 0..included {
@@ -210,7 +210,7 @@ fn file_entry(root: &Path, path: &Path) -> Result<Entry, ArchiveError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(read_error)?;
+    let mut file = open_own_file(path).map_err(read_error)?;
     let mode = file.metadata().map_err(read_error)?.permissions().mode() & 0o7777;
     let mut hasher = Sha256::new();
     let size = io::copy(&mut file, &mut hasher).map_err(read_error)?;
@@ -225,6 +225,46 @@ fn file_entry(root: &Path, path: &Path) -> Result<Entry, ArchiveError> {
         gid: None,
         xattrs: Default::default(),
     })
+}
+
+/// Opens a file of the checkpoint directory for reading, from one descriptor that is checked
+/// before a byte is read: not a symlink (never followed), a regular file, one link (not a
+/// hard link to a file elsewhere), owned by the launcher's user (CRIU's images were taken
+/// back, included files are the launcher's copies). Whatever the app's user could have put
+/// there in place of a file is refused by name.
+fn open_own_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other("it is a symlink, where the checkpoint wrote a file")
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    let owner = nix::unistd::geteuid().as_raw();
+    if !meta.is_file() {
+        return Err(io::Error::other(
+            "it is not a regular file, where the checkpoint wrote one",
+        ));
+    }
+    if meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "it has {} hard links, where the checkpoint wrote a file of its own",
+            meta.nlink()
+        )));
+    }
+    if meta.uid() != owner {
+        return Err(io::Error::other(format!(
+            "it belongs to uid {}, not to the launcher's uid {owner}",
+            meta.uid()
+        )));
+    }
+    Ok(file)
 }
 
 fn relative(root: &Path, path: &Path) -> String {
@@ -298,10 +338,18 @@ pub fn write<W: Write>(out: W, manifest: &Manifest, root: &Path) -> Result<u64, 
         let path = root.join(&entry.path);
         match entry.kind {
             EntryKind::File => {
-                let file = File::open(&path).map_err(|source| ArchiveError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let file = open_own_file(&path)
+                    .and_then(|file| {
+                        if file.metadata()?.len() == entry.size {
+                            Ok(file)
+                        } else {
+                            Err(io::Error::other("its size changed since it was hashed"))
+                        }
+                    })
+                    .map_err(|source| ArchiveError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let mut header = new_header(tar::EntryType::Regular, entry.size, entry.mode);
                 // `take` guarantees the declared size even if the file changed since hashing
                 // (it cannot: the app is frozen or the directory is ours; the check is cheap).

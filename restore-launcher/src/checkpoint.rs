@@ -134,16 +134,26 @@ fn checkpoint(
     }
     // A root launcher dumps an app of another user with criu running as that user
     // (crate::creds says why); criu then writes its images and log into directories of that
-    // user, which the launcher takes back afterwards.
+    // user, which the launcher takes back afterwards. It reaches them only through
+    // descriptors: the job directory stays the launcher's alone, so no process of the app's
+    // user (one that left the app's tree, say) can reach the images by path.
     let run_as = dump_user(plan.app);
-    let logs = dir.join("log");
     fs::DirBuilder::new()
         .mode(0o700)
-        .create(&logs)
-        .map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
-    if let Some(creds) = &run_as {
-        hand_over(dir, creds)?;
-    }
+        .create(dir.join("log"))
+        .map_err(|e| format!("cannot create {}: {e}", dir.join("log").display()))?;
+    let handed = run_as
+        .as_ref()
+        .map(|creds| HandedOver::new(dir, creds))
+        .transpose()?;
+    let (images, logs, dirs) = match &handed {
+        Some(handed) => (
+            handed.images_path(),
+            handed.logs_path(),
+            handed.raw_fds().to_vec(),
+        ),
+        None => (dir.join("criu"), dir.join("log"), Vec::new()),
+    };
     // The log is kept next to the socket, outside the work directory that is removed, so the
     // path in an error message can still be read.
     let log = crate::criu::Log {
@@ -155,19 +165,21 @@ fn checkpoint(
     let dumped = match &pages {
         None => plan.criu.dump(
             plan.app.as_raw(),
-            &dir.join("criu"),
+            &images,
             &log,
             &plan.original_mask,
             run_as.as_ref(),
+            &dirs,
         ),
         Some(pages) => plan
             .criu
             .dump_lazy(
                 plan.app.as_raw(),
-                &dir.join("criu"),
+                &images,
                 &log,
                 &plan.original_mask,
                 run_as.as_ref(),
+                &dirs,
                 pages.as_fd(),
             )
             .map(|s| serving = Some(s)),
@@ -175,7 +187,7 @@ fn checkpoint(
     // CRIU has its own copy of the page-server connection now.
     drop(pages);
     if run_as.is_some() {
-        if let Err(error) = crate::creds::take_back(&dir.join("criu")) {
+        if let Err(error) = crate::creds::take_back(&images) {
             // A tree `freeze` stopped stays stopped: only thaw or rollback resume it.
             if dumped.is_ok() && !plan.was_frozen {
                 crate::tree::resume(plan.app);
@@ -187,6 +199,7 @@ fn checkpoint(
             return Err(format!("{dump}{error}; the app keeps running"));
         }
     }
+    drop(handed);
     if let Err(error) = dumped {
         // CRIU resumes the tree itself when a dump fails.
         return Err(format!("{}; the app keeps running", chain(&error)));
@@ -218,6 +231,16 @@ fn checkpoint(
         .map(|e| e.size)
         .sum();
     lap("hash", report);
+    // Again, now that the images were written and read: a process that left the app's tree
+    // while CRIU ran (a double fork racing the freeze) was not dumped, would keep running
+    // here after a commit, and may have tried to touch what was hashed. Refused.
+    let escaped = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
+    if !escaped.is_empty() {
+        return Err(format!(
+            "process(es) {} left the app's process tree while it was being checkpointed (a double fork racing the dump): they were not dumped and would be left behind; keep the app's processes under its main process; the checkpoint is refused and the app keeps running",
+            escaped.join(", ")
+        ));
+    }
     let manifest = Manifest {
         format_version: ARCHIVE_FORMAT_VERSION,
         id: id.to_string(),
@@ -465,39 +488,61 @@ fn dump_user(app: Pid) -> Option<crate::creds::Creds> {
         .then_some(first)
 }
 
-/// Lets `creds`' user reach the job directory `dir` (search permission on its ancestors the
-/// launcher owns) and gives it `dir/criu` and `dir/log` to write into.
-fn hand_over(dir: &Path, creds: &crate::creds::Creds) -> Result<(), String> {
-    for ancestor in dir.ancestors() {
-        let Ok(meta) = fs::metadata(ancestor) else {
-            continue;
-        };
-        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
-        if std::os::unix::fs::MetadataExt::uid(&meta) == 0 && mode & 0o001 == 0 {
-            fs::set_permissions(
-                ancestor,
-                std::os::unix::fs::PermissionsExt::from_mode((mode | 0o001) & 0o7777),
-            )
-            .map_err(|e| {
+/// `dir/criu` and `dir/log` given to the app's user for criu to write into as that user, and
+/// open as descriptors criu inherits (`/proc/self/fd/N`): the job directory and its
+/// ancestors keep their modes, so no other process of that user reaches them by path.
+struct HandedOver {
+    images: OwnedFd,
+    logs: OwnedFd,
+    raw: [i32; 2],
+}
+
+impl HandedOver {
+    fn new(dir: &Path, creds: &crate::creds::Creds) -> Result<Self, String> {
+        let open = |sub: &str| -> Result<OwnedFd, String> {
+            let path = dir.join(sub);
+            std::os::unix::fs::chown(&path, Some(creds.uid), Some(creds.gid)).map_err(|e| {
                 format!(
-                    "cannot let the app's user reach {}: {e}",
-                    ancestor.display()
+                    "cannot give {} to the app's user {}:{} so that criu can dump as that user: {e}; add CHOWN to the container's securityContext.capabilities.add",
+                    path.display(),
+                    creds.uid,
+                    creds.gid
                 )
             })?;
-        }
-    }
-    for sub in ["criu", "log"] {
-        let path = dir.join(sub);
-        std::os::unix::fs::chown(&path, Some(creds.uid), Some(creds.gid)).map_err(|e| {
-            format!(
-                "cannot give {} to the app's user {}:{} so that criu can dump as that user: {e}; add CHOWN to the container's securityContext.capabilities.add",
-                path.display(),
-                creds.uid,
-                creds.gid
+            nix::fcntl::open(
+                &path,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
             )
-        })?;
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+        };
+        let images = open("criu")?;
+        let logs = open("log")?;
+        use std::os::fd::AsRawFd as _;
+        let raw = [images.as_raw_fd(), logs.as_raw_fd()];
+        Ok(HandedOver { images, logs, raw })
     }
-    Ok(())
+
+    fn images_path(&self) -> PathBuf {
+        fd_path(&self.images)
+    }
+
+    fn logs_path(&self) -> PathBuf {
+        fd_path(&self.logs)
+    }
+
+    fn raw_fds(&self) -> &[i32] {
+        &self.raw
+    }
+}
+
+/// The path of an open directory that needs no search permission on its ancestors.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd as _;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// What to change so that SysV IPC objects travel.

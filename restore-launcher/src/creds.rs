@@ -268,8 +268,14 @@ pub fn take_back(dir: &std::path::Path) -> Result<(), String> {
         })
     };
     // The directory first: until it is the launcher's again, a launcher without
-    // CAP_DAC_READ_SEARCH cannot list it.
-    take(dir)?;
+    // CAP_DAC_READ_SEARCH cannot list it. Followed: `dir` is the launcher's own path, or a
+    // `/proc/self/fd/N` of a directory it opened; the entries below are never followed.
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| {
+        format!(
+            "cannot take back {} from the app's user: {e}; add CHOWN to the container's securityContext.capabilities.add",
+            dir.display()
+        )
+    })?;
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     for entry in entries {

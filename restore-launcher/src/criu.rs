@@ -167,7 +167,9 @@ impl Criu {
 
     /// `criu dump` of the tree rooted at `pid`, images into `images`, leaving it frozen; as
     /// user `run_as` when given (crate::creds says why), which must be able to write `images`
-    /// and `log`'s directory. The log is copied to `keep` afterwards.
+    /// and `log`'s directory. `dirs`: descriptors criu inherits, for `images` and `log` given
+    /// as `/proc/self/fd/N` paths (a directory the app's user cannot reach by path). The log
+    /// is copied to `keep` afterwards.
     ///
     /// # Errors
     /// [`CriuError::Failed`] with the error lines of the log (written to `log`).
@@ -178,9 +180,10 @@ impl Criu {
         log: &Log<'_>,
         original_mask: &SigSet,
         run_as: Option<&Creds>,
+        dirs: &[i32],
     ) -> Result<(), CriuError> {
         let args = dump_args(pid, images, log.path, run_as);
-        self.run("dump", &args, log, original_mask, &[], run_as)
+        self.run("dump", &args, log, original_mask, dirs, run_as)
     }
 
     /// `criu dump --lazy-pages` (post-copy): dumps everything but the app's memory into
@@ -197,6 +200,7 @@ impl Criu {
         log: &Log<'_>,
         original_mask: &SigSet,
         run_as: Option<&Creds>,
+        dirs: &[i32],
         pages: BorrowedFd<'_>,
     ) -> Result<Serving, CriuError> {
         if let Some(reason) = post_copy_source_blocked(run_as.is_some()) {
@@ -205,15 +209,9 @@ impl Criu {
         let mut args = dump_args(pid, images, log.path, run_as);
         args.extend(["--lazy-pages".into(), "--ps-socket".into()]);
         args.push(pages.as_raw_fd().to_string().into());
-        self.serve(
-            "dump",
-            args,
-            log,
-            original_mask,
-            &[pages.as_raw_fd()],
-            run_as,
-            true,
-        )
+        let mut inherit = vec![pages.as_raw_fd()];
+        inherit.extend_from_slice(dirs);
+        self.serve("dump", args, log, original_mask, &inherit, run_as, true)
     }
 
     /// `criu lazy-pages --page-server` (post-copy, on the target): the daemon that takes the
@@ -471,7 +469,7 @@ impl Log<'_> {
     fn keep(&self) -> Option<PathBuf> {
         if self.path != self.keep {
             let _ = std::fs::remove_file(self.keep);
-            if let Ok(text) = std::fs::read(self.path) {
+            if let Ok(text) = read_log(self.path) {
                 use std::io::Write as _;
                 use std::os::unix::fs::OpenOptionsExt as _;
                 let _ = std::fs::OpenOptions::new()
@@ -785,7 +783,9 @@ pub fn known_cause(excerpt: &str) -> Option<&'static str> {
 /// CRIU's `Error` lines from its log, minus the probes it always logs on a container without
 /// them (tun, raising RLIMIT_NOFILE), last five; else what it printed on stderr.
 pub fn log_excerpt(log: &Path, stderr: &str) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = read_log(log)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
     let errors: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -806,6 +806,26 @@ pub fn log_excerpt(log: &Path, stderr: &str) -> String {
     }
     errors[errors.len().saturating_sub(5)..].join("; ")
 }
+
+/// A log criu wrote, read without following a symlink at its name (criu may have run as the
+/// app's user, and the launcher reading it may be root) and only up to [`LOG_LIMIT`].
+fn read_log(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = Vec::new();
+    file.take(LOG_LIMIT).read_to_end(&mut text)?;
+    Ok(text)
+}
+
+/// How much of a criu log is read (a -v4 dump log of a large app is a few MiB).
+const LOG_LIMIT: u64 = 64 << 20;
 
 #[cfg(test)]
 mod tests {

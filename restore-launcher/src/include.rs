@@ -15,6 +15,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -68,20 +70,19 @@ pub struct Attributes {
 /// [`Attributes`] by archive path (`include/N/...`).
 pub type Recorded = BTreeMap<String, Attributes>;
 
-/// Reads `path`'s owner, group and extended attributes (not following a symlink). A file
-/// system without extended attributes has none; file capabilities are left out, and said so.
-fn read_attributes(path: &Path) -> io::Result<Attributes> {
-    let meta = path.symlink_metadata()?;
-    Ok(Attributes {
-        uid: meta.uid(),
-        gid: meta.gid(),
-        xattrs: read_xattrs(path)?,
-    })
+fn read_xattrs(path: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
+    carried_xattrs(path, xattr::list(path), |name| xattr::get(path, name))
 }
 
-fn read_xattrs(path: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
+/// The extended attributes a checkpoint carries, from their names `listed` and a `get` for
+/// each; a file system without extended attributes has none.
+fn carried_xattrs(
+    path: &Path,
+    listed: io::Result<xattr::XAttrs>,
+    get: impl Fn(&str) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<BTreeMap<String, Vec<u8>>> {
     let mut xattrs = BTreeMap::new();
-    let names = match xattr::list(path) {
+    let names = match listed {
         Ok(names) => names,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(xattrs),
         Err(e) => return Err(e),
@@ -98,29 +99,11 @@ fn read_xattrs(path: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
             }
             continue;
         }
-        if let Some(value) = xattr::get(path, &name)? {
+        if let Some(value) = get(&name)? {
             xattrs.insert(name, value);
         }
     }
     Ok(xattrs)
-}
-
-/// Records the attributes of `src` and everything below it under archive path `at`.
-fn record(src: &Path, at: &str, recorded: &mut Recorded) -> io::Result<()> {
-    recorded.insert(at.to_string(), read_attributes(src)?);
-    let meta = src.symlink_metadata()?;
-    if meta.is_dir() {
-        for child in fs::read_dir(src)? {
-            let child = child?;
-            let name = child.file_name();
-            record(
-                &child.path(),
-                &format!("{at}/{}", name.to_string_lossy()),
-                recorded,
-            )?;
-        }
-    }
-    Ok(())
 }
 
 /// Writes the recorded attributes into the manifest's entries.
@@ -142,12 +125,23 @@ pub fn annotate(entries: &mut [Entry], recorded: &Recorded) {
 /// records every file's owner, group and extended attributes. A path that does not exist is
 /// recorded as absent (nothing copied).
 ///
+/// Everything is read through descriptors, never by path twice: the included path is opened
+/// without following any symlink on the way, each entry below it is opened relative to its
+/// directory's descriptor with `O_NOFOLLOW`, and its type, mode, owner and extended
+/// attributes are read from the descriptor its contents are copied from. A file swapped for a
+/// symlink or a FIFO while it is copied (by a process the freeze did not stop) is refused, not
+/// followed, so nothing outside the included path is ever read.
+///
 /// # Errors
 /// [`IncludeError::Copy`] naming the path that failed.
 pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<(u64, Recorded), IncludeError> {
     let mut bytes = 0;
     let mut recorded = Recorded::new();
     for (index, path) in paths.iter().enumerate() {
+        let fail = |source| IncludeError::Copy {
+            path: path.clone(),
+            source,
+        };
         let Ok(meta) = path.symlink_metadata() else {
             tracing::warn!(path = %path.display(), "included path does not exist; nothing of it is checkpointed");
             continue;
@@ -155,26 +149,189 @@ pub fn snapshot(paths: &[PathBuf], dest: &Path) -> Result<(u64, Recorded), Inclu
         // The target refuses an included root that is a link (it would point the path
         // elsewhere there): say so here, before anything is frozen for nothing.
         if meta.file_type().is_symlink() {
-            return Err(IncludeError::Copy {
-                path: path.clone(),
-                source: io::Error::other(
-                    "it is a symlink, which cannot be the root of an included path; include the path it points to",
-                ),
-            });
+            return Err(fail(io::Error::other(
+                "it is a symlink, which cannot be the root of an included path; include the path it points to",
+            )));
         }
+        let root = open_included(path).map_err(fail)?;
         let target = dest.join("include").join(index.to_string());
-        bytes += copy_tree(path, &target).map_err(|source| IncludeError::Copy {
-            path: path.clone(),
-            source,
-        })?;
-        record(path, &format!("include/{index}"), &mut recorded).map_err(|source| {
-            IncludeError::Copy {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        bytes += copy_opened(
+            root,
+            path,
+            &target,
+            &format!("include/{index}"),
+            &mut recorded,
+        )
+        .map_err(fail)?;
     }
     Ok((bytes, recorded))
+}
+
+/// Opens an included path without following a symlink anywhere on the way (a directory of
+/// the app's user swapped for a link would otherwise lead the launcher elsewhere).
+fn open_included(path: &Path) -> io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how) {
+        Ok(fd) => Ok(fd),
+        Err(nix::errno::Errno::ELOOP) => Err(io::Error::other(format!(
+            "a directory on the way to it is a symlink; include the path it resolves to ({})",
+            fs::canonicalize(path).map_or_else(|_| "unknown".into(), |p| p.display().to_string())
+        ))),
+        // Kernels before 5.6: the last component is still never followed.
+        Err(nix::errno::Errno::ENOSYS) => {
+            Ok(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?)
+        }
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Opens `name` in directory `dir` for reading without following it (`O_NONBLOCK`: a FIFO
+/// opens at once, and a swapped-in one cannot hold the copy).
+fn open_beneath(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    Ok(nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?)
+}
+
+/// Copies the opened file, directory or FIFO `fd` (shown as `src`) to `dst`, recording its
+/// attributes (and those of everything below it) under archive path `at`; all read from `fd`.
+fn copy_opened(
+    fd: OwnedFd,
+    src: &Path,
+    dst: &Path,
+    at: &str,
+    recorded: &mut Recorded,
+) -> io::Result<u64> {
+    use nix::sys::stat::SFlag;
+    let file = fs::File::from(fd);
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    let mode = meta.permissions().mode() & 0o7777;
+    let attributes = |file: &fs::File| -> io::Result<Attributes> {
+        Ok(Attributes {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            xattrs: carried_xattrs(src, xattr::FileExt::list_xattr(file), |name| {
+                xattr::FileExt::get_xattr(file, name)
+            })?,
+        })
+    };
+    if let Some(what) = uncarried(kind) {
+        return Err(cannot_carry(src, what));
+    }
+    recorded.insert(at.to_string(), attributes(&file)?);
+    if kind.is_fifo() {
+        nix::unistd::mkfifo(
+            dst,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )?;
+        fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+        return Ok(0);
+    }
+    if kind.is_file() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut copy = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dst)?;
+        let bytes = io::copy(&mut &file, &mut copy)?;
+        copy.set_permissions(fs::Permissions::from_mode(mode))?;
+        return Ok(bytes);
+    }
+    if !kind.is_dir() {
+        return Err(io::Error::other(format!(
+            "`{}` is not a file, directory, symlink or FIFO",
+            src.display()
+        )));
+    }
+    fs::create_dir_all(dst)?;
+    let dir = OwnedFd::from(file);
+    let mut names = Vec::new();
+    let listed = nix::dir::Dir::from_fd(nix::unistd::dup(&dir)?)?;
+    for entry in listed {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    let mut bytes = 0;
+    for name in names {
+        let shown = src.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let (into, under) = (
+            dst.join(std::ffi::OsStr::from_bytes(name.to_bytes())),
+            format!("{at}/{}", name.to_string_lossy()),
+        );
+        let stat = nix::sys::stat::fstatat(
+            &dir,
+            name.as_c_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK {
+            let link = nix::fcntl::readlinkat(&dir, name.as_c_str())?;
+            std::os::unix::fs::symlink(&link, &into)?;
+            recorded.insert(
+                under,
+                Attributes {
+                    uid: stat.st_uid,
+                    gid: stat.st_gid,
+                    xattrs: BTreeMap::new(),
+                },
+            );
+            continue;
+        }
+        let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFSOCK || kind == SFlag::S_IFCHR || kind == SFlag::S_IFBLK {
+            let what = if kind == SFlag::S_IFSOCK {
+                "a socket file"
+            } else {
+                "a device node"
+            };
+            return Err(cannot_carry(&shown, what));
+        }
+        let child = open_beneath(&dir, name.as_c_str()).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other(format!(
+                    "`{}` became a symlink while it was being copied (something outside the frozen app changes the included path)",
+                    shown.display()
+                ))
+            } else {
+                e
+            }
+        })?;
+        bytes += copy_opened(child, &shown, &into, &under, recorded)?;
+    }
+    fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+    Ok(bytes)
+}
+
+fn cannot_carry(src: &Path, what: &str) -> io::Error {
+    io::Error::other(format!(
+        "`{}` is {what}, which a checkpoint cannot carry; keep it out of the included path",
+        src.display()
+    ))
+}
+
+/// What a checkpoint cannot carry: socket files and device nodes.
+fn uncarried(kind: fs::FileType) -> Option<&'static str> {
+    if kind.is_socket() {
+        Some("a socket file")
+    } else if kind.is_char_device() || kind.is_block_device() {
+        Some("a device node")
+    } else {
+        None
+    }
 }
 
 /// Copies `src` to `dst` recursively (files, directories with their modes, symlinks as links,
@@ -194,18 +351,8 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<u64> {
         )?;
         return Ok(0);
     }
-    let unsupported = if kind.is_socket() {
-        Some("a socket file")
-    } else if kind.is_char_device() || kind.is_block_device() {
-        Some("a device node")
-    } else {
-        None
-    };
-    if let Some(what) = unsupported {
-        return Err(io::Error::other(format!(
-            "`{}` is {what}, which a checkpoint cannot carry; keep it out of the included path",
-            src.display()
-        )));
+    if let Some(what) = uncarried(kind) {
+        return Err(cannot_carry(src, what));
     }
     if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
