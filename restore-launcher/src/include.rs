@@ -182,9 +182,11 @@ fn open_included(path: &Path) -> io::Result<OwnedFd> {
             fs::canonicalize(path).map_or_else(|_| "unknown".into(), |p| p.display().to_string())
         ))),
         // Kernels before 5.6: the last component is still never followed.
-        Err(nix::errno::Errno::ENOSYS) => {
-            Ok(nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?)
-        }
+        Err(nix::errno::Errno::ENOSYS) => Ok(nix::fcntl::open(
+            path,
+            flags,
+            nix::sys::stat::Mode::empty(),
+        )?),
         Err(errno) => Err(errno.into()),
     }
 }

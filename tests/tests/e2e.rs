@@ -164,6 +164,10 @@ fn main() {
             servers::the_apps_user_cannot_borrow_the_launchers_capabilities,
         ),
         (
+            "a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting",
+            servers::a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting,
+        ),
+        (
             "a_sysv_ipc_app_moves_in_its_own_ipc_namespace_and_is_refused_without_it",
             servers::sysv_app_moves_in_its_ipc_namespace,
         ),

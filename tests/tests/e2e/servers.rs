@@ -83,6 +83,113 @@ echo "exit=$?""#;
     Ok(())
 }
 
+/// The app of [`a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting`]: it
+/// leaves an orphan (a double fork whose middle process exits) that waits for `criu` to appear
+/// and then tries to replace one of its images with a symlink, logging to /tmp/orphan.log;
+/// then it runs the counter.
+const ORPHAN_APP: &str = r#"import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        log = open('/tmp/orphan.log', 'a', buffering=1)
+        log.write(f'orphan {os.getpid()}\n')
+        while True:
+            for p in os.listdir('/proc'):
+                try:
+                    if p.isdigit() and open(f'/proc/{p}/comm').read().strip() == 'criu':
+                        d = f'/proc/{p}/cwd'
+                        image = next(n for n in os.listdir(d) if n.endswith('.img'))
+                        os.unlink(f'{d}/{image}')
+                        os.symlink('/etc/passwd', f'{d}/{image}')
+                        log.write(f'swapped {d}/{image}\n')
+                except (OSError, StopIteration) as e:
+                    pass
+            time.sleep(0.005)
+    os._exit(0)
+os.wait()
+os.execvp('python3', ['python3', '-u', '/app/counter.py'])
+"#;
+
+/// A `--user` pod (the launcher root, the app uid 1000, as the postgres and redis images run)
+/// whose app left an orphan waiting for `criu` to swap an image: the migration fails at the
+/// checkpoint naming the orphan, the target is deleted (nothing restored), and the source
+/// keeps counting without a restart; the orphan swapped nothing.
+pub fn a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting(
+    cluster: &Cluster,
+) -> Result<()> {
+    let name = "user-orphan";
+    let pod = edited_pod(
+        "counter/pod.yaml",
+        name,
+        "node-a",
+        &[
+            ("COUNTER_INTERVAL", "0.5"),
+            ("RESTORE_LAUNCHER_USER", "1000:1000"),
+        ],
+        |pod| {
+            let container = &mut pod["spec"]["containers"][0];
+            container["args"] = vec!["python3", "-c", ORPHAN_APP].into();
+            container["securityContext"]["capabilities"]["add"] =
+                serde_yaml::from_str("[CHECKPOINT_RESTORE, SETPCAP, SETUID, SETGID, KILL, CHOWN]")
+                    .expect("static YAML");
+        },
+    )?;
+    cluster.apply(&pod)?;
+    cluster.wait_running(name, WAIT)?;
+    let follow = Follow::start(cluster, name)?;
+    let orphan = wait_until("the orphan started", WAIT, || {
+        let log = cluster
+            .kubectl_ok(&["exec", name, "--", "cat", "/tmp/orphan.log"])
+            .unwrap_or_default();
+        Ok(log
+            .lines()
+            .find_map(|l| l.strip_prefix("orphan "))
+            .map(str::to_string))
+    })?;
+    let users = cluster.kubectl_ok(&[
+        "exec",
+        name,
+        "--",
+        "stat",
+        "-c",
+        "%u",
+        &format!("/proc/{orphan}"),
+    ])?;
+    ensure!(
+        users.trim() == "1000",
+        "the orphan runs as {users}, not 1000"
+    );
+    wait_until("the counter counting", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= 3).then_some(()))
+    })?;
+    let out = migrate(cluster, &[name, "--to", "node-b"], &[])?;
+    ensure!(
+        out.code.is_some_and(|c| c != 0),
+        "a checkpoint that leaves a process behind must fail the migration:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    ensure!(
+        out.stderr.contains("left the app's process tree")
+            && out.stderr.contains(&format!("{orphan} (python3)")),
+        "the message does not name the orphan {orphan}:\n{}",
+        out.stderr
+    );
+    ensure!(
+        out.stderr.contains("keeps running with its state"),
+        "the message does not say the source keeps running:\n{}",
+        out.stderr
+    );
+    wait_gone(cluster, &format!("{name}-m1"))?;
+    source_kept_counting(cluster, name, follow)?;
+    let log = cluster.kubectl_ok(&["exec", name, "--", "cat", "/tmp/orphan.log"])?;
+    ensure!(
+        !log.contains("swapped"),
+        "the orphan replaced an image:\n{log}"
+    );
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
 /// Makes /data/owned (0750) with a file `note` of mode 0640 carrying the xattr
 /// `user.origin=node-a`, as the container's user; prints `uid:gid mode` of both and the
 /// attribute's value.
