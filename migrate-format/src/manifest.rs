@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_NAME: &str = "manifest.json";
 /// Format version this build writes and reads.
 pub const ARCHIVE_FORMAT_VERSION: u32 = 1;
-/// A manifest larger than this is refused before parsing (it lists entries, not data).
-pub const MANIFEST_SIZE_LIMIT: u64 = 4 * 1024 * 1024;
+/// A manifest larger than this is refused before parsing (it lists entries, not data: about
+/// 250 bytes each, so some 250 000 files of included paths).
+pub const MANIFEST_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 /// Most entries a manifest may list (a checkpoint has a few dozen CRIU images plus the files
 /// of its included paths).
 pub const ENTRY_LIMIT: usize = 1_000_000;
