@@ -160,6 +160,10 @@ fn checkpoint(
         path: &logs.join("dump.log"),
         keep: &plan.state_dir.join("last-dump.log"),
     };
+    let dumper = crate::criu::Dumper {
+        run_as: run_as.as_ref(),
+        dirs: &dirs,
+    };
     let frozen_at_ms = sysinfo::now_ms();
     let mut serving = None;
     let dumped = match &pages {
@@ -168,8 +172,7 @@ fn checkpoint(
             &images,
             &log,
             &plan.original_mask,
-            run_as.as_ref(),
-            &dirs,
+            dumper,
         ),
         Some(pages) => plan
             .criu
@@ -178,8 +181,7 @@ fn checkpoint(
                 &images,
                 &log,
                 &plan.original_mask,
-                run_as.as_ref(),
-                &dirs,
+                dumper,
                 pages.as_fd(),
             )
             .map(|s| serving = Some(s)),

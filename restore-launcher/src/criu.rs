@@ -166,10 +166,8 @@ impl Criu {
     }
 
     /// `criu dump` of the tree rooted at `pid`, images into `images`, leaving it frozen; as
-    /// user `run_as` when given (crate::creds says why), which must be able to write `images`
-    /// and `log`'s directory. `dirs`: descriptors criu inherits, for `images` and `log` given
-    /// as `/proc/self/fd/N` paths (a directory the app's user cannot reach by path). The log
-    /// is copied to `keep` afterwards.
+    /// [`Dumper`]'s user when given (crate::creds says why), which must be able to write
+    /// `images` and `log`'s directory. The log is copied to `keep` afterwards.
     ///
     /// # Errors
     /// [`CriuError::Failed`] with the error lines of the log (written to `log`).
@@ -179,11 +177,17 @@ impl Criu {
         images: &Path,
         log: &Log<'_>,
         original_mask: &SigSet,
-        run_as: Option<&Creds>,
-        dirs: &[i32],
+        dumper: Dumper<'_>,
     ) -> Result<(), CriuError> {
-        let args = dump_args(pid, images, log.path, run_as);
-        self.run("dump", &args, log, original_mask, dirs, run_as)
+        let args = dump_args(pid, images, log.path, dumper.run_as);
+        self.run(
+            "dump",
+            &args,
+            log,
+            original_mask,
+            dumper.dirs,
+            dumper.run_as,
+        )
     }
 
     /// `criu dump --lazy-pages` (post-copy): dumps everything but the app's memory into
@@ -199,19 +203,26 @@ impl Criu {
         images: &Path,
         log: &Log<'_>,
         original_mask: &SigSet,
-        run_as: Option<&Creds>,
-        dirs: &[i32],
+        dumper: Dumper<'_>,
         pages: BorrowedFd<'_>,
     ) -> Result<Serving, CriuError> {
-        if let Some(reason) = post_copy_source_blocked(run_as.is_some()) {
+        if let Some(reason) = post_copy_source_blocked(dumper.run_as.is_some()) {
             return Err(CriuError::PostCopySource(reason));
         }
-        let mut args = dump_args(pid, images, log.path, run_as);
+        let mut args = dump_args(pid, images, log.path, dumper.run_as);
         args.extend(["--lazy-pages".into(), "--ps-socket".into()]);
         args.push(pages.as_raw_fd().to_string().into());
         let mut inherit = vec![pages.as_raw_fd()];
-        inherit.extend_from_slice(dirs);
-        self.serve("dump", args, log, original_mask, &inherit, run_as, true)
+        inherit.extend_from_slice(dumper.dirs);
+        self.serve(
+            "dump",
+            args,
+            log,
+            original_mask,
+            &inherit,
+            dumper.run_as,
+            true,
+        )
     }
 
     /// `criu lazy-pages --page-server` (post-copy, on the target): the daemon that takes the
@@ -454,6 +465,15 @@ impl Criu {
             log: kept,
         })
     }
+}
+
+/// Who runs `criu dump`: the launcher (`run_as` None), or the app's user writing through
+/// `dirs`, descriptors criu inherits for an images and log directory given as
+/// `/proc/self/fd/N` paths (directories the app's user cannot reach by path).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dumper<'a> {
+    pub run_as: Option<&'a Creds>,
+    pub dirs: &'a [i32],
 }
 
 /// Where criu writes its log, and where the launcher keeps it for reading after the job (the
