@@ -256,6 +256,7 @@ impl Server {
             pages: None,
             since: std::time::Instant::now(),
             gone: false,
+            from_runtime: started_by_runtime(peer.pid()),
         }))
     }
 }
@@ -272,6 +273,9 @@ pub struct Pending {
     since: std::time::Instant,
     /// Answered already (refused): to be dropped.
     gone: bool,
+    /// The client was started by the container runtime (`kubectl exec`), not by a process of
+    /// the container ([`started_by_runtime`]), as read when it connected.
+    from_runtime: bool,
 }
 
 /// What reading a pending connection gave.
@@ -294,6 +298,7 @@ impl Pending {
             pages: None,
             since: std::time::Instant::now(),
             gone: true,
+            from_runtime: false,
         }
     }
 
@@ -390,6 +395,7 @@ impl Pending {
             request,
             fd: self.fd.take(),
             pages: self.pages.take(),
+            from_runtime: self.from_runtime,
         })
     }
 
@@ -424,6 +430,24 @@ pub struct Incoming {
     /// end of CRIU's page-server connection (`--ps-socket`), which the client relays to the
     /// other launcher.
     pub pages: Option<OwnedFd>,
+    /// See [`Pending`]'s field of the same name.
+    pub from_runtime: bool,
+}
+
+/// Whether process `pid` (a control client) was started by the container runtime: its parent
+/// is outside this PID namespace (PPid 0), as for the process `kubectl exec` runs. A process
+/// of the app, of a shell the app or an exec session started, or of PID 1 has its parent in
+/// the container. Read from /proc when the client connects.
+pub fn started_by_runtime(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .map(|v| v.trim() == "0")
+        })
+        .unwrap_or(false)
 }
 
 /// Sends `value` as one JSON line and closes the write side.

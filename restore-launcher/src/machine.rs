@@ -135,6 +135,9 @@ pub enum Effect {
     RecordMoved,
     /// Remove that record: the committed copy resumed and holds the app again.
     ClearMoved,
+    /// Hold the stopped app under ptrace, so that no SIGCONT resumes a committed copy
+    /// (`crate::hold`). Refused, when asked, if any process of the app runs again.
+    HoldTree,
 }
 
 /// What an input leads to.
@@ -317,7 +320,7 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                     origin,
                     hold: Hold::Committed,
                 },
-                vec![Effect::RecordMoved],
+                vec![Effect::HoldTree, Effect::RecordMoved],
             )
         }
         (S::Checkpointed { origin, hold }, Input::Commit) => {
@@ -329,11 +332,12 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                     origin,
                     hold: Hold::Committed,
                 },
-                vec![Effect::RecordMoved],
+                vec![Effect::HoldTree, Effect::RecordMoved],
             )
         }
         // Post-copy (`--lazy`): the checkpoint job serves the app's memory until the target
-        // has all of it, which is after the migration commits.
+        // has all of it, which is after the migration commits. CRIU holds the app meanwhile;
+        // PID 1 holds it once the job ended.
         (
             S::Checkpointing {
                 origin,
@@ -439,22 +443,27 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                             origin,
                             hold: Hold::Committed,
                         },
-                        vec![],
+                        vec![Effect::HoldTree],
                     );
                 }
                 return Step::to(S::Running { origin }, vec![Effect::ResumeTree]);
             }
+            let held = if frozen == Some(Hold::Committed) {
+                vec![Effect::HoldTree]
+            } else {
+                vec![]
+            };
             match (ok && !leave_running, frozen) {
                 (true, hold) => Step::to(
                     S::Checkpointed {
                         origin,
                         hold: hold.unwrap_or(Hold::Open),
                     },
-                    vec![],
+                    held,
                 ),
                 // A failed or leave-running checkpoint returns to where it came from; the job
                 // resumed what it stopped itself (a frozen app stays frozen, as before).
-                (false, Some(hold)) => Step::to(S::Frozen { origin, hold }, vec![]),
+                (false, Some(hold)) => Step::to(S::Frozen { origin, hold }, held),
                 (false, None) => Step::to(S::Running { origin }, vec![]),
             }
         }
@@ -893,6 +902,8 @@ mod tests {
             now,
         );
         assert_eq!(ok.next, checkpointed(Hold::Committed));
+        // CRIU held the app while it served; PID 1 holds it from then on.
+        assert_eq!(ok.effects, vec![Effect::HoldTree]);
         // The serving failed: still frozen and committed; only an explicit rollback resumes.
         let failed = super::step(
             step.next,
@@ -903,7 +914,7 @@ mod tests {
             now,
         );
         assert_eq!(failed.next, frozen(Hold::Committed));
-        assert!(failed.effects.is_empty());
+        assert_eq!(failed.effects, vec![Effect::HoldTree]);
         // No commit without a freeze's hold (busy), nor after its lease ran out.
         refused(
             checkpointing(None, false),
@@ -922,8 +933,8 @@ mod tests {
         assert_eq!(committed.next, frozen(Hold::Committed));
         assert_eq!(
             committed.effects,
-            vec![Effect::RecordMoved],
-            "a restart of this container must not start the app fresh"
+            vec![Effect::HoldTree, Effect::RecordMoved],
+            "held so that no SIGCONT resumes it, and a restart of this container must not start the app fresh"
         );
         assert!(committed.next.committed());
         // Idempotent, and no lease expiry resumes it.
@@ -968,7 +979,7 @@ mod tests {
             now,
         );
         assert_eq!(died.next, frozen(Hold::Committed));
-        assert!(died.effects.is_empty());
+        assert_eq!(died.effects, vec![Effect::HoldTree]);
         refused(
             frozen(Hold::Committed),
             Input::Thaw,

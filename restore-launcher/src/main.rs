@@ -30,6 +30,7 @@ mod creds;
 mod criu;
 mod direct;
 mod exit_status;
+mod hold;
 mod include;
 mod job;
 mod log;

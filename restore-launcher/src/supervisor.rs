@@ -126,6 +126,8 @@ pub struct Supervisor {
     /// Exit statuses of children reaped before PID 1 knew them as the app (a restored app
     /// that exits before its restore job's outcome is read).
     unclaimed: BTreeMap<i32, WaitStatus>,
+    /// The committed copy's threads, traced so that no SIGCONT resumes them (`crate::hold`).
+    held: Option<crate::hold::Held>,
     last_checkpoint: Option<CheckpointReport>,
     last_restore: Option<RestoreReport>,
     error: Option<String>,
@@ -186,6 +188,7 @@ impl Supervisor {
             exited_at: None,
             deferred_terminate: None,
             unclaimed: BTreeMap::new(),
+            held: None,
             last_checkpoint: None,
             last_restore: None,
             error: None,
@@ -405,6 +408,7 @@ impl Supervisor {
     }
 
     fn app_exited(&mut self, status: WaitStatus) {
+        self.held = None;
         if let Some(code) = exit_status::from_wait_status(status) {
             // A frozen app killed because the pod is going away reports the signal that asked.
             let code = match (self.state, self.deferred_terminate) {
@@ -532,7 +536,12 @@ impl Supervisor {
     /// to PID 1 or to us as subreaper). Signals merge, so loop until none is left.
     fn reap(&mut self) {
         loop {
-            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            // __WALL: also the threads of a held copy (`crate::hold`), whose stops and exits
+            // are reported to PID 1 as their tracer.
+            match waitpid(
+                None::<Pid>,
+                Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+            ) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(status) => self.on_child_exit(status),
                 Err(Errno::EINTR) => continue,
@@ -631,6 +640,7 @@ impl Supervisor {
             request,
             fd,
             pages,
+            from_runtime,
         } = incoming;
         let request = match request {
             Ok(request) => request,
@@ -656,6 +666,17 @@ impl Supervisor {
             Request::Status => {
                 let _ = control::answer(&stream, &self.status());
                 return;
+            }
+            // The way back to a committed copy makes it the app again: only the plugin's
+            // recovery asks it, through `kubectl exec`; never a process in the container (a
+            // shell of the app's user), which must not make a second copy run.
+            Request::Rollback { committed: true } if !from_runtime => {
+                return refuse(
+                    &stream,
+                    Refusal::NotAllowed,
+                    self.state,
+                    "rollback --committed is taken only from `kubectl exec POD -- restore-launcher rollback --committed` itself (started by the container runtime), not from a process started inside the container: it resumes a copy whose migration committed, which only the plugin's way back may do (`kubectl migrate resume --from-source POD` checks that the target holds no copy first)".into(),
+                );
             }
             Request::Rollback { committed } => (Input::Rollback { committed }, "rollback"),
             Request::Freeze {
@@ -731,6 +752,7 @@ impl Supervisor {
                     ),
                     None => Err("no stream".into()),
                 },
+                Effect::HoldTree => self.hold_tree(),
                 Effect::StartRestore => match (client.take(), fd.take()) {
                     (Some(stream), Some(input)) => {
                         self.start_restore(
@@ -825,7 +847,15 @@ impl Supervisor {
     /// The effects that cannot fail (or whose failure is handled where they happen).
     fn perform(&mut self, effect: Effect) {
         match effect {
+            Effect::HoldTree => {
+                if let Err(error) = self.hold_tree() {
+                    tracing::error!(%error, "the committed copy cannot be held stopped");
+                }
+            }
             Effect::ResumeTree => {
+                if let Some(held) = self.held.take() {
+                    held.release();
+                }
                 if let Some(app) = self.app {
                     checkpoint::resume(app);
                     tracing::info!(pid = app.as_raw(), "resumed the app");
@@ -867,6 +897,18 @@ impl Supervisor {
                 tracing::warn!(?effect, "effect without a request; ignored");
             }
         }
+    }
+
+    /// Holds the stopped app (a committed copy) so that no SIGCONT resumes it; fails when a
+    /// process of it runs again.
+    fn hold_tree(&mut self) -> Result<(), String> {
+        let Some(app) = self.app else {
+            return Err("there is no app".into());
+        };
+        if self.held.is_none() {
+            self.held = crate::hold::hold(app).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// SIGSTOP to the app's whole tree: the first half of a consistent multi-container cut.

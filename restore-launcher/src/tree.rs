@@ -164,9 +164,9 @@ pub fn all_stopped(root: Pid) -> bool {
     !tree.is_empty() && tree.into_iter().all(is_stopped)
 }
 
-/// Whether `pid` is stopped (state T in /proc/PID/stat; t, traced, counts too). A process
-/// that is gone counts as stopped: it runs nothing.
-fn is_stopped(pid: i32) -> bool {
+/// Whether `pid` (a process or a thread) is stopped (state T in /proc/PID/stat; t, traced,
+/// counts too). One that is gone counts as stopped: it runs nothing.
+pub fn is_stopped(pid: i32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return true;
     };

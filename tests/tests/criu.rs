@@ -939,6 +939,95 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
 /// by itself when the lease expires, even after its checkpoint was taken; a `commit` ends the
 /// lease, after which only an explicit `rollback` resumes it; a commit after the expiry is
 /// refused, so a resumed source and a thawed target can never both run.
+/// `PID STATE` of every process named `comm` in `node`, read inside it.
+fn states_of(node: &Node, comm: &str) -> Result<Vec<(String, String)>> {
+    let out = node
+        .exec(&[
+            "sh",
+            "-c",
+            "for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"$l\"; done",
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("({comm})")))
+        .filter_map(|l| {
+            let pid = l.split_whitespace().next()?;
+            let state = l[l.rfind(')')? + 1..].split_whitespace().next()?;
+            Some((pid.to_string(), state.to_string()))
+        })
+        .collect())
+}
+
+/// A committed copy never runs again by a process inside its container: after `freeze`,
+/// `checkpoint` and `commit`, a shell there sends SIGCONT to every process it can (`kill -CONT
+/// -1`) and asks `rollback --committed`. The app stays stopped (traced by PID 1, state t) and
+/// counts nothing, the rollback is refused naming `kubectl exec`, and the same rollback run
+/// as the plugin runs it (started by the runtime, like `kubectl exec`) resumes it.
+#[test]
+fn a_committed_copy_is_held_against_sigcont_and_a_shell_inside_cannot_roll_it_back() -> Result<()> {
+    if !criu_tests_can_run(
+        "a_committed_copy_is_held_against_sigcont_and_a_shell_inside_cannot_roll_it_back",
+    ) {
+        return Ok(());
+    }
+    let a = counter_node("node-a", None, 3)?;
+    for args in [
+        &["freeze", "--migration", "mig-held", "--lease", "60"][..],
+        &["checkpoint", "--output", "/tmp/held.tar.zst"],
+        &["commit"],
+    ] {
+        let output = a.launcher(args).output()?;
+        ensure!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    let shell = a
+        .exec(&[
+            "sh",
+            "-c",
+            "kill -CONT -1; /usr/local/bin/restore-launcher rollback --committed; echo exit=$?",
+        ])
+        .output()?;
+    let said = String::from_utf8_lossy(&shell.stdout);
+    ensure!(
+        said.contains("rollback --committed is taken only from `kubectl exec")
+            && said.contains("exit=1"),
+        "a shell in the container rolled the committed copy back: {said}"
+    );
+    let seen = counter_values(&a.stdout()).len();
+    let states = states_of(&a, "python3")?;
+    ensure!(
+        !states.is_empty() && states.iter().all(|(_, state)| state == "t"),
+        "the committed copy is not held in a trace stop after SIGCONT: {states:?}"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    ensure!(
+        counter_values(&a.stdout()).len() == seen,
+        "the committed copy counted after a SIGCONT"
+    );
+    ensure!(a.status()?["state"] == "checkpointed", "{}", a.status()?);
+    // The plugin's way back: started by the runtime, as `kubectl exec` starts it.
+    let back = a.launcher(&["rollback", "--committed"]).output()?;
+    ensure!(
+        back.status.success(),
+        "rollback --committed from outside: {}",
+        String::from_utf8_lossy(&back.stdout)
+    );
+    a.wait_for("the app counting again", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 2).then_some(())
+    })?;
+    ensure!(
+        states_of(&a, "python3")?
+            .iter()
+            .all(|(_, state)| state != "t"),
+        "still traced after the way back"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -> Result<()> {
     if !criu_tests_can_run(
