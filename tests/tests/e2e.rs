@@ -168,6 +168,10 @@ fn main() {
             servers::a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting,
         ),
         (
+            "in_a_uid_1000_pod_a_shell_of_the_apps_user_cannot_resume_a_committed_copy",
+            servers::a_shell_of_the_apps_user_cannot_resume_a_committed_copy,
+        ),
+        (
             "a_sysv_ipc_app_moves_in_its_own_ipc_namespace_and_is_refused_without_it",
             servers::sysv_app_moves_in_its_ipc_namespace,
         ),

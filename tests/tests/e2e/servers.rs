@@ -83,6 +83,94 @@ echo "exit=$?""#;
     Ok(())
 }
 
+/// `PID STATE` of the python3 processes in `pod`, read inside it.
+fn python_states(cluster: &Cluster, pod: &str) -> Result<Vec<(String, String)>> {
+    let out = cluster.kubectl_ok(&[
+        "exec",
+        pod,
+        "--",
+        "sh",
+        "-c",
+        "for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"$l\"; done",
+    ])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("(python3)"))
+        .filter_map(|l| {
+            let pid = l.split_whitespace().next()?;
+            let state = l[l.rfind(')')? + 1..].split_whitespace().next()?;
+            Some((pid.to_string(), state.to_string()))
+        })
+        .collect())
+}
+
+/// In a uid-1000 pod (the launcher and the app the same user), after `freeze`, `checkpoint`
+/// and `commit` as the plugin runs them, a shell of the app's user sends SIGCONT to every
+/// process it may (`kill -CONT -1`) and asks `rollback --committed`: the rollback is refused,
+/// the app stays in a trace stop and counts nothing. `kubectl exec … rollback --committed`
+/// itself (the plugin's way back) resumes it, and the count goes on from where it stopped.
+pub fn a_shell_of_the_apps_user_cannot_resume_a_committed_copy(cluster: &Cluster) -> Result<()> {
+    let name = "nonroot-held";
+    cluster.apply(&non_root_counter(name, "[CHECKPOINT_RESTORE, SETPCAP]")?)?;
+    cluster.wait_running(name, WAIT)?;
+    let follow = Follow::start(cluster, name)?;
+    wait_until("the counter counting", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= 3).then_some(()))
+    })?;
+    for args in [
+        &["freeze", "--migration", "mig-held", "--lease", "120"][..],
+        &["checkpoint", "--output", "/tmp/held.tar.zst"],
+        &["commit"],
+    ] {
+        let mut full = vec!["exec", name, "--", "restore-launcher"];
+        full.extend_from_slice(args);
+        cluster.kubectl_ok(&full)?;
+    }
+    let said = cluster.kubectl_ok(&[
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "id -u; kill -CONT -1; restore-launcher rollback --committed 2>&1; echo exit=$?",
+    ])?;
+    ensure!(
+        said.starts_with("1000\n")
+            && said.contains("rollback --committed is taken only from `kubectl exec")
+            && said.contains("exit=1"),
+        "the shell of the app's user was not refused: {said}"
+    );
+    let seen = counter_values(&follow.text()).len();
+    let states = python_states(cluster, name)?;
+    ensure!(
+        !states.is_empty() && states.iter().all(|(_, state)| state == "t"),
+        "the committed copy is not held in a trace stop after SIGCONT: {states:?}"
+    );
+    // The counter ticks every 0.5 s: 2 s without a line is 4 ticks that did not happen.
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        counter_values(&follow.text()).len() == seen,
+        "the committed copy counted after SIGCONT"
+    );
+    cluster.kubectl_ok(&[
+        "exec",
+        name,
+        "--",
+        "restore-launcher",
+        "rollback",
+        "--committed",
+    ])?;
+    wait_until("the counter counting again", WAIT, || {
+        Ok((counter_values(&follow.text()).len() >= seen + 2).then_some(()))
+    })?;
+    let values = counter_values(&follow.text());
+    for pair in values.windows(2) {
+        ensure!(pair[1].0 == pair[0].0 + 1, "the count broke: {pair:?}");
+    }
+    cluster.kubectl_ok(&["delete", "pod", name, "--wait=false"])?;
+    Ok(())
+}
+
 /// The app of [`a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting`]: it
 /// leaves an orphan (a double fork whose middle process exits) that waits for `criu` to appear
 /// and then tries to replace one of its images with a symlink, logging to /tmp/orphan.log;
