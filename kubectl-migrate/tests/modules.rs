@@ -1,4 +1,4 @@
-//! The plugin's modules form no import cycle: each responsibility can be read, tested and
+//! The plugin's modules, and the launcher's, form no import cycle: each responsibility can be read, tested and
 //! changed from its dependencies up. Checked over the source's `crate::` and `super::` paths
 //! (comments and `#[cfg(test)]` modules left out) at two levels:
 //! - the crate's top-level modules (`check`, `migrate`, `record`, `exec`, …), every file of a
@@ -259,6 +259,19 @@ fn the_plugin_has_no_import_cycle() {
     assert!(
         found.is_empty(),
         "import cycles (break them by moving what both sides need into a leaf module):\n{}",
+        found.join("\n")
+    );
+}
+
+/// The same for the launcher: its capability, credential and criu code, and its /proc
+/// reading (a leaf), depend one way.
+#[test]
+fn the_launcher_has_no_import_cycle() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../restore-launcher/src");
+    let found = cycles(&src);
+    assert!(
+        found.is_empty(),
+        "import cycles in restore-launcher (break them by moving what both sides need into a leaf module):\n{}",
         found.join("\n")
     );
 }

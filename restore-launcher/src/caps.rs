@@ -27,7 +27,7 @@ use caps::{CapSet, Capability};
 
 /// Whether this process is a non-root user holding capabilities (from the launcher binary's
 /// file capabilities): then nothing the environment says may choose a binary it runs with
-/// them ([`crate::criu::Criu::find`] takes criu only from a fixed root-owned path), and it
+/// them (the criu module takes criu only from a fixed root-owned path), and it
 /// runs only as the container's PID 1 (`borrowed`).
 pub fn privileged_non_root() -> bool {
     nix::unistd::geteuid().as_raw() != 0
@@ -37,11 +37,8 @@ pub fn privileged_non_root() -> bool {
 /// Whether `no_new_privs` is set (`allowPrivilegeEscalation: false`): an exec then gains no
 /// capability from a file.
 pub fn no_new_privs() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
-        .is_some_and(|v| v.trim() == "1")
+    crate::procfs::status(None)
+        .is_some_and(|status| crate::procfs::field(&status, "NoNewPrivs") == Some("1"))
 }
 
 /// Why this launcher must not run: a non-root launcher that gained capabilities from its file
@@ -122,20 +119,17 @@ pub fn adopt() -> Adopted {
 /// The launcher's (effective, permitted) capability masks, read before forking the app, for
 /// [`drop_for_app`].
 pub fn own_masks() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status = crate::procfs::status(None).unwrap_or_default();
     (
-        status_mask(&status, "CapEff:").unwrap_or(0),
-        status_mask(&status, "CapPrm:").unwrap_or(0),
+        status_mask(&status, "CapEff").unwrap_or(0),
+        status_mask(&status, "CapPrm").unwrap_or(0),
     )
 }
 
-/// The capability set `field` (`CapEff:`, `CapPrm:`, `CapAmb:` …) of a /proc/PID/status text
+/// The capability set `field` (`CapEff`, `CapPrm`, `CapAmb` …) of a /proc/PID/status text
 /// as a mask; `None` when the line is missing or unreadable.
 pub fn status_mask(status: &str, field: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    crate::procfs::field(status, field).and_then(|hex| u64::from_str_radix(hex, 16).ok())
 }
 
 /// Clears the ambient and inheritable sets in the app's child before exec (keeping
@@ -144,7 +138,7 @@ pub fn status_mask(status: &str, field: &str) -> Option<u64> {
 /// Async-signal-safe (prctl, capset).
 pub fn drop_for_app(masks: (u64, u64)) -> std::io::Result<()> {
     drop_ambient()?;
-    crate::creds::capset(masks.0, masks.1, 0)?;
+    capset(masks.0, masks.1, 0)?;
     Ok(())
 }
 
@@ -201,4 +195,92 @@ pub fn non_root_hint() -> Option<String> {
             "the container runs as uid {euid}, and a non-root process gets capabilities only from the launcher binary's file capabilities, which this one lacks: build the image FROM the restore-launcher base image (or `setcap cap_checkpoint_restore,cap_setpcap,cap_sys_admin+p` the launcher)"
         )
     })
+}
+
+/// Makes exactly the capabilities in `keep` (a mask the process holds in its permitted set)
+/// effective, permitted, inheritable and ambient, so an exec that follows passes them on:
+/// criu run as the app's user keeping CAP_CHECKPOINT_RESTORE.
+///
+/// Async-signal-safe: capset and prctl on integers.
+pub fn keep_as_ambient(keep: u64) -> nix::Result<()> {
+    capset(keep, keep, keep)?;
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            #[allow(unsafe_code)]
+            // SAFETY: integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                )
+            };
+            nix::errno::Errno::result(rc)?;
+        }
+    }
+    Ok(())
+}
+
+/// capset(2) with version 3 structures, all three sets given as 64-bit masks.
+pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let low = |mask: u64| mask as u32;
+    let high = |mask: u64| (mask >> 32) as u32;
+    let data = [
+        Data {
+            effective: low(effective),
+            permitted: low(permitted),
+            inheritable: low(inheritable),
+        },
+        Data {
+            effective: high(effective),
+            permitted: high(permitted),
+            inheritable: high(inheritable),
+        },
+    ];
+    #[allow(unsafe_code)]
+    // SAFETY: header and data are valid repr(C) structures of the layout capset(2) expects
+    // for _LINUX_CAPABILITY_VERSION_3 (two data elements).
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Capability numbers (linux/capability.h).
+pub const CAP_KILL: u32 = 5;
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+pub const CAP_SETPCAP: u32 = 8;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_CHROOT: u32 = 18;
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_RESOURCE: u32 = 24;
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// Whether capability `cap` is in this process's effective set (from /proc/self/status).
+pub fn has_effective(cap: u32) -> bool {
+    own_masks().0 & (1u64 << cap) != 0
+}
+
+/// Whether the launcher runs with CAP_SYS_ADMIN (CRIU's privileged mode, file watches).
+pub fn has_sys_admin() -> bool {
+    has_effective(CAP_SYS_ADMIN)
 }

@@ -121,7 +121,7 @@ fn checkpoint(
     // An inotify or fanotify watch: CRIU without CAP_SYS_ADMIN fails on it mid-dump, after the
     // app's blocking calls were interrupted (GNU tail, for one, exits on that). Refused first.
     let watches = file_watches(plan.app);
-    if !watches.is_empty() && !crate::criu::has_sys_admin() {
+    if !watches.is_empty() && !crate::caps::has_sys_admin() {
         return Err(format!(
             "the app watches files ({}), which CRIU run inside the container cannot dump without CAP_SYS_ADMIN: stop watching files in this app (poll instead), or do not migrate it; the app keeps running",
             watches.join(", ")

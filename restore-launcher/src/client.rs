@@ -191,10 +191,7 @@ pub fn probe(
 /// How long process `pid` has run, from its start time in `/proc` (in clock ticks since boot)
 /// and the system's uptime.
 fn process_age(pid: i32) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields count from the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let started_ticks: u64 = fields.get(19)?.parse().ok()?;
+    let started_ticks = crate::procfs::stat(pid)?.start_ticks;
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()

@@ -439,15 +439,7 @@ pub struct Incoming {
 /// of the app, of a shell the app or an exec session started, or of PID 1 has its parent in
 /// the container. Read from /proc when the client connects.
 pub fn started_by_runtime(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("PPid:"))
-                .map(|v| v.trim() == "0")
-        })
-        .unwrap_or(false)
+    crate::procfs::stat(pid).is_some_and(|stat| stat.ppid == 0)
 }
 
 /// Sends `value` as one JSON line and closes the write side.

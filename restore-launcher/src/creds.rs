@@ -57,11 +57,15 @@ pub fn resolve(spec: &str) -> Result<Option<Creds>, CredsError> {
         }
         return Err(CredsError::NotRoot(euid));
     }
-    let missing: Vec<&str> = [(7, "SETUID"), (6, "SETGID"), (5, "KILL")]
-        .into_iter()
-        .filter(|(cap, _)| !crate::criu::has_effective_capability(*cap))
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> = [
+        (crate::caps::CAP_SETUID, "SETUID"),
+        (crate::caps::CAP_SETGID, "SETGID"),
+        (crate::caps::CAP_KILL, "KILL"),
+    ]
+    .into_iter()
+    .filter(|(cap, _)| !crate::caps::has_effective(*cap))
+    .map(|(_, name)| name)
+    .collect();
     if !missing.is_empty() {
         return Err(CredsError::Capabilities(missing.join(", ")));
     }
@@ -109,18 +113,18 @@ fn lookup(spec: &str) -> Result<Creds, CredsError> {
 /// The credentials of process `pid` (effective uid and gid, supplementary groups), from
 /// /proc/PID/status.
 pub fn of_process(pid: i32) -> Option<Creds> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = crate::procfs::status(Some(pid))?;
     let field = |name: &str| -> Option<Vec<u32>> {
-        let line = status.lines().find_map(|l| l.strip_prefix(name))?;
         Some(
-            line.split_whitespace()
+            crate::procfs::field(&status, name)?
+                .split_whitespace()
                 .filter_map(|v| v.parse().ok())
                 .collect(),
         )
     };
-    let uids = field("Uid:")?;
-    let gids = field("Gid:")?;
-    let mut groups = field("Groups:").unwrap_or_default();
+    let uids = field("Uid")?;
+    let gids = field("Gid")?;
+    let mut groups = field("Groups").unwrap_or_default();
     groups.sort_unstable();
     Some(Creds {
         uid: *uids.get(1)?,
@@ -144,13 +148,13 @@ pub fn check_restored(root: i32, creds: &Creds) -> Result<(), String> {
                 found.uid, found.gid, found.groups, creds.uid, creds.gid, creds.groups
             ));
         }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        for set in ["CapPrm:", "CapEff:", "CapAmb:"] {
+        let status = crate::procfs::status(Some(pid)).unwrap_or_default();
+        for set in ["CapPrm", "CapEff", "CapAmb"] {
             let held = crate::caps::status_mask(&status, set).unwrap_or(u64::MAX);
             if held != 0 {
                 return Err(format!(
                     "restored process {pid} holds capabilities ({} {held:#x}), which an app run as RESTORE_LAUNCHER_USER never has: the archive does not match this container",
-                    set.trim_end_matches(':')
+                    set
                 ));
             }
         }
@@ -189,64 +193,7 @@ pub fn become_user_keeping(creds: &Creds, keep: u64) -> nix::Result<()> {
     nix::errno::Errno::result(rc)?;
     become_user(creds)?;
     // After the switch KEEPCAPS left the permitted set; effective and ambient were cleared.
-    capset(keep, keep, keep)?;
-    for cap in 0..64u64 {
-        if keep & (1 << cap) != 0 {
-            #[allow(unsafe_code)]
-            // SAFETY: integer arguments only.
-            let rc = unsafe {
-                libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_RAISE,
-                    cap as libc::c_ulong,
-                    0,
-                    0,
-                )
-            };
-            nix::errno::Errno::result(rc)?;
-        }
-    }
-    Ok(())
-}
-
-/// capset(2) with version 3 structures, all three sets given as 64-bit masks.
-pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> nix::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let low = |mask: u64| mask as u32;
-    let high = |mask: u64| (mask >> 32) as u32;
-    let data = [
-        Data {
-            effective: low(effective),
-            permitted: low(permitted),
-            inheritable: low(inheritable),
-        },
-        Data {
-            effective: high(effective),
-            permitted: high(permitted),
-            inheritable: high(inheritable),
-        },
-    ];
-    #[allow(unsafe_code)]
-    // SAFETY: header and data are valid repr(C) structures of the layout capset(2) expects
-    // for _LINUX_CAPABILITY_VERSION_3 (two data elements).
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    nix::errno::Errno::result(rc).map(drop)
+    crate::caps::keep_as_ambient(keep)
 }
 
 /// Gives directory `dir` and the files in it, which criu wrote as the app's user, back to the

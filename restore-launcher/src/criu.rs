@@ -34,6 +34,10 @@ use std::process::{Command, Stdio};
 
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 
+use crate::caps::{
+    CAP_CHECKPOINT_RESTORE, CAP_NET_ADMIN, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_SYS_CHROOT,
+    CAP_SYS_PTRACE, CAP_SYS_RESOURCE, has_effective,
+};
 use crate::creds::Creds;
 
 /// Environment variable naming the criu binary (default: `criu` from PATH).
@@ -390,6 +394,8 @@ impl Criu {
         let parent = nix::unistd::getpid();
         let mut cmd = Command::new(&self.path);
         cmd.args(args)
+            // The sealing key is the launcher's: criu (run as the app's user, too) needs none.
+            .env_remove(crate::seal::KEY_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // kept: criu reports some failures (a missing capability) only on stderr
@@ -623,7 +629,7 @@ fn privileged() -> bool {
             CAP_SYS_PTRACE,
         ]
         .into_iter()
-        .all(has_effective_capability)
+        .all(has_effective)
 }
 
 /// Whether criu may run privileged for post-copy (the lazy restore and `criu lazy-pages`).
@@ -640,7 +646,7 @@ fn post_copy_privileged() -> bool {
     nix::unistd::geteuid().is_root()
         && [CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_CHROOT]
             .into_iter()
-            .all(has_effective_capability)
+            .all(has_effective)
 }
 
 /// The pipe size CRIU's page server asks for (`F_SETPIPE_SZ` of `PIPE_MAX_SIZE` pages, 819,
@@ -666,7 +672,7 @@ pub fn post_copy_source_blocked(as_app_user: bool) -> Option<String> {
             .parse()
             .ok()
     };
-    let resource = !as_app_user && has_effective_capability(CAP_SYS_RESOURCE);
+    let resource = !as_app_user && has_effective(CAP_SYS_RESOURCE);
     let mut reasons = Vec::new();
     // Unreadable settings are taken as the kernel's defaults.
     let max = sysctl("pipe-max-size").unwrap_or(1 << 20);
@@ -676,27 +682,13 @@ pub fn post_copy_source_blocked(as_app_user: bool) -> Option<String> {
         ));
     }
     let soft = sysctl("pipe-user-pages-soft").unwrap_or(16384);
-    if !resource && !has_effective_capability(CAP_SYS_ADMIN) && soft != 0 {
+    if !resource && !has_effective(CAP_SYS_ADMIN) && soft != 0 {
         reasons.push(format!(
             "a lazy dump holds the app's memory in pipes until the target has it, and without SYS_ADMIN the kernel limits a user's pipes across the node to fs.pipe-user-pages-soft ({soft} pages): add SYS_ADMIN to the container's capabilities, or set fs.pipe-user-pages-soft=0 on the source node"
         ));
     }
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
-
-/// Capability numbers (linux/capability.h).
-/// Whether the launcher runs with CAP_SYS_ADMIN (CRIU's privileged mode).
-pub fn has_sys_admin() -> bool {
-    has_effective_capability(CAP_SYS_ADMIN)
-}
-
-const CAP_SETPCAP: u32 = 8;
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_CHROOT: u32 = 18;
-const CAP_SYS_PTRACE: u32 = 19;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_SYS_RESOURCE: u32 = 24;
-const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// Checks, before running criu, that this container has the capabilities `action` needs
 /// (found by experiment, `docs/security.md`): CAP_CHECKPOINT_RESTORE for both (criu
@@ -711,11 +703,10 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
     // CAP_SYS_ADMIN covers what CAP_CHECKPOINT_RESTORE allows (measured: a pod with SYS_ADMIN
     // and without CHECKPOINT_RESTORE migrates), but not the bounding-set drop SETPCAP allows
     // (measured without SETPCAP and with SYS_ADMIN: `BUG at criu/pie/restorer.c`).
-    if !has_effective_capability(CAP_CHECKPOINT_RESTORE) && !has_effective_capability(CAP_SYS_ADMIN)
-    {
+    if !has_effective(CAP_CHECKPOINT_RESTORE) && !has_effective(CAP_SYS_ADMIN) {
         missing.push("CAP_CHECKPOINT_RESTORE");
     }
-    if action == "restore" && !has_effective_capability(CAP_SETPCAP) {
+    if action == "restore" && !has_effective(CAP_SETPCAP) {
         missing.push("CAP_SETPCAP");
     }
     // Post-copy: `criu lazy-pages` works only in CRIU's privileged mode: under
@@ -730,7 +721,7 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
             (CAP_SYS_CHROOT, "CAP_SYS_CHROOT"),
         ]
         .into_iter()
-        .filter(|(cap, _)| !has_effective_capability(*cap))
+        .filter(|(cap, _)| !has_effective(*cap))
         .map(|(_, name)| name)
         .collect();
         return Err(CriuError::Capabilities {
@@ -754,11 +745,6 @@ pub fn check_capabilities(action: &'static str) -> Result<(), CriuError> {
             }),
         })
     }
-}
-
-/// Whether capability `cap` is in this process's effective set (from /proc/self/status).
-pub fn has_effective_capability(cap: u32) -> bool {
-    crate::caps::own_masks().0 & (1u64 << cap) != 0
 }
 
 /// What a CRIU error with a known cause means, and what to change in the pod spec.

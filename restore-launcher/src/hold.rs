@@ -13,8 +13,6 @@
 //! only, which is said in the log; either way a commit is refused when any process of the app
 //! runs again.
 
-use std::fs;
-
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::unistd::Pid;
@@ -54,7 +52,7 @@ pub fn hold(root: Pid) -> Result<Option<Held>, HoldError> {
         threads: Vec::new(),
     };
     for pid in crate::tree::pids(root) {
-        for thread in threads(pid) {
+        for thread in crate::procfs::threads(pid).into_iter().map(Pid::from_raw) {
             match ptrace::seize(thread, ptrace::Options::PTRACE_O_EXITKILL) {
                 Ok(()) => held.threads.push(thread),
                 // Gone meanwhile: it runs nothing.
@@ -92,19 +90,6 @@ fn stopped(root: Pid) -> Result<(), HoldError> {
         Some(pid) => Err(HoldError::Running(pid)),
         None => Ok(()),
     }
-}
-
-/// The thread ids of process `pid` (none when it is gone).
-fn threads(pid: i32) -> Vec<Pid> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| t.file_name().to_str()?.parse().ok())
-                .map(Pid::from_raw)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Whether a just-seized thread is (or within a moment becomes) stopped: the kernel moves a

@@ -37,6 +37,7 @@ mod log;
 mod machine;
 mod moved;
 mod park;
+mod procfs;
 mod relay;
 mod restore;
 mod seal;

@@ -164,7 +164,7 @@ pub fn check_ipc_namespace() -> Result<(), SpawnError> {
             "the launcher to run as root, since restoring the namespace writes its sysctls, which the kernel lets only uid 0 do; the container runs as uid {euid}: run it as root and start the app as its user with RESTORE_LAUNCHER_USER"
         )));
     }
-    if !crate::criu::has_sys_admin() {
+    if !crate::caps::has_sys_admin() {
         return Err(SpawnError::IpcNamespace(
             "CAP_SYS_ADMIN to give the app an IPC namespace of its own: add SYS_ADMIN to the container's securityContext.capabilities.add, or turn the option off if the app holds no SysV IPC objects".into(),
         ));

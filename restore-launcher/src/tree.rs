@@ -5,7 +5,6 @@
 //! (`criu dump --tree ROOT`); a process reparented to PID 1 after its parent exited is no
 //! longer part of it.
 
-use std::fs;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -21,37 +20,18 @@ struct Process {
 
 /// Every process visible in /proc (this PID namespace's).
 fn processes() -> Vec<Process> {
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().unwrap_or_default().to_string();
-        let Some(ppid) = rest.next().and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        found.push(Process {
-            pid,
-            ppid,
-            state,
-            comm: stat[open + 1..close].to_string(),
-        });
-    }
-    found
+    crate::procfs::pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = crate::procfs::stat(pid)?;
+            Some(Process {
+                pid,
+                ppid: stat.ppid,
+                state: stat.state.to_string(),
+                comm: stat.comm,
+            })
+        })
+        .collect()
 }
 
 /// `root` and all its descendants, from /proc.
@@ -167,14 +147,7 @@ pub fn all_stopped(root: Pid) -> bool {
 /// Whether `pid` (a process or a thread) is stopped (state T in /proc/PID/stat; t, traced,
 /// counts too). One that is gone counts as stopped: it runs nothing.
 pub fn is_stopped(pid: i32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    matches!(
-        stat.rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next()),
-        Some("T" | "t" | "Z" | "X")
-    )
+    crate::procfs::stat(pid).is_none_or(|s| matches!(s.state, 'T' | 't' | 'Z' | 'X'))
 }
 
 #[cfg(test)]
