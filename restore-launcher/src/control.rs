@@ -257,6 +257,7 @@ impl Server {
             since: std::time::Instant::now(),
             gone: false,
             from_runtime: started_by_runtime(peer.pid()),
+            from_app: descends_from_launcher(peer.pid()),
         }))
     }
 }
@@ -276,6 +277,8 @@ pub struct Pending {
     /// The client was started by the container runtime (`kubectl exec`), not by a process of
     /// the container ([`started_by_runtime`]), as read when it connected.
     from_runtime: bool,
+    /// The client is a process of the app's tree ([`descends_from_launcher`]).
+    from_app: bool,
 }
 
 /// What reading a pending connection gave.
@@ -299,6 +302,7 @@ impl Pending {
             since: std::time::Instant::now(),
             gone: true,
             from_runtime: false,
+            from_app: true,
         }
     }
 
@@ -396,6 +400,7 @@ impl Pending {
             fd: self.fd.take(),
             pages: self.pages.take(),
             from_runtime: self.from_runtime,
+            from_app: self.from_app,
         })
     }
 
@@ -430,8 +435,9 @@ pub struct Incoming {
     /// end of CRIU's page-server connection (`--ps-socket`), which the client relays to the
     /// other launcher.
     pub pages: Option<OwnedFd>,
-    /// See [`Pending`]'s field of the same name.
+    /// See [`Pending`]'s fields of the same names.
     pub from_runtime: bool,
+    pub from_app: bool,
 }
 
 /// Whether process `pid` (a control client) was started by the container runtime: its parent
@@ -439,7 +445,28 @@ pub struct Incoming {
 /// of the app, of a shell the app or an exec session started, or of PID 1 has its parent in
 /// the container. Read from /proc when the client connects.
 pub fn started_by_runtime(pid: i32) -> bool {
-    crate::procfs::stat(pid).is_some_and(|stat| stat.ppid == 0)
+    // 0: the kernel could not name the client in this PID namespace, so it runs outside it.
+    pid == 0 || crate::procfs::stat(pid).is_some_and(|stat| stat.ppid == 0)
+}
+
+/// Whether process `pid` (a control client) descends from this launcher: a process of the
+/// app, of a shell or daemon the app started, or one the app left behind (reparented to the
+/// launcher, PID 1 or subreaper). A `kubectl exec` session's processes descend from the
+/// container runtime instead, as does a shell on the node when the launcher is not PID 1.
+pub fn descends_from_launcher(pid: i32) -> bool {
+    let launcher = std::process::id() as i32;
+    let mut at = pid;
+    // A chain longer than the PID space cannot be; bounded against a loop read mid-change.
+    for _ in 0..4096 {
+        if at == launcher {
+            return true;
+        }
+        match crate::procfs::stat(at) {
+            Some(stat) if stat.ppid > 0 => at = stat.ppid,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Sends `value` as one JSON line and closes the write side.
@@ -617,6 +644,28 @@ mod tests {
         }
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_process_this_launcher_started_is_told_from_one_it_did_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap_or_else(|e| panic!("sleep: {e}"));
+        let pid = child.id() as i32;
+        assert!(descends_from_launcher(pid), "a child of this process");
+        assert!(
+            !descends_from_launcher(nix::unistd::getppid().as_raw()),
+            "this process's parent"
+        );
+        assert!(
+            !descends_from_launcher(0),
+            "a peer outside the PID namespace"
+        );
+        assert!(started_by_runtime(0), "a peer outside the PID namespace");
+        assert!(!started_by_runtime(pid), "a child of this process");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -641,6 +641,7 @@ impl Supervisor {
             fd,
             pages,
             from_runtime,
+            from_app,
         } = incoming;
         let request = match request {
             Ok(request) => request,
@@ -660,6 +661,18 @@ impl Supervisor {
                 Refusal::BadRequest,
                 self.state,
                 "the request carried no stream to read or write".into(),
+            );
+        }
+        // The app and what it starts may read the launcher's state, never steer it: a freeze,
+        // checkpoint, commit or rollback comes from outside the app's tree (`kubectl exec`, the
+        // node), so the app cannot end a migration's freeze, forge its steps or dump itself
+        // into a stream of its choosing.
+        if from_app && request != Request::Status {
+            return refuse(
+                &stream,
+                Refusal::NotAllowed,
+                self.state,
+                "refused: this request comes from a process of the app's own tree (the app, or something it started); the launcher takes requests other than `status` only from outside it, as `kubectl exec POD -- restore-launcher …` runs them".into(),
             );
         }
         let (input, verb) = match request {

@@ -939,6 +939,46 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
 /// by itself when the lease expires, even after its checkpoint was taken; a `commit` ends the
 /// lease, after which only an explicit `rollback` resumes it; a commit after the expiry is
 /// refused, so a resumed source and a thawed target can never both run.
+/// The app may read its launcher's state but not steer it: a `freeze` and a `rollback` asked
+/// by a process of the app's own tree are refused naming `kubectl exec`, its `status` is
+/// answered, and the app never stops counting.
+#[test]
+fn the_apps_own_processes_get_status_but_cannot_freeze_or_roll_back() -> Result<()> {
+    if !criu_tests_can_run("the_apps_own_processes_get_status_but_cannot_freeze_or_roll_back") {
+        return Ok(());
+    }
+    let app = "python3 /opt/apps/counter.py & \
+        sleep 1; \
+        restore-launcher freeze --lease 60 > /tmp/freeze.out 2>&1; echo exit=$? >> /tmp/freeze.out; \
+        restore-launcher rollback > /tmp/rollback.out 2>&1; echo exit=$? >> /tmp/rollback.out; \
+        restore-launcher status > /tmp/status.out 2>&1; \
+        wait";
+    let a = Node::prepare("node-a")?.start(&options("node-a", &["--", "sh", "-c", app]))?;
+    let read = |path: &str| std::fs::read_to_string(a.path(path)).unwrap_or_default();
+    a.wait_for("the app's requests answered", LIMIT, |_| {
+        (!read("/tmp/status.out").is_empty()).then_some(())
+    })?;
+    for out in ["/tmp/freeze.out", "/tmp/rollback.out"] {
+        let said = read(out);
+        ensure!(
+            said.contains("comes from a process of the app's own tree")
+                && said.contains("kubectl exec")
+                && said.contains("exit=1"),
+            "{out}: the app's own request was not refused: {said}"
+        );
+    }
+    ensure!(
+        read("/tmp/status.out").contains(r#""state":"running""#),
+        "status was not answered: {}",
+        read("/tmp/status.out")
+    );
+    let seen = counter_values(&a.stdout()).len();
+    a.wait_for("the app counting on", LIMIT, |n| {
+        (counter_values(&n.stdout()).len() >= seen + 3).then_some(())
+    })?;
+    Ok(())
+}
+
 /// `PID STATE` of every process named `comm` in `node`, read inside it.
 fn states_of(node: &Node, comm: &str) -> Result<Vec<(String, String)>> {
     let out = node
