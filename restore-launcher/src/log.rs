@@ -3,6 +3,11 @@
 //!
 //! The launcher's stderr is the container's stderr, interleaved with the app's output, so
 //! every line says who wrote it (as tini's `[WARN  tini (1)]` lines do).
+//!
+//! PID 1 writes its lines without ever waiting ([`NeverBlock`]): a log reader that stopped
+//! reading must not stop signal forwarding, reaping or requests (the app's own output is
+//! relayed the same way, `crate::relay`). A line that does not fit is dropped, and the next
+//! line that fits says how many bytes were.
 
 use std::fmt;
 use std::io::Write as _;
@@ -15,8 +20,9 @@ use tracing_subscriber::registry::LookupSpan;
 /// Environment variable that sets the log level.
 pub const LOG_ENV: &str = "RESTORE_LAUNCHER_LOG";
 
-/// Installs the global logger. Returns a warning to print if the level was not understood.
-pub fn init() -> Option<String> {
+/// Installs the global logger, which never waits on stderr when `never_block` (PID 1).
+/// Returns a warning to print if the level was not understood.
+pub fn init(never_block: bool) -> Option<String> {
     let (level, warning) = match std::env::var(LOG_ENV) {
         Ok(value) => match parse_level(&value) {
             Some(level) => (level, None),
@@ -29,14 +35,74 @@ pub fn init() -> Option<String> {
         },
         Err(_) => (tracing::level_filters::LevelFilter::WARN, None),
     };
-    let subscriber = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .event_format(Prefixed)
-        .finish();
+        .event_format(Prefixed);
     // A second init (only possible in tests) keeps the first logger; nothing to report.
-    let _ = tracing::subscriber::set_global_default(subscriber);
+    let _ = if never_block {
+        tracing::subscriber::set_global_default(builder.with_writer(|| NeverBlock).finish())
+    } else {
+        tracing::subscriber::set_global_default(builder.with_writer(std::io::stderr).finish())
+    };
     warning
+}
+
+/// Bytes of log lines dropped because stderr took nothing when they were written.
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// stderr for PID 1's log lines: each line (one `write` from the formatter) is written only
+/// as far as stderr takes it now, in pieces of at most `PIPE_BUF` bytes after `poll` says it is
+/// writable (a pipe takes such a piece whole, never interleaved with the app's relayed
+/// output); the rest is dropped and counted.
+struct NeverBlock;
+
+impl std::io::Write for NeverBlock {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!(
+                "[restore-launcher {}] warning: {dropped} bytes of this launcher's log were dropped while its reader took nothing\n",
+                std::process::id()
+            );
+            let left = write_now(note.as_bytes());
+            if left > 0 {
+                DROPPED.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
+        let left = write_now(line);
+        DROPPED.fetch_add(left as u64, Ordering::Relaxed);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes what stderr takes of `bytes` now; returns how many bytes it did not take.
+fn write_now(bytes: &[u8]) -> usize {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stderr = std::io::stderr();
+    let fd = std::os::fd::AsFd::as_fd(&stderr);
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+        let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLOUT));
+        if !ready {
+            break;
+        }
+        let piece = &rest[..rest.len().min(libc::PIPE_BUF)];
+        match nix::unistd::write(fd, piece) {
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    rest.len()
 }
 
 fn parse_level(value: &str) -> Option<tracing::level_filters::LevelFilter> {

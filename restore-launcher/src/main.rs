@@ -90,7 +90,8 @@ impl StartError {
 fn main() -> ExitCode {
     // A bad option is reported by clap (exit 2) before anything is started.
     let cli = cli::Cli::parse();
-    if let Some(warning) = log::init() {
+    // PID 1 (no sub-command) must never wait on a stalled log reader, not even for its own lines.
+    if let Some(warning) = log::init(cli.command.is_none()) {
         tracing::warn!("{warning}");
     }
     if let Some(command) = &cli.command {

@@ -538,6 +538,76 @@ fn a_log_reader_that_stalls_never_stalls_pid_1() {
 }
 
 #[test]
+fn a_stalled_stderr_never_stalls_pid_1_writing_its_own_log() {
+    // PID 1's stderr is a pipe nobody reads, filled to the brim, and it logs every request
+    // (`RESTORE_LAUNCHER_LOG=debug`): each `status` is still answered, the lines that did not
+    // fit are dropped, and once the reader is back the next line says how many bytes were.
+    let state_dir = tempfile::tempdir().unwrap();
+    let (log_read, log_write) = nix::unistd::pipe().unwrap();
+    let filler = log_write.try_clone().unwrap();
+    nix::fcntl::fcntl(
+        &filler,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    while nix::unistd::write(&filler, &[b'.'; 4096]).is_ok() {}
+    let child = std::process::Command::new(launcher())
+        .args(["--", "sleep", "60"])
+        .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+        .env("RESTORE_LAUNCHER_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_write))
+        .spawn()
+        .unwrap();
+    let _running = scopeguard(child);
+    let status = || {
+        let mut asked = std::process::Command::new(launcher())
+            .args(["status"])
+            .env("RESTORE_LAUNCHER_STATE_DIR", state_dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Bounded: a PID 1 blocked writing a log line would never answer.
+        let answered = wait_for("`status` to be answered", LIMIT, || {
+            asked.try_wait().unwrap()
+        });
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut asked.stdout.take().unwrap(), &mut answer).unwrap();
+        assert!(answered.success(), "{answer}");
+        answer
+    };
+    wait_for("PID 1 answering", LIMIT, || {
+        status().contains(r#""state":"running""#).then_some(())
+    });
+    for _ in 0..20 {
+        assert!(status().contains(r#""state":"running""#));
+    }
+    // The reader comes back: it takes the filler, then a line of PID 1 says what it dropped.
+    let mut reader = std::fs::File::from(log_read);
+    nix::fcntl::fcntl(
+        &reader,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut log = Vec::new();
+    let mut chunk = [0u8; 65536];
+    wait_for("the note of what was dropped", LIMIT, || {
+        while let Ok(n) = std::io::Read::read(&mut reader, &mut chunk) {
+            if n == 0 {
+                break;
+            }
+            log.extend_from_slice(&chunk[..n]);
+        }
+        let _ = status();
+        let text = String::from_utf8_lossy(&log);
+        text.contains("bytes of this launcher's log were dropped while its reader took nothing")
+            .then_some(())
+    });
+}
+
+#[test]
 fn output_a_slow_log_reader_has_not_taken_is_not_lost_when_the_app_exits() {
     // The app writes 1 MiB and exits while nobody reads the log pipe. The launcher holds what
     // the pipe does not take and, once the reader comes back -- later than the 2 s an exited
