@@ -18,8 +18,8 @@ pub use manifest::{
     ManifestError, PathError, XATTR_VALUE_LIMIT, is_carried_xattr, validate_entry_path,
 };
 pub use report::{
-    Answer, CheckpointReport, DirectSecret, FEATURES, LauncherState, PostCopy, PostCopyState,
-    Progress, Refusal, RestoreReport, StatusReport, unix_ms,
+    Answer, CheckpointFailure, CheckpointReport, DirectSecret, FEATURES, LauncherState, PostCopy,
+    PostCopyState, Progress, Refusal, RestoreReport, StatusReport, unix_ms,
 };
 
 /// Annotation keys the plugin writes on source and target pods.

@@ -276,6 +276,38 @@ pub struct CheckpointReport {
     /// archive, and this report comes once every page was (or the serving failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy: Option<PostCopy>,
+    /// Why it failed, as a code (the error says it in words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<CheckpointFailure>,
+}
+
+/// What kind of failure ended a checkpoint. The first five say the app cannot be checkpointed
+/// as it is now (change the app or the pod, then try again); the others that this attempt
+/// failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointFailure {
+    /// Processes left the app's tree (a daemonizing double fork, an exec session's leftover).
+    LeftTree,
+    /// The app watches files (inotify, fanotify) and CRIU lacks CAP_SYS_ADMIN.
+    FileWatches,
+    /// SysV IPC objects in the namespace the app shares with the launcher.
+    SysvIpc,
+    /// An included path cannot be carried (a socket file, a device, a symlinked ancestor).
+    IncludedPath,
+    /// The sealing key cannot be used.
+    Key,
+    /// The work directory cannot be made or handed to criu.
+    WorkDir,
+    /// CRIU's dump failed (its log's error lines are in the error).
+    Criu,
+    /// The checkpoint's files could not be read back (a file changed kind, the manifest is too
+    /// large for a target).
+    Archive,
+    /// The archive's reader went away, stalled, or a rollback cancelled the write.
+    Output,
+    /// Post-copy: not every page reached the target.
+    PostCopy,
 }
 
 /// What `receive` (and a `--restore-from` start) reports.
@@ -318,6 +350,7 @@ impl CheckpointReport {
             frozen_ms: None,
             peak_rss_kib: BTreeMap::new(),
             post_copy: None,
+            failure: None,
         }
     }
 

@@ -24,6 +24,75 @@ use crate::seal::{self, Key, KeySource};
 use crate::sysinfo;
 use crate::workdir::JobDir;
 
+/// Why a checkpoint failed, each saying what to change. The app keeps running (or stays
+/// frozen, when `freeze` stopped it: only `thaw` or `rollback` resume it), and nothing was
+/// restored anywhere. [`CheckpointError::failure`] is the code the report carries, so that a
+/// client can tell "the app cannot be checkpointed as it is" from "this attempt failed".
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot create the work directory {}: {source}; set --work-dir to a writable path; the app keeps running", path.display())]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}; the app keeps running")]
+    Key(String),
+    #[error(
+        "process(es) {} left the app's process tree (their parent exited, so they were reparented to the launcher; a daemonizing double fork, or a process left by a `kubectl exec` session): a checkpoint carries only the app's tree and would leave them behind; keep the app's processes under its main process, or end the leftover; the app keeps running",
+        .0.join(", ")
+    )]
+    LeftTree(Vec<String>),
+    #[error(
+        "process(es) {} left the app's process tree while it was being checkpointed (a double fork racing the dump): they were not dumped and would be left behind; keep the app's processes under its main process; the checkpoint is refused and the app keeps running",
+        .0.join(", ")
+    )]
+    LeftTreeDuringDump(Vec<String>),
+    #[error(
+        "the app watches files ({}), which CRIU run inside the container cannot dump without CAP_SYS_ADMIN: stop watching files in this app (poll instead), or do not migrate it; the app keeps running",
+        .0.join(", ")
+    )]
+    FileWatches(Vec<String>),
+    #[error(
+        "the container's IPC namespace holds {0}, which a checkpoint taken inside the container cannot carry (the app shares that namespace with the launcher, and CRIU carries only a namespace of the app's own): the app would be restored without them; {SYSV_FIX}; the app keeps running"
+    )]
+    SysvIpc(String),
+    /// Preparing criu's directories for the app's user.
+    #[error("{0}; the app keeps running")]
+    Setup(String),
+    #[error("{0}; the app keeps running")]
+    Criu(String),
+    #[error("{}; the app keeps running", chain(.0))]
+    Included(include::IncludeError),
+    #[error("{}; the app keeps running", chain(.0))]
+    Archive(archive::ArchiveError),
+    #[error("cannot sync the archive: {0}; the app keeps running")]
+    Sync(std::io::Error),
+    #[error(
+        "post-copy: not every page of the app's memory was served ({0}); the app here keeps its state, frozen"
+    )]
+    PostCopy(String),
+}
+
+impl CheckpointError {
+    /// The code of this failure in the report.
+    pub fn failure(&self) -> migrate_format::CheckpointFailure {
+        use migrate_format::CheckpointFailure as F;
+        match self {
+            CheckpointError::WorkDir { .. } | CheckpointError::Setup(_) => F::WorkDir,
+            CheckpointError::Key(_) => F::Key,
+            CheckpointError::LeftTree(_) | CheckpointError::LeftTreeDuringDump(_) => F::LeftTree,
+            CheckpointError::FileWatches(_) => F::FileWatches,
+            CheckpointError::SysvIpc(_) => F::SysvIpc,
+            CheckpointError::Criu(_) => F::Criu,
+            CheckpointError::Included(_) => F::IncludedPath,
+            CheckpointError::Archive(archive::ArchiveError::Output(_))
+            | CheckpointError::Sync(_) => F::Output,
+            CheckpointError::Archive(_) => F::Archive,
+            CheckpointError::PostCopy(_) => F::PostCopy,
+        }
+    }
+}
+
 /// Everything the job needs, copied from PID 1 before the fork.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -62,13 +131,14 @@ pub fn run(
     // The images are the app's memory: the job's directory is removed when it ends.
     let result = match JobDir::create(&plan.work_dir, &id) {
         Ok(dir) => checkpoint(plan, &id, dir.path(), output, cancel, pages, &mut report),
-        Err(error) => Err(format!(
-            "cannot create the work directory {}: {error}; set --work-dir to a writable path; the app keeps running",
-            plan.work_dir.join(&id).display()
-        )),
+        Err(source) => Err(CheckpointError::WorkDir {
+            path: plan.work_dir.join(&id),
+            source,
+        }),
     };
     if let Err(error) = &result {
-        report.error = Some(error.clone());
+        report.error = Some(error.to_string());
+        report.failure = Some(error.failure());
     }
     report.ok = result.is_ok();
     report.peak_rss_kib = sysinfo::peak_rss_kib();
@@ -83,7 +153,7 @@ fn checkpoint(
     cancel: &OwnedFd,
     pages: Option<OwnedFd>,
     report: &mut CheckpointReport,
-) -> Result<(), String> {
+) -> Result<(), CheckpointError> {
     let start = Instant::now();
     let mut phase = Instant::now();
     let mut lap = |name: &str, report: &mut CheckpointReport| {
@@ -96,11 +166,9 @@ fn checkpoint(
         .recursive(true)
         .mode(0o700)
         .create(dir.join("criu"))
-        .map_err(|e| {
-            format!(
-                "cannot create the work directory {}: {e}; set --work-dir to a writable path",
-                dir.display()
-            )
+        .map_err(|source| CheckpointError::WorkDir {
+            path: dir.to_path_buf(),
+            source,
         })?;
     // The key first: a checkpoint that could not be sealed must not freeze the app.
     let key = plan
@@ -108,29 +176,21 @@ fn checkpoint(
         .as_ref()
         .map(Key::load)
         .transpose()
-        .map_err(|e| format!("{}; the app keeps running", chain(&e)))?;
+        .map_err(|e| CheckpointError::Key(chain(&e)))?;
     // A process the app started that left its tree (a daemon whose parent exited, reparented
     // to the launcher) is not dumped by CRIU: refuse rather than leave it behind.
     let strays = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
     if !strays.is_empty() {
-        return Err(format!(
-            "process(es) {} left the app's process tree (their parent exited, so they were reparented to the launcher; a daemonizing double fork, or a process left by a `kubectl exec` session): a checkpoint carries only the app's tree and would leave them behind; keep the app's processes under its main process, or end the leftover; the app keeps running",
-            strays.join(", ")
-        ));
+        return Err(CheckpointError::LeftTree(strays));
     }
     // An inotify or fanotify watch: CRIU without CAP_SYS_ADMIN fails on it mid-dump, after the
     // app's blocking calls were interrupted (GNU tail, for one, exits on that). Refused first.
     let watches = file_watches(plan.app);
     if !watches.is_empty() && !crate::caps::has_sys_admin() {
-        return Err(format!(
-            "the app watches files ({}), which CRIU run inside the container cannot dump without CAP_SYS_ADMIN: stop watching files in this app (poll instead), or do not migrate it; the app keeps running",
-            watches.join(", ")
-        ));
+        return Err(CheckpointError::FileWatches(watches));
     }
     if let Some(objects) = uncarried_sysv_ipc(plan.app) {
-        return Err(format!(
-            "the container's IPC namespace holds {objects}, which a checkpoint taken inside the container cannot carry (the app shares that namespace with the launcher, and CRIU carries only a namespace of the app's own): the app would be restored without them; {SYSV_FIX}; the app keeps running"
-        ));
+        return Err(CheckpointError::SysvIpc(objects));
     }
     // A root launcher dumps an app of another user with criu running as that user
     // (crate::creds says why); criu then writes its images and log into directories of that
@@ -141,11 +201,14 @@ fn checkpoint(
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir.join("log"))
-        .map_err(|e| format!("cannot create {}: {e}", dir.join("log").display()))?;
+        .map_err(|e| {
+            CheckpointError::Setup(format!("cannot create {}: {e}", dir.join("log").display()))
+        })?;
     let handed = run_as
         .as_ref()
         .map(|creds| HandedOver::new(dir, creds))
-        .transpose()?;
+        .transpose()
+        .map_err(CheckpointError::Setup)?;
     let (images, logs, dirs) = match &handed {
         Some(handed) => (
             handed.images_path(),
@@ -198,13 +261,13 @@ fn checkpoint(
                 .err()
                 .map(|e| format!("{}; ", chain(&e)))
                 .unwrap_or_default();
-            return Err(format!("{dump}{error}; the app keeps running"));
+            return Err(CheckpointError::Setup(format!("{dump}{error}")));
         }
     }
     drop(handed);
     if let Err(error) = dumped {
         // CRIU resumes the tree itself when a dump fails.
-        return Err(format!("{}; the app keeps running", chain(&error)));
+        return Err(CheckpointError::Criu(chain(&error)));
     }
     lap("dump", report);
     // From here the tree is frozen: on any failure, resume it before returning (unless it was
@@ -213,9 +276,17 @@ fn checkpoint(
         app: plan.app,
         resume_on_drop: !plan.was_frozen,
     };
+    // Again, now that CRIU has the tree frozen (a running app, with `--leave-running`, may
+    // fork daemons of its own accord later): a process that left the app's tree while CRIU
+    // froze it (a double fork racing the freeze) was not dumped, would keep running here
+    // after a commit, and may have gone for the images. Refused.
+    let escaped = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
+    if !escaped.is_empty() {
+        return Err(CheckpointError::LeftTreeDuringDump(escaped));
+    }
     report.app_pids = crate::tree::pids(plan.app);
     let (included_bytes, attributes) =
-        include::snapshot(&plan.included, dir).map_err(|e| failed(&e))?;
+        include::snapshot(&plan.included, dir).map_err(CheckpointError::Included)?;
     report.included_bytes = included_bytes;
     lap("snapshot", report);
     let frozen = if plan.leave_running && !plan.was_frozen {
@@ -225,7 +296,8 @@ fn checkpoint(
     } else {
         Some(frozen)
     };
-    let mut entries = archive::list_entries(dir, plan.included.len()).map_err(|e| failed(&e))?;
+    let mut entries =
+        archive::list_entries(dir, plan.included.len()).map_err(CheckpointError::Archive)?;
     include::annotate(&mut entries, &attributes);
     report.images_bytes = entries
         .iter()
@@ -233,16 +305,6 @@ fn checkpoint(
         .map(|e| e.size)
         .sum();
     lap("hash", report);
-    // Again, now that the images were written and read: a process that left the app's tree
-    // while CRIU ran (a double fork racing the freeze) was not dumped, would keep running
-    // here after a commit, and may have tried to touch what was hashed. Refused.
-    let escaped = crate::tree::strays(nix::unistd::getppid(), plan.app, nix::unistd::getpid());
-    if !escaped.is_empty() {
-        return Err(format!(
-            "process(es) {} left the app's process tree while it was being checkpointed (a double fork racing the dump): they were not dumped and would be left behind; keep the app's processes under its main process; the checkpoint is refused and the app keeps running",
-            escaped.join(", ")
-        ));
-    }
     let manifest = Manifest {
         format_version: ARCHIVE_FORMAT_VERSION,
         id: id.to_string(),
@@ -270,14 +332,15 @@ fn checkpoint(
     let mut out = archive::Counting::new(StallGuard::new(&file, plan.output_stall_timeout, cancel));
     match &key {
         None => {
-            archive::write(&mut out, &manifest, dir).map_err(|e| failed(&e))?;
+            archive::write(&mut out, &manifest, dir).map_err(CheckpointError::Archive)?;
         }
         Some(key) => {
-            let mut sealed = seal::seal(&mut out, key).map_err(|e| failed(&e))?;
-            archive::write(&mut sealed, &manifest, dir).map_err(|e| failed(&e))?;
+            let mut sealed =
+                seal::seal(&mut out, key).map_err(|e| CheckpointError::Key(chain(&e)))?;
+            archive::write(&mut sealed, &manifest, dir).map_err(CheckpointError::Archive)?;
             sealed
                 .finish()
-                .map_err(|e| failed(&archive::ArchiveError::Output(e)))?;
+                .map_err(|e| CheckpointError::Archive(archive::ArchiveError::Output(e)))?;
         }
     }
     report.archive_bytes = out.count;
@@ -285,9 +348,7 @@ fn checkpoint(
     if let Err(error) = file.sync_all()
         && error.raw_os_error() != Some(libc::EINVAL)
     {
-        return Err(format!(
-            "cannot sync the archive: {error}; the app keeps running"
-        ));
+        return Err(CheckpointError::Sync(error));
     }
     lap("write", report);
     if let Some(serving) = serving {
@@ -305,12 +366,7 @@ fn checkpoint(
             error: served.as_ref().err().map(|e| chain(e)),
         });
         lap("serve pages", report);
-        served.map_err(|e| {
-            format!(
-                "post-copy: not every page of the app's memory was served ({}); the app here keeps its state, frozen",
-                chain(&e)
-            )
-        })?;
+        served.map_err(|e| CheckpointError::PostCopy(chain(&e)))?;
     }
     report
         .timings_ms
@@ -426,10 +482,6 @@ impl Drop for Frozen {
 /// Resumes the frozen app tree: every process of it, whatever its session or group.
 pub fn resume(app: Pid) {
     crate::tree::resume(app);
-}
-
-fn failed(error: &dyn std::error::Error) -> String {
-    format!("{}; the app keeps running", chain(error))
 }
 
 /// The inotify and fanotify instances the app's processes hold, as `PID (comm): inotify`.

@@ -440,13 +440,21 @@ pub struct Incoming {
     pub from_app: bool,
 }
 
-/// Whether process `pid` (a control client) was started by the container runtime: its parent
-/// is outside this PID namespace (PPid 0), as for the process `kubectl exec` runs. A process
-/// of the app, of a shell the app or an exec session started, or of PID 1 has its parent in
-/// the container. Read from /proc when the client connects.
+/// Whether process `pid` (a control client) was started by the container runtime into this
+/// container: its parent is outside this PID namespace (PPid 0) and it shares the launcher's
+/// mount namespace, as the process `kubectl exec` runs. A process of the app, of a shell the
+/// app or an exec session started, or of PID 1 has its parent in the container; the first
+/// process of another container of the pod (`shareProcessNamespace`) has another mount
+/// namespace. Under `hostPID` an exec'd process's parent is the runtime's shim, visible in
+/// the namespace: it is not recognised. Read from /proc when the client connects.
 pub fn started_by_runtime(pid: i32) -> bool {
     // 0: the kernel could not name the client in this PID namespace, so it runs outside it.
-    pid == 0 || crate::procfs::stat(pid).is_some_and(|stat| stat.ppid == 0)
+    if pid == 0 {
+        return true;
+    }
+    let mounts = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+    crate::procfs::stat(pid).is_some_and(|stat| stat.ppid == 0)
+        && mounts(&pid.to_string()).is_some_and(|theirs| Some(theirs) == mounts("self"))
 }
 
 /// Whether process `pid` (a control client) descends from this launcher: a process of the
@@ -455,6 +463,10 @@ pub fn started_by_runtime(pid: i32) -> bool {
 /// container runtime instead, as does a shell on the node when the launcher is not PID 1.
 pub fn descends_from_launcher(pid: i32) -> bool {
     let launcher = std::process::id() as i32;
+    // 0: the client runs outside this PID namespace.
+    if pid == 0 {
+        return false;
+    }
     let mut at = pid;
     // A chain longer than the PID space cannot be; bounded against a loop read mid-change.
     for _ in 0..4096 {
@@ -463,10 +475,14 @@ pub fn descends_from_launcher(pid: i32) -> bool {
         }
         match crate::procfs::stat(at) {
             Some(stat) if stat.ppid > 0 => at = stat.ppid,
-            _ => return false,
+            // Started from outside this PID namespace: not the app's.
+            Some(_) => return false,
+            // Gone before it could be read: a client that connects, sends and exits at once
+            // is taken for the app's, which could do just that.
+            None => return true,
         }
     }
-    false
+    true
 }
 
 /// Sends `value` as one JSON line and closes the write side.
@@ -661,6 +677,10 @@ mod tests {
         assert!(
             !descends_from_launcher(0),
             "a peer outside the PID namespace"
+        );
+        assert!(
+            descends_from_launcher(i32::MAX),
+            "a client gone before it was read counts as the app's"
         );
         assert!(started_by_runtime(0), "a peer outside the PID namespace");
         assert!(!started_by_runtime(pid), "a child of this process");

@@ -181,8 +181,9 @@ fn open_included(path: &Path) -> io::Result<OwnedFd> {
             "a directory on the way to it is a symlink; include the path it resolves to ({})",
             fs::canonicalize(path).map_or_else(|_| "unknown".into(), |p| p.display().to_string())
         ))),
-        // Kernels before 5.6: the last component is still never followed.
-        Err(nix::errno::Errno::ENOSYS) => Ok(nix::fcntl::open(
+        // Kernels before 5.6 (ENOSYS), or a seccomp profile that refuses the call (EPERM): the
+        // last component is still never followed, the ones before it are.
+        Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) => Ok(nix::fcntl::open(
             path,
             flags,
             nix::sys::stat::Mode::empty(),

@@ -80,21 +80,46 @@ impl std::io::Write for NeverBlock {
     }
 }
 
+/// stderr opened anew without blocking (its own open file description, so the flag touches
+/// nobody else's): a write returns at once, whoever else (a job, the relay) filled the pipe
+/// meanwhile. None where /proc cannot reopen it (a socket): then `poll` decides.
+static NON_BLOCKING: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+fn non_blocking_stderr() -> Option<&'static std::fs::File> {
+    NON_BLOCKING
+        .get_or_init(|| {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open("/proc/self/fd/2")
+                .ok()
+        })
+        .as_ref()
+}
+
 /// Writes what stderr takes of `bytes` now; returns how many bytes it did not take.
 fn write_now(bytes: &[u8]) -> usize {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let stderr = std::io::stderr();
-    let fd = std::os::fd::AsFd::as_fd(&stderr);
+    let reopened = non_blocking_stderr();
+    let fd = match reopened {
+        Some(file) => std::os::fd::AsFd::as_fd(file),
+        None => std::os::fd::AsFd::as_fd(&stderr),
+    };
     let mut rest = bytes;
     while !rest.is_empty() {
-        let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
-        let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-            && fds[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLOUT));
-        if !ready {
-            break;
+        if reopened.is_none() {
+            let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+            let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+                && fds[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLOUT));
+            if !ready {
+                break;
+            }
         }
+        // A pipe takes a piece of at most PIPE_BUF bytes whole or not at all.
         let piece = &rest[..rest.len().min(libc::PIPE_BUF)];
         match nix::unistd::write(fd, piece) {
             Ok(n) => rest = &rest[n..],

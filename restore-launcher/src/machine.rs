@@ -135,8 +135,9 @@ pub enum Effect {
     RecordMoved,
     /// Remove that record: the committed copy resumed and holds the app again.
     ClearMoved,
-    /// Hold the stopped app under ptrace, so that no SIGCONT resumes a committed copy
-    /// (`crate::hold`). Refused, when asked, if any process of the app runs again.
+    /// Hold the stopped app under ptrace, so that no SIGCONT resumes a checkpointed or
+    /// committed copy (`crate::hold`). A commit is refused if any process of the app runs
+    /// again.
     HoldTree,
 }
 
@@ -448,22 +449,27 @@ pub fn step(state: State, input: Input, now: Instant) -> Step {
                 }
                 return Step::to(S::Running { origin }, vec![Effect::ResumeTree]);
             }
-            let held = if frozen == Some(Hold::Committed) {
-                vec![Effect::HoldTree]
-            } else {
-                vec![]
-            };
             match (ok && !leave_running, frozen) {
+                // Checkpointed: held from now on, so that what the archive holds is what the
+                // app is until it is given up or its way back asked.
                 (true, hold) => Step::to(
                     S::Checkpointed {
                         origin,
                         hold: hold.unwrap_or(Hold::Open),
                     },
-                    held,
+                    vec![Effect::HoldTree],
                 ),
                 // A failed or leave-running checkpoint returns to where it came from; the job
-                // resumed what it stopped itself (a frozen app stays frozen, as before).
-                (false, Some(hold)) => Step::to(S::Frozen { origin, hold }, held),
+                // resumed what it stopped itself (a frozen app stays frozen, as before; a
+                // committed post-copy's is held).
+                (false, Some(hold)) => Step::to(
+                    S::Frozen { origin, hold },
+                    if hold == Hold::Committed {
+                        vec![Effect::HoldTree]
+                    } else {
+                        vec![]
+                    },
+                ),
                 (false, None) => Step::to(S::Running { origin }, vec![]),
             }
         }

@@ -862,7 +862,7 @@ impl Supervisor {
         match effect {
             Effect::HoldTree => {
                 if let Err(error) = self.hold_tree() {
-                    tracing::error!(%error, "the committed copy cannot be held stopped");
+                    self.not_held(&error);
                 }
             }
             Effect::ResumeTree => {
@@ -922,6 +922,44 @@ impl Supervisor {
             self.held = crate::hold::hold(app).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// A checkpointed copy that could not be held (it runs again, or another process traces
+    /// it) after a job ended. Uncommitted, the next `commit` is refused for it. Committed with
+    /// every page served (post-copy), the target runs the app: this copy is killed so that one
+    /// runs. Committed after a failed post-copy, it is the only whole copy: stopped again.
+    fn not_held(&mut self, error: &str) {
+        let Some(app) = self.app else { return };
+        match self.state {
+            State::Checkpointed {
+                hold: machine::Hold::Committed,
+                ..
+            } => {
+                tracing::error!(
+                    error,
+                    "the committed copy ran again after the target took the app: killing it, so that one copy runs"
+                );
+                tree::kill_all(app);
+            }
+            State::Frozen {
+                hold: machine::Hold::Committed,
+                ..
+            } => {
+                tracing::error!(
+                    error,
+                    "the committed copy ran again after its post-copy failed: stopping it again"
+                );
+                if tree::stop(app).is_ok() {
+                    if let Err(error) = self.hold_tree() {
+                        tracing::error!(%error, "the committed copy cannot be held stopped");
+                    }
+                }
+            }
+            _ => tracing::warn!(
+                error,
+                "the checkpointed copy cannot be held stopped: a commit will be refused"
+            ),
+        }
     }
 
     /// SIGSTOP to the app's whole tree: the first half of a consistent multi-container cut.

@@ -935,10 +935,6 @@ fn an_included_fifo_arrives_as_a_fifo_and_a_socket_file_is_refused_by_name() -> 
     Ok(())
 }
 
-/// The freeze's lease: a source whose migration driver died (no `renew`, no `commit`) resumes
-/// by itself when the lease expires, even after its checkpoint was taken; a `commit` ends the
-/// lease, after which only an explicit `rollback` resumes it; a commit after the expiry is
-/// refused, so a resumed source and a thawed target can never both run.
 /// The app may read its launcher's state but not steer it: a `freeze` and a `rollback` asked
 /// by a process of the app's own tree are refused naming `kubectl exec`, its `status` is
 /// answered, and the app never stops counting.
@@ -1068,6 +1064,10 @@ fn a_committed_copy_is_held_against_sigcont_and_a_shell_inside_cannot_roll_it_ba
     Ok(())
 }
 
+/// The freeze's lease: a source whose migration driver died (no `renew`, no `commit`) resumes
+/// by itself when the lease expires, even after its checkpoint was taken; a `commit` ends the
+/// lease, after which only an explicit `rollback` resumes it; a commit after the expiry is
+/// refused, so a resumed source and a thawed target can never both run.
 #[test]
 fn a_frozen_source_resumes_by_itself_when_its_lease_expires_unless_committed() -> Result<()> {
     if !criu_tests_can_run(
@@ -1393,7 +1393,8 @@ fn an_orphan_escaping_during_a_user_dump_reaches_no_image_and_fails_the_checkpoi
                 && pids
                     .iter()
                     .any(|pid| answer.contains(&format!("{pid} (python3)")))
-                && answer.contains("the app keeps running"),
+                && answer.contains("the app keeps running")
+                && answer.contains(r#""failure":"left-tree""#),
             "no escaped orphan of {pids:?} was named: {answer}"
         );
         ensure!(

@@ -70,6 +70,7 @@ fn the_json_tables_list_every_key_of_the_reports() {
     }))
     .unwrap_or_else(|e| panic!("{e}"));
     let mut checkpoint = CheckpointReport::new("id".into(), false);
+    checkpoint.failure = Some(migrate_format::CheckpointFailure::LeftTree);
     checkpoint.post_copy =
         Some(serde_json::from_value(post_copy).unwrap_or_else(|e| panic!("{e}")));
     let mut receive = RestoreReport::new();

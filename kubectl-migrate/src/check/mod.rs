@@ -241,6 +241,7 @@ pub fn notes(facts: &Facts) -> Vec<String> {
 pub fn problems(facts: &Facts) -> Vec<Problem> {
     let mut found: Vec<Problem> = permissions::denied(facts).into_iter().collect();
     found.extend(pod::not_running(facts));
+    found.extend(pod::host_pid(facts));
     found.extend(pod::controller_owned(facts));
     found.extend(pod::unfinished_migrations(facts));
     found.extend(pod::launchers_missing(facts));

@@ -440,6 +440,27 @@ pub fn launchers_missing(facts: &Facts) -> Vec<Problem> {
         .collect()
 }
 
+/// A pod in the node's PID namespace (`hostPID`): its launcher is not its containers' PID 1,
+/// their processes mix with the node's, and its launcher cannot tell the plugin's `kubectl
+/// exec` from a process of the node, so the way back to a committed copy would be refused.
+pub fn host_pid(facts: &Facts) -> Option<Problem> {
+    let shares = facts
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.host_pid)
+        .unwrap_or(false);
+    shares.then(|| {
+        Problem::new(
+            format!(
+                "pod {} shares the node's PID namespace (hostPID: true): a checkpoint taken inside the container carries the app's PIDs, which another node's PID namespace cannot give back, and its launcher cannot tell the plugin from the node's processes",
+                facts.pod.metadata.name.as_deref().unwrap_or_default()
+            ),
+            "run the app without hostPID (it keeps its own PID namespace, with the launcher as PID 1), and recreate the pod",
+        )
+    })
+}
+
 /// An app holding SysV IPC objects in the container's IPC namespace (which it shares with the
 /// launcher) would be restored without them: its launcher must give it a namespace of its own.
 pub fn sysv_ipc_left_behind(facts: &Facts) -> Vec<Problem> {
@@ -561,6 +582,16 @@ mod tests {
             found[0]
         );
         assert!(found[0].fix.contains("SYS_ADMIN"), "{}", found[0]);
+    }
+
+    #[test]
+    fn a_pod_in_the_nodes_pid_namespace_is_refused_naming_host_pid() {
+        let mut f = facts();
+        assert_eq!(host_pid(&f), None);
+        f.pod.spec.as_mut().unwrap().host_pid = Some(true);
+        let p = host_pid(&f).unwrap();
+        assert!(p.what.contains("hostPID: true"), "{p}");
+        assert!(p.fix.contains("without hostPID"), "{p}");
     }
 
     #[test]

@@ -200,7 +200,11 @@ os.execvp('python3', ['python3', '-u', '/app/counter.py'])
 /// A `--user` pod (the launcher root, the app uid 1000, as the postgres and redis images run)
 /// whose app left an orphan waiting for `criu` to swap an image: the migration fails at the
 /// checkpoint naming the orphan, the target is deleted (nothing restored), and the source
-/// keeps counting without a restart; the orphan swapped nothing.
+/// keeps counting without a restart; the orphan swapped nothing. Under the plugin the app is
+/// frozen before the checkpoint, so an orphan can only have left before it, and the check
+/// before the dump names it; the race of an orphan leaving while CRIU freezes the app (and
+/// the images it then cannot reach) is the real-CRIU test
+/// `an_orphan_escaping_during_a_user_dump_reaches_no_image_and_fails_the_checkpoint`.
 pub fn a_user_pods_orphan_fails_the_checkpoint_and_the_source_keeps_counting(
     cluster: &Cluster,
 ) -> Result<()> {
