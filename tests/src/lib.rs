@@ -471,6 +471,23 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A shell command that prints every process's /proc/PID/stat line, run inside a node or
+/// pod; [`states_named`] reads its output.
+pub const LIST_STATS: &str = "for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"$l\"; done";
+
+/// `(PID, state letter)` of the processes named `comm` in [`LIST_STATS`]' output.
+pub fn states_named(stats: &str, comm: &str) -> Vec<(String, String)> {
+    stats
+        .lines()
+        .filter(|l| l.contains(&format!("({comm})")))
+        .filter_map(|l| {
+            let pid = l.split_whitespace().next()?;
+            let state = l[l.rfind(')')? + 1..].split_whitespace().next()?;
+            Some((pid.to_string(), state.to_string()))
+        })
+        .collect()
+}
+
 /// Counter lines (`events=N revenue=R ...`) as (events, revenue in cents).
 pub fn counter_values(stdout: &str) -> Vec<(u64, u64)> {
     stdout

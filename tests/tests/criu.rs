@@ -978,21 +978,12 @@ fn the_apps_own_processes_get_status_but_cannot_freeze_or_roll_back() -> Result<
 /// `PID STATE` of every process named `comm` in `node`, read inside it.
 fn states_of(node: &Node, comm: &str) -> Result<Vec<(String, String)>> {
     let out = node
-        .exec(&[
-            "sh",
-            "-c",
-            "for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"$l\"; done",
-        ])
+        .exec(&["sh", "-c", migrate_tests::LIST_STATS])
         .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&format!("({comm})")))
-        .filter_map(|l| {
-            let pid = l.split_whitespace().next()?;
-            let state = l[l.rfind(')')? + 1..].split_whitespace().next()?;
-            Some((pid.to_string(), state.to_string()))
-        })
-        .collect())
+    Ok(migrate_tests::states_named(
+        &String::from_utf8_lossy(&out.stdout),
+        comm,
+    ))
 }
 
 /// A committed copy never runs again by a process inside its container: after `freeze`,

@@ -85,23 +85,8 @@ echo "exit=$?""#;
 
 /// `PID STATE` of the python3 processes in `pod`, read inside it.
 fn python_states(cluster: &Cluster, pod: &str) -> Result<Vec<(String, String)>> {
-    let out = cluster.kubectl_ok(&[
-        "exec",
-        pod,
-        "--",
-        "sh",
-        "-c",
-        "for f in /proc/[0-9]*/stat; do read -r l < $f && echo \"$l\"; done",
-    ])?;
-    Ok(out
-        .lines()
-        .filter(|l| l.contains("(python3)"))
-        .filter_map(|l| {
-            let pid = l.split_whitespace().next()?;
-            let state = l[l.rfind(')')? + 1..].split_whitespace().next()?;
-            Some((pid.to_string(), state.to_string()))
-        })
-        .collect())
+    let out = cluster.kubectl_ok(&["exec", pod, "--", "sh", "-c", migrate_tests::LIST_STATS])?;
+    Ok(migrate_tests::states_named(&out, "python3"))
 }
 
 /// In a uid-1000 pod (the launcher and the app the same user), after `freeze`, `checkpoint`
